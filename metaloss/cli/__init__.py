@@ -1,0 +1,1 @@
+"""Console entry points (Hydra apps). Only this package imports wandb."""

@@ -1,0 +1,56 @@
+"""`metaloss-train`: train one model with one loss on one task, evaluate on the test split.
+
+    metaloss-train task=mnist1d model=cnn1d loss=focal optim=adam seed=3
+    metaloss-train -m loss=mse,mae,huber seed=0,1,2,3,4 task=outliers
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from metaloss.cli.logger import open_logger, write_json
+from metaloss.config import check_loss_fits, conf_dir
+from metaloss.train import build_model, train_model
+
+log = logging.getLogger("metaloss")
+
+
+def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> float:
+    """The app body, callable without Hydra's launcher (tests compose a config and call it)."""
+    torch.manual_seed(cfg.seed)
+    task = instantiate(cfg.task)
+    loss = instantiate(cfg.loss)
+    check_loss_fits(loss, task.kind, task.name, loss_name)
+    model = build_model(instantiate(cfg.model), task, cfg.seed)
+    make_optimizer = instantiate(cfg.optim)
+    log.info("task %s | loss %s | model %d params", task.describe(), loss_name,
+             sum(p.numel() for p in model.parameters()))
+    with open_logger(cfg, out_dir, job_type="train", name=f"{loss_name}-s{cfg.seed}") as logger:
+        metrics = train_model(task, model, loss, make_optimizer, steps=cfg.train.steps,
+                              batch_size=cfg.train.batch_size, seed=cfg.seed,
+                              eval_every=cfg.train.eval_every, log=logger.log,
+                              progress=cfg.progress, desc=f"{loss_name} seed {cfg.seed}")
+        logger.log(metrics, step=cfg.train.steps)
+        logger.summary(metrics)
+    metric = cfg.metric or task.primary_metric
+    write_json(out_dir / "metrics.json", {"loss": loss_name, "task": task.name, "seed": cfg.seed,
+                                          "metric": metric, "metrics": metrics})
+    log.info("%s", "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+    return float(metrics[metric])
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
+def main(cfg: DictConfig) -> float:
+    hc = HydraConfig.get()
+    return run(cfg, Path(hc.runtime.output_dir), hc.runtime.choices.get("loss"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""The fixed-loss catalogue: the baselines every learned loss is compared against.
+
+Each loss is a pure function ``loss(pred, target, *, <hyper-parameters>, **context) -> [B]``
+following the contract in :mod:`metaloss.losses.base`; hyper-parameters are keyword-only
+and bound by Hydra (``_partial_: true`` in ``conf/loss/<name>.yaml``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from metaloss.losses.base import (
+    CLASSIFICATION,
+    binary_as_two_class,
+    fits,
+    is_binary_logit,
+    one_hot,
+)
+
+
+def _per_example(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the first (regression outputs, pixels)."""
+    return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
+# --------------------------------------------------------------------------- regression
+
+
+@fits("regression")
+def mse(pred, target, **_):
+    """Squared error."""
+    return _per_example((pred - target) ** 2)
+
+
+@fits("regression")
+def mae(pred, target, **_):
+    """Absolute error (robust to outliers; median regression)."""
+    return _per_example((pred - target).abs())
+
+
+@fits("regression")
+def huber(pred, target, *, delta: float = 1.0, **_):
+    """Huber (1964): quadratic within ``delta`` of the target, linear beyond."""
+    r = (pred - target).abs()
+    return _per_example(torch.where(r <= delta, 0.5 * r**2, delta * (r - 0.5 * delta)))
+
+
+@fits("regression")
+def smooth_l1(pred, target, *, beta: float = 1.0, **_):
+    """Smooth L1 (Girshick, Fast R-CNN 2015): Huber divided by ``beta``."""
+    r = (pred - target).abs()
+    if beta <= 0:
+        return _per_example(r)
+    return _per_example(torch.where(r < beta, 0.5 * r**2 / beta, r - 0.5 * beta))
+
+
+@fits("regression")
+def log_cosh(pred, target, **_):
+    """log(cosh(r)), written stably as r + softplus(-2r) - log 2 for |r|."""
+    r = (pred - target).abs()
+    return _per_example(r + F.softplus(-2.0 * r) - math.log(2.0))
+
+
+@fits("regression")
+def quantile(pred, target, *, tau: float = 0.5, **_):
+    """Pinball loss (Koenker & Bassett 1978) for the ``tau`` quantile."""
+    r = target - pred
+    return _per_example(torch.maximum(tau * r, (tau - 1.0) * r))
+
+
+@fits("regression")
+def poisson(pred, target, *, log_input: bool = True, eps: float = 1e-8, **_):
+    """Poisson negative log-likelihood without the constant log(y!) term.
+
+    With ``log_input`` the prediction is the log-rate. Targets must be counts (>= 0).
+    """
+    if log_input:
+        return _per_example(torch.exp(pred) - target * pred)
+    return _per_example(pred - target * torch.log(pred + eps))
+
+
+# ------------------------------------------------------------------- classification
+
+
+def _class_weights(class_counts, scheme: str, beta: float, dtype, device) -> torch.Tensor:
+    """Per-class weights from training-split counts (inverse/effective normalised to sum to C)."""
+    if class_counts is None:
+        raise ValueError(
+            "this loss weights classes by the training split's class counts; pass "
+            "class_counts=... in the loss context (metaloss-train does this for you)"
+        )
+    n = torch.as_tensor(class_counts, dtype=dtype, device=device).clamp_min(1.0)
+    c = n.numel()
+    if scheme == "balanced":  # scikit-learn's "balanced": already averages to 1 per example
+        return n.sum() / (c * n)
+    if scheme == "inverse":
+        w = 1.0 / n
+    elif scheme == "effective":  # Cui et al., CVPR 2019
+        w = (1.0 - beta) / (1.0 - torch.pow(torch.as_tensor(beta, dtype=dtype), n))
+    else:
+        raise ValueError(f"unknown class weighting {scheme!r}; valid: inverse, balanced, effective")
+    return w * c / w.sum()
+
+
+def _log_probs(pred):
+    return F.log_softmax(binary_as_two_class(pred), dim=-1)
+
+
+def _soft_ce(logp, target, *, weight=None, label_smoothing: float = 0.0):
+    """-sum_c w_c q_c log p_c with q the (smoothed) one-hot target; PyTorch's formula."""
+    c = logp.shape[-1]
+    q = one_hot(target, c, logp.dtype)
+    if label_smoothing:
+        q = (1.0 - label_smoothing) * q + label_smoothing / c
+    if weight is not None:
+        q = q * weight
+    return -(q * logp).sum(-1)
+
+
+def _log_p_true(pred, target):
+    logp = _log_probs(pred)
+    return (logp * one_hot(target, logp.shape[-1], logp.dtype)).sum(-1)
+
+
+@fits(*CLASSIFICATION)
+def ce(pred, target, **_):
+    """Cross-entropy on logits (one logit per example for binary tasks)."""
+    return _soft_ce(_log_probs(pred), target)
+
+
+@fits("binary")
+def bce(pred, target, *, pos_weight: float | None = None, **_):
+    """Binary cross-entropy on one logit per example."""
+    z = pred.reshape(pred.shape[0], -1).squeeze(-1)
+    y = target.reshape(z.shape).to(z.dtype)
+    pw = 1.0 if pos_weight is None else pos_weight
+    return pw * y * F.softplus(-z) + (1.0 - y) * F.softplus(z)
+
+
+@fits(*CLASSIFICATION)
+def weighted_ce(pred, target, *, scheme: str = "balanced", beta: float = 0.999,
+                class_counts=None, **_):
+    """Class-weighted cross-entropy; weights from the training split's class counts.
+
+    ``scheme``: ``inverse`` (1/N_c), ``balanced`` (N / (C N_c)) or ``effective``
+    ((1-β)/(1-β^N_c), Cui et al., "Class-Balanced Loss Based on Effective Number of
+    Samples", CVPR 2019).
+    """
+    w = _class_weights(class_counts, scheme, beta, pred.dtype, pred.device)
+    return _soft_ce(_log_probs(pred), target, weight=w)
+
+
+@fits(*CLASSIFICATION)
+def label_smoothing(pred, target, *, epsilon: float = 0.1, **_):
+    """Cross-entropy against targets smoothed towards uniform (Szegedy et al. 2016)."""
+    return _soft_ce(_log_probs(pred), target, label_smoothing=epsilon)
+
+
+@fits(*CLASSIFICATION)
+def focal(pred, target, *, alpha: float | None = None, gamma: float = 2.0, **_):
+    """Focal loss (Lin et al., ICCV 2017): -α_t (1 - p_t)^γ log p_t.
+
+    For binary tasks ``alpha`` weights the positive class and ``1 - alpha`` the
+    negative one; for multi-class tasks it is a constant factor. ``None``: no α.
+    """
+    log_pt = _log_p_true(pred, target)
+    loss = -((1.0 - log_pt.exp()) ** gamma) * log_pt
+    if alpha is not None:
+        if is_binary_logit(pred):
+            y = target.reshape(loss.shape).to(loss.dtype)
+            loss = (alpha * y + (1.0 - alpha) * (1.0 - y)) * loss
+        else:
+            loss = alpha * loss
+    return loss
+
+
+@fits(*CLASSIFICATION)
+def class_balanced_focal(pred, target, *, beta: float = 0.999, gamma: float = 2.0,
+                         class_counts=None, **_):
+    """Focal loss weighted by the effective number of samples per class (Cui et al. 2019)."""
+    w = _class_weights(class_counts, "effective", beta, pred.dtype, pred.device)
+    return w[target.long()] * focal(pred, target, gamma=gamma)
+
+
+@fits(*CLASSIFICATION)
+def poly1(pred, target, *, epsilon: float = 1.0, **_):
+    """Poly-1 (Leng et al., "PolyLoss", ICLR 2022): CE + ε (1 - p_t)."""
+    log_pt = _log_p_true(pred, target)
+    return -log_pt + epsilon * (1.0 - log_pt.exp())
+
+
+def _margin(pred, target, margin: float, power: int):
+    if is_binary_logit(pred):  # binary: labels as ±1 on one score
+        z = pred.reshape(pred.shape[0])
+        s = 2.0 * target.reshape(z.shape).to(z.dtype) - 1.0
+        return F.relu(margin - s * z) ** power
+    c = pred.shape[-1]
+    y = one_hot(target, c, pred.dtype)
+    true_score = (pred * y).sum(-1, keepdim=True)
+    viol = F.relu(margin - true_score + pred) ** power * (1.0 - y)
+    return viol.sum(-1) / c
+
+
+@fits(*CLASSIFICATION)
+def hinge(pred, target, *, margin: float = 1.0, **_):
+    """Multi-class margin loss (Crammer-Singer style, as torch's MultiMarginLoss, p=1).
+
+    Binary tasks use the ±1 hinge max(0, 1 - y z) on the single logit.
+    """
+    return _margin(pred, target, margin, 1)
+
+
+@fits(*CLASSIFICATION)
+def squared_hinge(pred, target, *, margin: float = 1.0, **_):
+    """Squared multi-class margin loss (MultiMarginLoss with p=2); binary: max(0, 1 - y z)^2."""
+    return _margin(pred, target, margin, 2)
+
+
+@fits(*CLASSIFICATION)
+def gce(pred, target, *, q: float = 0.7, **_):
+    """Generalized cross-entropy (Zhang & Sabuncu, NeurIPS 2018): (1 - p_t^q) / q.
+
+    Interpolates CE (q -> 0) and MAE (q = 1); robust to label noise.
+    """
+    return (1.0 - torch.exp(q * _log_p_true(pred, target))) / q
+
+
+# --------------------------------------------------------------------- segmentation
+
+
+def _overlaps(pred, target):
+    """Soft TP, FP, FN per image from pixel logits."""
+    p = torch.sigmoid(pred.reshape(pred.shape[0], -1))
+    t = target.reshape(p.shape).to(p.dtype)
+    tp = (p * t).sum(-1)
+    return tp, (p * (1.0 - t)).sum(-1), ((1.0 - p) * t).sum(-1)
+
+
+@fits("segmentation")
+def dice(pred, target, *, smooth: float = 1.0, **_):
+    """Soft Dice loss (Milletari et al., V-Net 2016): 1 - (2TP + s) / (2TP + FP + FN + s)."""
+    tp, fp, fn = _overlaps(pred, target)
+    return 1.0 - (2.0 * tp + smooth) / (2.0 * tp + fp + fn + smooth)
+
+
+@fits("segmentation")
+def iou(pred, target, *, smooth: float = 1.0, **_):
+    """Soft Jaccard loss (Rahman & Wang 2016): 1 - (TP + s) / (TP + FP + FN + s)."""
+    tp, fp, fn = _overlaps(pred, target)
+    return 1.0 - (tp + smooth) / (tp + fp + fn + smooth)
+
+
+@fits("segmentation")
+def tversky(pred, target, *, alpha: float = 0.5, beta: float = 0.5, smooth: float = 1.0, **_):
+    """Tversky loss (Salehi et al. 2017): 1 - (TP + s) / (TP + α FP + β FN + s)."""
+    tp, fp, fn = _overlaps(pred, target)
+    return 1.0 - (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
+
+
+@fits("segmentation")
+def focal_tversky(pred, target, *, alpha: float = 0.7, beta: float = 0.3, gamma: float = 0.75,
+                  smooth: float = 1.0, **_):
+    """Focal Tversky loss (Abraham & Khan, ISBI 2019): (1 - TI)^γ.
+
+    The base is clamped away from 0 so the gradient stays finite for γ < 1.
+    """
+    t = tversky(pred, target, alpha=alpha, beta=beta, smooth=smooth)
+    return t.clamp_min(1e-6) ** gamma
+
+
+@fits("segmentation")
+def bce_dice(pred, target, *, bce_weight: float = 1.0, smooth: float = 1.0, **_):
+    """Pixel-mean binary cross-entropy plus soft Dice."""
+    z = pred.reshape(pred.shape[0], -1)
+    t = target.reshape(z.shape).to(z.dtype)
+    pix = (t * F.softplus(-z) + (1.0 - t) * F.softplus(z)).mean(-1)
+    return bce_weight * pix + dice(pred, target, smooth=smooth)

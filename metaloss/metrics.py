@@ -1,0 +1,71 @@
+"""Evaluation metrics per task kind, as namespaced dicts (``{prefix}/acc`` ...)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _recall_per_class(pred: Tensor, y: Tensor, c: int) -> Tensor:
+    rec = torch.zeros(c)
+    for k in range(c):
+        m = y == k
+        rec[k] = (pred[m] == k).float().mean() if m.any() else float("nan")
+    return rec
+
+
+def _macro_f1(pred: Tensor, y: Tensor, c: int) -> float:
+    f1 = []
+    for k in range(c):
+        tp = ((pred == k) & (y == k)).sum().item()
+        fp = ((pred == k) & (y != k)).sum().item()
+        fn = ((pred != k) & (y == k)).sum().item()
+        if tp + fp + fn:
+            f1.append(2 * tp / (2 * tp + fp + fn))
+    return float(sum(f1) / len(f1))
+
+
+@torch.no_grad()
+def evaluate(kind: str, out: Tensor, y: Tensor, *, num_classes: int | None = None,
+             class_counts: Tensor | None = None, prefix: str = "test") -> dict[str, float]:
+    """Metrics that fit the task kind, from model outputs ``out`` and targets ``y``.
+
+    regression: mse, mae. classification: acc, balanced_acc, macro_f1. binary: the same
+    plus minority_recall (recall of the rarer class in the training split, class 1 if no
+    counts). segmentation: per-image dice and iou of the thresholded mask.
+    """
+    out = out.detach().float().cpu()
+    y = y.detach().cpu()
+    if kind == "regression":
+        r = out.reshape(y.shape) - y
+        m = {"mse": (r**2).mean().item(), "mae": r.abs().mean().item()}
+    elif kind in ("classification", "binary"):
+        if kind == "binary":
+            c, pred = 2, (out.reshape(-1) > 0).long()
+        else:
+            c, pred = num_classes or out.shape[-1], out.argmax(-1)
+        y = y.long().reshape(-1)
+        rec = _recall_per_class(pred, y, c)
+        m = {"acc": (pred == y).float().mean().item(),
+             "balanced_acc": float(rec[~rec.isnan()].mean()),
+             "macro_f1": _macro_f1(pred, y, c)}
+        if kind == "binary":
+            minority = int(torch.argmin(class_counts)) if class_counts is not None else 1
+            m["minority_recall"] = float(rec[minority])
+    elif kind == "segmentation":
+        p = (out.reshape(out.shape[0], -1) > 0).float()
+        t = y.reshape(p.shape).float()
+        tp, fp, fn = (p * t).sum(1), (p * (1 - t)).sum(1), ((1 - p) * t).sum(1)
+        empty = (tp + fp + fn) == 0  # nothing predicted, nothing there: a perfect image
+        dice = torch.where(empty, 1.0, 2 * tp / (2 * tp + fp + fn).clamp_min(1))
+        iou = torch.where(empty, 1.0, tp / (tp + fp + fn).clamp_min(1))
+        m = {"dice": dice.mean().item(), "iou": iou.mean().item()}
+    else:
+        raise ValueError(f"unknown task kind {kind!r}")
+    return {f"{prefix}/{k}": v for k, v in m.items()}
+
+
+# Whether a larger value is better, for tables and sweepers.
+HIGHER_IS_BETTER = {"mse": False, "mae": False, "acc": True, "balanced_acc": True,
+                    "macro_f1": True, "minority_recall": True, "dice": True, "iou": True,
+                    "loss": False}

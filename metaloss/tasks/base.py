@@ -1,0 +1,163 @@
+"""A task: seeded train / val / test splits and the kind of problem they pose."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from metaloss.losses.base import TASK_KINDS
+
+
+@dataclass
+class Task:
+    """Data for one learning problem, split three ways, all tensors on the CPU.
+
+    ``kind`` is one of ``regression``, ``classification``, ``binary``, ``segmentation``.
+    ``distribution`` is True for task *families* (sine): instantiating the same config
+    with another ``seed`` draws a different task from the family.
+    """
+
+    name: str
+    kind: str
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int | None = None
+    distribution: bool = False
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"task kind {self.kind!r} is not one of {TASK_KINDS}")
+        for split in ("train", "val", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if len(x) != len(y) or len(x) == 0:
+                raise ValueError(f"task {self.name}: {split} split has {len(x)} inputs, {len(y)} targets")
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def out_dim(self) -> int:
+        if self.kind == "regression":
+            return int(self.y_train.shape[1])
+        if self.kind == "classification":
+            return int(self.num_classes)
+        return 1  # binary: one logit; segmentation: one logit per pixel
+
+    @property
+    def class_counts(self) -> Tensor | None:
+        """Per-class counts in the training split (classification and binary tasks)."""
+        if self.kind not in ("classification", "binary"):
+            return None
+        return torch.bincount(self.y_train.long(), minlength=self.num_classes or 2)
+
+    @property
+    def primary_metric(self) -> str:
+        return {
+            "regression": "test/mse",
+            "classification": "test/acc",
+            "binary": "test/balanced_acc",
+            "segmentation": "test/dice",
+        }[self.kind]
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+
+    def describe(self) -> str:
+        sizes = "/".join(str(len(self.split(s)[0])) for s in ("train", "val", "test"))
+        extra = f", {self.num_classes} classes" if self.num_classes else ""
+        return f"{self.name} ({self.kind}{extra}; train/val/test {sizes}; x {list(self.in_shape)})"
+
+
+def permutation(n: int, seed: int) -> Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def three_way_split(x: Tensor, y: Tensor, *, val_frac: float, test_frac: float, seed: int):
+    """Seeded shuffle, then (train, val, test) slices."""
+    idx = permutation(len(x), seed)
+    n_test = round(len(x) * test_frac)
+    n_val = round(len(x) * val_frac)
+    te, va, tr = idx[:n_test], idx[n_test:n_test + n_val], idx[n_test + n_val:]
+    return (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te])
+
+
+def standardize(train: Tensor, *others: Tensor) -> list[Tensor]:
+    """Scale by training-split statistics only (no test leakage)."""
+    mu, sd = train.mean(0, keepdim=True), train.std(0, keepdim=True).clamp_min(1e-8)
+    return [(t - mu) / sd for t in (train, *others)]
+
+
+def imbalance(x: Tensor, y: Tensor, *, ratio: float, num_classes: int, seed: int,
+              binary: bool) -> tuple[Tensor, Tensor]:
+    """Subsample the training split to a long-tailed class profile.
+
+    Binary: keep every majority example and ``n_major / ratio`` minority ones (the
+    minority is the rarer class, or class 1 on a tie). Multi-class: class c keeps
+    ``n_max * ratio^(-r_c / (C-1))`` examples where r_c is c's rank by frequency
+    (exponential profile, as in Cui et al. 2019), so the head:tail ratio is ``ratio``.
+    """
+    if ratio < 1:
+        raise ValueError(f"imbalance_ratio must be >= 1 (majority:minority), got {ratio}")
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.bincount(y.long(), minlength=num_classes)
+    if binary:
+        major = int(torch.argmax(counts)) if counts[0] != counts[1] else 0
+        keep_n = counts.clone()
+        keep_n[1 - major] = max(1, int(counts[major].item() / ratio))
+    else:
+        order = torch.argsort(counts, descending=True, stable=True)
+        n_max = counts.max().item()
+        keep_n = counts.clone()
+        for rank, c in enumerate(order.tolist()):
+            keep_n[c] = max(1, min(int(counts[c]), int(n_max * ratio ** (-rank / (num_classes - 1)))))
+    keep = []
+    for c in range(num_classes):
+        members = torch.nonzero(y.long() == c).flatten()
+        keep.append(members[torch.randperm(len(members), generator=g)[: int(keep_n[c])]])
+    keep = torch.cat(keep).sort().values
+    return x[keep], y[keep]
+
+
+def label_noise(y: Tensor, *, rate: float, kind: str, num_classes: int, seed: int) -> Tensor:
+    """Corrupt a fraction ``rate`` of labels: ``symmetric`` (to a uniformly drawn other
+    class) or ``pair`` (class c flips to c+1 mod C, Han et al. 2018)."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"label_noise.rate must be in [0, 1), got {rate}")
+    if kind not in ("symmetric", "pair"):
+        raise ValueError(f"label_noise.kind must be 'symmetric' or 'pair', got {kind!r}")
+    g = torch.Generator().manual_seed(seed)
+    y = y.clone().long()
+    flip = torch.rand(len(y), generator=g) < rate
+    if kind == "pair":
+        new = (y + 1) % num_classes
+    else:
+        shift = torch.randint(1, num_classes, (len(y),), generator=g)
+        new = (y + shift) % num_classes
+    return torch.where(flip, new, y)
+
+
+def finish_classification(name: str, kind: str, train, val, test, *, num_classes: int,
+                          seed: int, label_noise_cfg=None, imbalance_ratio=None,
+                          info=None) -> Task:
+    """Apply the training-split-only corruptions shared by every classification task."""
+    (xtr, ytr), (xva, yva), (xte, yte) = train, val, test
+    info = dict(info or {})
+    if imbalance_ratio:
+        xtr, ytr = imbalance(xtr, ytr, ratio=float(imbalance_ratio), num_classes=num_classes,
+                             seed=seed + 1, binary=(kind == "binary"))
+        info["imbalance_ratio"] = float(imbalance_ratio)
+    if label_noise_cfg and float(label_noise_cfg.get("rate", 0.0)) > 0:
+        ytr = label_noise(ytr, rate=float(label_noise_cfg["rate"]),
+                          kind=str(label_noise_cfg.get("kind", "symmetric")),
+                          num_classes=num_classes, seed=seed + 2)
+        info["label_noise"] = dict(label_noise_cfg)
+    return Task(name, kind, xtr, ytr.long(), xva, yva.long(), xte, yte.long(),
+                num_classes=num_classes, info=info)

@@ -1,0 +1,89 @@
+"""Plain training of one model with one loss: the baseline runner and the meta-test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from metaloss.metrics import evaluate
+from metaloss.tasks.base import Task
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The training loss became NaN/inf (typically a learned loss leaving its safe range)."""
+
+
+def build_model(factory: Callable[..., nn.Module], task: Task, seed: int) -> nn.Module:
+    """Instantiate a model for the task with a seeded initialisation."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory(in_shape=task.in_shape, out_dim=task.out_dim)
+
+
+def loss_context(task: Task, x: torch.Tensor, t: float) -> dict[str, Any]:
+    """What a loss may use besides (pred, target): class counts, inputs, progress in [0, 1]."""
+    return {"class_counts": task.class_counts, "x": x, "t": t}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    return torch.cat([model(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+
+
+def evaluate_model(model: nn.Module, task: Task, split: str) -> dict[str, float]:
+    x, y = task.split(split)
+    return evaluate(task.kind, predict(model, x), y, num_classes=task.num_classes,
+                    class_counts=task.class_counts, prefix=split)
+
+
+def batches(n: int, batch_size: int | None, generator: torch.Generator):
+    """Endless minibatch indices: a fresh permutation each epoch (full batch if None)."""
+    if not batch_size or batch_size >= n:
+        while True:
+            yield torch.arange(n)
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield perm[i:i + batch_size]
+
+
+def train_model(task: Task, model: nn.Module, loss_fn: Callable, make_optimizer: Callable,
+                *, steps: int, batch_size: int | None, seed: int, eval_every: int = 0,
+                log: Callable[[dict, int], None] | None = None, progress: bool = True,
+                desc: str = "train") -> dict[str, float]:
+    """Train ``model`` on the task's training split for ``steps`` optimizer steps.
+
+    ``make_optimizer(params)`` builds a ``torch.optim`` optimizer. Every ``eval_every``
+    steps validation metrics go to ``log(metrics, step)``. Returns the final train loss,
+    validation and test metrics, namespaced (``train/loss``, ``val/acc``, ``test/acc``).
+    Raises :class:`NonFiniteLoss` (with the step) if the loss is NaN or infinite.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    opt = make_optimizer(model.parameters())
+    x_all, y_all = task.x_train, task.y_train
+    it = batches(len(x_all), batch_size, gen)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, mininterval=1.0)
+    running = None
+    for step in bar:
+        idx = next(it)
+        x, y = x_all[idx], y_all[idx]
+        loss = loss_fn(model(x), y, **loss_context(task, x, step / max(1, steps))).mean()
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"training loss is {loss.item()} at step {step} of {desc!r}; "
+                                "lower the learning rate or check the loss")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if eval_every and (step + 1) % eval_every == 0:
+            bar.set_postfix(loss=f"{running:.4g}")
+            if log is not None:
+                log({"train/loss": running, **evaluate_model(model, task, "val")}, step + 1)
+    result = {"train/loss": float(running if running is not None else float("nan"))}
+    result.update(evaluate_model(model, task, "val"))
+    result.update(evaluate_model(model, task, "test"))
+    return result
