@@ -57,3 +57,26 @@ def check_loss_fits(loss: Any, task_kind: str, task_name: str, loss_name: str | 
             f"loss {loss_name or loss!r} fits {sorted(kinds)} tasks, but task {task_name!r} is "
             f"{task_kind}. Losses for {task_kind} tasks: {', '.join(losses_for(task_kind))}"
         )
+
+
+def instantiate_loss(loss_cfg: Any, task: Any) -> Any:
+    """Instantiate a loss config for a task, filling in ``num_classes`` / ``x_dim`` when the
+    loss's constructor takes them and the config leaves them unset."""
+    import inspect
+    import math
+
+    from hydra.utils import instantiate
+
+    target = get_object(loss_cfg["_target_"])
+    extra = {}
+    if isinstance(target, type):
+        params = inspect.signature(target).parameters
+        if "num_classes" in params and loss_cfg.get("num_classes") is None:
+            extra["num_classes"] = task.num_classes or 2
+        if "x_dim" in params and loss_cfg.get("use_x", False) and loss_cfg.get("x_dim") is None:
+            extra["x_dim"] = math.prod(task.in_shape)
+    if "use_x" in loss_cfg:  # a config switch, not a constructor argument
+        from omegaconf import OmegaConf
+
+        loss_cfg = OmegaConf.masked_copy(loss_cfg, [k for k in loss_cfg if k != "use_x"])
+    return instantiate(loss_cfg, **extra)

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from metaloss.cli.logger import open_logger, write_json
-from metaloss.config import check_loss_fits, conf_dir
+from metaloss.config import check_loss_fits, conf_dir, instantiate_loss
 from metaloss.train import build_model, train_model
 
 log = logging.getLogger("metaloss")
@@ -26,7 +26,7 @@ def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> float:
     """The app body, callable without Hydra's launcher (tests compose a config and call it)."""
     torch.manual_seed(cfg.seed)
     task = instantiate(cfg.task)
-    loss = instantiate(cfg.loss)
+    loss = instantiate_loss(cfg.loss, task)
     check_loss_fits(loss, task.kind, task.name, loss_name)
     model = build_model(instantiate(cfg.model), task, cfg.seed)
     make_optimizer = instantiate(cfg.optim)

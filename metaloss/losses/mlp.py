@@ -1,0 +1,66 @@
+"""ML3's learned loss: a small MLP over (prediction, target) with a softplus output.
+
+Bechtle, Molchanov, Chebotar, Grefenstette, Righetti, Sukhatme, Meier,
+"Meta Learning via Learned Loss", ICPR 2021 (arXiv:1906.05374).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metaloss.losses.base import ParametricLoss, binary_as_two_class, one_hot
+
+
+class ML3Loss(ParametricLoss):
+    """ℓ_φ(ŷ, y) = softplus(MLP_φ([ŷ, y, context])), per output dimension or per class.
+
+    Regression: each output dimension d feeds (ŷ_d, y_d); the loss is the mean over d.
+    Classification: each class c feeds (softmax p_c, one-hot y_c) through the same MLP
+    and the loss is the sum over classes — vectorised over classes, independent of C,
+    and able to express cross-entropy (-Σ_c y_c log p_c is such a sum).
+    Optional context: the inputs ``x`` (``x_dim`` features, flattened) and the training
+    progress ``t`` in [0, 1] (``use_progress``).
+    """
+
+    kinds = ("regression", "classification", "binary")
+
+    def __init__(self, hidden=(50, 50), x_dim: int | None = None, use_progress: bool = False,
+                 init_scale: float = 1.0) -> None:
+        super().__init__(hidden=list(hidden), x_dim=x_dim, use_progress=use_progress,
+                         init_scale=init_scale)
+        self.x_dim, self.use_progress = x_dim, use_progress
+        width = 2 + (x_dim or 0) + int(use_progress)
+        layers: list[nn.Module] = []
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+        if init_scale != 1.0:
+            with torch.no_grad():
+                self.net[-1].weight.mul_(init_scale)
+
+    def _features(self, pairs: torch.Tensor, x, t) -> torch.Tensor:
+        """pairs: [B, K, 2] -> [B, K, 2 + context]."""
+        extra = []
+        if self.x_dim:
+            if x is None:
+                raise ValueError("this ML3 loss was built with x_dim; pass x=... in the loss context")
+            xf = x.reshape(x.shape[0], -1)
+            extra.append(xf[:, None, :].expand(-1, pairs.shape[1], -1))
+        if self.use_progress:
+            tt = torch.as_tensor(0.0 if t is None else t, dtype=pairs.dtype, device=pairs.device)
+            extra.append(tt.expand(pairs.shape[0], pairs.shape[1], 1))
+        return torch.cat([pairs, *extra], dim=-1) if extra else pairs
+
+    def forward(self, pred, target, *, x=None, t=None, **_):
+        if target.is_floating_point():  # regression
+            pairs = torch.stack([pred.reshape(pred.shape[0], -1),
+                                 target.reshape(target.shape[0], -1)], dim=-1)
+            return F.softplus(self.net(self._features(pairs, x, t))).squeeze(-1).mean(-1)
+        logits = binary_as_two_class(pred)
+        p = torch.softmax(logits, dim=-1)
+        pairs = torch.stack([p, one_hot(target, logits.shape[-1], p.dtype)], dim=-1)
+        return F.softplus(self.net(self._features(pairs, x, t))).squeeze(-1).sum(-1)
