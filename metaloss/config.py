@@ -80,3 +80,17 @@ def instantiate_loss(loss_cfg: Any, task: Any) -> Any:
 
         loss_cfg = OmegaConf.masked_copy(loss_cfg, [k for k in loss_cfg if k != "use_x"])
     return instantiate(loss_cfg, **extra)
+
+
+def loss_option(name: str, task: Any) -> Any:
+    """Instantiate the catalogued loss ``conf/loss/<name>.yaml`` for a task (e.g. a baseline
+    named in ``compare:``), refusing unknown names and losses that do not fit."""
+    path = conf_dir() / "loss" / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(group_options('loss'))}")
+    loss = instantiate_loss(OmegaConf.load(path), task)
+    check_loss_fits(loss, task.kind, task.name, name)
+    return loss
+
+
+DEFAULT_OBJECTIVE = {"regression": "mse", "classification": "ce", "binary": "ce", "segmentation": "dice"}

@@ -27,10 +27,12 @@ def _rows(n: int, size: int | None, shape: tuple[int, ...], gen: torch.Generator
 
 def sample_meta_batch(tasks: Sequence[Task], factory: Callable[..., nn.Module], *, n_tasks: int,
                       inner_steps: int, inner_batch: int | None, val_batch: int | None,
-                      gen: torch.Generator) -> MetaBatch:
+                      gen: torch.Generator, val_from_train: bool = False) -> MetaBatch:
     """Draw ``n_tasks`` members: a task from the pool, a fresh θ0, K inner minibatches
     from its training split (the whole split each step if ``inner_batch`` is None) and a
-    validation batch from its validation split (whole split if ``val_batch`` is None)."""
+    validation batch from its validation split (whole split if ``val_batch`` is None).
+    ``val_from_train`` reproduces ML3's protocol: the outer objective is computed on the
+    last inner training batch instead of held-out data."""
     picks = torch.randint(len(tasks), (n_tasks,), generator=gen).tolist()
     seeds = torch.randint(2**31 - 1, (n_tasks,), generator=gen).tolist()
     theta0 = stacked_init(factory, tasks[0], seeds)
@@ -44,6 +46,10 @@ def sample_meta_batch(tasks: Sequence[Task], factory: Callable[..., nn.Module], 
         else:
             xs.append(t.x_train[idx])
             ys.append(t.y_train[idx])
+        if val_from_train:
+            xvs.append(xs[-1][-1])
+            yvs.append(ys[-1][-1])
+            continue
         vidx = _rows(len(t.x_val), val_batch, (), gen)
         xvs.append(t.x_val if vidx is None else t.x_val[vidx])
         yvs.append(t.y_val if vidx is None else t.y_val[vidx])

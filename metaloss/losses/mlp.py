@@ -27,20 +27,26 @@ class ML3Loss(ParametricLoss):
     kinds = ("regression", "classification", "binary")
 
     def __init__(self, hidden=(50, 50), x_dim: int | None = None, use_progress: bool = False,
-                 init_scale: float = 1.0) -> None:
+                 init_scale: float = 1.0, bias: bool = True, init: str = "default") -> None:
         super().__init__(hidden=list(hidden), x_dim=x_dim, use_progress=use_progress,
-                         init_scale=init_scale)
+                         init_scale=init_scale, bias=bias, init=init)
+        if init not in ("default", "xavier"):
+            raise ValueError(f"ML3Loss init must be 'default' or 'xavier', got {init!r}")
         self.x_dim, self.use_progress = x_dim, use_progress
         width = 2 + (x_dim or 0) + int(use_progress)
         layers: list[nn.Module] = []
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
+            layers += [nn.Linear(width, h, bias=bias), nn.ReLU()]
             width = h
-        layers.append(nn.Linear(width, 1))
+        layers.append(nn.Linear(width, 1, bias=bias))
         self.net = nn.Sequential(*layers)
-        if init_scale != 1.0:
-            with torch.no_grad():
-                self.net[-1].weight.mul_(init_scale)
+        with torch.no_grad():
+            for m in self.net:
+                if isinstance(m, nn.Linear) and init == "xavier":  # as ML3's released code
+                    nn.init.xavier_uniform_(m.weight)
+                    if m.bias is not None:
+                        m.bias.zero_()
+            self.net[-1].weight.mul_(init_scale)
 
     def _features(self, pairs: torch.Tensor, x, t) -> torch.Tensor:
         """pairs: [B, K, 2] -> [B, K, 2 + context]."""

@@ -1,0 +1,39 @@
+"""`metaloss-eval`: meta-test a saved learned loss against baselines, without meta-training.
+
+    metaloss-eval experiment=ml3_sine loss_path=outputs/meta/<date>/learned_loss.pt
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from metaloss.cli.comparison import run_meta_test
+from metaloss.cli.logger import open_logger
+from metaloss.cli.meta import _task_pool
+from metaloss.config import check_loss_fits, conf_dir
+from metaloss.losses.io import load_learned_loss
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    torch.manual_seed(cfg.seed)
+    learned = load_learned_loss(cfg.loss_path)
+    pool = _task_pool(cfg)
+    check_loss_fits(learned, pool[0].kind, pool[0].name, f"learned ({cfg.loss_path})")
+    with open_logger(cfg, out_dir, job_type="eval", name=f"eval-{pool[0].name}") as logger:
+        return run_meta_test(cfg, learned, pool, instantiate(cfg.inner_optim), out_dir, logger)
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="eval")
+def main(cfg: DictConfig) -> float | None:
+    out = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    return (out.get("significance") or {}).get("learned_mean")
+
+
+if __name__ == "__main__":
+    main()

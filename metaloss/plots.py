@@ -1,0 +1,65 @@
+"""Pictures of losses: the learned loss beside the baselines, as a function of the prediction."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+@torch.no_grad()
+def loss_curves(losses: dict[str, Callable], kind: str, num_classes: int | None = None,
+                n: int = 200) -> tuple[torch.Tensor, dict[str, torch.Tensor], str]:
+    """x grid and each loss along it: loss vs ŷ for y = 0 (regression), loss vs p_true
+    (classification, the other classes sharing 1 - p_true equally; binary: one logit)."""
+    if kind == "regression":
+        x = torch.linspace(-3, 3, n)
+        pred, target, label = x[:, None], torch.zeros(n, 1), "prediction ŷ (target y = 0)"
+    else:
+        x = torch.linspace(0.005, 0.995, n)
+        if kind == "binary":
+            pred, target = torch.logit(x)[:, None], torch.ones(n, dtype=torch.long)
+        else:
+            c = num_classes or 2
+            rest = torch.log((1 - x) / (c - 1))
+            pred = torch.cat([torch.log(x)[:, None], rest[:, None].expand(n, c - 1)], dim=1)
+            target = torch.zeros(n, dtype=torch.long)
+        label = "probability of the true class p_true"
+    ctx = {"class_counts": None, "x": None, "t": 1.0}
+    curves = {}
+    for name, fn in losses.items():
+        try:
+            curves[name] = fn(pred, target, **ctx).detach().float()
+        except (ValueError, TypeError):
+            continue  # e.g. a loss that needs class counts
+    return x, curves, label
+
+
+def plot_losses(losses: dict[str, Callable], kind: str, path: str | Path, *,
+                num_classes: int | None = None, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, curves, label = loss_curves(losses, kind, num_classes)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, y in curves.items():
+        learned = name == "learned"
+        ax.plot(x, y, lw=2.5 if learned else 1.2, ls="-" if learned else "--", label=name,
+                color="black" if learned else None)
+    finite = torch.cat([y[torch.isfinite(y)] for y in curves.values()])
+    if len(finite):
+        hi = float(torch.quantile(finite, 0.95))
+        ax.set_ylim(min(0.0, float(finite.min())) - 0.05, hi * 1.2 if hi > 0 and math.isfinite(hi) else None)
+    ax.set_xlabel(label)
+    ax.set_ylabel("per-example loss")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
