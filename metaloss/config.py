@@ -75,10 +75,6 @@ def instantiate_loss(loss_cfg: Any, task: Any) -> Any:
             extra["num_classes"] = task.num_classes or 2
         if "x_dim" in params and loss_cfg.get("use_x", False) and loss_cfg.get("x_dim") is None:
             extra["x_dim"] = math.prod(task.in_shape)
-    if "use_x" in loss_cfg:  # a config switch, not a constructor argument
-        from omegaconf import OmegaConf
-
-        loss_cfg = OmegaConf.masked_copy(loss_cfg, [k for k in loss_cfg if k != "use_x"])
     return instantiate(loss_cfg, **extra)
 
 

@@ -82,7 +82,7 @@ class MetaLearner:
         out = {"meta/val_objective": float(hg.loss), "meta/grad_norm": float(norm),
                "meta/skipped": float(self.skipped)}
         if self.log_lr is not None:
-            out["meta/inner_lr"] = float(self.log_lr.exp())
+            out["meta/inner_lr"] = float(self.log_lr.detach().exp())
         return out
 
     def state_dict(self) -> dict:

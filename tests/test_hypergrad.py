@@ -107,3 +107,17 @@ def test_first_order_exact_for_one_step_and_approximate_after():
     fo, full = FirstOrder()(problem, meta, batch).grads, Unrolled()(problem, meta, batch).grads
     assert _rel(fo, full) > 1e-6  # the dropped terms matter ...
     assert torch.nn.functional.cosine_similarity(_flat(fo), _flat(full), dim=0) > 0.5  # ... but it points the same way
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager():
+    """Opt-in torch.compile of the fully functional grad(vmap(grad)) step (compiles ~1 min on CPU)."""
+    problem, batch = _problem(ML3Loss(hidden=(8,)), OPTS["sgd"], k=2)
+    problem.model.float()
+    problem.loss.float()
+    batch = type(batch)({k: v.float() for k, v in batch.theta0.items()}, *(t.float() for t in batch[1:]))
+    meta = meta_params(problem.loss)
+    eager = Unrolled()(problem, meta, batch)
+    compiled = Unrolled(compile=True)(problem, meta, batch)
+    assert _rel(compiled.grads, eager.grads) <= 1e-5
+    torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=1e-6)

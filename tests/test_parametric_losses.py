@@ -88,7 +88,7 @@ def test_ml3_shapes_and_context():
     ml3 = ML3Loss(hidden=(8, 8))
     assert ml3(PRED, TARGET).shape == (B,) and (ml3(PRED, TARGET) >= 0).all()
     assert ml3(LOGITS, LABELS).shape == (B,) and ml3(BIN_Z, BIN_Y).shape == (B,)
-    ctx = ML3Loss(hidden=(8,), x_dim=3, use_progress=True)
+    ctx = ML3Loss(hidden=(8,), use_x=True, x_dim=3, use_progress=True)
     x = torch.randn(B, 3)
     a, b = ctx(PRED, TARGET, x=x, t=0.0), ctx(PRED, TARGET, x=x, t=1.0)
     assert not torch.allclose(a, b)  # progress actually feeds the network

@@ -20,16 +20,21 @@ class ML3Loss(ParametricLoss):
     Classification: each class c feeds (softmax p_c, one-hot y_c) through the same MLP
     and the loss is the sum over classes — vectorised over classes, independent of C,
     and able to express cross-entropy (-Σ_c y_c log p_c is such a sum).
-    Optional context: the inputs ``x`` (``x_dim`` features, flattened) and the training
+    Optional context: the inputs ``x`` (``use_x``; ``x_dim`` features, flattened) and the training
     progress ``t`` in [0, 1] (``use_progress``).
     """
 
     kinds = ("regression", "classification", "binary")
 
-    def __init__(self, hidden=(50, 50), x_dim: int | None = None, use_progress: bool = False,
-                 init_scale: float = 1.0, bias: bool = True, init: str = "default") -> None:
-        super().__init__(hidden=list(hidden), x_dim=x_dim, use_progress=use_progress,
+    def __init__(self, hidden=(50, 50), use_x: bool = False, x_dim: int | None = None,
+                 use_progress: bool = False, init_scale: float = 1.0, bias: bool = True,
+                 init: str = "default") -> None:
+        super().__init__(hidden=list(hidden), use_x=use_x, x_dim=x_dim, use_progress=use_progress,
                          init_scale=init_scale, bias=bias, init=init)
+        if use_x and not x_dim:
+            raise ValueError("ML3Loss(use_x=True) needs x_dim, the number of input features "
+                             "(metaloss fills it in from the task)")
+        x_dim = x_dim if use_x else None
         if init not in ("default", "xavier"):
             raise ValueError(f"ML3Loss init must be 'default' or 'xavier', got {init!r}")
         self.x_dim, self.use_progress = x_dim, use_progress

@@ -1,0 +1,167 @@
+"""metaloss-meta / metaloss-eval end to end, with real Hydra composition and offline W&B."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from metaloss.cli import eval as eval_app
+from metaloss.cli import meta as meta_app
+from metaloss.cli import train as train_app
+from metaloss.cli.wandb_offline import read_run
+from metaloss.hypergrad.base import HyperGrad
+from metaloss.losses.io import load_learned_loss
+from metaloss.losses.poly import PolyN
+from metaloss.meta import MetaLearner, NonFiniteMetaGradient
+
+TINY = ["logger=none", "progress=false", "meta.steps=4", "meta.tasks_per_step=2", "meta.inner_steps=2",
+        "meta_test.seeds=2", "meta_test.steps=10", "meta_test.tasks_per_seed=2", "model.hidden=[8]",
+        "loss.hidden=[8]", "meta.plot_every=2", "meta.checkpoint_every=2"]
+
+
+def test_meta_run_writes_everything_and_logs_to_wandb(compose_cfg, tmp_path):
+    cfg = compose_cfg("meta", [o for o in TINY if o != "logger=none"])
+    assert cfg.logger.mode == "offline"
+    out = meta_app.run(cfg, tmp_path, "ml3")
+    comp = json.loads((tmp_path / "comparison.json").read_text())
+    assert set(comp["results"]) == {"learned", "mse", "mae", "huber"}
+    assert all(len(v) == 2 for v in comp["results"]["learned"].values())  # per-seed lists
+    assert comp["significance"]["best_baseline"] in {"mse", "mae", "huber"}
+    assert 0 <= comp["significance"]["p_value"] <= 1
+    for f in ("learned_loss.pt", "checkpoint.pt", "learned_loss.png", "comparison.png", "comparison.md"):
+        assert (tmp_path / f).stat().st_size > 0, f
+    run = read_run(tmp_path / "wandb")
+    objectives = [r["meta/val_objective"] for r in run["history"] if "meta/val_objective" in r]
+    assert len(objectives) == 4 and all(v > 0 for v in objectives)
+    pictures = [r for r in run["history"] if r.get("meta/learned_loss/_type") == "image-file"]
+    assert [r["_step"] for r in pictures] == [2, 4]  # the learned-loss picture as it evolves
+    assert "meta_test/learned/test/mse" in run["summary"]
+    assert out["significance"] == comp["significance"]
+
+
+def test_meta_training_changes_phi_and_saved_loss_trains_a_model(compose_cfg, tmp_path):
+    cfg = compose_cfg("meta", TINY + ["meta_test.enabled=false"])
+    before = instantiate(cfg.loss).state_dict()  # same init seed as the run
+    meta_app.run(cfg, tmp_path, "ml3")
+    learned = load_learned_loss(tmp_path / "learned_loss.pt")
+    assert learned.meta["steps"] == 4
+    assert any(not torch.equal(before[k], v) for k, v in learned.state_dict().items())
+    tcfg = compose_cfg("train", ["task=sine", "loss=learned", f"loss.path={tmp_path / 'learned_loss.pt'}",
+                                 "logger=none", "progress=false", "train.steps=20", "optim=sgd", "optim.lr=0.001"])
+    (tmp_path / "t").mkdir()
+    mse = train_app.run(tcfg, tmp_path / "t", "learned")
+    assert 0 < mse < float("inf")
+
+
+def test_resume_equals_uninterrupted(compose_cfg, tmp_path):
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    meta_app.run(compose_cfg("meta", TINY + ["meta_test.enabled=false", "meta.steps=4"]), straight, "ml3")
+    part = tmp_path / "part"
+    part.mkdir()
+    meta_app.run(compose_cfg("meta", TINY + ["meta_test.enabled=false", "meta.steps=2"]), part, "ml3")
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    meta_app.run(compose_cfg("meta", TINY + ["meta_test.enabled=false", "meta.steps=4",
+                                             f"meta.resume_from={part}"]), resumed, "ml3")
+    a = load_learned_loss(straight / "learned_loss.pt").state_dict()
+    b = load_learned_loss(resumed / "learned_loss.pt").state_dict()
+    c = load_learned_loss(part / "learned_loss.pt").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(compose_cfg, tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(meta_app.CorruptCheckpoint, match="cannot read checkpoint"):
+        meta_app.run(compose_cfg("meta", TINY + ["meta_test.enabled=false"]), tmp_path, "ml3")
+    with pytest.raises(FileNotFoundError, match="resume_from"):
+        meta_app.run(compose_cfg("meta", TINY + [f"meta.resume_from={tmp_path / 'nope'}"]), tmp_path / "x", "ml3")
+
+
+def test_fixed_loss_or_unfit_loss_is_refused(compose_cfg, tmp_path):
+    with pytest.raises(ValueError, match="needs a parametric loss"):
+        meta_app.run(compose_cfg("meta", TINY[:3] + ["loss=mse"]), tmp_path, "mse")
+    with pytest.raises(ValueError, match="Losses for regression"):
+        meta_app.run(compose_cfg("meta", TINY[:3] + ["loss=taylorglo", "task=outliers", "compare=[mse]",
+                                                    "loss=logit_adjusted"]), tmp_path, "logit_adjusted")
+
+
+def test_non_finite_hypergradients_are_skipped_then_refused():
+    loss = PolyN(degree=2)
+    learner = MetaLearner(loss, lambda p: torch.optim.SGD(p, lr=0.1), max_bad_steps=3)
+    before = {k: v.clone() for k, v in loss.state_dict().items()}
+
+    def nan_hypergrad(problem, meta, batch):
+        return HyperGrad(torch.tensor(float("nan")), {k: torch.full_like(v, float("nan")) for k, v in meta.items()})
+
+    for _ in range(2):
+        metrics = learner.step(None, nan_hypergrad, None)
+        assert metrics["meta/skipped"] >= 1
+    assert all(torch.equal(before[k], v) for k, v in loss.state_dict().items())  # φ untouched
+    with pytest.raises(NonFiniteMetaGradient, match="consecutive"):
+        learner.step(None, nan_hypergrad, None)
+
+
+@pytest.mark.parametrize("extra", [["meta.mode=online", "meta.steps=6", "meta.online_update_every=2",
+                                    "meta.inner_batch=16"],
+                                   ["hypergrad=truncated", "hypergrad.k=1", "meta.learn_inner_lr=true"],
+                                   ["hypergrad=higher", "meta.tasks_per_step=1"]])
+def test_modes_and_methods_run(compose_cfg, tmp_path, extra):
+    cfg = compose_cfg("meta", TINY + ["meta_test.enabled=false"] + extra)
+    before = instantiate(cfg.loss).state_dict()
+    meta_app.run(cfg, tmp_path, "ml3")
+    after = load_learned_loss(tmp_path / "learned_loss.pt").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+
+
+def test_classification_meta_run_with_taylorglo(compose_cfg, tmp_path):
+    cfg = compose_cfg("meta", ["logger=none", "progress=false", "task=digits", "loss=taylorglo",
+                               "model.hidden=[16]", "meta.steps=3", "meta.tasks_per_step=2",
+                               "meta.inner_steps=3", "meta.inner_batch=32", "meta.val_batch=64",
+                               "inner_optim.lr=0.5", "compare=[ce,focal]", "meta_test.seeds=2",
+                               "meta_test.steps=20", "meta_test.batch_size=32"])
+    meta_app.run(cfg, tmp_path, "taylorglo")
+    comp = json.loads((tmp_path / "comparison.json").read_text())
+    assert comp["metric"] == "test/acc" and set(comp["results"]) == {"learned", "ce", "focal"}
+    ecfg = compose_cfg("eval", ["logger=none", "progress=false", "task=digits", "model.hidden=[16]",
+                                f"loss_path={tmp_path / 'learned_loss.pt'}", "compare=[ce]",
+                                "meta_test.seeds=2", "meta_test.steps=20", "inner_optim.lr=0.5"])
+    (tmp_path / "eval").mkdir()
+    out = eval_app.run(ecfg, tmp_path / "eval")
+    assert set(out["results"]) == {"learned", "ce"}
+    assert (tmp_path / "eval" / "comparison.json").is_file()
+
+
+def test_a_loss_defined_outside_the_package_meta_trains_via_target(compose_cfg, tmp_path, monkeypatch):
+    """docs/extending.md in action: one module + one YAML, engine untouched."""
+    (tmp_path / "my_losses.py").write_text(textwrap.dedent('''
+        import torch
+        from metaloss.losses.base import ParametricLoss
+
+        class ScaledLogCosh(ParametricLoss):
+            """log cosh(s r) / s with a learned scale s = exp(log_s)."""
+            kinds = ("regression",)
+
+            def __init__(self, init_log_scale: float = 0.0):
+                super().__init__(init_log_scale=init_log_scale)
+                self.log_s = torch.nn.Parameter(torch.tensor(init_log_scale))
+
+            def forward(self, pred, target, **context):
+                s = self.log_s.exp()
+                r = (pred - target).reshape(pred.shape[0], -1) * s
+                return (torch.logaddexp(r, -r) - torch.log(torch.tensor(2.0))).mean(-1) / s
+    '''))
+    conf = tmp_path / "conf" / "loss"
+    conf.mkdir(parents=True)
+    (conf / "scaled_log_cosh.yaml").write_text("_target_: my_losses.ScaledLogCosh\ninit_log_scale: 0.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    overrides = [o for o in TINY if not o.startswith("loss.")]
+    cfg = compose_cfg("meta", overrides + ["meta_test.enabled=false", "loss=scaled_log_cosh",
+                                           f"hydra.searchpath=[file://{tmp_path / 'conf'}]"])
+    meta_app.run(cfg, tmp_path, "scaled_log_cosh")
+    learned = load_learned_loss(tmp_path / "learned_loss.pt")
+    assert type(learned).__name__ == "ScaledLogCosh" and learned.log_s.item() != 0.0
