@@ -47,6 +47,8 @@ def plot_losses(losses: dict[str, Callable], kind: str, path: str | Path, *,
     x, curves, label = loss_curves(losses, kind, num_classes)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, y in curves.items():
+        y = y - y[torch.isfinite(y)].min()  # constants do not change gradients: align minima at 0
+        curves[name] = y
         learned = name == "learned"
         ax.plot(x, y, lw=2.5 if learned else 1.2, ls="-" if learned else "--", label=name,
                 color="black" if learned else None)
@@ -55,7 +57,7 @@ def plot_losses(losses: dict[str, Callable], kind: str, path: str | Path, *,
         hi = float(torch.quantile(finite, 0.95))
         ax.set_ylim(min(0.0, float(finite.min())) - 0.05, hi * 1.2 if hi > 0 and math.isfinite(hi) else None)
     ax.set_xlabel(label)
-    ax.set_ylabel("per-example loss")
+    ax.set_ylabel("per-example loss (shifted to min 0)")
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
