@@ -6,12 +6,18 @@ from torch import nn
 
 from metaloss.losses import fixed as L
 
-torch.set_default_dtype(torch.float64)
 g = torch.Generator().manual_seed(0)
 B, C = 16, 5
-REG_PRED, REG_T = torch.randn(B, 3, generator=g), torch.randn(B, 3, generator=g)
-LOGITS, LABELS = torch.randn(B, C, generator=g), torch.randint(0, C, (B,), generator=g)
-BIN_Z, BIN_Y = torch.randn(B, generator=g), torch.randint(0, 2, (B,), generator=g)
+F64 = torch.float64
+REG_PRED, REG_T = torch.randn(B, 3, generator=g, dtype=F64), torch.randn(B, 3, generator=g, dtype=F64)
+LOGITS, LABELS = torch.randn(B, C, generator=g, dtype=F64), torch.randint(0, C, (B,), generator=g)
+BIN_Z, BIN_Y = torch.randn(B, generator=g, dtype=F64), torch.randint(0, 2, (B,), generator=g)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Oracle comparisons in double precision; conftest restores the default afterwards."""
+    torch.set_default_dtype(torch.float64)
 
 
 def per_example(ref):
@@ -98,14 +104,14 @@ def test_classification_identities():
     torch.testing.assert_close(f, torch.where(BIN_Y == 1, 0.25, 0.75) * L.bce(BIN_Z, BIN_Y))
 
 
-SEG_LOGITS = torch.randn(4, 1, 8, 8, generator=g) * 3
+SEG_LOGITS = torch.randn(4, 1, 8, 8, generator=g, dtype=F64) * 3
 SEG_MASK = (torch.rand(4, 1, 8, 8, generator=g) < 0.2).double()
 
 
 def test_segmentation_identities():
     torch.testing.assert_close(L.tversky(SEG_LOGITS, SEG_MASK, alpha=0.5, beta=0.5, smooth=0.0),
                                L.dice(SEG_LOGITS, SEG_MASK, smooth=0.0))
-    hard = (SEG_MASK * 2 - 1) * 200 + (torch.rand(4, 1, 8, 8, generator=g) < 0.1) * 400  # hard masks
+    hard = (SEG_MASK * 2 - 1) * 200 + (torch.rand(4, 1, 8, 8, generator=g, dtype=F64) < 0.1) * 400  # hard masks
     d = 1 - L.dice(hard, SEG_MASK, smooth=0.0)
     j = 1 - L.iou(hard, SEG_MASK, smooth=0.0)
     assert (d < 1).all()  # the perturbation makes the masks differ
