@@ -71,16 +71,16 @@ def test_taylorglo_ce_init_is_the_taylor_expansion_of_ce():
     t0, p0 = 1.0, 0.4
     tg = TaylorGLO(init="ce", center_target=t0, center_pred=p0).double()
     ce = lambda t, p: -t * torch.log(p)  # noqa: E731
-    for f in (tg.polynomial, ce):
-        t, p = torch.tensor(t0, dtype=torch.float64, requires_grad=True), torch.tensor(p0, dtype=torch.float64, requires_grad=True)
+
+    def derivatives(f):
+        t = torch.tensor(t0, dtype=torch.float64, requires_grad=True)
+        p = torch.tensor(p0, dtype=torch.float64, requires_grad=True)
         (dp,) = torch.autograd.grad(f(t, p), p, create_graph=True)
         (dpp, dtp) = torch.autograd.grad(dp, (p, t), create_graph=True)
         (dppp, dtpp) = torch.autograd.grad(dpp, (p, t))
-        derivs = torch.stack([dp, dpp, dtp, dppp, dtpp])
-        if f is ce:
-            torch.testing.assert_close(ours, derivs)
-        else:
-            ours = derivs
+        return torch.stack([dp, dpp, dtp, dppp, dtpp])
+
+    torch.testing.assert_close(derivatives(tg.polynomial), derivatives(ce))
     assert len([p for p in tg.parameters()]) == 8
 
 

@@ -19,7 +19,13 @@ from tqdm.auto import tqdm
 
 from metaloss.cli.comparison import run_meta_test
 from metaloss.cli.logger import open_logger
-from metaloss.config import DEFAULT_OBJECTIVE, check_loss_fits, conf_dir, instantiate_loss, loss_option
+from metaloss.config import (
+    DEFAULT_OBJECTIVE,
+    check_loss_fits,
+    conf_dir,
+    instantiate_loss,
+    loss_option,
+)
 from metaloss.hypergrad.base import MetaProblem
 from metaloss.losses.base import ParametricLoss
 from metaloss.losses.io import atomic_save, save_learned_loss

@@ -8,7 +8,13 @@ import numpy as np
 import torch
 from sklearn.datasets import load_breast_cancer, load_digits
 
-from metaloss.tasks.base import Task, finish_classification, permutation, standardize, three_way_split
+from metaloss.tasks.base import (
+    Task,
+    finish_classification,
+    permutation,
+    standardize,
+    three_way_split,
+)
 
 
 def digits(*, seed: int = 0, val_frac: float = 0.15, test_frac: float = 0.25,
