@@ -33,6 +33,7 @@ def test_meta_run_writes_everything_and_logs_to_wandb(compose_cfg, tmp_path):
     for f in ("learned_loss.pt", "checkpoint.pt", "learned_loss.png", "comparison.png", "comparison.md"):
         assert (tmp_path / f).stat().st_size > 0, f
     run = read_run(tmp_path / "wandb")
+    assert run["finished"]
     objectives = [r["meta/val_objective"] for r in run["history"] if "meta/val_objective" in r]
     assert len(objectives) == 4 and all(v > 0 for v in objectives)
     pictures = [r for r in run["history"] if r.get("meta/learned_loss/_type") == "image-file"]

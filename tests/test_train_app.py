@@ -85,6 +85,7 @@ def test_wandb_offline_run_is_written_and_readable(compose_cfg, tmp_path):
     assert cfg.logger.kind == "wandb" and cfg.logger.mode == "offline"  # the default
     train_app.run(cfg, tmp_path, "mae")
     run = read_run(tmp_path / "wandb")
+    assert run["finished"]
     steps = [row["_step"] for row in run["history"] if "val/mse" in row]
     assert steps[:2] == [20, 40]
     assert run["summary"]["test/mse"] == pytest.approx(

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 _BLOCK = 32768
 _HEADER = 7
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+class _Truncated(Exception):
+    """The file ends inside a record: the writer has not flushed it yet."""
 
 
 def _records(raw: bytes):
@@ -27,6 +32,8 @@ def _records(raw: bytes):
             continue
         _crc, length, kind = struct.unpack("<IHB", raw[pos:pos + _HEADER])
         data = raw[pos + _HEADER:pos + _HEADER + length]
+        if len(data) < length:
+            raise _Truncated(pos)
         pos += _HEADER + length
         if kind == 0 and length == 0:
             pos += _BLOCK - pos % _BLOCK if pos % _BLOCK else 0
@@ -42,22 +49,43 @@ def _records(raw: bytes):
             pending = b""
 
 
-def read_run(run_dir: str | Path) -> dict:
-    """Return ``{"history": [row, ...], "summary": {...}, "config": {...}}`` of an offline run.
+def read_run(run_dir: str | Path, wait_s: float = 30.0) -> dict:
+    """Return ``{"history": [row, ...], "summary": {...}, "config": {...}, "finished": bool}``
+    of an offline run (``finished``: the run's exit record has been written).
 
     ``run_dir`` is an ``offline-run-*`` directory (or a directory holding exactly one).
+    W&B's writer process may still be flushing the file just after ``run.finish()``
+    returns; an unfinished file is re-read for up to ``wait_s`` seconds.
     """
-    from wandb.proto import wandb_internal_pb2 as pb
-
     run_dir = Path(run_dir)
     files = sorted(run_dir.glob("run-*.wandb")) or sorted(run_dir.glob("**/offline-run-*/run-*.wandb"))
     if len(files) != 1:
         raise FileNotFoundError(f"expected one run-*.wandb under {run_dir}, found {len(files)}")
-    out: dict = {"history": [], "summary": {}, "config": {}}
-    for data in _records(files[0].read_bytes()):
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            out = _parse(files[0].read_bytes())
+            if out["finished"] or time.monotonic() > deadline:
+                return out
+        except _Truncated:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
+
+
+def _parse(raw: bytes) -> dict:
+    from google.protobuf.message import DecodeError
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    out: dict = {"history": [], "summary": {}, "config": {}, "finished": False}
+    for data in _records(raw):
         rec = pb.Record()
-        rec.ParseFromString(data)
+        try:
+            rec.ParseFromString(data)
+        except DecodeError as e:  # a record still being written
+            raise _Truncated(str(e)) from e
         kind = rec.WhichOneof("record_type")
+        out["finished"] |= kind == "exit"
         if kind == "history":
             out["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
                                    for i in rec.history.item})
