@@ -129,3 +129,19 @@ def test_corrupt_or_foreign_loss_files_are_refused(tmp_path):
         load_learned_loss(good)
     with pytest.raises(FileNotFoundError):
         load_learned_loss(tmp_path / "missing.pt")
+
+
+def test_ml3_can_start_from_a_known_loss_and_reloads_without_refitting(tmp_path):
+    """fit_to regresses the random network onto CE / MSE: approximate, not exact."""
+    ce_like = ML3Loss(fit_to="ce")
+    logits, labels = torch.randn(512, 10, generator=g), torch.randint(0, 10, (512,), generator=g)
+    a, b = ce_like(logits, labels).detach(), L.ce(logits, labels)
+    assert (a - b).abs().mean() / b.mean() < 0.05
+    random_init = ML3Loss()(logits, labels).detach()
+    assert (random_init - b).abs().mean() / b.mean() > 0.5  # the fit is what made it CE-like
+    mse_like = ML3Loss(fit_to="mse")
+    p, t = torch.randn(512, 1, generator=g), torch.randn(512, 1, generator=g)
+    assert (mse_like(p, t).detach() - L.mse(p, t)).abs().mean() / L.mse(p, t).mean() < 0.1
+    path = save_learned_loss(ce_like, tmp_path / "ml3.pt")
+    back = load_learned_loss(path)
+    torch.testing.assert_close(back(logits, labels), a)

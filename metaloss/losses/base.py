@@ -74,6 +74,13 @@ class ParametricLoss(nn.Module):
     def forward(self, pred: torch.Tensor, target: torch.Tensor, **context: Any) -> torch.Tensor:
         raise NotImplementedError
 
+    @classmethod
+    def from_saved(cls, init_kwargs: dict, state_dict: dict) -> ParametricLoss:
+        """Rebuild from a saved file; subclasses skip expensive initialisation here."""
+        loss = cls(**init_kwargs)
+        loss.load_state_dict(state_dict)
+        return loss
+
 
 def binary_as_two_class(logits: torch.Tensor) -> torch.Tensor:
     """Map one binary logit z to the two-class logits (0, z): softmax of it is sigmoid(z).

@@ -59,10 +59,9 @@ def load_learned_loss(path: str | Path, frozen: bool = True) -> ParametricLoss:
         raise CorruptLossFile(f"{path}: loss class {blob['target']!r} cannot be imported: {e}") from e
     if not (isinstance(cls, type) and issubclass(cls, ParametricLoss)):
         raise CorruptLossFile(f"{path}: {blob['target']!r} is not a ParametricLoss")
-    loss = cls(**blob["init_kwargs"])
     try:
-        loss.load_state_dict(blob["state_dict"])
-    except RuntimeError as e:
+        loss = cls.from_saved(blob["init_kwargs"], blob["state_dict"])
+    except (RuntimeError, TypeError) as e:
         raise CorruptLossFile(f"{path}: parameters do not match {blob['target']}: {e}") from e
     if frozen:
         loss.requires_grad_(False)

@@ -20,6 +20,8 @@ class ML3Loss(ParametricLoss):
     Classification: each class c feeds (softmax p_c, one-hot y_c) through the same MLP
     and the loss is the sum over classes — vectorised over classes, independent of C,
     and able to express cross-entropy (-Σ_c y_c log p_c is such a sum).
+    ``fit_to`` (``ce`` or ``mse``) starts φ from a regression of the network onto that
+    loss instead of a random loss (ML3 itself starts at random).
     Optional context: the inputs ``x`` (``use_x``; ``x_dim`` features, flattened) and the training
     progress ``t`` in [0, 1] (``use_progress``).
     """
@@ -28,9 +30,10 @@ class ML3Loss(ParametricLoss):
 
     def __init__(self, hidden=(50, 50), use_x: bool = False, x_dim: int | None = None,
                  use_progress: bool = False, init_scale: float = 1.0, bias: bool = True,
-                 init: str = "default") -> None:
+                 init: str = "default", fit_to: str | None = None, fit_steps: int = 1000) -> None:
         super().__init__(hidden=list(hidden), use_x=use_x, x_dim=x_dim, use_progress=use_progress,
-                         init_scale=init_scale, bias=bias, init=init)
+                         init_scale=init_scale, bias=bias, init=init, fit_to=fit_to,
+                         fit_steps=fit_steps)
         if use_x and not x_dim:
             raise ValueError("ML3Loss(use_x=True) needs x_dim, the number of input features "
                              "(metaloss fills it in from the task)")
@@ -52,6 +55,41 @@ class ML3Loss(ParametricLoss):
                     if m.bias is not None:
                         m.bias.zero_()
             self.net[-1].weight.mul_(init_scale)
+        if fit_to is not None:
+            self._fit(fit_to, fit_steps)
+
+    @classmethod
+    def from_saved(cls, init_kwargs: dict, state_dict: dict) -> ML3Loss:
+        return super().from_saved({**init_kwargs, "fit_to": None}, state_dict)  # no re-fit
+
+    def _fit(self, target: str, steps: int) -> None:
+        """Start from a known loss: regress the network onto it (context inputs at 0).
+
+        ``ce``: per class -y log p for p in [0.005, 1] (log-uniform), y in {0, 1}; ``mse``: (ŷ - y)² for
+        ŷ, y in [-5, 5]. Deterministic (fixed seed); approximate, not exact.
+        """
+        g = torch.Generator().manual_seed(0)
+        n = 2048
+        if target == "ce":
+            a = torch.exp(torch.rand(n, generator=g) * torch.log(torch.tensor(0.005)))  # log-uniform
+            b = (torch.rand(n, generator=g) < 0.5).float()
+            ref = -b * torch.log(a)
+        elif target == "mse":
+            a, b = 10 * torch.rand(n, generator=g) - 5, 10 * torch.rand(n, generator=g) - 5
+            ref = (a - b) ** 2
+        else:
+            raise ValueError(f"ML3Loss fit_to must be 'ce', 'mse' or None, got {target!r}")
+        feats = self._features(torch.stack([a, b], -1)[:, None, :],
+                               torch.zeros(n, self.x_dim or 0), 0.0)[:, 0]
+        opt = torch.optim.Adam(self.net.parameters(), lr=3e-3)
+        for _ in range(steps):
+            err = F.softplus(self.net(feats)).squeeze(-1) - ref
+            loss = (err**2 / (1.0 + ref)).mean()  # weighted so small losses are fitted too
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        for p in self.net.parameters():
+            p.grad = None
 
     def _features(self, pairs: torch.Tensor, x, t) -> torch.Tensor:
         """pairs: [B, K, 2] -> [B, K, 2 + context]."""
