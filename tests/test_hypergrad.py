@@ -121,3 +121,15 @@ def test_compiled_step_matches_eager():
     compiled = Unrolled(compile=True)(problem, meta, batch)
     assert _rel(compiled.grads, eager.grads) <= 1e-5
     torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_class_weighted_validation_objective_gets_its_context():
+    """meta.objective=weighted_ce: the objective sees the validation class counts."""
+    problem, batch = _problem(TaylorGLO(init="ce"), O.sgd(lr=0.5), task="digits")
+    meta = meta_params(problem.loss)
+    plain = Unrolled()(problem, meta, batch)
+    problem.objective = fixed.weighted_ce
+    problem.objective_context = {"class_counts": torch.tensor([50.0, 5, 5, 5, 5, 5, 5, 5, 5, 5])}
+    weighted = Unrolled()(problem, meta, batch)
+    assert not torch.allclose(weighted.loss, plain.loss)
+    assert _rel(weighted.grads, HigherBackend()(problem, meta, batch).grads) <= 1e-6

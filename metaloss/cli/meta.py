@@ -75,8 +75,12 @@ def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> dict:
     factory = instantiate(cfg.model)
     inner_opt = instantiate(cfg.inner_optim)
     objective = loss_option(cfg.meta.objective or DEFAULT_OBJECTIVE[task.kind], task)
+    # Class-weighted objectives (e.g. meta.objective=weighted_ce) weigh by the validation
+    # split's class counts: a balanced validation objective, as AutoBalance uses.
+    val_counts = (torch.bincount(task.y_val.long(), minlength=task.num_classes or 2)
+                  if task.class_counts is not None else None)
     problem = MetaProblem(build_model(factory, task, 0), loss, inner_opt, int(cfg.meta.inner_steps),
-                          objective, task.class_counts)
+                          objective, task.class_counts, {"class_counts": val_counts})
     hypergrad = instantiate(cfg.hypergrad)
     learner = MetaLearner(loss, instantiate(cfg.meta_optim), learn_inner_lr=cfg.meta.learn_inner_lr,
                           inner_lr=inner_opt.hparams["lr"], clip_grad_norm=cfg.meta.clip_grad_norm,

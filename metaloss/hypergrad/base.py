@@ -14,7 +14,7 @@ One outer step on T tasks (the data flow of DESIGN.md)::
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -36,8 +36,9 @@ class MetaProblem:
     loss: nn.Module
     inner_opt: InnerOptimizer
     inner_steps: int
-    objective: Callable[[Tensor, Tensor], Tensor]  # per-example validation objective
-    class_counts: Tensor | None = None
+    objective: Callable[..., Tensor]  # per-example validation objective
+    class_counts: Tensor | None = None  # training split's, for the inner loss
+    objective_context: dict = field(default_factory=dict)  # e.g. validation class counts
 
 
 class MetaBatch(NamedTuple):
@@ -107,7 +108,7 @@ def task_objective(problem: MetaProblem, meta: Params, theta0: Params, x_train: 
                    y_train: Tensor, x_val: Tensor, y_val: Tensor, **unroll_kw) -> Tensor:
     theta = unroll(problem, meta, theta0, x_train, y_train, **unroll_kw)
     pred = functional_call(problem.model, theta, (x_val,))
-    return problem.objective(pred, y_val).mean()
+    return problem.objective(pred, y_val, **problem.objective_context).mean()
 
 
 def batched_objective(problem: MetaProblem, meta: Params, batch: MetaBatch, **unroll_kw) -> Tensor:
