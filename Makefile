@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: setup
-	$(VENV)/bin/metaloss-meta
+	$(VENV)/bin/metaloss-meta experiment=quickstart
 
 test: setup
 	WANDB_SILENT=true $(PY) -m pytest -q

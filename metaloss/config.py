@@ -90,3 +90,14 @@ def loss_option(name: str, task: Any) -> Any:
 
 
 DEFAULT_OBJECTIVE = {"regression": "mse", "classification": "ce", "binary": "ce", "segmentation": "dice"}
+DEFAULT_BASELINES = {
+    "regression": ["mse", "mae", "huber"],
+    "classification": ["ce", "focal", "label_smoothing", "poly1"],
+    "binary": ["ce", "weighted_ce", "focal"],
+    "segmentation": ["dice", "iou", "bce_dice"],
+}
+
+
+def baselines_for(names: Any, task: Any) -> dict[str, Any]:
+    """The `compare:` losses, instantiated for the task (null: the defaults for its kind)."""
+    return {n: loss_option(n, task) for n in (names or DEFAULT_BASELINES[task.kind])}

@@ -31,7 +31,7 @@ def compare_losses(tasks_for_seed: Callable[[int], Sequence[Task]], factory: Cal
     for seed in seeds:
         tasks = tasks_for_seed(seed)
         for name, loss in losses.items():
-            bar.set_postfix(loss=name, seed=seed)
+            bar.set_postfix(loss=name, seed=seed, refresh=False)
             per_task = []
             for i, task in enumerate(tasks):
                 model = build_model(factory, task, seed * 1000 + i)

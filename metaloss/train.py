@@ -80,7 +80,7 @@ def train_model(task: Task, model: nn.Module, loss_fn: Callable, make_optimizer:
         opt.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if eval_every and (step + 1) % eval_every == 0:
-            bar.set_postfix(loss=f"{running:.4g}")
+            bar.set_postfix(loss=f"{running:.4g}", refresh=False)
             if log is not None:
                 log({"train/loss": running, **evaluate_model(model, task, "val")}, step + 1)
     result = {"train/loss": float(running if running is not None else float("nan"))}

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from metaloss.cli.logger import write_json
-from metaloss.config import loss_option
+from metaloss.config import baselines_for
 from metaloss.metatest import compare_losses, significance
 from metaloss.plots import plot_losses
 from metaloss.report import format_table, plot, summarize
@@ -32,7 +32,7 @@ def tasks_for_seed_fn(cfg: DictConfig, pool: list):
 
 def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path, logger) -> dict:
     task = pool[0]
-    baselines = {name: loss_option(name, task) for name in cfg.compare}
+    baselines = baselines_for(cfg.compare, task)
     losses = {"learned": learned, **baselines}
     lr = cfg.meta_test.lr if cfg.meta_test.lr is not None else inner_opt.hparams["lr"]
     hp = {**inner_opt.hparams, "lr": lr}

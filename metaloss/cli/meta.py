@@ -21,6 +21,7 @@ from metaloss.cli.comparison import run_meta_test
 from metaloss.cli.logger import open_logger
 from metaloss.config import (
     DEFAULT_OBJECTIVE,
+    baselines_for,
     check_loss_fits,
     conf_dir,
     instantiate_loss,
@@ -106,7 +107,7 @@ def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> dict:
         atomic_save({"format": CKPT_FORMAT, "step": step, "learner": learner.state_dict(),
                      "rng": gen.get_state()}, ckpt_path)
 
-    baselines = {n: loss_option(n, task) for n in cfg.compare}
+    baselines = baselines_for(cfg.compare, task)
     mc = cfg.meta
     if mc.mode == "offline":
         def sample():
@@ -129,7 +130,7 @@ def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> dict:
         for step, metrics in bar:
             if metrics:
                 logger.log(metrics, step=step)
-                bar.set_postfix(obj=f"{metrics['meta/val_objective']:.4g}")
+                bar.set_postfix(obj=f"{metrics['meta/val_objective']:.4g}", refresh=False)
             if step % mc.plot_every == 0 or step == mc.steps:
                 png = plot_losses({"learned": loss, **baselines}, task.kind, out_dir / "learned_loss.png",
                                   num_classes=task.num_classes, title=f"{loss_name} after {step} steps")
