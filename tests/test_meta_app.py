@@ -166,3 +166,28 @@ def test_a_loss_defined_outside_the_package_meta_trains_via_target(compose_cfg, 
     meta_app.run(cfg, tmp_path, "scaled_log_cosh")
     learned = load_learned_loss(tmp_path / "learned_loss.pt")
     assert type(learned).__name__ == "ScaledLogCosh" and learned.log_s.item() != 0.0
+
+
+def test_interrupted_run_keeps_its_work(compose_cfg, tmp_path, monkeypatch):
+    """A failure mid-run (here: the hypergradient raises at outer step 3) still leaves a
+    checkpoint of the completed steps, from which the run resumes."""
+    from metaloss.hypergrad.unrolled import Unrolled
+
+    calls = {"n": 0}
+    real = Unrolled.__call__
+
+    def flaky(self, problem, meta, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, problem, meta, batch)
+
+    monkeypatch.setattr(Unrolled, "__call__", flaky)
+    cfg = compose_cfg("meta", TINY + ["meta_test.enabled=false", "meta.checkpoint_every=100"])
+    with pytest.raises(KeyboardInterrupt):
+        meta_app.run(cfg, tmp_path, "ml3")
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 2
+    monkeypatch.setattr(Unrolled, "__call__", real)
+    meta_app.run(cfg, tmp_path, "ml3")  # resumes from ./checkpoint.pt
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 4

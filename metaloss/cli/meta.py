@@ -62,6 +62,23 @@ def _load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def _meta_loop(bar, done: dict, logger, loss, baselines, task, loss_name, out_dir, mc,
+               save_checkpoint) -> None:
+    """Drive the outer-step generator: log, draw the learned loss, checkpoint.
+    ``done["step"]`` always holds the number of completed outer steps."""
+    for step, metrics in bar:
+        done["step"] = step
+        if metrics:
+            logger.log(metrics, step=step)
+            bar.set_postfix(obj=f"{metrics['meta/val_objective']:.4g}", refresh=False)
+        if step % mc.plot_every == 0 or step == mc.steps:
+            png = plot_losses({"learned": loss, **baselines}, task.kind, out_dir / "learned_loss.png",
+                              num_classes=task.num_classes, title=f"{loss_name} after {step} steps")
+            logger.image("meta/learned_loss", png, step=step)
+        if step % mc.checkpoint_every == 0:
+            save_checkpoint(step)
+
+
 def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -127,17 +144,15 @@ def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> dict:
     with open_logger(cfg, out_dir, job_type="meta", name=f"{loss_name}-{task.name}-s{cfg.seed}") as logger:
         bar = tqdm(steps, total=mc.steps - start, desc=f"meta {loss_name}", disable=not cfg.progress,
                    mininterval=1.0)
-        for step, metrics in bar:
-            if metrics:
-                logger.log(metrics, step=step)
-                bar.set_postfix(obj=f"{metrics['meta/val_objective']:.4g}", refresh=False)
-            if step % mc.plot_every == 0 or step == mc.steps:
-                png = plot_losses({"learned": loss, **baselines}, task.kind, out_dir / "learned_loss.png",
-                                  num_classes=task.num_classes, title=f"{loss_name} after {step} steps")
-                logger.image("meta/learned_loss", png, step=step)
-            if step % mc.checkpoint_every == 0:
-                save_checkpoint(step)
-        save_checkpoint(mc.steps)
+        done = {"step": start}
+        try:
+            _meta_loop(bar, done, logger, loss, baselines, task, loss_name, out_dir, mc, save_checkpoint)
+        except BaseException:  # a NaN streak, Ctrl-C, ...: keep the work done so far
+            save_checkpoint(done["step"])
+            log.error("meta-training stopped after outer step %d; checkpoint saved to %s (resume with "
+                      "meta.resume_from=%s)", done["step"], ckpt_path, out_dir)
+            raise
+        save_checkpoint(done["step"])
         learned_path = save_learned_loss(loss, out_dir / "learned_loss.pt", task=task.name, steps=mc.steps,
                                          loss_name=loss_name)
         log.info("learned loss saved to %s (metaloss-eval loss_path=%s)", learned_path, learned_path)
