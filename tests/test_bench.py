@@ -1,0 +1,21 @@
+"""The engine benchmark runs and ends with one JSON line of ratios (no timing asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_engine.py"
+
+
+@pytest.mark.slow
+def test_bench_prints_ratios_as_last_line():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--only", "sine_T8_K5", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    r = last["ratios"]["sine_T8_K5"]
+    assert r["speedup_engine_vs_higher"] > 0 and r["meta_step_vs_plain_K_steps"] > 0
+    assert "sine_T8_K5      engine" in out.stdout
