@@ -65,6 +65,16 @@ def evaluate(kind: str, out: Tensor, y: Tensor, *, num_classes: int | None = Non
     return {f"{prefix}/{k}": v for k, v in m.items()}
 
 
+def zero_one_error(pred: Tensor, target: Tensor, **_) -> Tensor:
+    """Per-example 0-1 classification error (1 - correct): a validation objective for
+    derivative-free hypergradients (``hypergrad=es hypergrad.objective=error``)."""
+    if pred.ndim == 1 or pred.shape[-1] == 1:
+        guess = (pred.reshape(pred.shape[0]) > 0).long()
+    else:
+        guess = pred.argmax(-1)
+    return (guess != target.reshape(guess.shape).long()).to(pred.dtype)
+
+
 # Whether a larger value is better, for tables and sweepers.
 HIGHER_IS_BETTER = {"mse": False, "mae": False, "acc": True, "balanced_acc": True,
                     "macro_f1": True, "minority_recall": True, "dice": True, "iou": True,

@@ -133,3 +133,24 @@ def test_class_weighted_validation_objective_gets_its_context():
     weighted = Unrolled()(problem, meta, batch)
     assert not torch.allclose(weighted.loss, plain.loss)
     assert _rel(weighted.grads, HigherBackend()(problem, meta, batch).grads) <= 1e-6
+
+
+def test_es_estimate_points_along_the_true_hypergradient():
+    from metaloss.hypergrad.es import EvolutionStrategies
+
+    problem, batch = _problem(TaylorGLO(init="mse"), OPTS["sgd"], k=2)
+    meta = meta_params(problem.loss)
+    exact = Unrolled()(problem, meta, batch)
+    es = EvolutionStrategies(population=200, sigma=1e-3)(problem, meta, batch)
+    assert torch.nn.functional.cosine_similarity(_flat(es.grads), _flat(exact.grads), dim=0) > 0.9
+    torch.testing.assert_close(es.loss, exact.loss, rtol=1e-3, atol=1e-6)
+
+
+def test_es_can_optimise_the_error_rate():
+    from metaloss.hypergrad.es import EvolutionStrategies
+
+    problem, batch = _problem(TaylorGLO(init="ce"), O.sgd(lr=0.5), task="digits")
+    out = EvolutionStrategies(population=4, sigma=0.1, objective="error")(problem, meta_params(problem.loss), batch)
+    assert 0.0 <= out.loss <= 1.0 and all(torch.isfinite(g).all() for g in out.grads.values())
+    with pytest.raises(ValueError, match="unknown ES objective"):
+        EvolutionStrategies(objective="accuracy")

@@ -110,7 +110,8 @@ def test_non_finite_hypergradients_are_skipped_then_refused():
 @pytest.mark.parametrize("extra", [["meta.mode=online", "meta.steps=6", "meta.online_update_every=2",
                                     "meta.inner_batch=16"],
                                    ["hypergrad=truncated", "hypergrad.k=1", "meta.learn_inner_lr=true"],
-                                   ["hypergrad=higher", "meta.tasks_per_step=1"]])
+                                   ["hypergrad=higher", "meta.tasks_per_step=1"],
+                                   ["hypergrad=es", "hypergrad.population=2", "meta_optim.lr=0.05"]])
 def test_modes_and_methods_run(compose_cfg, tmp_path, extra):
     cfg = compose_cfg("meta", TINY + ["meta_test.enabled=false"] + extra)
     before = instantiate(cfg.loss).state_dict()
