@@ -62,6 +62,26 @@ def _load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def _restore(resume_from: str | None, ckpt_path: Path, learner: MetaLearner, gen: torch.Generator) -> int:
+    """Load φ, meta-optimizer and RNG state from ``resume_from`` (a checkpoint or its run
+    dir) or from an existing ``ckpt_path``; return the completed outer steps (0: fresh)."""
+    resume = Path(resume_from) if resume_from else ckpt_path
+    if resume.is_dir():
+        resume = resume / "checkpoint.pt"
+    if resume_from and not resume.is_file():
+        raise FileNotFoundError(f"meta.resume_from: no checkpoint at {resume}")
+    if not resume.is_file():
+        return 0
+    ckpt = _load_checkpoint(resume)
+    try:
+        learner.load_state_dict(ckpt["learner"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CorruptCheckpoint(f"{resume} does not match this loss/optimizer: {e}") from e
+    gen.set_state(ckpt["rng"])
+    log.info("resumed from %s at outer step %d", resume, int(ckpt["step"]))
+    return int(ckpt["step"])
+
+
 def _meta_loop(bar, done: dict, logger, loss, baselines, task, loss_name, out_dir, mc,
                save_checkpoint) -> None:
     """Drive the outer-step generator: log, draw the learned loss, checkpoint.
@@ -104,21 +124,7 @@ def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> dict:
                           inner_lr=inner_opt.hparams["lr"], clip_grad_norm=cfg.meta.clip_grad_norm,
                           max_bad_steps=cfg.meta.max_bad_steps)
     ckpt_path = out_dir / "checkpoint.pt"
-    resume = Path(cfg.meta.resume_from) if cfg.meta.resume_from else ckpt_path
-    if resume.is_dir():
-        resume = resume / "checkpoint.pt"
-    start = 0
-    if cfg.meta.resume_from and not resume.is_file():
-        raise FileNotFoundError(f"meta.resume_from: no checkpoint at {resume}")
-    if resume.is_file():
-        ckpt = _load_checkpoint(resume)
-        try:
-            learner.load_state_dict(ckpt["learner"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise CorruptCheckpoint(f"{resume} does not match this loss/optimizer: {e}") from e
-        gen.set_state(ckpt["rng"])
-        start = int(ckpt["step"])
-        log.info("resumed from %s at outer step %d", resume, start)
+    start = _restore(cfg.meta.resume_from, ckpt_path, learner, gen)
 
     def save_checkpoint(step: int) -> None:
         atomic_save({"format": CKPT_FORMAT, "step": step, "learner": learner.state_dict(),
