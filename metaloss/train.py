@@ -24,9 +24,10 @@ def build_model(factory: Callable[..., nn.Module], task: Task, seed: int) -> nn.
         return factory(in_shape=task.in_shape, out_dim=task.out_dim)
 
 
-def loss_context(task: Task, x: torch.Tensor, t: float) -> dict[str, Any]:
-    """What a loss may use besides (pred, target): class counts, inputs, progress in [0, 1]."""
-    return {"class_counts": task.class_counts, "x": x, "t": t}
+def loss_context(class_counts: torch.Tensor | None, x: torch.Tensor, t: float) -> dict[str, Any]:
+    """What a loss may use besides (pred, target): training-split class counts, the inputs,
+    the training progress in [0, 1]."""
+    return {"class_counts": class_counts, "x": x, "t": t}
 
 
 @torch.no_grad()
@@ -65,13 +66,14 @@ def train_model(task: Task, model: nn.Module, loss_fn: Callable, make_optimizer:
     gen = torch.Generator().manual_seed(seed)
     opt = make_optimizer(model.parameters())
     x_all, y_all = task.x_train, task.y_train
+    counts = task.class_counts  # computed once, not per step
     it = batches(len(x_all), batch_size, gen)
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, mininterval=1.0)
     running = None
     for step in bar:
         idx = next(it)
         x, y = x_all[idx], y_all[idx]
-        loss = loss_fn(model(x), y, **loss_context(task, x, step / max(1, steps))).mean()
+        loss = loss_fn(model(x), y, **loss_context(counts, x, step / max(1, steps))).mean()
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"training loss is {loss.item()} at step {step} of {desc!r}; "
                                 "lower the learning rate or check the loss")
