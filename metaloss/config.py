@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import get_object
+from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
 from metaloss.losses.base import loss_kinds
@@ -62,11 +64,6 @@ def check_loss_fits(loss: Any, task_kind: str, task_name: str, loss_name: str | 
 def instantiate_loss(loss_cfg: Any, task: Any) -> Any:
     """Instantiate a loss config for a task, filling in ``num_classes`` / ``x_dim`` when the
     loss's constructor takes them and the config leaves them unset."""
-    import inspect
-    import math
-
-    from hydra.utils import instantiate
-
     target = get_object(loss_cfg["_target_"])
     extra = {}
     if isinstance(target, type):

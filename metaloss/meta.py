@@ -25,8 +25,8 @@ from metaloss.hypergrad.base import (
     LR_KEY,
     MetaBatch,
     MetaProblem,
-    _grad_theta,
     detach,
+    grad_theta,
     meta_params,
 )
 from metaloss.sampling import stacked_init
@@ -128,7 +128,7 @@ def online_steps(learner: MetaLearner, problem: MetaProblem, hypergrad: Callable
             metrics = learner.step(problem, hypergrad, batch)
         idx = next(it)
         phi = {k[len(LOSS_PREFIX):]: v.detach() for k, v in learner.params.items() if k.startswith(LOSS_PREFIX)}
-        g = _grad_theta(problem, theta, phi, task.x_train[idx], task.y_train[idx], step / steps)
+        g = grad_theta(problem, theta, phi, task.x_train[idx], task.y_train[idx], step / steps)
         kw = {} if LR_KEY not in learner.params else {"lr": learner.params[LR_KEY].detach().exp()}
         theta, state = opt.update(detach(g), state, theta, **kw)
         yield step + 1, metrics

@@ -44,11 +44,11 @@ def plot_losses(losses: dict[str, Callable], kind: str, path: str | Path, *,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x, curves, label = loss_curves(losses, kind, num_classes)
+    x, raw, label = loss_curves(losses, kind, num_classes)
+    # Constants do not change gradients: draw every curve with its minimum at 0.
+    curves = {name: y - y[torch.isfinite(y)].min() for name, y in raw.items()}
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, y in curves.items():
-        y = y - y[torch.isfinite(y)].min()  # constants do not change gradients: align minima at 0
-        curves[name] = y
         learned = name == "learned"
         ax.plot(x, y, lw=2.5 if learned else 1.2, ls="-" if learned else "--", label=name,
                 color="black" if learned else None)

@@ -81,7 +81,7 @@ def inner_loss(problem: MetaProblem, theta: Params, phi: Params, x: Tensor, y: T
     return functional_call(problem.loss, phi, (pred, y), ctx).mean()
 
 
-_grad_theta = torch.func.grad(inner_loss, argnums=1)
+grad_theta = torch.func.grad(inner_loss, argnums=1)  # ∇θ of the inner loss, functional
 
 
 def unroll(problem: MetaProblem, meta: Params, theta: Params, x_train: Tensor, y_train: Tensor,
@@ -98,7 +98,7 @@ def unroll(problem: MetaProblem, meta: Params, theta: Params, x_train: Tensor, y
             theta = detach(theta)
         phi_k = phi if live else detach(phi)
         theta_in = detach(theta) if first_order else theta
-        g = _grad_theta(problem, theta_in, phi_k, x_train[k], y_train[k], k / k_steps)
+        g = grad_theta(problem, theta_in, phi_k, x_train[k], y_train[k], k / k_steps)
         kw = {} if lr is None else {"lr": (lr if live else lr.detach()).exp()}
         theta, state = opt.update(g, state, theta, **kw)
     return theta

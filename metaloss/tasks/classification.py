@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from sklearn.datasets import load_breast_cancer, load_digits
 
@@ -68,4 +67,4 @@ def mnist1d(*, seed: int = 0, n_val: int = 500, num_samples: int = 5000, data_se
                                  num_classes=c, seed=seed, label_noise_cfg=label_noise,
                                  imbalance_ratio=imbalance_ratio,
                                  info={"positive_classes": None if positive_classes is None
-                                       else list(np.asarray(positive_classes).tolist())})
+                                       else [int(c) for c in positive_classes]})
