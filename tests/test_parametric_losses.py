@@ -133,6 +133,7 @@ def test_corrupt_or_foreign_loss_files_are_refused(tmp_path):
 
 def test_ml3_can_start_from_a_known_loss_and_reloads_without_refitting(tmp_path):
     """fit_to regresses the random network onto CE / MSE: approximate, not exact."""
+    torch.manual_seed(0)  # the network's starting weights
     ce_like = ML3Loss(fit_to="ce")
     logits, labels = torch.randn(512, 10, generator=g), torch.randint(0, 10, (512,), generator=g)
     a, b = ce_like(logits, labels).detach(), L.ce(logits, labels)

@@ -30,7 +30,7 @@ class ML3Loss(ParametricLoss):
 
     def __init__(self, hidden=(50, 50), use_x: bool = False, x_dim: int | None = None,
                  use_progress: bool = False, init_scale: float = 1.0, bias: bool = True,
-                 init: str = "default", fit_to: str | None = None, fit_steps: int = 1000) -> None:
+                 init: str = "default", fit_to: str | None = None, fit_steps: int = 3000) -> None:
         super().__init__(hidden=list(hidden), use_x=use_x, x_dim=x_dim, use_progress=use_progress,
                          init_scale=init_scale, bias=bias, init=init, fit_to=fit_to,
                          fit_steps=fit_steps)
@@ -66,7 +66,9 @@ class ML3Loss(ParametricLoss):
         """Start from a known loss: regress the network onto it (context inputs at 0).
 
         ``ce``: per class -y log p for p in [0.005, 1] (log-uniform), y in {0, 1}; ``mse``: (ŷ - y)² for
-        ŷ, y in [-5, 5]. Deterministic (fixed seed); approximate, not exact.
+        ŷ, y in [-5, 5]. The fit data are seeded, the network's starting weights are not.
+        Approximate, not exact: measured over 4 starting weights, mean error 0.7-1.5% of CE
+        on N(0, 1) logits (10 classes) and 3-4% of MSE on N(0, 1) residuals.
         """
         g = torch.Generator().manual_seed(0)
         n = 2048
@@ -84,7 +86,7 @@ class ML3Loss(ParametricLoss):
         opt = torch.optim.Adam(self.net.parameters(), lr=3e-3)
         for _ in range(steps):
             err = F.softplus(self.net(feats)).squeeze(-1) - ref
-            loss = (err**2 / (1.0 + ref)).mean()  # weighted so small losses are fitted too
+            loss = (err**2 / (1.0 + ref).sqrt()).mean()  # weighted so small losses are fitted too
             opt.zero_grad()
             loss.backward()
             opt.step()
