@@ -12,6 +12,9 @@ from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
 from metaloss.losses.base import loss_kinds
+from metaloss.runs import register_resolvers
+
+register_resolvers()  # ${metaloss.uid:} / ${metaloss.slug:} in the run directories of conf/*.yaml
 
 
 def conf_dir() -> Path:

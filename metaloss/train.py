@@ -41,15 +41,45 @@ def evaluate_model(model: nn.Module, task: Task, split: str) -> dict[str, float]
                     class_counts=task.class_counts, prefix=split)
 
 
-def batches(n: int, batch_size: int | None, generator: torch.Generator):
-    """Endless minibatch indices: a fresh permutation each epoch (full batch if None)."""
-    if not batch_size or batch_size >= n:
-        while True:
-            yield torch.arange(n)
-    while True:
-        perm = torch.randperm(n, generator=generator)
-        for i in range(0, n - batch_size + 1, batch_size):
-            yield perm[i:i + batch_size]
+class BatchSampler:
+    """Endless minibatch indices: a fresh permutation each epoch (full batch if None).
+
+    Its position is state (``state_dict``/``load_state_dict``), so an interrupted run can
+    continue with exactly the minibatches an uninterrupted one would have drawn.
+    """
+
+    def __init__(self, n: int, batch_size: int | None, generator: torch.Generator) -> None:
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be an integer >= 1 or None (full batch), got {batch_size!r}")
+        if n < 1:
+            raise ValueError(f"cannot draw minibatches from {n} examples")
+        self.n, self.batch_size, self.gen = n, batch_size, generator
+        self.perm: torch.Tensor | None = None
+        self.pos = 0
+
+    def __iter__(self) -> BatchSampler:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if not self.batch_size or self.batch_size >= self.n:
+            return torch.arange(self.n)
+        if self.perm is None or self.pos + self.batch_size > self.n:
+            self.perm = torch.randperm(self.n, generator=self.gen)
+            self.pos = 0
+        idx = self.perm[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"perm": None if self.perm is None else self.perm.clone(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.perm, self.pos = state["perm"], int(state["pos"])
+
+
+def batches(n: int, batch_size: int | None, generator: torch.Generator) -> BatchSampler:
+    """Endless minibatch indices (see :class:`BatchSampler`)."""
+    return BatchSampler(n, batch_size, generator)
 
 
 def train_model(task: Task, model: nn.Module, loss_fn: Callable, make_optimizer: Callable,
@@ -63,6 +93,8 @@ def train_model(task: Task, model: nn.Module, loss_fn: Callable, make_optimizer:
     validation and test metrics, namespaced (``train/loss``, ``val/acc``, ``test/acc``).
     Raises :class:`NonFiniteLoss` (with the step) if the loss is NaN or infinite.
     """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     gen = torch.Generator().manual_seed(seed)
     opt = make_optimizer(model.parameters())
     x_all, y_all = task.x_train, task.y_train

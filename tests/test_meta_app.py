@@ -15,6 +15,7 @@ from metaloss.hypergrad.base import HyperGrad
 from metaloss.losses.io import load_learned_loss
 from metaloss.losses.poly import PolyN
 from metaloss.meta import MetaLearner, NonFiniteMetaGradient
+from metaloss.validate import ConfigError
 
 TINY = ["logger=none", "progress=false", "meta.steps=4", "meta.tasks_per_step=2", "meta.inner_steps=2",
         "meta_test.seeds=2", "meta_test.steps=10", "meta_test.tasks_per_seed=2", "model.hidden=[8]",
@@ -79,7 +80,7 @@ def test_corrupt_checkpoint_is_a_clear_error(compose_cfg, tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"\x00garbage")
     with pytest.raises(meta_app.CorruptCheckpoint, match="cannot read checkpoint"):
         meta_app.run(compose_cfg("meta", TINY + ["meta_test.enabled=false"]), tmp_path, "ml3")
-    with pytest.raises(FileNotFoundError, match="resume_from"):
+    with pytest.raises(ConfigError, match="meta.resume_from = .*nope.*existing file"):
         meta_app.run(compose_cfg("meta", TINY + [f"meta.resume_from={tmp_path / 'nope'}"]), tmp_path / "x", "ml3")
 
 
@@ -165,7 +166,7 @@ def test_a_loss_defined_outside_the_package_meta_trains_via_target(compose_cfg, 
     cfg = compose_cfg("meta", overrides + ["meta_test.enabled=false", "loss=scaled_log_cosh",
                                            f"hydra.searchpath=[file://{tmp_path / 'conf'}]"])
     meta_app.run(cfg, tmp_path, "scaled_log_cosh")
-    learned = load_learned_loss(tmp_path / "learned_loss.pt")
+    learned = load_learned_loss(tmp_path / "learned_loss.pt", trusted_modules=["my_losses"])
     assert type(learned).__name__ == "ScaledLogCosh" and learned.log_s.item() != 0.0
 
 

@@ -15,23 +15,37 @@ from omegaconf import DictConfig
 
 from metaloss.cli.comparison import run_meta_test
 from metaloss.cli.logger import open_logger
-from metaloss.cli.meta import _task_pool
+from metaloss.cli.meta import _check_task_settings, _task_pool
+from metaloss.cli.signals import exit_on_interrupt, interruptible
+from metaloss.cli.train import LOCAL_KEYS
 from metaloss.config import check_loss_fits, conf_dir
 from metaloss.losses.io import load_learned_loss
+from metaloss.runs import RunDir, identity
+from metaloss.validate import check_config
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
+    check_config(cfg)
+    with RunDir(out_dir, "eval", identity(cfg, ignore=LOCAL_KEYS)) as run_dir, interruptible():
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: RunDir) -> dict:
+    out_dir = run_dir.path
     torch.manual_seed(cfg.seed)
-    learned = load_learned_loss(cfg.loss_path)
+    learned = load_learned_loss(cfg.loss_path, trusted_modules=list(cfg.trusted_modules))
     pool = _task_pool(cfg)
     check_loss_fits(learned, pool[0].kind, pool[0].name, f"learned ({cfg.loss_path})")
+    _check_task_settings(cfg, pool[0])
+    run_dir.record()
     with open_logger(cfg, out_dir, job_type="eval", name=f"eval-{pool[0].name}") as logger:
         return run_meta_test(cfg, learned, pool, instantiate(cfg.inner_optim), out_dir, logger)
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="eval")
 def main(cfg: DictConfig) -> float | None:
-    out = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    with exit_on_interrupt():
+        out = run(cfg, Path(HydraConfig.get().runtime.output_dir))
     return (out.get("significance") or {}).get("learned_mean")
 
 

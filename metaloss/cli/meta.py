@@ -17,8 +17,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from metaloss.cli.comparison import run_meta_test
+from metaloss.cli.comparison import run_meta_test, tasks_for_seed_fn
 from metaloss.cli.logger import open_logger
+from metaloss.cli.signals import critical, exit_on_interrupt, interruptible
 from metaloss.config import (
     DEFAULT_OBJECTIVE,
     baselines_for,
@@ -29,14 +30,32 @@ from metaloss.config import (
 )
 from metaloss.hypergrad.base import MetaProblem
 from metaloss.losses.base import ParametricLoss
-from metaloss.losses.io import atomic_save, save_learned_loss
-from metaloss.meta import MetaLearner, offline_steps, online_steps
+from metaloss.losses.io import save_learned_loss
+from metaloss.meta import (
+    MetaLearner,
+    NonFiniteMetaGradient,
+    OnlineState,
+    offline_steps,
+    online_steps,
+)
+from metaloss.metrics import metric_names
 from metaloss.plots import plot_losses
+from metaloss.runs import (
+    ResumeMismatch,
+    RunDir,
+    atomic_write,
+    describe,
+    differences,
+    fingerprint,
+    identity,
+    split_applied,
+)
 from metaloss.sampling import sample_meta_batch
 from metaloss.train import build_model
+from metaloss.validate import ConfigError, check_config
 
 log = logging.getLogger("metaloss")
-CKPT_FORMAT = "metaloss.checkpoint/1"
+CKPT_FORMAT = "metaloss.checkpoint/2"
 
 
 class CorruptCheckpoint(RuntimeError):
@@ -58,36 +77,84 @@ def _load_checkpoint(path: Path) -> dict:
         raise CorruptCheckpoint(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); delete it or "
                                 "set meta.resume_from to another one") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise CorruptCheckpoint(f"{path} is not a metaloss checkpoint")
+        raise CorruptCheckpoint(f"{path} is not a metaloss checkpoint of format {CKPT_FORMAT} (older "
+                                "checkpoints carry no fingerprint, so they cannot prove which run they belong to)")
     return ckpt
 
 
-def _restore(resume_from: str | None, ckpt_path: Path, learner: MetaLearner, gen: torch.Generator) -> int:
-    """Load φ, meta-optimizer and RNG state from ``resume_from`` (a checkpoint or its run
-    dir) or from an existing ``ckpt_path``; return the completed outer steps (0: fresh)."""
-    resume = Path(resume_from) if resume_from else ckpt_path
+class RunState:
+    """Everything that evolves during meta-training — φ and the meta-optimizer, the sampling
+    RNG, torch's global RNG, the hypergradient method's own state (ES noise counter) and,
+    online, the base model — captured together at step boundaries."""
+
+    def __init__(self, learner: MetaLearner, gen: torch.Generator, hypergrad, online: OnlineState | None,
+                 ident: dict) -> None:
+        self.learner, self.gen, self.hypergrad, self.online, self.ident = learner, gen, hypergrad, online, ident
+
+    def capture(self, step: int) -> dict:
+        return {"format": CKPT_FORMAT, "step": step, "fingerprint": fingerprint(self.ident),
+                "identity": self.ident, "learner": self.learner.state_dict(), "rng": self.gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "hypergrad": self.hypergrad.state_dict() if hasattr(self.hypergrad, "state_dict") else None,
+                "online": None if self.online is None else self.online.state_dict()}
+
+    def restore(self, ckpt: dict) -> None:
+        self.learner.load_state_dict(ckpt["learner"])
+        self.gen.set_state(ckpt["rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if hasattr(self.hypergrad, "load_state_dict") and ckpt.get("hypergrad") is not None:
+            self.hypergrad.load_state_dict(ckpt["hypergrad"])
+        if self.online is not None:
+            self.online.load_state_dict(ckpt["online"])
+
+
+def _resume(cfg: DictConfig, out_dir: Path, state: RunState, make_meta_optimizer) -> int:
+    """Continue from ``meta.resume_from`` (a checkpoint or its run dir) or from this run
+    directory's own checkpoint; return the completed outer steps (0: fresh).
+
+    The checkpoint must have been made by a run with the same identity (config minus the
+    keys that may change on resume). An explicit ``meta.resume_from`` may change the meta
+    optimizer's hyper-parameters, clipping and the NaN patience: those are applied from the
+    resumed step on, and logged. Any other difference is refused, naming the keys."""
+    explicit = cfg.meta.resume_from is not None
+    resume = Path(cfg.meta.resume_from).expanduser() if explicit else out_dir / "checkpoint.pt"
     if resume.is_dir():
         resume = resume / "checkpoint.pt"
-    if resume_from and not resume.is_file():
+    if explicit and not resume.is_file():
         raise FileNotFoundError(f"meta.resume_from: no checkpoint at {resume}")
     if not resume.is_file():
         return 0
     ckpt = _load_checkpoint(resume)
+    diff = differences(ckpt.get("identity") or {}, state.ident)
+    applied, refused = split_applied(diff)
+    if refused or (applied and not explicit):
+        raise ResumeMismatch(
+            f"checkpoint {resume} was made by a run with another configuration: {describe(refused or applied)}. "
+            + ("Nothing was run. Resume with the settings it was made with, or start a fresh run."
+               if refused else "To continue it with these new settings, pass meta.resume_from=" + str(out_dir)))
+    step = int(ckpt["step"])
+    if step > cfg.meta.steps:
+        raise ResumeMismatch(f"checkpoint {resume} is at outer step {step}, past meta.steps={cfg.meta.steps}: "
+                             f"set meta.steps >= {step} to continue it")
     try:
-        learner.load_state_dict(ckpt["learner"])
-    except (RuntimeError, KeyError, ValueError) as e:
+        state.restore(ckpt)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise CorruptCheckpoint(f"{resume} does not match this loss/optimizer: {e}") from e
-    gen.set_state(ckpt["rng"])
-    log.info("resumed from %s at outer step %d", resume, int(ckpt["step"]))
-    return int(ckpt["step"])
+    changed = state.learner.apply_hyperparameters(make_meta_optimizer)
+    if applied:
+        log.warning("resuming with changed settings, applied from outer step %d on: %s", step, describe(applied))
+    elif changed:  # identity matched, so this can only be a default changed in the code
+        log.warning("meta-optimizer hyper-parameters applied on resume: %s", changed)
+    log.info("resumed from %s at outer step %d", resume, step)
+    return step
 
 
-def _meta_loop(bar, done: dict, logger, loss, baselines, task, loss_name, out_dir, mc,
+def _meta_loop(bar, state: RunState, last: dict, logger, loss, baselines, task, loss_name, out_dir, mc,
                save_checkpoint) -> None:
-    """Drive the outer-step generator: log, draw the learned loss, checkpoint.
-    ``done["step"]`` always holds the number of completed outer steps."""
+    """Drive the outer-step generator: snapshot, log, draw the learned loss, checkpoint.
+    ``last["state"]`` always holds the state after the last *completed* outer step."""
     for step, metrics in bar:
-        done["step"] = step
+        last["state"] = state.capture(step)
         if metrics:
             logger.log(metrics, step=step)
             bar.set_postfix(obj=f"{metrics['meta/val_objective']:.4g}", refresh=False)
@@ -96,14 +163,40 @@ def _meta_loop(bar, done: dict, logger, loss, baselines, task, loss_name, out_di
                               num_classes=task.num_classes, title=f"{loss_name} after {step} steps")
             logger.image("meta/learned_loss", png, step=step)
         if step % mc.checkpoint_every == 0:
-            save_checkpoint(step)
+            save_checkpoint(last["state"])
+
+
+def _check_task_settings(cfg: DictConfig, task) -> None:
+    """The settings whose valid values depend on the task kind (known once it exists; data
+    generation is cheap next to training, and nothing has been trained yet)."""
+    metric = cfg.meta_test.metric
+    if metric is not None and metric not in metric_names(task.kind, metric.split("/")[0]):
+        raise ConfigError(f"meta_test.metric = {metric!r}: must be one of "
+                          f"{', '.join(metric_names(task.kind, 'test'))} for {task.kind} task {task.name!r}")
 
 
 def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> dict:
+    """The app body: settings checked, run directory claimed, then meta-training and the
+    meta-test. Callable without Hydra's launcher (tests compose a config and call it)."""
+    check_config(cfg)
+    out_dir = Path(out_dir)
+    ident = identity(cfg)
+    explicit = Path(cfg.meta.resume_from).expanduser() if cfg.meta.resume_from is not None else None
+    same_dir = explicit is not None and (explicit if explicit.is_dir() else explicit.parent).resolve() == out_dir.resolve()
+    # Resuming into its own directory with a new meta learning rate is allowed; any other
+    # change means the directory belongs to another run.
+    allow = (lambda diff: not split_applied(diff)[1]) if same_dir else None
+    with RunDir(out_dir, "meta", ident, allow=allow) as run_dir, interruptible():
+        return _run(cfg, run_dir, loss_name, ident)
+
+
+def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, ident: dict) -> dict:
+    out_dir = run_dir.path
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     pool = _task_pool(cfg)
     task = pool[0]
+    _check_task_settings(cfg, task)
     loss = instantiate_loss(cfg.loss, task)
     if not isinstance(loss, ParametricLoss):
         raise ValueError(f"metaloss-meta needs a parametric loss, got {loss_name!r}; choose one of "
@@ -120,47 +213,57 @@ def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> dict:
     problem = MetaProblem(build_model(factory, task, 0), loss, inner_opt, int(cfg.meta.inner_steps),
                           objective, task.class_counts, {"class_counts": val_counts})
     hypergrad = instantiate(cfg.hypergrad)
-    learner = MetaLearner(loss, instantiate(cfg.meta_optim), learn_inner_lr=cfg.meta.learn_inner_lr,
+    make_meta_optimizer = instantiate(cfg.meta_optim)
+    learner = MetaLearner(loss, make_meta_optimizer, learn_inner_lr=cfg.meta.learn_inner_lr,
                           inner_lr=inner_opt.hparams["lr"], clip_grad_norm=cfg.meta.clip_grad_norm,
                           max_bad_steps=cfg.meta.max_bad_steps)
-    ckpt_path = out_dir / "checkpoint.pt"
-    start = _restore(cfg.meta.resume_from, ckpt_path, learner, gen)
-
-    def save_checkpoint(step: int) -> None:
-        atomic_save({"format": CKPT_FORMAT, "step": step, "learner": learner.state_dict(),
-                     "rng": gen.get_state()}, ckpt_path)
-
     baselines = baselines_for(cfg.compare, task)
+    if cfg.meta_test.enabled:  # fail now, not after meta-training, if the test tasks cannot be built
+        tasks_for_seed_fn(cfg, pool)(0)
     mc = cfg.meta
+    online = (OnlineState.fresh(problem, task, factory, mc.inner_batch, gen) if mc.mode == "online" else None)
+    state = RunState(learner, gen, hypergrad, online, ident)
+    start = _resume(cfg, out_dir, state, make_meta_optimizer)
+    run_dir.record()
+    ckpt_path = out_dir / "checkpoint.pt"
+
+    def save_checkpoint(snapshot: dict) -> None:
+        with critical():
+            atomic_write(ckpt_path, lambda tmp: torch.save(snapshot, tmp))
+
     if mc.mode == "offline":
         def sample():
             return sample_meta_batch(pool, factory, n_tasks=mc.tasks_per_step, inner_steps=mc.inner_steps,
                                      inner_batch=mc.inner_batch, val_batch=mc.val_batch, gen=gen,
                                      val_from_train=mc.val_from_train)
         steps = offline_steps(learner, problem, hypergrad, sample, steps=mc.steps, start=start)
-    elif mc.mode == "online":
-        steps = online_steps(learner, problem, hypergrad, task, factory, steps=mc.steps,
-                             update_every=mc.online_update_every, batch_size=mc.inner_batch,
-                             val_batch=mc.val_batch, gen=gen, start=start)
     else:
-        raise ValueError(f"meta.mode must be 'offline' or 'online', got {mc.mode!r}")
+        steps = online_steps(learner, problem, hypergrad, task, online, steps=mc.steps,
+                             update_every=mc.online_update_every, val_batch=mc.val_batch, gen=gen, start=start)
 
     log.info("meta-training %s on %s | %s, %s, K=%d, T=%d, %d steps", loss_name, task.describe(),
              type(hypergrad).__name__, inner_opt.name, mc.inner_steps, mc.tasks_per_step, mc.steps)
+    meta_info = {"task": task.name, "loss_name": loss_name, "fingerprint": fingerprint(ident)}
     with open_logger(cfg, out_dir, job_type="meta", name=f"{loss_name}-{task.name}-s{cfg.seed}") as logger:
         bar = tqdm(steps, total=mc.steps - start, desc=f"meta {loss_name}", disable=not cfg.progress,
                    mininterval=1.0)
-        done = {"step": start}
+        last = {"state": state.capture(start)}
         try:
-            _meta_loop(bar, done, logger, loss, baselines, task, loss_name, out_dir, mc, save_checkpoint)
-        except BaseException:  # a NaN streak, Ctrl-C, ...: keep the work done so far
-            save_checkpoint(done["step"])
+            _meta_loop(bar, state, last, logger, loss, baselines, task, loss_name, out_dir, mc, save_checkpoint)
+        except BaseException as e:  # a NaN streak, Ctrl-C, SIGTERM, ...: keep the work done so far
+            save_checkpoint(last["state"])
+            done = last["state"]["step"]
+            if isinstance(e, NonFiniteMetaGradient):
+                good = save_learned_loss(loss, out_dir / "learned_loss_last_good.pt", steps=done,
+                                         complete=False, stopped=f"diverged ({e.cause})", **meta_info)
+                log.error("meta-training diverged after outer step %d: %s The last good φ is in %s "
+                          "(loadable like learned_loss.pt)", done, e, good)
             log.error("meta-training stopped after outer step %d; checkpoint saved to %s (resume with "
-                      "meta.resume_from=%s)", done["step"], ckpt_path, out_dir)
+                      "meta.resume_from=%s)", done, ckpt_path, out_dir)
             raise
-        save_checkpoint(done["step"])
-        learned_path = save_learned_loss(loss, out_dir / "learned_loss.pt", task=task.name, steps=mc.steps,
-                                         loss_name=loss_name)
+        save_checkpoint(last["state"])
+        learned_path = save_learned_loss(loss, out_dir / "learned_loss.pt", steps=mc.steps, complete=True,
+                                         **meta_info)
         log.info("learned loss saved to %s (metaloss-eval loss_path=%s)", learned_path, learned_path)
         result = {"learned_loss": str(learned_path), "skipped_steps": learner.skipped}
         if cfg.meta_test.enabled:
@@ -173,7 +276,8 @@ def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> dict:
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
-    out = run(cfg, Path(hc.runtime.output_dir), hc.runtime.choices.get("loss"))
+    with exit_on_interrupt():
+        out = run(cfg, Path(hc.runtime.output_dir), hc.runtime.choices.get("loss"))
     sig = out.get("significance") or {}
     return sig.get("learned_mean")
 

@@ -16,20 +16,40 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from metaloss.cli.logger import open_logger, write_json
+from metaloss.cli.signals import exit_on_interrupt, interruptible
 from metaloss.config import check_loss_fits, conf_dir, instantiate_loss
+from metaloss.metrics import train_result_names
+from metaloss.runs import RunDir, identity
 from metaloss.train import build_model, train_model
+from metaloss.validate import ConfigError, check_config
 
 log = logging.getLogger("metaloss")
 
 
+LOCAL_KEYS = ("progress", "logger", "hydra", "trusted_modules")  # do not change the result
+
+
 def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> float:
-    """The app body, callable without Hydra's launcher (tests compose a config and call it)."""
+    """The app body, callable without Hydra's launcher (tests compose a config and call it).
+    Settings are checked and the run directory claimed before any data is made."""
+    check_config(cfg)
+    with RunDir(out_dir, "train", identity(cfg, ignore=LOCAL_KEYS)) as run_dir, interruptible():
+        return _run(cfg, run_dir, loss_name)
+
+
+def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None) -> float:
+    out_dir = run_dir.path
     torch.manual_seed(cfg.seed)
     task = instantiate(cfg.task)
+    metric = cfg.metric or task.primary_metric
+    if metric not in train_result_names(task.kind):
+        raise ConfigError(f"metric = {metric!r}: must be one of {', '.join(train_result_names(task.kind))} "
+                          f"for {task.kind} task {task.name!r}")
     loss = instantiate_loss(cfg.loss, task)
     check_loss_fits(loss, task.kind, task.name, loss_name)
     model = build_model(instantiate(cfg.model), task, cfg.seed)
     make_optimizer = instantiate(cfg.optim)
+    run_dir.record()
     log.info("task %s | loss %s | model %d params", task.describe(), loss_name,
              sum(p.numel() for p in model.parameters()))
     with open_logger(cfg, out_dir, job_type="train", name=f"{loss_name}-s{cfg.seed}") as logger:
@@ -39,7 +59,6 @@ def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> float:
                               progress=cfg.progress, desc=f"{loss_name} seed {cfg.seed}")
         logger.log(metrics, step=cfg.train.steps)
         logger.summary(metrics)
-    metric = cfg.metric or task.primary_metric
     write_json(out_dir / "metrics.json", {"loss": loss_name, "task": task.name, "seed": cfg.seed,
                                           "metric": metric, "metrics": metrics})
     log.info("%s", "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
@@ -49,7 +68,8 @@ def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> float:
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
 def main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
-    return run(cfg, Path(hc.runtime.output_dir), hc.runtime.choices.get("loss"))
+    with exit_on_interrupt():
+        return run(cfg, Path(hc.runtime.output_dir), hc.runtime.choices.get("loss"))
 
 
 if __name__ == "__main__":

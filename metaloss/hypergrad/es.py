@@ -31,7 +31,7 @@ OBJECTIVES = {"error": zero_one_error}
 class EvolutionStrategies:
     """``population`` antithetic pairs, perturbation scale ``sigma``; ``objective``: None (the
     run's ``meta.objective``) or ``error`` (0-1 validation error, not differentiable).
-    The noise comes from a generator seeded by ``seed`` and the call count."""
+    The noise comes from a generator seeded by ``seed`` and the call count (its state)."""
 
     def __init__(self, population: int = 16, sigma: float = 0.05, objective: str | None = None,
                  seed: int = 0) -> None:
@@ -59,3 +59,10 @@ class EvolutionStrategies:
                 grads[k] = grads[k] + scale * eps[k]
             total = total + (plus + minus).detach() / (2 * self.population)
         return HyperGrad(total, grads)
+
+    # The noise of call n depends on n: checkpointed, so a resumed run draws the same noise.
+    def state_dict(self) -> dict:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = int(state["calls"])

@@ -1,0 +1,75 @@
+"""SIGTERM and Ctrl-C as exceptions the entry points can clean up after.
+
+SLURM, docker and ``kill`` send SIGTERM, which by default ends Python at once: nothing
+saved, the W&B run left open. Inside :func:`interruptible` both SIGTERM and SIGINT raise
+:class:`Interrupted` (a ``KeyboardInterrupt``) in the main thread, so the run's
+``except``/``finally`` blocks write the checkpoint of the last completed step and finish
+the logger. Inside :func:`critical` (writing a checkpoint) a signal is held back and
+raised when the section ends, so a second Ctrl-C cannot cut the save short.
+SIGKILL cannot be caught; the periodic checkpoint covers it.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_HANDLED = (signal.SIGTERM, signal.SIGINT)
+_state = {"depth": 0, "pending": None, "active": False}
+
+
+class Interrupted(KeyboardInterrupt):
+    """The process received ``signum``; the exit status should be ``128 + signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"received {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _handler(signum, _frame) -> None:
+    if _state["depth"] > 0:
+        _state["pending"] = signum  # raise it once the critical section ends
+        return
+    raise Interrupted(signum)
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Turn SIGTERM/SIGINT into :class:`Interrupted` for the duration (main thread only:
+    elsewhere, e.g. in a launcher's worker thread, signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread() or _state["active"]:
+        yield
+        return
+    previous = {s: signal.signal(s, _handler) for s in _HANDLED}
+    _state["active"] = True
+    try:
+        yield
+    finally:
+        _state["active"] = False
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def critical() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT back while the block runs; raise the held one afterwards."""
+    _state["depth"] += 1
+    try:
+        yield
+    finally:
+        _state["depth"] -= 1
+        if _state["depth"] == 0 and _state["pending"] is not None:
+            signum, _state["pending"] = _state["pending"], None
+            raise Interrupted(signum)
+
+
+@contextmanager
+def exit_on_interrupt() -> Iterator[None]:
+    """In a console script: leave with status 128 + signal number (143 for SIGTERM, 130 for
+    Ctrl-C), the shell convention schedulers read, after the run has saved its work."""
+    try:
+        yield
+    except Interrupted as e:
+        raise SystemExit(128 + e.signum) from e

@@ -1,0 +1,223 @@
+"""Run identity: every run owns its directory and never picks up state that is not its own.
+
+* :func:`identity` — the resolved config minus the keys that may legitimately change
+  between a run and its continuation (``VOLATILE``: step budget, logging, progress,
+  resume pointer, the meta-test, ...). Its hash is the run's *fingerprint*.
+* :class:`RunDir` — claims an output directory for one process: an exclusive ``flock``
+  (released by the OS even on SIGKILL, so never stale) refuses a second process, and
+  ``run.json`` records the owner's identity so a later run with a different config is
+  refused with the differing keys named, instead of silently resuming or overwriting.
+* :func:`atomic_write` — temp file + ``os.replace`` with a unique temp name, so a crash
+  never leaves a half file and two writers never share a temp file.
+* Hydra resolvers ``${metaloss.uid:}`` and ``${metaloss.slug:...}`` make run directories
+  unique (two runs started in the same second get different directories) and multirun
+  subdirectories distinct for every job.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("metaloss")
+
+# Keys that may change when a run is continued: they do not change what φ becomes.
+VOLATILE = ("meta.steps", "meta.resume_from", "meta.checkpoint_every", "meta.plot_every",
+            "progress", "logger", "meta_test", "compare", "trusted_modules", "hydra", "metric",
+            "loss_path")
+# Keys that an explicit ``meta.resume_from`` may change: they are applied from the resumed
+# step on (and logged). Anything else that differs is refused.
+APPLIED_ON_RESUME = ("meta_optim.lr", "meta_optim.betas", "meta_optim.eps", "meta_optim.weight_decay",
+                     "meta_optim.momentum", "meta.clip_grad_norm", "meta.max_bad_steps")
+
+
+class RunDirConflict(RuntimeError):
+    """The output directory belongs to another run (other config) or is in use right now."""
+
+
+class ResumeMismatch(RuntimeError):
+    """A checkpoint was made by a run with another configuration."""
+
+
+# ---------------------------------------------------------------- identity
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    return {prefix: node}
+
+
+def _skipped(key: str, prefixes: Iterable[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def identity(cfg: DictConfig | dict, ignore: Iterable[str] = VOLATILE) -> dict[str, Any]:
+    """Flat ``{dotted key: value}`` of the resolved config, without the ``ignore`` keys."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    ignore = tuple(ignore)
+    return {k: v for k, v in sorted(_flat(container).items()) if not _skipped(k, ignore)}
+
+
+def fingerprint(ident: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (old, new)}`` for every key whose value differs (missing: ``<unset>``)."""
+    unset = "<unset>"
+    return {k: (old.get(k, unset), new.get(k, unset)) for k in sorted(set(old) | set(new))
+            if old.get(k, unset) != new.get(k, unset)}
+
+
+def describe(diff: dict[str, tuple[Any, Any]], limit: int = 12) -> str:
+    lines = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diff.items())[:limit]]
+    if len(diff) > limit:
+        lines.append(f"... and {len(diff) - limit} more")
+    return "; ".join(lines)
+
+
+def split_applied(diff: dict[str, tuple[Any, Any]]) -> tuple[dict, dict]:
+    """(changes that may be applied on an explicit resume, changes that must be refused)."""
+    applied = {k: v for k, v in diff.items() if _skipped(k, APPLIED_ON_RESUME)}
+    return applied, {k: v for k, v in diff.items() if k not in applied}
+
+
+# ---------------------------------------------------------------- files
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a unique temporary file beside ``path``, fsync, then rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, content: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(content))
+
+
+# ---------------------------------------------------------------- the run directory
+
+RUN_FILE = "run.json"
+LOCK_FILE = ".metaloss.lock"
+
+
+class RunDir:
+    """Exclusive ownership of an output directory for the lifetime of this object.
+
+    ``RunDir(out_dir, app, ident)`` locks the directory (a second process gets
+    :class:`RunDirConflict` naming the holder), then compares ``ident`` with the owner
+    recorded in ``run.json``. ``allow`` is a predicate over the differences that may be
+    accepted (an explicit resume into the same directory with a new meta learning rate).
+    :meth:`record` writes ``run.json`` once the run is about to produce results, so a run
+    refused during setup (a typo) does not claim the directory.
+    """
+
+    def __init__(self, out_dir: str | Path, app: str, ident: dict[str, Any],
+                 allow: Callable[[dict], bool] | None = None) -> None:
+        self.path = Path(out_dir)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.path / LOCK_FILE, "a+")  # noqa: SIM115 (held until close)
+        try:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "another process"
+            self._lock.close()
+            raise RunDirConflict(f"run directory {self.path} is in use by {holder}; two runs never "
+                                 "share a directory: wait for it, or choose another hydra.run.dir") from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self._lock.flush()
+        try:
+            self._claim(app, ident, allow)
+        except BaseException:
+            self.close()
+            raise
+
+    def _claim(self, app: str, ident: dict[str, Any], allow) -> None:
+        run_file = self.path / RUN_FILE
+        if run_file.is_file():
+            try:
+                owner = json.loads(run_file.read_text())
+            except (OSError, ValueError) as e:
+                raise RunDirConflict(f"{run_file} is unreadable ({e}); this directory's owner is unknown, "
+                                     "choose another hydra.run.dir") from e
+            if owner.get("app") != app:
+                raise RunDirConflict(f"{self.path} holds a {owner.get('app')} run; metaloss-{app} will "
+                                     "not write into it: choose another hydra.run.dir")
+            diff = differences(owner.get("identity", {}), ident)
+            if diff and not (allow and allow(diff)):
+                raise RunDirConflict(
+                    f"{self.path} belongs to another run (fingerprint {owner.get('fingerprint')}); this "
+                    f"config differs in: {describe(diff)}. Nothing was run: choose another "
+                    "hydra.run.dir (the default is unique per run)")
+        self.app, self.ident = app, ident
+
+    def record(self) -> None:
+        """Write ``run.json``: from now on this directory belongs to this run's identity."""
+        atomic_write_text(self.path / RUN_FILE, json.dumps({
+            "app": self.app, "fingerprint": fingerprint(self.ident), "identity": self.ident,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid(),
+            "host": socket.gethostname()}, indent=1, sort_keys=True, default=str))
+
+    def close(self) -> None:
+        if not self._lock.closed:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
+            self._lock.close()
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- Hydra resolvers
+
+_UID = f"{os.getpid():x}{secrets.token_hex(2)}"
+
+
+def _slug(text: Any, limit: int = 96) -> str:
+    """A filesystem-safe, bounded directory name from a Hydra override string."""
+    s = re.sub(r"[^A-Za-z0-9._=,+\-\[\]]+", "_", str(text)).strip("._")
+    if len(s) > limit:
+        s = s[:limit - 9] + "~" + hashlib.sha1(s.encode()).hexdigest()[:8]
+    return s or "default"
+
+
+def register_resolvers() -> None:
+    """``${metaloss.uid:}``: one id per launching process (cached, so every reference —
+    and every multirun job, whose config Hydra copies with its cache — sees the same one);
+    ``${metaloss.slug:x}``: a safe directory name."""
+    if not OmegaConf.has_resolver("metaloss.uid"):
+        OmegaConf.register_new_resolver("metaloss.uid", lambda: _UID, use_cache=True)
+    if not OmegaConf.has_resolver("metaloss.slug"):
+        OmegaConf.register_new_resolver("metaloss.slug", _slug)

@@ -1,0 +1,394 @@
+"""Every setting checked for type and range in one place, before any data or compute.
+
+Each entry point calls :func:`check_config` first thing: a typo such as
+``train.batch_size=-4`` (which used to hang), ``meta.clip_grad_norm=-1`` (silently
+gradient *ascent*) or a bad ``meta_test.*`` value (which used to fail only after
+meta-training) is refused at once, with every problem listed and each message naming
+the key, the value and the valid range.
+
+Rules are keyed by dotted config paths (``fnmatch`` patterns, so ``*optim.lr`` covers
+``optim``, ``inner_optim`` and ``meta_optim``); a rule for a key that the composed
+config does not have is skipped. Loss hyper-parameters are checked per loss function
+(``LOSS_RULES``), since ``epsilon`` means different things for label smoothing and Poly-1.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import numbers
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from metaloss.metrics import HIGHER_IS_BETTER
+
+
+class ConfigError(ValueError):
+    """One or more settings are out of their valid range (all of them are listed)."""
+
+
+Check = Callable[[Any], "str | None"]  # None: valid; else what a valid value looks like
+
+
+# ---------------------------------------------------------------- value checkers
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def integer(lo: int | None = None, hi: int | None = None, *, optional: bool = False) -> Check:
+    def check(v):
+        if v is None and optional:
+            return None
+        if not _is_int(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = (f">= {lo}" if hi is None else f"in [{lo}, {hi}]") if lo is not None else f"<= {hi}"
+            return f"an integer {rng}" + (" or null" if optional else "")
+        return None
+    return check
+
+
+def real(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+         hi_open: bool = False, optional: bool = False) -> Check:
+    def check(v):
+        if v is None and optional:
+            return None
+        bad = not _is_real(v)
+        if not bad and lo is not None:
+            bad = v <= lo if lo_open else v < lo
+        if not bad and hi is not None:
+            bad = v >= hi if hi_open else v > hi
+        if bad:
+            if lo is not None and hi is not None:
+                rng = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+            elif lo is not None:
+                rng = f"{'>' if lo_open else '>='} {lo}"
+            elif hi is not None:
+                rng = f"{'<' if hi_open else '<='} {hi}"
+            else:
+                rng = "(finite)"
+            return f"a number {rng}" + (" or null" if optional else "")
+        return None
+    return check
+
+
+def positive(*, optional: bool = False) -> Check:
+    return real(0, lo_open=True, optional=optional)
+
+
+def boolean() -> Check:
+    return lambda v: None if isinstance(v, bool) else "true or false"
+
+
+def one_of(*choices: Any, optional: bool = False) -> Check:
+    def check(v):
+        if (v is None and optional) or v in choices:
+            return None
+        return "one of " + ", ".join(map(str, choices)) + (" or null" if optional else "")
+    return check
+
+
+def int_list(lo: int = 1, *, optional: bool = False, nonempty: bool = False,
+             hi: int | None = None) -> Check:
+    def check(v):
+        if v is None and optional:
+            return None
+        ok = isinstance(v, list | tuple) and all(_is_int(x) and x >= lo and (hi is None or x <= hi) for x in v)
+        if not ok or (nonempty and not v):
+            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            return f"a {'non-empty ' if nonempty else ''}list of integers {rng}" + (" or null" if optional else "")
+        return None
+    return check
+
+
+def interval(*, strict: bool = False, lo: float | None = None, lo_open: bool = False) -> Check:
+    """A ``[low, high]`` pair with low <= high (low < high if ``strict``)."""
+    def check(v):
+        ok = (isinstance(v, list | tuple) and len(v) == 2 and all(_is_real(x) for x in v)
+              and (v[0] < v[1] if strict else v[0] <= v[1]))
+        if ok and lo is not None:
+            ok = v[0] > lo if lo_open else v[0] >= lo
+        if not ok:
+            bound = "" if lo is None else f", both {'>' if lo_open else '>='} {lo}"
+            return f"a pair [low, high] with low {'<' if strict else '<='} high{bound}"
+        return None
+    return check
+
+
+def unit_pair() -> Check:
+    """Adam-style ``betas``: two numbers in [0, 1)."""
+    def check(v):
+        if isinstance(v, list | tuple) and len(v) == 2 and all(_is_real(x) and 0 <= x < 1 for x in v):
+            return None
+        return "a pair of numbers in [0, 1)"
+    return check
+
+
+def text(optional: bool = False) -> Check:
+    return lambda v: None if isinstance(v, str) or (v is None and optional) else (
+        "a string" + (" or null" if optional else ""))
+
+
+def existing_path(optional: bool = False) -> Check:
+    def check(v):
+        if v is None and optional:
+            return None
+        if not isinstance(v, str) or not Path(v).expanduser().exists():
+            return "an existing file or directory" + (" or null" if optional else "")
+        return None
+    return check
+
+
+def loss_name(optional: bool = False) -> Check:
+    def check(v):
+        from metaloss.config import group_options
+
+        valid = group_options("loss")
+        if (v is None and optional) or v in valid:
+            return None
+        return "a loss from conf/loss: " + ", ".join(valid) + (" or null" if optional else "")
+    return check
+
+
+def loss_names() -> Check:
+    def check(v):
+        if v is None:
+            return None
+        inner = loss_name()
+        if not isinstance(v, list | tuple) or not v or any(inner(x) for x in v):
+            from metaloss.config import group_options
+
+            return "null or a non-empty list of losses from conf/loss: " + ", ".join(group_options("loss"))
+        if len(set(v)) != len(v):
+            return "a list without repeated losses"
+        return None
+    return check
+
+
+def metric_name() -> Check:
+    def check(v):
+        if v is None:
+            return None
+        if isinstance(v, str) and "/" in v:
+            split, name = v.split("/", 1)
+            if split in ("train", "val", "test") and (name in HIGHER_IS_BETTER):
+                return None
+        return ("null or <split>/<metric> with split train|val|test and metric one of "
+                + ", ".join(HIGHER_IS_BETTER))
+    return check
+
+
+def mapping() -> Check:
+    return lambda v: None if isinstance(v, dict) else "a mapping {key: value}"
+
+
+# ---------------------------------------------------------------- the rules
+
+RULES: dict[str, Check] = {
+    # shared
+    "seed": integer(0),
+    "progress": boolean(),
+    "metric": metric_name(),
+    "trusted_modules": lambda v: None if isinstance(v, list | tuple) and all(isinstance(x, str) for x in v)
+    else "a list of module names",
+    # metaloss-train
+    "train.steps": integer(1),
+    "train.batch_size": integer(1, optional=True),
+    "train.eval_every": integer(0),
+    # metaloss-meta
+    "meta.mode": one_of("offline", "online"),
+    "meta.steps": integer(1),
+    "meta.tasks_per_step": integer(1),
+    "meta.inner_steps": integer(1),
+    "meta.inner_batch": integer(1, optional=True),
+    "meta.val_batch": integer(1, optional=True),
+    "meta.val_from_train": boolean(),
+    "meta.train_tasks": integer(1),
+    "meta.objective": loss_name(optional=True),
+    "meta.clip_grad_norm": positive(optional=True),
+    "meta.learn_inner_lr": boolean(),
+    "meta.online_update_every": integer(1),
+    "meta.plot_every": integer(1),
+    "meta.checkpoint_every": integer(1),
+    "meta.resume_from": existing_path(optional=True),
+    "meta.max_bad_steps": integer(1),
+    "compare": loss_names(),
+    "meta_test.enabled": boolean(),
+    "meta_test.seeds": integer(1),
+    "meta_test.steps": integer(1),
+    "meta_test.batch_size": integer(1, optional=True),
+    "meta_test.tasks_per_seed": integer(1),
+    "meta_test.task_overrides": mapping(),
+    "meta_test.lr": positive(optional=True),
+    "meta_test.metric": metric_name(),
+    "meta_test.alpha": real(0, 1, lo_open=True, hi_open=True),
+    # metaloss-eval
+    "loss_path": existing_path(),
+    # optimizers: optim (torch.optim), inner_optim (functional), meta_optim (torch.optim)
+    "*optim.lr": positive(),
+    "*optim.weight_decay": real(0),
+    "*optim.momentum": real(0, 1, hi_open=True),
+    "*optim.dampening": real(0, 1),
+    "*optim.betas": unit_pair(),
+    "*optim.eps": positive(),
+    "*optim.rho": real(0, 1),
+    "*optim.alpha": real(0, 1),
+    "*optim.lr_decay": real(0),
+    "*optim.momentum_decay": real(0),
+    # hypergradient methods
+    "hypergrad.k": integer(1),
+    "hypergrad.population": integer(1),
+    "hypergrad.sigma": positive(),
+    "hypergrad.objective": one_of("error", optional=True),
+    "hypergrad.compile": boolean(),
+    # tasks
+    "task.seed": integer(0),
+    "task.n_train": integer(2),
+    "task.n_val": integer(1),
+    "task.n_test": integer(1),
+    "task.num_samples": integer(10),
+    "task.data_seed": integer(0),
+    "task.noise": real(0),
+    "task.val_frac": real(0, 1, lo_open=True, hi_open=True),
+    "task.test_frac": real(0, 1, lo_open=True, hi_open=True),
+    "task.imbalance_ratio": real(1, optional=True),
+    "task.label_noise.rate": real(0, 1, hi_open=True),
+    "task.label_noise.kind": one_of("symmetric", "pair"),
+    "task.positive_classes": int_list(0, hi=9, optional=True, nonempty=True),
+    "task.amplitude": interval(lo=0, lo_open=True),
+    "task.phase": interval(),
+    "task.x_range": interval(strict=True),
+    "task.fraction": real(0, 1, hi_open=True),
+    "task.magnitude": real(0),
+    "task.corrupt_val": boolean(),
+    "task.size": integer(8),
+    "task.max_shapes": integer(1),
+    "task.radius": interval(lo=0, lo_open=True),
+    # models
+    "model.hidden": int_list(1),
+    "model.activation": one_of("relu", "tanh", "gelu", "silu"),
+    "model.channels": integer(1),
+    "model.kernel": integer(1),
+    "model.depth": integer(1),
+    "model.groups": integer(1),
+    "model.base": integer(1),
+    # logging
+    "logger.kind": one_of("wandb", "none"),
+    "logger.mode": one_of("offline", "online", "disabled"),
+    "logger.init_timeout": positive(),
+}
+
+# Loss hyper-parameters, by the loss function's / class's name (the last part of _target_).
+LOSS_RULES: dict[str, dict[str, Check]] = {
+    "huber": {"delta": positive()},
+    "smooth_l1": {"beta": positive()},
+    "quantile": {"tau": real(0, 1, lo_open=True, hi_open=True)},
+    "poisson": {"eps": positive(), "log_input": boolean()},
+    "bce": {"pos_weight": positive(optional=True)},
+    "weighted_ce": {"scheme": one_of("inverse", "balanced", "effective"), "beta": real(0, 1, hi_open=True)},
+    "label_smoothing": {"epsilon": real(0, 1, hi_open=True)},
+    "focal": {"gamma": real(0), "alpha": real(0, 1, optional=True)},
+    "class_balanced_focal": {"gamma": real(0), "beta": real(0, 1, hi_open=True)},
+    "poly1": {"epsilon": real(-1)},
+    "hinge": {"margin": positive()},
+    "squared_hinge": {"margin": positive()},
+    "gce": {"q": real(0, 1, lo_open=True)},
+    "dice": {"smooth": real(0)},
+    "iou": {"smooth": real(0)},
+    "tversky": {"alpha": real(0), "beta": real(0), "smooth": real(0)},
+    "focal_tversky": {"alpha": real(0), "beta": real(0), "gamma": positive(), "smooth": real(0)},
+    "bce_dice": {"bce_weight": real(0), "smooth": real(0)},
+    "ML3Loss": {"hidden": int_list(1, nonempty=True), "fit_to": one_of("ce", "mse", optional=True),
+                "fit_steps": integer(1), "init": one_of("default", "xavier"), "init_scale": positive(),
+                "bias": boolean(), "use_x": boolean(), "use_progress": boolean()},
+    "TaylorGLO": {"init": one_of("ce", "mse", "brier", "zeros")},
+    "PolyN": {"degree": integer(1)},
+    "AdaptiveRobust": {"init_alpha": real(0, 2, lo_open=True, hi_open=True), "init_scale": positive(),
+                       "alpha_min": positive()},
+    "LearnedSmoothing": {"init_epsilon": real(0, 1, lo_open=True, hi_open=True),
+                         "eps_max": real(0, 1, lo_open=True, hi_open=True), "per_class": boolean()},
+    "load_learned_loss": {"path": existing_path(), "frozen": boolean()},
+}
+
+
+# ---------------------------------------------------------------- the check
+
+
+def _flatten(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Dotted keys with their values; a node is yielded too (rules may check whole lists/maps)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            yield key, v
+            if isinstance(v, dict):
+                yield from _flatten(v, key)
+
+
+def _loss_problems(node: Any, where: str) -> list[str]:
+    if not isinstance(node, dict) or "_target_" not in node:
+        return []
+    rules = LOSS_RULES.get(str(node["_target_"]).rsplit(".", 1)[-1], {})
+    out = []
+    for key, check in rules.items():
+        if key in node:
+            msg = check(node[key])
+            if msg:
+                out.append(f"{where}.{key} = {node[key]!r}: must be {msg}")
+    return out
+
+
+def problems(cfg: DictConfig | dict) -> list[str]:
+    """Every invalid setting of a composed config, as readable lines (empty: all valid)."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig | ListConfig) else cfg
+    container = {k: v for k, v in container.items() if k != "hydra"}
+    out = []
+    for key, value in _flatten(container):
+        for pattern, check in RULES.items():
+            if fnmatch.fnmatchcase(key, pattern):
+                msg = check(value)
+                if msg:
+                    out.append(f"{key} = {value!r}: must be {msg}")
+                break
+    out += _loss_problems(container.get("loss"), "loss")
+    out += _cross_checks(container)
+    return out
+
+
+def _cross_checks(c: dict) -> list[str]:
+    """Rules that relate two settings."""
+    out = []
+    meta, hg = c.get("meta") or {}, c.get("hypergrad") or {}
+    k, inner = hg.get("k"), meta.get("inner_steps")
+    if _is_int(k) and _is_int(inner) and k > inner:
+        out.append(f"hypergrad.k = {k}: must be <= meta.inner_steps ({inner}): truncation cannot "
+                   "keep more steps than the inner loop has")
+    task = c.get("task") or {}
+    vf, tf = task.get("val_frac"), task.get("test_frac")
+    if _is_real(vf) and _is_real(tf) and vf + tf >= 1:
+        out.append(f"task.val_frac + task.test_frac = {vf + tf}: must be < 1 (nothing left to train on)")
+    model = c.get("model") or {}
+    ch, groups = model.get("channels", model.get("base")), model.get("groups")
+    if _is_int(ch) and _is_int(groups) and groups > 0 and ch % groups:
+        key = "model.channels" if "channels" in model else "model.base"
+        out.append(f"model.groups = {groups}: must divide {key} ({ch}) for GroupNorm")
+    overrides = (c.get("meta_test") or {}).get("task_overrides")
+    if isinstance(overrides, dict) and overrides and task:
+        merged = {**task, **overrides}
+        for line in problems({"task": merged}):
+            out.append(line.replace("task.", "meta_test.task_overrides.", 1)
+                       if line.split(" ", 1)[0].split(".", 1)[-1] in overrides else line)
+    return out
+
+
+def check_config(cfg: DictConfig | dict) -> None:
+    """Raise :class:`ConfigError` listing every invalid setting; return quietly otherwise."""
+    found = problems(cfg)
+    if found:
+        raise ConfigError("invalid settings (nothing was run):\n  " + "\n  ".join(dict.fromkeys(found)))
