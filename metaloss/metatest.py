@@ -1,5 +1,11 @@
 """Meta-test: train fresh models from scratch with the learned loss and each baseline —
-same seeds, data and budget — and test whether the learned loss differs from the best one."""
+same seeds, data and budget — and test whether the learned loss differs from the best one.
+
+Guarantees: every loss gets exactly one value per seed for every metric the task kind
+produces (NaN where it diverged, with a warning naming loss, seed and task); a baseline
+with a NaN is never "best"; a verdict is never "no significant difference" when NaNs
+make it undefined.
+"""
 
 from __future__ import annotations
 
@@ -10,74 +16,193 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from metaloss.metrics import HIGHER_IS_BETTER
+from metaloss.metrics import HIGHER_IS_BETTER, train_result_names
 from metaloss.tasks.base import Task
 from metaloss.train import NonFiniteLoss, build_model, train_model
 
 log = logging.getLogger("metaloss")
 
+Results = dict[str, dict[str, list[float]]]  # {loss: {metric: [value per seed]}}
+PAIRED_TEST = "paired t-test (scipy.stats.ttest_rel, two-sided)"
+
+
+def _train_one(task: Task, factory: Callable, loss: Callable, make_optimizer: Callable, *,
+               steps: int, batch_size: int | None, seed: int, where: str) -> dict[str, float] | None:
+    """Final metrics of one fresh model, or None if its training loss diverged."""
+    model = build_model(factory, task, seed)
+    try:
+        return train_model(task, model, loss, make_optimizer, steps=steps, batch_size=batch_size,
+                           seed=seed, progress=False)
+    except NonFiniteLoss as e:
+        log.warning("meta-test: %s diverged (%s); recorded as NaN", where, e)
+        return None
+
+
+def _seed_value(per_task: list[dict[str, float] | None], key: str) -> float:
+    """A seed's value: the mean over its tasks, NaN if any task has no finite value.
+
+    Averaging only the surviving tasks would report the easy tasks as the seed's result."""
+    vals = [m.get(key, math.nan) if m is not None else math.nan for m in per_task]
+    vals = [v if math.isfinite(v) else math.nan for v in vals]  # inf is a divergence too
+    return float(np.mean(vals))
+
 
 def compare_losses(tasks_for_seed: Callable[[int], Sequence[Task]], factory: Callable,
                    losses: dict[str, Callable], make_optimizer: Callable, *, seeds: Sequence[int],
-                   steps: int, batch_size: int | None, progress: bool = True
-                   ) -> dict[str, dict[str, list[float]]]:
+                   steps: int, batch_size: int | None, progress: bool = True) -> Results:
     """``{loss: {metric: [value per seed]}}``; a seed's value is the mean over its tasks.
 
-    A loss that diverges (NaN) on a seed is recorded as NaN for that seed and logged —
-    never silently dropped.
+    Every loss gets the same metric keys — derived from the task kind
+    (`metaloss.metrics.train_result_names`), not from whichever runs succeeded — and
+    exactly ``len(seeds)`` values per key. A loss that diverges (NaN/inf training loss) on
+    any task of a seed is NaN for that seed, logged with the loss, seed and task; it is
+    never dropped, so n stays ``len(seeds)`` and the seeds stay paired across losses.
     """
-    results: dict[str, dict[str, list[float]]] = {name: {} for name in losses}
+    if not seeds:
+        raise ValueError("the meta-test needs at least one seed")
+    results: Results = {}
     bar = tqdm(total=len(seeds) * len(losses), desc="meta-test", disable=not progress, mininterval=1.0)
     for seed in seeds:
-        tasks = tasks_for_seed(seed)
+        tasks = list(tasks_for_seed(seed))
+        if not results:
+            keys = train_result_names(tasks[0].kind)
+            results = {name: {k: [] for k in keys} for name in losses}
         for name, loss in losses.items():
             bar.set_postfix(loss=name, seed=seed, refresh=False)
-            per_task = []
-            for i, task in enumerate(tasks):
-                model = build_model(factory, task, seed * 1000 + i)
-                try:
-                    m = train_model(task, model, loss, make_optimizer, steps=steps, batch_size=batch_size,
-                                    seed=seed * 1000 + i, progress=False)
-                except NonFiniteLoss as e:
-                    log.warning("meta-test: %s diverged on seed %d task %d (%s); recorded as NaN", name, seed, i, e)
-                    m = None
-                per_task.append(m)
-            keys = sorted({k for m in per_task if m for k in m})
+            # model init and batch order depend on (seed, task) only: identical for every loss
+            per_task = [_train_one(task, factory, loss, make_optimizer, steps=steps, batch_size=batch_size,
+                                   seed=seed * 1000 + i, where=f"loss {name!r} on seed {seed} task {i}")
+                        for i, task in enumerate(tasks)]
             for k in keys:
-                vals = [m[k] if m else float("nan") for m in per_task]
-                results[name].setdefault(k, []).append(float(np.mean(vals)))
+                results[name][k].append(_seed_value(per_task, k))
+            _warn_partial(name, seed, per_task, results[name])
             bar.update()
     bar.close()
     return results
 
 
+def _warn_partial(name: str, seed: int, per_task: list[dict[str, float] | None],
+                  record: dict[str, list[float]]) -> None:
+    bad = [k for k, v in record.items() if math.isnan(v[-1])]
+    if not bad:
+        return
+    failed = sum(m is None for m in per_task)
+    if 0 < failed < len(per_task):
+        log.warning("meta-test: loss %r seed %d: %d/%d tasks diverged; the seed is recorded as NaN, "
+                    "not as the mean of the other tasks", name, seed, failed, len(per_task))
+    elif failed == 0:
+        log.warning("meta-test: loss %r seed %d: non-finite %s; recorded as NaN", name, seed, ", ".join(bad))
+
+
 def welch(a: Sequence[float], b: Sequence[float]) -> float:
-    """Two-sided p-value of Welch's unequal-variance t-test (NaN if undefined)."""
+    """Two-sided p-value of Welch's unequal-variance t-test (Welch 1947); NaN if a value is
+    NaN or a side has fewer than 2 values. Both sides constant: 0 if the means differ, else 1."""
     from scipy import stats
 
     a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 2 or len(b) < 2 or np.isnan(a).any() or np.isnan(b).any():
+    if len(a) < 2 or len(b) < 2 or not np.isfinite(a).all() or not np.isfinite(b).all():
         return float("nan")
     if a.std() == 0 and b.std() == 0:
         return 0.0 if a.mean() != b.mean() else 1.0
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
-def significance(results: dict[str, dict[str, list[float]]], metric: str, learned: str = "learned",
-                 alpha: float = 0.05) -> dict:
-    """Learned loss vs the best baseline on ``metric`` (by mean), Welch's t-test."""
-    higher = HIGHER_IS_BETTER.get(metric.split("/")[-1], True)
-    baselines = {n: r[metric] for n, r in results.items() if n != learned and metric in r}
-    if learned not in results or not baselines:
+def paired(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+    """Paired t-test of ``a`` against ``b`` (seed i of both shares data and initialisation),
+    with the effect size: the mean difference ``a - b``, its ``confidence`` interval
+    (Student t, n-1 degrees of freedom) and Cohen's d_z = mean(d) / sd(d).
+
+    Degenerate cases give defined values instead of scipy's NaN and warnings:
+    any non-finite value, or n < 2: every statistic NaN (mean difference if n == 1);
+    differences all equal (zero variance): p = 1 and d_z = 0 if they are all 0, else
+    p = 0 and d_z = ±inf; the interval collapses to the difference.
+    """
+    from scipy import stats
+
+    d = np.asarray(a, float) - np.asarray(b, float)
+    n = len(d)
+    nan = float("nan")
+    out = {"n": n, "mean_difference": nan, "ci_low": nan, "ci_high": nan, "cohens_dz": nan, "p_value": nan}
+    if n == 0 or not np.isfinite(d).all():
+        return out
+    mean = float(d.mean())
+    out["mean_difference"] = mean
+    if n < 2:
+        return out
+    sd = float(d.std(ddof=1))
+    # float rounding leaves ~1e-16 spread in differences that are equal on paper
+    if sd <= 1e-12 * float(np.abs(d).max()):
+        zero = float(np.abs(d).max()) == 0.0
+        return {**out, "ci_low": mean, "ci_high": mean, "p_value": 1.0 if zero else 0.0,
+                "cohens_dz": 0.0 if zero else math.copysign(math.inf, mean)}
+    se = sd / math.sqrt(n)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * se
+    p = 2 * float(stats.t.sf(abs(mean / se), n - 1))  # = scipy.stats.ttest_rel(a, b).pvalue
+    return {**out, "ci_low": mean - half, "ci_high": mean + half, "cohens_dz": mean / sd, "p_value": p}
+
+
+def _n_bad(values: Sequence[float]) -> int:
+    return int((~np.isfinite(np.asarray(values, float))).sum())
+
+
+def _finite_mean(values: Sequence[float]) -> float:
+    a = np.asarray(values, float)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if len(a) else float("nan")
+
+
+def significance(results: Results, metric: str, learned: str = "learned", alpha: float = 0.05) -> dict:
+    """Learned loss vs the best baseline on ``metric``.
+
+    The best baseline is chosen by mean among baselines whose values are all finite (a
+    baseline that diverged on a seed is never "best"). The verdict is decided by a paired
+    t-test (``test``), because seed i of every loss shares data and initialisation; Welch's
+    unequal-variance t-test is reported beside it (``p_value_welch``). ``verdict`` starts
+    with "undefined:" and says why when NaNs, missing baselines or n < 2 leave no answer.
+    """
+    if learned not in results:
         return {}
-    means = {n: float(np.nanmean(v)) for n, v in baselines.items()}
-    best = (max if higher else min)(means, key=means.get)
-    ours = results[learned][metric]
-    p = welch(ours, baselines[best])
-    diff = float(np.mean(ours) - means[best])
-    better = (diff > 0) == higher and diff != 0
-    verdict = ("no significant difference" if math.isnan(p) or p >= alpha
-               else ("significantly better" if better else "significantly worse"))
-    return {"metric": metric, "best_baseline": best, "learned_mean": float(np.mean(ours)),
-            "best_baseline_mean": means[best], "difference": diff, "p_value": p, "alpha": alpha,
-            "test": "Welch's t-test (two-sided)", "verdict": verdict}
+    n = len(results[learned].get(metric, ()))
+    for name, r in results.items():  # compare_losses guarantees this; hand-made results may not
+        if metric not in r or len(r[metric]) != n:
+            raise ValueError(f"cannot pair seeds on {metric!r}: {name!r} has {len(r.get(metric, ()))} "
+                             f"values, {learned!r} has {n} (metrics of {name!r}: {sorted(r)})")
+    higher = HIGHER_IS_BETTER.get(metric.split("/")[-1], True)
+    ours = list(results[learned][metric])
+    baselines = {name: list(r[metric]) for name, r in results.items() if name != learned}
+    diverged = {name: _n_bad(v) for name, v in baselines.items() if _n_bad(v)}
+    finite = {name: _finite_mean(v) for name, v in baselines.items() if name not in diverged}
+    best = (max if higher else min)(finite, key=finite.get) if finite else None
+    theirs = baselines[best] if best else []
+    level = 1 - alpha  # the interval excludes 0 exactly when the two-sided p < alpha
+    stats_ = paired(ours, theirs, confidence=level) if best else paired([], [])
+    sig = {"metric": metric, "higher_is_better": higher, "n_seeds": n, "best_baseline": best,
+           "learned_mean": _finite_mean(ours), "learned_n_nan": _n_bad(ours),
+           "best_baseline_mean": finite[best] if best else float("nan"),
+           "diverged_baselines": diverged,
+           "difference": stats_["mean_difference"], "ci_low": stats_["ci_low"], "ci_high": stats_["ci_high"],
+           "ci_level": level, "cohens_dz": stats_["cohens_dz"],
+           "p_value": stats_["p_value"], "p_value_welch": welch(ours, theirs) if best else float("nan"),
+           "alpha": alpha, "test": PAIRED_TEST}
+    sig["verdict"] = _verdict(sig, n_baselines=len(baselines))
+    return sig
+
+
+def _verdict(sig: dict, n_baselines: int) -> str:
+    n, bad = sig["n_seeds"], sig["learned_n_nan"]
+    if bad:
+        return f"undefined: learned loss diverged on {bad}/{n} seeds"
+    if n_baselines == 0:
+        return "undefined: no baseline to compare with"
+    if sig["best_baseline"] is None:
+        which = ", ".join(f"{k} {v}/{n}" for k, v in sig["diverged_baselines"].items())
+        return f"undefined: every baseline diverged on some seed ({which})"
+    if n < 2:
+        return f"undefined: a paired t-test needs at least 2 seeds, got {n}"
+    p = sig["p_value"]
+    if math.isnan(p):  # not expected once the cases above are excluded; never pass it off as "no difference"
+        return "undefined: the paired t-test is undefined on these values"
+    if p >= sig["alpha"]:
+        return "no significant difference"
+    better = (sig["difference"] > 0) == sig["higher_is_better"]
+    return "significantly better" if better else "significantly worse"

@@ -5,6 +5,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# The metric names ``evaluate`` returns per task kind, in order. The one source of truth:
+# ``metric_names`` derives expected keys from it, so a consumer (the meta-test) never has
+# to learn the keys from whichever runs happened to succeed.
+METRICS_BY_KIND: dict[str, tuple[str, ...]] = {
+    "regression": ("mse", "mae"),
+    "classification": ("acc", "balanced_acc", "macro_f1"),
+    "binary": ("acc", "balanced_acc", "macro_f1", "minority_recall"),
+    "segmentation": ("dice", "iou"),
+}
+
+
+def metric_names(kind: str, prefix: str = "test") -> list[str]:
+    """The keys ``evaluate(kind, ..., prefix=prefix)`` returns, e.g. ``["test/mse", "test/mae"]``."""
+    if kind not in METRICS_BY_KIND:
+        raise ValueError(f"unknown task kind {kind!r}")
+    return [f"{prefix}/{m}" for m in METRICS_BY_KIND[kind]]
+
+
+def train_result_names(kind: str) -> list[str]:
+    """The keys `metaloss.train.train_model` returns: final train loss, then val and test metrics."""
+    return ["train/loss", *metric_names(kind, "val"), *metric_names(kind, "test")]
+
 
 def _recall_per_class(pred: Tensor, y: Tensor, c: int) -> Tensor:
     rec = torch.zeros(c)
@@ -62,6 +84,7 @@ def evaluate(kind: str, out: Tensor, y: Tensor, *, num_classes: int | None = Non
         m = {"dice": dice.mean().item(), "iou": iou.mean().item()}
     else:
         raise ValueError(f"unknown task kind {kind!r}")
+    assert tuple(m) == METRICS_BY_KIND[kind], "update METRICS_BY_KIND with evaluate"
     return {f"{prefix}/{k}": v for k, v in m.items()}
 
 

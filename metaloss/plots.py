@@ -46,7 +46,8 @@ def plot_losses(losses: dict[str, Callable], kind: str, path: str | Path, *,
 
     x, raw, label = loss_curves(losses, kind, num_classes)
     # Constants do not change gradients: draw every curve with its minimum at 0.
-    curves = {name: y - y[torch.isfinite(y)].min() for name, y in raw.items()}
+    curves = {name: y - y[torch.isfinite(y)].min() if bool(torch.isfinite(y).any()) else y  # all-NaN: nothing to shift
+              for name, y in raw.items()}
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, y in curves.items():
         learned = name == "learned"

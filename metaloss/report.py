@@ -1,5 +1,10 @@
 """Tables and plots from finished runs: ``metrics.json`` of `metaloss-train` multiruns and
-``comparison.json`` of meta-tests. Library code: returns data, writes files, never logs."""
+``comparison.json`` of meta-tests. Library code: returns data, writes files, never logs.
+
+NaN (a diverged run) is a value, not a gap: statistics use the finite values and say how
+many were NaN. JSON has no NaN, so result files store non-finite numbers as ``null``
+(`jsonable`) and `collect` reads ``null`` (and Python's non-standard ``NaN``) back as NaN.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -24,11 +30,30 @@ def _overrides(run_dir: Path) -> list[str]:
             if not o.lstrip("+~").startswith(IGNORED_OVERRIDES)]
 
 
+def jsonable(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±inf) as None, so ``json.dumps(...,
+    allow_nan=False)`` succeeds: strict JSON readers (jq, JavaScript) reject ``NaN``."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _number(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
 def collect(root: str | Path) -> dict[str, dict[str, list[float]]]:
     """``{group: {metric: [value per seed/run]}}`` from every result file under ``root``.
 
     A `metrics.json` run is grouped by the Hydra overrides that vary across the runs
     found, other than the seed (e.g. ``loss=mse``); a `comparison.json` by loss name.
+    ``null`` values (diverged runs) come back as NaN.
     """
     root = Path(root)
     if not root.exists():
@@ -39,19 +64,22 @@ def collect(root: str | Path) -> dict[str, dict[str, list[float]]]:
     for f, rec, overrides in runs:
         label = ",".join(o for o in overrides if o not in common) or rec.get("loss") or f.parent.name
         for k, v in rec["metrics"].items():
-            groups[label][k].append(float(v))
+            groups[label][k].append(_number(v))
     for f in sorted(root.rglob("comparison.json")):
         rec = json.loads(f.read_text())
         for loss, metrics in rec["results"].items():
             for k, values in metrics.items():
-                groups[loss][k].extend(float(v) for v in values)
+                groups[loss][k].extend(_number(v) for v in values)
     if not groups:
         raise FileNotFoundError(f"no metrics.json or comparison.json under {root}")
     return {g: dict(m) for g, m in groups.items()}
 
 
 def summarize(groups: dict[str, dict[str, list[float]]], prefix: str = "test/") -> dict:
-    """Mean, std (ddof=1) and n per group and metric, for metrics starting with ``prefix``."""
+    """Per group and metric starting with ``prefix``: ``mean`` and ``std`` (ddof=1) of the
+    finite values, ``n`` (all values, NaN included) and ``n_nan`` (non-finite values).
+
+    ``std`` is 0 for one finite value; ``mean`` and ``std`` are NaN when none is finite."""
     out: dict = {}
     for g, metrics in groups.items():
         out[g] = {}
@@ -59,19 +87,36 @@ def summarize(groups: dict[str, dict[str, list[float]]], prefix: str = "test/") 
             if not k.startswith(prefix):
                 continue
             a = np.asarray(vals, dtype=float)
-            out[g][k] = {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-                         "n": len(a)}
+            ok = a[np.isfinite(a)]
+            out[g][k] = {"mean": float(ok.mean()) if len(ok) else float("nan"),
+                         "std": float(ok.std(ddof=1)) if len(ok) > 1 else (0.0 if len(ok) else float("nan")),
+                         "n": len(a), "n_nan": len(a) - len(ok)}
     return out
 
 
+def _complete(s: dict) -> bool:
+    """A summary cell that may be ranked: no NaN among its values."""
+    return s.get("n_nan", 0) == 0 and math.isfinite(s["mean"])
+
+
+def _cell(s: dict) -> str:
+    if not math.isfinite(s["mean"]):
+        text = "NaN"
+    else:
+        text = f"{s['mean']:.4f} ± {s['std']:.4f}"
+    return text + (f" ({s['n_nan']}/{s['n']} NaN)" if s.get("n_nan") else "")
+
+
 def format_table(summary: dict) -> str:
-    """Markdown table, one row per group; the best mean per metric is in bold."""
+    """Markdown table, one row per group; cells read "mean ± std", plus "(k/n NaN)" where
+    k of the n values diverged. The best mean per metric is in bold, chosen only among
+    groups without NaN: a mean over the surviving seeds flatters a loss that diverged."""
     metrics = sorted({k for g in summary.values() for k in g})
     best = {}
     for k in metrics:
         higher = HIGHER_IS_BETTER.get(k.split("/")[-1], True)
-        means = {g: s[k]["mean"] for g, s in summary.items() if k in s}
-        best[k] = (max if higher else min)(means, key=means.get)
+        means = {g: s[k]["mean"] for g, s in summary.items() if k in s and _complete(s[k])}
+        best[k] = (max if higher else min)(means, key=means.get) if means else None
     head = "| run | n | " + " | ".join(metrics) + " |"
     lines = [head, "|" + "---|" * (len(metrics) + 2)]
     for g, s in summary.items():
@@ -81,28 +126,36 @@ def format_table(summary: dict) -> str:
             if k not in s:
                 cells.append("")
                 continue
-            cell = f"{s[k]['mean']:.4f} ± {s[k]['std']:.4f}"
+            cell = _cell(s[k])
             cells.append(f"**{cell}**" if best[k] == g else cell)
         lines.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot(summary: dict, path: str | Path) -> Path:
-    """Bar chart with ±1 std error bars, one panel per metric."""
+    """Bar chart with ±1 std error bars, one panel per metric. A group with no finite
+    value gets no bar but a "NaN" mark; one with some NaN is labelled "k/n NaN"."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metrics = sorted({k for g in summary.values() for k in g})
-    cols = min(3, len(metrics))
-    rows = math.ceil(len(metrics) / cols)
+    cols = max(1, min(3, len(metrics)))
+    rows = max(1, math.ceil(len(metrics) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
     groups = list(summary)
     for ax, k in zip(axes.flat, metrics):
-        means = [summary[g].get(k, {}).get("mean", np.nan) for g in groups]
-        stds = [summary[g].get(k, {}).get("std", 0.0) for g in groups]
-        ax.bar(range(len(groups)), means, yerr=stds, capsize=3, color="tab:blue", alpha=0.8)
+        cells = [summary[g].get(k) for g in groups]
+        ok = [i for i, c in enumerate(cells) if c is not None and math.isfinite(c["mean"])]
+        if ok:  # a NaN bar would just vanish: draw the finite ones, mark the others below
+            ax.bar(ok, [cells[i]["mean"] for i in ok], yerr=[cells[i]["std"] for i in ok], capsize=3,
+                   color="tab:blue", alpha=0.8)
+        for i, c in enumerate(cells):
+            if c is not None and c.get("n_nan"):
+                label = "NaN" if i not in ok else f"{c['n_nan']}/{c['n']} NaN"
+                ax.annotate(label, (i, 0), xytext=(0, 2), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=7, color="tab:red", rotation=90)
         ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
         ax.set_title(k)
     for ax in list(axes.flat)[len(metrics):]:

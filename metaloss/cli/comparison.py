@@ -1,20 +1,27 @@
 """The meta-test as the entry points run it: learned loss vs the `compare:` baselines,
-printed, saved as comparison.json / comparison.md / comparison.png, logged to W&B."""
+printed, saved as comparison.json / comparison.md / comparison.png, logged to W&B.
+
+comparison.json is written first, before any picture, so a diverged loss or a plotting
+problem never costs the numbers; non-finite values in it are ``null``."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from metaloss.cli.logger import write_json
 from metaloss.config import baselines_for
 from metaloss.metatest import compare_losses, significance
-from metaloss.plots import plot_losses
-from metaloss.report import format_table, plot, summarize
+from metaloss.metrics import train_result_names
+from metaloss.plots import loss_curves, plot_losses
+from metaloss.report import format_table, jsonable, plot, summarize
 
 log = logging.getLogger("metaloss")
 TEST_TASK_SEEDS = 10_000  # task families: test tasks never overlap training tasks
@@ -30,6 +37,35 @@ def tasks_for_seed_fn(cfg: DictConfig, pool: list):
                          for i in range(per)]
 
 
+def _num(x: float, spec: str = ".4f") -> str:
+    return "NaN" if math.isnan(x) else format(x, spec)  # ±inf (d_z of constant differences) prints as inf
+
+
+def format_verdict(sig: dict) -> str:
+    """One line: learned vs best baseline, the paired difference with its CI and d_z, both
+    p-values (paired decides, Welch for reference) and the verdict."""
+    if not sig:
+        return ""
+    n = sig["n_seeds"]
+    ours = _num(sig["learned_mean"]) + (f" ({sig['learned_n_nan']}/{n} NaN)" if sig["learned_n_nan"] else "")
+    best = sig["best_baseline"] or "none without NaN"
+    level = f"{100 * sig['ci_level']:.0f}%"
+    return (f"learned vs best baseline ({best}) on {sig['metric']}: {ours} vs {_num(sig['best_baseline_mean'])}; "
+            f"paired difference {_num(sig['difference'])} [{level} CI {_num(sig['ci_low'])}, "
+            f"{_num(sig['ci_high'])}], d_z = {_num(sig['cohens_dz'], '.2f')}; "
+            f"paired t p = {_num(sig['p_value'], '.3g')}, Welch p = {_num(sig['p_value_welch'], '.3g')} "
+            f"-> {sig['verdict']}" + ("" if sig["verdict"].startswith("undefined") else " (paired t-test decides)"))
+
+
+def _plottable(losses: dict[str, Callable], kind: str, num_classes: int | None) -> dict[str, Callable]:
+    """The losses whose curve has a finite point: an all-NaN learned loss has nothing to draw."""
+    _, curves, _ = loss_curves(losses, kind, num_classes)
+    keep = {n: losses[n] for n, y in curves.items() if bool(torch.isfinite(y).any())}
+    for n in losses.keys() - keep.keys():
+        log.warning("meta-test: %s left out of learned_vs_baselines.png (no finite value to draw)", n)
+    return keep
+
+
 def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path, logger) -> dict:
     task = pool[0]
     baselines = baselines_for(cfg.compare, task)
@@ -38,29 +74,39 @@ def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path
     hp = {**inner_opt.hparams, "lr": lr}
     make_optimizer = functools.partial(inner_opt.torch_equivalent.func, **hp)
     seeds = list(range(int(cfg.meta_test.seeds)))
+    metric = cfg.meta_test.metric or task.primary_metric
+    # refuse a wrong metric name before minutes of training, not after
+    if metric not in train_result_names(task.kind):
+        raise ValueError(f"meta_test.metric={metric!r} is not a metric of a {task.kind} task; "
+                         f"one of {train_result_names(task.kind)}")
+    if not seeds:
+        raise ValueError(f"meta_test.seeds must be at least 1, got {cfg.meta_test.seeds}")
     log.info("meta-test: %s on %d seeds, %d steps of %s(lr=%g)", ", ".join(losses), len(seeds),
              cfg.meta_test.steps, inner_opt.name, lr)
     results = compare_losses(tasks_for_seed_fn(cfg, pool), instantiate(cfg.model), losses, make_optimizer,
                              seeds=seeds, steps=int(cfg.meta_test.steps),
                              batch_size=cfg.meta_test.batch_size, progress=cfg.progress)
-    metric = cfg.meta_test.metric or task.primary_metric
     sig = significance(results, metric, alpha=float(cfg.meta_test.alpha))
     summary = summarize(results)
     table = format_table(summary)
-    verdict = (f"learned vs best baseline ({sig['best_baseline']}) on {metric}: "
-               f"{sig['learned_mean']:.4f} vs {sig['best_baseline_mean']:.4f}, "
-               f"Welch p = {sig['p_value']:.3g} -> {sig['verdict']}") if sig else ""
-    print(f"\n{table}\n\n{verdict}\n", flush=True)
-    write_json(out_dir / "comparison.json", {"task": task.name, "metric": metric, "seeds": seeds,
-                                             "results": results, "significance": sig})
+    verdict = format_verdict(sig)
+    # The record first: nothing below (plots, logging) may cost the numbers.
+    write_json(out_dir / "comparison.json", jsonable({
+        "task": task.name, "metric": metric, "seeds": seeds, "results": results, "significance": sig,
+        "null_means": "NaN: the loss diverged on that seed, or the statistic is undefined"}))
     (out_dir / "comparison.md").write_text(f"{table}\n\n{verdict}\n")
+    print(f"\n{table}\n\n{verdict}\n", flush=True)
     plot(summary, out_dir / "comparison.png")
-    plot_losses(losses, task.kind, out_dir / "learned_vs_baselines.png", num_classes=task.num_classes,
-                title=f"learned loss vs baselines ({task.name})")
+    drawable = _plottable(losses, task.kind, task.num_classes)
+    if drawable:
+        plot_losses(drawable, task.kind, out_dir / "learned_vs_baselines.png", num_classes=task.num_classes,
+                    title=f"learned loss vs baselines ({task.name})")
     logger.image("meta_test/comparison", out_dir / "comparison.png")
-    rows = [[name, k, s["mean"], s["std"], s["n"]] for name, m in summary.items() for k, s in m.items()]
-    logger.table("meta_test/table", ["loss", "metric", "mean", "std", "n"], rows)
+    rows = [[name, k, s["mean"], s["std"], s["n"], s["n_nan"]] for name, m in summary.items()
+            for k, s in m.items()]
+    logger.table("meta_test/table", ["loss", "metric", "mean", "std", "n", "n_nan"], rows)
     logger.summary({f"meta_test/{name}/{k}": s["mean"] for name, m in summary.items() for k, s in m.items()})
     if sig:
-        logger.summary({"meta_test/p_value": sig["p_value"], "meta_test/verdict": sig["verdict"]})
+        logger.summary({f"meta_test/{k}": sig[k] for k in ("p_value", "p_value_welch", "difference", "ci_low",
+                                                            "ci_high", "cohens_dz", "verdict")})
     return {"results": results, "significance": sig}

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from metaloss.report import collect, format_table, plot, summarize
+from metaloss.report import collect, format_table, jsonable, plot, summarize
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(summary)
     print(table)
     (out / "report.md").write_text(table + "\n")
-    (out / "report.json").write_text(json.dumps(summary, indent=2))
+    (out / "report.json").write_text(json.dumps(jsonable(summary), indent=2)  # strict JSON: NaN as null)
     print(f"\nsaved {out / 'report.md'}, {out / 'report.json'}, {plot(summary, out / 'report.png')}")
     return 0
 

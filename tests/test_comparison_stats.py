@@ -1,0 +1,222 @@
+"""The meta-test comparison never loses or bends a result: diverged seeds stay as NaN,
+comparison.json is always written, NaN baselines are never "best", the paired t-test
+and its interval match scipy, and NaNs make a verdict "undefined", never "no difference"."""
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from scipy import stats
+
+from metaloss.cli.comparison import format_verdict, run_meta_test
+from metaloss.cli.logger import NullLogger
+from metaloss.cli.meta import _task_pool
+from metaloss.losses import fixed
+from metaloss.metatest import compare_losses, paired, significance, welch
+from metaloss.metrics import train_result_names
+from metaloss.report import collect, format_table, jsonable, summarize
+from metaloss.tasks.regression import sine
+
+NAN = float("nan")
+
+
+def linear(in_shape, out_dim):
+    return torch.nn.Linear(in_shape[0], out_dim)
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.01)
+
+
+def _tasks(wide_seeds=(), wide_task=0, per_seed=1):
+    """Sine tasks; on ``wide_seeds`` task ``wide_task`` has x in ±500, where SGD at lr 0.01
+    on MSE diverges (curvature ~2 E[x²]) while MAE's bounded gradient does not."""
+    def for_seed(seed):
+        return [sine(seed=100 * seed + i, n_train=32, n_val=16, n_test=16,
+                     x_range=(-500.0, 500.0) if seed in wide_seeds and i == wide_task else (-5.0, 5.0))
+                for i in range(per_seed)]
+    return for_seed
+
+
+def _strict(text):
+    def refuse(token):
+        raise ValueError(f"non-standard JSON constant {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+# ---------------------------------------------------------------- compare_losses
+
+
+def test_a_seed_whose_only_task_diverged_is_kept_as_nan(caplog):
+    with caplog.at_level(logging.WARNING, logger="metaloss"):
+        res = compare_losses(_tasks(wide_seeds={1}), linear, {"mse": fixed.mse, "mae": fixed.mae}, sgd,
+                             seeds=[0, 1, 2], steps=30, batch_size=None, progress=False)
+    keys = train_result_names("regression")
+    for name in ("mse", "mae"):
+        assert list(res[name]) == keys  # same keys for every loss, from the task kind
+        assert all(len(v) == 3 for v in res[name].values())  # n stays len(seeds)
+    assert all(math.isnan(v[1]) for v in res["mse"].values())
+    assert all(math.isfinite(v[0]) and math.isfinite(v[2]) for v in res["mse"].values())
+    assert all(math.isfinite(x) for v in res["mae"].values() for x in v)
+    assert "'mse' on seed 1 task 0" in caplog.text and "NaN" in caplog.text
+
+
+def test_a_partially_diverged_seed_is_nan_not_the_mean_of_the_survivors(caplog):
+    with caplog.at_level(logging.WARNING, logger="metaloss"):
+        res = compare_losses(_tasks(wide_seeds={0}, wide_task=1, per_seed=2), linear, {"mse": fixed.mse},
+                             sgd, seeds=[0, 1], steps=30, batch_size=None, progress=False)
+    assert math.isnan(res["mse"]["test/mse"][0]) and math.isfinite(res["mse"]["test/mse"][1])
+    assert "1/2 tasks diverged" in caplog.text
+
+
+def test_a_loss_that_always_diverges_still_has_every_key():
+    def nan_loss(pred, target, **_):
+        return torch.full((pred.shape[0],), NAN)
+
+    res = compare_losses(_tasks(), linear, {"mse": fixed.mse, "nan": nan_loss}, sgd, seeds=[0, 1],
+                         steps=3, batch_size=None, progress=False)
+    assert list(res["nan"]) == list(res["mse"]) == train_result_names("regression")
+    assert all(len(v) == 2 and all(math.isnan(x) for x in v) for v in res["nan"].values())
+    sig = significance({"learned": res["nan"], "mse": res["mse"]}, "test/mse")
+    assert sig["verdict"] == "undefined: learned loss diverged on 2/2 seeds"
+
+
+# ---------------------------------------------------------------- significance
+
+A = [0.50, 0.42, 0.61, 0.55, 0.47]  # learned, per seed (test/mse: lower is better)
+B = [0.58, 0.49, 0.63, 0.66, 0.52]  # a baseline: worse on every seed, large seed-to-seed spread
+
+
+def test_paired_statistics_match_scipy_on_known_numbers():
+    ref = stats.ttest_rel(A, B)
+    out = paired(A, B)
+    d = np.subtract(A, B)
+    assert out["p_value"] == pytest.approx(ref.pvalue, rel=1e-10)
+    ci = ref.confidence_interval(0.95)
+    assert (out["ci_low"], out["ci_high"]) == (pytest.approx(ci.low, rel=1e-10), pytest.approx(ci.high, rel=1e-10))
+    assert out["mean_difference"] == pytest.approx(-0.066)
+    assert out["cohens_dz"] == pytest.approx(d.mean() / d.std(ddof=1))
+    assert welch(A, B) == pytest.approx(stats.ttest_ind(A, B, equal_var=False).pvalue)
+
+
+def test_the_paired_test_decides_and_welch_is_reported():
+    sig = significance({"learned": {"test/mse": A}, "mse": {"test/mse": B}, "mae": {"test/mse": [0.9] * 5}},
+                       "test/mse")
+    assert sig["best_baseline"] == "mse" and "paired" in sig["test"]
+    assert sig["p_value"] < 0.05 < sig["p_value_welch"]  # the pairing is what detects it
+    assert sig["verdict"] == "significantly better"
+    assert sig["ci_low"] < sig["difference"] < sig["ci_high"] < 0 and sig["ci_level"] == 0.95
+    line = format_verdict(sig)
+    for part in ("paired t p = ", "Welch p = ", "95% CI", "d_z", "significantly better", "(mse)"):
+        assert part in line, part
+
+
+def test_the_interval_covers_the_true_difference():
+    rng = np.random.default_rng(0)
+    delta, n, reps, hits = -0.3, 5, 400, 0
+    for _ in range(reps):
+        seed_effect = rng.normal(0, 1.0, n)  # shared data and init: a big common term
+        ours = seed_effect + delta + rng.normal(0, 0.2, n)
+        theirs = seed_effect + rng.normal(0, 0.2, n)
+        out = paired(ours, theirs)
+        hits += out["ci_low"] <= delta <= out["ci_high"]
+    assert 0.92 <= hits / reps <= 0.98
+
+
+def test_a_diverged_baseline_is_never_best():
+    res = {"learned": {"test/mse": [1.0, 1.1, 1.2]}, "ok": {"test/mse": [1.5, 1.6, 1.4]},
+           "bad": {"test/mse": [0.1, NAN, 0.1]}}  # the lowest mean over its surviving seeds
+    sig = significance(res, "test/mse")
+    assert sig["best_baseline"] == "ok" and sig["diverged_baselines"] == {"bad": 1}
+    sig = significance({**res, "ok": {"test/mse": [1.5, math.inf, 1.4]}}, "test/mse")
+    assert sig["best_baseline"] is None and math.isnan(sig["p_value"])
+    assert sig["verdict"] == "undefined: every baseline diverged on some seed (ok 1/3, bad 1/3)"
+
+
+@pytest.mark.parametrize("ours", [[0.5, NAN, 0.4, NAN, 0.45], [NAN] * 5])
+def test_nans_in_the_learned_loss_make_the_verdict_undefined(ours):
+    sig = significance({"learned": {"test/acc": ours}, "ce": {"test/acc": [0.6, 0.5, 0.55, 0.6, 0.5]}}, "test/acc")
+    bad = sum(math.isnan(x) for x in ours)
+    assert sig["verdict"] == f"undefined: learned loss diverged on {bad}/5 seeds"
+    assert math.isnan(sig["p_value"]) and math.isnan(sig["p_value_welch"]) and math.isnan(sig["difference"])
+    assert sig["learned_n_nan"] == bad and f"({bad}/5 NaN)" in format_verdict(sig)
+
+
+def test_degenerate_cases_have_defined_values():
+    same = paired([0.3, 0.4, 0.5], [0.3, 0.4, 0.5])
+    assert same["p_value"] == 1.0 and same["cohens_dz"] == 0.0 and same["ci_low"] == same["ci_high"] == 0.0
+    shift = paired([0.3, 0.4, 0.5], [0.4, 0.5, 0.6])  # one constant difference: rounding-level spread
+    assert shift["p_value"] == 0.0 and shift["cohens_dz"] == -math.inf
+    assert shift["mean_difference"] == pytest.approx(-0.1)
+    one = significance({"learned": {"test/mse": [0.3]}, "mse": {"test/mse": [0.4]}}, "test/mse")
+    assert one["verdict"] == "undefined: a paired t-test needs at least 2 seeds, got 1"
+    assert one["difference"] == pytest.approx(-0.1) and math.isnan(one["p_value"])
+    assert significance({"learned": {"test/mse": [0.3, 0.4]}}, "test/mse")["verdict"] == \
+        "undefined: no baseline to compare with"
+    with pytest.raises(ValueError, match="cannot pair seeds"):
+        significance({"learned": {"test/mse": [0.3, 0.4]}, "mse": {"test/mse": [0.3]}}, "test/mse")
+
+
+# ---------------------------------------------------------------- report
+
+
+def test_summary_and_table_are_nan_aware():
+    groups = {"a": {"test/mse": [0.10, NAN, 0.12], "val/mse": [1.0, 1.0, 1.0]},
+              "b": {"test/mse": [0.20, 0.21, 0.19]}, "c": {"test/mse": [NAN, NAN, NAN]}}
+    s = summarize(groups)
+    assert s["a"]["test/mse"] == {"mean": pytest.approx(0.11), "std": pytest.approx(np.std([0.1, 0.12], ddof=1)),
+                                  "n": 3, "n_nan": 1}
+    assert s["c"]["test/mse"]["n_nan"] == 3 and math.isnan(s["c"]["test/mse"]["mean"])
+    table = format_table(s)
+    assert "| a | 3 | 0.1100 ± 0.0141 (1/3 NaN) |" in table  # lower mean, but not bold
+    assert "**0.2000 ± 0.0100**" in table and "| c | 3 | NaN (3/3 NaN) |" in table
+    assert _strict(json.dumps(jsonable(s)))["c"]["test/mse"]["mean"] is None
+
+
+def test_null_in_result_files_reads_back_as_nan(tmp_path):
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp" / "comparison.json").write_text(json.dumps(jsonable(
+        {"results": {"learned": {"test/mse": [0.1, NAN]}, "mse": {"test/mse": [0.2, 0.3]}}})))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text('{"loss": "mae", "metrics": {"test/mse": null}}')
+    groups = collect(tmp_path)
+    assert groups["learned"]["test/mse"][0] == 0.1 and math.isnan(groups["learned"]["test/mse"][1])
+    assert math.isnan(groups["mae"]["test/mse"][0])
+
+
+# ---------------------------------------------------------------- run_meta_test
+
+TINY = ["logger=none", "progress=false", "meta.steps=1", "meta_test.seeds=2", "meta_test.steps=5",
+        "meta_test.tasks_per_seed=1", "model.hidden=[8]", "loss.hidden=[8]"]
+
+
+def test_a_learned_loss_that_diverges_everywhere_still_writes_comparison_json(compose_cfg, tmp_path, caplog):
+    cfg = compose_cfg("meta", TINY)
+    learned = instantiate(cfg.loss).requires_grad_(False)
+    for p in learned.parameters():
+        p.fill_(NAN)  # a learned loss gone bad: NaN for every input
+    with caplog.at_level(logging.WARNING, logger="metaloss"):
+        out = run_meta_test(cfg, learned, _task_pool(cfg), instantiate(cfg.inner_optim), tmp_path, NullLogger())
+    comp = _strict((tmp_path / "comparison.json").read_text())  # strict JSON: NaN written as null
+    assert set(comp["results"]) == {"learned", "mse", "mae", "huber"}
+    assert all(v == [None, None] for v in comp["results"]["learned"].values())
+    assert comp["significance"]["verdict"] == "undefined: learned loss diverged on 2/2 seeds"
+    assert comp["significance"]["p_value"] is None
+    assert comp["significance"]["best_baseline"] in {"mse", "mae", "huber"}
+    assert out["significance"]["verdict"] == comp["significance"]["verdict"]
+    md = (tmp_path / "comparison.md").read_text()
+    assert "NaN (2/2 NaN)" in md and "undefined" in md
+    assert (tmp_path / "comparison.png").stat().st_size > 0
+    assert "learned_vs_baselines.png" in caplog.text  # left out of the loss picture, said so
+    assert math.isnan(summarize(collect(tmp_path))["learned"]["test/mse"]["mean"])
+
+
+def test_a_wrong_metric_is_refused_before_training(compose_cfg, tmp_path):
+    cfg = compose_cfg("meta", TINY + ["meta_test.metric=test/acc"])
+    with pytest.raises(ValueError, match="not a metric of a regression task"):
+        run_meta_test(cfg, fixed.mse, _task_pool(cfg), instantiate(cfg.inner_optim), tmp_path, NullLogger())
+    assert not (tmp_path / "comparison.json").exists()
