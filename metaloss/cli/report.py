@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(summary)
     print(table)
     (out / "report.md").write_text(table + "\n")
-    (out / "report.json").write_text(json.dumps(jsonable(summary), indent=2)  # strict JSON: NaN as null)
+    (out / "report.json").write_text(json.dumps(jsonable(summary), indent=2))  # strict JSON: NaN as null
     print(f"\nsaved {out / 'report.md'}, {out / 'report.json'}, {plot(summary, out / 'report.png')}")
     return 0
 
