@@ -41,6 +41,7 @@ from metaloss.meta import (
 from metaloss.metrics import metric_names
 from metaloss.plots import plot_losses
 from metaloss.runs import (
+    VOLATILE,
     ResumeMismatch,
     RunDir,
     atomic_write,
@@ -180,7 +181,9 @@ def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> dict:
     meta-test. Callable without Hydra's launcher (tests compose a config and call it)."""
     check_config(cfg)
     out_dir = Path(out_dir)
-    ident = identity(cfg)
+    # Online, the step budget shapes the run itself (the loss sees progress t = step/steps),
+    # so it is part of the identity; offline, more steps only continue the same trajectory.
+    ident = identity(cfg, ignore=[k for k in VOLATILE if not (k == "meta.steps" and cfg.meta.mode == "online")])
     explicit = Path(cfg.meta.resume_from).expanduser() if cfg.meta.resume_from is not None else None
     same_dir = explicit is not None and (explicit if explicit.is_dir() else explicit.parent).resolve() == out_dir.resolve()
     # Resuming into its own directory with a new meta learning rate is allowed; any other

@@ -1,25 +1,48 @@
 """Save a learned loss to a file and load it back safely (``torch.load(weights_only=True)``).
 
 The file holds only tensors and plain values: the class path, its constructor arguments
-and the state dict. Loading checks that the class is a :class:`ParametricLoss` before
-building it, so a file cannot make us call arbitrary code.
+and the state dict. A file is data from somewhere else, so loading trusts none of it:
+
+* **Imports.** The class path names a module, and importing a module runs its top-level
+  code. Only modules inside ``metaloss`` are imported, plus those the caller lists in
+  ``trusted_modules`` (whole dotted prefixes: ``"my_losses"`` allows ``my_losses.mlp``
+  but not ``my_losses_evil``). The class must then be a :class:`ParametricLoss`.
+* **Sizes.** The constructor arguments decide how much memory the constructor allocates
+  (``hidden=[10**9]`` for an MLP loss). They must be plain values, and the class is first
+  built on the ``meta`` device (shapes, no memory) to check its size against ``max_numel``
+  and its parameter shapes against the saved state dict, before the real build.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from hydra.utils import get_class
 
 from metaloss.losses.base import ParametricLoss
 
 FORMAT = "metaloss.learned_loss/1"
+MAX_NUMEL = 50_000_000  # elements in all parameters and buffers: 200 MB of float32
+_MAX_KWARG_ITEMS = 10_000  # constructors loop over lists (one layer per `hidden` entry)
+_MAX_KWARG_DEPTH = 8
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # ASCII only: no look-alike letters
+_PLAIN_SCALARS = (bool, int, float, str, type(None))
+
+log = logging.getLogger("metaloss")
 
 
 class CorruptLossFile(ValueError):
     """The file is not a readable metaloss learned-loss file."""
+
+
+class UntrustedLossClass(CorruptLossFile):
+    """The file names a loss class in a module the caller has not trusted."""
 
 
 def atomic_save(obj, path: str | Path) -> Path:
@@ -42,9 +65,37 @@ def save_learned_loss(loss: ParametricLoss, path: str | Path, **meta) -> Path:
     }, path)
 
 
-def load_learned_loss(path: str | Path, frozen: bool = True) -> ParametricLoss:
-    """Rebuild a saved learned loss; ``frozen`` turns off gradients for its parameters."""
+def load_learned_loss(path: str | Path, frozen: bool = True, *,
+                      trusted_modules: Sequence[str] = (),
+                      max_numel: int = MAX_NUMEL) -> ParametricLoss:
+    """Rebuild a saved learned loss; ``frozen`` turns off gradients for its parameters.
+
+    ``trusted_modules``: module names or dotted prefixes, besides ``metaloss``, whose loss
+    classes a file may name (they are imported). ``max_numel``: the most elements the
+    loss's parameters and buffers may hold. A file that breaks either rule, or whose
+    parameters do not fit its class, raises :class:`CorruptLossFile` before anything is
+    imported or allocated.
+    """
     path = Path(path)
+    trusted = _trusted_prefixes(trusted_modules)
+    blob = _read_blob(path)
+    target = blob.get("target")
+    init_kwargs, state_dict = _checked_contents(path, blob, max_numel)
+    cls = _resolve_loss_class(path, target, trusted)
+    _check_size_before_building(path, cls, init_kwargs, state_dict, max_numel)
+    try:
+        loss = cls.from_saved(init_kwargs, state_dict)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise CorruptLossFile(f"{path}: parameters do not match {target}: {e}") from e
+    if frozen:
+        loss.requires_grad_(False)
+    loss.meta = blob.get("meta", {})
+    return loss
+
+
+# --- reading -----------------------------------------------------------------------------
+
+def _read_blob(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"learned loss file not found: {path}")
     try:
@@ -53,17 +104,186 @@ def load_learned_loss(path: str | Path, frozen: bool = True) -> ParametricLoss:
         raise CorruptLossFile(f"{path} is not a readable learned-loss file ({type(e).__name__}: {e})") from e
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CorruptLossFile(f"{path} is not a metaloss learned-loss file (format {FORMAT!r} expected)")
+    return blob
+
+
+def _checked_contents(path: Path, blob: dict, max_numel: int) -> tuple[dict, dict]:
+    """The constructor arguments and state dict, checked to be plain and of bounded size."""
+    init_kwargs, state_dict = blob.get("init_kwargs"), blob.get("state_dict")
+    if not isinstance(init_kwargs, dict) or not isinstance(state_dict, dict):
+        raise CorruptLossFile(f"{path}: init_kwargs and state_dict must both be dicts")
     try:
-        cls = get_class(blob["target"])
+        _count_plain(init_kwargs, depth=0)
+    except ValueError as e:
+        raise CorruptLossFile(f"{path}: init_kwargs {e}") from None
+    bad = [k for k, v in state_dict.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad:
+        raise CorruptLossFile(f"{path}: state_dict entries {bad[:5]} are not named tensors")
+    numel = sum(v.numel() for v in state_dict.values())
+    if numel > max_numel:
+        raise CorruptLossFile(f"{path}: the saved parameters hold {numel:,} elements, over the "
+                              f"limit of {max_numel:,} (max_numel)")
+    return init_kwargs, state_dict
+
+
+def _count_plain(value: Any, depth: int) -> int:
+    """Number of items in a nest of plain values; ValueError on anything else or too much."""
+    if isinstance(value, _PLAIN_SCALARS):
+        return 1
+    if depth >= _MAX_KWARG_DEPTH:
+        raise ValueError(f"nest deeper than {_MAX_KWARG_DEPTH} levels")
+    if isinstance(value, (list, tuple)):
+        items: Iterable = value
+    elif isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise ValueError("have a dict with non-string keys")
+        items = value.values()
+    else:
+        raise ValueError(f"hold a {type(value).__name__}; only int, float, str, bool, None "
+                         "and lists, tuples and dicts of them are accepted")
+    total = 1
+    for item in items:
+        total += _count_plain(item, depth + 1)
+        if total > _MAX_KWARG_ITEMS:
+            raise ValueError(f"hold more than {_MAX_KWARG_ITEMS:,} values")
+    return total
+
+
+# --- which class: the trust rule ---------------------------------------------------------
+
+def _trusted_prefixes(trusted_modules: Sequence[str] | str) -> tuple[str, ...]:
+    if isinstance(trusted_modules, str):  # a bare name, not its characters
+        trusted_modules = (trusted_modules,)
+    names = tuple(trusted_modules)
+    for name in names:
+        if not (isinstance(name, str) and _is_dotted_name(name)):
+            raise ValueError(f"trusted_modules entries must be module names like 'my_losses' "
+                             f"or 'my_losses.mlp', got {name!r}")
+    return ("metaloss", *names)
+
+
+def _is_dotted_name(name: str) -> bool:
+    return all(_IDENTIFIER.match(part) for part in name.split("."))
+
+
+def _is_trusted(module: str, trusted: tuple[str, ...]) -> bool:
+    """Whole dotted components: 'metaloss_evil' is not inside 'metaloss'."""
+    return any(module == p or module.startswith(p + ".") for p in trusted)
+
+
+def _resolve_loss_class(path: Path, target: Any, trusted: tuple[str, ...]) -> type[ParametricLoss]:
+    parts = _target_parts(path, target)
+    module_path = ".".join(parts[:-1])  # every module the lookup may import lies on this path
+    if not _is_trusted(module_path, trusted):
+        top = parts[0]
+        raise UntrustedLossClass(
+            f"{path}: the loss class {target!r} lives in module {module_path!r}, which is not "
+            f"trusted: loading it would import (run) that module. Only modules inside "
+            f"'metaloss' are imported by default. If you trust this file and its code, allow "
+            f"it with the config key `trusted_modules=[{top}]` "
+            f"(or load_learned_loss(..., trusted_modules=[{top!r}]))")
+    try:
+        obj = _locate(parts)
     except Exception as e:
-        raise CorruptLossFile(f"{path}: loss class {blob['target']!r} cannot be imported: {e}") from e
-    if not (isinstance(cls, type) and issubclass(cls, ParametricLoss)):
-        raise CorruptLossFile(f"{path}: {blob['target']!r} is not a ParametricLoss")
+        raise CorruptLossFile(f"{path}: loss class {target!r} cannot be imported: {e}") from e
+    if not (isinstance(obj, type) and issubclass(obj, ParametricLoss)):
+        raise CorruptLossFile(f"{path}: {target!r} is not a ParametricLoss")
+    if not _is_trusted(obj.__module__, trusted):  # reached through an attribute of a trusted module
+        raise UntrustedLossClass(f"{path}: {target!r} is defined in {obj.__module__!r}, "
+                                 "which is not trusted (see trusted_modules)")
+    return obj
+
+
+def _target_parts(path: Path, target: Any) -> list[str]:
+    """A plain dotted path ``module.Class``; no dunders, which only lead to internals."""
+    parts = target.split(".") if isinstance(target, str) else []
+    if len(parts) < 2 or not all(_IDENTIFIER.match(p) and not p.startswith("__") for p in parts):
+        raise CorruptLossFile(f"{path}: the loss class {target!r} is not a dotted name "
+                              "like 'package.module.ClassName'")
+    return parts
+
+
+def _locate(parts: list[str]) -> Any:
+    """Import the longest module prefix of ``parts`` that exists, then follow attributes.
+
+    Unlike hydra's ``get_class`` this is called only after the whole module path was
+    checked against the trusted prefixes.
+    """
+    for split in range(len(parts) - 1, 0, -1):
+        name = ".".join(parts[:split])
+        try:
+            obj = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and (name == e.name or name.startswith(e.name + ".")):
+                continue  # `name` is a class path, not a module: try a shorter prefix
+            raise  # a module that exists but whose own import fails
+        for attr in parts[split:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ModuleNotFoundError(f"no module named {parts[0]!r}")
+
+
+# --- how big: a shape-only build before the real one -------------------------------------
+
+class _Built(Exception):  # a control-flow signal carrying the probe's module
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__("built")
+        self.module = module
+
+
+def _meta_build(cls: type[ParametricLoss], init_kwargs: dict, state_dict: dict) -> torch.nn.Module | None:
+    """The loss as ``cls.from_saved`` builds it, on the meta device (shapes, no memory),
+    stopped before it loads the state dict; None if the class cannot be built there.
+
+    A throwaway subclass catches the module at ``load_state_dict``: ``from_saved`` stays
+    the one construction path (ML3 skips its fitting there), and a shape mismatch is
+    reported by us rather than by a failed load we could not tell from a failed build.
+    """
+    def capture(self, *_args, **_kwargs):
+        raise _Built(self)
+
+    meta_state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state_dict.items()}
     try:
-        loss = cls.from_saved(blob["init_kwargs"], blob["state_dict"])
-    except (RuntimeError, TypeError) as e:
-        raise CorruptLossFile(f"{path}: parameters do not match {blob['target']}: {e}") from e
-    if frozen:
-        loss.requires_grad_(False)
-    loss.meta = blob.get("meta", {})
-    return loss
+        probe = type(cls.__name__, (cls,), {"load_state_dict": capture, "__module__": cls.__module__})
+        with torch.device("meta"):
+            built = probe.from_saved(dict(init_kwargs), meta_state)
+    except _Built as b:
+        return b.module
+    except Exception as e:  # e.g. a constructor that reads a tensor value (`float(t)`)
+        log.debug("%s cannot be built on the meta device (%s: %s); checking saved sizes only",
+                  cls.__qualname__, type(e).__name__, e)
+        return None
+    return built if isinstance(built, torch.nn.Module) else None
+
+
+def _check_size_before_building(path: Path, cls: type[ParametricLoss], init_kwargs: dict,
+                                state_dict: dict, max_numel: int) -> None:
+    module = _meta_build(cls, init_kwargs, state_dict)
+    if module is None:
+        return  # only the saved state dict's size (checked on reading) bounds this class
+    numel = sum(t.numel() for t in (*module.parameters(), *module.buffers()))
+    if numel > max_numel:
+        raise CorruptLossFile(f"{path}: {cls.__qualname__}(**{_short(init_kwargs)}) would hold "
+                              f"{numel:,} elements, over the limit of {max_numel:,} (max_numel)")
+    problems = _state_dict_mismatch(module.state_dict(), state_dict)
+    if problems:
+        raise CorruptLossFile(f"{path}: parameters do not match {cls.__qualname__}"
+                              f"(**{_short(init_kwargs)}): " + "; ".join(problems))
+
+
+def _state_dict_mismatch(expected: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]) -> list[str]:
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    shapes = [f"{k}: saved {tuple(saved[k].shape)}, class builds {tuple(v.shape)}"
+              for k, v in expected.items() if k in saved and saved[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {missing[:5]}")
+    if unexpected:
+        problems.append(f"unexpected {unexpected[:5]}")
+    return problems + shapes[:5]
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

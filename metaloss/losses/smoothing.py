@@ -8,6 +8,8 @@ Meta Learning", 2020).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -31,7 +33,9 @@ class LearnedSmoothing(ParametricLoss):
                          eps_max=eps_max)
         self.eps_max = eps_max
         shape = (num_classes,) if per_class else ()
-        self.epsilon_logit = nn.Parameter(torch.full(shape, float(torch.logit(torch.tensor(init_epsilon / eps_max)))))
+        u = init_epsilon / eps_max
+        # plain-float logit: no tensor op, so the loader can build this shape-only on `meta`
+        self.epsilon_logit = nn.Parameter(torch.full(shape, math.log(u / (1 - u))))
 
     @property
     def epsilon(self) -> torch.Tensor:

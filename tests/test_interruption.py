@@ -1,0 +1,135 @@
+"""Ctrl-C, SIGTERM and SIGKILL at any moment: the resumed run ends with exactly the φ of an
+uninterrupted one (bit-identical on CPU), for every hypergradient method."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from metaloss.cli import meta as meta_app
+from metaloss.cli.wandb_offline import read_run
+from metaloss.meta import MetaLearner
+
+BIN = Path(sys.executable).parent
+TINY = ["logger=none", "progress=false", "meta.tasks_per_step=2", "meta.inner_steps=2", "model.hidden=[8]",
+        "loss.hidden=[8]", "meta.plot_every=100", "meta.checkpoint_every=100", "meta_test.enabled=false"]
+METHODS = {
+    "unrolled": [],
+    "truncated": ["hypergrad=truncated", "hypergrad.k=1", "meta.learn_inner_lr=true"],
+    "first_order": ["hypergrad=first_order"],
+    "higher": ["hypergrad=higher"],
+    "es": ["hypergrad=es", "hypergrad.population=2", "meta_optim.lr=0.05"],
+    "online": ["meta.mode=online", "meta.online_update_every=2", "meta.inner_batch=16"],
+}
+
+
+def _state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "learned_loss.pt", weights_only=True)["state_dict"]
+
+
+def _assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_interrupt_after_an_update_but_before_its_step_completes(compose_cfg, tmp_path, monkeypatch, method):
+    """The worst moment: outer step 3 has already changed φ, the optimizer and the RNG, but
+    has not completed. The checkpoint must hold step 2's state, not a mix."""
+    overrides = TINY + METHODS[method] + ["meta.steps=5"]
+    straight = tmp_path / "straight"
+    meta_app.run(compose_cfg("meta", overrides), straight, "ml3")
+
+    calls = {"n": 0}
+    real = MetaLearner.step
+
+    def interrupted(self, *a, **k):
+        out = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # Ctrl-C right after the update
+        return out
+
+    monkeypatch.setattr(MetaLearner, "step", interrupted)
+    broken = tmp_path / "broken"
+    with pytest.raises(KeyboardInterrupt):
+        meta_app.run(compose_cfg("meta", overrides), broken, "ml3")
+    ckpt = torch.load(broken / "checkpoint.pt", weights_only=True)
+    done = ckpt["step"]
+    assert done < 5
+    monkeypatch.setattr(MetaLearner, "step", real)
+    meta_app.run(compose_cfg("meta", overrides), broken, "ml3")  # same directory: resumes
+    _assert_identical(_state(straight), _state(broken))
+
+
+def _wait_for_step(ckpt: Path, step: int, proc, timeout: float = 240) -> int:
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early: {proc.stderr.read().decode()[-3000:]}")
+        if ckpt.is_file():
+            try:
+                s = int(torch.load(ckpt, weights_only=True)["step"])
+            except Exception:  # being replaced right now
+                s = -1
+            if s >= step:
+                return s
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint in time")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize("method", ["unrolled", "es"])
+def test_a_killed_process_resumes_bit_identically(tmp_path, sig, method):
+    """A real `metaloss-meta` process gets the signal mid-run; rerun into its directory with
+    a budget a few steps beyond where it stopped, and compare with a run that never stopped."""
+    run_dir = tmp_path / "run"
+    extra = METHODS[method] + ["meta.checkpoint_every=1", "logger=wandb"]
+    cmd = [BIN / "metaloss-meta", *TINY, *extra]
+    proc = subprocess.Popen([*cmd, "meta.steps=100000", f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_step(run_dir / "checkpoint.pt", 3, proc)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    expected = {signal.SIGTERM: 143, signal.SIGINT: 130, signal.SIGKILL: -signal.SIGKILL}[sig]
+    assert proc.returncode == expected, err.decode()[-3000:]
+    done = int(torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"])
+    assert 3 <= done < 100000
+    if sig != signal.SIGKILL:  # the W&B run was finished, not left open
+        assert read_run(run_dir / "wandb")["finished"]
+        assert b"checkpoint saved" in out + err  # Hydra logs to stdout
+    total = done + 3
+    resumed = subprocess.run([*cmd, f"meta.steps={total}", f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoint.pt'} at outer step {done}" in resumed.stdout + resumed.stderr
+    straight_dir = tmp_path / "straight"
+    straight = subprocess.run([*cmd, f"meta.steps={total}", f"hydra.run.dir={straight_dir}"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    _assert_identical(_state(straight_dir), _state(run_dir))
+
+
+def test_online_step_budget_is_part_of_the_identity(compose_cfg, tmp_path):
+    """Online, the loss sees progress t = step/steps: a new budget is a different run."""
+    from metaloss.runs import RunDirConflict
+
+    online = TINY + METHODS["online"]
+    meta_app.run(compose_cfg("meta", online + ["meta.steps=4"]), tmp_path, "ml3")
+    with pytest.raises(RunDirConflict, match="meta.steps"):
+        meta_app.run(compose_cfg("meta", online + ["meta.steps=6"]), tmp_path, "ml3")
+
+
+def test_sigterm_handler_is_removed_after_the_run(compose_cfg, tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    meta_app.run(compose_cfg("meta", TINY + ["meta.steps=1"]), tmp_path, "ml3")
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert os.getpid()  # still alive, nothing raised
