@@ -248,6 +248,7 @@ RULES: dict[str, Check] = {
     "hypergrad.sigma": positive(),
     "hypergrad.objective": one_of("error", optional=True),
     "hypergrad.compile": boolean(),
+    "hypergrad.seed": integer(0),
     # tasks
     "task.seed": integer(0),
     "task.n_train": integer(2),
