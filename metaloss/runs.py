@@ -171,10 +171,12 @@ class RunDir:
                 raise RunDirConflict(f"{run_file} is unreadable ({e}); this directory's owner is unknown, "
                                      "choose another hydra.run.dir") from e
             if owner.get("app") != app:
+                self._restore_hydra_record(owner)
                 raise RunDirConflict(f"{self.path} holds a {owner.get('app')} run; metaloss-{app} will "
                                      "not write into it: choose another hydra.run.dir")
             diff = differences(owner.get("identity", {}), ident)
             if diff and not (allow and allow(diff)):
+                self._restore_hydra_record(owner)
                 raise RunDirConflict(
                     f"{self.path} belongs to another run (fingerprint {owner.get('fingerprint')}); this "
                     f"config differs in: {describe(diff)}. Nothing was run: choose another "
@@ -182,11 +184,21 @@ class RunDir:
         self.app, self.ident = app, ident
 
     def record(self) -> None:
-        """Write ``run.json``: from now on this directory belongs to this run's identity."""
+        """Write ``run.json``: from now on this directory belongs to this run's identity.
+        It also keeps a copy of Hydra's ``.hydra/*.yaml`` record of the owner."""
+        hydra_dir = self.path / ".hydra"
+        saved = {f.name: f.read_text() for f in sorted(hydra_dir.glob("*.yaml"))} if hydra_dir.is_dir() else {}
         atomic_write_text(self.path / RUN_FILE, json.dumps({
             "app": self.app, "fingerprint": fingerprint(self.ident), "identity": self.ident,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid(),
-            "host": socket.gethostname()}, indent=1, sort_keys=True, default=str))
+            "host": socket.gethostname(), "hydra_record": saved}, indent=1, sort_keys=True, default=str))
+
+    def _restore_hydra_record(self, owner: dict) -> None:
+        """Hydra writes ``.hydra/config.yaml`` etc. before the app runs, so a refused launch
+        has already overwritten the owner's record: put the owner's copy back."""
+        for name, content in (owner.get("hydra_record") or {}).items():
+            if "/" not in name and name.endswith(".yaml"):
+                atomic_write_text(self.path / ".hydra" / name, content)
 
     def close(self) -> None:
         if not self._lock.closed:

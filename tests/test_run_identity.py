@@ -156,3 +156,14 @@ def test_a_changed_meta_learning_rate_is_applied_on_explicit_resume(compose_cfg,
                      tmp_path / "cont", "ml3")
     assert seen["lr"] == 0.0005
     assert "meta_optim.lr: 0.001 -> 0.0005" in caplog.text and "applied from outer step 2" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_refused_launch_leaves_the_owners_hydra_record_intact(tmp_path):
+    run_dir = tmp_path / "run"
+    base = [BIN / "metaloss-meta", f"hydra.run.dir={run_dir}", *TINY, "meta.steps=1"]
+    assert subprocess.run(base, cwd=tmp_path, capture_output=True, timeout=180).returncode == 0
+    record = (run_dir / ".hydra" / "config.yaml").read_text()
+    refused = subprocess.run([*base, "seed=7"], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert refused.returncode != 0 and "seed: 0 -> 7" in refused.stdout + refused.stderr
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == record

@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 
 from omegaconf import DictConfig, OmegaConf
 
+from metaloss.runs import atomic_write_text
+
 log = logging.getLogger("metaloss")
 
 DEFAULT_BASE_URL = "https://api.wandb.ai"
@@ -237,7 +239,5 @@ def _connect_target(base_url: str) -> tuple[str | None, int]:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write: readers never see a half-written file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    tmp.replace(path)
+    """Atomic JSON write: readers never see a half-written file, writers never share a temp file."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))

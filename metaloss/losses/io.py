@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from metaloss.losses.base import ParametricLoss
+from metaloss.runs import atomic_write
 
 FORMAT = "metaloss.learned_loss/1"
 MAX_NUMEL = 50_000_000  # elements in all parameters and buffers: 200 MB of float32
@@ -46,12 +46,9 @@ class UntrustedLossClass(CorruptLossFile):
 
 
 def atomic_save(obj, path: str | Path) -> Path:
-    """torch.save to a temporary file, then rename: a crash never leaves a half file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+    """torch.save to a unique temporary file, then rename: a crash never leaves a half file
+    and two writers never collide on one temporary name."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_learned_loss(loss: ParametricLoss, path: str | Path, **meta) -> Path:
