@@ -64,7 +64,10 @@ class MetaLearner:
                  inner_lr: float = 0.01, clip_grad_norm: float | None = None,
                  max_bad_steps: int = 20) -> None:
         self.loss = loss
-        self.log_lr = nn.Parameter(torch.tensor(math.log(inner_lr))) if learn_inner_lr else None
+        ref = next(loss.parameters(), None)  # φ's device and dtype
+        self.log_lr = (nn.Parameter(torch.tensor(math.log(inner_lr), device=None if ref is None else ref.device,
+                                                 dtype=None if ref is None else ref.dtype))
+                       if learn_inner_lr else None)
         self.params = dict(meta_params(loss, self.log_lr))
         self.optimizer = make_optimizer(list(self.params.values()))
         if clip_grad_norm is not None and not clip_grad_norm > 0:
@@ -189,9 +192,17 @@ class OnlineState:
                               "sampler": self.sampler.state_dict()})
 
     def load_state_dict(self, state: dict) -> None:
-        self.theta = dict(state["theta"])
+        ref = next(iter(self.theta.values()))  # checkpoints load on the CPU: back to θ's device
+
+        def to(v):
+            if isinstance(v, torch.Tensor):
+                return v.to(ref.device)
+            return {k: to(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+        self.theta = to(dict(state["theta"]))
         kind = type(self.opt_state)
-        self.opt_state = kind(**state["opt_state"]) if hasattr(kind, "_fields") else state["opt_state"]
+        opt = to(state["opt_state"])
+        self.opt_state = kind(**opt) if hasattr(kind, "_fields") else opt
         self.sampler.load_state_dict(state["sampler"])
 
 

@@ -30,8 +30,12 @@ def loss_curves(losses: dict[str, Callable], kind: str, num_classes: int | None 
     ctx = {"class_counts": None, "x": None, "t": 1.0}
     curves = {}
     for name, fn in losses.items():
+        ref = next(fn.parameters(), None) if isinstance(fn, torch.nn.Module) else None
+        p, t = (pred, target) if ref is None else (pred.to(ref.device, ref.dtype), target.to(ref.device))
+        if ref is not None and t.is_floating_point():
+            t = t.to(ref.dtype)
         try:
-            curves[name] = fn(pred, target, **ctx).detach().float()
+            curves[name] = fn(p, t, **ctx).detach().float().cpu()
         except (ValueError, TypeError):
             continue  # e.g. a loss that needs class counts
     return x, curves, label

@@ -37,11 +37,12 @@ log = logging.getLogger("metaloss")
 # Keys that may change when a run is continued: they do not change what φ becomes.
 VOLATILE = ("meta.steps", "meta.resume_from", "meta.checkpoint_every", "meta.plot_every",
             "progress", "logger", "meta_test", "compare", "trusted_modules", "hydra", "metric",
-            "loss_path")
+            "loss_path", "threads")
 # Keys that an explicit ``meta.resume_from`` may change: they are applied from the resumed
 # step on (and logged). Anything else that differs is refused.
 APPLIED_ON_RESUME = ("meta_optim.lr", "meta_optim.betas", "meta_optim.eps", "meta_optim.weight_decay",
-                     "meta_optim.momentum", "meta.clip_grad_norm", "meta.max_bad_steps")
+                     "meta_optim.momentum", "meta.clip_grad_norm", "meta.max_bad_steps",
+                     "device")  # moving a run to another device: same trajectory up to float rounding
 
 
 class RunDirConflict(RuntimeError):

@@ -14,7 +14,7 @@ from metaloss.train import build_model
 
 def stacked_init(factory: Callable[..., nn.Module], task: Task, seeds: Sequence[int]) -> Params:
     """Fresh initialisations θ0 for each seed, stacked along a leading task axis."""
-    inits = [dict(build_model(factory, task, int(s)).named_parameters()) for s in seeds]
+    inits = [dict(build_model(factory, task, int(s)).named_parameters()) for s in seeds]  # on task's device
     return {k: torch.stack([p[k].detach() for p in inits]) for k in inits[0]}
 
 

@@ -18,10 +18,13 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def build_model(factory: Callable[..., nn.Module], task: Task, seed: int) -> nn.Module:
-    """Instantiate a model for the task with a seeded initialisation."""
+    """Instantiate a model for the task with a seeded initialisation, on the task's device
+    and float dtype. The weights are drawn on the CPU, so they are the same on every device."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return factory(in_shape=task.in_shape, out_dim=task.out_dim)
+        model = factory(in_shape=task.in_shape, out_dim=task.out_dim)
+    x = task.x_train
+    return model.to(device=x.device, dtype=x.dtype if x.is_floating_point() else None)
 
 
 def loss_context(class_counts: torch.Tensor | None, x: torch.Tensor, t: float) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from metaloss.metrics import HIGHER_IS_BETTER
+from metaloss.runtime import DEVICE_PATTERN
 
 
 class ConfigError(ValueError):
@@ -195,6 +196,9 @@ RULES: dict[str, Check] = {
     # shared
     "seed": integer(0),
     "progress": boolean(),
+    "device": lambda v: None if isinstance(v, str) and DEVICE_PATTERN.match(v) else "auto, cpu, cuda or cuda:N",
+    "dtype": one_of("float32", "float64"),
+    "threads": integer(1),
     "metric": metric_name(),
     "trusted_modules": lambda v: None if isinstance(v, list | tuple) and all(isinstance(x, str) for x in v)
     else "a list of module names",

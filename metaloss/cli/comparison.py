@@ -33,7 +33,8 @@ def tasks_for_seed_fn(cfg: DictConfig, pool: list):
         return lambda seed: pool[:1]
     per = int(cfg.meta_test.tasks_per_seed)
     overrides = dict(cfg.meta_test.get("task_overrides") or {})  # e.g. a wider test distribution
-    return lambda seed: [instantiate(cfg.task, **overrides, seed=TEST_TASK_SEEDS + seed * per + i)
+    x = pool[0].x_train  # fresh test tasks go where the training tasks are
+    return lambda seed: [instantiate(cfg.task, **overrides, seed=TEST_TASK_SEEDS + seed * per + i).to(x.device, x.dtype)
                          for i in range(per)]
 
 

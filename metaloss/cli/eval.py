@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from metaloss import runtime
 from metaloss.cli.comparison import run_meta_test
 from metaloss.cli.logger import open_logger
 from metaloss.cli.meta import _check_task_settings, _task_pool
@@ -26,15 +27,16 @@ from metaloss.validate import check_config
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     check_config(cfg)
+    device, dtype = runtime.setup(cfg)
     with RunDir(out_dir, "eval", identity(cfg, ignore=LOCAL_KEYS)) as run_dir, interruptible():
-        return _run(cfg, run_dir)
+        return _run(cfg, run_dir, device, dtype)
 
 
-def _run(cfg: DictConfig, run_dir: RunDir) -> dict:
+def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dtype) -> dict:
     out_dir = run_dir.path
     torch.manual_seed(cfg.seed)
-    learned = load_learned_loss(cfg.loss_path, trusted_modules=list(cfg.trusted_modules))
-    pool = _task_pool(cfg)
+    learned = load_learned_loss(cfg.loss_path, trusted_modules=list(cfg.trusted_modules)).to(device, dtype)
+    pool = [t.to(device, dtype) for t in _task_pool(cfg)]
     check_loss_fits(learned, pool[0].kind, pool[0].name, f"learned ({cfg.loss_path})")
     _check_task_settings(cfg, pool[0])
     run_dir.record()

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from metaloss import runtime
 from metaloss.cli.comparison import run_meta_test, tasks_for_seed_fn
 from metaloss.cli.logger import open_logger
 from metaloss.cli.signals import critical, exit_on_interrupt, interruptible
@@ -180,6 +181,7 @@ def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> dict:
     """The app body: settings checked, run directory claimed, then meta-training and the
     meta-test. Callable without Hydra's launcher (tests compose a config and call it)."""
     check_config(cfg)
+    device, dtype = runtime.setup(cfg)
     out_dir = Path(out_dir)
     # Online, the step budget shapes the run itself (the loss sees progress t = step/steps),
     # so it is part of the identity; offline, more steps only continue the same trajectory.
@@ -190,17 +192,20 @@ def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> dict:
     # change means the directory belongs to another run.
     allow = (lambda diff: not split_applied(diff)[1]) if same_dir else None
     with RunDir(out_dir, "meta", ident, allow=allow) as run_dir, interruptible():
-        return _run(cfg, run_dir, loss_name, ident)
+        return _run(cfg, run_dir, loss_name, ident, device, dtype)
 
 
-def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, ident: dict) -> dict:
+def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, ident: dict, device: torch.device,
+         dtype: torch.dtype) -> dict:
     out_dir = run_dir.path
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    pool = _task_pool(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)  # sampling RNG: CPU, the same on every device
+    pool = [t.to(device, dtype) for t in _task_pool(cfg)]
     task = pool[0]
     _check_task_settings(cfg, task)
     loss = instantiate_loss(cfg.loss, task)
+    if isinstance(loss, torch.nn.Module):
+        loss = loss.to(device=device, dtype=dtype)
     if not isinstance(loss, ParametricLoss):
         raise ValueError(f"metaloss-meta needs a parametric loss, got {loss_name!r}; choose one of "
                          "ml3, taylorglo, poly_n, logit_adjusted, adaptive_robust, learned_smoothing "
@@ -244,8 +249,9 @@ def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, ident: dict) -
         steps = online_steps(learner, problem, hypergrad, task, online, steps=mc.steps,
                              update_every=mc.online_update_every, val_batch=mc.val_batch, gen=gen, start=start)
 
-    log.info("meta-training %s on %s | %s, %s, K=%d, T=%d, %d steps", loss_name, task.describe(),
-             type(hypergrad).__name__, inner_opt.name, mc.inner_steps, mc.tasks_per_step, mc.steps)
+    log.info("meta-training %s on %s | %s, %s, K=%d, T=%d, %d steps | %s, %s, %d thread(s)", loss_name,
+             task.describe(), type(hypergrad).__name__, inner_opt.name, mc.inner_steps, mc.tasks_per_step,
+             mc.steps, device, str(dtype).replace("torch.", ""), torch.get_num_threads())
     meta_info = {"task": task.name, "loss_name": loss_name, "fingerprint": fingerprint(ident)}
     with open_logger(cfg, out_dir, job_type="meta", name=f"{loss_name}-{task.name}-s{cfg.seed}") as logger:
         bar = tqdm(steps, total=mc.steps - start, desc=f"meta {loss_name}", disable=not cfg.progress,

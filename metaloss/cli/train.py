@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from metaloss import runtime
 from metaloss.cli.logger import open_logger, write_json
 from metaloss.cli.signals import exit_on_interrupt, interruptible
 from metaloss.config import check_loss_fits, conf_dir, instantiate_loss
@@ -26,27 +27,31 @@ from metaloss.validate import ConfigError, check_config
 log = logging.getLogger("metaloss")
 
 
-LOCAL_KEYS = ("progress", "logger", "hydra", "trusted_modules")  # do not change the result
+LOCAL_KEYS = ("progress", "logger", "hydra", "trusted_modules", "threads")  # do not change the result
 
 
 def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> float:
     """The app body, callable without Hydra's launcher (tests compose a config and call it).
     Settings are checked and the run directory claimed before any data is made."""
     check_config(cfg)
+    device, dtype = runtime.setup(cfg)
     with RunDir(out_dir, "train", identity(cfg, ignore=LOCAL_KEYS)) as run_dir, interruptible():
-        return _run(cfg, run_dir, loss_name)
+        return _run(cfg, run_dir, loss_name, device, dtype)
 
 
-def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None) -> float:
+def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, device: torch.device,
+         dtype: torch.dtype) -> float:
     out_dir = run_dir.path
     torch.manual_seed(cfg.seed)
-    task = instantiate(cfg.task)
+    task = instantiate(cfg.task).to(device, dtype)
     metric = cfg.metric or task.primary_metric
     if metric not in train_result_names(task.kind):
         raise ConfigError(f"metric = {metric!r}: must be one of {', '.join(train_result_names(task.kind))} "
                           f"for {task.kind} task {task.name!r}")
     loss = instantiate_loss(cfg.loss, task)
     check_loss_fits(loss, task.kind, task.name, loss_name)
+    if isinstance(loss, torch.nn.Module):
+        loss = loss.to(device=device, dtype=dtype)
     model = build_model(instantiate(cfg.model), task, cfg.seed)
     make_optimizer = instantiate(cfg.optim)
     run_dir.record()

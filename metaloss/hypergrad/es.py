@@ -49,9 +49,10 @@ class EvolutionStrategies:
         self.calls += 1
         base = detach(meta)
         grads = {k: torch.zeros_like(v) for k, v in base.items()}
-        total = torch.zeros(())
+        total = torch.zeros((), device=batch.x_val.device, dtype=batch.x_val.dtype)
         for _ in range(self.population):
-            eps = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in base.items()}
+            # noise drawn on the CPU generator: the same perturbations on every device
+            eps = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device) for k, v in base.items()}
             plus = batched_objective(problem, {k: v + self.sigma * eps[k] for k, v in base.items()}, batch)
             minus = batched_objective(problem, {k: v - self.sigma * eps[k] for k, v in base.items()}, batch)
             scale = (plus - minus).detach() / (2 * self.sigma * self.population)

@@ -24,7 +24,7 @@ class HigherBackend:
         phi, log_lr = split_meta(meta)
         keys = list(meta)
         n_tasks = batch.x_train.shape[0]
-        total = torch.zeros((), dtype=batch.x_val.dtype)
+        total = torch.zeros((), dtype=batch.x_val.dtype, device=batch.x_val.device)
         grads = {k: torch.zeros_like(v) for k, v in meta.items()}
         for t in range(n_tasks):
             model = copy.deepcopy(problem.model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -12,7 +13,7 @@ from metaloss.losses.base import TASK_KINDS
 
 @dataclass
 class Task:
-    """Data for one learning problem, split three ways, all tensors on the CPU.
+    """Data for one learning problem, split three ways (CPU tensors until :meth:`to`).
 
     ``kind`` is one of ``regression``, ``classification``, ``binary``, ``segmentation``.
     ``distribution`` is True for task *families* (sine): instantiating the same config
@@ -66,6 +67,15 @@ class Task:
             "binary": "test/balanced_acc",
             "segmentation": "test/dice",
         }[self.kind]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Task:
+        """The same task with its tensors on ``device``; inputs (and float targets, i.e.
+        regression values and masks) cast to ``dtype``. Class labels stay integers."""
+        def move(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+        tensors = {f"{a}_{s}": move(getattr(self, f"{a}_{s}")) for a in ("x", "y") for s in ("train", "val", "test")}
+        return dataclasses.replace(self, **tensors)
 
     def split(self, name: str) -> tuple[Tensor, Tensor]:
         return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
