@@ -16,9 +16,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from metaloss.inner.optimizers import InnerOptimizer
 from metaloss.metrics import HIGHER_IS_BETTER, train_result_names
 from metaloss.tasks.base import Task
 from metaloss.train import NonFiniteLoss, build_model, train_model
+from metaloss.train_many import train_many
 
 log = logging.getLogger("metaloss")
 
@@ -49,7 +51,8 @@ def _seed_value(per_task: list[dict[str, float] | None], key: str) -> float:
 
 def compare_losses(tasks_for_seed: Callable[[int], Sequence[Task]], factory: Callable,
                    losses: dict[str, Callable], make_optimizer: Callable, *, seeds: Sequence[int],
-                   steps: int, batch_size: int | None, progress: bool = True) -> Results:
+                   steps: int, batch_size: int | None, progress: bool = True,
+                   vectorised: InnerOptimizer | None = None) -> Results:
     """``{loss: {metric: [value per seed]}}``; a seed's value is the mean over its tasks.
 
     Every loss gets the same metric keys — derived from the task kind
@@ -57,9 +60,16 @@ def compare_losses(tasks_for_seed: Callable[[int], Sequence[Task]], factory: Cal
     exactly ``len(seeds)`` values per key. A loss that diverges (NaN/inf training loss) on
     any task of a seed is NaN for that seed, logged with the loss, seed and task; it is
     never dropped, so n stays ``len(seeds)`` and the seeds stay paired across losses.
+
+    With ``vectorised`` (the functional twin of ``make_optimizer``'s optimizer), each loss
+    trains all seeds × tasks models as one ``vmap`` (:func:`metaloss.train_many.train_many`);
+    a loss that cannot run under ``vmap`` falls back to this loop, with a warning naming it.
     """
     if not seeds:
         raise ValueError("the meta-test needs at least one seed")
+    if vectorised is not None:
+        return _compare_vectorised(tasks_for_seed, factory, losses, make_optimizer, vectorised, seeds=seeds,
+                                   steps=steps, batch_size=batch_size, progress=progress)
     results: Results = {}
     bar = tqdm(total=len(seeds) * len(losses), desc="meta-test", disable=not progress, mininterval=1.0)
     for seed in seeds:
@@ -77,6 +87,38 @@ def compare_losses(tasks_for_seed: Callable[[int], Sequence[Task]], factory: Cal
                 results[name][k].append(_seed_value(per_task, k))
             _warn_partial(name, seed, per_task, results[name])
             bar.update()
+    bar.close()
+    return results
+
+
+def _compare_vectorised(tasks_for_seed, factory, losses, make_optimizer, inner_opt, *, seeds, steps,
+                        batch_size, progress) -> Results:
+    per_seed = [list(tasks_for_seed(seed)) for seed in seeds]
+    members = [(task, seed * 1000 + i) for seed, tasks in zip(seeds, per_seed) for i, task in enumerate(tasks)]
+    keys = train_result_names(per_seed[0][0].kind)
+    results: Results = {name: {k: [] for k in keys} for name in losses}
+    bar = tqdm(total=len(losses), desc="meta-test (vmap)", disable=not progress, mininterval=1.0)
+    for name, loss in losses.items():
+        bar.set_postfix(loss=name, refresh=False)
+        try:
+            flat = train_many([t for t, _ in members], [s for _, s in members], factory, loss, inner_opt,
+                              steps=steps, batch_size=batch_size)
+        except Exception as e:  # e.g. a loss with data-dependent Python control flow
+            log.warning("meta-test: loss %r cannot be trained under vmap (%s: %s); falling back to the "
+                        "per-model loop for it", name, type(e).__name__, str(e).splitlines()[0][:200])
+            flat = [_train_one(task, factory, loss, make_optimizer, steps=steps, batch_size=batch_size,
+                               seed=s, where=f"loss {name!r} task seed {s}") for task, s in members]
+        pos = 0
+        for seed, tasks in zip(seeds, per_seed):
+            per_task = flat[pos:pos + len(tasks)]
+            pos += len(tasks)
+            for i, m in enumerate(per_task):
+                if m is None:
+                    log.warning("meta-test: loss %r diverged on seed %d task %d; recorded as NaN", name, seed, i)
+            for k in keys:
+                results[name][k].append(_seed_value(per_task, k))
+            _warn_partial(name, seed, per_task, results[name])
+        bar.update()
     bar.close()
     return results
 

@@ -233,6 +233,7 @@ RULES: dict[str, Check] = {
     "meta_test.lr": positive(optional=True),
     "meta_test.metric": metric_name(),
     "meta_test.alpha": real(0, 1, lo_open=True, hi_open=True),
+    "meta_test.vectorise": boolean(),
     # metaloss-eval
     "loss_path": existing_path(),
     # optimizers: optim (torch.optim), inner_optim (functional), meta_optim (torch.optim)

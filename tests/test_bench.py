@@ -19,3 +19,15 @@ def test_bench_prints_ratios_as_last_line():
     r = last["ratios"]["sine_T8_K5"]
     assert r["speedup_engine_vs_higher"] > 0 and r["meta_step_vs_plain_K_steps"] > 0
     assert "sine_T8_K5      engine" in out.stdout
+
+
+METATEST = Path(__file__).resolve().parents[1] / "scripts" / "bench_metatest.py"
+
+
+@pytest.mark.slow
+def test_metatest_bench_prints_ratios_as_last_line():
+    out = subprocess.run([sys.executable, str(METATEST), "--only", "mnist1d", "--mnist1d-steps", "3",
+                          "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last["ratios"]["mnist1d"]["speedup"] > 0

@@ -1,0 +1,96 @@
+"""The vectorised meta-test gives the numbers of the per-model loop (float64), and a loss
+that cannot run under vmap falls back to the loop with a warning naming it."""
+
+import functools
+import math
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from metaloss.config import loss_option
+from metaloss.losses.mlp import ML3Loss
+from metaloss.metatest import compare_losses
+from metaloss.train_many import CannotStack, train_many
+
+
+@pytest.fixture
+def f64():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def _setup(compose_cfg, task_name, optim, extra=()):
+    cfg = compose_cfg("meta", [f"task={task_name}", f"inner_optim={optim}", "model.hidden=[8]", *extra])
+    base = instantiate(cfg.task).to("cpu", torch.float64)
+    opt = instantiate(cfg.inner_optim)
+    make = functools.partial(opt.torch_equivalent.func, **opt.hparams)
+    return cfg, base, opt, make
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        for k in a[name]:
+            for x, y in zip(a[name][k], b[name][k]):
+                assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, rel=1e-7, abs=1e-9), (name, k, x, y)
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam", "momentum"])
+def test_vectorised_equals_loop_on_a_task_family(compose_cfg, f64, optim):
+    cfg, base, opt, make = _setup(compose_cfg, "sine", optim)
+    tasks_for_seed = lambda seed: [instantiate(cfg.task, seed=100 + 10 * seed + i).to("cpu", torch.float64)  # noqa: E731
+                                   for i in range(3)]
+    losses = {"learned": ML3Loss(hidden=(8,)).double().requires_grad_(False),
+              "mse": loss_option("mse", base), "huber": loss_option("huber", base)}
+    kw = dict(seeds=[0, 1], steps=15, batch_size=32, progress=False)
+    loop = compare_losses(tasks_for_seed, instantiate(cfg.model), losses, make, **kw)
+    vec = compare_losses(tasks_for_seed, instantiate(cfg.model), losses, make, vectorised=opt, **kw)
+    _assert_same(loop, vec)
+    assert all(len(v) == 2 for v in vec["learned"].values())
+
+
+def test_vectorised_equals_loop_on_classification_with_class_counts(compose_cfg, f64):
+    cfg, base, opt, make = _setup(compose_cfg, "digits", "sgd", ["inner_optim.lr=0.3"])
+    losses = {n: loss_option(n, base) for n in ("ce", "weighted_ce", "focal")}
+    kw = dict(seeds=[0, 1, 2], steps=10, batch_size=None, progress=False)
+    loop = compare_losses(lambda s: [base], instantiate(cfg.model), losses, make, **kw)
+    vec = compare_losses(lambda s: [base], instantiate(cfg.model), losses, make, vectorised=opt, **kw)
+    _assert_same(loop, vec)
+
+
+def test_a_diverging_member_is_none_and_others_are_untouched(compose_cfg, f64):
+    cfg, base, opt, _ = _setup(compose_cfg, "outliers", "sgd", ["inner_optim.lr=0.01"])
+    big = instantiate(cfg.task, magnitude=1e200).to("cpu", torch.float64)  # mse overflows to inf
+    out = train_many([base, big, base], [0, 1, 2], instantiate(cfg.model), loss_option("mse", base), opt,
+                     steps=5, batch_size=16)
+    assert out[1] is None and out[0] is not None and out[2] is not None
+    alone = train_many([base], [2], instantiate(cfg.model), loss_option("mse", base), opt, steps=5, batch_size=16)
+    assert alone[0] == out[2]
+
+
+def test_a_loss_that_cannot_vmap_falls_back_to_the_loop(compose_cfg, caplog):
+    cfg, base, opt, make = _setup(compose_cfg, "outliers", "sgd")
+    torch.set_default_dtype(torch.float32)
+    base = base.to("cpu", torch.float32)
+
+    def python_branch_loss(pred, target, **_):  # data-dependent Python control flow: not vmappable
+        r = (pred - target).reshape(len(pred), -1)
+        return r.abs().mean(1) if float(r.abs().max()) > 1e9 else (r ** 2).mean(1)
+
+    python_branch_loss.kinds = frozenset({"regression"})
+    losses = {"odd": python_branch_loss, "mse": loss_option("mse", base)}
+    kw = dict(seeds=[0, 1], steps=5, batch_size=16, progress=False)
+    vec = compare_losses(lambda s: [base], instantiate(cfg.model), losses, make, vectorised=opt, **kw)
+    assert "loss 'odd' cannot be trained under vmap" in caplog.text and "'mse'" not in caplog.text
+    loop = compare_losses(lambda s: [base], instantiate(cfg.model), losses, make, **kw)
+    assert vec["odd"] == loop["odd"]
+
+
+def test_tasks_of_different_sizes_cannot_stack(compose_cfg):
+    cfg, base, opt, _ = _setup(compose_cfg, "sine", "sgd")
+    other = instantiate(cfg.task, n_train=50)
+    with pytest.raises(CannotStack, match="training-split shape"):
+        train_many([base.to("cpu", torch.float32), other], [0, 1], instantiate(cfg.model),
+                   loss_option("mse", other), opt, steps=2, batch_size=None)
