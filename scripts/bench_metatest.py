@@ -58,7 +58,7 @@ def _mnist1d(device: str, steps: int):
                 losses=losses, opt=sgd(lr=0.1), steps=steps, batch_size=100)
 
 
-def _time(fn, sync) -> float:
+def _time(fn, sync) -> tuple[float, dict]:
     sync()
     t0 = time.perf_counter()
     out = fn()
@@ -90,12 +90,13 @@ def main(argv=None) -> dict:
         c = make()
         make_opt = functools.partial(c["opt"].torch_equivalent.func, **c["opt"].hparams)
         kw = dict(seeds=list(range(5)), steps=c["steps"], batch_size=c["batch_size"], progress=False)
+        run_loop = functools.partial(compare_losses, c["tasks_for_seed"], c["factory"], c["losses"], make_opt, **kw)
+        run_vec = functools.partial(run_loop, vectorised=c["opt"])
         loop_t, vec_t = [], []
         for _ in range(args.repeats):
-            t, loop = _time(lambda: compare_losses(c["tasks_for_seed"], c["factory"], c["losses"], make_opt, **kw), sync)
+            t, loop = _time(run_loop, sync)
             loop_t.append(t)
-            t, vec = _time(lambda: compare_losses(c["tasks_for_seed"], c["factory"], c["losses"], make_opt,
-                                                  vectorised=c["opt"], **kw), sync)
+            t, vec = _time(run_vec, sync)
             vec_t.append(t)
         lm, vm = statistics.median(loop_t), statistics.median(vec_t)
         key = "test/mse" if name == "quickstart" else "test/acc"
