@@ -215,7 +215,30 @@ class RunDir:
 
 # ---------------------------------------------------------------- Hydra resolvers
 
-_UID = f"{os.getpid():x}{secrets.token_hex(2)}"
+def _uid() -> str:
+    """This launch's id: the process id (unique on the machine) plus random bits. Under
+    torchrun every rank must agree on the run directory, so the ranks share the id of their
+    common parent, the torchrun agent."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
+        return f"{os.getppid():x}-tr"
+    return f"{os.getpid():x}{secrets.token_hex(2)}"
+
+
+_UID = _uid()
+
+
+def _stamp() -> str:
+    """Launch time for directory names; under torchrun the agent's start time (from
+    /proc, Linux), so that ranks started a second apart still agree."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
+        try:
+            ticks = int(Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
+            boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                        if line.startswith("btime"))
+            return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(boot + ticks / os.sysconf("SC_CLK_TCK")))
+        except (OSError, ValueError, IndexError, StopIteration):
+            pass
+    return time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def _slug(text: Any, limit: int = 96) -> str:
@@ -232,5 +255,7 @@ def register_resolvers() -> None:
     ``${metaloss.slug:x}``: a safe directory name."""
     if not OmegaConf.has_resolver("metaloss.uid"):
         OmegaConf.register_new_resolver("metaloss.uid", lambda: _UID, use_cache=True)
+    if not OmegaConf.has_resolver("metaloss.stamp"):
+        OmegaConf.register_new_resolver("metaloss.stamp", _stamp, use_cache=True)
     if not OmegaConf.has_resolver("metaloss.slug"):
         OmegaConf.register_new_resolver("metaloss.slug", _slug)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -26,8 +27,11 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` -> ``cuda`` if available else ``cpu``; a named GPU must exist."""
     if not isinstance(name, str) or not DEVICE_PATTERN.match(name):
         raise ValueError(f"device = {name!r}: must be auto, cpu, cuda or cuda:N")
+    local = os.environ.get("LOCAL_RANK")  # torchrun: one GPU per local process
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        name = f"cuda:{int(local)}"
     dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():

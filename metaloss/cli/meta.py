@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -17,9 +19,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from metaloss import runtime
+from metaloss import distributed, runtime
 from metaloss.cli.comparison import run_meta_test, tasks_for_seed_fn
-from metaloss.cli.logger import open_logger
+from metaloss.cli.logger import NullLogger, open_logger
 from metaloss.cli.signals import critical, exit_on_interrupt, interruptible
 from metaloss.config import (
     DEFAULT_OBJECTIVE,
@@ -152,7 +154,7 @@ def _resume(cfg: DictConfig, out_dir: Path, state: RunState, make_meta_optimizer
 
 
 def _meta_loop(bar, state: RunState, last: dict, logger, loss, baselines, task, loss_name, out_dir, mc,
-               save_checkpoint) -> None:
+               save_checkpoint, writer: bool = True) -> None:
     """Drive the outer-step generator: snapshot, log, draw the learned loss, checkpoint.
     ``last["state"]`` always holds the state after the last *completed* outer step."""
     for step, metrics in bar:
@@ -160,7 +162,7 @@ def _meta_loop(bar, state: RunState, last: dict, logger, loss, baselines, task, 
         if metrics:
             logger.log(metrics, step=step)
             bar.set_postfix(obj=f"{metrics['meta/val_objective']:.4g}", refresh=False)
-        if step % mc.plot_every == 0 or step == mc.steps:
+        if writer and (step % mc.plot_every == 0 or step == mc.steps):
             png = plot_losses({"learned": loss, **baselines}, task.kind, out_dir / "learned_loss.png",
                               num_classes=task.num_classes, title=f"{loss_name} after {step} steps")
             logger.image("meta/learned_loss", png, step=step)
@@ -191,13 +193,42 @@ def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> dict:
     # Resuming into its own directory with a new meta learning rate is allowed; any other
     # change means the directory belongs to another run.
     allow = (lambda diff: not split_applied(diff)[1]) if same_dir else None
-    with RunDir(out_dir, "meta", ident, allow=allow) as run_dir, interruptible():
-        return _run(cfg, run_dir, loss_name, ident, device, dtype)
+    world = distributed.init(device)
+    if world.size > 1 and cfg.meta.mode == "online":
+        raise ConfigError("meta.mode = 'online' follows one training trajectory and cannot be split across "
+                          f"{world.size} processes; launch it without torchrun")
+    if world.size > cfg.meta.tasks_per_step:
+        raise ConfigError(f"meta.tasks_per_step = {cfg.meta.tasks_per_step}: must be >= the number of processes "
+                          f"({world.size}), each of which runs a share of the tasks")
+    try:
+        # only rank 0 owns the directory, logs and writes; the others compute their share
+        with (RunDir(out_dir, "meta", ident, allow=allow) if world.is_writer else _Reader(out_dir)) as run_dir, \
+                interruptible():
+            return _run(cfg, run_dir, loss_name, ident, device, dtype, world)
+    finally:
+        distributed.finish()
 
 
-def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, ident: dict, device: torch.device,
-         dtype: torch.dtype) -> dict:
+class _Reader:
+    """A non-zero rank's view of the run directory: it may read the checkpoint, never write."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def record(self) -> None:
+        pass
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, ident: dict, device: torch.device,
+         dtype: torch.dtype, world: distributed.World) -> dict:
     out_dir = run_dir.path
+    writer = world.is_writer
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)  # sampling RNG: CPU, the same on every device
     pool = [t.to(device, dtype) for t in _task_pool(cfg)]
@@ -221,6 +252,8 @@ def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, ident: dict, d
     problem = MetaProblem(build_model(factory, task, 0), loss, inner_opt, int(cfg.meta.inner_steps),
                           objective, task.class_counts, {"class_counts": val_counts})
     hypergrad = instantiate(cfg.hypergrad)
+    if world.size > 1:
+        hypergrad = distributed.Sharded(hypergrad, world)
     make_meta_optimizer = instantiate(cfg.meta_optim)
     learner = MetaLearner(loss, make_meta_optimizer, learn_inner_lr=cfg.meta.learn_inner_lr,
                           inner_lr=inner_opt.hparams["lr"], clip_grad_norm=cfg.meta.clip_grad_norm,
@@ -236,6 +269,8 @@ def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, ident: dict, d
     ckpt_path = out_dir / "checkpoint.pt"
 
     def save_checkpoint(snapshot: dict) -> None:
+        if not writer:
+            return
         with critical():
             atomic_write(ckpt_path, lambda tmp: torch.save(snapshot, tmp))
 
@@ -253,15 +288,21 @@ def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, ident: dict, d
              task.describe(), type(hypergrad).__name__, inner_opt.name, mc.inner_steps, mc.tasks_per_step,
              mc.steps, device, str(dtype).replace("torch.", ""), torch.get_num_threads())
     meta_info = {"task": task.name, "loss_name": loss_name, "fingerprint": fingerprint(ident)}
-    with open_logger(cfg, out_dir, job_type="meta", name=f"{loss_name}-{task.name}-s{cfg.seed}") as logger:
-        bar = tqdm(steps, total=mc.steps - start, desc=f"meta {loss_name}", disable=not cfg.progress,
+    logging_cm = (open_logger(cfg, out_dir, job_type="meta", name=f"{loss_name}-{task.name}-s{cfg.seed}")
+                  if writer else nullcontext(NullLogger()))
+    with logging_cm as logger:
+        bar = tqdm(steps, total=mc.steps - start, desc=f"meta {loss_name}", disable=not (cfg.progress and writer),
                    mininterval=1.0)
         last = {"state": state.capture(start)}
+        t0 = time.perf_counter()
         try:
-            _meta_loop(bar, state, last, logger, loss, baselines, task, loss_name, out_dir, mc, save_checkpoint)
+            _meta_loop(bar, state, last, logger, loss, baselines, task, loss_name, out_dir, mc, save_checkpoint,
+                       writer)
         except BaseException as e:  # a NaN streak, Ctrl-C, SIGTERM, ...: keep the work done so far
             save_checkpoint(last["state"])
             done = last["state"]["step"]
+            if not writer:
+                raise
             if isinstance(e, NonFiniteMetaGradient):
                 good = save_learned_loss(loss, out_dir / "learned_loss_last_good.pt", steps=done,
                                          complete=False, stopped=f"diverged ({e.cause})", **meta_info)
@@ -271,6 +312,11 @@ def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, ident: dict, d
                       "meta.resume_from=%s)", done, ckpt_path, out_dir)
             raise
         save_checkpoint(last["state"])
+        elapsed = time.perf_counter() - t0
+        log.info("meta-training: %d outer steps in %.2f s (%.4f s/step)", mc.steps - start, elapsed,
+                 elapsed / max(1, mc.steps - start))
+        if not writer:
+            return {"rank": world.rank, "skipped_steps": learner.skipped}
         learned_path = save_learned_loss(loss, out_dir / "learned_loss.pt", steps=mc.steps, complete=True,
                                          **meta_info)
         log.info("learned loss saved to %s (metaloss-eval loss_path=%s)", learned_path, learned_path)
