@@ -63,8 +63,10 @@ def collect(root: str | Path) -> dict[str, dict[str, list[float]]]:
     groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for f, rec, overrides in runs:
         label = ",".join(o for o in overrides if o not in common) or rec.get("loss") or f.parent.name
-        for k, v in rec["metrics"].items():
-            groups[label][k].append(_number(v))
+        # `metaloss-train seeds=N` writes one entry per seed under "runs"
+        for metrics in ([r["metrics"] for r in rec["runs"]] if "runs" in rec else [rec["metrics"]]):
+            for k, v in metrics.items():
+                groups[label][k].append(_number(v))
     for f in sorted(root.rglob("comparison.json")):
         rec = json.loads(f.read_text())
         for loss, metrics in rec["results"].items():

@@ -203,6 +203,7 @@ RULES: dict[str, Check] = {
     "trusted_modules": lambda v: None if isinstance(v, list | tuple) and all(isinstance(x, str) for x in v)
     else "a list of module names",
     # metaloss-train
+    "seeds": integer(1),
     "train.steps": integer(1),
     "train.batch_size": integer(1, optional=True),
     "train.eval_every": integer(0),

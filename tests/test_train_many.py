@@ -94,3 +94,53 @@ def test_tasks_of_different_sizes_cannot_stack(compose_cfg):
     with pytest.raises(CannotStack, match="training-split shape"):
         train_many([base.to("cpu", torch.float32), other], [0, 1], instantiate(cfg.model),
                    loss_option("mse", other), opt, steps=2, batch_size=None)
+
+
+def test_train_app_seeds_equals_single_runs_and_report_reads_them(compose_cfg, tmp_path, f64):
+    from metaloss.cli import train as train_app
+    from metaloss.report import collect
+
+    common = ["task=digits", "loss=ce", "optim=momentum", "logger=none", "progress=false", "train.steps=15",
+              "train.batch_size=32", "model.hidden=[16]", "dtype=float64"]
+    mean = train_app.run(compose_cfg("train", common + ["seeds=3", "seed=4"]), tmp_path / "many", "ce")
+    rec = __import__("json").loads((tmp_path / "many" / "metrics.json").read_text())
+    assert [r["seed"] for r in rec["runs"]] == [4, 5, 6]
+    singles = []
+    for s in (4, 5, 6):
+        singles.append(train_app.run(compose_cfg("train", common + [f"seed={s}"]), tmp_path / f"s{s}", "ce"))
+    for r, single in zip(rec["runs"], singles):
+        assert r["metrics"]["test/acc"] == pytest.approx(single, abs=1e-12)
+    assert mean == pytest.approx(sum(singles) / 3)
+    assert collect(tmp_path / "many")["ce"]["test/acc"] == [r["metrics"]["test/acc"] for r in rec["runs"]]
+
+
+def test_train_app_seeds_with_a_diverging_seed_writes_null_and_fails(compose_cfg, tmp_path):
+    from metaloss.cli import train as train_app
+    from metaloss.train import NonFiniteLoss
+
+    cfg = compose_cfg("train", ["task=outliers", "loss=mse", "optim=sgd", "optim.lr=100", "logger=none",
+                                "progress=false", "train.steps=30", "seeds=2"])
+    with pytest.raises(NonFiniteLoss, match=r"seed\(s\) \[0, 1\]"):
+        train_app.run(cfg, tmp_path, "mse")
+    text = (tmp_path / "metrics.json").read_text()
+    assert "null" in text and "NaN" not in text
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "nadam"])
+def test_functional_twin_of_each_optim_config_matches_torch(compose_cfg, name):
+    from metaloss.inner.optimizers import functional_twin
+
+    torch.set_default_dtype(torch.float64)
+    make = instantiate(compose_cfg("train", [f"optim={name}"]).optim)
+    twin = functional_twin(make.func, **make.keywords)
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    opt = make([p])
+    theta = {"w": p.detach().clone()}
+    state = twin.init(theta)
+    for i in range(4):
+        g = torch.tensor([0.3, -0.1, 0.7]) * (i + 1)
+        p.grad = g.clone()
+        opt.step()
+        theta, state = twin.update({"w": g}, state, theta)
+    torch.testing.assert_close(theta["w"], p.detach(), rtol=1e-10, atol=1e-12)
+    torch.set_default_dtype(torch.float32)

@@ -19,9 +19,12 @@ from metaloss import runtime
 from metaloss.cli.logger import open_logger, write_json
 from metaloss.cli.signals import exit_on_interrupt, interruptible
 from metaloss.config import check_loss_fits, conf_dir, instantiate_loss
+from metaloss.inner.optimizers import functional_twin
 from metaloss.metrics import train_result_names
+from metaloss.report import jsonable
 from metaloss.runs import RunDir, identity
-from metaloss.train import build_model, train_model
+from metaloss.train import NonFiniteLoss, build_model, train_model
+from metaloss.train_many import train_many
 from metaloss.validate import ConfigError, check_config
 
 log = logging.getLogger("metaloss")
@@ -52,6 +55,8 @@ def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, device: torch.
     check_loss_fits(loss, task.kind, task.name, loss_name)
     if isinstance(loss, torch.nn.Module):
         loss = loss.to(device=device, dtype=dtype)
+    if int(cfg.seeds) > 1:
+        return _run_seeds(cfg, run_dir, task, loss, loss_name, metric)
     model = build_model(instantiate(cfg.model), task, cfg.seed)
     make_optimizer = instantiate(cfg.optim)
     run_dir.record()
@@ -68,6 +73,36 @@ def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, device: torch.
                                           "metric": metric, "metrics": metrics})
     log.info("%s", "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
     return float(metrics[metric])
+
+
+def _run_seeds(cfg: DictConfig, run_dir: RunDir, task, loss, loss_name: str | None, metric: str) -> float:
+    """``seeds=N``: seeds ``seed .. seed+N-1`` trained as one ``vmap`` in this process, with the
+    functional twin of ``optim`` (equal to it, tested); one metrics.json entry per seed, each
+    the result a single run with that seed gives. A diverged seed is written as null, then the
+    run stops with an error naming it (like a single diverged run)."""
+    make_optimizer = instantiate(cfg.optim)
+    functional = functional_twin(make_optimizer.func, **make_optimizer.keywords)
+    seeds = [int(cfg.seed) + i for i in range(int(cfg.seeds))]
+    run_dir.record()
+    log.info("task %s | loss %s | seeds %s as one vmap", task.describe(), loss_name, seeds)
+    results = train_many([task] * len(seeds), seeds, instantiate(cfg.model), loss, functional,
+                         steps=cfg.train.steps, batch_size=cfg.train.batch_size)
+    keys = train_result_names(task.kind)
+    runs = [{"seed": s, "metrics": m if m is not None else dict.fromkeys(keys, float("nan"))}
+            for s, m in zip(seeds, results)]
+    with open_logger(cfg, run_dir.path, job_type="train", name=f"{loss_name}-s{seeds[0]}x{len(seeds)}") as logger:
+        for r in runs:
+            logger.summary({f"seed{r['seed']}/{k}": v for k, v in r["metrics"].items()})
+    values = [r["metrics"][metric] for r in runs]
+    write_json(run_dir.path / "metrics.json", jsonable({"loss": loss_name, "task": task.name, "seed": seeds[0],
+                                                        "seeds": seeds, "metric": metric, "runs": runs}))
+    for r in runs:
+        log.info("seed %d: %s", r["seed"], "  ".join(f"{k}={v:.4f}" for k, v in sorted(r["metrics"].items())))
+    diverged = [s for s, m in zip(seeds, results) if m is None]
+    if diverged:
+        raise NonFiniteLoss(f"training diverged (NaN/inf loss) for seed(s) {diverged}; their metrics are null in "
+                            f"{run_dir.path / 'metrics.json'}")
+    return float(sum(values) / len(values))
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
