@@ -48,6 +48,21 @@ def _number(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
+class UnreadableResult(ValueError):
+    """A metrics.json / comparison.json that is not a metaloss result."""
+
+
+def _read(f: Path) -> dict:
+    try:
+        rec = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise UnreadableResult(f"{f}: not readable JSON ({e}); delete or fix it, or report a subdirectory") from e
+    key = "results" if f.name == "comparison.json" else ("runs" if isinstance(rec, dict) and "runs" in rec else "metrics")
+    if not isinstance(rec, dict) or not isinstance(rec.get(key), dict | list):
+        raise UnreadableResult(f"{f}: not a metaloss {f.name} (no {key!r} entry)")
+    return rec
+
+
 def collect(root: str | Path) -> dict[str, dict[str, list[float]]]:
     """``{group: {metric: [value per seed/run]}}`` from every result file under ``root``.
 
@@ -58,7 +73,7 @@ def collect(root: str | Path) -> dict[str, dict[str, list[float]]]:
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"no such directory: {root}")
-    runs = [(f, json.loads(f.read_text()), _overrides(f.parent)) for f in sorted(root.rglob("metrics.json"))]
+    runs = [(f, _read(f), _overrides(f.parent)) for f in sorted(root.rglob("metrics.json"))]
     common = set.intersection(*(set(o) for _, _, o in runs)) if runs else set()
     groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for f, rec, overrides in runs:
@@ -67,11 +82,18 @@ def collect(root: str | Path) -> dict[str, dict[str, list[float]]]:
         for metrics in ([r["metrics"] for r in rec["runs"]] if "runs" in rec else [rec["metrics"]]):
             for k, v in metrics.items():
                 groups[label][k].append(_number(v))
-    for f in sorted(root.rglob("comparison.json")):
-        rec = json.loads(f.read_text())
+    # Meta-tests of different runs (another loss family, task, lr...) are kept apart: a row
+    # is "<overrides that vary> | <loss>", as for metrics.json runs.
+    comps = [(f, _read(f), _overrides(f.parent)) for f in sorted(root.rglob("comparison.json"))]
+    common = set.intersection(*(set(o) for _, _, o in comps)) if comps else set()
+    for f, rec, overrides in comps:
+        varying = ",".join(o for o in overrides if o not in common)
+        if len(comps) > 1 and not varying:
+            varying = str(f.parent.relative_to(root))  # no overrides recorded: the run's directory
         for loss, metrics in rec["results"].items():
+            label = f"{varying} | {loss}" if varying else loss
             for k, values in metrics.items():
-                groups[loss][k].extend(_number(v) for v in values)
+                groups[label][k].extend(_number(v) for v in values)
     if not groups:
         raise FileNotFoundError(f"no metrics.json or comparison.json under {root}")
     return {g: dict(m) for g, m in groups.items()}

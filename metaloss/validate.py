@@ -137,21 +137,57 @@ def text(optional: bool = False) -> Check:
         "a string" + (" or null" if optional else ""))
 
 
-def existing_path(optional: bool = False) -> Check:
+def existing_path(optional: bool = False, *, file: bool = False) -> Check:
     def check(v):
         if v is None and optional:
             return None
-        if not isinstance(v, str) or not Path(v).expanduser().exists():
-            return "an existing file or directory" + (" or null" if optional else "")
+        p = Path(v).expanduser() if isinstance(v, str) else None
+        if p is None or not (p.is_file() if file else p.exists()):
+            return ("an existing file" if file else "an existing file or directory") + (" or null" if optional else "")
         return None
     return check
 
 
+def reals(optional: bool = False) -> Check:
+    def check(v):
+        if (v is None and optional) or (isinstance(v, list | tuple) and all(_is_real(x) for x in v)):
+            return None
+        return "a list of finite numbers" + (" or null" if optional else "")
+    return check
+
+
+def strings(optional: bool = False) -> Check:
+    def check(v):
+        if (v is None and optional) or (isinstance(v, list | tuple) and all(isinstance(x, str) for x in v)):
+            return None
+        return "a list of strings" + (" or null" if optional else "")
+    return check
+
+
+def classes() -> Check:
+    """``positive_classes`` of a 10-class task: distinct digits that leave a negative class."""
+    inner = int_list(0, hi=9, optional=True, nonempty=True)
+
+    def check(v):
+        msg = inner(v)
+        if msg:
+            return msg
+        if v is not None and (len(set(v)) != len(v) or len(v) >= 10):
+            return "distinct digits in [0, 9] that leave at least one digit for the negative class"
+        return None
+    return check
+
+
+def _named_losses() -> list[str]:
+    """Losses a name alone can build (``learned`` needs a file path: use loss=learned)."""
+    from metaloss.config import group_options
+
+    return [n for n in group_options("loss") if n != "learned"]
+
+
 def loss_name(optional: bool = False) -> Check:
     def check(v):
-        from metaloss.config import group_options
-
-        valid = group_options("loss")
+        valid = _named_losses()
         if (v is None and optional) or v in valid:
             return None
         return "a loss from conf/loss: " + ", ".join(valid) + (" or null" if optional else "")
@@ -164,9 +200,7 @@ def loss_names() -> Check:
             return None
         inner = loss_name()
         if not isinstance(v, list | tuple) or not v or any(inner(x) for x in v):
-            from metaloss.config import group_options
-
-            return "null or a non-empty list of losses from conf/loss: " + ", ".join(group_options("loss"))
+            return "null or a non-empty list of losses from conf/loss: " + ", ".join(_named_losses())
         if len(set(v)) != len(v):
             return "a list without repeated losses"
         return None
@@ -210,12 +244,12 @@ RULES: dict[str, Check] = {
     # metaloss-meta
     "meta.mode": one_of("offline", "online"),
     "meta.steps": integer(1),
-    "meta.tasks_per_step": integer(1),
-    "meta.inner_steps": integer(1),
+    "meta.tasks_per_step": integer(1, 100_000),
+    "meta.inner_steps": integer(1, 1_000_000),
     "meta.inner_batch": integer(1, optional=True),
     "meta.val_batch": integer(1, optional=True),
     "meta.val_from_train": boolean(),
-    "meta.train_tasks": integer(1),
+    "meta.train_tasks": integer(1, 100_000),
     "meta.objective": loss_name(optional=True),
     "meta.clip_grad_norm": positive(optional=True),
     "meta.learn_inner_lr": boolean(),
@@ -226,17 +260,17 @@ RULES: dict[str, Check] = {
     "meta.max_bad_steps": integer(1),
     "compare": loss_names(),
     "meta_test.enabled": boolean(),
-    "meta_test.seeds": integer(1),
+    "meta_test.seeds": integer(1, 10_000),
     "meta_test.steps": integer(1),
     "meta_test.batch_size": integer(1, optional=True),
-    "meta_test.tasks_per_seed": integer(1),
+    "meta_test.tasks_per_seed": integer(1, 10_000),
     "meta_test.task_overrides": mapping(),
     "meta_test.lr": positive(optional=True),
     "meta_test.metric": metric_name(),
     "meta_test.alpha": real(0, 1, lo_open=True, hi_open=True),
     "meta_test.vectorise": boolean(),
     # metaloss-eval
-    "loss_path": existing_path(),
+    "loss_path": existing_path(file=True),
     # optimizers: optim (torch.optim), inner_optim (functional), meta_optim (torch.optim)
     "*optim.lr": positive(),
     "*optim.weight_decay": real(0),
@@ -250,17 +284,17 @@ RULES: dict[str, Check] = {
     "*optim.momentum_decay": real(0),
     # hypergradient methods
     "hypergrad.k": integer(1),
-    "hypergrad.population": integer(1),
+    "hypergrad.population": integer(1, 100_000),
     "hypergrad.sigma": positive(),
     "hypergrad.objective": one_of("error", optional=True),
     "hypergrad.compile": boolean(),
     "hypergrad.seed": integer(0),
     # tasks
     "task.seed": integer(0),
-    "task.n_train": integer(2),
-    "task.n_val": integer(1),
-    "task.n_test": integer(1),
-    "task.num_samples": integer(10),
+    "task.n_train": integer(2, 10_000_000),
+    "task.n_val": integer(1, 10_000_000),
+    "task.n_test": integer(1, 10_000_000),
+    "task.num_samples": integer(10, 10_000_000),
     "task.data_seed": integer(0),
     "task.noise": real(0),
     "task.val_frac": real(0, 1, lo_open=True, hi_open=True),
@@ -268,28 +302,33 @@ RULES: dict[str, Check] = {
     "task.imbalance_ratio": real(1, optional=True),
     "task.label_noise.rate": real(0, 1, hi_open=True),
     "task.label_noise.kind": one_of("symmetric", "pair"),
-    "task.positive_classes": int_list(0, hi=9, optional=True, nonempty=True),
+    "task.positive_classes": classes(),
     "task.amplitude": interval(lo=0, lo_open=True),
     "task.phase": interval(),
     "task.x_range": interval(strict=True),
     "task.fraction": real(0, 1, hi_open=True),
     "task.magnitude": real(0),
     "task.corrupt_val": boolean(),
-    "task.size": integer(8),
-    "task.max_shapes": integer(1),
+    "task.size": integer(8, 1024),
+    "task.max_shapes": integer(1, 100),
     "task.radius": interval(lo=0, lo_open=True),
     # models
-    "model.hidden": int_list(1),
+    "model.hidden": int_list(1, hi=1_000_000),
     "model.activation": one_of("relu", "tanh", "gelu", "silu"),
-    "model.channels": integer(1),
-    "model.kernel": integer(1),
-    "model.depth": integer(1),
+    "model.channels": integer(1, 65_536),
+    "model.kernel": integer(1, 4096),
+    "model.depth": integer(1, 256),
     "model.groups": integer(1),
-    "model.base": integer(1),
+    "model.base": integer(1, 4096),
     # logging
     "logger.kind": one_of("wandb", "none"),
     "logger.mode": one_of("offline", "online", "disabled"),
     "logger.init_timeout": positive(),
+    "logger.project": text(),
+    "logger.entity": text(optional=True),
+    "logger.group": text(optional=True),
+    "logger.tags": strings(),
+    "logger.base_url": text(optional=True),
 }
 
 # Loss hyper-parameters, by the loss function's / class's name (the last part of _target_).
@@ -312,16 +351,19 @@ LOSS_RULES: dict[str, dict[str, Check]] = {
     "tversky": {"alpha": real(0), "beta": real(0), "smooth": real(0)},
     "focal_tversky": {"alpha": real(0), "beta": real(0), "gamma": positive(), "smooth": real(0)},
     "bce_dice": {"bce_weight": real(0), "smooth": real(0)},
-    "ML3Loss": {"hidden": int_list(1, nonempty=True), "fit_to": one_of("ce", "mse", optional=True),
+    "ML3Loss": {"hidden": int_list(1, nonempty=True, hi=4096), "num_classes": integer(1, 100_000, optional=True), "fit_to": one_of("ce", "mse", optional=True),
                 "fit_steps": integer(1), "init": one_of("default", "xavier"), "init_scale": positive(),
                 "bias": boolean(), "use_x": boolean(), "use_progress": boolean()},
-    "TaylorGLO": {"init": one_of("ce", "mse", "brier", "zeros")},
-    "PolyN": {"degree": integer(1)},
+    "TaylorGLO": {"init": one_of("ce", "mse", "brier", "zeros"), "center_target": real(),
+                  "center_pred": real()},
+    "PolyN": {"degree": integer(1, 64), "init_epsilon": reals(optional=True)},
+    "LogitAdjusted": {"num_classes": integer(2, 100_000, optional=True)},
     "AdaptiveRobust": {"init_alpha": real(0, 2, lo_open=True, hi_open=True), "init_scale": positive(),
                        "alpha_min": positive()},
     "LearnedSmoothing": {"init_epsilon": real(0, 1, lo_open=True, hi_open=True),
-                         "eps_max": real(0, 1, lo_open=True, hi_open=True), "per_class": boolean()},
-    "load_learned_loss": {"path": existing_path(), "frozen": boolean()},
+                         "eps_max": real(0, 1, lo_open=True, hi_open=True), "per_class": boolean(),
+                         "num_classes": integer(2, 100_000, optional=True)},
+    "load_learned_loss": {"path": existing_path(file=True), "frozen": boolean()},
 }
 
 
@@ -399,3 +441,64 @@ def check_config(cfg: DictConfig | dict) -> None:
     found = problems(cfg)
     if found:
         raise ConfigError("invalid settings (nothing was run):\n  " + "\n  ".join(dict.fromkeys(found)))
+
+
+MAX_MODEL_PARAMS = 100_000_000  # ~400 MB of float32 weights per model, before T-fold vmap copies
+
+
+def check_against_task(cfg: DictConfig, task: Any) -> None:
+    """The checks that need the task (its kind, classes, shapes), run right after the data is
+    made and before any training: the model is built shape-only on the ``meta`` device (no
+    memory) and run on two examples, so a model that does not fit the task, or is too big,
+    is refused with its reason instead of failing deep inside training."""
+    import torch
+    from hydra.utils import instantiate
+
+    from metaloss.metrics import metric_names, train_result_names
+
+    found = []
+    mt = cfg.get("meta_test")
+    if mt is not None:
+        metric = mt.get("metric")
+        if metric is not None and metric not in metric_names(task.kind, metric.split("/")[0]):
+            found.append(f"meta_test.metric = {metric!r}: must be one of "
+                         f"{', '.join(metric_names(task.kind, 'test'))} for {task.kind} task {task.name!r}")
+        if mt.get("task_overrides") and not task.distribution:
+            found.append(f"meta_test.task_overrides = {dict(mt.task_overrides)}: only task families (e.g. sine) "
+                         f"draw fresh test tasks; {task.name!r} is a single task, so nothing would be overridden")
+    if "train" in cfg and cfg.get("metric") is not None and cfg.metric not in train_result_names(task.kind):
+        found.append(f"metric = {cfg.metric!r}: must be one of {', '.join(train_result_names(task.kind))} "
+                     f"for {task.kind} task {task.name!r}")
+    n_cls = (cfg.get("loss") or {}).get("num_classes")
+    expected = task.num_classes or 2
+    if n_cls is not None and task.kind in ("classification", "binary") and n_cls != expected:
+        found.append(f"loss.num_classes = {n_cls}: must be {expected} (the classes of task {task.name!r}) or null")
+    model_name = str(cfg.model.get("_target_", "model")).rsplit(".", 1)[-1]
+    try:
+        with torch.device("meta"):
+            model = instantiate(cfg.model)(in_shape=task.in_shape, out_dim=task.out_dim)
+        n_params = sum(p.numel() for p in model.parameters())
+        if n_params > MAX_MODEL_PARAMS:
+            found.append(f"model: {model_name} has {n_params:,} parameters for task {task.name!r}; the limit is "
+                         f"{MAX_MODEL_PARAMS:,} (shrink model.hidden / channels / depth)")
+        else:
+            with torch.no_grad():
+                out = model(task.x_train[:2].to("meta"))
+            want = _expected_output(task)
+            if tuple(out.shape) not in want:
+                found.append(f"model: {model_name} does not fit {task.kind} task {task.name!r}: it outputs "
+                             f"{list(out.shape)} for 2 examples, the task needs {list(want[0])}"
+                             + (" (use model=unet)" if task.kind == "segmentation" else ""))
+    except (ValueError, RuntimeError, TypeError) as e:
+        found.append(f"model: {model_name} cannot be built for task {task.name!r} (inputs {list(task.in_shape)}): "
+                     f"{str(e).splitlines()[0][:300]}")
+    if found:
+        raise ConfigError("invalid settings for this task (nothing was trained):\n  " + "\n  ".join(found))
+
+
+def _expected_output(task: Any) -> list[tuple[int, ...]]:
+    if task.kind == "segmentation":
+        return [(2, *task.y_train.shape[1:])]
+    if task.kind == "binary":
+        return [(2, 1), (2,)]
+    return [(2, task.out_dim)]

@@ -31,6 +31,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from metaloss.cli import meta as meta_app
 from metaloss.cli.report import main as report_main
 from metaloss.config import conf_dir
 
@@ -71,8 +72,9 @@ def _finish(proc: subprocess.Popen) -> str:
 
 
 def _sweep_dir(cwd: Path, app: str) -> Path:
-    """The sweep's directory: exactly one, although its name (${now:...}_${metaloss.uid:})
-    is resolved again in every job's process: the value travels in the pickled config."""
+    """The sweep's directory: exactly one, although its name (launch time and the launching
+    process's id: cached resolvers) is resolved again in every job's process and again after
+    a requeue: the cached values travel in the pickled config."""
     sweeps = list((cwd / "multirun" / app).iterdir())
     assert len(sweeps) == 1, sweeps
     return sweeps[0]
@@ -80,6 +82,19 @@ def _sweep_dir(cwd: Path, app: str) -> Path:
 
 def _jobs(sweep: Path) -> list[Path]:
     return sorted((p.parent for p in sweep.glob("*/run.json")), key=lambda d: int(d.name.split("_")[0]))
+
+
+def _first_checkpoint(proc: subprocess.Popen, cwd: Path) -> tuple[Path, int]:
+    """Wait until job 0 of the meta sweep has a checkpoint: (its directory, its process id)."""
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        ready = [d for d in cwd.glob("multirun/meta/*/0_*") if (d / "checkpoint.pt").is_file()]
+        if ready:
+            pid = json.loads((ready[0] / "run.json").read_text())["pid"]
+            assert pid != proc.pid  # the job runs in its own process
+            return ready[0], pid
+        time.sleep(0.02)
+    raise AssertionError(f"job 0 never wrote a checkpoint:\n{proc.communicate()[0][-3000:] if proc.poll() is not None else ''}")
 
 
 def _phi(run_dir: Path) -> dict:
@@ -165,36 +180,44 @@ def test_train_sweep_through_joblib_and_submitit_local(tmp_path):
 
 
 @pytest.mark.slow
-def test_meta_sweep_preempted_through_submitit_requeues_and_resumes_bit_identically(tmp_path):
-    """Both seeds run through joblib (the reference, uninterrupted) and through submitit's
-    local executor, where job 0 is preempted after its first checkpoint."""
-    reference = _start("meta", LAUNCH["joblib"] + META, tmp_path / "joblib")
-    local = _start("meta", LAUNCH["local"] + META, tmp_path / "local")
-    deadline, victim = time.time() + 240, None
-    while victim is None and time.time() < deadline and local.poll() is None:
-        done = [d for d in (tmp_path / "local").glob("multirun/meta/*/0_*") if (d / "checkpoint.pt").is_file()]
-        victim = done[0] if done else time.sleep(0.02)
-    assert victim is not None, "job 0 never wrote a checkpoint"
-    pid = json.loads((victim / "run.json").read_text())["pid"]
-    assert pid != local.pid
+def test_meta_sweep_preempted_through_submitit_requeues_and_resumes_bit_identically(tmp_path, compose_cfg):
+    """Two seeds through submitit's local executor; job 0 is preempted after its first
+    checkpoint. The reference is the same seed-0 run, uninterrupted and without a launcher."""
+    proc = _start("meta", LAUNCH["local"] + META, tmp_path / "local")
+    victim, pid = _first_checkpoint(proc, tmp_path / "local")
     os.kill(pid, signal.SIGUSR2)  # = submitit's LocalJob._interrupt(); SLURM: --signal=USR2@...
-    _finish(reference)
-    _finish(local)
+    overrides = [o for o in META if not o.startswith("seed=")] + ["seed=0"]
+    meta_app.run(compose_cfg("meta", overrides), tmp_path / "reference", "ml3")  # meanwhile
+    _finish(proc)
 
     sweep = _sweep_dir(tmp_path / "local", "meta")
     jobs = _jobs(sweep)
     assert [j.name[:2] for j in jobs] == ["0_", "1_"] and jobs[0] == victim  # requeued into its own dir
-    logs = {p: p.read_text() for p in sweep.glob(".submitit/*/*_log.out")}
-    (log,) = [text for text in logs.values() if "this job is preempted" in text]
+    logs = [p.read_text() for p in sweep.glob(".submitit/*/*_log.out")]
+    (log,) = [text for text in logs if "this job is preempted" in text]  # job 0's, and only it
     assert "Calling checkpoint method" in log and "Requeued job" in log
     resumed = re.search(r"resumed from .*checkpoint\.pt at outer step (\d+)", log)
     assert resumed and 1 <= int(resumed.group(1)) < META_STEPS, log[-3000:]
-    assert not any("preempted" in text for p, text in logs.items() if text is not log)
-
-    ref = _jobs(_sweep_dir(tmp_path / "joblib", "meta"))
-    for seed, (job, twin) in enumerate(zip(jobs, ref)):
-        owner = json.loads((job / "run.json").read_text())
-        assert owner["identity"]["seed"] == seed
+    for seed, job in enumerate(jobs):
+        assert json.loads((job / "run.json").read_text())["identity"]["seed"] == seed
         assert torch.load(job / "checkpoint.pt", weights_only=True)["step"] == META_STEPS
-        assert _identical(_phi(job), _phi(twin)), f"seed {seed}: launcher/preemption changed φ"
+    assert _identical(_phi(jobs[0]), _phi(tmp_path / "reference")), "preemption + requeue changed φ"
     assert not _identical(_phi(jobs[0]), _phi(jobs[1]))  # each job its own seed
+
+
+@pytest.mark.slow
+def test_slurm_style_preemption_sigterm_then_sigusr2_requeues(tmp_path, compose_cfg):
+    """Clusters that preempt with SIGTERM then SIGUSR2: SIGTERM only requests a checkpoint
+    inside a submitit job, SIGUSR2 requeues, the job resumes and ends bit-identical."""
+    seed0 = [o for o in META if not o.startswith("seed=")] + ["seed=0"]
+    proc = _start("meta", LAUNCH["local"] + seed0, tmp_path / "local")
+    victim, pid = _first_checkpoint(proc, tmp_path / "local")
+    os.kill(pid, signal.SIGTERM)
+    time.sleep(0.2)
+    try:
+        os.kill(pid, signal.SIGUSR2)
+    except ProcessLookupError:
+        pass  # already gone: SIGTERM ended it
+    meta_app.run(compose_cfg("meta", seed0), tmp_path / "reference", "ml3")
+    _finish(proc)
+    assert _identical(_phi(victim), _phi(tmp_path / "reference"))

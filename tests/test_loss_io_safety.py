@@ -139,8 +139,16 @@ def test_targets_that_are_not_plain_dotted_names_are_refused(tmp_path, target):
 def test_attributes_of_metaloss_modules_do_not_lead_outside(tmp_path, side_effect_module, monkeypatch):
     f = write_blob(tmp_path / "l.pt", "metaloss.losses.io.torch.nn.Linear",
                    {"in_features": 1, "out_features": 1})
-    with pytest.raises(CorruptLossFile, match="not a ParametricLoss"):
+    with pytest.raises(CorruptLossFile, match="cannot be imported"):
         load_learned_loss(f)
+    # a re-exported package's lazy submodules are never reached (numpy.f2py is lazy)
+    import sys
+
+    before = "numpy.f2py" in sys.modules
+    f = write_blob(tmp_path / "l.pt", "metaloss.metatest.np.f2py.Foo", {})
+    with pytest.raises(CorruptLossFile, match="cannot be imported"):
+        load_learned_loss(f)
+    assert ("numpy.f2py" in sys.modules) == before
     name, _ = side_effect_module()
     monkeypatch.setattr(lio, "Smuggled", __import__(name).SideEffectLoss, raising=False)
     f = write_blob(tmp_path / "l.pt", "metaloss.losses.io.Smuggled", {}, {"scale": torch.tensor(1.0)})
@@ -247,3 +255,25 @@ def test_ordinary_losses_round_trip(tmp_path, make):
     pred, target = torch.randn(6, 4), torch.randint(0, 4, (6,))
     torch.testing.assert_close(back(pred, target), loss(pred, target).detach())
     assert isinstance(back, ParametricLoss) and not any(p.requires_grad for p in back.parameters())
+
+
+def test_non_finite_parameters_are_refused(tmp_path):
+    from metaloss.losses.io import save_learned_loss
+    from metaloss.losses.poly import PolyN
+
+    loss = PolyN(degree=2)
+    with torch.no_grad():
+        loss.epsilon[0] = float("nan")
+    save_learned_loss(loss, tmp_path / "nan.pt")
+    with pytest.raises(CorruptLossFile, match=r"\['epsilon'\] hold NaN/inf"):
+        load_learned_loss(tmp_path / "nan.pt")
+
+
+def test_huge_polyn_degree_is_refused_without_allocating(tmp_path):
+    import time
+
+    f = write_blob(tmp_path / "l.pt", "metaloss.losses.poly.PolyN", {"degree": 10**9}, {})
+    t0 = time.time()
+    with pytest.raises(CorruptLossFile, match="degree must be an integer in"):
+        load_learned_loss(f)
+    assert time.time() - t0 < 5

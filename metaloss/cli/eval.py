@@ -16,13 +16,13 @@ from omegaconf import DictConfig
 from metaloss import runtime
 from metaloss.cli.comparison import run_meta_test
 from metaloss.cli.logger import open_logger
-from metaloss.cli.meta import _check_task_settings, _task_pool
+from metaloss.cli.meta import _task_pool
 from metaloss.cli.signals import exit_on_interrupt, interruptible
 from metaloss.cli.train import LOCAL_KEYS
 from metaloss.config import check_loss_fits, conf_dir
 from metaloss.losses.io import load_learned_loss
 from metaloss.runs import RunDir, identity
-from metaloss.validate import check_config
+from metaloss.validate import check_against_task, check_config
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
@@ -38,7 +38,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dt
     learned = load_learned_loss(cfg.loss_path, trusted_modules=list(cfg.trusted_modules)).to(device, dtype)
     pool = [t.to(device, dtype) for t in _task_pool(cfg)]
     check_loss_fits(learned, pool[0].kind, pool[0].name, f"learned ({cfg.loss_path})")
-    _check_task_settings(cfg, pool[0])
+    check_against_task(cfg, pool[0])
     run_dir.record()
     with open_logger(cfg, out_dir, job_type="eval", name=f"eval-{pool[0].name}") as logger:
         return run_meta_test(cfg, learned, pool, instantiate(cfg.inner_optim), out_dir, logger)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from metaloss import distributed, runtime
 from metaloss.cli.comparison import run_meta_test, tasks_for_seed_fn
 from metaloss.cli.logger import NullLogger, open_logger
-from metaloss.cli.signals import critical, exit_on_interrupt, interruptible
+from metaloss.cli.signals import checkpoint_requested, critical, exit_on_interrupt, interruptible
 from metaloss.config import (
     DEFAULT_OBJECTIVE,
     baselines_for,
@@ -41,7 +41,6 @@ from metaloss.meta import (
     offline_steps,
     online_steps,
 )
-from metaloss.metrics import metric_names
 from metaloss.plots import plot_losses
 from metaloss.runs import (
     VOLATILE,
@@ -56,7 +55,7 @@ from metaloss.runs import (
 )
 from metaloss.sampling import sample_meta_batch
 from metaloss.train import build_model
-from metaloss.validate import ConfigError, check_config
+from metaloss.validate import ConfigError, check_against_task, check_config
 
 log = logging.getLogger("metaloss")
 CKPT_FORMAT = "metaloss.checkpoint/2"
@@ -166,17 +165,8 @@ def _meta_loop(bar, state: RunState, last: dict, logger, loss, baselines, task, 
             png = plot_losses({"learned": loss, **baselines}, task.kind, out_dir / "learned_loss.png",
                               num_classes=task.num_classes, title=f"{loss_name} after {step} steps")
             logger.image("meta/learned_loss", png, step=step)
-        if step % mc.checkpoint_every == 0:
+        if step % mc.checkpoint_every == 0 or checkpoint_requested():
             save_checkpoint(last["state"])
-
-
-def _check_task_settings(cfg: DictConfig, task) -> None:
-    """The settings whose valid values depend on the task kind (known once it exists; data
-    generation is cheap next to training, and nothing has been trained yet)."""
-    metric = cfg.meta_test.metric
-    if metric is not None and metric not in metric_names(task.kind, metric.split("/")[0]):
-        raise ConfigError(f"meta_test.metric = {metric!r}: must be one of "
-                          f"{', '.join(metric_names(task.kind, 'test'))} for {task.kind} task {task.name!r}")
 
 
 def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> dict:
@@ -233,10 +223,13 @@ def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, iden
     gen = torch.Generator().manual_seed(cfg.seed)  # sampling RNG: CPU, the same on every device
     pool = [t.to(device, dtype) for t in _task_pool(cfg)]
     task = pool[0]
-    _check_task_settings(cfg, task)
+    check_against_task(cfg, task)
     loss = instantiate_loss(cfg.loss, task)
     if isinstance(loss, torch.nn.Module):
         loss = loss.to(device=device, dtype=dtype)
+    if cfg.loss.get("_target_", "").endswith("load_learned_loss") and cfg.loss.get("frozen", True):
+        raise ConfigError("loss = learned with loss.frozen = true cannot be meta-trained; set loss.frozen=false "
+                          "to continue meta-training a saved loss (or use metaloss-eval to test it)")
     if not isinstance(loss, ParametricLoss):
         raise ValueError(f"metaloss-meta needs a parametric loss, got {loss_name!r}; choose one of "
                          "ml3, taylorglo, poly_n, logit_adjusted, adaptive_robust, learned_smoothing "

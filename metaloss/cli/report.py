@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from metaloss.report import collect, format_table, jsonable, plot, summarize
+from metaloss.report import UnreadableResult, collect, format_table, jsonable, plot, summarize
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         summary = summarize(collect(args.directory), prefix=f"{args.split}/")
-    except FileNotFoundError as e:
+    except (FileNotFoundError, UnreadableResult) as e:
         print(f"metaloss-report: {e}", file=sys.stderr)
         return 2
     out = args.out or args.directory

@@ -7,17 +7,36 @@ saved, the W&B run left open. Inside :func:`interruptible` both SIGTERM and SIGI
 the logger. Inside :func:`critical` (writing a checkpoint) a signal is held back and
 raised when the section ends, so a second Ctrl-C cannot cut the save short.
 SIGKILL cannot be caught; the periodic checkpoint covers it.
+
+Inside a submitit job (SLURM through hydra-submitit-launcher) SIGTERM is different: some
+clusters preempt with SIGTERM followed by SIGUSR2, and submitit requeues the job on
+SIGUSR2. There SIGTERM only *requests a checkpoint* at the next step boundary
+(:func:`checkpoint_requested`) and the run carries on until submitit's SIGUSR2 handler
+requeues it, or the scheduler kills it, having lost nothing.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 _HANDLED = (signal.SIGTERM, signal.SIGINT)
-_state = {"depth": 0, "pending": None, "active": False}
+_state = {"depth": 0, "pending": None, "active": False, "checkpoint": False}
+log = logging.getLogger("metaloss")
+
+
+def in_submitit_job() -> bool:
+    return "SUBMITIT_EXECUTOR" in os.environ
+
+
+def checkpoint_requested() -> bool:
+    """True once after a SIGTERM inside a submitit job: save a checkpoint now."""
+    asked, _state["checkpoint"] = _state["checkpoint"], False
+    return asked
 
 
 class Interrupted(KeyboardInterrupt):
@@ -29,6 +48,10 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _handler(signum, _frame) -> None:
+    if signum == signal.SIGTERM and in_submitit_job():
+        _state["checkpoint"] = True  # submitit requeues on the SIGUSR2 that follows
+        log.warning("SIGTERM in a submitit job: checkpointing at the next step, then waiting for requeue")
+        return
     if _state["depth"] > 0:
         _state["pending"] = signum  # raise it once the critical section ends
         return

@@ -25,7 +25,7 @@ from metaloss.report import jsonable
 from metaloss.runs import RunDir, identity
 from metaloss.train import NonFiniteLoss, build_model, train_model
 from metaloss.train_many import train_many
-from metaloss.validate import ConfigError, check_config
+from metaloss.validate import check_against_task, check_config
 
 log = logging.getLogger("metaloss")
 
@@ -47,10 +47,8 @@ def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, device: torch.
     out_dir = run_dir.path
     torch.manual_seed(cfg.seed)
     task = instantiate(cfg.task).to(device, dtype)
+    check_against_task(cfg, task)
     metric = cfg.metric or task.primary_metric
-    if metric not in train_result_names(task.kind):
-        raise ConfigError(f"metric = {metric!r}: must be one of {', '.join(train_result_names(task.kind))} "
-                          f"for {task.kind} task {task.name!r}")
     loss = instantiate_loss(cfg.loss, task)
     check_loss_fits(loss, task.kind, task.name, loss_name)
     if isinstance(loss, torch.nn.Module):
@@ -69,8 +67,8 @@ def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, device: torch.
                               progress=cfg.progress, desc=f"{loss_name} seed {cfg.seed}")
         logger.log(metrics, step=cfg.train.steps)
         logger.summary(metrics)
-    write_json(out_dir / "metrics.json", {"loss": loss_name, "task": task.name, "seed": cfg.seed,
-                                          "metric": metric, "metrics": metrics})
+    write_json(out_dir / "metrics.json", jsonable({"loss": loss_name, "task": task.name, "seed": cfg.seed,
+                                                   "metric": metric, "metrics": metrics}))
     log.info("%s", "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
     return float(metrics[metric])
 

@@ -80,10 +80,14 @@ def load_learned_loss(path: str | Path, frozen: bool = True, *,
     init_kwargs, state_dict = _checked_contents(path, blob, max_numel)
     cls = _resolve_loss_class(path, target, trusted)
     _check_size_before_building(path, cls, init_kwargs, state_dict, max_numel)
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CorruptLossFile(f"{path}: parameters {bad} hold NaN/inf values; this loss cannot train anything "
+                              "(a diverged run saves learned_loss_last_good.pt instead)")
     try:
         loss = cls.from_saved(init_kwargs, state_dict)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise CorruptLossFile(f"{path}: parameters do not match {target}: {e}") from e
+    except (RuntimeError, TypeError, ValueError, MemoryError) as e:
+        raise CorruptLossFile(f"{path}: parameters do not match {target}: {type(e).__name__}: {e}") from e
     if frozen:
         loss.requires_grad_(False)
     loss.meta = blob.get("meta", {})
@@ -201,23 +205,17 @@ def _target_parts(path: Path, target: Any) -> list[str]:
 
 
 def _locate(parts: list[str]) -> Any:
-    """Import the longest module prefix of ``parts`` that exists, then follow attributes.
+    """Import exactly the module ``parts[:-1]`` and take the class ``parts[-1]`` from it.
 
-    Unlike hydra's ``get_class`` this is called only after the whole module path was
-    checked against the trusted prefixes.
+    Called only after the module path was checked against the trusted prefixes. No
+    attribute walk through other objects: a trusted module that re-exports ``torch`` or
+    ``numpy`` must not become a path into their lazily imported submodules.
     """
-    for split in range(len(parts) - 1, 0, -1):
-        name = ".".join(parts[:split])
-        try:
-            obj = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and (name == e.name or name.startswith(e.name + ".")):
-                continue  # `name` is a class path, not a module: try a shorter prefix
-            raise  # a module that exists but whose own import fails
-        for attr in parts[split:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ModuleNotFoundError(f"no module named {parts[0]!r}")
+    module = importlib.import_module(".".join(parts[:-1]))
+    obj = vars(module).get(parts[-1])  # no getattr: no module-level __getattr__ hooks either
+    if obj is None:
+        raise ImportError(f"module {module.__name__!r} has no class {parts[-1]!r}")
+    return obj
 
 
 # --- how big: a shape-only build before the real one -------------------------------------

@@ -11,6 +11,8 @@ from torch import nn
 
 from metaloss.losses.base import ParametricLoss, binary_as_two_class, one_hot
 
+MAX_DEGREE = 64
+
 
 class PolyN(ParametricLoss):
     """CE + Σ_{j=1..N} ε_j (1 - p_t)^j with learned ε (``epsilon``, shape [N]).
@@ -21,6 +23,9 @@ class PolyN(ParametricLoss):
     kinds = ("classification", "binary")
 
     def __init__(self, degree: int = 3, init_epsilon=None) -> None:
+        if not isinstance(degree, int) or not 1 <= degree <= MAX_DEGREE:
+            # (1 - p)^j vanishes for large j: higher degrees add nothing but memory
+            raise ValueError(f"degree must be an integer in [1, {MAX_DEGREE}], got {degree!r}")
         eps = [0.0] * degree if init_epsilon is None else [float(e) for e in init_epsilon]
         if len(eps) != degree:
             raise ValueError(f"init_epsilon has {len(eps)} values for degree {degree}")

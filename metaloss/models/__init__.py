@@ -45,6 +45,8 @@ def cnn1d(*, in_shape: Sequence[int], out_dim: int, channels: int = 32, kernel: 
         raise ValueError(f"cnn1d expects [L] or [C, L] inputs, got {list(in_shape)}")
     c_in = 1 if len(in_shape) == 1 else in_shape[0]
     length = in_shape[-1]
+    if kernel > length:
+        raise ValueError(f"cnn1d kernel ({kernel}) is longer than the input sequence ({length})")
     layers: list[nn.Module] = [_Unsqueeze()]
     for i in range(depth):
         stride = 1 if i == 0 else 2
