@@ -220,3 +220,24 @@ def test_a_wrong_metric_is_refused_before_training(compose_cfg, tmp_path):
     with pytest.raises(ValueError, match="not a metric of a regression task"):
         run_meta_test(cfg, fixed.mse, _task_pool(cfg), instantiate(cfg.inner_optim), tmp_path, NullLogger())
     assert not (tmp_path / "comparison.json").exists()
+
+
+def test_report_keeps_meta_tests_of_different_runs_apart_and_names_bad_files(tmp_path):
+    import json as _json
+
+    from metaloss.report import UnreadableResult, collect
+
+    for name, val in (("a", 0.5), ("b", 0.7)):
+        d = tmp_path / name
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(f"- loss={'ml3' if name == 'a' else 'poly_n'}\n")
+        (d / "comparison.json").write_text(_json.dumps({"results": {"learned": {"test/acc": [val, val]},
+                                                                   "ce": {"test/acc": [0.6, 0.6]}}}))
+    groups = collect(tmp_path)
+    assert groups["loss=ml3 | learned"]["test/acc"] == [0.5, 0.5]
+    assert groups["loss=poly_n | learned"]["test/acc"] == [0.7, 0.7]
+    assert groups["loss=ml3 | ce"]["test/acc"] == [0.6, 0.6]  # never counted twice under one name
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "comparison.json").write_text('{"results": {"learned": ')
+    with pytest.raises(UnreadableResult, match="c/comparison.json: not readable JSON"):
+        collect(tmp_path)

@@ -65,6 +65,17 @@ META_BAD = [
     ("task=mnist1d loss=logit_adjusted task.positive_classes=[12]", "task.positive_classes"),
     ("model=convnet model.channels=30 model.groups=4", "model.groups = 4: must divide model.channels"),
     ("logger.mode=sometimes", "logger.mode"),
+    ("model.hidden=[100000000]", "model.hidden = [100000000]: must be a list of integers in [1, 1000000]"),
+    ("loss.hidden=[100000000]", "loss.hidden"),
+    ("task=digits loss=poly_n loss.degree=100000000", "loss.degree = 100000000: must be an integer in [1, 64]"),
+    ("hypergrad=es hypergrad.population=10000000", "hypergrad.population"),
+    ("task=digits loss=taylorglo loss.center_target=nan", "loss.center_target = nan"),
+    ("task=digits loss=poly_n loss.init_epsilon=nan", "loss.init_epsilon"),
+    ("compare=[learned]", "compare = ['learned']"),
+    ("meta.objective=learned", "meta.objective = 'learned'"),
+    ("logger.tags=abc", "logger.tags = 'abc': must be a list of strings"),
+    ("task=mnist1d loss=logit_adjusted task.positive_classes=[0,0]", "task.positive_classes = [0, 0]"),
+    ("task=mnist1d loss=logit_adjusted task.positive_classes=[0,1,2,3,4,5,6,7,8,9]", "leave at least one digit"),
 ]
 TRAIN_BAD = [
     ("train.batch_size=-4", "train.batch_size = -4: must be an integer >= 1 or null"),
@@ -172,3 +183,34 @@ def test_batch_sampler_matches_epochs_of_permutations():
     p1, p2 = torch.randperm(10, generator=ref), torch.randperm(10, generator=ref)
     expect = [p1[:4], p1[4:8], p2[:4], p2[4:8]]
     assert all(torch.equal(a, b) for a, b in zip(first, expect))
+
+
+@pytest.mark.parametrize("app,overrides,message", [
+    ("train", ["task=shapes", "model=mlp", "loss=dice"], "model: mlp does not fit segmentation task 'shapes'"),
+    ("train", ["task=digits", "model=unet", "loss=ce"], "model: unet does not fit classification task 'digits'"),
+    ("train", ["task=mnist1d", "model=cnn1d", "model.kernel=1000"], "kernel (1000) is longer than the input"),
+    ("train", ["task=mnist1d", "model.hidden=[900000,900000]"], "parameters for task 'mnist1d'; the limit"),
+    ("meta", ["task=outliers", "+meta_test.task_overrides.fraction=0.9"], "only task families"),
+    ("meta", ["task=digits", "loss=logit_adjusted", "loss.num_classes=3"], "loss.num_classes = 3: must be 10"),
+])
+def test_settings_that_do_not_fit_the_task_are_refused_before_training(compose_cfg, tmp_path, monkeypatch, app,
+                                                                       overrides, message):
+    monkeypatch.setattr(train_app, "train_model", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(meta_app, "offline_steps", lambda *a, **k: pytest.fail("meta-trained"))
+    cfg = compose_cfg(app, ["logger=none", "progress=false", *overrides])
+    with pytest.raises(ConfigError) as err:
+        (train_app if app == "train" else meta_app).run(cfg, tmp_path, "x")
+    assert message in str(err.value)
+
+
+def test_a_frozen_learned_loss_is_not_meta_trained(compose_cfg, tmp_path):
+    from metaloss.losses.io import save_learned_loss
+    from metaloss.losses.mlp import ML3Loss
+
+    save_learned_loss(ML3Loss(hidden=(8,)), tmp_path / "l.pt")
+    cfg = compose_cfg("meta", ["logger=none", "loss=learned", f"loss.path={tmp_path / 'l.pt'}"])
+    with pytest.raises(ConfigError, match="loss.frozen = true cannot be meta-trained"):
+        meta_app.run(cfg, tmp_path / "run", "learned")
+    with pytest.raises(ConfigError, match="loss.path = .*must be an existing file"):
+        meta_app.run(compose_cfg("meta", ["logger=none", "loss=learned", f"loss.path={tmp_path}"]), tmp_path / "r2",
+                     "learned")
