@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.config_repository import ConfigRepository
+from hydra._internal.utils import create_config_search_path
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.object_type import ObjectType
+from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from metaloss.losses.base import loss_kinds
+from metaloss.losses.base import ParametricLoss, loss_kinds
 from metaloss.runs import register_resolvers
 
 register_resolvers()  # ${metaloss.uid:} / ${metaloss.slug:} in the run directories of conf/*.yaml
@@ -27,27 +36,119 @@ def conf_dir() -> Path:
     raise FileNotFoundError(f"metaloss configs not found next to {here} (looked for conf/train.yaml)")
 
 
-def group_options(group: str) -> list[str]:
-    """The option names of a config group, e.g. ``group_options("loss")``."""
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+# ---------------------------------------------------------------- the run's config sources
+#
+# A user adds a loss, task or model by putting `loss/<name>.yaml` (etc.) in a directory of
+# their own and passing `hydra.searchpath=[file:///that/dir]` (or a `pkg://` package). Hydra
+# composes `loss=<name>` from it; everything that looks a config option up *by name* at run
+# time (`compare:`, `meta.objective`, the validation of those keys, the catalogue) must see
+# the same options, so it goes through Hydra's own ConfigRepository over the same search
+# path Hydra builds: hydra's configs, this package's conf/ ("main"), search-path plugins,
+# then every `hydra.searchpath` entry in order. The first source that has an option wins,
+# so a user's `loss/mse.yaml` is shadowed by the package's, exactly as in `loss=mse`.
+
+_ACTIVE_SEARCHPATH: ContextVar[tuple[str, ...] | None] = ContextVar("metaloss_searchpath", default=None)
 
 
-@lru_cache(maxsize=1)
-def _loss_catalogue() -> dict[str, frozenset[str]]:
-    """Option name -> task kinds, read from each ``conf/loss/*.yaml``'s ``_target_``."""
-    out = {}
-    for name in group_options("loss"):
-        target = OmegaConf.load(conf_dir() / "loss" / f"{name}.yaml").get("_target_")
+class UnknownOption(ValueError):
+    """A config option that no source of the run's search path has."""
+
+
+def searchpath(cfg: Any = None) -> tuple[str, ...]:
+    """The run's ``hydra.searchpath`` entries. Taken from ``cfg.hydra.searchpath`` when the
+    config carries its Hydra node (``compose(..., return_hydra_config=True)``), else from the
+    enclosing :func:`using_searchpath`, else from the running Hydra app (``HydraConfig``: the
+    apps' configs have no ``hydra`` node), else none (the package's conf/ only)."""
+    hydra_node = cfg.get("hydra") if isinstance(cfg, Mapping | DictConfig) else None
+    if hydra_node is not None and hydra_node.get("searchpath") is not None:
+        return tuple(str(p) for p in hydra_node.get("searchpath"))
+    active = _ACTIVE_SEARCHPATH.get()
+    if active is not None:
+        return active
+    if HydraConfig.initialized():
+        return tuple(str(p) for p in (HydraConfig.get().get("searchpath") or ()))
+    return ()
+
+
+@contextmanager
+def using_searchpath(cfg: Any) -> Iterator[tuple[str, ...]]:
+    """Within the block, lookups without a ``cfg`` use ``cfg``'s search path (validation
+    checks see single values, not the config they belong to)."""
+    token = _ACTIVE_SEARCHPATH.set(searchpath(cfg))
+    try:
+        yield _ACTIVE_SEARCHPATH.get()
+    finally:
+        _ACTIVE_SEARCHPATH.reset(token)
+
+
+@lru_cache(maxsize=32)
+def _search_path(paths: tuple[str, ...]) -> tuple[Any, ConfigRepository]:
+    """Hydra's search path for the apps plus ``paths``, built as Hydra builds it (the user
+    entries go after the primary config dir and the plugins, before the schema source).
+    Sources read their files on every call, so caching the repository is safe."""
+    sp = create_config_search_path(f"file://{conf_dir()}")
+    schema = sp.get_path().pop(-1)
+    assert schema.provider == "schema"
+    for path in paths:
+        sp.append(provider="hydra.searchpath", path=path)
+    sp.append("schema", "structured://")
+    return sp, ConfigRepository(config_search_path=sp)
+
+
+def group_options(group: str, cfg: Any = None) -> list[str]:
+    """The option names of a config group in every source of the run's search path, e.g.
+    ``group_options("loss", cfg)`` (no ``cfg``: see :func:`searchpath`)."""
+    return _search_path(searchpath(cfg))[1].get_group_options(group, results_filter=ObjectType.CONFIG)
+
+
+def load_option(group: str, name: str, cfg: Any = None) -> DictConfig:
+    """Option ``<group>/<name>`` exactly as ``<group>=<name>`` would compose it in this run:
+    from the first source that has it; an option with its own defaults list is composed by
+    Hydra's config loader."""
+    sp, repo = _search_path(searchpath(cfg))
+    path = f"{group}/{name}"
+    if not isinstance(name, str) or not repo.config_exists(path):
+        where = ", ".join(["conf/"] + [f"hydra.searchpath {p}" for p in searchpath(cfg)])
+        raise UnknownOption(f"unknown {group} {name!r} (looked in {where}); valid: "
+                            f"{', '.join(group_options(group, cfg))}")
+    loaded = repo.load_config(path)
+    if not any(not d.is_self() for d in loaded.defaults_list or ()):
+        return loaded.config
+    composed = ConfigLoaderImpl(config_search_path=sp).load_configuration(
+        config_name=None, overrides=[f"+{group}={name}"], run_mode=RunMode.RUN, from_shell=False)
+    return OmegaConf.select(composed, group.replace("/", "."))
+
+
+@lru_cache(maxsize=32)
+def _loss_catalogue(paths: tuple[str, ...]) -> dict[str, Any]:
+    """Loss option name -> the object its ``_target_`` names (options whose target cannot
+    be imported are left out), for the search path ``paths``."""
+    cfg, out = {"hydra": {"searchpath": list(paths)}}, {}
+    for name in group_options("loss", cfg):
         try:
-            out[name] = loss_kinds(get_object(target))
-        except (TypeError, ImportError, AttributeError, ValueError):
-            continue  # e.g. `learned`: its kinds come from the saved file
+            out[name] = get_object(str(load_option("loss", name, cfg).get("_target_")))
+        except Exception:  # noqa: BLE001 - a user's broken or unimportable config is not listed
+            continue
     return out
 
 
-def losses_for(kind: str) -> list[str]:
-    """Names of the catalogued losses that fit a task kind."""
-    return [n for n, kinds in _loss_catalogue().items() if kind in kinds]
+def losses_for(kind: str, cfg: Any = None) -> list[str]:
+    """Names of the catalogued losses that fit a task kind (`learned`: kinds from its file)."""
+    out = []
+    for name, target in _loss_catalogue(searchpath(cfg)).items():
+        try:
+            if kind in loss_kinds(target):
+                out.append(name)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def parametric_losses(cfg: Any = None) -> list[str]:
+    """Names of the catalogued losses whose ``_target_`` is a ParametricLoss subclass: the
+    losses ``metaloss-meta`` can meta-train."""
+    return [n for n, t in _loss_catalogue(searchpath(cfg)).items()
+            if isinstance(t, type) and issubclass(t, ParametricLoss)]
 
 
 class LossDoesNotFitTask(ValueError):
@@ -78,13 +179,10 @@ def instantiate_loss(loss_cfg: Any, task: Any) -> Any:
     return instantiate(loss_cfg, **extra)
 
 
-def loss_option(name: str, task: Any) -> Any:
-    """Instantiate the catalogued loss ``conf/loss/<name>.yaml`` for a task (e.g. a baseline
-    named in ``compare:``), refusing unknown names and losses that do not fit."""
-    path = conf_dir() / "loss" / f"{name}.yaml"
-    if not path.is_file():
-        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(group_options('loss'))}")
-    loss = instantiate_loss(OmegaConf.load(path), task)
+def loss_option(name: str, task: Any, cfg: Any = None) -> Any:
+    """Instantiate the loss option ``<name>`` of the run's search path for a task (e.g. a
+    baseline named in ``compare:``), refusing unknown names and losses that do not fit."""
+    loss = instantiate_loss(load_option("loss", name, cfg), task)
     check_loss_fits(loss, task.kind, task.name, name)
     return loss
 
@@ -98,6 +196,7 @@ DEFAULT_BASELINES = {
 }
 
 
-def baselines_for(names: Any, task: Any) -> dict[str, Any]:
-    """The `compare:` losses, instantiated for the task (null: the defaults for its kind)."""
-    return {n: loss_option(n, task) for n in (names or DEFAULT_BASELINES[task.kind])}
+def baselines_for(names: Any, task: Any, cfg: Any = None) -> dict[str, Any]:
+    """The `compare:` losses, instantiated for the task (null: the defaults for its kind),
+    from the run's config sources (``cfg``: see :func:`searchpath`)."""
+    return {n: loss_option(n, task, cfg) for n in (names or DEFAULT_BASELINES[task.kind])}

@@ -80,11 +80,34 @@ def fingerprint(ident: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Settings added after runs were made, with the default that reproduces the old behaviour:
+# a run recorded before the key existed matches a config that has it at this default.
+NEW_KEY_DEFAULTS: dict[str, Any] = {"device": "auto", "dtype": "float32", "seeds": 1}
+
+
 def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``{key: (old, new)}`` for every key whose value differs (missing: ``<unset>``)."""
     unset = "<unset>"
-    return {k: (old.get(k, unset), new.get(k, unset)) for k in sorted(set(old) | set(new))
-            if old.get(k, unset) != new.get(k, unset)}
+    out = {}
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, unset), new.get(k, unset)
+        if a == b or (a == unset and k in NEW_KEY_DEFAULTS and b == NEW_KEY_DEFAULTS[k]):
+            continue
+        out[k] = (a, b)
+    return out
+
+
+def hydra_record(cfg: Any) -> dict[str, str]:
+    """This run's ``.hydra/config.yaml`` and ``overrides.yaml`` from memory (empty outside a
+    Hydra app), the way Hydra writes them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    hc = HydraConfig.get()
+    return {"config.yaml": OmegaConf.to_yaml(cfg),
+            "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))),
+            "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": OmegaConf.to_container(hc)}))}
 
 
 def describe(diff: dict[str, tuple[Any, Any]], limit: int = 12) -> str:
@@ -106,7 +129,9 @@ def split_applied(diff: dict[str, tuple[Any, Any]]) -> tuple[dict, dict]:
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a unique temporary file beside ``path``, fsync, then rename."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600: results stay readable by collaborators
     os.close(fd)
     try:
         write(Path(tmp))
@@ -151,12 +176,15 @@ class RunDir:
             self._lock.seek(0)
             holder = self._lock.read().strip() or "another process"
             self._lock.close()
+            self._restore_owner_record()  # Hydra already wrote this launch's .hydra/ over the owner's
             raise RunDirConflict(f"run directory {self.path} is in use by {holder}; two runs never "
                                  "share a directory: wait for it, or choose another hydra.run.dir") from None
         self._lock.seek(0)
         self._lock.truncate()
         self._lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
         self._lock.flush()
+        for stale in self.path.glob(".*.tmp"):  # half-written files of a killed writer (we hold the lock)
+            stale.unlink(missing_ok=True)
         try:
             self._claim(app, ident, allow)
         except BaseException:
@@ -178,21 +206,34 @@ class RunDir:
             diff = differences(owner.get("identity", {}), ident)
             if diff and not (allow and allow(diff)):
                 self._restore_hydra_record(owner)
+                applied, refused = split_applied(diff)
+                hint = (f"To continue that run with the new value(s), pass meta.resume_from={self.path}"
+                        if not refused else "Nothing was run: choose another hydra.run.dir (the default is "
+                        "unique per run)")
                 raise RunDirConflict(
                     f"{self.path} belongs to another run (fingerprint {owner.get('fingerprint')}); this "
-                    f"config differs in: {describe(diff)}. Nothing was run: choose another "
-                    "hydra.run.dir (the default is unique per run)")
+                    f"config differs in: {describe(diff)}. {hint}")
         self.app, self.ident = app, ident
 
-    def record(self) -> None:
+    def record(self, hydra_files: dict[str, str] | None = None) -> None:
         """Write ``run.json``: from now on this directory belongs to this run's identity.
-        It also keeps a copy of Hydra's ``.hydra/*.yaml`` record of the owner."""
-        hydra_dir = self.path / ".hydra"
-        saved = {f.name: f.read_text() for f in sorted(hydra_dir.glob("*.yaml"))} if hydra_dir.is_dir() else {}
+
+        ``hydra_files`` (:func:`hydra_record`) is this run's own ``.hydra/*.yaml``, made from
+        its config in memory: it is written over whatever a concurrent, refused launch left
+        there, and kept in run.json so that later refused launches can put it back."""
+        saved = dict(hydra_files or {})
+        for name, content in saved.items():
+            atomic_write_text(self.path / ".hydra" / name, content)
         atomic_write_text(self.path / RUN_FILE, json.dumps({
             "app": self.app, "fingerprint": fingerprint(self.ident), "identity": self.ident,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid(),
             "host": socket.gethostname(), "hydra_record": saved}, indent=1, sort_keys=True, default=str))
+
+    def _restore_owner_record(self) -> None:
+        try:
+            self._restore_hydra_record(json.loads((self.path / RUN_FILE).read_text()))
+        except (OSError, ValueError):
+            pass  # the owner has not recorded yet: it writes its own record when it does
 
     def _restore_hydra_record(self, owner: dict) -> None:
         """Hydra writes ``.hydra/config.yaml`` etc. before the app runs, so a refused launch
@@ -225,6 +266,8 @@ def _uid() -> str:
 
 
 _UID = _uid()
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _stamp() -> str:

@@ -179,10 +179,15 @@ def classes() -> Check:
 
 
 def _named_losses() -> list[str]:
-    """Losses a name alone can build (``learned`` needs a file path: use loss=learned)."""
+    """Losses a name alone can build (``learned`` needs a file path: use loss=learned): the
+    ``loss`` options of every config source of the run (conf/ and ``hydra.searchpath``, see
+    :func:`metaloss.config.searchpath`; :func:`problems` sets the checked config's)."""
     from metaloss.config import group_options
 
     return [n for n in group_options("loss") if n != "learned"]
+
+
+_LOSS_SOURCES = "conf/loss or a loss/ folder on hydra.searchpath"
 
 
 def loss_name(optional: bool = False) -> Check:
@@ -190,7 +195,7 @@ def loss_name(optional: bool = False) -> Check:
         valid = _named_losses()
         if (v is None and optional) or v in valid:
             return None
-        return "a loss from conf/loss: " + ", ".join(valid) + (" or null" if optional else "")
+        return f"a loss from {_LOSS_SOURCES}: " + ", ".join(valid) + (" or null" if optional else "")
     return check
 
 
@@ -198,9 +203,9 @@ def loss_names() -> Check:
     def check(v):
         if v is None:
             return None
-        inner = loss_name()
-        if not isinstance(v, list | tuple) or not v or any(inner(x) for x in v):
-            return "null or a non-empty list of losses from conf/loss: " + ", ".join(_named_losses())
+        valid = _named_losses()
+        if not isinstance(v, list | tuple) or not v or any(x not in valid for x in v):
+            return f"null or a non-empty list of losses from {_LOSS_SOURCES}: " + ", ".join(valid)
         if len(set(v)) != len(v):
             return "a list without repeated losses"
         return None
@@ -270,7 +275,8 @@ RULES: dict[str, Check] = {
     "meta_test.alpha": real(0, 1, lo_open=True, hi_open=True),
     "meta_test.vectorise": boolean(),
     # metaloss-eval
-    "loss_path": existing_path(file=True),
+    "loss_path": lambda v: None if str(v).startswith("wandb-artifact://") else existing_path(file=True)(v) and (
+        "an existing file or a wandb-artifact://[entity/]project/name:version reference"),
     # optimizers: optim (torch.optim), inner_optim (functional), meta_optim (torch.optim)
     "*optim.lr": positive(),
     "*optim.weight_decay": real(0),
@@ -395,18 +401,23 @@ def _loss_problems(node: Any, where: str) -> list[str]:
 
 def problems(cfg: DictConfig | dict) -> list[str]:
     """Every invalid setting of a composed config, as readable lines (empty: all valid)."""
-    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig | ListConfig) else cfg
-    container = {k: v for k, v in container.items() if k != "hydra"}
+    from metaloss.config import using_searchpath
+
     out = []
-    for key, value in _flatten(container):
-        for pattern, check in RULES.items():
-            if fnmatch.fnmatchcase(key, pattern):
-                msg = check(value)
-                if msg:
-                    out.append(f"{key} = {value!r}: must be {msg}")
-                break
-    out += _loss_problems(container.get("loss"), "loss")
-    out += _cross_checks(container)
+    with using_searchpath(cfg):  # loss names are checked against the run's config sources
+        if isinstance(cfg, DictConfig) and "hydra" in cfg:  # checked as the app sees it: no hydra node
+            cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig | ListConfig) else cfg
+        container = {k: v for k, v in container.items() if k != "hydra"}
+        for key, value in _flatten(container):
+            for pattern, check in RULES.items():
+                if fnmatch.fnmatchcase(key, pattern):
+                    msg = check(value)
+                    if msg:
+                        out.append(f"{key} = {value!r}: must be {msg}")
+                    break
+        out += _loss_problems(container.get("loss"), "loss")
+        out += _cross_checks(container)
     return out
 
 

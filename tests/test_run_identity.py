@@ -167,3 +167,112 @@ def test_a_refused_launch_leaves_the_owners_hydra_record_intact(tmp_path):
     refused = subprocess.run([*base, "seed=7"], cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert refused.returncode != 0 and "seed: 0 -> 7" in refused.stdout + refused.stderr
     assert (run_dir / ".hydra" / "config.yaml").read_text() == record
+
+
+@pytest.mark.slow
+def test_a_launch_refused_while_the_owner_runs_leaves_the_owners_record(tmp_path):
+    run_dir = tmp_path / "run"
+    owner = subprocess.Popen([BIN / "metaloss-meta", f"hydra.run.dir={run_dir}", *TINY, "meta.steps=100000"],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_for_step(run_dir / "checkpoint.pt", 1, owner)
+        refused = subprocess.run([BIN / "metaloss-meta", f"hydra.run.dir={run_dir}", *TINY, "seed=7"],
+                                 cwd=tmp_path, capture_output=True, text=True, timeout=180)
+        assert refused.returncode != 0 and "in use by pid" in refused.stdout + refused.stderr
+    finally:
+        owner.terminate()
+        owner.wait(timeout=120)
+    assert "seed=7" not in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert "seed: 7" not in (run_dir / ".hydra" / "config.yaml").read_text()
+
+
+def test_rerunning_a_command_started_from_resume_from_continues_its_own_checkpoint(compose_cfg, tmp_path,
+                                                                                   monkeypatch):
+    first = tmp_path / "first"
+    meta_app.run(compose_cfg("meta", TINY + ["meta.steps=2"]), first, "ml3")
+    cont = TINY + ["meta.steps=5", "meta_optim.lr=0.01", f"meta.resume_from={first}"]
+    meta_app.run(compose_cfg("meta", cont), tmp_path / "reference", "ml3")
+    real = meta_app.MetaLearner.step
+    calls = {"n": 0}
+
+    def stop_at_second(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(meta_app.MetaLearner, "step", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        meta_app.run(compose_cfg("meta", cont), tmp_path / "second", "ml3")
+    monkeypatch.setattr(meta_app.MetaLearner, "step", real)
+    meta_app.run(compose_cfg("meta", TINY + ["meta.steps=4"]), first, "ml3")  # the source moves on meanwhile
+    meta_app.run(compose_cfg("meta", cont), tmp_path / "second", "ml3")  # the same command again
+    a, b = _phi(tmp_path / "reference" / "learned_loss.pt"), _phi(tmp_path / "second" / "learned_loss.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_rerunning_a_sweep_with_a_bigger_budget_resumes_its_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    base = [BIN / "metaloss-meta", "-m", *TINY, "seed=0", f"hydra.sweep.dir={sweep}"]
+    assert subprocess.run([*base, "meta.steps=2"], cwd=tmp_path, capture_output=True, timeout=180).returncode == 0
+    again = subprocess.run([*base, "meta.steps=3"], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-2000:]
+    jobs = [p for p in sweep.iterdir() if p.is_dir()]
+    assert len(jobs) == 1 and "at outer step 2" in again.stdout + again.stderr
+    assert torch.load(jobs[0] / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_joblib_sweep_reaches_its_jobs(tmp_path):
+    import fcntl
+    import signal
+    import time
+
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([BIN / "metaloss-meta", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY,
+                             "meta.steps=100000", "seed=0,1", f"hydra.sweep.dir={sweep}"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while len(list(sweep.rglob("checkpoint.pt"))) < 2:
+        assert proc.poll() is None and time.time() - t0 < 240, "jobs did not start"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert proc.returncode == 143
+    for lock in sweep.rglob(".metaloss.lock"):  # every job has let go of its directory: none orphaned
+        deadline = time.time() + 60
+        with open(lock) as f:
+            while True:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    assert time.time() < deadline, f"{lock.parent} still held by an orphaned job"
+                    time.sleep(0.2)
+
+
+def test_files_are_readable_by_others_and_stale_temp_files_are_removed(compose_cfg, tmp_path):
+    import os
+    import stat
+
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / ".checkpoint.pt.x1y2.tmp").write_bytes(b"half")
+    meta_app.run(compose_cfg("meta", TINY + ["meta.steps=1"]), tmp_path, "ml3")
+    assert not (tmp_path / ".checkpoint.pt.x1y2.tmp").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("learned_loss.pt", "checkpoint.pt", "run.json"):
+        mode = stat.S_IMODE((tmp_path / name).stat().st_mode)
+        assert mode == 0o666 & ~umask, (name, oct(mode))
+
+
+def test_a_run_recorded_before_a_new_setting_existed_still_resumes(compose_cfg, tmp_path):
+    meta_app.run(compose_cfg("meta", TINY + ["meta.steps=1"]), tmp_path, "ml3")
+    owner = json.loads((tmp_path / "run.json").read_text())
+    for k in ("device", "dtype"):  # as a run made before these keys existed recorded it
+        owner["identity"].pop(k)
+    (tmp_path / "run.json").write_text(json.dumps(owner))
+    meta_app.run(compose_cfg("meta", TINY + ["meta.steps=2"]), tmp_path, "ml3")
+    with pytest.raises(RunDirConflict, match="meta.resume_from="):  # the hint for an applied-only change
+        meta_app.run(compose_cfg("meta", TINY + ["meta.steps=2", "meta_optim.lr=0.01"]), tmp_path, "ml3")

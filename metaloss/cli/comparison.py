@@ -69,7 +69,7 @@ def _plottable(losses: dict[str, Callable], kind: str, num_classes: int | None) 
 
 def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path, logger) -> dict:
     task = pool[0]
-    baselines = baselines_for(cfg.compare, task)
+    baselines = baselines_for(cfg.compare, task, cfg)
     losses = {"learned": learned, **baselines}
     lr = cfg.meta_test.lr if cfg.meta_test.lr is not None else inner_opt.hparams["lr"]
     hp = {**inner_opt.hparams, "lr": lr}

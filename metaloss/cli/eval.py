@@ -17,11 +17,11 @@ from metaloss import runtime
 from metaloss.cli.comparison import run_meta_test
 from metaloss.cli.logger import open_logger
 from metaloss.cli.meta import _task_pool
-from metaloss.cli.signals import exit_on_interrupt, interruptible
+from metaloss.cli.signals import console, exit_on_interrupt, interruptible
 from metaloss.cli.train import LOCAL_KEYS
 from metaloss.config import check_loss_fits, conf_dir
 from metaloss.losses.io import load_learned_loss
-from metaloss.runs import RunDir, identity
+from metaloss.runs import RunDir, hydra_record, identity
 from metaloss.validate import check_against_task, check_config
 
 
@@ -39,16 +39,21 @@ def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dt
     pool = [t.to(device, dtype) for t in _task_pool(cfg)]
     check_loss_fits(learned, pool[0].kind, pool[0].name, f"learned ({cfg.loss_path})")
     check_against_task(cfg, pool[0])
-    run_dir.record()
+    run_dir.record(hydra_record(cfg))
     with open_logger(cfg, out_dir, job_type="eval", name=f"eval-{pool[0].name}") as logger:
         return run_meta_test(cfg, learned, pool, instantiate(cfg.inner_optim), out_dir, logger)
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="eval")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     with exit_on_interrupt():
         out = run(cfg, Path(HydraConfig.get().runtime.output_dir))
     return (out.get("significance") or {}).get("learned_mean")
+
+
+def main() -> None:
+    """The console script (SIGTERM forwarded to parallel jobs, exit 128 + signal)."""
+    console(_hydra_main)
 
 
 if __name__ == "__main__":

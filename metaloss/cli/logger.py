@@ -7,14 +7,22 @@ uploads it later.
 Online mode never costs a run: when the W&B server cannot be reached (a quick TCP probe,
 then ``wandb.init`` under ``logger.init_timeout`` seconds) or no API key is configured,
 the run logs offline instead, with a warning, and can be synced later.
+
+What researchers look for in W&B: the seeds of one setting in one *group*
+(:func:`default_group`), ``meta/*`` and ``meta_test/*`` plotted against the outer step
+(``meta/step``), and the learned loss as a versioned ``learned-loss`` artifact
+(:meth:`WandbLogger.learned_loss`) that ``metaloss-eval loss_path=wandb-artifact://...``
+fetches back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import netrc
 import os
+import re
 import socket
 import threading
 import urllib.request
@@ -33,10 +41,23 @@ DEFAULT_BASE_URL = "https://api.wandb.ai"
 DEFAULT_INIT_TIMEOUT_S = 10.0  # W&B's own default (90 s) stalls every run of a sweep when offline
 FALLBACK_TAG = "offline-fallback"
 _LOCAL_MODES = frozenset({"offline", "dryrun", "disabled"})  # modes that need no server
+GROUP_MAXLEN = 128  # W&B's limit for group (and artifact) names
+# Overrides that do not change what a run computes: never part of a group name.
+_NOT_SETTINGS = ("logger", "progress", "hydra", "threads", "trusted_modules", "meta.resume_from",
+                 "meta.checkpoint_every", "meta.plot_every")
+# Seed-like keys: replicates of one setting (seed, seeds=N, task.seed, task.data_seed, hypergrad.seed),
+# but not meta_test.seeds (how many seeds the meta-test uses is part of the protocol).
+_SEED_KEY = re.compile(r"(?:^seeds|(?:^|[._])seed)\Z")
+# step axis per key prefix: define_metric plots these against the outer step, not W&B's _step
+_STEP_AXES = {"meta/": "meta/step", "meta_test/": "meta/step"}
+LOSS_ARTIFACT_TYPE = "learned-loss"
 
 
 class NullLogger:
     run_dir: Path | None = None
+
+    def learned_loss(self, path: Path, meta: dict[str, Any]) -> str | None:
+        return None
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         pass
@@ -57,12 +78,17 @@ class WandbLogger(NullLogger):
         self.run_dir = Path(run.dir).parent if run.dir else None
 
     def log(self, metrics, step=None):
-        self.run.log(dict(metrics), step=step)
+        metrics = dict(metrics)
+        if step is not None:  # the step axis rides along in the row that W&B plots against it
+            for prefix, axis in _STEP_AXES.items():
+                if any(k.startswith(prefix) for k in metrics):
+                    metrics.setdefault(axis, step)
+        self.run.log(metrics, step=step)
 
     def image(self, key, path, step=None):
         import wandb
 
-        self.run.log({key: wandb.Image(str(path))}, step=step)
+        self.log({key: wandb.Image(str(path))}, step=step)
 
     def table(self, key, columns, rows):
         import wandb
@@ -72,6 +98,35 @@ class WandbLogger(NullLogger):
     def summary(self, metrics):
         for k, v in metrics.items():
             self.run.summary[k] = v
+
+    def learned_loss(self, path, meta):
+        """Log a learned-loss file (and its picture ``learned_loss.png`` beside it, when drawn)
+        as a ``learned-loss`` artifact; return the reference that fetches it back once the
+        run is on a server (offline: after ``wandb sync``). Never fails the run: the file is
+        already saved; a logging problem is a warning."""
+        import wandb
+
+        path = Path(path)
+        complete = bool(meta.get("complete", True))
+        name = _slug(f"learned-loss-{meta.get('loss_name') or 'loss'}-{meta.get('task') or 'task'}"
+                     + ("" if complete else "-last-good"))
+        alias = f"run-{self.run.id}"  # exactly this run's file, whatever version W&B gives it
+        try:
+            art = wandb.Artifact(name, type=LOSS_ARTIFACT_TYPE, metadata=json.loads(json.dumps(meta, default=str)))
+            art.add_file(str(path), name=path.name)
+            png = path.parent / "learned_loss.png"
+            if png.is_file():
+                art.add_file(str(png), name=png.name)
+            self.run.log_artifact(art, aliases=["latest", alias] if complete else [alias])
+        except Exception as e:
+            log.warning("could not log %s as a W&B artifact (%s: %s); the file itself is saved", path,
+                        type(e).__name__, e)
+            return None
+        entity = f"{self.run.entity}/" if getattr(self.run, "entity", "") else ""
+        ref = f"wandb-artifact://{entity}{self.run.project}/{name}:{alias}"
+        log.info("%s logged as W&B artifact %s (%s)", path.name, ref,
+                 "upload it with `wandb sync` to use it elsewhere" if self.run.offline else "usable as loss_path")
+        return ref
 
 
 @contextmanager
@@ -84,7 +139,7 @@ def open_logger(cfg: DictConfig, out_dir: Path, *, job_type: str, name: str | No
     run = _init_wandb(lcfg, out_dir, dict(
         project=lcfg.get("project", "metaloss"),
         entity=lcfg.get("entity"),
-        group=lcfg.get("group"),
+        group=lcfg.get("group") or default_group(cfg, _hydra_runtime(out_dir)),
         tags=list(lcfg.get("tags") or []),
         dir=str(out_dir),
         name=name,
@@ -93,12 +148,81 @@ def open_logger(cfg: DictConfig, out_dir: Path, *, job_type: str, name: str | No
     ))
     exit_code = 0
     try:
+        _define_metrics(run)
         yield WandbLogger(run)
     except BaseException:
         exit_code = 1
         raise
     finally:
         run.finish(exit_code=exit_code)
+
+
+def _define_metrics(run) -> None:
+    for axis in sorted(set(_STEP_AXES.values())):
+        run.define_metric(axis)
+    for prefix, axis in _STEP_AXES.items():
+        run.define_metric(prefix + "*", step_metric=axis)
+
+
+def default_group(cfg: DictConfig, hydra: tuple[list[str], dict[str, Any]] | None = None) -> str:
+    """The W&B group of a run: the seeds of one setting share it, different settings do not.
+
+    With Hydra's runtime (``hydra``: the job's command-line overrides and its config-group
+    choices): the experiment name, if any, then the overrides that are settings, sorted
+    (``ml3_sine,meta.steps=50``; ``loss=huber,task=outliers``). Seed-like overrides and those
+    that do not change the result (logger, progress, threads, ...) are left out, so
+    ``-m seed=0,1,2`` puts its jobs in one group. With no such overrides, or without Hydra's
+    runtime (a config composed in a test), a name from the config: the loss and task
+    targets plus a hash of every setting but the seeds. ``logger.group`` overrides both."""
+    if hydra is not None:
+        overrides, choices = hydra
+        experiment = choices.get("experiment")
+        kept = sorted(o for o in overrides if _is_setting(_override_key(o)) and _override_key(o) != "experiment")
+        parts = ([str(experiment)] if experiment else []) + kept
+        if parts:
+            return _fit(",".join(parts))
+    from metaloss.runs import fingerprint, identity
+
+    ident = {k: v for k, v in identity(cfg, ignore=_NOT_SETTINGS).items() if _is_setting(k)}
+    def short(node: str) -> str:
+        return str((cfg.get(node) or {}).get("_target_", node)).rsplit(".", 1)[-1]
+    return _fit(f"{short('loss')}-{short('task')}-{fingerprint(ident)[:8]}")
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _is_setting(key: str) -> bool:
+    return not _SEED_KEY.search(key) and not any(key == p or key.startswith(p + ".") or key.startswith(p + "/")
+                                                 for p in _NOT_SETTINGS)
+
+
+def _fit(name: str, limit: int = GROUP_MAXLEN) -> str:
+    """``name``, or a prefix of it plus a hash of the whole when it is too long for W&B."""
+    if len(name) <= limit:
+        return name
+    return f"{name[:limit - 9]}~{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def _slug(name: str) -> str:
+    return _fit(re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-"))
+
+
+def _hydra_runtime(out_dir: Path) -> tuple[list[str], dict[str, Any]] | None:
+    """(overrides, choices) of the Hydra job writing to ``out_dir``; None without Hydra's
+    runtime, or when the runtime left in this process belongs to another job's directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    try:
+        if Path(hc.runtime.output_dir).resolve() != Path(out_dir).resolve():
+            return None
+        return list(hc.overrides.task), dict(hc.runtime.choices)
+    except Exception:  # a partial runtime (e.g. composed with return_hydra_config)
+        return None
 
 
 def _init_wandb(lcfg, out_dir: Path, init_args: dict):

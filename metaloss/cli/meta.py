@@ -22,7 +22,13 @@ from tqdm.auto import tqdm
 from metaloss import distributed, runtime
 from metaloss.cli.comparison import run_meta_test, tasks_for_seed_fn
 from metaloss.cli.logger import NullLogger, open_logger
-from metaloss.cli.signals import checkpoint_requested, critical, exit_on_interrupt, interruptible
+from metaloss.cli.signals import (
+    checkpoint_requested,
+    console,
+    critical,
+    exit_on_interrupt,
+    interruptible,
+)
 from metaloss.config import (
     DEFAULT_OBJECTIVE,
     baselines_for,
@@ -30,6 +36,7 @@ from metaloss.config import (
     conf_dir,
     instantiate_loss,
     loss_option,
+    parametric_losses,
 )
 from metaloss.hypergrad.base import MetaProblem
 from metaloss.losses.base import ParametricLoss
@@ -50,6 +57,7 @@ from metaloss.runs import (
     describe,
     differences,
     fingerprint,
+    hydra_record,
     identity,
     split_applied,
 )
@@ -120,11 +128,17 @@ def _resume(cfg: DictConfig, out_dir: Path, state: RunState, make_meta_optimizer
     optimizer's hyper-parameters, clipping and the NaN patience: those are applied from the
     resumed step on, and logged. Any other difference is refused, naming the keys."""
     explicit = cfg.meta.resume_from is not None
-    resume = Path(cfg.meta.resume_from).expanduser() if explicit else out_dir / "checkpoint.pt"
+    own = out_dir / "checkpoint.pt"
+    resume = Path(cfg.meta.resume_from).expanduser() if explicit else own
     if resume.is_dir():
         resume = resume / "checkpoint.pt"
     if explicit and not resume.is_file():
         raise FileNotFoundError(f"meta.resume_from: no checkpoint at {resume}")
+    if explicit and own.is_file() and own.resolve() != resume.resolve():
+        # the same command again: this run was started from resume_from before and has
+        # progressed since; its own checkpoint (same identity, checked below) continues it
+        log.info("%s has its own checkpoint: continuing it rather than starting again from %s", out_dir, resume)
+        resume, explicit = own, True
     if not resume.is_file():
         return 0
     ckpt = _load_checkpoint(resume)
@@ -205,7 +219,7 @@ class _Reader:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def record(self) -> None:
+    def record(self, hydra_files=None) -> None:
         pass
 
     def __enter__(self) -> _Reader:
@@ -232,12 +246,12 @@ def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, iden
                           "to continue meta-training a saved loss (or use metaloss-eval to test it)")
     if not isinstance(loss, ParametricLoss):
         raise ValueError(f"metaloss-meta needs a parametric loss, got {loss_name!r}; choose one of "
-                         "ml3, taylorglo, poly_n, logit_adjusted, adaptive_robust, learned_smoothing "
+                         f"{', '.join(parametric_losses(cfg))} "
                          "(fixed losses go in `compare:`)")
     check_loss_fits(loss, task.kind, task.name, loss_name)
     factory = instantiate(cfg.model)
     inner_opt = instantiate(cfg.inner_optim)
-    objective = loss_option(cfg.meta.objective or DEFAULT_OBJECTIVE[task.kind], task)
+    objective = loss_option(cfg.meta.objective or DEFAULT_OBJECTIVE[task.kind], task, cfg)
     # Class-weighted objectives (e.g. meta.objective=weighted_ce) weigh by the validation
     # split's class counts: a balanced validation objective, as AutoBalance uses.
     val_counts = (torch.bincount(task.y_val.long(), minlength=task.num_classes or 2)
@@ -251,14 +265,14 @@ def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, iden
     learner = MetaLearner(loss, make_meta_optimizer, learn_inner_lr=cfg.meta.learn_inner_lr,
                           inner_lr=inner_opt.hparams["lr"], clip_grad_norm=cfg.meta.clip_grad_norm,
                           max_bad_steps=cfg.meta.max_bad_steps)
-    baselines = baselines_for(cfg.compare, task)
+    baselines = baselines_for(cfg.compare, task, cfg)
     if cfg.meta_test.enabled:  # fail now, not after meta-training, if the test tasks cannot be built
         tasks_for_seed_fn(cfg, pool)(0)
     mc = cfg.meta
     online = (OnlineState.fresh(problem, task, factory, mc.inner_batch, gen) if mc.mode == "online" else None)
     state = RunState(learner, gen, hypergrad, online, ident)
     start = _resume(cfg, out_dir, state, make_meta_optimizer)
-    run_dir.record()
+    run_dir.record(hydra_record(cfg))
     ckpt_path = out_dir / "checkpoint.pt"
 
     def save_checkpoint(snapshot: dict) -> None:
@@ -301,6 +315,8 @@ def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, iden
                                          complete=False, stopped=f"diverged ({e.cause})", **meta_info)
                 log.error("meta-training diverged after outer step %d: %s The last good φ is in %s "
                           "(loadable like learned_loss.pt)", done, e, good)
+                logger.learned_loss(good, dict(meta_info, steps=done, complete=False,
+                                               stopped=f"diverged ({e.cause})"))
             log.error("meta-training stopped after outer step %d; checkpoint saved to %s (resume with "
                       "meta.resume_from=%s)", done, ckpt_path, out_dir)
             raise
@@ -313,6 +329,7 @@ def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, iden
         learned_path = save_learned_loss(loss, out_dir / "learned_loss.pt", steps=mc.steps, complete=True,
                                          **meta_info)
         log.info("learned loss saved to %s (metaloss-eval loss_path=%s)", learned_path, learned_path)
+        logger.learned_loss(learned_path, dict(meta_info, steps=mc.steps, complete=True))
         result = {"learned_loss": str(learned_path), "skipped_steps": learner.skipped}
         if cfg.meta_test.enabled:
             frozen = loss.requires_grad_(False)
@@ -321,13 +338,18 @@ def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, iden
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="meta")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
     with exit_on_interrupt():
         out = run(cfg, Path(hc.runtime.output_dir), hc.runtime.choices.get("loss"))
     sig = out.get("significance") or {}
     return sig.get("learned_mean")
+
+
+def main() -> None:
+    """The console script (SIGTERM forwarded to parallel jobs, exit 128 + signal)."""
+    console(_hydra_main)
 
 
 if __name__ == "__main__":

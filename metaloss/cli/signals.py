@@ -96,3 +96,48 @@ def exit_on_interrupt() -> Iterator[None]:
         yield
     except Interrupted as e:
         raise SystemExit(128 + e.signum) from e
+
+
+def _descendants(root: int) -> list[int]:
+    """Process ids below ``root`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _forward_sigterm(signum, _frame) -> None:
+    """The launching process of a multirun (joblib's workers are its children): pass
+    SIGTERM on, so every job checkpoints and finishes its logger, then leave with 143."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once is enough
+    for pid in _descendants(os.getpid()):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    raise Interrupted(signum)
+
+
+def console(hydra_main) -> None:
+    """Run a ``@hydra.main`` app as a console script: SIGTERM reaches parallel jobs too,
+    and the exit status is 128 + signal number after an interruption."""
+    if threading.current_thread() is threading.main_thread() and not in_submitit_job():
+        signal.signal(signal.SIGTERM, _forward_sigterm)
+    with exit_on_interrupt():
+        hydra_main()

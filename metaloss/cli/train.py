@@ -17,12 +17,12 @@ from omegaconf import DictConfig
 
 from metaloss import runtime
 from metaloss.cli.logger import open_logger, write_json
-from metaloss.cli.signals import exit_on_interrupt, interruptible
+from metaloss.cli.signals import console, exit_on_interrupt, interruptible
 from metaloss.config import check_loss_fits, conf_dir, instantiate_loss
 from metaloss.inner.optimizers import functional_twin
 from metaloss.metrics import train_result_names
 from metaloss.report import jsonable
-from metaloss.runs import RunDir, identity
+from metaloss.runs import RunDir, hydra_record, identity
 from metaloss.train import NonFiniteLoss, build_model, train_model
 from metaloss.train_many import train_many
 from metaloss.validate import check_against_task, check_config
@@ -57,7 +57,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, device: torch.
         return _run_seeds(cfg, run_dir, task, loss, loss_name, metric)
     model = build_model(instantiate(cfg.model), task, cfg.seed)
     make_optimizer = instantiate(cfg.optim)
-    run_dir.record()
+    run_dir.record(hydra_record(cfg))
     log.info("task %s | loss %s | model %d params", task.describe(), loss_name,
              sum(p.numel() for p in model.parameters()))
     with open_logger(cfg, out_dir, job_type="train", name=f"{loss_name}-s{cfg.seed}") as logger:
@@ -81,7 +81,7 @@ def _run_seeds(cfg: DictConfig, run_dir: RunDir, task, loss, loss_name: str | No
     make_optimizer = instantiate(cfg.optim)
     functional = functional_twin(make_optimizer.func, **make_optimizer.keywords)
     seeds = [int(cfg.seed) + i for i in range(int(cfg.seeds))]
-    run_dir.record()
+    run_dir.record(hydra_record(cfg))
     log.info("task %s | loss %s | seeds %s as one vmap", task.describe(), loss_name, seeds)
     results = train_many([task] * len(seeds), seeds, instantiate(cfg.model), loss, functional,
                          steps=cfg.train.steps, batch_size=cfg.train.batch_size)
@@ -104,10 +104,15 @@ def _run_seeds(cfg: DictConfig, run_dir: RunDir, task, loss, loss_name: str | No
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
-def main(cfg: DictConfig) -> float:
+def _hydra_main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     with exit_on_interrupt():
         return run(cfg, Path(hc.runtime.output_dir), hc.runtime.choices.get("loss"))
+
+
+def main() -> None:
+    """The console script (SIGTERM forwarded to parallel jobs, exit 128 + signal)."""
+    console(_hydra_main)
 
 
 if __name__ == "__main__":

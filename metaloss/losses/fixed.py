@@ -3,6 +3,20 @@
 Each loss is a pure function ``loss(pred, target, *, <hyper-parameters>, **context) -> [B]``
 following the contract in :mod:`metaloss.losses.base`; hyper-parameters are keyword-only
 and bound by Hydra (``_partial_: true`` in ``conf/loss/<name>.yaml``).
+
+Every loss checks its input shapes first and raises a ``ValueError`` naming the loss and
+both shapes, instead of letting broadcasting turn a shape mistake into a wrong number
+(``mse(pred [4, 1], target [4])`` would otherwise average a [4, 4] residual):
+
+* regression: ``pred`` and ``target`` of the *same* shape, ``[B, D]`` (or ``[B]`` for both).
+  ``[B, 1]`` against ``[B]`` is refused rather than guessed: reshape one side.
+* classification / binary: logits ``[B, C]``, or ``[B]`` / ``[B, 1]`` for one binary logit;
+  targets are class indices ``[B]`` (integers when ``C > 1``). ``bce`` also takes a target of
+  the logits' own shape (``[B, 1]`` with ``[B, 1]``).
+* segmentation: per-pixel logits and a mask of the same shape, ``[B, 1, H, W]``.
+
+The checks read only ``.shape``, ``.ndim`` and ``.dtype``, so they cost nothing and work
+inside ``torch.func.vmap`` (where shapes are the per-task ones) and ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -21,6 +35,41 @@ from metaloss.losses.base import (
 )
 
 
+def _shapes(pred: torch.Tensor, target: torch.Tensor) -> str:
+    return f"got pred {list(pred.shape)} and target {list(target.shape)}"
+
+
+def _check_regression(name: str, pred: torch.Tensor, target: torch.Tensor) -> None:
+    if pred.ndim == 0 or pred.shape != target.shape:
+        hint = (" (same number of values: reshape one side, e.g. target.view_as(pred))"
+                if pred.ndim > 0 and pred.numel() == target.numel() else "")
+        raise ValueError(f"{name}: pred and target must have the same shape [B, D] (or [B] for "
+                         f"both), {_shapes(pred, target)}{hint}")
+
+
+def _check_classification(name: str, pred: torch.Tensor, target: torch.Tensor) -> None:
+    if pred.ndim not in (1, 2) or target.ndim != 1 or target.shape[0] != pred.shape[0]:
+        raise ValueError(f"{name}: expects logits [B, C] (or [B] / [B, 1]: one binary logit) and "
+                         f"class indices [B], {_shapes(pred, target)}")
+    if pred.ndim == 2 and pred.shape[1] > 1 and target.is_floating_point():
+        raise ValueError(f"{name}: targets must be integer class indices [B] for logits "
+                         f"{list(pred.shape)}, got a {target.dtype} target (one-hot or soft labels "
+                         "are not class indices)")
+
+
+def _check_binary(name: str, pred: torch.Tensor, target: torch.Tensor) -> None:
+    one_logit = pred.ndim == 1 or (pred.ndim == 2 and pred.shape[1] == 1)
+    if not one_logit or not (target.shape == pred.shape[:1] or target.shape == pred.shape):
+        raise ValueError(f"{name}: expects one logit per example ([B] or [B, 1]) and targets "
+                         f"[B] in {{0, 1}}, {_shapes(pred, target)}")
+
+
+def _check_segmentation(name: str, pred: torch.Tensor, target: torch.Tensor) -> None:
+    if pred.ndim < 2 or pred.shape != target.shape:
+        raise ValueError(f"{name}: expects per-pixel logits and a mask of the same shape "
+                         f"[B, 1, H, W], {_shapes(pred, target)}")
+
+
 def _per_example(x: torch.Tensor) -> torch.Tensor:
     """Mean over every dimension but the first (regression outputs, pixels)."""
     return x.reshape(x.shape[0], -1).mean(dim=1)
@@ -32,18 +81,21 @@ def _per_example(x: torch.Tensor) -> torch.Tensor:
 @fits("regression")
 def mse(pred, target, **_):
     """Squared error."""
+    _check_regression("mse", pred, target)
     return _per_example((pred - target) ** 2)
 
 
 @fits("regression")
 def mae(pred, target, **_):
     """Absolute error (robust to outliers; median regression)."""
+    _check_regression("mae", pred, target)
     return _per_example((pred - target).abs())
 
 
 @fits("regression")
 def huber(pred, target, *, delta: float = 1.0, **_):
     """Huber (1964): quadratic within ``delta`` of the target, linear beyond."""
+    _check_regression("huber", pred, target)
     r = (pred - target).abs()
     return _per_example(torch.where(r <= delta, 0.5 * r**2, delta * (r - 0.5 * delta)))
 
@@ -51,6 +103,7 @@ def huber(pred, target, *, delta: float = 1.0, **_):
 @fits("regression")
 def smooth_l1(pred, target, *, beta: float = 1.0, **_):
     """Smooth L1 (Girshick, Fast R-CNN 2015): Huber divided by ``beta``."""
+    _check_regression("smooth_l1", pred, target)
     r = (pred - target).abs()
     if beta <= 0:
         return _per_example(r)
@@ -60,6 +113,7 @@ def smooth_l1(pred, target, *, beta: float = 1.0, **_):
 @fits("regression")
 def log_cosh(pred, target, **_):
     """log(cosh(r)), written stably as r + softplus(-2r) - log 2 for |r|."""
+    _check_regression("log_cosh", pred, target)
     r = (pred - target).abs()
     return _per_example(r + F.softplus(-2.0 * r) - math.log(2.0))
 
@@ -67,6 +121,7 @@ def log_cosh(pred, target, **_):
 @fits("regression")
 def quantile(pred, target, *, tau: float = 0.5, **_):
     """Pinball loss (Koenker & Bassett 1978) for the ``tau`` quantile."""
+    _check_regression("quantile", pred, target)
     r = target - pred
     return _per_example(torch.maximum(tau * r, (tau - 1.0) * r))
 
@@ -77,6 +132,7 @@ def poisson(pred, target, *, log_input: bool = True, eps: float = 1e-8, **_):
 
     With ``log_input`` the prediction is the log-rate. Targets must be counts (>= 0).
     """
+    _check_regression("poisson", pred, target)
     if log_input:
         return _per_example(torch.exp(pred) - target * pred)
     return _per_example(pred - target * torch.log(pred + eps))
@@ -85,8 +141,9 @@ def poisson(pred, target, *, log_input: bool = True, eps: float = 1e-8, **_):
 # ------------------------------------------------------------------- classification
 
 
-def _class_weights(class_counts, scheme: str, beta: float, dtype, device) -> torch.Tensor:
+def _class_weights(name: str, pred: torch.Tensor, class_counts, scheme: str, beta: float) -> torch.Tensor:
     """Per-class weights from training-split counts (inverse/effective normalised to sum to C)."""
+    dtype, device = pred.dtype, pred.device
     if class_counts is None:
         raise ValueError(
             "this loss weights classes by the training split's class counts; pass "
@@ -94,6 +151,10 @@ def _class_weights(class_counts, scheme: str, beta: float, dtype, device) -> tor
         )
     n = torch.as_tensor(class_counts, dtype=dtype, device=device).clamp_min(1.0)
     c = n.numel()
+    classes = 2 if is_binary_logit(pred) else pred.shape[-1]
+    if n.ndim != 1 or c != classes:
+        raise ValueError(f"{name}: class_counts must hold one count per class ({classes} for logits "
+                         f"{list(pred.shape)}), got shape {list(n.shape)}")
     if scheme == "balanced":  # scikit-learn's "balanced": already averages to 1 per example
         return n.sum() / (c * n)
     if scheme == "inverse":
@@ -128,12 +189,14 @@ def _log_p_true(pred, target):
 @fits(*CLASSIFICATION)
 def ce(pred, target, **_):
     """Cross-entropy on logits (one logit per example for binary tasks)."""
+    _check_classification("ce", pred, target)
     return _soft_ce(_log_probs(pred), target)
 
 
 @fits("binary")
 def bce(pred, target, *, pos_weight: float | None = None, **_):
     """Binary cross-entropy on one logit per example."""
+    _check_binary("bce", pred, target)
     z = pred.reshape(pred.shape[0], -1).squeeze(-1)
     y = target.reshape(z.shape).to(z.dtype)
     pw = 1.0 if pos_weight is None else pos_weight
@@ -149,13 +212,15 @@ def weighted_ce(pred, target, *, scheme: str = "balanced", beta: float = 0.999,
     ((1-β)/(1-β^N_c), Cui et al., "Class-Balanced Loss Based on Effective Number of
     Samples", CVPR 2019).
     """
-    w = _class_weights(class_counts, scheme, beta, pred.dtype, pred.device)
+    _check_classification("weighted_ce", pred, target)
+    w = _class_weights("weighted_ce", pred, class_counts, scheme, beta)
     return _soft_ce(_log_probs(pred), target, weight=w)
 
 
 @fits(*CLASSIFICATION)
 def label_smoothing(pred, target, *, epsilon: float = 0.1, **_):
     """Cross-entropy against targets smoothed towards uniform (Szegedy et al. 2016)."""
+    _check_classification("label_smoothing", pred, target)
     return _soft_ce(_log_probs(pred), target, label_smoothing=epsilon)
 
 
@@ -166,6 +231,7 @@ def focal(pred, target, *, alpha: float | None = None, gamma: float = 2.0, **_):
     For binary tasks ``alpha`` weights the positive class and ``1 - alpha`` the
     negative one; for multi-class tasks it is a constant factor. ``None``: no α.
     """
+    _check_classification("focal", pred, target)
     log_pt = _log_p_true(pred, target)
     loss = -((1.0 - log_pt.exp()) ** gamma) * log_pt
     if alpha is not None:
@@ -181,13 +247,15 @@ def focal(pred, target, *, alpha: float | None = None, gamma: float = 2.0, **_):
 def class_balanced_focal(pred, target, *, beta: float = 0.999, gamma: float = 2.0,
                          class_counts=None, **_):
     """Focal loss weighted by the effective number of samples per class (Cui et al. 2019)."""
-    w = _class_weights(class_counts, "effective", beta, pred.dtype, pred.device)
+    _check_classification("class_balanced_focal", pred, target)
+    w = _class_weights("class_balanced_focal", pred, class_counts, "effective", beta)
     return w[target.long()] * focal(pred, target, gamma=gamma)
 
 
 @fits(*CLASSIFICATION)
 def poly1(pred, target, *, epsilon: float = 1.0, **_):
     """Poly-1 (Leng et al., "PolyLoss", ICLR 2022): CE + ε (1 - p_t)."""
+    _check_classification("poly1", pred, target)
     log_pt = _log_p_true(pred, target)
     return -log_pt + epsilon * (1.0 - log_pt.exp())
 
@@ -210,12 +278,14 @@ def hinge(pred, target, *, margin: float = 1.0, **_):
 
     Binary tasks use the ±1 hinge max(0, 1 - y z) on the single logit.
     """
+    _check_classification("hinge", pred, target)
     return _margin(pred, target, margin, 1)
 
 
 @fits(*CLASSIFICATION)
 def squared_hinge(pred, target, *, margin: float = 1.0, **_):
     """Squared multi-class margin loss (MultiMarginLoss with p=2); binary: max(0, 1 - y z)^2."""
+    _check_classification("squared_hinge", pred, target)
     return _margin(pred, target, margin, 2)
 
 
@@ -225,6 +295,7 @@ def gce(pred, target, *, q: float = 0.7, **_):
 
     Interpolates CE (q -> 0) and MAE (q = 1); robust to label noise.
     """
+    _check_classification("gce", pred, target)
     return (1.0 - torch.exp(q * _log_p_true(pred, target))) / q
 
 
@@ -242,6 +313,7 @@ def _overlaps(pred, target):
 @fits("segmentation")
 def dice(pred, target, *, smooth: float = 1.0, **_):
     """Soft Dice loss (Milletari et al., V-Net 2016): 1 - (2TP + s) / (2TP + FP + FN + s)."""
+    _check_segmentation("dice", pred, target)
     tp, fp, fn = _overlaps(pred, target)
     return 1.0 - (2.0 * tp + smooth) / (2.0 * tp + fp + fn + smooth)
 
@@ -249,6 +321,7 @@ def dice(pred, target, *, smooth: float = 1.0, **_):
 @fits("segmentation")
 def iou(pred, target, *, smooth: float = 1.0, **_):
     """Soft Jaccard loss (Rahman & Wang 2016): 1 - (TP + s) / (TP + FP + FN + s)."""
+    _check_segmentation("iou", pred, target)
     tp, fp, fn = _overlaps(pred, target)
     return 1.0 - (tp + smooth) / (tp + fp + fn + smooth)
 
@@ -256,6 +329,7 @@ def iou(pred, target, *, smooth: float = 1.0, **_):
 @fits("segmentation")
 def tversky(pred, target, *, alpha: float = 0.5, beta: float = 0.5, smooth: float = 1.0, **_):
     """Tversky loss (Salehi et al. 2017): 1 - (TP + s) / (TP + α FP + β FN + s)."""
+    _check_segmentation("tversky", pred, target)
     tp, fp, fn = _overlaps(pred, target)
     return 1.0 - (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
 
@@ -267,6 +341,7 @@ def focal_tversky(pred, target, *, alpha: float = 0.7, beta: float = 0.3, gamma:
 
     The base is clamped away from 0 so the gradient stays finite for γ < 1.
     """
+    _check_segmentation("focal_tversky", pred, target)
     t = tversky(pred, target, alpha=alpha, beta=beta, smooth=smooth)
     return t.clamp_min(1e-6) ** gamma
 
@@ -274,6 +349,7 @@ def focal_tversky(pred, target, *, alpha: float = 0.7, beta: float = 0.3, gamma:
 @fits("segmentation")
 def bce_dice(pred, target, *, bce_weight: float = 1.0, smooth: float = 1.0, **_):
     """Pixel-mean binary cross-entropy plus soft Dice."""
+    _check_segmentation("bce_dice", pred, target)
     z = pred.reshape(pred.shape[0], -1)
     t = target.reshape(z.shape).to(z.dtype)
     pix = (t * F.softplus(-z) + (1.0 - t) * F.softplus(z)).mean(-1)

@@ -11,6 +11,11 @@ and the state dict. A file is data from somewhere else, so loading trusts none o
   (``hidden=[10**9]`` for an MLP loss). They must be plain values, and the class is first
   built on the ``meta`` device (shapes, no memory) to check its size against ``max_numel``
   and its parameter shapes against the saved state dict, before the real build.
+
+A W&B artifact reference (``wandb-artifact://[entity/]project/name:version-or-alias``, as
+``metaloss-meta`` logs it) is fetched with W&B's public API into a temporary directory and
+its ``.pt`` file loaded exactly like a local one: the same checks, nothing trusted for
+coming from W&B.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import importlib
 import logging
 import re
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,10 @@ _MAX_KWARG_ITEMS = 10_000  # constructors loop over lists (one layer per `hidden
 _MAX_KWARG_DEPTH = 8
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # ASCII only: no look-alike letters
 _PLAIN_SCALARS = (bool, int, float, str, type(None))
+ARTIFACT_SCHEME = "wandb-artifact://"
+ARTIFACT_TYPE = "learned-loss"
+ARTIFACT_TIMEOUT_S = 30
+_ARTIFACT_NAME = re.compile(r"(?:[^/:\s]+/){1,2}[^/:\s]+:[^/:\s]+\Z")  # [entity/]project/name:version
 
 log = logging.getLogger("metaloss")
 
@@ -43,6 +53,14 @@ class CorruptLossFile(ValueError):
 
 class UntrustedLossClass(CorruptLossFile):
     """The file names a loss class in a module the caller has not trusted."""
+
+
+class LossArtifactUnavailable(RuntimeError):
+    """A W&B artifact reference that cannot be fetched (no key, no server, no such artifact)."""
+
+
+def is_artifact_ref(path: Any) -> bool:
+    return isinstance(path, str) and path.startswith(ARTIFACT_SCHEME)
 
 
 def atomic_save(obj, path: str | Path) -> Path:
@@ -73,6 +91,12 @@ def load_learned_loss(path: str | Path, frozen: bool = True, *,
     parameters do not fit its class, raises :class:`CorruptLossFile` before anything is
     imported or allocated.
     """
+    if is_artifact_ref(path):
+        with tempfile.TemporaryDirectory(prefix="metaloss-artifact-") as root:
+            loss = load_learned_loss(fetch_artifact(str(path), Path(root)), frozen,
+                                     trusted_modules=trusted_modules, max_numel=max_numel)
+        loss.meta = {**loss.meta, "source": str(path)}
+        return loss
     path = Path(path)
     trusted = _trusted_prefixes(trusted_modules)
     blob = _read_blob(path)
@@ -92,6 +116,39 @@ def load_learned_loss(path: str | Path, frozen: bool = True, *,
         loss.requires_grad_(False)
     loss.meta = blob.get("meta", {})
     return loss
+
+
+# --- W&B artifacts: fetched, then loaded like any file ------------------------------------
+
+def fetch_artifact(ref: str, root: Path, timeout: int = ARTIFACT_TIMEOUT_S) -> Path:
+    """Download the ``learned-loss`` artifact ``ref`` (``wandb-artifact://...``) into ``root``
+    with ``wandb.Api().artifact(name).download()``; return its one ``.pt`` file, unread."""
+    name = ref[len(ARTIFACT_SCHEME):]
+    if not _ARTIFACT_NAME.match(name):
+        raise ValueError(f"{ref!r} is not an artifact reference of the form "
+                         f"{ARTIFACT_SCHEME}[entity/]project/name:version (e.g. :v3, :latest, :run-<id>)")
+    import wandb  # only for a reference: W&B's public API, over the network
+
+    try:
+        art = wandb.Api(timeout=timeout).artifact(name, type=ARTIFACT_TYPE)
+        folder = Path(art.download(root=str(root / re.sub(r"[^A-Za-z0-9_.-]+", "_", name))))
+    except Exception as e:  # UsageError (no key), CommError (no server), ValueError (wrong type), ...
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise LossArtifactUnavailable(
+            f"cannot fetch W&B artifact {name!r} ({type(e).__name__}: {first}). It needs a W&B server and "
+            "an API key; an artifact logged offline exists on the server only after `wandb sync "
+            "<run dir>/wandb/offline-run-*`. The same file is <run dir>/learned_loss.pt: pass that path "
+            "instead.") from e
+    if getattr(art, "type", ARTIFACT_TYPE) != ARTIFACT_TYPE:
+        raise CorruptLossFile(f"W&B artifact {name!r} is of type {art.type!r}, not {ARTIFACT_TYPE!r}")
+    files = sorted(folder.rglob("*.pt"))
+    if len(files) != 1:
+        raise CorruptLossFile(f"W&B artifact {name!r} holds {len(files)} .pt files "
+                              f"({[f.name for f in files]}); a learned-loss artifact holds exactly one")
+    if (getattr(art, "metadata", None) or {}).get("complete") is False:
+        log.warning("W&B artifact %s is the last good φ of a run that stopped early (%s), not a finished "
+                    "learned loss", name, art.metadata.get("stopped", "incomplete"))
+    return files[0]
 
 
 # --- reading -----------------------------------------------------------------------------

@@ -1,0 +1,319 @@
+"""User configs through `hydra.searchpath` work wherever built-in ones do, and
+docs/extending.md's recipes (a loss, a task, a hypergradient method) work as written, from
+outside the package: module and YAML in a directory of the user's, that directory on
+sys.path and on `hydra.searchpath`, then the real app's `run(...)`."""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+
+from metaloss import config
+from metaloss.cli import meta as meta_app
+from metaloss.cli import train as train_app
+from metaloss.losses.io import load_learned_loss
+from metaloss.validate import ConfigError, check_config, problems
+
+TINY_META = ["logger=none", "progress=false", "meta.steps=4", "meta.tasks_per_step=2", "meta.inner_steps=2",
+             "meta_test.seeds=2", "meta_test.steps=10", "meta_test.tasks_per_seed=2", "model.hidden=[8]",
+             "loss.hidden=[8]", "meta.plot_every=2", "meta.checkpoint_every=2"]
+TINY_TRAIN = ["logger=none", "progress=false", "train.steps=30", "train.eval_every=10"]
+
+
+def _compose(config_name: str, overrides: list[str], *, hydra_node: bool = False):
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config.conf_dir()), version_base="1.3"):
+            return compose(config_name=config_name, overrides=overrides, return_hydra_config=hydra_node)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def app_cfg():
+    """Compose as the apps receive their config: Hydra's node goes to HydraConfig (where the
+    run's searchpath lives) and is removed from the config, as Hydra's run_job does."""
+
+    def _app_cfg(config_name: str, overrides: list[str]):
+        cfg = _compose(config_name, overrides, hydra_node=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    yield _app_cfg
+    HydraConfig.instance().cfg = None  # never leak this test's search path into other tests
+
+
+def _write(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(textwrap.dedent(text).lstrip())
+
+
+# ------------------------------------------------------------- the mechanism
+
+
+def test_config_sources_follow_hydras_search_path_and_precedence(tmp_path, monkeypatch):
+    """group_options / load_option see conf/ plus every hydra.searchpath entry (file:// and
+    pkg://), and pick the same config Hydra composes for `<group>=<name>`."""
+    _write(tmp_path, {
+        "a/loss/user_mse.yaml": "_target_: metaloss.losses.fixed.mae\n_partial_: true\n",
+        "a/loss/mse.yaml": "_target_: metaloss.losses.fixed.mae\n_partial_: true\n",  # shadowed by conf/
+        "a/loss/both.yaml": "_target_: metaloss.losses.fixed.mae\n_partial_: true\n",
+        "b/loss/both.yaml": "_target_: metaloss.losses.fixed.huber\n_partial_: true\n",  # a is earlier
+        "a/loss/heavy_focal.yaml": "defaults:\n  - focal\n  - _self_\ngamma: 5.0\n",  # own defaults list
+        "userpkg/__init__.py": "",
+        "userpkg/conf/__init__.py": "",
+        "userpkg/conf/loss/pkg_loss.yaml": "_target_: metaloss.losses.fixed.log_cosh\n_partial_: true\n",
+    })
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sp = f"hydra.searchpath=[file://{tmp_path / 'a'},file://{tmp_path / 'b'},pkg://userpkg.conf]"
+    cfg = _compose("meta", [sp], hydra_node=True)
+    assert config.searchpath(cfg)[-1] == "pkg://userpkg.conf"
+    options = config.group_options("loss", cfg)
+    assert {"user_mse", "both", "heavy_focal", "pkg_loss", "mse", "ml3"} <= set(options)
+    assert "user_mse" not in config.group_options("loss")  # not without the search path
+    for name in ("user_mse", "mse", "both", "heavy_focal", "pkg_loss"):
+        hydra_says = _compose("meta", [sp, f"loss={name}"]).loss
+        assert OmegaConf.to_container(config.load_option("loss", name, cfg)) == \
+            OmegaConf.to_container(hydra_says), name
+    assert config.load_option("loss", "mse", cfg)._target_ == "metaloss.losses.fixed.mse"
+    assert config.load_option("loss", "heavy_focal", cfg).gamma == 5.0
+    with pytest.raises(config.UnknownOption, match="unknown loss 'nope'.*user_mse"):
+        config.load_option("loss", "nope", cfg)
+    # the validation of a config composed with its Hydra node reads that node's search path
+    check_config(_compose("meta", [sp, "compare=[user_mse,pkg_loss]", "meta.objective=both"], hydra_node=True))
+
+
+def test_a_user_loss_is_accepted_in_compare_and_meta_objective(app_cfg, tmp_path, monkeypatch):
+    """`compare:` and `meta.objective` name user losses like built-in ones: validated, used as
+    the outer objective, trained and reported in the meta-test."""
+    _write(tmp_path, {
+        "user_fixed.py": '''
+            from metaloss.losses.base import fits
+
+            CALLS = {"objective": 0}
+
+
+            @fits("regression")
+            def trimmed_mse(pred, target, *, cap=4.0, **_):
+                """Squared error capped at `cap` (robust to gross outliers)."""
+                return ((pred - target) ** 2).clamp(max=cap).reshape(pred.shape[0], -1).mean(-1)
+
+
+            @fits("regression")
+            def counted_mse(pred, target, **_):
+                CALLS["objective"] += 1
+                return ((pred - target) ** 2).reshape(pred.shape[0], -1).mean(-1)
+        ''',
+        "my_conf/loss/trimmed_mse.yaml": "_target_: user_fixed.trimmed_mse\n_partial_: true\ncap: 4.0\n",
+        "my_conf/loss/counted_mse.yaml": "_target_: user_fixed.counted_mse\n_partial_: true\n",
+    })
+    monkeypatch.syspath_prepend(str(tmp_path))
+    search = f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]"
+    bad = app_cfg("meta", TINY_META + [search, "compare=[mse,trimmed_mse,nope]"])
+    with pytest.raises(ConfigError, match=r"compare = .*losses from conf/loss or a loss/ folder.*trimmed_mse"):
+        check_config(bad)
+
+    cfg = app_cfg("meta", TINY_META + [search, "compare=[mse,trimmed_mse]", "meta.objective=counted_mse"])
+    assert problems(cfg) == []
+    out_dir = tmp_path / "run"
+    out = meta_app.run(cfg, out_dir, "ml3")
+    import user_fixed
+
+    assert user_fixed.CALLS["objective"] > 0  # the outer objective is the user's loss
+    comp = json.loads((out_dir / "comparison.json").read_text())
+    assert set(comp["results"]) == {"learned", "mse", "trimmed_mse"}
+    assert all(len(v) == 2 for v in comp["results"]["trimmed_mse"].values())
+    assert out["significance"]["best_baseline"] in {"mse", "trimmed_mse"}
+
+
+def test_the_parametric_loss_list_comes_from_the_catalogue(app_cfg, tmp_path, monkeypatch):
+    """metaloss-meta's "needs a parametric loss" error lists the catalogue's parametric
+    losses (a user's among them), and the README's table names exactly the shipped ones."""
+    shipped = config.parametric_losses()
+    assert {"ml3", "taylorglo", "poly_n"} <= set(shipped) and "mse" not in shipped and "learned" not in shipped
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `loss` (parametric)"))
+    assert set(re.findall(r"`(\w+)`", row.split("|")[2])) == set(shipped)
+
+    _write(tmp_path, {
+        "user_param.py": '''
+            import torch
+            from metaloss.losses.base import ParametricLoss
+
+
+            class WeightedMSE(ParametricLoss):
+                kinds = ("regression",)
+
+                def __init__(self):
+                    super().__init__()
+                    self.log_w = torch.nn.Parameter(torch.zeros(()))
+
+                def forward(self, pred, target, **context):
+                    return self.log_w.exp() * ((pred - target) ** 2).reshape(pred.shape[0], -1).mean(-1)
+        ''',
+        "my_conf/loss/weighted_mse.yaml": "_target_: user_param.WeightedMSE\n",
+    })
+    monkeypatch.syspath_prepend(str(tmp_path))
+    overrides = [o for o in TINY_META if not o.startswith("loss.")]
+    cfg = app_cfg("meta", overrides + [f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "loss=mse"])
+    assert "weighted_mse" in config.parametric_losses(cfg)
+    with pytest.raises(ValueError, match="needs a parametric loss") as err:
+        meta_app.run(cfg, tmp_path / "run", "mse")
+    listed = str(err.value).split("choose one of ")[1].split(" (")[0].split(", ")
+    assert set(listed) == set(shipped) | {"weighted_mse"}
+
+
+# ------------------------------------------------------------- docs/extending.md, as written
+
+TASK_MODULE = '''
+    import torch
+    from metaloss.tasks.base import Task, finish_classification, standardize, three_way_split
+
+
+    def blobs(*, seed: int = 0, n: int = 600, num_classes: int = 3, spread: float = 1.0,
+              val_frac: float = 0.2, test_frac: float = 0.2, label_noise=None, imbalance_ratio=None) -> Task:
+        """Gaussian blobs in 2-D: one cluster per class (data fixed; `seed` picks the splits)."""
+        g = torch.Generator().manual_seed(1234)
+        centres = 3.0 * torch.randn(num_classes, 2, generator=g)
+        y = torch.arange(n) % num_classes
+        x = centres[y] + spread * torch.randn(n, 2, generator=g)
+        (xtr, ytr), (xva, yva), (xte, yte) = three_way_split(x, y, val_frac=val_frac, test_frac=test_frac,
+                                                             seed=seed)
+        xtr, xva, xte = standardize(xtr, xva, xte)
+        return finish_classification("blobs", "classification", (xtr, ytr), (xva, yva), (xte, yte),
+                                     num_classes=num_classes, seed=seed, label_noise_cfg=label_noise,
+                                     imbalance_ratio=imbalance_ratio)
+
+
+    def waves(*, seed: int = 0, amplitude=(0.5, 2.0), n_train: int = 64, n_val: int = 64,
+              n_test: int = 64) -> Task:
+        """A task family: y = A cos(x); each `seed` draws another amplitude A."""
+        g = torch.Generator().manual_seed(seed)
+        a = amplitude[0] + (amplitude[1] - amplitude[0]) * torch.rand((), generator=g)
+
+        def draw(k):
+            x = -3.0 + 6.0 * torch.rand(k, 1, generator=g)
+            return x, a * torch.cos(x)
+
+        (xtr, ytr), (xva, yva), (xte, yte) = draw(n_train), draw(n_val), draw(n_test)
+        return Task("waves", "regression", xtr, ytr, xva, yva, xte, yte, distribution=True,
+                    info={"amplitude": float(a)})
+'''
+TASK_YAMLS = {
+    "my_conf/task/blobs.yaml": '''
+        _target_: my_tasks.blobs
+        seed: 0
+        n: 600
+        num_classes: 3
+        val_frac: 0.2
+        test_frac: 0.2
+        label_noise: {rate: 0.0, kind: symmetric}   # training split only
+        imbalance_ratio: null
+    ''',
+    "my_conf/task/waves.yaml": '''
+        _target_: my_tasks.waves
+        seed: 0
+        amplitude: [0.5, 2.0]
+        n_train: 64
+        n_val: 64
+        n_test: 64
+    ''',
+}
+
+
+def test_a_task_defined_outside_the_package_trains_with_noise_and_imbalance(app_cfg, tmp_path, monkeypatch):
+    _write(tmp_path, {"my_tasks.py": TASK_MODULE, **TASK_YAMLS})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = app_cfg("train", TINY_TRAIN + [f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "task=blobs",
+                                         "task.label_noise.rate=0.2", "task.label_noise.kind=pair",
+                                         "task.imbalance_ratio=4", "loss=focal"])
+    task = instantiate(cfg.task)
+    counts = task.class_counts
+    assert task.info["imbalance_ratio"] == 4.0 and task.info["label_noise"]["kind"] == "pair"
+    assert counts.max() / counts.min() > 2  # the training split is long-tailed
+    assert len(task.y_test) == 120 and torch.bincount(task.y_test).min() >= 30  # the test split is not
+    value = train_app.run(cfg, tmp_path / "run", "focal")
+    rec = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert rec["task"] == "blobs" and rec["metric"] == "test/acc" and rec["metrics"]["test/acc"] == pytest.approx(value)
+    with pytest.raises(ConfigError, match="task.label_noise.rate = 1.5"):  # the shared task rules apply
+        check_config(app_cfg("train", TINY_TRAIN + [f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]",
+                                                    "task=blobs", "task.label_noise.rate=1.5"]))
+
+
+def test_a_task_family_defined_outside_the_package_meta_trains_and_meta_tests(app_cfg, tmp_path, monkeypatch):
+    _write(tmp_path, {"my_tasks.py": TASK_MODULE, **TASK_YAMLS})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = app_cfg("meta", TINY_META + [f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "task=waves",
+                                       "meta.train_tasks=3", "meta_test.task_overrides={amplitude: [2.0, 3.0]}"])
+    out = meta_app.run(cfg, tmp_path / "run", "ml3")
+    comp = json.loads((tmp_path / "run" / "comparison.json").read_text())
+    assert comp["task"] == "waves" and set(comp["results"]) == {"learned", "mse", "mae", "huber"}
+    assert all(len(v) == 2 for v in comp["results"]["learned"].values())
+    assert out["significance"]["metric"] == "test/mse"
+    fresh = [instantiate(cfg.task, seed=s).info["amplitude"] for s in (0, 1, 2)]
+    assert len(set(fresh)) == 3  # distribution=True: another seed, another task of the family
+
+
+HYPERGRAD_MODULE = '''
+    import torch
+    from metaloss.hypergrad.base import HyperGrad, batched_objective, detach
+
+
+    class SPSA:
+        """Simultaneous-perturbation stochastic approximation (Spall 1992): two evaluations of
+        the validation objective along one random +-1 direction per outer step."""
+
+        def __init__(self, c: float = 0.01, seed: int = 0) -> None:
+            self.c, self.seed, self.calls = c, seed, 0
+
+        def __call__(self, problem, meta, batch):
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
+            self.calls += 1
+            base = detach(meta)
+            delta = {k: (2 * torch.randint(0, 2, v.shape, generator=gen) - 1).to(v) for k, v in base.items()}
+            plus = batched_objective(problem, {k: v + self.c * delta[k] for k, v in base.items()}, batch)
+            minus = batched_objective(problem, {k: v - self.c * delta[k] for k, v in base.items()}, batch)
+            slope = (plus - minus).detach() / (2 * self.c)
+            return HyperGrad(((plus + minus) / 2).detach(), {k: slope * d for k, d in delta.items()})
+
+        # the noise of call n depends on n: checkpointed, so a resumed run draws the same noise
+        def state_dict(self) -> dict:
+            return {"calls": self.calls}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.calls = int(state["calls"])
+'''
+
+
+def test_a_hypergradient_method_defined_outside_the_package_meta_trains_and_resumes_exactly(
+        app_cfg, tmp_path, monkeypatch):
+    _write(tmp_path, {"my_hypergrad.py": HYPERGRAD_MODULE,
+                      "my_conf/hypergrad/spsa.yaml": "_target_: my_hypergrad.SPSA\nc: 0.01\nseed: 0\n"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = TINY_META + [f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "hypergrad=spsa",
+                        "meta_test.enabled=false", "meta.checkpoint_every=1"]
+    whole = tmp_path / "whole"
+    meta_app.run(app_cfg("meta", base), whole, "ml3")
+    ckpt = torch.load(whole / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["hypergrad"] == {"calls": 4}
+    split = tmp_path / "split"
+    meta_app.run(app_cfg("meta", base + ["meta.steps=2"]), split, "ml3")
+    halfway = load_learned_loss(split / "learned_loss.pt").state_dict()
+    meta_app.run(app_cfg("meta", base), split, "ml3")  # continues from split/checkpoint.pt
+    a = load_learned_loss(whole / "learned_loss.pt").state_dict()
+    b = load_learned_loss(split / "learned_loss.pt").state_dict()
+    assert any(not torch.equal(halfway[k], b[k]) for k in b)  # SPSA moved φ
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical resume
