@@ -128,7 +128,7 @@ class MetaLearner:
         return "inner", (
             "The inner training diverges even with "
             + ("the initial φ" if self.updates == 0 or not math.isfinite(at_init) else "this φ")
-            + ": likely cause the INNER learning rate. Lower inner_optim.lr or meta.inner_steps.")
+            + ": likely cause the INNER learning rate. Lower optim.lr or meta.inner_steps.")
 
     def apply_hyperparameters(self, make_optimizer: Callable) -> dict[str, tuple[Any, Any]]:
         """Set the optimizer's hyper-parameters (lr, betas, ...) to those ``make_optimizer``

@@ -7,7 +7,7 @@ meta-training) is refused at once, with every problem listed and each message na
 the key, the value and the valid range.
 
 Rules are keyed by dotted config paths (``fnmatch`` patterns, so ``*optim.lr`` covers
-``optim``, ``inner_optim`` and ``meta_optim``); a rule for a key that the composed
+``optim``, ``optim`` and ``meta_optim``); a rule for a key that the composed
 config does not have is skipped. Loss hyper-parameters are checked per loss function
 (``LOSS_RULES``), since ``epsilon`` means different things for label smoothing and Poly-1.
 """
@@ -148,6 +148,13 @@ def existing_path(optional: bool = False, *, file: bool = False) -> Check:
     return check
 
 
+def learned_loss_source() -> Check:
+    """A learned-loss file, or a W&B artifact reference (fetched and checked on loading)."""
+    is_file = existing_path(file=True)
+    return lambda v: None if isinstance(v, str) and v.startswith("wandb-artifact://") else (
+        is_file(v) and "an existing file or a wandb-artifact://[entity/]project/name:version reference")
+
+
 def reals(optional: bool = False) -> Check:
     def check(v):
         if (v is None and optional) or (isinstance(v, list | tuple) and all(_is_real(x) for x in v)):
@@ -275,9 +282,8 @@ RULES: dict[str, Check] = {
     "meta_test.alpha": real(0, 1, lo_open=True, hi_open=True),
     "meta_test.vectorise": boolean(),
     # metaloss-eval
-    "loss_path": lambda v: None if str(v).startswith("wandb-artifact://") else existing_path(file=True)(v) and (
-        "an existing file or a wandb-artifact://[entity/]project/name:version reference"),
-    # optimizers: optim (torch.optim), inner_optim (functional), meta_optim (torch.optim)
+    "loss_path": learned_loss_source(),
+    # optimizers: optim (torch.optim), optim (functional), meta_optim (torch.optim)
     "*optim.lr": positive(),
     "*optim.weight_decay": real(0),
     "*optim.momentum": real(0, 1, hi_open=True),
@@ -369,7 +375,7 @@ LOSS_RULES: dict[str, dict[str, Check]] = {
     "LearnedSmoothing": {"init_epsilon": real(0, 1, lo_open=True, hi_open=True),
                          "eps_max": real(0, 1, lo_open=True, hi_open=True), "per_class": boolean(),
                          "num_classes": integer(2, 100_000, optional=True)},
-    "load_learned_loss": {"path": existing_path(file=True), "frozen": boolean()},
+    "load_learned_loss": {"path": learned_loss_source(), "frozen": boolean()},
 }
 
 

@@ -200,7 +200,7 @@ def test_a_learned_loss_that_diverges_everywhere_still_writes_comparison_json(co
     for p in learned.parameters():
         p.fill_(NAN)  # a learned loss gone bad: NaN for every input
     with caplog.at_level(logging.WARNING, logger="metaloss"):
-        out = run_meta_test(cfg, learned, _task_pool(cfg), instantiate(cfg.inner_optim), tmp_path, NullLogger())
+        out = run_meta_test(cfg, learned, _task_pool(cfg), instantiate(cfg.optim), tmp_path, NullLogger())
     comp = _strict((tmp_path / "comparison.json").read_text())  # strict JSON: NaN written as null
     assert set(comp["results"]) == {"learned", "mse", "mae", "huber"}
     assert all(v == [None, None] for v in comp["results"]["learned"].values())
@@ -218,7 +218,7 @@ def test_a_learned_loss_that_diverges_everywhere_still_writes_comparison_json(co
 def test_a_wrong_metric_is_refused_before_training(compose_cfg, tmp_path):
     cfg = compose_cfg("meta", TINY + ["meta_test.metric=test/acc"])
     with pytest.raises(ValueError, match="not a metric of a regression task"):
-        run_meta_test(cfg, fixed.mse, _task_pool(cfg), instantiate(cfg.inner_optim), tmp_path, NullLogger())
+        run_meta_test(cfg, fixed.mse, _task_pool(cfg), instantiate(cfg.optim), tmp_path, NullLogger())
     assert not (tmp_path / "comparison.json").exists()
 
 

@@ -18,8 +18,8 @@ TINY = ["logger=none", "progress=false", "meta.steps=6", "meta.tasks_per_step=2"
 
 
 def test_inner_divergence_is_named_and_the_last_good_loss_is_kept(compose_cfg, tmp_path):
-    cfg = compose_cfg("meta", TINY + ["inner_optim.lr=1e30"])  # θ explodes in the first inner step
-    with pytest.raises(NonFiniteMetaGradient, match="INNER learning rate.*inner_optim.lr") as err:
+    cfg = compose_cfg("meta", TINY + ["optim.lr=1e30"])  # θ explodes in the first inner step
+    with pytest.raises(NonFiniteMetaGradient, match="INNER learning rate.*optim.lr") as err:
         meta_app.run(cfg, tmp_path, "ml3")
     assert err.value.cause == "inner"
     good = load_learned_loss(tmp_path / "learned_loss_last_good.pt")
@@ -35,7 +35,7 @@ def test_meta_divergence_is_named(compose_cfg):
     task = instantiate(cfg.task)
     factory = instantiate(cfg.model)
     loss = instantiate(cfg.loss)
-    problem = MetaProblem(build_model(factory, task, 0), loss, instantiate(cfg.inner_optim), 2,
+    problem = MetaProblem(build_model(factory, task, 0), loss, instantiate(cfg.optim), 2,
                           loss_option("mse", task))
     batch = sample_meta_batch([task], factory, n_tasks=2, inner_steps=2, inner_batch=None, val_batch=None,
                               gen=torch.Generator().manual_seed(0))

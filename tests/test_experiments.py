@@ -28,15 +28,15 @@ def test_experiment_composes_and_instantiates(compose_cfg, name):
     assert task.kind in loss_kinds(loss)
     if app == "meta":
         assert baselines_for(cfg.compare, task)
-        instantiate(cfg.inner_optim)
+        instantiate(cfg.optim)
         instantiate(cfg.hypergrad)
 
 
 @pytest.mark.parametrize("overrides", [
-    ["task=mnist1d", "model=mlp", "loss=taylorglo", "hypergrad=unrolled", "inner_optim=sgd"],
-    ["task=digits", "loss=poly_n", "hypergrad=truncated", "inner_optim=adam"],
+    ["task=mnist1d", "model=mlp", "loss=taylorglo", "hypergrad=unrolled", "optim=sgd"],
+    ["task=digits", "loss=poly_n", "hypergrad=truncated", "optim=adam"],
     ["task=breast_cancer", "loss=logit_adjusted", "hypergrad=first_order"],
-    ["task=outliers", "loss=adaptive_robust", "inner_optim=nadam"],
+    ["task=outliers", "loss=adaptive_robust", "optim=nadam"],
 ])
 def test_plain_meta_command_lines_compose(compose_cfg, overrides):
     cfg = compose_cfg("meta", overrides)

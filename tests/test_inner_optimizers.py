@@ -70,9 +70,9 @@ def test_lr_can_be_a_learned_tensor():
     torch.testing.assert_close(g, -2 * log_lr.exp().detach())
 
 
-def test_every_inner_optim_config_builds(compose_cfg):
-    names = group_options("inner_optim")
+def test_every_optim_config_builds(compose_cfg):
+    names = group_options("optim")
     assert set(names) == set(CASES)
     for name in names:
-        opt = instantiate(compose_cfg("meta", [f"inner_optim={name}"]).inner_optim)
+        opt = instantiate(compose_cfg("meta", [f"optim={name}"]).optim)
         assert isinstance(opt, O.InnerOptimizer) and opt.name == name

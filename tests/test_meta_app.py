@@ -10,12 +10,12 @@ from hydra.utils import instantiate
 from metaloss.cli import eval as eval_app
 from metaloss.cli import meta as meta_app
 from metaloss.cli import train as train_app
-from metaloss.cli.wandb_offline import read_run
 from metaloss.hypergrad.base import HyperGrad
 from metaloss.losses.io import load_learned_loss
 from metaloss.losses.poly import PolyN
 from metaloss.meta import MetaLearner, NonFiniteMetaGradient
 from metaloss.validate import ConfigError
+from metaloss.wandb_offline import read_run
 
 TINY = ["logger=none", "progress=false", "meta.steps=4", "meta.tasks_per_step=2", "meta.inner_steps=2",
         "meta_test.seeds=2", "meta_test.steps=10", "meta_test.tasks_per_seed=2", "model.hidden=[8]",
@@ -125,14 +125,14 @@ def test_classification_meta_run_with_taylorglo(compose_cfg, tmp_path):
     cfg = compose_cfg("meta", ["logger=none", "progress=false", "task=digits", "loss=taylorglo",
                                "model.hidden=[16]", "meta.steps=3", "meta.tasks_per_step=2",
                                "meta.inner_steps=3", "meta.inner_batch=32", "meta.val_batch=64",
-                               "inner_optim.lr=0.5", "compare=[ce,focal]", "meta_test.seeds=2",
+                               "optim.lr=0.5", "compare=[ce,focal]", "meta_test.seeds=2",
                                "meta_test.steps=20", "meta_test.batch_size=32"])
     meta_app.run(cfg, tmp_path, "taylorglo")
     comp = json.loads((tmp_path / "comparison.json").read_text())
     assert comp["metric"] == "test/acc" and set(comp["results"]) == {"learned", "ce", "focal"}
     ecfg = compose_cfg("eval", ["logger=none", "progress=false", "task=digits", "model.hidden=[16]",
                                 f"loss_path={tmp_path / 'learned_loss.pt'}", "compare=[ce]",
-                                "meta_test.seeds=2", "meta_test.steps=20", "inner_optim.lr=0.5"])
+                                "meta_test.seeds=2", "meta_test.steps=20", "optim.lr=0.5"])
     (tmp_path / "eval").mkdir()
     out = eval_app.run(ecfg, tmp_path / "eval")
     assert set(out["results"]) == {"learned", "ce"}

@@ -128,8 +128,8 @@ def _wait_for_step(ckpt: Path, step: int, proc, timeout: float = 180) -> int:
 def test_checkpoint_of_another_config_is_refused_naming_the_keys(compose_cfg, tmp_path):
     part = tmp_path / "part"
     meta_app.run(compose_cfg("meta", TINY + ["meta.steps=2"]), part, "ml3")
-    with pytest.raises(ResumeMismatch, match=r"inner_optim.lr: 0.01 -> 0.02"):
-        meta_app.run(compose_cfg("meta", TINY + ["inner_optim.lr=0.02", f"meta.resume_from={part}"]),
+    with pytest.raises(ResumeMismatch, match=r"optim.lr: 0.05 -> 0.02"):
+        meta_app.run(compose_cfg("meta", TINY + ["optim.lr=0.02", f"meta.resume_from={part}"]),
                      tmp_path / "other", "ml3")
     with pytest.raises(ResumeMismatch, match=r"past meta.steps=1"):
         meta_app.run(compose_cfg("meta", TINY + ["meta.steps=1", f"meta.resume_from={part}"]),

@@ -7,8 +7,8 @@ from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 
 from metaloss.cli import train as train_app
-from metaloss.cli.wandb_offline import read_run
 from metaloss.config import LossDoesNotFitTask, group_options, instantiate_loss
+from metaloss.wandb_offline import read_run
 
 FAST = ["logger=none", "progress=false", "train.steps=30", "train.eval_every=10"]
 
@@ -24,7 +24,7 @@ def test_every_loss_and_optim_config_instantiates(compose_cfg):
         assert callable(instantiate_loss(cfg.loss, task)), name
     params = [torch.nn.Parameter(torch.zeros(3))]
     for name in group_options("optim"):
-        opt = instantiate(compose_cfg("train", [f"optim={name}"]).optim)(params)
+        opt = instantiate(compose_cfg("train", [f"optim={name}"]).optim).torch_equivalent(params)
         assert isinstance(opt, torch.optim.Optimizer)
 
 

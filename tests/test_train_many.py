@@ -22,9 +22,9 @@ def f64():
 
 
 def _setup(compose_cfg, task_name, optim, extra=()):
-    cfg = compose_cfg("meta", [f"task={task_name}", f"inner_optim={optim}", "model.hidden=[8]", *extra])
+    cfg = compose_cfg("meta", [f"task={task_name}", f"optim={optim}", "model.hidden=[8]", *extra])
     base = instantiate(cfg.task).to("cpu", torch.float64)
-    opt = instantiate(cfg.inner_optim)
+    opt = instantiate(cfg.optim)
     make = functools.partial(opt.torch_equivalent.func, **opt.hparams)
     return cfg, base, opt, make
 
@@ -52,7 +52,7 @@ def test_vectorised_equals_loop_on_a_task_family(compose_cfg, f64, optim):
 
 
 def test_vectorised_equals_loop_on_classification_with_class_counts(compose_cfg, f64):
-    cfg, base, opt, make = _setup(compose_cfg, "digits", "sgd", ["inner_optim.lr=0.3"])
+    cfg, base, opt, make = _setup(compose_cfg, "digits", "sgd", ["optim.lr=0.3"])
     losses = {n: loss_option(n, base) for n in ("ce", "weighted_ce", "focal")}
     kw = dict(seeds=[0, 1, 2], steps=10, batch_size=None, progress=False)
     loop = compare_losses(lambda s: [base], instantiate(cfg.model), losses, make, **kw)
@@ -61,7 +61,7 @@ def test_vectorised_equals_loop_on_classification_with_class_counts(compose_cfg,
 
 
 def test_a_diverging_member_is_none_and_others_are_untouched(compose_cfg, f64):
-    cfg, base, opt, _ = _setup(compose_cfg, "outliers", "sgd", ["inner_optim.lr=0.01"])
+    cfg, base, opt, _ = _setup(compose_cfg, "outliers", "sgd", ["optim.lr=0.01"])
     big = instantiate(cfg.task, magnitude=1e200).to("cpu", torch.float64)  # mse overflows to inf
     out = train_many([base, big, base], [0, 1, 2], instantiate(cfg.model), loss_option("mse", base), opt,
                      steps=5, batch_size=16)
@@ -124,23 +124,3 @@ def test_train_app_seeds_with_a_diverging_seed_writes_null_and_fails(compose_cfg
         train_app.run(cfg, tmp_path, "mse")
     text = (tmp_path / "metrics.json").read_text()
     assert "null" in text and "NaN" not in text
-
-
-@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adadelta", "adam", "nadam"])
-def test_functional_twin_of_each_optim_config_matches_torch(compose_cfg, name):
-    from metaloss.inner.optimizers import functional_twin
-
-    torch.set_default_dtype(torch.float64)
-    make = instantiate(compose_cfg("train", [f"optim={name}"]).optim)
-    twin = functional_twin(make.func, **make.keywords)
-    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
-    opt = make([p])
-    theta = {"w": p.detach().clone()}
-    state = twin.init(theta)
-    for i in range(4):
-        g = torch.tensor([0.3, -0.1, 0.7]) * (i + 1)
-        p.grad = g.clone()
-        opt.step()
-        theta, state = twin.update({"w": g}, state, theta)
-    torch.testing.assert_close(theta["w"], p.detach(), rtol=1e-10, atol=1e-12)
-    torch.set_default_dtype(torch.float32)

@@ -45,10 +45,10 @@ META_BAD = [
     ("meta_test.lr=-1", "meta_test.lr"),
     ("+meta_test.task_overrides.amplitude=[5.0,1.0]", "meta_test.task_overrides.amplitude"),
     ("compare=[mse,nope]", "compare = ['mse', 'nope']"),
-    ("inner_optim.lr=0", "inner_optim.lr = 0: must be a number > 0"),
+    ("optim.lr=0", "optim.lr = 0: must be a number > 0"),
     ("meta_optim.lr=-0.1", "meta_optim.lr"),
-    ("inner_optim=adam inner_optim.betas=[0.9,1.5]", "inner_optim.betas"),
-    ("inner_optim=momentum inner_optim.momentum=1.2", "inner_optim.momentum"),
+    ("optim=adam optim.betas=[0.9,1.5]", "optim.betas"),
+    ("optim=momentum optim.momentum=1.2", "optim.momentum"),
     ("hypergrad=truncated hypergrad.k=6", "hypergrad.k = 6: must be <= meta.inner_steps (5)"),
     ("hypergrad=es hypergrad.sigma=0", "hypergrad.sigma"),
     ("hypergrad=es hypergrad.population=0", "hypergrad.population"),
@@ -149,7 +149,7 @@ def test_every_shipped_experiment_is_valid(compose_cfg, name):
     assert problems(compose_cfg(app, [f"experiment={name}"])) == []
 
 
-@pytest.mark.parametrize("group", ["task", "model", "loss", "inner_optim", "meta_optim", "hypergrad", "optim"])
+@pytest.mark.parametrize("group", ["task", "model", "loss", "optim", "meta_optim", "hypergrad", "optim"])
 def test_every_shipped_option_is_valid(compose_cfg, group):
     app = "train" if group == "optim" else "meta"
     for option in group_options(group):

@@ -85,7 +85,7 @@ def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path
     log.info("meta-test: %s on %d seeds, %d steps of %s(lr=%g)", ", ".join(losses), len(seeds),
              cfg.meta_test.steps, inner_opt.name, lr)
     # the functional twin of the same optimizer (equal to it, tested): all seeds x tasks in one vmap
-    functional = instantiate(cfg.inner_optim, lr=lr) if cfg.meta_test.get("vectorise", True) else None
+    functional = instantiate(cfg.optim, lr=lr) if cfg.meta_test.get("vectorise", True) else None
     results = compare_losses(tasks_for_seed_fn(cfg, pool), instantiate(cfg.model), losses, make_optimizer,
                              seeds=seeds, steps=int(cfg.meta_test.steps),
                              batch_size=cfg.meta_test.batch_size, progress=cfg.progress, vectorised=functional)

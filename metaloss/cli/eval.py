@@ -41,7 +41,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dt
     check_against_task(cfg, pool[0])
     run_dir.record(hydra_record(cfg))
     with open_logger(cfg, out_dir, job_type="eval", name=f"eval-{pool[0].name}") as logger:
-        return run_meta_test(cfg, learned, pool, instantiate(cfg.inner_optim), out_dir, logger)
+        return run_meta_test(cfg, learned, pool, instantiate(cfg.optim), out_dir, logger)
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="eval")

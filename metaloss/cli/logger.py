@@ -117,7 +117,7 @@ class WandbLogger(NullLogger):
             png = path.parent / "learned_loss.png"
             if png.is_file():
                 art.add_file(str(png), name=png.name)
-            self.run.log_artifact(art, aliases=["latest", alias] if complete else [alias])
+            self.run.log_artifact(art, aliases=["latest", alias])  # the last good φ has its own name
         except Exception as e:
             log.warning("could not log %s as a W&B artifact (%s: %s); the file itself is saved", path,
                         type(e).__name__, e)
@@ -125,7 +125,8 @@ class WandbLogger(NullLogger):
         entity = f"{self.run.entity}/" if getattr(self.run, "entity", "") else ""
         ref = f"wandb-artifact://{entity}{self.run.project}/{name}:{alias}"
         log.info("%s logged as W&B artifact %s (%s)", path.name, ref,
-                 "upload it with `wandb sync` to use it elsewhere" if self.run.offline else "usable as loss_path")
+                 "upload it with `wandb sync` to use it elsewhere" if getattr(self.run, "offline", True)
+                 else "usable as loss_path")
         return ref
 
 

@@ -2,7 +2,7 @@
 
     metaloss-meta                                    # the quickstart experiment (make run)
     metaloss-meta experiment=ml3_sine
-    metaloss-meta task=mnist1d model=mlp loss=taylorglo hypergrad=unrolled inner_optim=sgd
+    metaloss-meta task=mnist1d model=mlp loss=taylorglo hypergrad=unrolled optim=sgd
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, iden
                          "(fixed losses go in `compare:`)")
     check_loss_fits(loss, task.kind, task.name, loss_name)
     factory = instantiate(cfg.model)
-    inner_opt = instantiate(cfg.inner_optim)
+    inner_opt = instantiate(cfg.optim)
     objective = loss_option(cfg.meta.objective or DEFAULT_OBJECTIVE[task.kind], task, cfg)
     # Class-weighted objectives (e.g. meta.objective=weighted_ce) weigh by the validation
     # split's class counts: a balanced validation objective, as AutoBalance uses.

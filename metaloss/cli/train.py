@@ -19,7 +19,6 @@ from metaloss import runtime
 from metaloss.cli.logger import open_logger, write_json
 from metaloss.cli.signals import console, exit_on_interrupt, interruptible
 from metaloss.config import check_loss_fits, conf_dir, instantiate_loss
-from metaloss.inner.optimizers import functional_twin
 from metaloss.metrics import train_result_names
 from metaloss.report import jsonable
 from metaloss.runs import RunDir, hydra_record, identity
@@ -56,7 +55,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, device: torch.
     if int(cfg.seeds) > 1:
         return _run_seeds(cfg, run_dir, task, loss, loss_name, metric)
     model = build_model(instantiate(cfg.model), task, cfg.seed)
-    make_optimizer = instantiate(cfg.optim)
+    make_optimizer = instantiate(cfg.optim).torch_equivalent  # the torch.optim twin of the functional one
     run_dir.record(hydra_record(cfg))
     log.info("task %s | loss %s | model %d params", task.describe(), loss_name,
              sum(p.numel() for p in model.parameters()))
@@ -75,11 +74,10 @@ def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, device: torch.
 
 def _run_seeds(cfg: DictConfig, run_dir: RunDir, task, loss, loss_name: str | None, metric: str) -> float:
     """``seeds=N``: seeds ``seed .. seed+N-1`` trained as one ``vmap`` in this process, with the
-    functional twin of ``optim`` (equal to it, tested); one metrics.json entry per seed, each
+    functional optimizer of ``optim`` (equal to its torch.optim twin, tested); one metrics.json entry per seed, each
     the result a single run with that seed gives. A diverged seed is written as null, then the
     run stops with an error naming it (like a single diverged run)."""
-    make_optimizer = instantiate(cfg.optim)
-    functional = functional_twin(make_optimizer.func, **make_optimizer.keywords)
+    functional = instantiate(cfg.optim)  # equal to its torch.optim twin (tested)
     seeds = [int(cfg.seed) + i for i in range(int(cfg.seeds))]
     run_dir.record(hydra_record(cfg))
     log.info("task %s | loss %s | seeds %s as one vmap", task.describe(), loss_name, seeds)

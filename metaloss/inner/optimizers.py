@@ -12,7 +12,6 @@ at most 1e-15. ``lr`` may be overridden per call by a tensor (a meta-learned lea
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -199,32 +198,3 @@ def nadam(*, lr: float = 2e-3, betas=(0.9, 0.999), eps: float = 1e-8,
     return _make("nadam", lambda p: NAdamState(0, _zeros(p), _zeros(p), 1.0), update,
                  torch.optim.NAdam, lr=lr, betas=(b1, b2), eps=eps, momentum_decay=momentum_decay)
 
-
-def functional_twin(torch_cls: Callable, **hparams: Any) -> InnerOptimizer:
-    """The functional optimizer equal to ``torch_cls(params, **hparams)`` (e.g. the `optim`
-    group's ``torch.optim.SGD`` with momentum -> :func:`momentum`), for running many models
-    as one ``vmap``. Settings the functional side does not implement are refused."""
-    name = getattr(torch_cls, "__name__", str(torch_cls))
-    hp = dict(hparams)
-    if name == "SGD":
-        mom, nest = hp.pop("momentum", 0.0), hp.pop("nesterov", False)
-        if nest:
-            hp.pop("dampening", None)
-            factory, hp = nesterov, {**hp, "momentum": mom}
-        elif mom:
-            factory, hp = momentum, {**hp, "momentum": mom}
-        else:
-            hp.pop("dampening", None)
-            factory = sgd
-    else:
-        factory = {"Adagrad": adagrad, "RMSprop": rmsprop, "Adadelta": adadelta, "Adam": adam,
-                   "NAdam": nadam}.get(name)
-        if factory is None:
-            raise ValueError(f"no functional twin of torch.optim.{name}; use one of SGD, Adagrad, RMSprop, "
-                             "Adadelta, Adam, NAdam")
-    accepted = inspect.signature(factory).parameters
-    unknown = sorted(set(hp) - set(accepted))
-    if unknown:
-        raise ValueError(f"torch.optim.{name} setting(s) {unknown} have no functional twin in "
-                         f"metaloss.inner.optimizers.{factory.__name__} (accepts {sorted(accepted)})")
-    return factory(**hp)

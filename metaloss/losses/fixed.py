@@ -22,9 +22,12 @@ inside ``torch.func.vmap`` (where shapes are the per-task ones) and ``torch.comp
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from metaloss.losses.base import (
     CLASSIFICATION,
@@ -34,12 +37,14 @@ from metaloss.losses.base import (
     one_hot,
 )
 
+ClassCounts = Sequence[float] | Tensor | None  # per-class counts of the training split
 
-def _shapes(pred: torch.Tensor, target: torch.Tensor) -> str:
+
+def _shapes(pred: Tensor, target: Tensor) -> str:
     return f"got pred {list(pred.shape)} and target {list(target.shape)}"
 
 
-def _check_regression(name: str, pred: torch.Tensor, target: torch.Tensor) -> None:
+def _check_regression(name: str, pred: Tensor, target: Tensor) -> None:
     if pred.ndim == 0 or pred.shape != target.shape:
         hint = (" (same number of values: reshape one side, e.g. target.view_as(pred))"
                 if pred.ndim > 0 and pred.numel() == target.numel() else "")
@@ -47,7 +52,7 @@ def _check_regression(name: str, pred: torch.Tensor, target: torch.Tensor) -> No
                          f"both), {_shapes(pred, target)}{hint}")
 
 
-def _check_classification(name: str, pred: torch.Tensor, target: torch.Tensor) -> None:
+def _check_classification(name: str, pred: Tensor, target: Tensor) -> None:
     if pred.ndim not in (1, 2) or target.ndim != 1 or target.shape[0] != pred.shape[0]:
         raise ValueError(f"{name}: expects logits [B, C] (or [B] / [B, 1]: one binary logit) and "
                          f"class indices [B], {_shapes(pred, target)}")
@@ -57,20 +62,20 @@ def _check_classification(name: str, pred: torch.Tensor, target: torch.Tensor) -
                          "are not class indices)")
 
 
-def _check_binary(name: str, pred: torch.Tensor, target: torch.Tensor) -> None:
+def _check_binary(name: str, pred: Tensor, target: Tensor) -> None:
     one_logit = pred.ndim == 1 or (pred.ndim == 2 and pred.shape[1] == 1)
     if not one_logit or not (target.shape == pred.shape[:1] or target.shape == pred.shape):
         raise ValueError(f"{name}: expects one logit per example ([B] or [B, 1]) and targets "
                          f"[B] in {{0, 1}}, {_shapes(pred, target)}")
 
 
-def _check_segmentation(name: str, pred: torch.Tensor, target: torch.Tensor) -> None:
+def _check_segmentation(name: str, pred: Tensor, target: Tensor) -> None:
     if pred.ndim < 2 or pred.shape != target.shape:
         raise ValueError(f"{name}: expects per-pixel logits and a mask of the same shape "
                          f"[B, 1, H, W], {_shapes(pred, target)}")
 
 
-def _per_example(x: torch.Tensor) -> torch.Tensor:
+def _per_example(x: Tensor) -> Tensor:
     """Mean over every dimension but the first (regression outputs, pixels)."""
     return x.reshape(x.shape[0], -1).mean(dim=1)
 
@@ -79,21 +84,21 @@ def _per_example(x: torch.Tensor) -> torch.Tensor:
 
 
 @fits("regression")
-def mse(pred, target, **_):
+def mse(pred: Tensor, target: Tensor, **_: Any) -> Tensor:
     """Squared error."""
     _check_regression("mse", pred, target)
     return _per_example((pred - target) ** 2)
 
 
 @fits("regression")
-def mae(pred, target, **_):
+def mae(pred: Tensor, target: Tensor, **_: Any) -> Tensor:
     """Absolute error (robust to outliers; median regression)."""
     _check_regression("mae", pred, target)
     return _per_example((pred - target).abs())
 
 
 @fits("regression")
-def huber(pred, target, *, delta: float = 1.0, **_):
+def huber(pred: Tensor, target: Tensor, *, delta: float = 1.0, **_: Any) -> Tensor:
     """Huber (1964): quadratic within ``delta`` of the target, linear beyond."""
     _check_regression("huber", pred, target)
     r = (pred - target).abs()
@@ -101,7 +106,7 @@ def huber(pred, target, *, delta: float = 1.0, **_):
 
 
 @fits("regression")
-def smooth_l1(pred, target, *, beta: float = 1.0, **_):
+def smooth_l1(pred: Tensor, target: Tensor, *, beta: float = 1.0, **_: Any) -> Tensor:
     """Smooth L1 (Girshick, Fast R-CNN 2015): Huber divided by ``beta``."""
     _check_regression("smooth_l1", pred, target)
     r = (pred - target).abs()
@@ -111,7 +116,7 @@ def smooth_l1(pred, target, *, beta: float = 1.0, **_):
 
 
 @fits("regression")
-def log_cosh(pred, target, **_):
+def log_cosh(pred: Tensor, target: Tensor, **_: Any) -> Tensor:
     """log(cosh(r)), written stably as r + softplus(-2r) - log 2 for |r|."""
     _check_regression("log_cosh", pred, target)
     r = (pred - target).abs()
@@ -119,7 +124,7 @@ def log_cosh(pred, target, **_):
 
 
 @fits("regression")
-def quantile(pred, target, *, tau: float = 0.5, **_):
+def quantile(pred: Tensor, target: Tensor, *, tau: float = 0.5, **_: Any) -> Tensor:
     """Pinball loss (Koenker & Bassett 1978) for the ``tau`` quantile."""
     _check_regression("quantile", pred, target)
     r = target - pred
@@ -127,7 +132,8 @@ def quantile(pred, target, *, tau: float = 0.5, **_):
 
 
 @fits("regression")
-def poisson(pred, target, *, log_input: bool = True, eps: float = 1e-8, **_):
+def poisson(pred: Tensor, target: Tensor, *, log_input: bool = True, eps: float = 1e-8,
+            **_: Any) -> Tensor:
     """Poisson negative log-likelihood without the constant log(y!) term.
 
     With ``log_input`` the prediction is the log-rate. Targets must be counts (>= 0).
@@ -141,7 +147,8 @@ def poisson(pred, target, *, log_input: bool = True, eps: float = 1e-8, **_):
 # ------------------------------------------------------------------- classification
 
 
-def _class_weights(name: str, pred: torch.Tensor, class_counts, scheme: str, beta: float) -> torch.Tensor:
+def _class_weights(name: str, pred: Tensor, class_counts: ClassCounts, scheme: str,
+                   beta: float) -> Tensor:
     """Per-class weights from training-split counts (inverse/effective normalised to sum to C)."""
     dtype, device = pred.dtype, pred.device
     if class_counts is None:
@@ -153,8 +160,8 @@ def _class_weights(name: str, pred: torch.Tensor, class_counts, scheme: str, bet
     c = n.numel()
     classes = 2 if is_binary_logit(pred) else pred.shape[-1]
     if n.ndim != 1 or c != classes:
-        raise ValueError(f"{name}: class_counts must hold one count per class ({classes} for logits "
-                         f"{list(pred.shape)}), got shape {list(n.shape)}")
+        raise ValueError(f"{name}: class_counts must hold one count per class ({classes} for "
+                         f"logits {list(pred.shape)}), got shape {list(n.shape)}")
     if scheme == "balanced":  # scikit-learn's "balanced": already averages to 1 per example
         return n.sum() / (c * n)
     if scheme == "inverse":
@@ -166,11 +173,12 @@ def _class_weights(name: str, pred: torch.Tensor, class_counts, scheme: str, bet
     return w * c / w.sum()
 
 
-def _log_probs(pred):
+def _log_probs(pred: Tensor) -> Tensor:
     return F.log_softmax(binary_as_two_class(pred), dim=-1)
 
 
-def _soft_ce(logp, target, *, weight=None, label_smoothing: float = 0.0):
+def _soft_ce(logp: Tensor, target: Tensor, *, weight: Tensor | None = None,
+             label_smoothing: float = 0.0) -> Tensor:
     """-sum_c w_c q_c log p_c with q the (smoothed) one-hot target; PyTorch's formula."""
     c = logp.shape[-1]
     q = one_hot(target, c, logp.dtype)
@@ -181,20 +189,20 @@ def _soft_ce(logp, target, *, weight=None, label_smoothing: float = 0.0):
     return -(q * logp).sum(-1)
 
 
-def _log_p_true(pred, target):
+def _log_p_true(pred: Tensor, target: Tensor) -> Tensor:
     logp = _log_probs(pred)
     return (logp * one_hot(target, logp.shape[-1], logp.dtype)).sum(-1)
 
 
 @fits(*CLASSIFICATION)
-def ce(pred, target, **_):
+def ce(pred: Tensor, target: Tensor, **_: Any) -> Tensor:
     """Cross-entropy on logits (one logit per example for binary tasks)."""
     _check_classification("ce", pred, target)
     return _soft_ce(_log_probs(pred), target)
 
 
 @fits("binary")
-def bce(pred, target, *, pos_weight: float | None = None, **_):
+def bce(pred: Tensor, target: Tensor, *, pos_weight: float | None = None, **_: Any) -> Tensor:
     """Binary cross-entropy on one logit per example."""
     _check_binary("bce", pred, target)
     z = pred.reshape(pred.shape[0], -1).squeeze(-1)
@@ -204,8 +212,8 @@ def bce(pred, target, *, pos_weight: float | None = None, **_):
 
 
 @fits(*CLASSIFICATION)
-def weighted_ce(pred, target, *, scheme: str = "balanced", beta: float = 0.999,
-                class_counts=None, **_):
+def weighted_ce(pred: Tensor, target: Tensor, *, scheme: str = "balanced", beta: float = 0.999,
+                class_counts: ClassCounts = None, **_: Any) -> Tensor:
     """Class-weighted cross-entropy; weights from the training split's class counts.
 
     ``scheme``: ``inverse`` (1/N_c), ``balanced`` (N / (C N_c)) or ``effective``
@@ -218,14 +226,15 @@ def weighted_ce(pred, target, *, scheme: str = "balanced", beta: float = 0.999,
 
 
 @fits(*CLASSIFICATION)
-def label_smoothing(pred, target, *, epsilon: float = 0.1, **_):
+def label_smoothing(pred: Tensor, target: Tensor, *, epsilon: float = 0.1, **_: Any) -> Tensor:
     """Cross-entropy against targets smoothed towards uniform (Szegedy et al. 2016)."""
     _check_classification("label_smoothing", pred, target)
     return _soft_ce(_log_probs(pred), target, label_smoothing=epsilon)
 
 
 @fits(*CLASSIFICATION)
-def focal(pred, target, *, alpha: float | None = None, gamma: float = 2.0, **_):
+def focal(pred: Tensor, target: Tensor, *, alpha: float | None = None, gamma: float = 2.0,
+          **_: Any) -> Tensor:
     """Focal loss (Lin et al., ICCV 2017): -α_t (1 - p_t)^γ log p_t.
 
     For binary tasks ``alpha`` weights the positive class and ``1 - alpha`` the
@@ -244,8 +253,8 @@ def focal(pred, target, *, alpha: float | None = None, gamma: float = 2.0, **_):
 
 
 @fits(*CLASSIFICATION)
-def class_balanced_focal(pred, target, *, beta: float = 0.999, gamma: float = 2.0,
-                         class_counts=None, **_):
+def class_balanced_focal(pred: Tensor, target: Tensor, *, beta: float = 0.999, gamma: float = 2.0,
+                         class_counts: ClassCounts = None, **_: Any) -> Tensor:
     """Focal loss weighted by the effective number of samples per class (Cui et al. 2019)."""
     _check_classification("class_balanced_focal", pred, target)
     w = _class_weights("class_balanced_focal", pred, class_counts, "effective", beta)
@@ -253,14 +262,14 @@ def class_balanced_focal(pred, target, *, beta: float = 0.999, gamma: float = 2.
 
 
 @fits(*CLASSIFICATION)
-def poly1(pred, target, *, epsilon: float = 1.0, **_):
+def poly1(pred: Tensor, target: Tensor, *, epsilon: float = 1.0, **_: Any) -> Tensor:
     """Poly-1 (Leng et al., "PolyLoss", ICLR 2022): CE + ε (1 - p_t)."""
     _check_classification("poly1", pred, target)
     log_pt = _log_p_true(pred, target)
     return -log_pt + epsilon * (1.0 - log_pt.exp())
 
 
-def _margin(pred, target, margin: float, power: int):
+def _margin(pred: Tensor, target: Tensor, margin: float, power: int) -> Tensor:
     if is_binary_logit(pred):  # binary: labels as ±1 on one score
         z = pred.reshape(pred.shape[0])
         s = 2.0 * target.reshape(z.shape).to(z.dtype) - 1.0
@@ -273,7 +282,7 @@ def _margin(pred, target, margin: float, power: int):
 
 
 @fits(*CLASSIFICATION)
-def hinge(pred, target, *, margin: float = 1.0, **_):
+def hinge(pred: Tensor, target: Tensor, *, margin: float = 1.0, **_: Any) -> Tensor:
     """Multi-class margin loss (Crammer-Singer style, as torch's MultiMarginLoss, p=1).
 
     Binary tasks use the ±1 hinge max(0, 1 - y z) on the single logit.
@@ -283,14 +292,14 @@ def hinge(pred, target, *, margin: float = 1.0, **_):
 
 
 @fits(*CLASSIFICATION)
-def squared_hinge(pred, target, *, margin: float = 1.0, **_):
+def squared_hinge(pred: Tensor, target: Tensor, *, margin: float = 1.0, **_: Any) -> Tensor:
     """Squared multi-class margin loss (MultiMarginLoss with p=2); binary: max(0, 1 - y z)^2."""
     _check_classification("squared_hinge", pred, target)
     return _margin(pred, target, margin, 2)
 
 
 @fits(*CLASSIFICATION)
-def gce(pred, target, *, q: float = 0.7, **_):
+def gce(pred: Tensor, target: Tensor, *, q: float = 0.7, **_: Any) -> Tensor:
     """Generalized cross-entropy (Zhang & Sabuncu, NeurIPS 2018): (1 - p_t^q) / q.
 
     Interpolates CE (q -> 0) and MAE (q = 1); robust to label noise.
@@ -302,7 +311,7 @@ def gce(pred, target, *, q: float = 0.7, **_):
 # --------------------------------------------------------------------- segmentation
 
 
-def _overlaps(pred, target):
+def _overlaps(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Soft TP, FP, FN per image from pixel logits."""
     p = torch.sigmoid(pred.reshape(pred.shape[0], -1))
     t = target.reshape(p.shape).to(p.dtype)
@@ -311,7 +320,7 @@ def _overlaps(pred, target):
 
 
 @fits("segmentation")
-def dice(pred, target, *, smooth: float = 1.0, **_):
+def dice(pred: Tensor, target: Tensor, *, smooth: float = 1.0, **_: Any) -> Tensor:
     """Soft Dice loss (Milletari et al., V-Net 2016): 1 - (2TP + s) / (2TP + FP + FN + s)."""
     _check_segmentation("dice", pred, target)
     tp, fp, fn = _overlaps(pred, target)
@@ -319,7 +328,7 @@ def dice(pred, target, *, smooth: float = 1.0, **_):
 
 
 @fits("segmentation")
-def iou(pred, target, *, smooth: float = 1.0, **_):
+def iou(pred: Tensor, target: Tensor, *, smooth: float = 1.0, **_: Any) -> Tensor:
     """Soft Jaccard loss (Rahman & Wang 2016): 1 - (TP + s) / (TP + FP + FN + s)."""
     _check_segmentation("iou", pred, target)
     tp, fp, fn = _overlaps(pred, target)
@@ -327,7 +336,8 @@ def iou(pred, target, *, smooth: float = 1.0, **_):
 
 
 @fits("segmentation")
-def tversky(pred, target, *, alpha: float = 0.5, beta: float = 0.5, smooth: float = 1.0, **_):
+def tversky(pred: Tensor, target: Tensor, *, alpha: float = 0.5, beta: float = 0.5,
+            smooth: float = 1.0, **_: Any) -> Tensor:
     """Tversky loss (Salehi et al. 2017): 1 - (TP + s) / (TP + α FP + β FN + s)."""
     _check_segmentation("tversky", pred, target)
     tp, fp, fn = _overlaps(pred, target)
@@ -335,8 +345,8 @@ def tversky(pred, target, *, alpha: float = 0.5, beta: float = 0.5, smooth: floa
 
 
 @fits("segmentation")
-def focal_tversky(pred, target, *, alpha: float = 0.7, beta: float = 0.3, gamma: float = 0.75,
-                  smooth: float = 1.0, **_):
+def focal_tversky(pred: Tensor, target: Tensor, *, alpha: float = 0.7, beta: float = 0.3,
+                  gamma: float = 0.75, smooth: float = 1.0, **_: Any) -> Tensor:
     """Focal Tversky loss (Abraham & Khan, ISBI 2019): (1 - TI)^γ.
 
     The base is clamped away from 0 so the gradient stays finite for γ < 1.
@@ -347,7 +357,8 @@ def focal_tversky(pred, target, *, alpha: float = 0.7, beta: float = 0.3, gamma:
 
 
 @fits("segmentation")
-def bce_dice(pred, target, *, bce_weight: float = 1.0, smooth: float = 1.0, **_):
+def bce_dice(pred: Tensor, target: Tensor, *, bce_weight: float = 1.0, smooth: float = 1.0,
+             **_: Any) -> Tensor:
     """Pixel-mean binary cross-entropy plus soft Dice."""
     _check_segmentation("bce_dice", pred, target)
     z = pred.reshape(pred.shape[0], -1)
