@@ -187,7 +187,10 @@ def loss_option(name: str, task: Any, cfg: Any = None) -> Any:
     return loss
 
 
-DEFAULT_OBJECTIVE = {"regression": "mse", "classification": "ce", "binary": "ce", "segmentation": "dice"}
+# The loss a task kind gets when none is chosen: metaloss-train's default loss and
+# metaloss-meta's default validation objective (one table, so they never disagree).
+DEFAULT_LOSS = {"regression": "mse", "classification": "ce", "binary": "ce", "segmentation": "dice"}
+DEFAULT_OBJECTIVE = DEFAULT_LOSS
 DEFAULT_BASELINES = {
     "regression": ["mse", "mae", "huber"],
     "classification": ["ce", "focal", "label_smoothing", "poly1"],

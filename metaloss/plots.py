@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from metaloss.losses.base import loss_context
+
 
 @torch.no_grad()
 def loss_curves(losses: dict[str, Callable], kind: str, num_classes: int | None = None,
@@ -27,7 +29,7 @@ def loss_curves(losses: dict[str, Callable], kind: str, num_classes: int | None 
             pred = torch.cat([torch.log(x)[:, None], rest[:, None].expand(n, c - 1)], dim=1)
             target = torch.zeros(n, dtype=torch.long)
         label = "probability of the true class p_true"
-    ctx = {"class_counts": None, "x": None, "t": 1.0}
+    ctx = loss_context(None, None, 1.0)
     curves = {}
     for name, fn in losses.items():
         ref = next(fn.parameters(), None) if isinstance(fn, torch.nn.Module) else None

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from metaloss.losses.base import loss_context
 from metaloss.metrics import evaluate
 from metaloss.tasks.base import Task
 
@@ -25,12 +25,6 @@ def build_model(factory: Callable[..., nn.Module], task: Task, seed: int) -> nn.
         model = factory(in_shape=task.in_shape, out_dim=task.out_dim)
     x = task.x_train
     return model.to(device=x.device, dtype=x.dtype if x.is_floating_point() else None)
-
-
-def loss_context(class_counts: torch.Tensor | None, x: torch.Tensor, t: float) -> dict[str, Any]:
-    """What a loss may use besides (pred, target): training-split class counts, the inputs,
-    the training progress in [0, 1]."""
-    return {"class_counts": class_counts, "x": x, "t": t}
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import torch
 from torch.func import functional_call, grad_and_value, vmap
 
 from metaloss.inner.optimizers import InnerOptimizer
+from metaloss.losses.base import loss_context
 from metaloss.metrics import evaluate
 from metaloss.sampling import stacked_init
 from metaloss.tasks.base import Task
@@ -61,7 +62,7 @@ def train_many(tasks: Sequence[Task], seeds: Sequence[int], factory: Callable, l
         x_full, y_full = _stack([t.x_train for t in tasks]), _stack([t.y_train for t in tasks])
 
     def member_loss(th, x, y, cnt, t):
-        ctx = {"class_counts": cnt, "x": x, "t": t}
+        ctx = loss_context(cnt, x, t)
         return loss(functional_call(template, th, (x,)), y, **ctx).mean()
 
     step_fn = vmap(grad_and_value(member_loss), in_dims=(0, 0, 0, None if counts_b is None else 0, None))

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from metaloss.cli import meta as meta_app
-from metaloss.cli.wandb_offline import read_run
 from metaloss.meta import MetaLearner
+from metaloss.wandb_offline import read_run
 
 BIN = Path(sys.executable).parent
 TINY = ["logger=none", "progress=false", "meta.tasks_per_step=2", "meta.inner_steps=2", "model.hidden=[8]",

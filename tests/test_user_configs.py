@@ -100,16 +100,11 @@ def test_a_user_loss_is_accepted_in_compare_and_meta_objective(app_cfg, tmp_path
     """`compare:` and `meta.objective` name user losses like built-in ones: validated, used as
     the outer objective, trained and reported in the meta-test."""
     _write(tmp_path, {
-        "user_fixed.py": '''
+        **_doc_files("user_fixed.py", "my_conf/loss/trimmed_mse.yaml"),
+        "counting.py": '''
             from metaloss.losses.base import fits
 
             CALLS = {"objective": 0}
-
-
-            @fits("regression")
-            def trimmed_mse(pred, target, *, cap=4.0, **_):
-                """Squared error capped at `cap` (robust to gross outliers)."""
-                return ((pred - target) ** 2).clamp(max=cap).reshape(pred.shape[0], -1).mean(-1)
 
 
             @fits("regression")
@@ -117,8 +112,7 @@ def test_a_user_loss_is_accepted_in_compare_and_meta_objective(app_cfg, tmp_path
                 CALLS["objective"] += 1
                 return ((pred - target) ** 2).reshape(pred.shape[0], -1).mean(-1)
         ''',
-        "my_conf/loss/trimmed_mse.yaml": "_target_: user_fixed.trimmed_mse\n_partial_: true\ncap: 4.0\n",
-        "my_conf/loss/counted_mse.yaml": "_target_: user_fixed.counted_mse\n_partial_: true\n",
+        "my_conf/loss/counted_mse.yaml": "_target_: counting.counted_mse\n_partial_: true\n",
     })
     monkeypatch.syspath_prepend(str(tmp_path))
     search = f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]"
@@ -130,9 +124,9 @@ def test_a_user_loss_is_accepted_in_compare_and_meta_objective(app_cfg, tmp_path
     assert problems(cfg) == []
     out_dir = tmp_path / "run"
     out = meta_app.run(cfg, out_dir, "ml3")
-    import user_fixed
+    import counting
 
-    assert user_fixed.CALLS["objective"] > 0  # the outer objective is the user's loss
+    assert counting.CALLS["objective"] > 0  # the outer objective is the user's loss
     comp = json.loads((out_dir / "comparison.json").read_text())
     assert set(comp["results"]) == {"learned", "mse", "trimmed_mse"}
     assert all(len(v) == 2 for v in comp["results"]["trimmed_mse"].values())
@@ -178,64 +172,27 @@ def test_the_parametric_loss_list_comes_from_the_catalogue(app_cfg, tmp_path, mo
 
 # ------------------------------------------------------------- docs/extending.md, as written
 
-TASK_MODULE = '''
-    import torch
-    from metaloss.tasks.base import Task, finish_classification, standardize, three_way_split
+DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 
 
-    def blobs(*, seed: int = 0, n: int = 600, num_classes: int = 3, spread: float = 1.0,
-              val_frac: float = 0.2, test_frac: float = 0.2, label_noise=None, imbalance_ratio=None) -> Task:
-        """Gaussian blobs in 2-D: one cluster per class (data fixed; `seed` picks the splits)."""
-        g = torch.Generator().manual_seed(1234)
-        centres = 3.0 * torch.randn(num_classes, 2, generator=g)
-        y = torch.arange(n) % num_classes
-        x = centres[y] + spread * torch.randn(n, 2, generator=g)
-        (xtr, ytr), (xva, yva), (xte, yte) = three_way_split(x, y, val_frac=val_frac, test_frac=test_frac,
-                                                             seed=seed)
-        xtr, xva, xte = standardize(xtr, xva, xte)
-        return finish_classification("blobs", "classification", (xtr, ytr), (xva, yva), (xte, yte),
-                                     num_classes=num_classes, seed=seed, label_noise_cfg=label_noise,
-                                     imbalance_ratio=imbalance_ratio)
+def _from_doc(name: str) -> str:
+    """The fenced block of docs/extending.md that starts with the comment ``# <name>``: the
+    tests write the documented files verbatim, so the doc cannot drift from what is tested."""
+    blocks = re.findall(r"```(?:python|yaml)\n(.*?)```", DOC.read_text(), flags=re.S)
+    found = [b for b in blocks if b.split("\n", 1)[0].split()[1:2] == [name]]
+    assert len(found) == 1, f"docs/extending.md has {len(found)} blocks for {name}"
+    return found[0]
 
 
-    def waves(*, seed: int = 0, amplitude=(0.5, 2.0), n_train: int = 64, n_val: int = 64,
-              n_test: int = 64) -> Task:
-        """A task family: y = A cos(x); each `seed` draws another amplitude A."""
-        g = torch.Generator().manual_seed(seed)
-        a = amplitude[0] + (amplitude[1] - amplitude[0]) * torch.rand((), generator=g)
+def _doc_files(*names: str) -> dict[str, str]:
+    return {n: _from_doc(n) for n in names}
 
-        def draw(k):
-            x = -3.0 + 6.0 * torch.rand(k, 1, generator=g)
-            return x, a * torch.cos(x)
 
-        (xtr, ytr), (xva, yva), (xte, yte) = draw(n_train), draw(n_val), draw(n_test)
-        return Task("waves", "regression", xtr, ytr, xva, yva, xte, yte, distribution=True,
-                    info={"amplitude": float(a)})
-'''
-TASK_YAMLS = {
-    "my_conf/task/blobs.yaml": '''
-        _target_: my_tasks.blobs
-        seed: 0
-        n: 600
-        num_classes: 3
-        val_frac: 0.2
-        test_frac: 0.2
-        label_noise: {rate: 0.0, kind: symmetric}   # training split only
-        imbalance_ratio: null
-    ''',
-    "my_conf/task/waves.yaml": '''
-        _target_: my_tasks.waves
-        seed: 0
-        amplitude: [0.5, 2.0]
-        n_train: 64
-        n_val: 64
-        n_test: 64
-    ''',
-}
+TASK_FILES = ("my_tasks.py", "my_conf/task/blobs.yaml", "my_conf/task/waves.yaml")
 
 
 def test_a_task_defined_outside_the_package_trains_with_noise_and_imbalance(app_cfg, tmp_path, monkeypatch):
-    _write(tmp_path, {"my_tasks.py": TASK_MODULE, **TASK_YAMLS})
+    _write(tmp_path, _doc_files(*TASK_FILES))
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = app_cfg("train", TINY_TRAIN + [f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "task=blobs",
                                          "task.label_noise.rate=0.2", "task.label_noise.kind=pair",
@@ -254,10 +211,10 @@ def test_a_task_defined_outside_the_package_trains_with_noise_and_imbalance(app_
 
 
 def test_a_task_family_defined_outside_the_package_meta_trains_and_meta_tests(app_cfg, tmp_path, monkeypatch):
-    _write(tmp_path, {"my_tasks.py": TASK_MODULE, **TASK_YAMLS})
+    _write(tmp_path, _doc_files(*TASK_FILES))
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = app_cfg("meta", TINY_META + [f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "task=waves",
-                                       "meta.train_tasks=3", "meta_test.task_overrides={amplitude: [2.0, 3.0]}"])
+                                       "meta.train_tasks=3", "+meta_test.task_overrides.amplitude=[2.0,3.0]"])
     out = meta_app.run(cfg, tmp_path / "run", "ml3")
     comp = json.loads((tmp_path / "run" / "comparison.json").read_text())
     assert comp["task"] == "waves" and set(comp["results"]) == {"learned", "mse", "mae", "huber"}
@@ -267,41 +224,9 @@ def test_a_task_family_defined_outside_the_package_meta_trains_and_meta_tests(ap
     assert len(set(fresh)) == 3  # distribution=True: another seed, another task of the family
 
 
-HYPERGRAD_MODULE = '''
-    import torch
-    from metaloss.hypergrad.base import HyperGrad, batched_objective, detach
-
-
-    class SPSA:
-        """Simultaneous-perturbation stochastic approximation (Spall 1992): two evaluations of
-        the validation objective along one random +-1 direction per outer step."""
-
-        def __init__(self, c: float = 0.01, seed: int = 0) -> None:
-            self.c, self.seed, self.calls = c, seed, 0
-
-        def __call__(self, problem, meta, batch):
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
-            self.calls += 1
-            base = detach(meta)
-            delta = {k: (2 * torch.randint(0, 2, v.shape, generator=gen) - 1).to(v) for k, v in base.items()}
-            plus = batched_objective(problem, {k: v + self.c * delta[k] for k, v in base.items()}, batch)
-            minus = batched_objective(problem, {k: v - self.c * delta[k] for k, v in base.items()}, batch)
-            slope = (plus - minus).detach() / (2 * self.c)
-            return HyperGrad(((plus + minus) / 2).detach(), {k: slope * d for k, d in delta.items()})
-
-        # the noise of call n depends on n: checkpointed, so a resumed run draws the same noise
-        def state_dict(self) -> dict:
-            return {"calls": self.calls}
-
-        def load_state_dict(self, state: dict) -> None:
-            self.calls = int(state["calls"])
-'''
-
-
 def test_a_hypergradient_method_defined_outside_the_package_meta_trains_and_resumes_exactly(
         app_cfg, tmp_path, monkeypatch):
-    _write(tmp_path, {"my_hypergrad.py": HYPERGRAD_MODULE,
-                      "my_conf/hypergrad/spsa.yaml": "_target_: my_hypergrad.SPSA\nc: 0.01\nseed: 0\n"})
+    _write(tmp_path, _doc_files("my_hypergrad.py", "my_conf/hypergrad/spsa.yaml"))
     monkeypatch.syspath_prepend(str(tmp_path))
     base = TINY_META + [f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "hypergrad=spsa",
                         "meta_test.enabled=false", "meta.checkpoint_every=1"]

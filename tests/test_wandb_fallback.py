@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 import metaloss.cli.logger as lg
 from metaloss.cli.logger import open_logger
-from metaloss.cli.wandb_offline import read_run
+from metaloss.wandb_offline import read_run
 
 DUMMY_KEY = "0123456789abcdef" * 2 + "01234567"  # 40 characters, like a real key
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from metaloss import runtime
 from metaloss.cli.logger import open_logger, write_json
 from metaloss.cli.signals import console, exit_on_interrupt, interruptible
-from metaloss.config import check_loss_fits, conf_dir, instantiate_loss
+from metaloss.config import DEFAULT_LOSS, check_loss_fits, conf_dir, instantiate_loss, loss_option
 from metaloss.metrics import train_result_names
 from metaloss.report import jsonable
 from metaloss.runs import RunDir, hydra_record, identity
@@ -48,7 +48,11 @@ def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, device: torch.
     task = instantiate(cfg.task).to(device, dtype)
     check_against_task(cfg, task)
     metric = cfg.metric or task.primary_metric
-    loss = instantiate_loss(cfg.loss, task)
+    if cfg.get("loss") is None:  # no loss chosen: the task kind's default, like metrics and objectives
+        loss_name = DEFAULT_LOSS[task.kind]
+        loss = loss_option(loss_name, task, cfg)
+    else:
+        loss = instantiate_loss(cfg.loss, task)
     check_loss_fits(loss, task.kind, task.name, loss_name)
     if isinstance(loss, torch.nn.Module):
         loss = loss.to(device=device, dtype=dtype)

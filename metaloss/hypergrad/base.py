@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metaloss.inner.optimizers import InnerOptimizer
+from metaloss.losses.base import loss_context
 
 Params = dict[str, Tensor]
 LOSS_PREFIX = "loss."
@@ -77,7 +78,7 @@ def inner_loss(problem: MetaProblem, theta: Params, phi: Params, x: Tensor, y: T
                t: float) -> Tensor:
     """Mean learned loss of the model at θ on one inner batch."""
     pred = functional_call(problem.model, theta, (x,))
-    ctx = {"class_counts": problem.class_counts, "x": x, "t": t}
+    ctx = loss_context(problem.class_counts, x, t)
     return functional_call(problem.loss, phi, (pred, y), ctx).mean()
 
 

@@ -14,6 +14,7 @@ import torch
 from torch.func import functional_call
 
 from metaloss.hypergrad.base import HyperGrad, MetaBatch, MetaProblem, Params, split_meta
+from metaloss.losses.base import loss_context
 
 
 class HigherBackend:
@@ -35,8 +36,7 @@ class HigherBackend:
             with higher.innerloop_ctx(model, opt, copy_initial_weights=True) as (fmodel, diffopt):
                 for k in range(problem.inner_steps):
                     x, y = batch.x_train[t, k], batch.y_train[t, k]
-                    ctx = {"class_counts": problem.class_counts, "x": x,
-                           "t": k / problem.inner_steps}
+                    ctx = loss_context(problem.class_counts, x, k / problem.inner_steps)
                     inner = functional_call(problem.loss, phi, (fmodel(x), y), ctx).mean()
                     override = None if log_lr is None else {"lr": [log_lr.exp()]}
                     diffopt.step(inner, override=override)

@@ -82,6 +82,12 @@ class ParametricLoss(nn.Module):
         return loss
 
 
+def loss_context(class_counts: torch.Tensor | None, x: torch.Tensor | None, t: float) -> dict[str, Any]:
+    """The one place the loss context is built: the training split's class counts, the
+    inputs ``x`` and the training progress ``t`` in [0, 1] (see the module docstring)."""
+    return {"class_counts": class_counts, "x": x, "t": t}
+
+
 def binary_as_two_class(logits: torch.Tensor) -> torch.Tensor:
     """Map one binary logit z to the two-class logits (0, z): softmax of it is sigmoid(z).
 
