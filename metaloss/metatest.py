@@ -83,9 +83,7 @@ def compare_losses(tasks_for_seed: Callable[[int], Sequence[Task]], factory: Cal
             per_task = [_train_one(task, factory, loss, make_optimizer, steps=steps, batch_size=batch_size,
                                    seed=seed * 1000 + i, where=f"loss {name!r} on seed {seed} task {i}")
                         for i, task in enumerate(tasks)]
-            for k in keys:
-                results[name][k].append(_seed_value(per_task, k))
-            _warn_partial(name, seed, per_task, results[name])
+            _record_seed(results[name], keys, name, seed, per_task)
             bar.update()
     bar.close()
     return results
@@ -115,12 +113,18 @@ def _compare_vectorised(tasks_for_seed, factory, losses, make_optimizer, inner_o
             for i, m in enumerate(per_task):
                 if m is None:
                     log.warning("meta-test: loss %r diverged on seed %d task %d; recorded as NaN", name, seed, i)
-            for k in keys:
-                results[name][k].append(_seed_value(per_task, k))
-            _warn_partial(name, seed, per_task, results[name])
+            _record_seed(results[name], keys, name, seed, per_task)
         bar.update()
     bar.close()
     return results
+
+
+def _record_seed(record: dict[str, list[float]], keys: list[str], name: str, seed: int,
+                 per_task: list[dict[str, float] | None]) -> None:
+    """Append one seed's value (the mean over its tasks, NaN if any diverged) to every metric."""
+    for k in keys:
+        record[k].append(_seed_value(per_task, k))
+    _warn_partial(name, seed, per_task, record)
 
 
 def _warn_partial(name: str, seed: int, per_task: list[dict[str, float] | None],

@@ -34,3 +34,28 @@ def _default_dtype():
     before = torch.get_default_dtype()
     yield
     torch.set_default_dtype(before)
+
+
+def _wait_for_step(ckpt, step: int, proc, timeout: float = 240) -> int:
+    """Poll a running process's checkpoint until it holds ``step`` completed outer steps."""
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early: {proc.stderr.read().decode()[-3000:]}")
+        if ckpt.is_file():
+            try:
+                s = int(torch.load(ckpt, weights_only=True)["step"])
+            except Exception:  # being replaced right now
+                s = -1
+            if s >= step:
+                return s
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint in time")
+
+
+@pytest.fixture
+def wait_for_step():
+    """wait_for_step(checkpoint_path, step, popen) -> the step reached."""
+    return _wait_for_step

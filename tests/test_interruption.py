@@ -67,28 +67,10 @@ def test_interrupt_after_an_update_but_before_its_step_completes(compose_cfg, tm
     _assert_identical(_state(straight), _state(broken))
 
 
-def _wait_for_step(ckpt: Path, step: int, proc, timeout: float = 240) -> int:
-    import time
-
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended early: {proc.stderr.read().decode()[-3000:]}")
-        if ckpt.is_file():
-            try:
-                s = int(torch.load(ckpt, weights_only=True)["step"])
-            except Exception:  # being replaced right now
-                s = -1
-            if s >= step:
-                return s
-        time.sleep(0.02)
-    raise AssertionError("no checkpoint in time")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 @pytest.mark.parametrize("method", ["unrolled", "es"])
-def test_a_killed_process_resumes_bit_identically(tmp_path, sig, method):
+def test_a_killed_process_resumes_bit_identically(tmp_path, wait_for_step, sig, method):
     """A real `metaloss-meta` process gets the signal mid-run; rerun into its directory with
     a budget a few steps beyond where it stopped, and compare with a run that never stopped."""
     run_dir = tmp_path / "run"
@@ -96,7 +78,7 @@ def test_a_killed_process_resumes_bit_identically(tmp_path, sig, method):
     cmd = [BIN / "metaloss-meta", *TINY, *extra]
     proc = subprocess.Popen([*cmd, "meta.steps=100000", f"hydra.run.dir={run_dir}"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _wait_for_step(run_dir / "checkpoint.pt", 3, proc)
+    wait_for_step(run_dir / "checkpoint.pt", 3, proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     expected = {signal.SIGTERM: 143, signal.SIGINT: 130, signal.SIGKILL: -signal.SIGKILL}[sig]

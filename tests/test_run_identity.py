@@ -91,13 +91,13 @@ def test_a_directory_in_use_is_refused(compose_cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_on_one_directory(tmp_path):
+def test_two_processes_on_one_directory(tmp_path, wait_for_step):
     """A second launch into a running run's directory exits non-zero at once; the first finishes."""
     run_dir = tmp_path / "run"
     cmd = [BIN / "metaloss-meta", f"hydra.run.dir={run_dir}", *TINY, "meta.steps=100000"]
     first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        _wait_for_step(run_dir / "checkpoint.pt", 1, first)
+        wait_for_step(run_dir / "checkpoint.pt", 1, first)
         second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert second.returncode != 0 and "in use by pid" in second.stderr
         assert first.poll() is None  # untouched, still running
@@ -105,24 +105,6 @@ def test_two_processes_on_one_directory(tmp_path):
         first.terminate()
         first.wait(timeout=120)
     assert first.returncode == 143  # SIGTERM, saved and exited cleanly
-
-
-def _wait_for_step(ckpt: Path, step: int, proc, timeout: float = 180) -> int:
-    import time
-
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended early: {proc.stderr.read().decode()[-3000:]}")
-        if ckpt.is_file():
-            try:
-                s = int(torch.load(ckpt, weights_only=True)["step"])
-            except Exception:  # being replaced right now
-                s = -1
-            if s >= step:
-                return s
-        time.sleep(0.05)
-    raise AssertionError("no checkpoint in time")
 
 
 def test_checkpoint_of_another_config_is_refused_naming_the_keys(compose_cfg, tmp_path):
@@ -170,12 +152,12 @@ def test_a_refused_launch_leaves_the_owners_hydra_record_intact(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_launch_refused_while_the_owner_runs_leaves_the_owners_record(tmp_path):
+def test_a_launch_refused_while_the_owner_runs_leaves_the_owners_record(tmp_path, wait_for_step):
     run_dir = tmp_path / "run"
     owner = subprocess.Popen([BIN / "metaloss-meta", f"hydra.run.dir={run_dir}", *TINY, "meta.steps=100000"],
                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        _wait_for_step(run_dir / "checkpoint.pt", 1, owner)
+        wait_for_step(run_dir / "checkpoint.pt", 1, owner)
         refused = subprocess.run([BIN / "metaloss-meta", f"hydra.run.dir={run_dir}", *TINY, "seed=7"],
                                  cwd=tmp_path, capture_output=True, text=True, timeout=180)
         assert refused.returncode != 0 and "in use by pid" in refused.stdout + refused.stderr
