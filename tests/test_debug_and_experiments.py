@@ -29,13 +29,20 @@ def assert_tiny(cfg, app: str) -> None:
         assert cfg.meta_test.seeds == 2 and cfg.meta_test.steps <= 5 and cfg.meta_test.tasks_per_seed == 1
 
 
+def test_debug_options():
+    assert set(group_options("debug")) == {"default", "fast_dev_run"}
+
+
+@pytest.mark.parametrize("debug", group_options("debug"))
 @pytest.mark.parametrize("app", ["train", "meta", "eval"])
-def test_debug_composes_for_every_app(compose_cfg, app):
+def test_debug_composes_for_every_app(compose_cfg, app, debug):
     extra = ["loss_path=x.pt"] if app == "eval" else []
-    cfg = compose_cfg(app, ["debug=default"] + extra)
+    cfg = compose_cfg(app, [f"debug={debug}"] + extra)
     assert_tiny(cfg, "train" if app == "train" else "meta")
+    if debug == "fast_dev_run":
+        assert cfg.train.steps == 1 if app == "train" else (cfg.meta.steps, cfg.meta_test.steps) == (1, 1)
     # a group choice on the command line beats the debug file's `override /logger: none`
-    assert compose_cfg(app, ["debug=default", "logger=wandb"] + extra).logger.kind == "wandb"
+    assert compose_cfg(app, [f"debug={debug}", "logger=wandb"] + extra).logger.kind == "wandb"
     # without debug= nothing changes
     plain = compose_cfg(app, extra)
     assert plain.logger.kind == "wandb"
@@ -55,11 +62,12 @@ def test_debug_shortens_every_experiment(compose_cfg, name):
         assert_tiny(compose_cfg("eval", [f"experiment={name}", "debug=default", "loss_path=x.pt"]), "meta")
 
 
-def _run_experiment(compose_cfg, name, out):
+def _run_experiment(compose_cfg, name, out, debug="default"):
     app = app_of(name)
-    cfg = compose_cfg(app, [f"experiment={name}", "debug=default", "progress=false"])
+    cfg = compose_cfg(app, [f"experiment={name}", f"debug={debug}", "progress=false"])
     if app == "train":
-        value = train_app.run(cfg, out, cfg.loss._target_.rsplit(".", 1)[-1])
+        loss_name = cfg.loss._target_.rsplit(".", 1)[-1] if cfg.get("loss") else None  # as Hydra's choice
+        value = train_app.run(cfg, out, loss_name)
         result = json.loads((out / "metrics.json").read_text())
         assert result["metrics"][result["metric"]] == pytest.approx(value)
         return
@@ -79,6 +87,11 @@ FAST = {"quickstart", "ml3_sine", "ml3_sine_heldout", "outliers_baselines"}  # s
     n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in EXPERIMENTS])
 def test_every_experiment_runs_with_debug(compose_cfg, tmp_path, name):
     _run_experiment(compose_cfg, name, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["quickstart", "outliers_baselines"])
+def test_fast_dev_run_runs_both_apps(compose_cfg, tmp_path, name):
+    _run_experiment(compose_cfg, name, tmp_path, debug="fast_dev_run")
 
 
 def test_debug_eval_of_a_learned_loss(compose_cfg, tmp_path):

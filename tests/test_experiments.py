@@ -4,7 +4,13 @@ the issue's plain command lines compose too."""
 import pytest
 from hydra.utils import instantiate
 
-from metaloss.config import DEFAULT_LOSS, baselines_for, group_options, instantiate_loss, loss_option
+from metaloss.config import (
+    DEFAULT_LOSS,
+    baselines_for,
+    group_options,
+    instantiate_loss,
+    loss_option,
+)
 from metaloss.losses.base import loss_kinds
 from metaloss.train import build_model
 

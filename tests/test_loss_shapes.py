@@ -132,16 +132,22 @@ def test_under_vmap_per_task_shapes_are_checked(name):
         looped = torch.stack([call(name, p, t) for p, t in zip(preds, targets)])
         torch.testing.assert_close(batched, looped)
         # the same target for every task (in_dims=None) is fine too
-        vmap(lambda p: call(name, p, target))(preds)
-    pred, target = good_cases(name)[0]
-    wrong = target[:, None] if target.ndim == 1 else target[..., :1, :1] if name in SEGMENTATION \
-        else target[:, :1, None]
-    if name in REGRESSION:
-        wrong = target.reshape(B, -1)[:, 0]                          # [B, D] vs [B] per task
-        pred = torch.randn(B, 1)
+        vmap(lambda p, t=target: call(name, p, t))(preds)
+    pred, wrong = bad_case(name)
     preds, wrongs = torch.stack([pred] * T), torch.stack([wrong] * T)
     with pytest.raises(ValueError, match=rf"^{name}: .*{list(pred.shape)}.*{list(wrong.shape)}"):
         vmap(lambda p, t: call(name, p, t))(preds, wrongs)
+
+
+def bad_case(name):
+    """A per-task (pred, target) pair that would broadcast silently without the check."""
+    if name in REGRESSION:
+        return torch.randn(B, 1), torch.randn(B)
+    if name in SEGMENTATION:
+        return torch.randn(B, 1, 5, 5), torch.zeros(B, 5, 5)
+    if name == "bce":
+        return torch.randn(B), labels(B, 1, classes=2).float()
+    return torch.randn(B, C), labels(B, 1)
 
 
 def test_gradients_flow_through_the_checks_under_vmap():
