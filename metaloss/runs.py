@@ -82,7 +82,8 @@ def fingerprint(ident: dict[str, Any]) -> str:
 
 # Settings added after runs were made, with the default that reproduces the old behaviour:
 # a run recorded before the key existed matches a config that has it at this default.
-NEW_KEY_DEFAULTS: dict[str, Any] = {"device": "auto", "dtype": "float32", "seeds": 1}
+NEW_KEY_DEFAULTS: dict[str, Any] = {"device": "auto", "dtype": "float32", "seeds": 1,
+                                     "hypergrad.chunk": None, "hypergrad.vectorize": True}
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

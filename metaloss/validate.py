@@ -297,6 +297,8 @@ RULES: dict[str, Check] = {
     # hypergradient methods
     "hypergrad.k": integer(1),
     "hypergrad.population": integer(1, 100_000),
+    "hypergrad.chunk": integer(1, optional=True),
+    "hypergrad.vectorize": boolean(),
     "hypergrad.sigma": positive(),
     "hypergrad.objective": one_of("error", optional=True),
     "hypergrad.compile": boolean(),

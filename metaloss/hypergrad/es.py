@@ -6,14 +6,24 @@ Scalable Alternative to Reinforcement Learning", 2017): for ε_i ~ N(0, I),
 the gradient of the Gaussian-smoothed objective. Because M is only evaluated, it may be
 the *true* validation metric — e.g. the error rate, as TaylorGLO (Gonzalez &
 Miikkulainen 2021) optimises accuracy with CMA-ES — instead of a differentiable surrogate.
-Each evaluation runs the T inner loops as one ``vmap``; no second-order terms are needed.
+
+The whole population is one ``vmap``: the 2P perturbed φ (φ + σε_1..φ + σε_P, then
+φ - σε_1..φ - σε_P) are stacked and ``batched_objective`` (itself a ``vmap`` over the T
+tasks) is vmapped over them, so one call runs all 2P × T inner loops; ``chunk`` bounds
+how many candidates go into one call (memory grows with it). No second-order terms are
+needed, so it runs under ``no_grad``. ``vectorize=False`` is the reference loop over
+candidates; an objective or loss that cannot run under ``vmap`` falls back to it, with a
+warning naming them. Both draw the same noise in the same order, so they agree up to
+float rounding.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
+from torch import Tensor
 
 from metaloss.hypergrad.base import (
     HyperGrad,
@@ -28,19 +38,29 @@ from metaloss.metrics import zero_one_error
 OBJECTIVES = {"error": zero_one_error}
 
 
+def _name(obj) -> str:
+    return getattr(obj, "__qualname__", None) or type(obj).__qualname__
+
+
 class EvolutionStrategies:
     """``population`` antithetic pairs, perturbation scale ``sigma``; ``objective``: None (the
     run's ``meta.objective``) or ``error`` (0-1 validation error, not differentiable).
-    The noise comes from a generator seeded by ``seed`` and the call count (its state)."""
+    The noise comes from a generator seeded by ``seed`` and the call count (its state).
+    ``chunk``: candidates per ``vmap`` call (None: all 2P at once); ``vectorize``: False
+    evaluates the candidates one by one (the reference loop)."""
 
     def __init__(self, population: int = 16, sigma: float = 0.05, objective: str | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, chunk: int | None = None, vectorize: bool = True) -> None:
         if population < 1 or sigma <= 0:
             raise ValueError(f"ES needs population >= 1 and sigma > 0, got {population}, {sigma}")
         if objective is not None and objective not in OBJECTIVES:
             raise ValueError(f"unknown ES objective {objective!r}; valid: None, {', '.join(OBJECTIVES)}")
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"ES chunk must be None or >= 1, got {chunk}")
         self.population, self.sigma, self.objective, self.seed = population, sigma, objective, seed
+        self.chunk, self.vectorize = chunk, vectorize
         self.calls = 0
+        self._no_vmap: set[tuple[str, str]] = set()  # (loss, objective) pairs that failed under vmap
 
     def __call__(self, problem: MetaProblem, meta: Params, batch: MetaBatch) -> HyperGrad:
         if self.objective is not None:
@@ -48,18 +68,43 @@ class EvolutionStrategies:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
         self.calls += 1
         base = detach(meta)
+        p = self.population
+        # noise drawn on the CPU generator, candidate by candidate and key by key (the order
+        # of the original loop): the same perturbations on every device and every rank
+        draws = [{k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in base.items()}
+                 for _ in range(p)]
+        eps = {k: torch.stack([d[k] for d in draws]).to(v.device) for k, v in base.items()}  # [P, ...]
+        with torch.no_grad():
+            values = self._evaluate(problem, base, eps, batch)  # [2P]: plus then minus
+        plus, minus = values[:p], values[p:]
+        # reduced in the loop's order, so the only difference from the loop is the evaluation
         grads = {k: torch.zeros_like(v) for k, v in base.items()}
         total = torch.zeros((), device=batch.x_val.device, dtype=batch.x_val.dtype)
-        for _ in range(self.population):
-            # noise drawn on the CPU generator: the same perturbations on every device
-            eps = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device) for k, v in base.items()}
-            plus = batched_objective(problem, {k: v + self.sigma * eps[k] for k, v in base.items()}, batch)
-            minus = batched_objective(problem, {k: v - self.sigma * eps[k] for k, v in base.items()}, batch)
-            scale = (plus - minus).detach() / (2 * self.sigma * self.population)
+        for i in range(p):
+            scale = (plus[i] - minus[i]) / (2 * self.sigma * p)
             for k in grads:
-                grads[k] = grads[k] + scale * eps[k]
-            total = total + (plus + minus).detach() / (2 * self.population)
+                grads[k] = grads[k] + scale * eps[k][i]
+            total = total + (plus[i] + minus[i]) / (2 * p)
         return HyperGrad(total, grads)
+
+    def _evaluate(self, problem: MetaProblem, base: Params, eps: Params, batch: MetaBatch) -> Tensor:
+        """M at the 2P candidates φ + σε_1..φ + σε_P, φ - σε_1..φ - σε_P (each a mean over T)."""
+        cands = {k: torch.cat([v + self.sigma * eps[k], v - self.sigma * eps[k]]) for k, v in base.items()}
+        key = (_name(type(problem.loss)), _name(problem.objective))
+        if self.vectorize and key not in self._no_vmap:
+            try:
+                return torch.vmap(lambda m: batched_objective(problem, m, batch),
+                                  chunk_size=self.chunk)(cands)
+            except torch.OutOfMemoryError:
+                raise  # not a vmap limitation: lower `chunk` (candidates per vmap call)
+            except (RuntimeError, NotImplementedError, ValueError) as err:
+                self._no_vmap.add(key)
+                warnings.warn(f"ES: loss {key[0]} with objective {key[1]} cannot run under vmap over "
+                              f"candidates ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                              "falling back to a loop over candidates", RuntimeWarning, stacklevel=3)
+        n = next(iter(cands.values())).shape[0]
+        return torch.stack([batched_objective(problem, {k: v[c] for k, v in cands.items()}, batch)
+                            for c in range(n)])
 
     # The noise of call n depends on n: checkpointed, so a resumed run draws the same noise.
     def state_dict(self) -> dict:
