@@ -298,6 +298,13 @@ RULES: dict[str, Check] = {
     "hypergrad.k": integer(1),
     "hypergrad.population": integer(1, 100_000),
     "hypergrad.chunk": integer(1, optional=True),
+    "hypergrad.solver": one_of("neumann", "cg"),
+    "hypergrad.iterations": integer(1, 100_000),
+    "hypergrad.alpha": positive(optional=True),
+    "hypergrad.damping": real(0),
+    "hypergrad.tolerance": real(0),
+    "hypergrad.batches": integer(1),
+    "hypergrad.segment": integer(1, optional=True),
     "hypergrad.vectorize": boolean(),
     "hypergrad.sigma": positive(),
     "hypergrad.objective": one_of("error", optional=True),
@@ -437,6 +444,9 @@ def _cross_checks(c: dict) -> list[str]:
     if _is_int(k) and _is_int(inner) and k > inner:
         out.append(f"hypergrad.k = {k}: must be <= meta.inner_steps ({inner}): truncation cannot "
                    "keep more steps than the inner loop has")
+    nb = hg.get("batches")
+    if _is_int(nb) and _is_int(inner) and nb > inner:
+        out.append(f"hypergrad.batches = {nb}: must be <= meta.inner_steps ({inner})")
     task = c.get("task") or {}
     vf, tf = task.get("val_frac"), task.get("test_frac")
     if _is_real(vf) and _is_real(tf) and vf + tf >= 1:

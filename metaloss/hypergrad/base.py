@@ -125,3 +125,17 @@ def functional_hypergrad(problem: MetaProblem, meta: Params, batch: MetaBatch, *
     grads, value = torch.func.grad_and_value(
         lambda m: batched_objective(problem, m, batch, **unroll_kw))(detach(meta))
     return HyperGrad(value, grads)
+
+
+def run_steps(problem: MetaProblem, meta: Params, theta: Params, state, x_train: Tensor,
+              y_train: Tensor, start: int, stop: int) -> tuple[Params, object]:
+    """Inner steps ``start..stop-1`` of :func:`unroll` (all of them live) from a given
+    (θ, optimizer state): the unit that checkpointed unrolling recomputes segment by segment.
+    ``x_train``/``y_train`` hold all K batches; step k reads batch k and progress k / K."""
+    phi, lr = split_meta(meta)
+    opt, k_steps = problem.inner_opt, problem.inner_steps
+    kw = {} if lr is None else {"lr": lr.exp()}
+    for k in range(start, stop):
+        g = grad_theta(problem, theta, phi, x_train[k], y_train[k], k / k_steps)
+        theta, state = opt.update(g, state, theta, **kw)
+    return theta, state
