@@ -19,15 +19,22 @@ import yaml
 
 from metaloss.metrics import HIGHER_IS_BETTER
 
-IGNORED_OVERRIDES = ("seed", "logger", "progress", "hydra.")
+# Overrides that never define a group: the seed (a group's members differ in it) and what
+# only changes logging. Matched on the whole key: `seeds=3` (a 3-seed run) is a setting.
+IGNORED_KEYS = ("seed", "logger", "progress", "threads")
+IGNORED_PREFIXES = ("hydra.", "logger.")
 
 
 def _overrides(run_dir: Path) -> list[str]:
     f = run_dir / ".hydra" / "overrides.yaml"
     if not f.is_file():
         return []
-    return [o for o in (yaml.safe_load(f.read_text()) or [])
-            if not o.lstrip("+~").startswith(IGNORED_OVERRIDES)]
+    out = []
+    for o in yaml.safe_load(f.read_text()) or []:
+        key = o.lstrip("+~").split("=", 1)[0]
+        if key not in IGNORED_KEYS and not key.startswith(IGNORED_PREFIXES):
+            out.append(o)
+    return out
 
 
 def jsonable(obj: Any) -> Any:

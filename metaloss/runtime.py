@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -41,6 +43,19 @@ def resolve_device(name: str) -> torch.device:
             raise ValueError(f"device = {name!r}, but only {torch.cuda.device_count()} GPU(s) are visible "
                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return dev
+
+
+@contextmanager
+def canonical_draws() -> Iterator[None]:
+    """Draw random data and initial weights in float32 whatever the run's dtype, then cast:
+    a seed gives the same tasks and initialisations in a float32 and a float64 run (a float64
+    draw consumes the generator differently and would give other numbers)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def setup(cfg) -> tuple[torch.device, torch.dtype]:

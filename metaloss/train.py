@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from metaloss.losses.base import loss_context
 from metaloss.metrics import evaluate
+from metaloss.runtime import canonical_draws
 from metaloss.tasks.base import Task
 
 
@@ -20,7 +21,7 @@ class NonFiniteLoss(FloatingPointError):
 def build_model(factory: Callable[..., nn.Module], task: Task, seed: int) -> nn.Module:
     """Instantiate a model for the task with a seeded initialisation, on the task's device
     and float dtype. The weights are drawn on the CPU, so they are the same on every device."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), canonical_draws():
         torch.manual_seed(seed)
         model = factory(in_shape=task.in_shape, out_dim=task.out_dim)
     x = task.x_train

@@ -384,6 +384,11 @@ LOSS_RULES: dict[str, dict[str, Check]] = {
     "LearnedSmoothing": {"init_epsilon": real(0, 1, lo_open=True, hi_open=True),
                          "eps_max": real(0, 1, lo_open=True, hi_open=True), "per_class": boolean(),
                          "num_classes": integer(2, 100_000, optional=True)},
+    "logit_adjusted_ce": {"tau": real(0)},
+    "symmetric_ce": {"alpha": real(0), "beta": real(0), "log_zero": real(hi=0, hi_open=True)},
+    "LearnedTversky": {"init_alpha": positive(), "init_beta": positive(), "init_gamma": positive(),
+                       "init_w": real(0, 1, lo_open=True, hi_open=True), "scale": positive(),
+                       "smooth": real(0)},
     "load_learned_loss": {"path": learned_loss_source(), "frozen": boolean()},
 }
 

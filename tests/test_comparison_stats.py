@@ -241,3 +241,22 @@ def test_report_keeps_meta_tests_of_different_runs_apart_and_names_bad_files(tmp
     (tmp_path / "c" / "comparison.json").write_text('{"results": {"learned": ')
     with pytest.raises(UnreadableResult, match="c/comparison.json: not readable JSON"):
         collect(tmp_path)
+
+
+def test_report_keeps_a_seeds_run_apart_from_single_runs(tmp_path):
+    import json as _json
+
+    from metaloss.report import collect
+
+    for name, overrides, rec in (
+            ("single", "- seed=0\n- loss=mse\n", {"metrics": {"test/mse": 1.0}}),
+            ("many", "- seeds=3\n- seed=0\n- loss=mse\n",
+             {"runs": [{"seed": s, "metrics": {"test/mse": 2.0 + s}} for s in range(3)]})):
+        d = tmp_path / name
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(overrides)
+        (d / "metrics.json").write_text(_json.dumps(rec))
+    groups = collect(tmp_path)
+    assert groups["seeds=3"]["test/mse"] == [2.0, 3.0, 4.0]  # `seeds` is a setting, `seed` is not
+    others = [g for g in groups if g != "seeds=3"]
+    assert len(others) == 1 and groups[others[0]]["test/mse"] == [1.0]  # not pooled with the 3-seed run

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from metaloss.cli import eval as eval_app
 from metaloss.cli import meta as meta_app
@@ -61,3 +62,23 @@ def test_learned_loss_loads_on_cpu_whatever_it_was_saved_from(tmp_path):
     save_learned_loss(loss, tmp_path / "l.pt")
     back = load_learned_loss(tmp_path / "l.pt")
     assert next(back.parameters()).device.type == "cpu"
+
+
+def test_a_seed_draws_the_same_data_and_weights_in_float32_and_float64(compose_cfg, tmp_path):
+    """A float64 draw consumes the generator differently: data and initial weights are drawn
+    in float32 and cast, so the two dtypes train on the same tasks from the same start."""
+    from metaloss.cli.meta import _task_pool
+    from metaloss.train import build_model
+
+    firsts = {}
+    for dt in ("float32", "float64"):
+        cfg = compose_cfg("meta", ["logger=none", f"dtype={dt}", "model.hidden=[8]"])
+        import metaloss.runtime as rt
+
+        _, dtype = rt.setup(cfg)
+        task = _task_pool(cfg)[0].to("cpu", dtype)
+        model = build_model(instantiate(cfg.model), task, 3)
+        firsts[dt] = (task.x_train[:5].double(), next(model.parameters()).detach().double())
+        torch.set_default_dtype(torch.float32)
+    for a, b in zip(firsts["float32"], firsts["float64"]):
+        torch.testing.assert_close(a, b)

@@ -22,6 +22,7 @@ from metaloss.metatest import compare_losses, significance
 from metaloss.metrics import train_result_names
 from metaloss.plots import loss_curves, plot_losses
 from metaloss.report import format_table, jsonable, plot, summarize
+from metaloss.runtime import canonical_draws
 
 log = logging.getLogger("metaloss")
 TEST_TASK_SEEDS = 10_000  # task families: test tasks never overlap training tasks
@@ -34,8 +35,12 @@ def tasks_for_seed_fn(cfg: DictConfig, pool: list):
     per = int(cfg.meta_test.tasks_per_seed)
     overrides = dict(cfg.meta_test.get("task_overrides") or {})  # e.g. a wider test distribution
     x = pool[0].x_train  # fresh test tasks go where the training tasks are
-    return lambda seed: [instantiate(cfg.task, **overrides, seed=TEST_TASK_SEEDS + seed * per + i).to(x.device, x.dtype)
-                         for i in range(per)]
+    def tasks(seed: int) -> list:
+        with canonical_draws():  # the same test tasks in a float32 and a float64 run
+            drawn = [instantiate(cfg.task, **overrides, seed=TEST_TASK_SEEDS + seed * per + i) for i in range(per)]
+        return [t.to(x.device, x.dtype) for t in drawn]
+
+    return tasks
 
 
 def _num(x: float, spec: str = ".4f") -> str:

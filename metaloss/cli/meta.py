@@ -74,11 +74,12 @@ class CorruptCheckpoint(RuntimeError):
 
 
 def _task_pool(cfg: DictConfig) -> list:
-    first = instantiate(cfg.task)
-    if not first.distribution:
-        return [first]
-    base = int(cfg.task.seed)
-    return [first] + [instantiate(cfg.task, seed=base + i) for i in range(1, int(cfg.meta.train_tasks))]
+    with runtime.canonical_draws():  # the same tasks in a float32 and a float64 run
+        first = instantiate(cfg.task)
+        if not first.distribution:
+            return [first]
+        base = int(cfg.task.seed)
+        return [first] + [instantiate(cfg.task, seed=base + i) for i in range(1, int(cfg.meta.train_tasks))]
 
 
 def _load_checkpoint(path: Path) -> dict:
@@ -198,6 +199,9 @@ def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> dict:
     # change means the directory belongs to another run.
     allow = (lambda diff: not split_applied(diff)[1]) if same_dir else None
     world = distributed.init(device)
+    if world.size > 1 and not world.is_writer:  # only rank 0 writes the run's log file
+        for h in [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]:
+            logging.getLogger().removeHandler(h)
     if world.size > 1 and cfg.meta.mode == "online":
         raise ConfigError("meta.mode = 'online' follows one training trajectory and cannot be split across "
                           f"{world.size} processes; launch it without torchrun")
@@ -238,7 +242,8 @@ def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, iden
     pool = [t.to(device, dtype) for t in _task_pool(cfg)]
     task = pool[0]
     check_against_task(cfg, task)
-    loss = instantiate_loss(cfg.loss, task)
+    with runtime.canonical_draws():  # a random initial φ (ML3) is the same in either dtype
+        loss = instantiate_loss(cfg.loss, task)
     if isinstance(loss, torch.nn.Module):
         loss = loss.to(device=device, dtype=dtype)
     if cfg.loss.get("_target_", "").endswith("load_learned_loss") and cfg.loss.get("frozen", True):

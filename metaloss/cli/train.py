@@ -45,14 +45,17 @@ def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, device: torch.
          dtype: torch.dtype) -> float:
     out_dir = run_dir.path
     torch.manual_seed(cfg.seed)
-    task = instantiate(cfg.task).to(device, dtype)
+    with runtime.canonical_draws():  # the same data in a float32 and a float64 run
+        task = instantiate(cfg.task)
+    task = task.to(device, dtype)
     check_against_task(cfg, task)
     metric = cfg.metric or task.primary_metric
     if cfg.get("loss") is None:  # no loss chosen: the task kind's default, like metrics and objectives
         loss_name = DEFAULT_LOSS[task.kind]
         loss = loss_option(loss_name, task, cfg)
     else:
-        loss = instantiate_loss(cfg.loss, task)
+        with runtime.canonical_draws():
+            loss = instantiate_loss(cfg.loss, task)
     check_loss_fits(loss, task.kind, task.name, loss_name)
     if isinstance(loss, torch.nn.Module):
         loss = loss.to(device=device, dtype=dtype)

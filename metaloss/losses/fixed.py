@@ -365,3 +365,81 @@ def bce_dice(pred: Tensor, target: Tensor, *, bce_weight: float = 1.0, smooth: f
     t = target.reshape(z.shape).to(z.dtype)
     pix = (t * F.softplus(-z) + (1.0 - t) * F.softplus(z)).mean(-1)
     return bce_weight * pix + dice(pred, target, smooth=smooth)
+
+
+# ------------------------------------------- long-tail and label-noise baselines (issue 8)
+
+
+def _log_class_counts(name: str, pred: Tensor, class_counts: ClassCounts) -> Tensor:
+    """log n_c of the training split, one per class of ``pred`` (2 for one binary logit).
+
+    Counts are clamped to >= 1 (as :func:`_class_weights` does): a class absent from the
+    training split would otherwise get a log-prior of -inf.
+    """
+    if class_counts is None:
+        raise ValueError(
+            f"{name}: needs the training split's class counts; pass class_counts=... in the loss "
+            "context (metaloss-train and metaloss-meta do this for you)"
+        )
+    if isinstance(class_counts, Tensor):  # stays a (vmapped) tensor: as_tensor would not
+        n = class_counts.to(dtype=pred.dtype, device=pred.device)
+    else:
+        n = torch.as_tensor(class_counts, dtype=pred.dtype, device=pred.device)
+    classes = 2 if is_binary_logit(pred) else pred.shape[-1]
+    if n.ndim != 1 or n.shape[0] != classes:
+        raise ValueError(f"{name}: class_counts must hold one count per class ({classes} for "
+                         f"logits {list(pred.shape)}), got shape {list(n.shape)}")
+    return torch.log(n.clamp_min(1.0))
+
+
+@fits(*CLASSIFICATION)
+def logit_adjusted_ce(pred: Tensor, target: Tensor, *, tau: float = 1.0,
+                      class_counts: ClassCounts = None, **_: Any) -> Tensor:
+    """Logit-adjusted loss (Menon, Jayasumana, Rawat, Jain, Veit, Kumar, "Long-tail learning
+    via logit adjustment", ICLR 2021): CE(z + τ log π, y), π the training split's class prior.
+
+    ``tau`` = 0 is cross-entropy; ``tau`` = 1 is balanced softmax (:func:`balanced_softmax`).
+    Needs ``class_counts`` in the loss context. Binary tasks: the prior of the two classes
+    is added to the two-class logits (0, z).
+    """
+    _check_classification("logit_adjusted_ce", pred, target)
+    log_n = _log_class_counts("logit_adjusted_ce", pred, class_counts)
+    log_prior = log_n - torch.logsumexp(log_n, dim=-1, keepdim=True)
+    return _soft_ce(F.log_softmax(binary_as_two_class(pred) + tau * log_prior, dim=-1), target)
+
+
+@fits(*CLASSIFICATION)
+def balanced_softmax(pred: Tensor, target: Tensor, *, class_counts: ClassCounts = None,
+                     **_: Any) -> Tensor:
+    """Balanced softmax (Ren, Yu, Sheng, Ma, Zhao, Yi, Li, "Balanced Meta-Softmax for
+    Long-Tailed Visual Recognition", NeurIPS 2020): CE(z + log n_c, y), n_c the training
+    split's class counts (the logit-adjusted loss with τ = 1). Needs ``class_counts``.
+    """
+    _check_classification("balanced_softmax", pred, target)
+    log_n = _log_class_counts("balanced_softmax", pred, class_counts)
+    return _soft_ce(F.log_softmax(binary_as_two_class(pred) + log_n, dim=-1), target)
+
+
+@fits(*CLASSIFICATION)
+def symmetric_ce(pred: Tensor, target: Tensor, *, alpha: float = 0.1, beta: float = 1.0,
+                 log_zero: float = -4.0, **_: Any) -> Tensor:
+    """Symmetric cross-entropy (Wang, Ma, Chen, Luo, Yi, Bailey, "Symmetric Cross Entropy for
+    Robust Learning with Noisy Labels", ICCV 2019): α CE + β RCE.
+
+    RCE = -Σ_k p_k log q_k with q the one-hot label and log 0 clamped to A = ``log_zero``
+    (the paper's A = -4), which is exactly -A (1 - p_y). Defaults α = 0.1, β = 1 are the
+    paper's CIFAR-10 setting. (The authors' code clamps q to 1e-4 instead: log_zero = -9.21.)
+    """
+    _check_classification("symmetric_ce", pred, target)
+    log_pt = _log_p_true(pred, target)
+    return alpha * -log_pt + beta * (-log_zero) * (1.0 - log_pt.exp())
+
+
+@fits(*CLASSIFICATION)
+def mae_cls(pred: Tensor, target: Tensor, **_: Any) -> Tensor:
+    """MAE for classification (Ghosh, Kumar, Sastry, "Robust Loss Functions under Label Noise
+    for Deep Neural Networks", AAAI 2017): Σ_k |p_k - q_k| = 2 (1 - p_y), symmetric, hence
+    noise-tolerant. (The regression ``mae`` is a different loss on raw predictions.)
+    """
+    _check_classification("mae_cls", pred, target)
+    return 2.0 * (1.0 - _log_p_true(pred, target).exp())
