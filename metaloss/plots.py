@@ -19,6 +19,15 @@ def loss_curves(losses: dict[str, Callable], kind: str, num_classes: int | None 
     if kind == "regression":
         x = torch.linspace(-3, 3, n)
         pred, target, label = x[:, None], torch.zeros(n, 1), "prediction ŷ (target y = 0)"
+    elif kind == "segmentation":
+        # one 8x8 image per grid point with a 4x4 foreground square (25%); every pixel gives
+        # its true label probability x
+        x = torch.linspace(0.005, 0.995, n)
+        target = torch.zeros(n, 1, 8, 8)
+        target[..., 2:6, 2:6] = 1.0
+        z = torch.logit(x)[:, None, None, None]
+        pred = torch.where(target > 0, z, -z)
+        label = "probability of the true label at every pixel (8x8 mask, 25% foreground)"
     else:
         x = torch.linspace(0.005, 0.995, n)
         if kind == "binary":
@@ -59,7 +68,7 @@ def plot_losses(losses: dict[str, Callable], kind: str, path: str | Path, *,
         learned = name == "learned"
         ax.plot(x, y, lw=2.5 if learned else 1.2, ls="-" if learned else "--", label=name,
                 color="black" if learned else None)
-    finite = torch.cat([y[torch.isfinite(y)] for y in curves.values()])
+    finite = torch.cat([y[torch.isfinite(y)] for y in curves.values()]) if curves else torch.zeros(0)
     if len(finite):
         hi = float(torch.quantile(finite, 0.95))
         ax.set_ylim(min(0.0, float(finite.min())) - 0.05, hi * 1.2 if hi > 0 and math.isfinite(hi) else None)

@@ -165,4 +165,4 @@ def test_every_loss_declares_kinds():
     assert "dice" in losses_for("segmentation") and "dice" not in losses_for("regression")
     assert "bce" in losses_for("binary") and "bce" not in losses_for("classification")
     fixed_names = {n for n in group_options("loss") if hasattr(L, n)}
-    assert len(fixed_names) == 22
+    assert len(fixed_names) == 26

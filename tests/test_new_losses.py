@@ -292,10 +292,6 @@ def test_learned_tversky_refuses_bad_arguments_and_saves_and_loads(tmp_path):
                                lt(SEG_LOGITS.float(), SEG_MASK.float()).detach())
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, ValueError), reason=(
-    "metaloss/plots.py has no segmentation branch: loss_curves draws nothing for a segmentation "
-    "loss and plot_losses then fails in torch.cat([]), so metaloss-meta task=shapes crashes at its "
-    "first learned-loss plot. Remove this marker once plots.py draws segmentation losses."))
 def test_segmentation_losses_can_be_drawn(tmp_path):
     from metaloss.plots import loss_curves, plot_losses
 
@@ -304,12 +300,9 @@ def test_segmentation_losses_can_be_drawn(tmp_path):
     plot_losses({"learned": LearnedTversky(), "dice": L.dice}, "segmentation", tmp_path / "l.png")
 
 
-def test_learned_tversky_meta_trains_through_the_app(compose_cfg, tmp_path, monkeypatch):
+def test_learned_tversky_meta_trains_through_the_app(compose_cfg, tmp_path):
     from metaloss.cli import meta as meta_app
 
-    # the learned-loss picture cannot be drawn for segmentation yet (see the xfail above);
-    # everything else is the real app
-    monkeypatch.setattr(meta_app, "plot_losses", lambda losses, kind, path, **kw: path)
     cfg = compose_cfg("meta", ["task=shapes", "model=unet", "loss=learned_tversky", "task.n_train=16",
                                "task.n_val=8", "task.n_test=8", "task.size=16", "meta.steps=2",
                                "meta.tasks_per_step=1", "meta.inner_steps=2", "meta_test.enabled=false",
@@ -322,3 +315,15 @@ def test_learned_tversky_meta_trains_through_the_app(compose_cfg, tmp_path, monk
     assert set(after) == set(before)
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in after)
+
+
+@pytest.mark.parametrize("overrides", [["task=breast_cancer", "loss=logit_adjusted_ce", "loss.tau=1.5"],
+                                       ["task=digits", "loss=balanced_softmax"]])
+def test_count_based_losses_train_through_the_app(compose_cfg, tmp_path, overrides):
+    """metaloss-train hands the training split's class counts to the loss context."""
+    from metaloss.cli import train as train_app
+
+    cfg = compose_cfg("train", ["logger=none", "progress=false", "train.steps=30", "train.eval_every=10"]
+                      + overrides)
+    value = train_app.run(cfg, tmp_path, overrides[1][5:])
+    assert 0.0 <= value <= 1.0
