@@ -84,7 +84,9 @@ def collect(root: str | Path) -> dict[str, dict[str, list[float]]]:
     common = set.intersection(*(set(o) for _, _, o in runs)) if runs else set()
     groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for f, rec, overrides in runs:
-        label = ",".join(o for o in overrides if o not in common) or rec.get("loss") or f.parent.name
+        # a debug run is always marked, even when every run found is one
+        label = ",".join(o for o in overrides if o not in common or o.startswith("debug=")) \
+            or rec.get("loss") or f.parent.name
         # `metaloss-train seeds=N` writes one entry per seed under "runs"
         for metrics in ([r["metrics"] for r in rec["runs"]] if "runs" in rec else [rec["metrics"]]):
             for k, v in metrics.items():
@@ -94,7 +96,7 @@ def collect(root: str | Path) -> dict[str, dict[str, list[float]]]:
     comps = [(f, _read(f), _overrides(f.parent)) for f in sorted(root.rglob("comparison.json"))]
     common = set.intersection(*(set(o) for _, _, o in comps)) if comps else set()
     for f, rec, overrides in comps:
-        varying = ",".join(o for o in overrides if o not in common)
+        varying = ",".join(o for o in overrides if o not in common or o.startswith("debug="))
         if len(comps) > 1 and not varying:
             varying = str(f.parent.relative_to(root))  # no overrides recorded: the run's directory
         for loss, metrics in rec["results"].items():

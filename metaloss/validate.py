@@ -419,6 +419,13 @@ def _loss_problems(node: Any, where: str) -> list[str]:
     return out
 
 
+# Top-level keys any app knows; a `+key=...` outside them would be silently ignored.
+KNOWN_TOP_LEVEL = {"seed", "seeds", "metric", "progress", "device", "dtype", "threads", "trusted_modules",
+                   "train", "meta", "meta_test", "compare", "loss_path", "task", "model", "loss", "optim",
+                   "meta_optim", "hypergrad", "logger", "hydra"}
+RENAMED = {"inner_optim": "optim (one optimizer group for every app)"}
+
+
 def problems(cfg: DictConfig | dict) -> list[str]:
     """Every invalid setting of a composed config, as readable lines (empty: all valid)."""
     from metaloss.config import using_searchpath
@@ -429,6 +436,13 @@ def problems(cfg: DictConfig | dict) -> list[str]:
             cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig | ListConfig) else cfg
         container = {k: v for k, v in container.items() if k != "hydra"}
+        for key in container:
+            if key in RENAMED:
+                out.append(f"{key}: renamed to {RENAMED[key]}; use {key.replace(key, RENAMED[key].split()[0])}=... "
+                           "(a `+` override of the old name would be silently ignored)")
+            elif key not in KNOWN_TOP_LEVEL:
+                out.append(f"{key}: not a metaloss setting (added with `+`?); it would be silently ignored. "
+                           f"Settings: {', '.join(sorted(KNOWN_TOP_LEVEL - {'hydra'}))}")
         for key, value in _flatten(container):
             for pattern, check in RULES.items():
                 if fnmatch.fnmatchcase(key, pattern):

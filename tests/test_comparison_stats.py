@@ -260,3 +260,15 @@ def test_report_keeps_a_seeds_run_apart_from_single_runs(tmp_path):
     assert groups["seeds=3"]["test/mse"] == [2.0, 3.0, 4.0]  # `seeds` is a setting, `seed` is not
     others = [g for g in groups if g != "seeds=3"]
     assert len(others) == 1 and groups[others[0]]["test/mse"] == [1.0]  # not pooled with the 3-seed run
+
+
+def test_report_marks_debug_runs(tmp_path):
+    import json as _json
+
+    from metaloss.report import collect
+
+    d = tmp_path / "run"
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text("- debug=fast_dev_run\n- task=outliers\n")
+    (d / "metrics.json").write_text(_json.dumps({"loss": "mse", "metrics": {"test/mse": 1.0}}))
+    assert list(collect(tmp_path)) == ["debug=fast_dev_run"]  # never shown as a plain "mse" row

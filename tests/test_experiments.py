@@ -70,5 +70,6 @@ def test_mnist1d_gets_its_training_budget(compose_cfg):
     cfg = compose_cfg("train", ["task=mnist1d", "model=cnn1d"])
     assert (cfg.train.steps, cfg.train.batch_size, cfg.optim.lr) == (4000, 100, 0.005)
     assert compose_cfg("train", ["task=digits"]).train.steps == 1000
+    assert compose_cfg("train", ["task=mnist1d", "optim=sgd"]).optim.lr == 0.05  # sgd keeps its own lr
     assert compose_cfg("train", ["task=mnist1d", "train.steps=7"]).train.steps == 7
     assert compose_cfg("train", ["experiment=imbalance_binary"]).train.steps == 2000

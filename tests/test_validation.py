@@ -74,6 +74,9 @@ META_BAD = [
     ("compare=[learned]", "compare = ['learned']"),
     ("meta.objective=learned", "meta.objective = 'learned'"),
     ("logger.tags=abc", "logger.tags = 'abc': must be a list of strings"),
+    ("+inner_optim=adam", "inner_optim: renamed to optim"),
+    ("+inner_optim.lr=0.5", "inner_optim: renamed to optim"),
+    ("+foo=1", "foo: not a metaloss setting"),
     ("task=mnist1d loss=logit_adjusted task.positive_classes=[0,0]", "task.positive_classes = [0, 0]"),
     ("task=mnist1d loss=logit_adjusted task.positive_classes=[0,1,2,3,4,5,6,7,8,9]", "leave at least one digit"),
 ]
