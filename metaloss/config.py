@@ -179,10 +179,14 @@ def instantiate_loss(loss_cfg: Any, task: Any) -> Any:
     return instantiate(loss_cfg, **extra)
 
 
-def loss_option(name: str, task: Any, cfg: Any = None) -> Any:
+def loss_option(name: str, task: Any, cfg: Any = None, overrides: Mapping[str, Any] | None = None) -> Any:
     """Instantiate the loss option ``<name>`` of the run's search path for a task (e.g. a
-    baseline named in ``compare:``), refusing unknown names and losses that do not fit."""
-    loss = instantiate_loss(load_option("loss", name, cfg), task)
+    baseline named in ``compare:``), refusing unknown names and losses that do not fit.
+    ``overrides``: hyper-parameters set over the option's (tuned values, metaloss.tune)."""
+    option = load_option("loss", name, cfg)
+    if overrides:
+        option = OmegaConf.merge(option, dict(overrides))
+    loss = instantiate_loss(option, task)
     check_loss_fits(loss, task.kind, task.name, name)
     return loss
 
@@ -199,7 +203,9 @@ DEFAULT_BASELINES = {
 }
 
 
-def baselines_for(names: Any, task: Any, cfg: Any = None) -> dict[str, Any]:
+def baselines_for(names: Any, task: Any, cfg: Any = None,
+                  overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """The `compare:` losses, instantiated for the task (null: the defaults for its kind),
-    from the run's config sources (``cfg``: see :func:`searchpath`)."""
-    return {n: loss_option(n, task, cfg) for n in (names or DEFAULT_BASELINES[task.kind])}
+    from the run's config sources (``cfg``: see :func:`searchpath`); ``overrides``: per loss
+    name, hyper-parameters set over its option's (tuned baselines)."""
+    return {n: loss_option(n, task, cfg, (overrides or {}).get(n)) for n in (names or DEFAULT_BASELINES[task.kind])}

@@ -232,6 +232,37 @@ def metric_name() -> Check:
     return check
 
 
+def tuned_file() -> Check:
+    """``meta_test.tuned``: null or a tuned.json written by metaloss-tune (or its run dir)."""
+    def check(v):
+        if v is None:
+            return None
+        from metaloss.tune import TunedFileError, load_tuned
+
+        if not isinstance(v, str):
+            return "null or the path of a tuned.json written by metaloss-tune"
+        try:
+            load_tuned(v)
+        except TunedFileError as e:
+            return f"null or a tuned.json written by metaloss-tune ({e})"
+        return None
+    return check
+
+
+def budget_steps() -> Check:
+    def check(v):
+        if v is None or v == "meta" or (_is_int(v) and v >= 1):
+            return None
+        return "null, an integer >= 1 (inner training steps per loss) or meta (the learned loss's meta-training cost)"
+    return check
+
+
+def val_metric() -> Check:
+    inner = metric_name()
+    return lambda v: None if v is None or (not inner(v) and v.startswith("val/")) else (
+        "null or val/<metric> (tuning never looks at the test split), metric one of " + ", ".join(HIGHER_IS_BETTER))
+
+
 def mapping() -> Check:
     return lambda v: None if isinstance(v, dict) else "a mapping {key: value}"
 
@@ -281,6 +312,16 @@ RULES: dict[str, Check] = {
     "meta_test.metric": metric_name(),
     "meta_test.alpha": real(0, 1, lo_open=True, hi_open=True),
     "meta_test.vectorise": boolean(),
+    "meta_test.tuned": tuned_file(),
+    # metaloss-tune
+    "tune.n_trials": integer(1, 100_000, optional=True),
+    "tune.budget_steps": budget_steps(),
+    "tune.seeds": integer(1, 10_000),
+    "tune.steps": integer(1, optional=True),
+    "tune.metric": val_metric(),
+    "tune.seed": integer(0),
+    "tune.lr": boolean(),
+    "tune.lr_range": lambda v: None if v is None else interval(strict=True, lo=0, lo_open=True)(v),
     # metaloss-eval
     "loss_path": learned_loss_source(),
     # optimizers: optim (torch.optim), optim (functional), meta_optim (torch.optim)
@@ -294,6 +335,12 @@ RULES: dict[str, Check] = {
     "*optim.alpha": real(0, 1),
     "*optim.lr_decay": real(0),
     "*optim.momentum_decay": real(0),
+    # meta_optim=cmaes (metaloss.cmaes; cross-checks in metaloss.cmaes.config_problems)
+    "meta_optim.sigma0": positive(),
+    "meta_optim.popsize": integer(2, 100_000, optional=True),
+    "meta_optim.seed": integer(0, 2**32 - 1),
+    "meta_optim.objective": one_of("error", "balanced_error", "macro_f1_loss", "iou_loss", optional=True),
+    "meta_optim.chunk": integer(1, optional=True),
     # hypergradient methods
     "hypergrad.k": integer(1),
     "hypergrad.population": integer(1, 100_000),
@@ -422,7 +469,7 @@ def _loss_problems(node: Any, where: str) -> list[str]:
 # Top-level keys any app knows; a `+key=...` outside them would be silently ignored.
 KNOWN_TOP_LEVEL = {"seed", "seeds", "metric", "progress", "device", "dtype", "threads", "trusted_modules",
                    "train", "meta", "meta_test", "compare", "loss_path", "task", "model", "loss", "optim",
-                   "meta_optim", "hypergrad", "logger", "hydra"}
+                   "meta_optim", "hypergrad", "logger", "hydra", "tune"}
 RENAMED = {"inner_optim": "optim (one optimizer group for every app)"}
 
 
@@ -466,6 +513,9 @@ def _cross_checks(c: dict) -> list[str]:
     nb = hg.get("batches")
     if _is_int(nb) and _is_int(inner) and nb > inner:
         out.append(f"hypergrad.batches = {nb}: must be <= meta.inner_steps ({inner})")
+    from metaloss.cmaes import config_problems as cmaes_problems  # lazy: cmaes imports torch code
+
+    out += cmaes_problems(c)
     task = c.get("task") or {}
     vf, tf = task.get("val_frac"), task.get("test_frac")
     if _is_real(vf) and _is_real(tf) and vf + tf >= 1:
@@ -475,6 +525,10 @@ def _cross_checks(c: dict) -> list[str]:
     if _is_int(ch) and _is_int(groups) and groups > 0 and ch % groups:
         key = "model.channels" if "channels" in model else "model.base"
         out.append(f"model.groups = {groups}: must divide {key} ({ch}) for GroupNorm")
+    tune = c.get("tune")
+    if isinstance(tune, dict) and (tune.get("n_trials") is None) == (tune.get("budget_steps") is None):
+        out.append(f"tune.n_trials = {tune.get('n_trials')!r}, tune.budget_steps = {tune.get('budget_steps')!r}: "
+                   "give exactly one (set tune.n_trials=null when giving tune.budget_steps)")
     overrides = (c.get("meta_test") or {}).get("task_overrides")
     if isinstance(overrides, dict) and overrides and task:
         merged = {**task, **overrides}

@@ -11,13 +11,14 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metaloss.cli.logger import write_json
-from metaloss.config import baselines_for
+from metaloss.config import DEFAULT_BASELINES, baselines_for, load_option
 from metaloss.metatest import compare_losses, significance
 from metaloss.metrics import train_result_names
 from metaloss.plots import loss_curves, plot_losses
@@ -72,13 +73,34 @@ def _plottable(losses: dict[str, Callable], kind: str, num_classes: int | None) 
     return keep
 
 
+def _baseline_settings(cfg: DictConfig, task, inner_opt, lr: float) -> dict[str, dict]:
+    """Per `compare:` loss: the hyper-parameters and learning rate it is trained with, and
+    where they come from. ``meta_test.tuned`` (a tuned.json of metaloss-tune): the tuned
+    values (a loss tuned without its lr keeps the meta-test's ``lr``); else the loss's config."""
+    from metaloss.tune import load_tuned, tuned_for
+
+    names = list(cfg.compare or DEFAULT_BASELINES[task.kind])
+    options = {n: load_option("loss", n, cfg) for n in names}
+    config = {n: {k: v for k, v in cast(dict, OmegaConf.to_container(o, resolve=True)).items()
+                  if k not in ("_target_", "_partial_")} for n, o in options.items()}
+    path = cfg.meta_test.get("tuned")
+    if path is None:
+        return {n: {"params": config[n], "lr": lr, "source": "config", "overrides": {}} for n in names}
+    record = load_tuned(path)
+    tuned = tuned_for(record, names, task=task.name, optim=inner_opt.name,
+                      targets={n: str(o.get("_target_")) for n, o in options.items()})
+    return {n: {"params": {**config[n], **e["params"]}, "lr": lr if e.get("lr") is None else float(e["lr"]),
+                "source": f"tuned ({record['path']})", "overrides": dict(e["params"])}
+            for n, e in tuned.items()}
+
+
 def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path, logger) -> dict:
     task = pool[0]
-    baselines = baselines_for(cfg.compare, task, cfg)
-    losses = {"learned": learned, **baselines}
     lr = cfg.meta_test.lr if cfg.meta_test.lr is not None else inner_opt.hparams["lr"]
-    hp = {**inner_opt.hparams, "lr": lr}
-    make_optimizer = functools.partial(inner_opt.torch_equivalent.func, **hp)
+    settings = _baseline_settings(cfg, task, inner_opt, lr)
+    baselines = baselines_for(list(settings), task, cfg, {n: s["overrides"] for n, s in settings.items()})
+    losses = {"learned": learned, **baselines}
+    lrs = {"learned": lr, **{n: s["lr"] for n, s in settings.items()}}
     seeds = list(range(int(cfg.meta_test.seeds)))
     metric = cfg.meta_test.metric or task.primary_metric
     # refuse a wrong metric name before minutes of training, not after
@@ -87,13 +109,25 @@ def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path
                          f"one of {train_result_names(task.kind)}")
     if not seeds:
         raise ValueError(f"meta_test.seeds must be at least 1, got {cfg.meta_test.seeds}")
-    log.info("meta-test: %s on %d seeds, %d steps of %s(lr=%g)", ", ".join(losses), len(seeds),
-             cfg.meta_test.steps, inner_opt.name, lr)
-    # the functional twin of the same optimizer (equal to it, tested): all seeds x tasks in one vmap
-    functional = instantiate(cfg.optim, lr=lr) if cfg.meta_test.get("vectorise", True) else None
-    results = compare_losses(tasks_for_seed_fn(cfg, pool), instantiate(cfg.model), losses, make_optimizer,
-                             seeds=seeds, steps=int(cfg.meta_test.steps),
-                             batch_size=cfg.meta_test.batch_size, progress=cfg.progress, vectorised=functional)
+    log.info("meta-test: %s on %d seeds, %d steps of %s(%s)", ", ".join(losses), len(seeds),
+             cfg.meta_test.steps, inner_opt.name,
+             f"lr={lr:g}" if len(set(lrs.values())) == 1 else ", ".join(f"{n} lr={v:g}" for n, v in lrs.items()))
+    # One optimizer per learning rate (tuned baselines may each have their own); without
+    # meta_test.tuned every loss shares one, as before.
+    tasks_for_seed = tasks_for_seed_fn(cfg, pool)
+    results = {}
+    for group_lr in dict.fromkeys(lrs.values()):
+        group = {n: f for n, f in losses.items() if lrs[n] == group_lr}
+        make_optimizer = functools.partial(inner_opt.torch_equivalent.func, **{**inner_opt.hparams, "lr": group_lr})
+        # the functional twin of the same optimizer (equal to it, tested): all seeds x tasks in one vmap
+        functional = instantiate(cfg.optim, lr=group_lr) if cfg.meta_test.get("vectorise", True) else None
+        results.update(compare_losses(tasks_for_seed, instantiate(cfg.model), group, make_optimizer,
+                                      seeds=seeds, steps=int(cfg.meta_test.steps),
+                                      batch_size=cfg.meta_test.batch_size, progress=cfg.progress,
+                                      vectorised=functional))
+    results = {n: results[n] for n in losses}
+    hyperparameters = {"learned": {"params": None, "lr": lr, "source": "learned"},
+                       **{n: {k: s[k] for k in ("params", "lr", "source")} for n, s in settings.items()}}
     sig = significance(results, metric, alpha=float(cfg.meta_test.alpha))
     summary = summarize(results)
     table = format_table(summary)
@@ -101,6 +135,7 @@ def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path
     # The record first: nothing below (plots, logging) may cost the numbers.
     write_json(out_dir / "comparison.json", jsonable({
         "task": task.name, "metric": metric, "seeds": seeds, "results": results, "significance": sig,
+        "hyperparameters": hyperparameters,
         "null_means": "NaN: the loss diverged on that seed, or the statistic is undefined"}))
     (out_dir / "comparison.md").write_text(f"{table}\n\n{verdict}\n")
     print(f"\n{table}\n\n{verdict}\n", flush=True)

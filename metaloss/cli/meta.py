@@ -29,6 +29,7 @@ from metaloss.cli.signals import (
     exit_on_interrupt,
     interruptible,
 )
+from metaloss.cmaes import CMAES
 from metaloss.config import (
     DEFAULT_OBJECTIVE,
     baselines_for,
@@ -99,7 +100,7 @@ class RunState:
     RNG, torch's global RNG, the hypergradient method's own state (ES noise counter) and,
     online, the base model — captured together at step boundaries."""
 
-    def __init__(self, learner: MetaLearner, gen: torch.Generator, hypergrad, online: OnlineState | None,
+    def __init__(self, learner: MetaLearner | CMAES, gen: torch.Generator, hypergrad, online: OnlineState | None,
                  ident: dict) -> None:
         self.learner, self.gen, self.hypergrad, self.online, self.ident = learner, gen, hypergrad, online, ident
 
@@ -267,9 +268,13 @@ def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, iden
     if world.size > 1:
         hypergrad = distributed.Sharded(hypergrad, world)
     make_meta_optimizer = instantiate(cfg.meta_optim)
-    learner = MetaLearner(loss, make_meta_optimizer, learn_inner_lr=cfg.meta.learn_inner_lr,
-                          inner_lr=inner_opt.hparams["lr"], clip_grad_norm=cfg.meta.clip_grad_norm,
-                          max_bad_steps=cfg.meta.max_bad_steps)
+    learner: MetaLearner | CMAES
+    if getattr(make_meta_optimizer, "func", None) is CMAES:  # derivative-free: replaces the gradient learner
+        learner = CMAES.for_run(make_meta_optimizer, loss, cfg, task.kind, world.size)
+    else:
+        learner = MetaLearner(loss, make_meta_optimizer, learn_inner_lr=cfg.meta.learn_inner_lr,
+                              inner_lr=inner_opt.hparams["lr"], clip_grad_norm=cfg.meta.clip_grad_norm,
+                              max_bad_steps=cfg.meta.max_bad_steps)
     baselines = baselines_for(cfg.compare, task, cfg)
     if cfg.meta_test.enabled:  # fail now, not after meta-training, if the test tasks cannot be built
         tasks_for_seed_fn(cfg, pool)(0)

@@ -1,0 +1,206 @@
+"""meta_optim=cmaes: CMA-ES over φ on true (non-differentiable) validation metrics, resumed
+bit-identically from a checkpoint that holds only tensors (replayed, never unpickled)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from metaloss.cli import meta as meta_app
+from metaloss.cmaes import CMAES, OBJECTIVES
+from metaloss.config import instantiate_loss
+from metaloss.hypergrad.base import MetaProblem, batched_objective
+from metaloss.losses.taylor import TaylorGLO
+from metaloss.metrics import evaluate
+from metaloss.sampling import sample_meta_batch
+from metaloss.train import build_model
+from metaloss.validate import ConfigError
+
+TINY = ["loss=taylorglo", "task=digits", "meta_optim=cmaes", "logger=none", "progress=false",
+        "meta.tasks_per_step=2", "meta.inner_steps=2", "model.hidden=[8]", "meta.plot_every=100",
+        "meta.checkpoint_every=100", "meta_test.enabled=false", "meta_optim.popsize=4"]
+
+
+def _state(run_dir):
+    return torch.load(run_dir / "learned_loss.pt", weights_only=True)["state_dict"]
+
+
+# ---------------------------------------------------------------- the objectives
+
+
+@pytest.mark.parametrize("kind", ["classification", "binary", "segmentation"])
+def test_objectives_are_one_minus_the_reported_metrics(kind):
+    g = torch.Generator().manual_seed(0)
+    if kind == "classification":
+        out, y = torch.randn(60, 5, generator=g), torch.randint(0, 4, (60,), generator=g)  # class 4 absent
+        pairs = {"error": "acc", "balanced_error": "balanced_acc", "macro_f1_loss": "macro_f1"}
+    elif kind == "binary":
+        out, y = torch.randn(50, generator=g), torch.randint(0, 2, (50,), generator=g)
+        pairs = {"error": "acc", "balanced_error": "balanced_acc", "macro_f1_loss": "macro_f1"}
+    else:
+        out = torch.randn(6, 1, 5, 5, generator=g)
+        y = (torch.rand(6, 1, 5, 5, generator=g) > 0.6).float()
+        y[0], out[0] = 0, -1  # empty mask, empty prediction: IoU 1
+        pairs = {"iou_loss": "iou"}
+    ref = evaluate(kind, out, y, num_classes=5 if kind == "classification" else None, prefix="v")
+    for name, metric in pairs.items():
+        got = OBJECTIVES[name](out, y).mean()
+        assert got.item() == pytest.approx(1 - ref[f"v/{metric}"], abs=1e-6), name
+        # and under vmap (candidates x tasks): no data-dependent control flow
+        batched = torch.vmap(lambda o, name=name: OBJECTIVES[name](o, y).mean())(torch.stack([out, -out]))
+        assert batched[0].item() == pytest.approx(got.item(), abs=1e-6)
+
+
+# ---------------------------------------------------------------- the learner on a real problem
+
+
+def _digits_problem(compose_cfg, inner_steps=20):
+    cfg = compose_cfg("meta", TINY + ["loss.init=zeros", "model.hidden=[32]", "optim.lr=1.0"])
+    task = instantiate(cfg.task)
+    loss = instantiate_loss(cfg.loss, task)
+    factory = instantiate(cfg.model)
+    problem = MetaProblem(build_model(factory, task, 0), loss, instantiate(cfg.optim), inner_steps,
+                          OBJECTIVES["error"])
+    batch = sample_meta_batch([task], factory, n_tasks=2, inner_steps=inner_steps, inner_batch=128, val_batch=None,
+                              gen=torch.Generator().manual_seed(0))
+    return loss, problem, batch
+
+
+def test_cmaes_lowers_the_true_validation_error_of_taylorglo_on_digits(compose_cfg):
+    """From φ = 0 (the loss trains nothing: chance error) CMA-ES finds a φ that trains."""
+    loss, problem, batch = _digits_problem(compose_cfg)
+    learner = CMAES(loss, sigma0=1.0, popsize=8, seed=0, objective="error", task_kind="classification")
+    before = {k: v.detach().clone() for k, v in learner.params.items()}
+    with torch.no_grad():
+        start = float(batched_objective(problem, learner.params, batch))
+    metrics = [learner.step(problem, None, batch) for _ in range(8)]
+    with torch.no_grad():
+        end = float(batched_objective(problem, learner.params, batch))
+    assert start > 0.8  # nothing learnt
+    assert not learner._no_vmap  # the population ran as one vmap over candidates x tasks
+    assert end < start - 0.1, (start, end, metrics)  # at CMA's mean (measured: 0.90 -> 0.67)
+    assert min(m["meta/best_objective"] for m in metrics) < start - 0.3  # best candidate (0.32)
+    assert any(not torch.equal(before[k], v) for k, v in learner.params.items())
+    assert all(0 <= m["meta/best_objective"] <= m["meta/val_objective"] <= 1 for m in metrics)
+    assert torch.equal(torch.as_tensor(learner.mean, dtype=torch.float32),
+                       torch.cat([v.detach().reshape(-1) for v in learner.params.values()]))
+
+
+def test_vmap_over_candidates_equals_the_loop(compose_cfg):
+    loss, problem, batch = _digits_problem(compose_cfg, inner_steps=2)
+    a = CMAES(loss, sigma0=0.5, popsize=4, objective="macro_f1_loss")
+    fa = a.step(problem, None, batch)
+    b = CMAES(TaylorGLO(init="zeros"), sigma0=0.5, popsize=4, objective="macro_f1_loss")
+    b._no_vmap = True
+    fb = b.step(problem, None, batch)
+    assert fa["meta/val_objective"] == pytest.approx(fb["meta/val_objective"], abs=1e-6)
+
+
+def test_sampling_is_private_and_leaves_numpy_global_rng_alone():
+    """Candidates come from a private RNG: other users of np.random neither change them nor
+    are changed by them."""
+    def run(disturb: bool):
+        learner = CMAES(TaylorGLO(), sigma0=0.3, popsize=6, seed=3)
+        for _ in range(4):
+            if disturb:
+                np.random.rand(17)
+            learner._ask_tell(lambda c: (c**2).sum(1).tolist())
+        return learner.mean
+
+    np.random.seed(123)
+    expected_next = np.random.RandomState(123).rand()
+    a = run(False)
+    assert np.random.rand() == expected_next  # cma's seeding and sampling did not touch it
+    assert np.array_equal(a, run(True))
+
+
+# ---------------------------------------------------------------- the app, resume, safety
+
+
+def test_metaloss_meta_with_cmaes_runs_and_moves_phi(compose_cfg, tmp_path):
+    meta_app.run(compose_cfg("meta", TINY + ["meta.steps=3"]), tmp_path, "taylorglo")
+    phi = _state(tmp_path)
+    init = TaylorGLO().state_dict()
+    assert any(not torch.equal(phi[k], init[k]) for k in init)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["learner"]["fitness"].shape == (3, 4)
+    assert ((ckpt["learner"]["fitness"] >= 0) & (ckpt["learner"]["fitness"] <= 1)).all()  # true error rates
+
+
+def test_interrupt_after_an_update_but_before_its_step_completes(compose_cfg, tmp_path, monkeypatch):
+    overrides = TINY + ["meta.steps=5"]
+    straight = tmp_path / "straight"
+    meta_app.run(compose_cfg("meta", overrides), straight, "taylorglo")
+
+    calls = {"n": 0}
+    real = CMAES.step
+
+    def interrupted(self, *a, **k):
+        out = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # Ctrl-C right after the tell
+        return out
+
+    monkeypatch.setattr(CMAES, "step", interrupted)
+    broken = tmp_path / "broken"
+    with pytest.raises(KeyboardInterrupt):
+        meta_app.run(compose_cfg("meta", overrides), broken, "taylorglo")
+    assert torch.load(broken / "checkpoint.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(CMAES, "step", real)
+    meta_app.run(compose_cfg("meta", overrides), broken, "taylorglo")  # same directory: resumes
+    a, b = _state(straight), _state(broken)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ca = torch.load(straight / "checkpoint.pt", weights_only=True)["learner"]
+    cb = torch.load(broken / "checkpoint.pt", weights_only=True)["learner"]
+    for k in ("fitness", "mean", "sigma", "C"):
+        assert torch.equal(ca[k], cb[k]), k
+
+
+def test_the_checkpoint_holds_only_tensors_and_a_tampered_one_is_refused(compose_cfg, tmp_path):
+    """Nothing is unpickled beyond weights_only's tensors and containers, so a checkpoint
+    cannot run code; a state that replay does not reproduce is refused, not continued."""
+    meta_app.run(compose_cfg("meta", TINY + ["meta.steps=2"]), tmp_path, "taylorglo")
+    path = tmp_path / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+
+    def leaves(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                yield from leaves(x=v)
+        else:
+            yield x
+
+    for leaf in leaves(ckpt["learner"]):
+        assert isinstance(leaf, torch.Tensor | int | str), type(leaf)
+        assert not (isinstance(leaf, torch.Tensor) and leaf.dtype == torch.uint8)  # no pickle bytes
+
+    class Boom:  # what a malicious pickle would carry
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('code ran')",))
+
+    evil = dict(ckpt, learner=dict(ckpt["learner"], extra=Boom()))
+    torch.save(evil, path)
+    with pytest.raises(meta_app.CorruptCheckpoint, match="cannot read"):
+        meta_app.run(compose_cfg("meta", TINY + ["meta.steps=3"]), tmp_path, "taylorglo")
+
+    ckpt["learner"]["fitness"][1, 0] += 0.25  # another history than the stored mean's
+    torch.save(ckpt, path)
+    with pytest.raises(meta_app.CorruptCheckpoint, match="did not reproduce"):
+        meta_app.run(compose_cfg("meta", TINY + ["meta.steps=3"]), tmp_path, "taylorglo")
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["meta.learn_inner_lr=true"], "learn_inner_lr"),
+    (["meta.mode=online"], "meta.mode"),
+    (["meta.objective=ce", "meta_optim.objective=error"], "optimises one"),
+    (["meta_optim.objective=accuracy"], "meta_optim.objective"),
+    (["meta_optim.sigma0=0"], "meta_optim.sigma0"),
+    (["meta_optim.objective=iou_loss"], "segmentation"),
+])
+def test_settings_that_make_no_sense_are_refused(compose_cfg, tmp_path, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        meta_app.run(compose_cfg("meta", TINY + ["meta.steps=1", *extra]), tmp_path, "taylorglo")
+    assert not (tmp_path / "checkpoint.pt").exists()

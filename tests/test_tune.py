@@ -1,0 +1,154 @@
+"""metaloss-tune: tuned baselines on the validation split (Optuna), budget accounting, and the
+meta-test taking tuned.json (per-loss learning rates, recorded in comparison.json)."""
+
+import json
+import math
+
+import pytest
+from hydra.utils import instantiate
+
+from metaloss.cli import tune as tune_app
+from metaloss.cli.comparison import run_meta_test
+from metaloss.cli.logger import NullLogger
+from metaloss.cli.meta import _task_pool
+from metaloss.losses.fixed import ce
+from metaloss.tune import (
+    SEARCH_SPACES,
+    Range,
+    TunedFileError,
+    load_tuned,
+    meta_training_steps,
+    trials_for_budget,
+    tune_loss,
+    tuned_for,
+)
+from metaloss.validate import LOSS_RULES, ConfigError, check_config
+
+# digits, a 16-unit MLP, plain SGD: a trial is 30 full-batch-free steps on 1-2 seeds (well under a second)
+TINY = ["task=digits", "model.hidden=[16]", "optim=sgd", "logger=none", "progress=false",
+        "meta_test.steps=30", "meta_test.batch_size=64", "tune.seeds=1"]
+
+
+def _tune(compose_cfg, out, overrides, base=TINY):
+    cfg = compose_cfg("tune", base + overrides)
+    return cfg, tune_app.run(cfg, out)
+
+
+def test_every_search_range_lies_inside_the_loss_rules():
+    for loss, space in SEARCH_SPACES.items():
+        for key, r in space.items():
+            assert r.low < r.high and (not r.log or r.low > 0), (loss, key)
+            for v in (r.low, r.high):
+                assert LOSS_RULES[loss][key](v) is None, (loss, key, v)
+
+
+def test_tune_loss_finds_a_known_optimum_reproducibly_and_counts_divergence():
+    def score(p, lr):  # optimum at gamma = 1.3; lr > 0.3 "diverges"
+        return math.nan if lr > 0.3 else -(p["gamma"] - 1.3) ** 2 - (math.log10(lr) + 2) ** 2
+
+    kw = dict(lr=0.001, lr_space=Range(1e-4, 1.0, log=True), n_trials=30, direction="maximize", seed=3)
+    a = tune_loss(score, {"gamma": Range(0.0, 5.0)}, {"gamma": 2.0}, **kw)
+    b = tune_loss(score, {"gamma": Range(0.0, 5.0)}, {"gamma": 2.0}, **kw)
+    assert a.trials == b.trials and a.params == b.params  # seeded TPE: the same trials
+    assert a.trials[0]["params"] == {"gamma": 2.0} and a.trials[0]["lr"] == 0.001  # trial 0 = the default
+    assert abs(a.params["gamma"] - 1.3) < 0.5 and 0.002 < a.lr < 0.05
+    assert a.best_val > a.default_val and a.n_trials == 30
+    assert a.n_diverged == sum(t["value"] is None for t in a.trials) and a.n_diverged >= 1
+    c = tune_loss(score, {"gamma": Range(0.0, 5.0)}, {"gamma": 2.0}, **{**kw, "seed": 4})
+    assert c.trials != a.trials
+
+
+def test_tuning_fixes_a_bad_default_lr_on_a_real_problem_reproducibly(compose_cfg, tmp_path):
+    # Adam at lr 1e-5 barely moves a digits MLP in 30 steps (chance accuracy): the known answer
+    # is "a much larger lr"
+    adam = [o.replace("optim=sgd", "optim=adam") for o in TINY]
+    bad = ["compare=[ce,focal]", "optim.lr=0.00001", "tune.lr_range=[0.00001,0.1]", "tune.n_trials=6"]
+    _, first = _tune(compose_cfg, tmp_path / "a", bad, adam)
+    _tune(compose_cfg, tmp_path / "b", bad, adam)
+    for name in ("ce", "focal"):
+        e = first["losses"][name]
+        assert e["lr"] > 100 * 1e-5, e
+        assert e["best_val"] > e["default_val"] + 0.2, e  # validation accuracy, chance is 0.1
+        assert e["trials"][0]["lr"] == pytest.approx(1e-5)  # the default was trial 0
+    assert set(first["losses"]["focal"]["params"]) == {"gamma"} and first["losses"]["ce"]["params"] == {}
+    assert first["metric"] == "val/acc"  # tuned on validation, never on test
+    saved = json.loads((tmp_path / "a" / "tuned.json").read_text())
+    assert saved["complete"] and saved["losses"] == json.loads((tmp_path / "b" / "tuned.json").read_text())["losses"]
+    assert load_tuned(tmp_path / "a")["losses"]["ce"]["lr"] == first["losses"]["ce"]["lr"]
+
+
+def test_meta_test_takes_tuned_baselines_and_records_their_params(compose_cfg, tmp_path):
+    _tune(compose_cfg, tmp_path / "t", ["compare=[ce,focal]", "tune.n_trials=3"])
+    tuned = json.loads((tmp_path / "t" / "tuned.json").read_text())["losses"]
+
+    def meta_test(out, extra):
+        cfg = compose_cfg("meta", TINY[:5] + ["compare=[ce,focal]", "meta_test.seeds=2", "meta_test.steps=10"] + extra)
+        pool = _task_pool(cfg)
+        out.mkdir()
+        run_meta_test(cfg, ce, pool, instantiate(cfg.optim), out, NullLogger())
+        return json.loads((out / "comparison.json").read_text())
+
+    with_tuned = meta_test(tmp_path / "m1", [f"meta_test.tuned={tmp_path / 't' / 'tuned.json'}"])
+    hp = with_tuned["hyperparameters"]
+    assert hp["focal"]["params"]["gamma"] == pytest.approx(tuned["focal"]["params"]["gamma"])
+    assert hp["focal"]["lr"] == pytest.approx(tuned["focal"]["lr"])
+    assert hp["ce"]["lr"] == pytest.approx(tuned["ce"]["lr"]) and hp["ce"]["source"].startswith("tuned")
+    assert hp["learned"]["lr"] == pytest.approx(0.05)  # the learned loss keeps the optimizer's lr
+    plain = meta_test(tmp_path / "m2", [])  # default: unchanged, one lr for all, the config's params
+    assert {n: h["lr"] for n, h in plain["hyperparameters"].items()} == dict.fromkeys(("learned", "ce", "focal"), 0.05)
+    assert plain["hyperparameters"]["focal"]["params"]["gamma"] == 2.0
+    assert plain["hyperparameters"]["focal"]["source"] == "config"
+    # learned (ce at 0.05) and baseline ce at the default are the same training: identical numbers
+    assert plain["results"]["learned"] == plain["results"]["ce"]
+    assert with_tuned["results"]["learned"] == plain["results"]["learned"]
+    assert with_tuned["results"]["ce"] != plain["results"]["ce"]
+
+
+def test_budget_accounting(compose_cfg, tmp_path):
+    cfg, out = _tune(compose_cfg, tmp_path / "b", ["compare=[ce]", "tune.n_trials=null", "tune.budget_steps=100",
+                                                   "tune.seeds=2"])
+    cost = 30 * 2 * 1  # steps x seeds x tasks
+    assert out["budget"] == {"budget_steps": 100, "cost_per_trial": cost, "n_trials": 1, "steps_used": cost}
+    assert out["losses"]["ce"]["n_trials"] * cost <= 100
+    assert trials_for_budget(1000, 60) == 16 and 16 * 60 <= 1000
+    assert meta_training_steps({"steps": 200, "tasks_per_step": 8, "inner_steps": 5}) == 8000
+    assert meta_training_steps({"mode": "online", "steps": 10, "online_update_every": 3, "inner_steps": 5}) == 30
+    with pytest.raises(ValueError, match="pays for no trial"):
+        _tune(compose_cfg, tmp_path / "c", ["compare=[ce]", "tune.n_trials=null", "tune.budget_steps=29"])
+    assert not (tmp_path / "c" / "tuned.json").exists() and not (tmp_path / "c" / "run.json").exists()
+    # budget_steps=meta: the learned loss's meta-training cost, 2 x 2 x 15 = 60 = two trials of 30 x 1
+    _, m = _tune(compose_cfg, tmp_path / "d", ["compare=[ce]", "tune.n_trials=null", "tune.budget_steps=meta",
+                                               "meta.steps=2", "meta.tasks_per_step=2", "meta.inner_steps=15"])
+    assert m["budget"]["budget_steps"] == 60 and m["losses"]["ce"]["n_trials"] == 2
+
+
+@pytest.mark.parametrize("bad, key", [
+    (["tune.n_trials=0"], "tune.n_trials"),
+    (["tune.budget_steps=500"], "give exactly one"),
+    (["tune.n_trials=null"], "give exactly one"),
+    (["tune.n_trials=null", "tune.budget_steps=-3"], "tune.budget_steps"),
+    (["tune.metric=test/acc"], "tune.metric"),
+    (["tune.lr_range=[0.1,0.01]"], "tune.lr_range"),
+    (["tune.seeds=0"], "tune.seeds"),
+    (["compare=[ce,nope]"], "compare"),
+    (["meta_test.tuned=/nonexistent/tuned.json"], "meta_test.tuned"),
+])
+def test_bad_settings_are_refused(compose_cfg, bad, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        check_config(compose_cfg("tune", TINY + bad))
+
+
+def test_a_tuned_file_for_another_run_is_refused(compose_cfg, tmp_path):
+    _tune(compose_cfg, tmp_path / "t", ["compare=[focal]", "tune.n_trials=1"])
+    t = load_tuned(tmp_path / "t" / "tuned.json")
+    targets = {"focal": "metaloss.losses.fixed.focal", "ce": "metaloss.losses.fixed.ce"}
+    assert tuned_for(t, ["focal"], task="digits", optim="sgd", targets=targets)["focal"]["lr"] > 0
+    with pytest.raises(TunedFileError, match="task"):
+        tuned_for(t, ["focal"], task="sine", optim="sgd", targets=targets)
+    with pytest.raises(TunedFileError, match="optimizer"):
+        tuned_for(t, ["focal"], task="digits", optim="adam", targets=targets)
+    with pytest.raises(TunedFileError, match="no tuned values for ce"):
+        tuned_for(t, ["focal", "ce"], task="digits", optim="sgd", targets=targets)
+    (tmp_path / "junk.json").write_text('{"losses": {}}')
+    with pytest.raises(ConfigError, match="meta_test.tuned"):
+        check_config(compose_cfg("meta", [f"meta_test.tuned={tmp_path / 'junk.json'}"]))
