@@ -102,3 +102,23 @@ def test_model_shape_errors_are_clear():
         unet(in_shape=(40,), out_dim=1)
     with pytest.raises(ValueError, match="cnn1d expects"):
         cnn1d(in_shape=(1, 8, 8), out_dim=10)
+
+
+def test_task_labels_are_checked_where_data_enters():
+    import pytest
+    import torch
+
+    from metaloss.tasks.base import Task
+
+    x = torch.zeros(4, 2)
+    ok = torch.tensor([0, 1, 2, 1])
+    Task("t", "classification", x, ok, x, ok, x, ok, num_classes=3)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\).*got \[0, 5\]"):
+        Task("t", "classification", x, torch.tensor([0, 1, 5, 1]), x, ok, x, ok, num_classes=3)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        Task("t", "binary", x, torch.tensor([0, 2, 1, 0]), x, ok.clamp(max=1), x, ok.clamp(max=1), num_classes=2)
+    with pytest.raises(ValueError, match="integer class indices"):
+        Task("t", "classification", x, ok.float(), x, ok, x, ok, num_classes=3)
+    m = torch.zeros(4, 1, 2, 2)
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        Task("t", "segmentation", m, m + 0.5, m, m, m, m)

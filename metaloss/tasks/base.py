@@ -39,6 +39,20 @@ class Task:
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if len(x) != len(y) or len(x) == 0:
                 raise ValueError(f"task {self.name}: {split} split has {len(x)} inputs, {len(y)} targets")
+            self._check_targets(split, y)
+
+    def _check_targets(self, split: str, y: Tensor) -> None:
+        """Labels are checked once here, where data enters: a class index out of range would
+        otherwise give a silently wrong loss (a one-hot row of zeros), not an error."""
+        if self.kind in ("classification", "binary"):
+            n = 2 if self.kind == "binary" else self.num_classes
+            if y.is_floating_point() or y.dtype == torch.bool:
+                raise ValueError(f"task {self.name}: {split} labels must be integer class indices, got {y.dtype}")
+            if n is None or (len(y) and (int(y.min()) < 0 or int(y.max()) >= n)):
+                raise ValueError(f"task {self.name}: {split} labels must lie in [0, {n}) "
+                                 f"(num_classes={self.num_classes}), got [{int(y.min())}, {int(y.max())}]")
+        elif self.kind == "segmentation" and not bool(((y == 0) | (y == 1)).all()):
+            raise ValueError(f"task {self.name}: {split} masks must hold only 0 and 1")
 
     @property
     def in_shape(self) -> tuple[int, ...]:
