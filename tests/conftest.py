@@ -59,3 +59,36 @@ def _wait_for_step(ckpt, step: int, proc, timeout: float = 240) -> int:
 def wait_for_step():
     """wait_for_step(checkpoint_path, step, popen) -> the step reached."""
     return _wait_for_step
+
+
+@pytest.fixture
+def interrupted_then_resumed(compose_cfg, tmp_path, monkeypatch):
+    """run(overrides, learner_cls, loss_name) -> (straight_dir, resumed_dir, checkpoint).
+
+    Runs ``metaloss-meta`` once straight through; then again with Ctrl-C raised right after
+    the third call of ``learner_cls.step`` has changed φ, the optimizer and the RNG (the worst
+    moment: the step is not complete), and resumes that run in its own directory.
+    ``checkpoint`` is what the interrupted run left behind."""
+    from metaloss.cli import meta as meta_app
+
+    def run(overrides, learner_cls, loss_name):
+        straight, broken = tmp_path / "straight", tmp_path / "broken"
+        meta_app.run(compose_cfg("meta", overrides), straight, loss_name)
+        real, calls = learner_cls.step, {"n": 0}
+
+        def interrupted(self, *a, **k):
+            out = real(self, *a, **k)
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return out
+
+        monkeypatch.setattr(learner_cls, "step", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            meta_app.run(compose_cfg("meta", overrides), broken, loss_name)
+        ckpt = torch.load(broken / "checkpoint.pt", weights_only=True)
+        monkeypatch.setattr(learner_cls, "step", real)
+        meta_app.run(compose_cfg("meta", overrides), broken, loss_name)  # same directory: resumes
+        return straight, broken, ckpt
+
+    return run

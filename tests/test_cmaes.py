@@ -129,28 +129,9 @@ def test_metaloss_meta_with_cmaes_runs_and_moves_phi(compose_cfg, tmp_path):
     assert ((ckpt["learner"]["fitness"] >= 0) & (ckpt["learner"]["fitness"] <= 1)).all()  # true error rates
 
 
-def test_interrupt_after_an_update_but_before_its_step_completes(compose_cfg, tmp_path, monkeypatch):
-    overrides = TINY + ["meta.steps=5"]
-    straight = tmp_path / "straight"
-    meta_app.run(compose_cfg("meta", overrides), straight, "taylorglo")
-
-    calls = {"n": 0}
-    real = CMAES.step
-
-    def interrupted(self, *a, **k):
-        out = real(self, *a, **k)
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # Ctrl-C right after the tell
-        return out
-
-    monkeypatch.setattr(CMAES, "step", interrupted)
-    broken = tmp_path / "broken"
-    with pytest.raises(KeyboardInterrupt):
-        meta_app.run(compose_cfg("meta", overrides), broken, "taylorglo")
-    assert torch.load(broken / "checkpoint.pt", weights_only=True)["step"] == 2
-    monkeypatch.setattr(CMAES, "step", real)
-    meta_app.run(compose_cfg("meta", overrides), broken, "taylorglo")  # same directory: resumes
+def test_interrupt_after_an_update_but_before_its_step_completes(interrupted_then_resumed):
+    straight, broken, ckpt = interrupted_then_resumed(TINY + ["meta.steps=5"], CMAES, "taylorglo")
+    assert ckpt["step"] == 2
     a, b = _state(straight), _state(broken)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ca = torch.load(straight / "checkpoint.pt", weights_only=True)["learner"]

@@ -102,32 +102,13 @@ def test_invalid_chunk_is_rejected():
         EvolutionStrategies(chunk=0)
 
 
-def test_vmapped_es_run_resumes_bit_identically(compose_cfg, tmp_path, monkeypatch):
+def test_vmapped_es_run_resumes_bit_identically(compose_cfg, tmp_path, interrupted_then_resumed):
     """tests/test_interruption.py's worst moment (Ctrl-C after step 3's update), with a
     chunked vmapped population: the resumed run's φ equals an uninterrupted one's."""
     overrides = TINY + ["hypergrad=es", "hypergrad.population=3", "hypergrad.chunk=4",
                         "meta_optim.lr=0.05", "meta.steps=5"]
-    straight = tmp_path / "straight"
-    meta_app.run(compose_cfg("meta", overrides), straight, "ml3")
-
-    calls = {"n": 0}
-    real = MetaLearner.step
-
-    def interrupted(self, *a, **k):
-        out = real(self, *a, **k)
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return out
-
-    monkeypatch.setattr(MetaLearner, "step", interrupted)
-    broken = tmp_path / "broken"
-    with pytest.raises(KeyboardInterrupt):
-        meta_app.run(compose_cfg("meta", overrides), broken, "ml3")
-    ckpt = torch.load(broken / "checkpoint.pt", weights_only=True)
+    straight, broken, ckpt = interrupted_then_resumed(overrides, MetaLearner, "ml3")
     assert ckpt["step"] < 5 and ckpt["hypergrad"]["calls"] == ckpt["step"]
-    monkeypatch.setattr(MetaLearner, "step", real)
-    meta_app.run(compose_cfg("meta", overrides), broken, "ml3")
     _assert_identical(_state(straight), _state(broken))
     # and the vmapped run took the same path as the loop would have
     loop = tmp_path / "loop"

@@ -38,32 +38,11 @@ def _assert_identical(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_interrupt_after_an_update_but_before_its_step_completes(compose_cfg, tmp_path, monkeypatch, method):
+def test_interrupt_after_an_update_but_before_its_step_completes(interrupted_then_resumed, method):
     """The worst moment: outer step 3 has already changed φ, the optimizer and the RNG, but
     has not completed. The checkpoint must hold step 2's state, not a mix."""
-    overrides = TINY + METHODS[method] + ["meta.steps=5"]
-    straight = tmp_path / "straight"
-    meta_app.run(compose_cfg("meta", overrides), straight, "ml3")
-
-    calls = {"n": 0}
-    real = MetaLearner.step
-
-    def interrupted(self, *a, **k):
-        out = real(self, *a, **k)
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # Ctrl-C right after the update
-        return out
-
-    monkeypatch.setattr(MetaLearner, "step", interrupted)
-    broken = tmp_path / "broken"
-    with pytest.raises(KeyboardInterrupt):
-        meta_app.run(compose_cfg("meta", overrides), broken, "ml3")
-    ckpt = torch.load(broken / "checkpoint.pt", weights_only=True)
-    done = ckpt["step"]
-    assert done < 5
-    monkeypatch.setattr(MetaLearner, "step", real)
-    meta_app.run(compose_cfg("meta", overrides), broken, "ml3")  # same directory: resumes
+    straight, broken, ckpt = interrupted_then_resumed(TINY + METHODS[method] + ["meta.steps=5"], MetaLearner, "ml3")
+    assert ckpt["step"] < 5
     _assert_identical(_state(straight), _state(broken))
 
 
