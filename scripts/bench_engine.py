@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
+
+from _bench_common import reset_peak_rss, setup, status_kib  # scripts/ is on sys.path
 
 CONFIGS = [  # name, task, T, K
     ("sine_T8_K5", "sine", 8, 5),
@@ -28,55 +29,6 @@ CONFIGS = [  # name, task, T, K
     ("sine_T32_K20", "sine", 32, 20),
     ("mnist1d_T8_K5", "mnist1d", 8, 5),
 ]
-
-
-def _setup(task_name: str, n_tasks: int, k: int, device: str):
-    import torch
-
-    from metaloss.hypergrad.base import MetaProblem, meta_params
-    from metaloss.inner.optimizers import sgd
-    from metaloss.losses import fixed
-    from metaloss.losses.mlp import ML3Loss
-    from metaloss.losses.taylor import TaylorGLO
-    from metaloss.models import mlp
-    from metaloss.sampling import sample_meta_batch
-    from metaloss.tasks.classification import mnist1d
-    from metaloss.tasks.regression import sine
-    from metaloss.train import build_model
-
-    torch.manual_seed(0)
-    if task_name == "sine":  # ML3's setting: MLP 1-40-40-1, loss MLP 2-50-50-1, 100 points
-        tasks = [sine(seed=s) for s in range(n_tasks)]
-        factory = lambda **kw: mlp(hidden=[40, 40], **kw)  # noqa: E731
-        loss, objective, plain_loss, batch_size = ML3Loss(hidden=(50, 50)), fixed.mse, fixed.mse, None
-    else:  # MNIST-1D MLP 40-100-100-10 with TaylorGLO, minibatches of 100
-        tasks = [mnist1d()]
-        factory = lambda **kw: mlp(hidden=[100, 100], **kw)  # noqa: E731
-        loss, objective, plain_loss, batch_size = TaylorGLO(), fixed.ce, fixed.ce, 100
-    gen = torch.Generator().manual_seed(0)
-    batch = sample_meta_batch(tasks, factory, n_tasks=n_tasks, inner_steps=k, inner_batch=batch_size,
-                              val_batch=batch_size, gen=gen)
-    batch = type(batch)({n: v.to(device) for n, v in batch.theta0.items()}, *(t.to(device) for t in batch[1:]))
-    model = build_model(factory, tasks[0], 0).to(device)
-    problem = MetaProblem(model, loss.to(device), sgd(lr=0.01), k, objective, tasks[0].class_counts)
-    return problem, meta_params(problem.loss), batch, plain_loss
-
-
-def _status_kib(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _reset_peak_rss() -> int:
-    """Reset Linux's VmHWM (peak RSS) to the current RSS; return the current RSS in KiB."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    return _status_kib("VmRSS")
 
 
 def _sync(device: str) -> None:
@@ -95,7 +47,7 @@ def worker(task_name: str, n_tasks: int, k: int, method: str, device: str, repea
     from metaloss.hypergrad.higher_backend import HigherBackend
     from metaloss.hypergrad.unrolled import Unrolled
 
-    problem, meta, batch, plain_loss = _setup(task_name, n_tasks, k, device)
+    problem, meta, batch, plain_loss = setup(task_name, n_tasks, k, device)
 
     if method == "plain":  # K ordinary training steps per task, torch.optim.SGD, fixed loss
         def call():
@@ -118,7 +70,7 @@ def worker(task_name: str, n_tasks: int, k: int, method: str, device: str, repea
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    rss0 = _reset_peak_rss()
+    rss0 = reset_peak_rss()
     t0 = time.perf_counter()
     call()  # warm-up (and compilation); its memory peak counts: allocators keep memory after
     _sync(device)
@@ -133,7 +85,7 @@ def worker(task_name: str, n_tasks: int, k: int, method: str, device: str, repea
     if device == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:  # growth of the resident-set high-water mark over the set-up's resident size
-        peak = max(0, _status_kib("VmHWM") - rss0) / 1024
+        peak = max(0, status_kib("VmHWM") - rss0) / 1024
     return {"seconds": statistics.median(times), "peak_mib": peak, "compile_seconds": compile_s}
 
 

@@ -20,41 +20,12 @@ import statistics
 import time
 
 import torch
+from _bench_common import setup  # scripts/ is on sys.path
 
 CONFIGS = [  # name, task, T, K, P
     ("sine_ml3_T8_K5_P16", "sine", 8, 5, 16),
     ("mnist1d_taylorglo_T4_K5_P16", "mnist1d", 4, 5, 16),
 ]
-
-
-def _setup(task_name: str, n_tasks: int, k: int, device: str):
-    from metaloss.hypergrad.base import MetaProblem, meta_params
-    from metaloss.inner.optimizers import sgd
-    from metaloss.losses import fixed
-    from metaloss.losses.mlp import ML3Loss
-    from metaloss.losses.taylor import TaylorGLO
-    from metaloss.models import mlp
-    from metaloss.sampling import sample_meta_batch
-    from metaloss.tasks.classification import mnist1d
-    from metaloss.tasks.regression import sine
-    from metaloss.train import build_model
-
-    torch.manual_seed(0)
-    if task_name == "sine":  # ML3's setting: MLP 1-40-40-1, loss MLP 2-50-50-1, 100 points
-        tasks = [sine(seed=s) for s in range(n_tasks)]
-        factory = lambda **kw: mlp(hidden=[40, 40], **kw)  # noqa: E731
-        loss, objective, batch_size = ML3Loss(hidden=(50, 50)), fixed.mse, None
-    else:  # MNIST-1D MLP 40-100-100-10 with TaylorGLO, minibatches of 100
-        tasks = [mnist1d()]
-        factory = lambda **kw: mlp(hidden=[100, 100], **kw)  # noqa: E731
-        loss, objective, batch_size = TaylorGLO(), fixed.ce, 100
-    gen = torch.Generator().manual_seed(0)
-    batch = sample_meta_batch(tasks, factory, n_tasks=n_tasks, inner_steps=k, inner_batch=batch_size,
-                              val_batch=batch_size, gen=gen)
-    batch = type(batch)({n: v.to(device) for n, v in batch.theta0.items()}, *(t.to(device) for t in batch[1:]))
-    model = build_model(factory, tasks[0], 0).to(device)
-    problem = MetaProblem(model, loss.to(device), sgd(lr=0.01), k, objective, tasks[0].class_counts)
-    return problem, meta_params(problem.loss), batch
 
 
 def _sync(device: str) -> None:
@@ -106,7 +77,7 @@ def main() -> None:
     for name, task, t, k, p in CONFIGS:
         if only and name not in only:
             continue
-        problem, meta, batch = _setup(task, t, k, args.device)
+        problem, meta, batch, _ = setup(task, t, k, args.device)
         variants = {"loop": dict(vectorize=False), "vmap": dict(), f"vmap_chunk{p}": dict(chunk=p)}
         variants = {lbl: EvolutionStrategies(population=p, sigma=0.05, **kw) for lbl, kw in variants.items()}
         secs, peaks, outs = _measure(variants, problem, meta, batch, args.device, args.repeats)

@@ -20,53 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
+from _bench_common import reset_peak_rss, setup, status_kib  # scripts/ is on sys.path
+
 METHODS = ("plain", "unrolled", "checkpointed", "implicit", "es")
-
-
-def _setup(n_tasks: int, k: int, device: str):
-    import torch
-
-    from metaloss.hypergrad.base import MetaProblem, meta_params
-    from metaloss.inner.optimizers import sgd
-    from metaloss.losses import fixed
-    from metaloss.losses.mlp import ML3Loss
-    from metaloss.models import mlp
-    from metaloss.sampling import sample_meta_batch
-    from metaloss.tasks.regression import sine
-    from metaloss.train import build_model
-
-    torch.manual_seed(0)
-    tasks = [sine(seed=s) for s in range(n_tasks)]
-    factory = lambda **kw: mlp(hidden=[40, 40], **kw)  # noqa: E731
-    gen = torch.Generator().manual_seed(0)
-    batch = sample_meta_batch(tasks, factory, n_tasks=n_tasks, inner_steps=k, inner_batch=None,
-                              val_batch=None, gen=gen)
-    batch = type(batch)({n: v.to(device) for n, v in batch.theta0.items()}, *(t.to(device) for t in batch[1:]))
-    model = build_model(factory, tasks[0], 0).to(device)
-    problem = MetaProblem(model, ML3Loss(hidden=(50, 50)).to(device), sgd(lr=0.01), k, fixed.mse)
-    return problem, meta_params(problem.loss), batch
-
-
-def _status_kib(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _reset_peak_rss() -> int:
-    """Reset Linux's VmHWM (peak RSS) to the current RSS; return the current RSS in KiB."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    return _status_kib("VmRSS")
 
 
 def _hypergrad(method: str):
@@ -89,7 +49,7 @@ def worker(n_tasks: int, k: int, method: str, device: str, repeats: int) -> dict
 
     from metaloss.losses import fixed
 
-    problem, meta, batch = _setup(n_tasks, k, device)
+    problem, meta, batch, _ = setup("sine", n_tasks, k, device)
     if method == "plain":
         def call():
             for t in range(n_tasks):
@@ -111,7 +71,7 @@ def worker(n_tasks: int, k: int, method: str, device: str, repeats: int) -> dict
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    rss0 = _reset_peak_rss()
+    rss0 = reset_peak_rss()
     call()  # warm-up; its memory peak counts (allocators keep memory after)
     sync()
     times = []
@@ -123,7 +83,7 @@ def worker(n_tasks: int, k: int, method: str, device: str, repeats: int) -> dict
     if device == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak = max(0, _status_kib("VmHWM") - rss0) / 1024
+        peak = max(0, status_kib("VmHWM") - rss0) / 1024
     return {"seconds": statistics.median(times), "peak_mib": peak}
 
 
