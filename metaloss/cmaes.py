@@ -240,10 +240,13 @@ class CMAES:
         self.updates = 0
 
     def _ask_tell(self, evaluate: Callable[[np.ndarray], list[float]]) -> None:
+        # the private NumPy stream is swapped in around cma's own calls only, not training
         with self._rng(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cands = np.asarray(self.es.ask(), dtype=np.float64)
-            fitness = [float(f) for f in evaluate(cands)]
+        fitness = [float(f) for f in evaluate(cands)]
+        with self._rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             self.es.tell(list(cands), fitness)
         self.history.append(fitness)
         self.updates += 1

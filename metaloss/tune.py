@@ -153,6 +153,8 @@ def tune_loss(score: Callable[[dict[str, float], float], float], space: Mapping[
     study = optuna.create_study(direction="maximize" if direction == "maximize" else "minimize", sampler=optuna.samplers.TPESampler(seed=int(seed)))
     study.enqueue_trial(first)
     trials: list[dict[str, Any]] = []
+    if not dists:  # nothing to tune (no hyper-parameters, lr fixed): one trial says it all
+        n_trials = 1
     for i in range(int(n_trials)):
         trial = study.ask(dists)
         p = dict(trial.params)
@@ -201,7 +203,7 @@ def load_tuned(path: str | Path) -> dict[str, Any]:
 
 
 def tuned_for(tuned: Mapping[str, Any], names: list[str], *, task: str, optim: str,
-              targets: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+              targets: Mapping[str, str], setup: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """The tuned entries of the ``compare:`` losses, refusing a file tuned for another task
     or optimizer, a loss it lacks, or a loss whose option now names another function (a
     tuned lr and γ mean nothing elsewhere). ``targets``: name -> the option's ``_target_``."""
@@ -211,6 +213,11 @@ def tuned_for(tuned: Mapping[str, Any], names: list[str], *, task: str, optim: s
     if tuned.get("optim") != optim:
         raise TunedFileError(f"{where} tuned learning rates for optimizer {tuned.get('optim')!r}, this run "
                              f"uses {optim!r}")
+    # a learning rate tuned for another model, budget or batch size means nothing here
+    differ = {k: (tuned.get(k), v) for k, v in (setup or {}).items() if k in tuned and tuned.get(k) != v}
+    if differ:
+        raise TunedFileError(f"{where} was tuned with other training settings: "
+                             + "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in differ.items()))
     missing = [n for n in names if n not in tuned["losses"]]
     if missing:
         raise TunedFileError(f"{where} has no tuned values for {', '.join(missing)} (it has "

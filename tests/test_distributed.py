@@ -33,7 +33,9 @@ def test_two_gloo_processes_equal_one(tmp_path, method):
     b = torch.load(tmp_path / "two" / "learned_loss.pt", weights_only=True)["state_dict"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-12)  # summation order only
-    assert json.loads((tmp_path / "two" / "run.json").read_text())["pid"]  # rank 0 owns the directory
+    # only rank 0 claimed a directory: one run.json, and no stray per-rank directories
+    assert sorted(p.parent.name for p in tmp_path.rglob("run.json")) == ["one", "two"]
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["app"] == "meta"
 
 
 @pytest.mark.slow

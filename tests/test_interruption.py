@@ -1,7 +1,6 @@
 """Ctrl-C, SIGTERM and SIGKILL at any moment: the resumed run ends with exactly the φ of an
 uninterrupted one (bit-identical on CPU), for every hypergradient method."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -42,7 +41,8 @@ def test_interrupt_after_an_update_but_before_its_step_completes(interrupted_the
     """The worst moment: outer step 3 has already changed φ, the optimizer and the RNG, but
     has not completed. The checkpoint must hold step 2's state, not a mix."""
     straight, broken, ckpt = interrupted_then_resumed(TINY + METHODS[method] + ["meta.steps=5"], MetaLearner, "ml3")
-    assert ckpt["step"] < 5
+    # the third update ends outer step 3 offline; online it is base step 5 (updates every 2 steps)
+    assert ckpt["step"] == (4 if method == "online" else 2)
     _assert_identical(_state(straight), _state(broken))
 
 
@@ -93,4 +93,3 @@ def test_sigterm_handler_is_removed_after_the_run(compose_cfg, tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     meta_app.run(compose_cfg("meta", TINY + ["meta.steps=1"]), tmp_path, "ml3")
     assert signal.getsignal(signal.SIGTERM) is before
-    assert os.getpid()  # still alive, nothing raised

@@ -222,7 +222,9 @@ def test_sigterm_to_a_joblib_sweep_reaches_its_jobs(tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)
     assert proc.returncode == 143
-    for lock in sweep.rglob(".metaloss.lock"):  # every job has let go of its directory: none orphaned
+    locks = list(sweep.rglob(".metaloss.lock"))
+    assert len(locks) == 2
+    for lock in locks:  # every job has let go of its directory: none orphaned
         deadline = time.time() + 60
         with open(lock) as f:
             while True:

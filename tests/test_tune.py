@@ -82,7 +82,9 @@ def test_meta_test_takes_tuned_baselines_and_records_their_params(compose_cfg, t
     tuned = json.loads((tmp_path / "t" / "tuned.json").read_text())["losses"]
 
     def meta_test(out, extra):
-        cfg = compose_cfg("meta", TINY[:5] + ["compare=[ce,focal]", "meta_test.seeds=2", "meta_test.steps=10"] + extra)
+        # the meta-test trains as the tuning did (30 steps, batches of 64): a file tuned for another
+        # budget is refused
+        cfg = compose_cfg("meta", TINY[:7] + ["compare=[ce,focal]", "meta_test.seeds=2"] + extra)
         pool = _task_pool(cfg)
         out.mkdir()
         run_meta_test(cfg, ce, pool, instantiate(cfg.optim), out, NullLogger())
@@ -152,3 +154,11 @@ def test_a_tuned_file_for_another_run_is_refused(compose_cfg, tmp_path):
     (tmp_path / "junk.json").write_text('{"losses": {}}')
     with pytest.raises(ConfigError, match="meta_test.tuned"):
         check_config(compose_cfg("meta", [f"meta_test.tuned={tmp_path / 'junk.json'}"]))
+
+
+def test_a_file_tuned_for_another_budget_is_refused(compose_cfg, tmp_path):
+    _tune(compose_cfg, tmp_path / "t", ["compare=[ce]", "tune.n_trials=1"])
+    cfg = compose_cfg("meta", TINY[:5] + ["compare=[ce]", "meta_test.seeds=2", "meta_test.steps=10",
+                                          f"meta_test.tuned={tmp_path / 't' / 'tuned.json'}"])
+    with pytest.raises(TunedFileError, match="steps: 30 there, 10 here"):
+        run_meta_test(cfg, ce, _task_pool(cfg), instantiate(cfg.optim), tmp_path, NullLogger())

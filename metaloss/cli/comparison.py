@@ -88,7 +88,9 @@ def _baseline_settings(cfg: DictConfig, task, inner_opt, lr: float) -> dict[str,
         return {n: {"params": config[n], "lr": lr, "source": "config", "overrides": {}} for n in names}
     record = load_tuned(path)
     tuned = tuned_for(record, names, task=task.name, optim=inner_opt.name,
-                      targets={n: str(o.get("_target_")) for n, o in options.items()})
+                      targets={n: str(o.get("_target_")) for n, o in options.items()},
+                      setup={"model": str(cfg.model._target_), "steps": int(cfg.meta_test.steps),
+                             "batch_size": cfg.meta_test.batch_size})
     return {n: {"params": {**config[n], **e["params"]}, "lr": lr if e.get("lr") is None else float(e["lr"]),
                 "source": f"tuned ({record['path']})", "overrides": dict(e["params"])}
             for n, e in tuned.items()}
