@@ -11,6 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.config_repository import ConfigRepository
 from hydra._internal.utils import create_config_search_path
@@ -188,6 +189,9 @@ def loss_option(name: str, task: Any, cfg: Any = None, overrides: Mapping[str, A
         option = OmegaConf.merge(option, dict(overrides))
     loss = instantiate_loss(option, task)
     check_loss_fits(loss, task.kind, task.name, name)
+    if isinstance(loss, torch.nn.Module):  # a loss with parameters goes where the task's data is
+        x = task.x_train
+        loss = loss.to(device=x.device, dtype=x.dtype if x.is_floating_point() else None)
     return loss
 
 

@@ -562,7 +562,8 @@ def check_against_task(cfg: DictConfig, task: Any) -> None:
     mt = cfg.get("meta_test")
     if mt is not None:
         metric = mt.get("metric")
-        if metric is not None and metric not in metric_names(task.kind, metric.split("/")[0]):
+        # exactly what the meta-test records (train/loss, val/*, test/*), checked before meta-training
+        if metric is not None and metric not in train_result_names(task.kind):
             found.append(f"meta_test.metric = {metric!r}: must be one of "
                          f"{', '.join(metric_names(task.kind, 'test'))} for {task.kind} task {task.name!r}")
         if mt.get("task_overrides") and not task.distribution:

@@ -217,3 +217,16 @@ def test_a_frozen_learned_loss_is_not_meta_trained(compose_cfg, tmp_path):
     with pytest.raises(ConfigError, match="loss.path = .*must be an existing file"):
         meta_app.run(compose_cfg("meta", ["logger=none", "loss=learned", f"loss.path={tmp_path}"]), tmp_path / "r2",
                      "learned")
+
+
+def test_meta_test_metric_is_checked_against_what_the_meta_test_records(compose_cfg, tmp_path, monkeypatch):
+    """`train/mse` is no meta-test record (it used to pass, then fail after meta-training)."""
+    from hydra.utils import instantiate as inst
+
+    from metaloss.validate import check_against_task
+
+    task = inst(compose_cfg("meta", []).task)
+    check_against_task(compose_cfg("meta", ["meta_test.metric=train/loss", "logger=none"]), task)
+    monkeypatch.setattr(meta_app, "offline_steps", lambda *a, **k: pytest.fail("meta-trained"))
+    with pytest.raises(ConfigError, match="meta_test.metric = 'train/mse'"):
+        meta_app.run(compose_cfg("meta", ["logger=none", "meta_test.metric=train/mse"]), tmp_path, "ml3")
