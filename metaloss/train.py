@@ -75,11 +75,6 @@ class BatchSampler:
         self.perm, self.pos = state["perm"], int(state["pos"])
 
 
-def batches(n: int, batch_size: int | None, generator: torch.Generator) -> BatchSampler:
-    """Endless minibatch indices (see :class:`BatchSampler`)."""
-    return BatchSampler(n, batch_size, generator)
-
-
 def train_model(task: Task, model: nn.Module, loss_fn: Callable, make_optimizer: Callable,
                 *, steps: int, batch_size: int | None, seed: int, eval_every: int = 0,
                 log: Callable[[dict, int], None] | None = None, progress: bool = True,
@@ -97,7 +92,7 @@ def train_model(task: Task, model: nn.Module, loss_fn: Callable, make_optimizer:
     opt = make_optimizer(model.parameters())
     x_all, y_all = task.x_train, task.y_train
     counts = task.class_counts  # computed once, not per step
-    it = batches(len(x_all), batch_size, gen)
+    it = BatchSampler(len(x_all), batch_size, gen)
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, mininterval=1.0)
     running = None
     for step in bar:

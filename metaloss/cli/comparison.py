@@ -22,7 +22,7 @@ from metaloss.config import DEFAULT_BASELINES, baselines_for, load_option
 from metaloss.metatest import compare_losses, significance
 from metaloss.metrics import train_result_names
 from metaloss.plots import loss_curves, plot_losses
-from metaloss.report import format_table, jsonable, plot, summarize
+from metaloss.report import format_table, plot, summarize
 from metaloss.runtime import canonical_draws
 
 log = logging.getLogger("metaloss")
@@ -135,7 +135,7 @@ def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path
     table = format_table(summary)
     verdict = format_verdict(sig)
     # The record first: nothing below (plots, logging) may cost the numbers.
-    write_json(out_dir / "comparison.json", jsonable({
+    write_json(out_dir / "comparison.json", ({
         "task": task.name, "metric": metric, "seeds": seeds, "results": results, "significance": sig,
         "hyperparameters": hyperparameters,
         "null_means": "NaN: the loss diverged on that seed, or the statistic is undefined"}))

@@ -364,5 +364,8 @@ def _connect_target(base_url: str) -> tuple[str | None, int]:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write: readers never see a half-written file, writers never share a temp file."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
+    """Atomic, strict JSON write (NaN/inf as null): readers never see a half-written file,
+    writers never share a temp file."""
+    from metaloss.report import jsonable
+
+    atomic_write_text(path, json.dumps(jsonable(obj), indent=2, sort_keys=True, allow_nan=False))

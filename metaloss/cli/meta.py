@@ -103,9 +103,10 @@ class RunState:
     def __init__(self, learner: MetaLearner | CMAES, gen: torch.Generator, hypergrad, online: OnlineState | None,
                  ident: dict) -> None:
         self.learner, self.gen, self.hypergrad, self.online, self.ident = learner, gen, hypergrad, online, ident
+        self.fingerprint = fingerprint(ident)  # once: capture() runs after every step
 
     def capture(self, step: int) -> dict:
-        return {"format": CKPT_FORMAT, "step": step, "fingerprint": fingerprint(self.ident),
+        return {"format": CKPT_FORMAT, "step": step, "fingerprint": self.fingerprint,
                 "identity": self.ident, "learner": self.learner.state_dict(), "rng": self.gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "hypergrad": self.hypergrad.state_dict() if hasattr(self.hypergrad, "state_dict") else None,
@@ -140,7 +141,7 @@ def _resume(cfg: DictConfig, out_dir: Path, state: RunState, make_meta_optimizer
         # the same command again: this run was started from resume_from before and has
         # progressed since; its own checkpoint (same identity, checked below) continues it
         log.info("%s has its own checkpoint: continuing it rather than starting again from %s", out_dir, resume)
-        resume, explicit = own, True
+        resume = own
     if not resume.is_file():
         return 0
     ckpt = _load_checkpoint(resume)

@@ -20,7 +20,6 @@ from metaloss.cli.logger import open_logger, write_json
 from metaloss.cli.signals import console, exit_on_interrupt, interruptible
 from metaloss.config import DEFAULT_LOSS, check_loss_fits, conf_dir, instantiate_loss, loss_option
 from metaloss.metrics import train_result_names
-from metaloss.report import jsonable
 from metaloss.runs import RunDir, hydra_record, identity
 from metaloss.train import NonFiniteLoss, build_model, train_model
 from metaloss.train_many import train_many
@@ -73,7 +72,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, device: torch.
                               progress=cfg.progress, desc=f"{loss_name} seed {cfg.seed}")
         logger.log(metrics, step=cfg.train.steps)
         logger.summary(metrics)
-    write_json(out_dir / "metrics.json", jsonable({"loss": loss_name, "task": task.name, "seed": cfg.seed,
+    write_json(out_dir / "metrics.json", ({"loss": loss_name, "task": task.name, "seed": cfg.seed,
                                                    "metric": metric, "metrics": metrics}))
     log.info("%s", "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
     return float(metrics[metric])
@@ -97,7 +96,7 @@ def _run_seeds(cfg: DictConfig, run_dir: RunDir, task, loss, loss_name: str | No
         for r in runs:
             logger.summary({f"seed{r['seed']}/{k}": v for k, v in r["metrics"].items()})
     values = [r["metrics"][metric] for r in runs]
-    write_json(run_dir.path / "metrics.json", jsonable({"loss": loss_name, "task": task.name, "seed": seeds[0],
+    write_json(run_dir.path / "metrics.json", ({"loss": loss_name, "task": task.name, "seed": seeds[0],
                                                         "seeds": seeds, "metric": metric, "runs": runs}))
     for r in runs:
         log.info("seed %d: %s", r["seed"], "  ".join(f"{k}={v:.4f}" for k, v in sorted(r["metrics"].items())))

@@ -29,7 +29,6 @@ from metaloss.cli.train import LOCAL_KEYS
 from metaloss.config import DEFAULT_BASELINES, baselines_for, conf_dir, load_option, loss_option
 from metaloss.metatest import compare_losses
 from metaloss.metrics import HIGHER_IS_BETTER
-from metaloss.report import jsonable
 from metaloss.runs import RunDir, hydra_record, identity
 from metaloss.tune import (
     TUNE_SEEDS,
@@ -125,7 +124,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dt
                 "default_params": {k: float(v) for k, v in defaults.items()}, "n_trials": result.n_trials,
                 "n_diverged": result.n_diverged, "steps_used": result.n_trials * cost, "trials": result.trials}
             record["complete"] = name == names[-1]
-            write_json(out, jsonable(record))  # after every loss: an interruption keeps the finished ones
+            write_json(out, record)  # after every loss: an interruption keeps the finished ones
             log.info("%s: best %s = %.4f (default %.4f) with %s", name, metric, result.best_val, result.default_val,
                      ", ".join(f"{k}={v:.4g}" for k, v in {**result.params, "lr": result.lr or lr0}.items()))
             logger.summary({f"tune/{name}/best_val": result.best_val, f"tune/{name}/default_val": result.default_val})
