@@ -29,10 +29,11 @@ The unit is one inner training step of one model (a forward and backward pass on
 minibatch). A trial costs ``steps × seeds × tasks`` of them. ``tune.budget_steps=N`` gives
 each loss ``N // cost`` trials (refused if that is 0); ``tune.budget_steps=meta`` sets N to
 what meta-training the learned loss costs in the same unit: offline
-``meta.steps × meta.tasks_per_step × meta.inner_steps``, online
-``meta.steps + ceil(meta.steps / meta.online_update_every) × meta.inner_steps``. The
-hypergradient's own backward passes are not counted, so a matched budget slightly favours
-the learned loss, never the baselines. Every loss gets the whole budget (the learned loss
+``meta.steps × meta.tasks_per_step × meta.inner_steps × candidates``, online
+``meta.steps + ceil(meta.steps / meta.online_update_every) × meta.inner_steps × candidates``,
+where ``candidates`` is 1 for a hypergradient, 2P for ES and λ for CMA-ES (every candidate
+φ is a whole inner run). The hypergradient's own backward passes are not counted, so a
+matched budget slightly favours the learned loss, never the baselines. Every loss gets the whole budget (the learned loss
 got its meta-training).
 
 Reproducibility: the sampler is ``TPESampler(seed=tune.seed)``, one fresh study per loss, so
@@ -76,6 +77,9 @@ SEARCH_SPACES: dict[str, dict[str, Range]] = {
     "gce": {"q": Range(0.1, 1.0)},
     "logit_adjusted_ce": {"tau": Range(0.0, 2.0)},
     "symmetric_ce": {"alpha": Range(0.01, 10.0, log=True), "beta": Range(0.01, 10.0, log=True)},
+    "tversky": {"alpha": Range(0.1, 0.9), "beta": Range(0.1, 0.9)},
+    "focal_tversky": {"alpha": Range(0.1, 0.9), "beta": Range(0.1, 0.9), "gamma": Range(0.5, 3.0)},
+    "bce_dice": {"bce_weight": Range(0.1, 10.0, log=True)},
     "hinge": {"margin": Range(0.1, 10.0, log=True)},
     "squared_hinge": {"margin": Range(0.1, 10.0, log=True)},
 }
@@ -95,12 +99,38 @@ def lr_range(lr: float, explicit: Any = None) -> Range:
     return Range(lo, hi, log=True)
 
 
-def meta_training_steps(meta: Mapping) -> int:
-    """What meta-training the learned loss costs, in inner training steps of one model."""
+def meta_training_steps(meta: Mapping, candidates: int = 1) -> int:
+    """What meta-training the learned loss costs, in inner training steps of one model.
+    ``candidates``: inner runs per task per outer step — 1 for a hypergradient, the 2P
+    perturbed φ of ES, the λ of CMA-ES (:func:`candidates_per_step`)."""
     steps, k = int(meta["steps"]), int(meta["inner_steps"])
     if meta.get("mode", "offline") == "online":
-        return steps + math.ceil(steps / int(meta.get("online_update_every", 1))) * k
-    return steps * int(meta["tasks_per_step"]) * k
+        return steps + math.ceil(steps / int(meta.get("online_update_every", 1))) * k * candidates
+    return steps * int(meta["tasks_per_step"]) * k * candidates
+
+
+def candidates_per_step(meta_optim: Mapping, hypergrad: Mapping, n_params: int) -> int:
+    """Inner runs per task per outer step: CMA-ES evaluates λ candidates (``popsize``, else
+    cma's default 4 + ⌊3 ln n⌋ for n parameters), ES its 2P antithetic candidates, a
+    hypergradient one run (whose backward pass is not counted)."""
+    if str(meta_optim.get("_target_", "")).endswith("CMAES"):
+        pop = meta_optim.get("popsize")
+        return int(pop) if pop is not None else 4 + int(3 * math.log(max(n_params, 1)))
+    if str(hypergrad.get("_target_", "")).endswith("EvolutionStrategies"):
+        return 2 * int(hypergrad.get("population", 1))
+    return 1
+
+
+def setup_record(cfg: Any) -> dict[str, Any]:
+    """What a tuned learning rate and γ depend on besides the loss and optimizer: the model
+    (and its sizes), the meta-test's training budget, and the data — the whole task config,
+    so values tuned on clean labels are refused for 40% label noise or another imbalance."""
+    from omegaconf import OmegaConf
+
+    return {"model": str(cfg.model._target_), "steps": int(cfg.meta_test.steps),
+            "batch_size": cfg.meta_test.batch_size,
+            "model_config": OmegaConf.to_container(cfg.model, resolve=True),
+            "task_config": OmegaConf.to_container(cfg.task, resolve=True)}
 
 
 def trials_for_budget(budget_steps: int, cost_per_trial: int) -> int:
@@ -190,7 +220,9 @@ def load_tuned(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(p.read_text())
     except (OSError, ValueError) as e:
-        raise TunedFileError(f"cannot read tuned baselines from {p}: {e}") from e
+        hint = (f" (a relative path is read from the current directory, {Path.cwd()}: the recorded "
+                "experiments' tuned.json are found from the repository root)") if not p.is_absolute() else ""
+        raise TunedFileError(f"cannot read tuned baselines from {p}: {e}{hint}") from e
     if not isinstance(data, dict) or data.get("format") != TUNED_FORMAT or not isinstance(data.get("losses"), dict):
         raise TunedFileError(f"{p} is not a tuned.json of format {TUNED_FORMAT} (written by metaloss-tune)")
     for name, entry in data["losses"].items():
@@ -200,6 +232,18 @@ def load_tuned(path: str | Path) -> dict[str, Any]:
             raise TunedFileError(f"{p}: entry {name!r} has no params mapping or a bad lr")
     data["path"] = str(p)
     return data
+
+
+def _differences(key: str, there: Any, here: Any) -> dict[str, tuple[Any, Any]]:
+    """Leaf-by-leaf differences of two JSON-like values, keyed by dotted path."""
+    if isinstance(there, dict) and isinstance(here, dict):
+        out: dict[str, tuple[Any, Any]] = {}
+        for k in sorted(set(there) | set(here), key=str):
+            out.update(_differences(f"{key}.{k}", there.get(k), here.get(k)))
+        return out
+    if isinstance(there, list | tuple) and isinstance(here, list | tuple):
+        there, here = list(there), list(here)
+    return {} if there == here else {key: (there, here)}
 
 
 def tuned_for(tuned: Mapping[str, Any], names: list[str], *, task: str, optim: str,
@@ -214,7 +258,8 @@ def tuned_for(tuned: Mapping[str, Any], names: list[str], *, task: str, optim: s
         raise TunedFileError(f"{where} tuned learning rates for optimizer {tuned.get('optim')!r}, this run "
                              f"uses {optim!r}")
     # a learning rate tuned for another model, budget or batch size means nothing here
-    differ = {k: (tuned.get(k), v) for k, v in (setup or {}).items() if k in tuned and tuned.get(k) != v}
+    differ = {key: ab for k, v in (setup or {}).items() if k in tuned
+              for key, ab in _differences(k, tuned.get(k), v).items()}
     if differ:
         raise TunedFileError(f"{where} was tuned with other training settings: "
                              + "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in differ.items()))

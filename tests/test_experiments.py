@@ -14,7 +14,7 @@ from metaloss.config import (
 from metaloss.losses.base import loss_kinds
 from metaloss.train import build_model
 
-TRAIN_EXPERIMENTS = {"mnist1d_cnn", "outliers_baselines", "imbalance_binary"}
+TRAIN_EXPERIMENTS = {"mnist1d_cnn", "mnist1d_mlp_paper", "outliers_baselines", "imbalance_binary"}
 
 
 def test_every_experiment_is_assigned_to_an_app():
@@ -73,3 +73,37 @@ def test_mnist1d_gets_its_training_budget(compose_cfg):
     assert compose_cfg("train", ["task=mnist1d", "optim=sgd"]).optim.lr == 0.05  # sgd keeps its own lr
     assert compose_cfg("train", ["task=mnist1d", "train.steps=7"]).train.steps == 7
     assert compose_cfg("train", ["experiment=imbalance_binary"]).train.steps == 2000
+
+
+def _leaves(node, prefix=""):
+    """Dotted key -> value of every leaf of a plain dict."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], node
+
+
+@pytest.mark.parametrize("name", group_options("experiment"))
+def test_every_setting_of_an_experiment_reaches_every_app_that_takes_it(compose_cfg, name):
+    """An app's own defaults never override an experiment: metaloss-tune once ran
+    `experiment=outliers_ml3` with its own 20 trials x 2 seeds, not the experiment's 30 x 1."""
+    from pathlib import Path
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    from metaloss.config import conf_dir
+
+    raw = yaml.safe_load((Path(conf_dir()) / "experiment" / f"{name}.yaml").read_text())
+    raw.pop("defaults", None)
+    raw.pop("hydra", None)
+    apps = ["train"] if name in TRAIN_EXPERIMENTS else ["meta", "tune", "eval"]
+    for app in apps:
+        cfg = OmegaConf.to_container(compose_cfg(app, [f"experiment={name}", "loss_path=x"] if app == "eval"
+                                                 else [f"experiment={name}"]), resolve=False)
+        for key, value in _leaves(raw):
+            node = cfg
+            for part in key.split("."):
+                node = node[part]
+            assert node == value, f"{app}: {key} = {node!r}, but experiment {name} sets {value!r}"

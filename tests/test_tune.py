@@ -162,3 +162,31 @@ def test_a_file_tuned_for_another_budget_is_refused(compose_cfg, tmp_path):
                                           f"meta_test.tuned={tmp_path / 't' / 'tuned.json'}"])
     with pytest.raises(TunedFileError, match="steps: 30 there, 10 here"):
         run_meta_test(cfg, ce, _task_pool(cfg), instantiate(cfg.optim), tmp_path, NullLogger())
+
+
+def test_a_file_tuned_on_other_data_or_another_model_size_is_refused(compose_cfg, tmp_path):
+    # the task *name* matches (digits) but the data do not: values tuned on clean labels mean
+    # nothing under 40% label noise, nor a learning rate tuned for a 16-unit MLP for a 64-unit one
+    _tune(compose_cfg, tmp_path / "t", ["compare=[ce]", "tune.n_trials=1"])
+    path = f"meta_test.tuned={tmp_path / 't' / 'tuned.json'}"
+    for change, message in ((["task.label_noise.rate=0.4"], r"task_config.label_noise.rate: 0.0 there, 0.4 here"),
+                            (["model.hidden=[64]"], r"model_config.hidden: \[16\] there, \[64\] here")):
+        cfg = compose_cfg("meta", TINY[:-1] + ["compare=[ce]", "meta_test.seeds=2", path] + change)
+        with pytest.raises(TunedFileError, match=message):
+            run_meta_test(cfg, ce, _task_pool(cfg), instantiate(cfg.optim), tmp_path, NullLogger())
+
+
+def test_matched_budget_counts_every_candidate_of_es_and_cmaes(compose_cfg):
+    from metaloss.cli.tune import _candidates
+
+    meta = {"steps": 10, "tasks_per_step": 2, "inner_steps": 5}
+    cfg = compose_cfg("tune", TINY + ["loss=taylorglo"])
+    task = _task_pool(cfg)[0]
+    assert _candidates(cfg, task) == 1  # a hypergradient: one inner run per task
+    es = compose_cfg("tune", TINY + ["loss=taylorglo", "hypergrad=es", "hypergrad.population=6"])
+    assert _candidates(es, task) == 12  # antithetic: 2P runs
+    cma = compose_cfg("tune", TINY + ["loss=taylorglo", "meta_optim=cmaes"])
+    assert _candidates(cma, task) == 10  # cma's default λ for TaylorGLO's 8 parameters: 4 + ⌊3 ln 8⌋
+    assert _candidates(compose_cfg("tune", TINY + ["loss=taylorglo", "meta_optim=cmaes",
+                                                   "meta_optim.popsize=7"]), task) == 7
+    assert meta_training_steps(meta, 10) == 10 * meta_training_steps(meta) == 1000

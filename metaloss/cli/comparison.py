@@ -77,7 +77,7 @@ def _baseline_settings(cfg: DictConfig, task, inner_opt, lr: float) -> dict[str,
     """Per `compare:` loss: the hyper-parameters and learning rate it is trained with, and
     where they come from. ``meta_test.tuned`` (a tuned.json of metaloss-tune): the tuned
     values (a loss tuned without its lr keeps the meta-test's ``lr``); else the loss's config."""
-    from metaloss.tune import load_tuned, tuned_for
+    from metaloss.tune import load_tuned, setup_record, tuned_for
 
     names = list(cfg.compare or DEFAULT_BASELINES[task.kind])
     options = {n: load_option("loss", n, cfg) for n in names}
@@ -89,8 +89,7 @@ def _baseline_settings(cfg: DictConfig, task, inner_opt, lr: float) -> dict[str,
     record = load_tuned(path)
     tuned = tuned_for(record, names, task=task.name, optim=inner_opt.name,
                       targets={n: str(o.get("_target_")) for n, o in options.items()},
-                      setup={"model": str(cfg.model._target_), "steps": int(cfg.meta_test.steps),
-                             "batch_size": cfg.meta_test.batch_size})
+                      setup=setup_record(cfg))
     return {n: {"params": {**config[n], **e["params"]}, "lr": lr if e.get("lr") is None else float(e["lr"]),
                 "source": f"tuned ({record['path']})", "overrides": dict(e["params"])}
             for n, e in tuned.items()}

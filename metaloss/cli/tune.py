@@ -26,7 +26,7 @@ from metaloss.cli.logger import open_logger, write_json
 from metaloss.cli.meta import _task_pool
 from metaloss.cli.signals import console, exit_on_interrupt, interruptible
 from metaloss.cli.train import LOCAL_KEYS
-from metaloss.config import DEFAULT_BASELINES, baselines_for, conf_dir, load_option, loss_option
+from metaloss.config import DEFAULT_BASELINES, baselines_for, conf_dir, instantiate_loss, load_option, loss_option
 from metaloss.metatest import compare_losses
 from metaloss.metrics import HIGHER_IS_BETTER
 from metaloss.runs import RunDir, hydra_record, identity
@@ -34,7 +34,9 @@ from metaloss.tune import (
     TUNE_SEEDS,
     TUNED_FORMAT,
     lr_range,
+    candidates_per_step,
     meta_training_steps,
+    setup_record,
     space_for,
     trials_for_budget,
     tune_loss,
@@ -60,6 +62,14 @@ def tune_metric(cfg: DictConfig, task) -> str:
     return "val/" + str(cfg.meta_test.metric or task.primary_metric).split("/", 1)[1]
 
 
+def _candidates(cfg: DictConfig, task) -> int:
+    """Inner runs per task per outer step of the learned loss's meta-training (CMA-ES's λ
+    needs φ's size: the loss is built to count it)."""
+    n = sum(p.numel() for p in instantiate_loss(cfg.loss, task).parameters())
+    return candidates_per_step(OmegaConf.to_container(cfg.meta_optim, resolve=True),  # type: ignore[arg-type]
+                               OmegaConf.to_container(cfg.hypergrad, resolve=True), n)  # type: ignore[arg-type]
+
+
 def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dtype) -> dict:
     tc = cfg.tune
     torch.manual_seed(cfg.seed)
@@ -77,7 +87,8 @@ def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dt
     seeds = [TUNE_SEEDS + j for j in range(int(tc.seeds))]
     cost = steps * len(seeds) * len(pool)  # inner steps of one model per trial (see metaloss.tune)
     if tc.budget_steps is not None:
-        budget = meta_training_steps(cfg.meta) if tc.budget_steps == "meta" else int(tc.budget_steps)
+        budget = (meta_training_steps(cfg.meta, _candidates(cfg, task)) if tc.budget_steps == "meta"
+                  else int(tc.budget_steps))
         n_trials = trials_for_budget(budget, cost)
     else:
         budget, n_trials = None, int(tc.n_trials)
@@ -96,8 +107,8 @@ def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dt
         values = results[name][metric]
         return float(sum(values) / len(values)) if all(math.isfinite(v) for v in values) else math.nan
 
-    record = {"format": TUNED_FORMAT, "task": task.name, "optim": inner_opt.name, "model": str(cfg.model._target_),
-              "metric": metric, "direction": direction, "steps": steps, "batch_size": batch_size, "seeds": seeds,
+    record = {"format": TUNED_FORMAT, "task": task.name, "optim": inner_opt.name, **setup_record(cfg),
+              "steps": steps, "metric": metric, "direction": direction, "seeds": seeds,
               "tasks": len(pool), "default_lr": lr0, "sampler": f"TPESampler(seed={int(tc.seed)})",
               "budget": {"budget_steps": budget, "cost_per_trial": cost, "n_trials": n_trials,
                          "steps_used": n_trials * cost},
