@@ -17,7 +17,8 @@ tell, and set the loss's φ to CMA's mean (``xfavorite``). No hypergradient is c
 
 Objectives (each per task, from the trained model's validation predictions; lower is better):
 ``error`` 1 - accuracy, ``balanced_error`` 1 - mean per-class recall, ``macro_f1_loss``
-1 - macro-F1, ``iou_loss`` 1 - mean per-image IoU of the thresholded mask. They match
+1 - macro-F1, ``iou_loss`` 1 - mean per-image IoU of the thresholded mask; NaN for a model
+whose predictions are not finite (so a diverged candidate ranks last). They match
 :func:`metaloss.metrics.evaluate` (tested) and are written without data-dependent Python
 control flow so they run under ``vmap``.
 
@@ -53,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from metaloss.hypergrad.base import MetaBatch, MetaProblem, batched_objective, meta_params
-from metaloss.metrics import zero_one_error
+from metaloss.metrics import nan_where_diverged, zero_one_error
 
 log = logging.getLogger("metaloss")
 
@@ -85,7 +86,7 @@ def balanced_error(pred: Tensor, target: Tensor, **_) -> Tensor:
     tp, _fp, fn = _confusion(pred, target)
     present = (tp + fn) > 0
     recall = tp / (tp + fn).clamp_min(1)
-    return 1 - (recall * present).sum() / present.sum().clamp_min(1)
+    return nan_where_diverged(pred, 1 - (recall * present).sum() / present.sum().clamp_min(1))
 
 
 def macro_f1_loss(pred: Tensor, target: Tensor, **_) -> Tensor:
@@ -93,7 +94,7 @@ def macro_f1_loss(pred: Tensor, target: Tensor, **_) -> Tensor:
     tp, fp, fn = _confusion(pred, target)
     seen = (tp + fp + fn) > 0
     f1 = 2 * tp / (2 * tp + fp + fn).clamp_min(1)
-    return 1 - (f1 * seen).sum() / seen.sum().clamp_min(1)
+    return nan_where_diverged(pred, 1 - (f1 * seen).sum() / seen.sum().clamp_min(1))
 
 
 def iou_loss(pred: Tensor, target: Tensor, **_) -> Tensor:
@@ -102,7 +103,7 @@ def iou_loss(pred: Tensor, target: Tensor, **_) -> Tensor:
     t = target.reshape(p.shape).to(pred.dtype)
     tp, fp, fn = (p * t).sum(1), (p * (1 - t)).sum(1), ((1 - p) * t).sum(1)
     iou = torch.where((tp + fp + fn) == 0, torch.ones_like(tp), tp / (tp + fp + fn).clamp_min(1))
-    return 1 - iou
+    return nan_where_diverged(pred, 1 - iou)
 
 
 OBJECTIVES: dict[str, Callable[..., Tensor]] = {

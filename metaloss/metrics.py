@@ -58,6 +58,8 @@ def evaluate(kind: str, out: Tensor, y: Tensor, *, num_classes: int | None = Non
     """
     out = out.detach().float().cpu()
     y = y.detach().cpu()
+    if not torch.isfinite(out).all():  # argmax of NaN logits picks a class: a diverged model
+        return {f"{prefix}/{k}": float("nan") for k in METRICS_BY_KIND[kind]}  # would score like a guess
     if kind == "regression":
         r = out.reshape(y.shape) - y
         m = {"mse": (r**2).mean().item(), "mae": r.abs().mean().item()}
@@ -88,14 +90,26 @@ def evaluate(kind: str, out: Tensor, y: Tensor, *, num_classes: int | None = Non
     return {f"{prefix}/{k}": v for k, v in m.items()}
 
 
+def nan_where_diverged(pred: Tensor, value: Tensor) -> Tensor:
+    """``value`` (per example ``[N]``, or one per task ``[]``), NaN where the prediction is not
+    finite. The true metrics threshold or argmax the predictions, and ``argmax`` of NaN logits
+    still names a class: without this a diverged model would score like a guess (and, on a
+    balanced metric, could beat a trained one). vmap-safe (no data-dependent control flow)."""
+    ok = torch.isfinite(pred.reshape(pred.shape[0], -1)).all(-1)
+    if value.ndim == 0:
+        ok = ok.all()
+    return torch.where(ok, value, torch.full_like(value, float("nan")))
+
+
 def zero_one_error(pred: Tensor, target: Tensor, **_) -> Tensor:
     """Per-example 0-1 classification error (1 - correct): a validation objective for
-    derivative-free hypergradients (``hypergrad=es hypergrad.objective=error``)."""
+    derivative-free hypergradients (``hypergrad=es hypergrad.objective=error``); NaN for a
+    non-finite prediction (:func:`nan_where_diverged`)."""
     if pred.ndim == 1 or pred.shape[-1] == 1:
         guess = (pred.reshape(pred.shape[0]) > 0).long()
     else:
         guess = pred.argmax(-1)
-    return (guess != target.reshape(guess.shape).long()).to(pred.dtype)
+    return nan_where_diverged(pred, (guess != target.reshape(guess.shape).long()).to(pred.dtype))
 
 
 # Whether a larger value is better, for tables and sweepers.

@@ -53,6 +53,26 @@ def test_objectives_are_one_minus_the_reported_metrics(kind):
         assert batched[0].item() == pytest.approx(got.item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["classification", "binary", "segmentation"])
+def test_a_diverged_model_has_no_metric_not_a_guess(kind):
+    """argmax / thresholding of NaN predictions still names a class: the balanced error of a
+    NaN binary model used to be 0.5 (every example "class 0"), better than many trained ones."""
+    y = {"classification": torch.tensor([0, 1, 2, 1]), "binary": torch.tensor([0, 0, 0, 1]),
+         "segmentation": torch.ones(4, 1, 3, 3)}[kind]
+    shape = {"classification": (4, 3), "binary": (4,), "segmentation": (4, 1, 3, 3)}[kind]
+    names = ["iou_loss"] if kind == "segmentation" else ["error", "balanced_error", "macro_f1_loss"]
+    good, bad = torch.zeros(shape), torch.full(shape, float("nan"))
+    for name in names:
+        both = torch.vmap(lambda o, name=name: OBJECTIVES[name](o, y).mean())(torch.stack([good, bad]))
+        assert torch.isfinite(both[0]) and torch.isnan(both[1]), name
+    half = good.clone()
+    half[1] = float("inf")  # one diverged row: the per-example error is NaN there only
+    if kind == "classification":
+        assert OBJECTIVES["error"](half, y).isnan().tolist() == [False, True, False, False]
+    metrics = evaluate(kind, bad, y, num_classes=3 if kind == "classification" else None)
+    assert metrics and all(np.isnan(v) for v in metrics.values())
+
+
 # ---------------------------------------------------------------- the learner on a real problem
 
 
