@@ -14,7 +14,7 @@ from metaloss.config import (
 from metaloss.losses.base import loss_kinds
 from metaloss.train import build_model
 
-TRAIN_EXPERIMENTS = {"mnist1d_cnn", "mnist1d_mlp_paper", "outliers_baselines", "imbalance_binary"}
+TRAIN_EXPERIMENTS = {"mnist1d_cnn", "mnist1d_cnn_paper", "mnist1d_mlp_paper", "outliers_baselines", "imbalance_binary"}
 
 
 def test_every_experiment_is_assigned_to_an_app():
