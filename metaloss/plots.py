@@ -13,9 +13,14 @@ from metaloss.losses.base import loss_context
 
 @torch.no_grad()
 def loss_curves(losses: dict[str, Callable], kind: str, num_classes: int | None = None,
-                n: int = 200) -> tuple[torch.Tensor, dict[str, torch.Tensor], str]:
+                n: int = 200, class_counts: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], str]:
     """x grid and each loss along it: loss vs ŷ for y = 0 (regression), loss vs p_true
-    (classification, the other classes sharing 1 - p_true equally; binary: one logit)."""
+    (classification, the other classes sharing 1 - p_true equally; binary: one logit).
+
+    With the training split's ``class_counts`` (classification), the true class is the
+    rarest one and the losses that need counts (weighted CE, logit adjustment, balanced
+    softmax) get them: they are drawn where they differ most from CE, not left out."""
     if kind == "regression":
         x = torch.linspace(-3, 3, n)
         pred, target, label = x[:, None], torch.zeros(n, 1), "prediction ŷ (target y = 0)"
@@ -30,15 +35,20 @@ def loss_curves(losses: dict[str, Callable], kind: str, num_classes: int | None 
         label = "probability of the true label at every pixel (8x8 mask, 25% foreground)"
     else:
         x = torch.linspace(0.005, 0.995, n)
+        counts = None if class_counts is None else class_counts.detach().float().cpu()
         if kind == "binary":
-            pred, target = torch.logit(x)[:, None], torch.ones(n, dtype=torch.long)
+            cls = 1 if counts is None else int(counts.argmin())
+            z = torch.logit(x)[:, None]
+            pred, target = (z if cls == 1 else -z), torch.full((n,), cls, dtype=torch.long)
         else:
             c = num_classes or 2
-            rest = torch.log((1 - x) / (c - 1))
-            pred = torch.cat([torch.log(x)[:, None], rest[:, None].expand(n, c - 1)], dim=1)
-            target = torch.zeros(n, dtype=torch.long)
-        label = "probability of the true class p_true"
-    ctx = loss_context(None, None, 1.0)
+            cls = 0 if counts is None else int(counts.argmin())
+            rest = torch.log((1 - x) / (c - 1))[:, None].expand(n, c).clone()
+            pred = torch.where(torch.arange(c) == cls, torch.log(x)[:, None], rest)
+            target = torch.full((n,), cls, dtype=torch.long)
+        label = "probability of the true class p_true" + (
+            "" if counts is None else f" (class {cls}, the rarest: {int(counts[cls])} training examples)")
+    ctx = loss_context(class_counts, None, 1.0) if kind in ("binary", "classification") else loss_context(None, None, 1.0)
     curves = {}
     for name, fn in losses.items():
         ref = next(fn.parameters(), None) if isinstance(fn, torch.nn.Module) else None
@@ -53,13 +63,14 @@ def loss_curves(losses: dict[str, Callable], kind: str, num_classes: int | None 
 
 
 def plot_losses(losses: dict[str, Callable], kind: str, path: str | Path, *,
-                num_classes: int | None = None, title: str = "") -> Path:
+                num_classes: int | None = None, class_counts: torch.Tensor | None = None,
+                title: str = "") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x, raw, label = loss_curves(losses, kind, num_classes)
+    x, raw, label = loss_curves(losses, kind, num_classes, class_counts=class_counts)
     # Constants do not change gradients: draw every curve with its minimum at 0.
     curves = {name: y - y[torch.isfinite(y)].min() if bool(torch.isfinite(y).any()) else y  # all-NaN: nothing to shift
               for name, y in raw.items()}

@@ -300,6 +300,31 @@ def test_segmentation_losses_can_be_drawn(tmp_path):
     plot_losses({"learned": LearnedTversky(), "dice": L.dice}, "segmentation", tmp_path / "l.png")
 
 
+@pytest.mark.parametrize("kind,counts", [("binary", [3158, 31]), ("binary", [31, 3158]),
+                                          ("classification", [350, 200, 3, 90])])
+def test_class_count_losses_are_drawn_at_the_rarest_class(kind, counts):
+    """weighted CE, logit adjustment and balanced softmax need the class counts: the plots used
+    to call them without, get NaN and leave them out of every imbalance experiment's picture."""
+    from metaloss.losses.base import binary_as_two_class
+    from metaloss.plots import loss_curves
+
+    counts = torch.tensor(counts, dtype=torch.float)
+    losses = {"weighted_ce": L.weighted_ce, "logit_adjusted_ce": L.logit_adjusted_ce,
+              "balanced_softmax": L.balanced_softmax, "ce": L.ce}
+    x, curves, label = loss_curves(losses, kind, num_classes=len(counts), class_counts=counts)
+    rare = int(counts.argmin())
+    assert set(curves) == set(losses) and all(bool(torch.isfinite(y).all()) for y in curves.values())
+    assert f"class {rare}, the rarest" in label
+    # the curves are each loss at p_true of the rarest class (CE: exactly -log p_true)
+    torch.testing.assert_close(curves["ce"], -x.log(), rtol=1e-4, atol=1e-5)
+    z = torch.logit(x)[:, None] if kind == "binary" else None
+    pred = (z if rare == 1 else -z) if kind == "binary" else torch.where(
+        torch.arange(len(counts)) == rare, x.log()[:, None], ((1 - x) / (len(counts) - 1)).log()[:, None])
+    target = torch.full((len(x),), rare)
+    assert torch.softmax(binary_as_two_class(pred), -1)[:, rare].sub(x).abs().max() < 1e-4
+    torch.testing.assert_close(curves["weighted_ce"], L.weighted_ce(pred, target, class_counts=counts))
+
+
 def test_learned_tversky_meta_trains_through_the_app(compose_cfg, tmp_path):
     from metaloss.cli import meta as meta_app
 

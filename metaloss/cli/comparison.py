@@ -64,9 +64,9 @@ def format_verdict(sig: dict) -> str:
             f"-> {sig['verdict']}" + ("" if sig["verdict"].startswith("undefined") else " (paired t-test decides)"))
 
 
-def _plottable(losses: dict[str, Callable], kind: str, num_classes: int | None) -> dict[str, Callable]:
+def _plottable(losses: dict[str, Callable], task) -> dict[str, Callable]:
     """The losses whose curve has a finite point: an all-NaN learned loss has nothing to draw."""
-    _, curves, _ = loss_curves(losses, kind, num_classes)
+    _, curves, _ = loss_curves(losses, task.kind, task.num_classes, class_counts=task.class_counts)
     keep = {n: losses[n] for n, y in curves.items() if bool(torch.isfinite(y).any())}
     for n in losses.keys() - keep.keys():
         log.warning("meta-test: %s left out of learned_vs_baselines.png (no finite value to draw)", n)
@@ -141,10 +141,10 @@ def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path
     (out_dir / "comparison.md").write_text(f"{table}\n\n{verdict}\n")
     print(f"\n{table}\n\n{verdict}\n", flush=True)
     plot(summary, out_dir / "comparison.png")
-    drawable = _plottable(losses, task.kind, task.num_classes)
+    drawable = _plottable(losses, task)
     if drawable:
         plot_losses(drawable, task.kind, out_dir / "learned_vs_baselines.png", num_classes=task.num_classes,
-                    title=f"learned loss vs baselines ({task.name})")
+                    class_counts=task.class_counts, title=f"learned loss vs baselines ({task.name})")
     logger.image("meta_test/comparison", out_dir / "comparison.png")
     rows = [[name, k, s["mean"], s["std"], s["n"], s["n_nan"]] for name, m in summary.items()
             for k, s in m.items()]

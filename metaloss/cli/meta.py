@@ -180,7 +180,8 @@ def _meta_loop(bar, state: RunState, last: dict, logger, loss, baselines, task, 
             bar.set_postfix(obj=f"{metrics['meta/val_objective']:.4g}", refresh=False)
         if writer and (step % mc.plot_every == 0 or step == mc.steps):
             png = plot_losses({"learned": loss, **baselines}, task.kind, out_dir / "learned_loss.png",
-                              num_classes=task.num_classes, title=f"{loss_name} after {step} steps")
+                              num_classes=task.num_classes, class_counts=task.class_counts,
+                              title=f"{loss_name} after {step} steps")
             logger.image("meta/learned_loss", png, step=step)
         if step % mc.checkpoint_every == 0 or checkpoint_requested():
             save_checkpoint(last["state"])
