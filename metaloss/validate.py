@@ -498,7 +498,41 @@ def problems(cfg: DictConfig | dict) -> list[str]:
                         out.append(f"{key} = {value!r}: must be {msg}")
                     break
         out += _loss_problems(container.get("loss"), "loss")
+        out += _unknown_arguments(container)
         out += _cross_checks(container)
+    return out
+
+
+COMPONENTS = ("task", "model", "loss", "optim", "meta_optim", "hypergrad")
+
+
+def _unknown_arguments(c: dict) -> list[str]:
+    """Keys of a component (``_target_`` node) that its target does not take: e.g.
+    ``meta_optim=cmaes`` under an experiment that set ``meta_optim.lr`` for Adam used to fail
+    with a TypeError traceback at construction; a misspelt key of a ``**kwargs`` target is
+    not caught here (nothing can tell it from a real one)."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    out = []
+    for where in COMPONENTS:
+        node = c.get(where)
+        if not isinstance(node, dict) or not isinstance(node.get("_target_"), str):
+            continue
+        try:
+            sig = inspect.signature(get_object(node["_target_"]))
+        except Exception:  # not importable / no signature: instantiate will say so
+            continue
+        params = sig.parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue
+        for key in node:
+            if not str(key).startswith("_") and key not in params:
+                valid = ", ".join(n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL
+                                  and n not in ("self", "params"))
+                out.append(f"{where}.{key}: not a setting of {where} ({node['_target_']}); it takes: "
+                           f"{valid or 'nothing'} (left over from another {where} choice? remove it with ~{where}.{key})")
     return out
 
 
