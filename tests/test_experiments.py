@@ -87,7 +87,7 @@ def _leaves(node, prefix=""):
 @pytest.mark.parametrize("name", group_options("experiment"))
 def test_every_setting_of_an_experiment_reaches_every_app_that_takes_it(compose_cfg, name):
     """An app's own defaults never override an experiment: metaloss-tune once ran
-    `experiment=outliers_ml3` with its own 20 trials x 2 seeds, not the experiment's 30 x 1."""
+    `experiment=binary99` with its own 20 trials x 2 seeds, not the experiment's 30 x 1."""
     from pathlib import Path
 
     import yaml

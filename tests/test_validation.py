@@ -147,17 +147,16 @@ def test_metric_of_another_task_kind_is_refused_before_training(compose_cfg, tmp
 
 
 def test_a_setting_the_chosen_component_does_not_take_is_refused(compose_cfg, tmp_path, monkeypatch):
-    """outliers_ml3 sets meta_optim.lr (Adam) and loss.fit_to (ML3): switching to CMA-ES and Barron's
-    loss kept both, and the run died in a TypeError traceback at construction."""
-    cfg = compose_cfg("meta", ["logger=none", "experiment=outliers_ml3", "meta_optim=cmaes", "loss=adaptive_robust",
-                               "meta_test.tuned=null"])
+    """mnist1d_ml3 sets meta_optim.lr (Adam) and loss.fit_to (ML3): switching to CMA-ES and TaylorGLO
+    kept both, and the run died in a TypeError traceback at construction."""
+    cfg = compose_cfg("meta", ["logger=none", "experiment=mnist1d_ml3", "meta_optim=cmaes", "loss=taylorglo"])
     _no_compute(monkeypatch)
     with pytest.raises(ConfigError) as err:
-        meta_app.run(cfg, tmp_path, "adaptive_robust")
+        meta_app.run(cfg, tmp_path, "taylorglo")
     assert "meta_optim.lr: not a setting of meta_optim (metaloss.cmaes.CMAES)" in str(err.value)
     assert "loss.fit_to: not a setting of loss" in str(err.value) and "~loss.fit_to" in str(err.value)
-    assert problems(compose_cfg("meta", ["experiment=outliers_ml3", "meta_optim=cmaes", "~meta_optim.lr",
-                                         "loss=adaptive_robust", "~loss.fit_to"])) == []
+    assert problems(compose_cfg("meta", ["experiment=mnist1d_ml3", "meta_optim=cmaes", "~meta_optim.lr",
+                                         "loss=taylorglo", "~loss.fit_to"])) == []
     assert any("task.n_trian" in p for p in problems(compose_cfg("meta", ["+task.n_trian=5"])))
 
 
