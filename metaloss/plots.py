@@ -46,8 +46,8 @@ def loss_curves(losses: dict[str, Callable], kind: str, num_classes: int | None 
             rest = torch.log((1 - x) / (c - 1))[:, None].expand(n, c).clone()
             pred = torch.where(torch.arange(c) == cls, torch.log(x)[:, None], rest)
             target = torch.full((n,), cls, dtype=torch.long)
-        label = "probability of the true class p_true" + (
-            "" if counts is None else f" (class {cls}, the rarest: {int(counts[cls])} training examples)")
+        label = ("probability of the true class p_true" if counts is None
+                 else f"p_true of class {cls}, the rarest ({int(counts[cls])} training examples)")
     ctx = loss_context(class_counts, None, 1.0) if kind in ("binary", "classification") else loss_context(None, None, 1.0)
     curves = {}
     for name, fn in losses.items():

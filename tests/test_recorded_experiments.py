@@ -17,9 +17,11 @@ from metaloss.config import load_option
 from metaloss.tune import load_tuned, setup_record, tuned_for
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 SCRIPT = ROOT / "scripts" / "record_experiment.py"
 HARD_CASES = ["mnist1d_clean", "noise_sym40", "noise_pair40", "longtail100", "binary99", "outliers_robust",
               "shapes_tversky"]
+REPRODUCED = ["outliers_robust", "binary99"]  # the cheapest meta-tests, rerun in full by a slow test
 
 
 def _recorded(name):
@@ -66,6 +68,24 @@ def test_recorded_tuning_still_fits_the_experiment(compose_cfg, name):
 
 
 @pytest.mark.parametrize("name", HARD_CASES)
+def test_every_baseline_got_the_learned_loss_compute(compose_cfg, name):
+    """Fair budget: each baseline's tuning used the inner training steps that meta-training the
+    learned loss costs under the experiment as it stands (every CMA-ES candidate counted)."""
+    from metaloss.cli.meta import _task_pool
+    from metaloss.cli.tune import _candidates
+    from metaloss.tune import meta_training_steps
+
+    cfg = compose_cfg("tune", [f"experiment={name}"])
+    tuned = load_tuned(ROOT / "experiments" / name / "tuned.json")
+    cost = meta_training_steps(cfg.meta, _candidates(cfg, _task_pool(cfg)[0]))
+    per_trial = tuned["budget"]["cost_per_trial"]
+    assert per_trial == int(cfg.meta_test.steps) * int(cfg.tune.seeds) * tuned["tasks"]
+    for loss, entry in tuned["losses"].items():
+        assert cost - per_trial < entry["steps_used"] <= cost, (loss, entry["steps_used"], cost)
+        assert entry["n_trials"] * per_trial == entry["steps_used"]
+
+
+@pytest.mark.parametrize("name", HARD_CASES)
 def test_readme_quotes_the_recorded_numbers(name):
     d, comp = _recorded(name)
     readme = (d / "README.md").read_text()
@@ -81,6 +101,25 @@ def test_record_script_refuses_an_unknown_experiment(tmp_path):
     out = subprocess.run([sys.executable, str(SCRIPT), "no_such_experiment", "--dest", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "conf/experiment/no_such_experiment.yaml does not exist" in out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", REPRODUCED)
+def test_the_recorded_meta_test_reproduces(tmp_path, name):
+    """`metaloss-eval` with the recorded learned loss and tuned.json, run from the repository
+    root as a user would, gives the recorded per-seed values (CPU runs are deterministic; the
+    tolerance only absorbs float32 summation order across machines)."""
+    d, comp = _recorded(name)
+    out = subprocess.run([str(BIN / "metaloss-eval"), f"experiment={name}", f"loss_path={d / 'learned_loss.pt'}",
+                          "logger=none", "progress=false", f"hydra.run.dir={tmp_path / 'eval'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    again = json.loads((tmp_path / "eval" / "comparison.json").read_text())
+    assert set(again["results"]) == set(comp["results"])
+    metric = comp["metric"]
+    for loss, per_metric in comp["results"].items():
+        assert again["results"][loss][metric] == pytest.approx(per_metric[metric], rel=1e-3, abs=1e-3), loss
+    assert again["significance"]["best_baseline"] == comp["significance"]["best_baseline"]
 
 
 @pytest.mark.slow
