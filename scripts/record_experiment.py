@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--work", default="outputs/record", help="where the runs themselves go")
     ap.add_argument("--dest", default=None, help="where the results go (default: experiments/<name>)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for both apps (e.g. logger=none)")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # overrides may follow the options
     if not (ROOT / "conf" / "experiment" / f"{args.name}.yaml").is_file():
         sys.exit(f"no experiment {args.name!r}: conf/experiment/{args.name}.yaml does not exist")
     dest = Path(args.dest).resolve() if args.dest else ROOT / "experiments" / args.name

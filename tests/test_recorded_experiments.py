@@ -124,16 +124,17 @@ def test_the_recorded_meta_test_reproduces(tmp_path, name):
 
 @pytest.mark.slow
 def test_record_script_runs_tune_then_meta_and_copies_the_results(tmp_path):
-    out = subprocess.run([sys.executable, str(SCRIPT), "outliers_robust", "--dest", str(tmp_path / "rec"),
-                          "--work", str(tmp_path / "work"), "debug=default", "tune.n_trials=2", "tune.budget_steps=null"],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, str(SCRIPT), "quickstart", "--dest", str(tmp_path / "rec"),
+                          "--work", str(tmp_path / "work"), "debug=default", "compare=[mse,mae,huber]",
+                          "++tune.n_trials=2"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rec = tmp_path / "rec"
     tuned = json.loads((rec / "tuned.json").read_text())
-    assert set(tuned["losses"]) == {"mse", "mae", "huber", "log_cosh", "quantile"}
+    assert set(tuned["losses"]) == {"mse", "mae", "huber"}
     assert all(e["n_trials"] == 2 for e in tuned["losses"].values())
     comp = json.loads((rec / "comparison.json").read_text())
-    assert set(comp["results"]) == {"learned", "mse", "mae", "huber", "log_cosh", "quantile"}
+    assert set(comp["results"]) == {"learned", "mse", "mae", "huber"}
+    assert (rec / "learned_loss.pt").is_file() and (rec / "comparison.md").is_file()
     record = json.loads((rec / "record.json").read_text())
     assert record["tune"]["seconds"] > 0 and record["meta"]["seconds"] > 0
-    assert "experiment=outliers_robust" in record["meta"]["command"]
+    assert "experiment=quickstart" in record["meta"]["command"]
