@@ -9,7 +9,9 @@ Both steps are the apps themselves (``metaloss-tune experiment=<name>`` and
 is recorded is exactly what a user reproduces with those two commands. Written to
 experiments/<name>/: tuned.json, comparison.{json,md,png}, learned_vs_baselines.png,
 learned_loss.{pt,png} and record.json (commands, wall times, the run directories).
-A failing step stops the script with its exit code; nothing is copied from a failed run.
+The meta-test is given ``meta_test.tuned=<dest>/tuned.json`` (the file just tuned, or the one
+kept with ``--skip-tune``), and a comparison whose baselines did not all train with it is not
+recorded. A failing step stops the script with its exit code; nothing is copied from a failed run.
 """
 
 from __future__ import annotations
@@ -60,8 +62,16 @@ def main() -> None:
         shutil.copy(work / "tune" / "tuned.json", dest / "tuned.json")
     elif not (dest / "tuned.json").is_file():
         sys.exit(f"--skip-tune: {dest / 'tuned.json'} does not exist; run without --skip-tune first")
-    cmd = [str(BIN / "metaloss-meta"), *common, f"hydra.run.dir={work / 'meta'}"]
+    # the meta-test takes the tuned.json just written (or kept), never whatever the config names
+    tuned = dest / "tuned.json"
+    tuned_arg = str(tuned.relative_to(ROOT)) if tuned.is_relative_to(ROOT) else str(tuned)
+    cmd = [str(BIN / "metaloss-meta"), *common, f"meta_test.tuned={tuned_arg}", f"hydra.run.dir={work / 'meta'}"]
     record["meta"] = {"command": cmd[1:], "seconds": round(_run(cmd, work / "meta.log"), 1)}
+    untuned = {loss: hp.get("source") for loss, hp in
+               json.loads((work / "meta" / "comparison.json").read_text())["hyperparameters"].items()
+               if loss != "learned" and hp.get("source") != f"tuned ({tuned_arg})"}
+    if untuned:
+        sys.exit(f"not recorded: baselines not trained with {tuned_arg}: {untuned} (see {work / 'meta.log'})")
     for name in RESULTS:
         if (work / "meta" / name).is_file():
             shutil.copy(work / "meta" / name, dest / name)

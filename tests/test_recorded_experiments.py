@@ -138,3 +138,8 @@ def test_record_script_runs_tune_then_meta_and_copies_the_results(tmp_path):
     record = json.loads((rec / "record.json").read_text())
     assert record["tune"]["seconds"] > 0 and record["meta"]["seconds"] > 0
     assert "experiment=quickstart" in record["meta"]["command"]
+    # the baselines trained with the tuned values just written, not the config's (debug: none)
+    sources = {loss: hp["source"] for loss, hp in comp["hyperparameters"].items() if loss != "learned"}
+    assert sources == dict.fromkeys(["mse", "mae", "huber"], f"tuned ({rec / 'tuned.json'})")
+    tuned_lr = {n: e["lr"] for n, e in tuned["losses"].items()}
+    assert {n: comp["hyperparameters"][n]["lr"] for n in tuned_lr} == tuned_lr
