@@ -97,6 +97,27 @@ def test_a_loss_that_cannot_run_under_vmap_falls_back_to_the_loop_with_a_warning
         es(problem, meta, batch)
 
 
+def test_a_diverged_candidate_counts_as_the_worst_not_as_nan(monkeypatch):
+    """With the true error rate, a diverged candidate is NaN (not a guess): it must not make the
+    whole estimate NaN (every such step skipped, then the run stopped), only rank worst."""
+    problem, batch = _problem(ML3Loss(hidden=(8,)), OPTS["sgd"], k=2)
+    meta = meta_params(problem.loss)
+    nan = float("nan")
+    with_nan = torch.tensor([0.3, nan, 0.2, 0.1, 0.5, 0.4], dtype=torch.float64)
+    replaced = torch.tensor([0.3, 0.5, 0.2, 0.1, 0.5, 0.4], dtype=torch.float64)
+    out = {}
+    for name, values in (("nan", with_nan), ("replaced", replaced), ("all", torch.full((6,), nan))):
+        es = EvolutionStrategies(population=3, sigma=0.05)
+        monkeypatch.setattr(es, "_evaluate", lambda *a, values=values: values)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out[name] = es(problem, meta, batch)
+        assert any("1 of 6 candidates diverged" in str(w.message) for w in caught) == (name == "nan")
+    _assert_same_estimate(out["nan"], out["replaced"])
+    assert torch.isfinite(_flat(out["nan"].grads)).all()
+    assert torch.isnan(out["all"].loss)  # nothing finite: the step is skipped by the learner
+
+
 def test_invalid_chunk_is_rejected():
     with pytest.raises(ValueError, match="chunk"):
         EvolutionStrategies(chunk=0)

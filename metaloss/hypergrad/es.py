@@ -14,7 +14,9 @@ how many candidates go into one call (memory grows with it). No second-order ter
 needed, so it runs under ``no_grad``. ``vectorize=False`` is the reference loop over
 candidates; an objective or loss that cannot run under ``vmap`` falls back to it, with a
 warning naming them. Both draw the same noise in the same order, so they agree up to
-float rounding.
+float rounding. A candidate whose objective is not finite (its inner training diverged; the
+true metrics are NaN then, see :func:`metaloss.metrics.nan_where_diverged`) counts as the
+worst finite candidate of its step.
 """
 
 from __future__ import annotations
@@ -76,6 +78,14 @@ class EvolutionStrategies:
         eps = {k: torch.stack([d[k] for d in draws]).to(v.device) for k, v in base.items()}  # [P, ...]
         with torch.no_grad():
             values = self._evaluate(problem, base, eps, batch)  # [2P]: plus then minus
+        finite = torch.isfinite(values)
+        if bool(finite.any()) and not bool(finite.all()):
+            # a diverged candidate counts as the worst finite one (CMA-ES ranks it last too): one
+            # unstable perturbation must not turn the whole estimate NaN and skip the step; if
+            # every candidate diverged the estimate stays NaN and the step is skipped
+            warnings.warn(f"ES: {int((~finite).sum())} of {len(values)} candidates diverged; each counts as "
+                          "the worst finite candidate", RuntimeWarning, stacklevel=2)
+            values = torch.where(finite, values, values[finite].max())
         plus, minus = values[:p], values[p:]
         # reduced in the loop's order, so the only difference from the loop is the evaluation
         grads = {k: torch.zeros_like(v) for k, v in base.items()}
