@@ -138,6 +138,12 @@ def is_cmaes_target(target: Any) -> bool:
     return isinstance(target, str) and target.rsplit(".", 1)[-1] == "CMAES"
 
 
+def population_size(popsize: int | None, n_params: int) -> int:
+    """λ: ``popsize``, else Hansen's default 4 + ⌊3 ln n⌋ for n parameters (cma's own). The one
+    place it is decided: the learner passes it to cma explicitly, and tuning budgets count it."""
+    return int(popsize) if popsize is not None else 4 + int(3 * math.log(max(int(n_params), 1)))
+
+
 # ---------------------------------------------------------------- the learner
 
 
@@ -232,8 +238,7 @@ class CMAES:
                 # meta.steps decides when to stop; never let a termination criterion matter
                 "tolflatfitness": np.inf, "tolfun": 0, "tolfunhist": 0, "tolx": 0, "tolstagnation": np.inf,
                 "maxiter": np.inf, "maxfevals": np.inf}
-        if self.popsize is not None:
-            opts["popsize"] = int(self.popsize)
+        opts["popsize"] = population_size(self.popsize, len(x0))
         with self._rng(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.es = cma.CMAEvolutionStrategy(np.array(x0, dtype=np.float64), float(self.sigma0), opts)

@@ -113,10 +113,11 @@ def candidates_per_step(meta_optim: Mapping, hypergrad: Mapping, n_params: int) 
     """Inner runs per task per outer step: CMA-ES evaluates λ candidates (``popsize``, else
     cma's default 4 + ⌊3 ln n⌋ for n parameters), ES its 2P antithetic candidates, a
     hypergradient one run (whose backward pass is not counted)."""
-    if str(meta_optim.get("_target_", "")).endswith("CMAES"):
-        pop = meta_optim.get("popsize")
-        return int(pop) if pop is not None else 4 + int(3 * math.log(max(n_params, 1)))
-    if str(hypergrad.get("_target_", "")).endswith("EvolutionStrategies"):
+    from metaloss.cmaes import is_cmaes_target, population_size
+
+    if is_cmaes_target(meta_optim.get("_target_")):
+        return population_size(meta_optim.get("popsize"), n_params)
+    if str(hypergrad.get("_target_", "")).rsplit(".", 1)[-1] == "EvolutionStrategies":
         return 2 * int(hypergrad.get("population", 1))
     return 1
 
