@@ -122,6 +122,18 @@ def candidates_per_step(meta_optim: Mapping, hypergrad: Mapping, n_params: int) 
     return 1
 
 
+def learned_loss_cost(cfg: Any, n_params: int) -> int:
+    """What meta-training the learned loss of this run costs, in inner steps of one model
+    (:func:`meta_training_steps` with every candidate counted); ``n_params``: φ's size."""
+    from omegaconf import OmegaConf
+
+    def plain(node: Any) -> Mapping:
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)  # type: ignore[return-value]
+
+    return meta_training_steps(plain(cfg.meta), candidates_per_step(plain(cfg.meta_optim), plain(cfg.hypergrad),
+                                                                     n_params))
+
+
 def setup_record(cfg: Any) -> dict[str, Any]:
     """What a tuned learning rate and γ depend on besides the loss and optimizer: the model
     (and its sizes), the meta-test's training budget, and the data — the whole task config,
@@ -258,8 +270,13 @@ def tuned_for(tuned: Mapping[str, Any], names: list[str], *, task: str, optim: s
     if tuned.get("optim") != optim:
         raise TunedFileError(f"{where} tuned learning rates for optimizer {tuned.get('optim')!r}, this run "
                              f"uses {optim!r}")
-    # a learning rate tuned for another model, budget or batch size means nothing here
-    differ = {key: ab for k, v in (setup or {}).items() if k in tuned
+    # a learning rate tuned for another model, budget or batch size means nothing here; a file
+    # that does not say what it was tuned with (an older metaloss-tune) cannot be checked
+    unknown = [k for k in (setup or {}) if k not in tuned]
+    if unknown:
+        raise TunedFileError(f"{where} does not record {', '.join(unknown)} (written by an older metaloss-tune), "
+                             "so it cannot be checked against this run: tune again")
+    differ = {key: ab for k, v in (setup or {}).items()
               for key, ab in _differences(k, tuned.get(k), v).items()}
     if differ:
         raise TunedFileError(f"{where} was tuned with other training settings: "

@@ -151,6 +151,12 @@ def test_a_tuned_file_for_another_run_is_refused(compose_cfg, tmp_path):
         tuned_for(t, ["focal"], task="digits", optim="adam", targets=targets)
     with pytest.raises(TunedFileError, match="no tuned values for ce"):
         tuned_for(t, ["focal", "ce"], task="digits", optim="sgd", targets=targets)
+    # a file that does not record what it was tuned with (an older metaloss-tune) is refused
+    old = {k: v for k, v in t.items() if k not in ("task_config", "model_config")}
+    setup = {k: t[k] for k in ("model", "steps", "batch_size", "model_config", "task_config")}
+    assert tuned_for(t, ["focal"], task="digits", optim="sgd", targets=targets, setup=setup)
+    with pytest.raises(TunedFileError, match="does not record model_config, task_config"):
+        tuned_for(old, ["focal"], task="digits", optim="sgd", targets=targets, setup=setup)
     (tmp_path / "junk.json").write_text('{"losses": {}}')
     with pytest.raises(ConfigError, match="meta_test.tuned"):
         check_config(compose_cfg("meta", [f"meta_test.tuned={tmp_path / 'junk.json'}"]))
@@ -177,16 +183,34 @@ def test_a_file_tuned_on_other_data_or_another_model_size_is_refused(compose_cfg
 
 
 def test_matched_budget_counts_every_candidate_of_es_and_cmaes(compose_cfg):
-    from metaloss.cli.tune import _candidates
+    from metaloss.cli.tune import _learned_cost
 
     meta = {"steps": 10, "tasks_per_step": 2, "inner_steps": 5}
     cfg = compose_cfg("tune", TINY + ["loss=taylorglo"])
     task = _task_pool(cfg)[0]
-    assert _candidates(cfg, task) == 1  # a hypergradient: one inner run per task
+    one = meta_training_steps(cfg.meta)
+    assert _learned_cost(cfg, task) == one  # a hypergradient: one inner run per task
     es = compose_cfg("tune", TINY + ["loss=taylorglo", "hypergrad=es", "hypergrad.population=6"])
-    assert _candidates(es, task) == 12  # antithetic: 2P runs
+    assert _learned_cost(es, task) == 12 * one  # antithetic: 2P runs
     cma = compose_cfg("tune", TINY + ["loss=taylorglo", "meta_optim=cmaes"])
-    assert _candidates(cma, task) == 10  # cma's default λ for TaylorGLO's 8 parameters: 4 + ⌊3 ln 8⌋
-    assert _candidates(compose_cfg("tune", TINY + ["loss=taylorglo", "meta_optim=cmaes",
-                                                   "meta_optim.popsize=7"]), task) == 7
+    assert _learned_cost(cma, task) == 10 * one  # cma's default λ for TaylorGLO's 8 parameters: 4 + ⌊3 ln 8⌋
+    assert _learned_cost(compose_cfg("tune", TINY + ["loss=taylorglo", "meta_optim=cmaes",
+                                                     "meta_optim.popsize=7"]), task) == 7 * one
     assert meta_training_steps(meta, 10) == 10 * meta_training_steps(meta) == 1000
+
+
+def test_the_comparison_records_each_baselines_tuning_compute_and_warns_when_short(compose_cfg, tmp_path, caplog):
+    import logging
+
+    _tune(compose_cfg, tmp_path / "t", ["compare=[ce]", "tune.n_trials=2"])
+    used = load_tuned(tmp_path / "t" / "tuned.json")["losses"]["ce"]["steps_used"]
+    cfg = compose_cfg("meta", TINY[:-1] + ["compare=[ce]", "meta_test.seeds=2",
+                                           f"meta_test.tuned={tmp_path / 't' / 'tuned.json'}"])
+    for cost, short in ((used, False), (used + 1, True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="metaloss"):
+            run_meta_test(cfg, ce, _task_pool(cfg), instantiate(cfg.optim), tmp_path / str(cost), NullLogger(),
+                          meta_training_steps=cost)
+        hp = json.loads((tmp_path / str(cost) / "comparison.json").read_text())["hyperparameters"]
+        assert hp["ce"]["tuning_steps"] == used == 2 * 30 and hp["learned"]["meta_training_steps"] == cost
+        assert ("tuned with less compute" in caplog.text) == short

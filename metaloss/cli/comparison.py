@@ -85,20 +85,32 @@ def _baseline_settings(cfg: DictConfig, task, inner_opt, lr: float) -> dict[str,
                   if k not in ("_target_", "_partial_")} for n, o in options.items()}
     path = cfg.meta_test.get("tuned")
     if path is None:
-        return {n: {"params": config[n], "lr": lr, "source": "config", "overrides": {}} for n in names}
+        return {n: {"params": config[n], "lr": lr, "source": "config", "overrides": {}, "tuning_steps": None}
+                for n in names}
     record = load_tuned(path)
     tuned = tuned_for(record, names, task=task.name, optim=inner_opt.name,
                       targets={n: str(o.get("_target_")) for n, o in options.items()},
                       setup=setup_record(cfg))
     return {n: {"params": {**config[n], **e["params"]}, "lr": lr if e.get("lr") is None else float(e["lr"]),
-                "source": f"tuned ({record['path']})", "overrides": dict(e["params"])}
+                "source": f"tuned ({record['path']})", "overrides": dict(e["params"]),
+                "tuning_steps": e.get("steps_used")}
             for n, e in tuned.items()}
 
 
-def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path, logger) -> dict:
+def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path, logger,
+                  meta_training_steps: int | None = None) -> dict:
+    """``meta_training_steps``: what meta-training the learned loss cost (metaloss-meta knows it;
+    metaloss-eval does not), recorded beside each tuned baseline's tuning compute."""
     task = pool[0]
     lr = cfg.meta_test.lr if cfg.meta_test.lr is not None else inner_opt.hparams["lr"]
     settings = _baseline_settings(cfg, task, inner_opt, lr)
+    if meta_training_steps is not None:
+        short = {n: s["tuning_steps"] for n, s in settings.items()
+                 if s["tuning_steps"] is not None and s["tuning_steps"] < meta_training_steps}
+        if short:
+            log.warning("meta-test: baselines tuned with less compute than the learned loss's meta-training "
+                        "(%d inner steps): %s; for a matched budget tune with tune.budget_steps=meta",
+                        meta_training_steps, ", ".join(f"{n} {v}" for n, v in short.items()))
     baselines = baselines_for(list(settings), task, cfg, {n: s["overrides"] for n, s in settings.items()})
     losses = {"learned": learned, **baselines}
     lrs = {"learned": lr, **{n: s["lr"] for n, s in settings.items()}}
@@ -127,8 +139,10 @@ def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path
                                       batch_size=cfg.meta_test.batch_size, progress=cfg.progress,
                                       vectorised=functional))
     results = {n: results[n] for n in losses}
-    hyperparameters = {"learned": {"params": None, "lr": lr, "source": "learned"},
-                       **{n: {k: s[k] for k in ("params", "lr", "source")} for n, s in settings.items()}}
+    hyperparameters = {"learned": {"params": None, "lr": lr, "source": "learned",
+                                   "meta_training_steps": meta_training_steps},
+                       **{n: {k: s[k] for k in ("params", "lr", "source", "tuning_steps")}
+                          for n, s in settings.items()}}
     sig = significance(results, metric, alpha=float(cfg.meta_test.alpha))
     summary = summarize(results)
     table = format_table(summary)

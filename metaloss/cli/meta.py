@@ -64,6 +64,7 @@ from metaloss.runs import (
 )
 from metaloss.sampling import sample_meta_batch
 from metaloss.train import build_model
+from metaloss.tune import learned_loss_cost
 from metaloss.validate import ConfigError, check_against_task, check_config
 
 log = logging.getLogger("metaloss")
@@ -345,7 +346,8 @@ def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, iden
         result = {"learned_loss": str(learned_path), "skipped_steps": learner.skipped}
         if cfg.meta_test.enabled:
             frozen = loss.requires_grad_(False)
-            result.update(run_meta_test(cfg, frozen, pool, inner_opt, out_dir, logger))
+            cost = learned_loss_cost(cfg, sum(p.numel() for p in loss.parameters()))
+            result.update(run_meta_test(cfg, frozen, pool, inner_opt, out_dir, logger, meta_training_steps=cost))
     return result
 
 

@@ -26,16 +26,22 @@ from metaloss.cli.logger import open_logger, write_json
 from metaloss.cli.meta import _task_pool
 from metaloss.cli.signals import console, exit_on_interrupt, interruptible
 from metaloss.cli.train import LOCAL_KEYS
-from metaloss.config import DEFAULT_BASELINES, baselines_for, conf_dir, instantiate_loss, load_option, loss_option
+from metaloss.config import (
+    DEFAULT_BASELINES,
+    baselines_for,
+    conf_dir,
+    instantiate_loss,
+    load_option,
+    loss_option,
+)
 from metaloss.metatest import compare_losses
 from metaloss.metrics import HIGHER_IS_BETTER
 from metaloss.runs import RunDir, hydra_record, identity
 from metaloss.tune import (
     TUNE_SEEDS,
     TUNED_FORMAT,
+    learned_loss_cost,
     lr_range,
-    candidates_per_step,
-    meta_training_steps,
     setup_record,
     space_for,
     trials_for_budget,
@@ -62,12 +68,9 @@ def tune_metric(cfg: DictConfig, task) -> str:
     return "val/" + str(cfg.meta_test.metric or task.primary_metric).split("/", 1)[1]
 
 
-def _candidates(cfg: DictConfig, task) -> int:
-    """Inner runs per task per outer step of the learned loss's meta-training (CMA-ES's λ
-    needs φ's size: the loss is built to count it)."""
-    n = sum(p.numel() for p in instantiate_loss(cfg.loss, task).parameters())
-    return candidates_per_step(OmegaConf.to_container(cfg.meta_optim, resolve=True),  # type: ignore[arg-type]
-                               OmegaConf.to_container(cfg.hypergrad, resolve=True), n)  # type: ignore[arg-type]
+def _learned_cost(cfg: DictConfig, task) -> int:
+    """The learned loss's meta-training cost (CMA-ES's λ needs φ's size: the loss is built to count it)."""
+    return learned_loss_cost(cfg, sum(p.numel() for p in instantiate_loss(cfg.loss, task).parameters()))
 
 
 def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dtype) -> dict:
@@ -87,7 +90,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dt
     seeds = [TUNE_SEEDS + j for j in range(int(tc.seeds))]
     cost = steps * len(seeds) * len(pool)  # inner steps of one model per trial (see metaloss.tune)
     if tc.budget_steps is not None:
-        budget = (meta_training_steps(cfg.meta, _candidates(cfg, task)) if tc.budget_steps == "meta"
+        budget = (_learned_cost(cfg, task) if tc.budget_steps == "meta"
                   else int(tc.budget_steps))
         n_trials = trials_for_budget(budget, cost)
     else:
