@@ -99,6 +99,20 @@ def lr_range(lr: float, explicit: Any = None) -> Range:
     return Range(lo, hi, log=True)
 
 
+def at_edge(values: Mapping[str, float], space: Mapping[str, Range], frac: float = 0.02) -> list[str]:
+    """The names whose tuned value lies within ``frac`` of its range's width (log width for a
+    log range) of an edge: the optimum may lie outside the range searched."""
+    out = []
+    for k, r in space.items():
+        if k not in values or values[k] is None:
+            continue
+        f = math.log if r.log else float
+        lo, hi, v = f(r.low), f(r.high), f(float(values[k]))
+        if min(v - lo, hi - v) <= frac * (hi - lo):
+            out.append(k)
+    return out
+
+
 def meta_training_steps(meta: Mapping, candidates: int = 1) -> int:
     """What meta-training the learned loss costs, in inner training steps of one model.
     ``candidates``: inner runs per task per outer step — 1 for a hypergradient, the 2P

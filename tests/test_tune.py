@@ -214,3 +214,19 @@ def test_the_comparison_records_each_baselines_tuning_compute_and_warns_when_sho
         hp = json.loads((tmp_path / str(cost) / "comparison.json").read_text())["hyperparameters"]
         assert hp["ce"]["tuning_steps"] == used == 2 * 30 and hp["learned"]["meta_training_steps"] == cost
         assert ("tuned with less compute" in caplog.text) == short
+
+
+def test_a_tuned_value_on_the_edge_of_its_range_is_flagged(compose_cfg, tmp_path, caplog):
+    from metaloss.tune import at_edge
+
+    space = {"lr": Range(1e-3, 1e-1, log=True), "gamma": Range(0.0, 5.0)}
+    assert at_edge({"lr": 1.02e-3, "gamma": 2.0}, space) == ["lr"]  # log scale: 1.02e-3 hugs 1e-3
+    assert at_edge({"lr": 1e-2, "gamma": 4.95}, space) == ["gamma"]
+    assert at_edge({"lr": 1e-2, "gamma": 2.5}, space) == []
+    # through the app: a range with an absurd upper edge forces the lr to its lower edge
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="metaloss"):
+        _tune(compose_cfg, tmp_path / "t", ["compare=[ce]", "tune.n_trials=1", "tune.lr_range=[1e-9,1e-8]"])
+    assert load_tuned(tmp_path / "t" / "tuned.json")["losses"]["ce"]["at_edge"] == ["lr"]
+    assert "ce: tuned lr at the edge" in caplog.text and "widen tune.lr_range" in caplog.text

@@ -40,6 +40,7 @@ from metaloss.runs import RunDir, hydra_record, identity
 from metaloss.tune import (
     TUNE_SEEDS,
     TUNED_FORMAT,
+    at_edge,
     learned_loss_cost,
     lr_range,
     setup_record,
@@ -129,19 +130,24 @@ def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dt
                          ", ".join(f"{k}={v:.4g}" for k, v in p.items()), metric, value)
                 logger.summary({f"tune/{name}/trial{i}/{metric}": value})
 
-            result = tune_loss(functools.partial(score, name), space, defaults, lr=lr0,
-                               lr_space=lr_range(lr0, tc.lr_range) if tc.lr else None, n_trials=n_trials,
-                               direction=direction, seed=int(tc.seed), on_trial=on_trial)
+            lr_space = lr_range(lr0, tc.lr_range) if tc.lr else None
+            result = tune_loss(functools.partial(score, name), space, defaults, lr=lr0, lr_space=lr_space,
+                               n_trials=n_trials, direction=direction, seed=int(tc.seed), on_trial=on_trial)
+            edges = at_edge({**result.params, "lr": result.lr}, {**space, **({"lr": lr_space} if lr_space else {})})
             record["losses"][name] = {
                 "target": str(option.get("_target_")), "params": result.params, "lr": result.lr,
                 "best_val": result.best_val, "default_val": result.default_val,
                 "default_params": {k: float(v) for k, v in defaults.items()}, "n_trials": result.n_trials,
-                "n_diverged": result.n_diverged, "steps_used": result.n_trials * cost, "trials": result.trials}
+                "n_diverged": result.n_diverged, "steps_used": result.n_trials * cost, "at_edge": edges,
+                "trials": result.trials}
             record["complete"] = name == names[-1]
             write_json(out, record)  # after every loss: an interruption keeps the finished ones
             log.info("%s: best %s = %.4f (default %.4f) with %s", name, metric, result.best_val, result.default_val,
                      ", ".join(f"{k}={v:.4g}" for k, v in {**result.params, "lr": result.lr or lr0}.items()))
             logger.summary({f"tune/{name}/best_val": result.best_val, f"tune/{name}/default_val": result.default_val})
+            if edges:
+                log.warning("%s: tuned %s at the edge of the range searched, so the best value may lie outside it%s",
+                            name, ", ".join(edges), " (widen tune.lr_range=[low,high])" if "lr" in edges else "")
     log.info("tuned baselines written to %s (meta-test with meta_test.tuned=%s)", out, out)
     return record
 
