@@ -99,15 +99,16 @@ def lr_range(lr: float, explicit: Any = None) -> Range:
     return Range(lo, hi, log=True)
 
 
-def at_edge(values: Mapping[str, float], space: Mapping[str, Range], frac: float = 0.02) -> list[str]:
+def at_edge(values: Mapping[str, float | None], space: Mapping[str, Range], frac: float = 0.02) -> list[str]:
     """The names whose tuned value lies within ``frac`` of its range's width (log width for a
     log range) of an edge: the optimum may lie outside the range searched."""
     out = []
     for k, r in space.items():
-        if k not in values or values[k] is None:
+        value = values.get(k)
+        if value is None:
             continue
         f = math.log if r.log else float
-        lo, hi, v = f(r.low), f(r.high), f(float(values[k]))
+        lo, hi, v = f(r.low), f(r.high), f(float(value))
         if min(v - lo, hi - v) <= frac * (hi - lo):
             out.append(k)
     return out
