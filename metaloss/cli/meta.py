@@ -305,7 +305,8 @@ def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, iden
                              update_every=mc.online_update_every, val_batch=mc.val_batch, gen=gen, start=start)
 
     log.info("meta-training %s on %s | %s, %s, K=%d, T=%d, %d steps | %s, %s, %d thread(s)", loss_name,
-             task.describe(), type(hypergrad).__name__, inner_opt.name, mc.inner_steps, mc.tasks_per_step,
+             task.describe(), "CMA-ES" if isinstance(learner, CMAES) else type(hypergrad).__name__,
+             inner_opt.name, mc.inner_steps, mc.tasks_per_step,
              mc.steps, device, str(dtype).replace("torch.", ""), torch.get_num_threads())
     meta_info = {"task": task.name, "loss_name": loss_name, "fingerprint": fingerprint(ident)}
     logging_cm = (open_logger(cfg, out_dir, job_type="meta", name=f"{loss_name}-{task.name}-s{cfg.seed}")
