@@ -3,6 +3,7 @@ meta-test the learned loss, and copy the results beside the config that made the
 
     python scripts/record_experiment.py noise_sym40              # tune, then meta-train + meta-test
     python scripts/record_experiment.py noise_sym40 --skip-tune  # reuse experiments/<name>/tuned.json
+    python scripts/record_experiment.py noise_sym40 --verify     # rerun metaloss-meta, compare with the record
 
 Both steps are the apps themselves (``metaloss-tune experiment=<name>`` and
 ``metaloss-meta experiment=<name>``), run as subprocesses from the repository root, so what
@@ -12,12 +13,19 @@ learned_loss.{pt,png} and record.json (commands, wall times, the run directories
 The meta-test is given ``meta_test.tuned=<dest>/tuned.json`` (the file just tuned, or the one
 kept with ``--skip-tune``), and a comparison whose baselines did not all train with it is not
 recorded. A failing step stops the script with its exit code; nothing is copied from a failed run.
+
+``--verify`` reruns ``metaloss-meta experiment=<name>`` (meta-training and meta-test, with the
+recorded tuned.json) into the work directory, copies nothing, and compares every loss's
+per-seed values on the experiment's metric with the record: exit 0 if none differs by more
+than ``--tolerance`` (default 1e-3: float32 summation order on another CPU; the same machine
+reproduces bit for bit), else exit 1 with the differences.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -40,12 +48,45 @@ def _run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
+def verify(args: argparse.Namespace, dest: Path, work: Path) -> int:
+    """Rerun metaloss-meta as a user would and compare per-seed results with the record."""
+    if not (dest / "comparison.json").is_file():
+        sys.exit(f"--verify: {dest / 'comparison.json'} does not exist; record {args.name} first")
+    recorded = json.loads((dest / "comparison.json").read_text())
+    cmd = [str(BIN / "metaloss-meta"), f"experiment={args.name}", "progress=false", *args.overrides,
+           f"hydra.run.dir={work / 'verify'}"]
+    seconds = _run(cmd, work / "verify.log")
+    again = json.loads((work / "verify" / "comparison.json").read_text())
+    metric = recorded["metric"]
+    worst, bad = 0.0, []
+    for loss, per_metric in recorded["results"].items():
+        new = again["results"].get(loss, {}).get(metric)
+        if new is None or len(new) != len(per_metric[metric]):
+            bad.append(f"{loss}: not in the rerun, or another number of seeds")
+            continue
+        for seed, (a, b) in enumerate(zip(per_metric[metric], new)):
+            d = abs((math.nan if a is None else a) - (math.nan if b is None else b))
+            if not d <= args.tolerance:  # NaN on one side only is a difference too
+                bad.append(f"{loss} seed {seed}: {a} recorded, {b} now")
+            elif d > worst:
+                worst = d
+    print((work / "verify" / "comparison.md").read_text())
+    if bad:
+        print(f"NOT reproduced ({len(bad)} differences above {args.tolerance}):\n  " + "\n  ".join(bad))
+        return 1
+    print(f"reproduced: every per-seed {metric} within {args.tolerance} of the record "
+          f"(largest difference {worst:.3g}); {seconds:.0f} s")
+    return 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", help="a conf/experiment/<name>.yaml")
     ap.add_argument("--skip-tune", action="store_true", help="reuse experiments/<name>/tuned.json")
     ap.add_argument("--work", default="outputs/record", help="where the runs themselves go")
     ap.add_argument("--dest", default=None, help="where the results go (default: experiments/<name>)")
+    ap.add_argument("--verify", action="store_true", help="rerun metaloss-meta and compare with the record")
+    ap.add_argument("--tolerance", type=float, default=1e-3, help="--verify: largest per-seed difference allowed")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for both apps (e.g. logger=none)")
     args = ap.parse_intermixed_args()  # overrides may follow the options
     if not (ROOT / "conf" / "experiment" / f"{args.name}.yaml").is_file():
@@ -54,6 +95,8 @@ def main() -> None:
     dest.mkdir(parents=True, exist_ok=True)
     work = (ROOT / args.work / f"{args.name}_{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
     work.mkdir(parents=True)
+    if args.verify:
+        sys.exit(verify(args, dest, work))
     record: dict = {"experiment": args.name, "overrides": args.overrides, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     common = [f"experiment={args.name}", "progress=false", *args.overrides]
     if not args.skip_tune:

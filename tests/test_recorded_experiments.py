@@ -142,3 +142,12 @@ def test_record_script_runs_tune_then_meta_and_copies_the_results(tmp_path):
     assert sources == dict.fromkeys(["mse", "mae", "huber"], f"tuned ({rec / 'tuned.json'})")
     tuned_lr = {n: e["lr"] for n, e in tuned["losses"].items()}
     assert {n: comp["hyperparameters"][n]["lr"] for n in tuned_lr} == tuned_lr
+    # --verify reruns metaloss-meta and finds the record reproduced; a tampered record is caught
+    verify = [sys.executable, str(SCRIPT), "quickstart", "--verify", "--dest", str(rec), "--work", str(tmp_path / "work"),
+              "debug=default", "compare=[mse,mae,huber]", f"meta_test.tuned={rec / 'tuned.json'}"]
+    ok = subprocess.run(verify, capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0 and "reproduced: every per-seed" in ok.stdout, ok.stdout[-2000:] + ok.stderr[-2000:]
+    comp["results"]["mae"][comp["metric"]][1] += 0.01
+    (rec / "comparison.json").write_text(json.dumps(comp))
+    bad = subprocess.run(verify, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and "mae seed 1" in bad.stdout, bad.stdout[-2000:]
