@@ -36,6 +36,8 @@ def loss_curves(losses: dict[str, Callable], kind: str, num_classes: int | None 
     else:
         x = torch.linspace(0.005, 0.995, n)
         counts = None if class_counts is None else class_counts.detach().float().cpu()
+        if counts is not None and counts.max() < 2 * counts.min():
+            counts = None  # about balanced: no class is "the rarest" (the losses still get the counts)
         if kind == "binary":
             cls = 1 if counts is None else int(counts.argmin())
             z = torch.logit(x)[:, None]

@@ -323,6 +323,9 @@ def test_class_count_losses_are_drawn_at_the_rarest_class(kind, counts):
     target = torch.full((len(x),), rare)
     assert torch.softmax(binary_as_two_class(pred), -1)[:, rare].sub(x).abs().max() < 1e-4
     torch.testing.assert_close(curves["weighted_ce"], L.weighted_ce(pred, target, class_counts=counts))
+    # about balanced counts (label noise on MNIST-1D): the usual picture, class 0, no "rarest"
+    _, balanced, label = loss_curves(losses, kind, num_classes=len(counts), class_counts=torch.full_like(counts, 300.0))
+    assert "rarest" not in label and all(bool(torch.isfinite(y).all()) for y in balanced.values())
 
 
 def test_learned_tversky_meta_trains_through_the_app(compose_cfg, tmp_path):
