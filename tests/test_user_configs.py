@@ -242,3 +242,24 @@ def test_a_hypergradient_method_defined_outside_the_package_meta_trains_and_resu
     b = load_learned_loss(split / "learned_loss.pt").state_dict()
     assert any(not torch.equal(halfway[k], b[k]) for k in b)  # SPSA moved φ
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical resume
+
+
+@pytest.mark.parametrize("app,extra", [("tune", []), ("eval", ["loss_path=x"]), ("meta", ["debug=default"])])
+def test_run_directories_are_named_by_the_app_not_the_config_file(tmp_path, app, extra):
+    """tune and eval extend meta.yaml; a user's own primary config (--config-name) must not move
+    the runs out of outputs/<app>/ where metaloss-report and the docs look for them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from metaloss.config import conf_dir
+
+    (tmp_path / "mine.yaml").write_text(f"defaults:\n  - {app}\n  - _self_\n")
+    bin_ = Path(sys.executable).parent / f"metaloss-{app}"
+    for flags in ([], ["--config-dir", str(tmp_path), "--config-name", "mine"]):
+        out = subprocess.run([str(bin_), "--cfg", "hydra", "--resolve", *flags, *extra,
+                              f"hydra.searchpath=[file://{conf_dir()}]"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        want = f"outputs/debug/{app}/" if "debug=default" in extra else f"outputs/{app}/"
+        assert f"dir: {want}" in out.stdout, out.stdout[:1500]
