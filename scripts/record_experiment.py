@@ -34,6 +34,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+def _app(name: str) -> str:
+    """The installed console script beside this interpreter, or a clear stop if there is none."""
+    path = BIN / name
+    if not path.is_file():
+        sys.exit(f"{name} is not installed beside {sys.executable}: run this script with the "
+                 "project's interpreter (`. .venv/bin/activate` after `make setup`)")
+    return str(path)
 RESULTS = ["comparison.json", "comparison.md", "comparison.png", "learned_vs_baselines.png",
            "learned_loss.pt", "learned_loss.png"]
 
@@ -53,7 +62,7 @@ def verify(args: argparse.Namespace, dest: Path, work: Path) -> int:
     if not (dest / "comparison.json").is_file():
         sys.exit(f"--verify: {dest / 'comparison.json'} does not exist; record {args.name} first")
     recorded = json.loads((dest / "comparison.json").read_text())
-    cmd = [str(BIN / "metaloss-meta"), f"experiment={args.name}", "progress=false", *args.overrides,
+    cmd = [_app("metaloss-meta"), f"experiment={args.name}", "progress=false", *args.overrides,
            f"hydra.run.dir={work / 'verify'}"]
     seconds = _run(cmd, work / "verify.log")
     again = json.loads((work / "verify" / "comparison.json").read_text())
@@ -100,7 +109,7 @@ def main() -> None:
     record: dict = {"experiment": args.name, "overrides": args.overrides, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     common = [f"experiment={args.name}", "progress=false", *args.overrides]
     if not args.skip_tune:
-        cmd = [str(BIN / "metaloss-tune"), *common, "meta_test.tuned=null", f"hydra.run.dir={work / 'tune'}"]
+        cmd = [_app("metaloss-tune"), *common, "meta_test.tuned=null", f"hydra.run.dir={work / 'tune'}"]
         record["tune"] = {"command": cmd[1:], "seconds": round(_run(cmd, work / "tune.log"), 1)}
         shutil.copy(work / "tune" / "tuned.json", dest / "tuned.json")
     elif not (dest / "tuned.json").is_file():
@@ -108,7 +117,7 @@ def main() -> None:
     # the meta-test takes the tuned.json just written (or kept), never whatever the config names
     tuned = dest / "tuned.json"
     tuned_arg = str(tuned.relative_to(ROOT)) if tuned.is_relative_to(ROOT) else str(tuned)
-    cmd = [str(BIN / "metaloss-meta"), *common, f"meta_test.tuned={tuned_arg}", f"hydra.run.dir={work / 'meta'}"]
+    cmd = [_app("metaloss-meta"), *common, f"meta_test.tuned={tuned_arg}", f"hydra.run.dir={work / 'meta'}"]
     record["meta"] = {"command": cmd[1:], "seconds": round(_run(cmd, work / "meta.log"), 1)}
     untuned = {loss: hp.get("source") for loss, hp in
                json.loads((work / "meta" / "comparison.json").read_text())["hyperparameters"].items()

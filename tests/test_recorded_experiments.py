@@ -102,6 +102,18 @@ def test_record_script_refuses_an_unknown_experiment(tmp_path):
     assert out.returncode != 0 and "conf/experiment/no_such_experiment.yaml does not exist" in out.stderr
 
 
+def test_record_script_without_the_apps_stops_with_a_clear_error(tmp_path):
+    """Run with an interpreter outside the project's environment (no metaloss-* beside it):
+    a one-line stop naming the fix, not a FileNotFoundError traceback."""
+    bare = tmp_path / "bin" / "python"
+    bare.parent.mkdir()
+    bare.symlink_to(Path(sys.executable).resolve())
+    out = subprocess.run([str(bare), str(SCRIPT), "quickstart", "--work", str(tmp_path / "w")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert "metaloss-tune is not installed beside" in out.stderr and "Traceback" not in out.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", REPRODUCED)
 def test_the_recorded_meta_test_reproduces(tmp_path, name):
