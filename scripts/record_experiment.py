@@ -114,6 +114,11 @@ def main() -> None:
         shutil.copy(work / "tune" / "tuned.json", dest / "tuned.json")
     elif not (dest / "tuned.json").is_file():
         sys.exit(f"--skip-tune: {dest / 'tuned.json'} does not exist; run without --skip-tune first")
+    elif (dest / "record.json").is_file():
+        # the kept tuned.json's own record (command, wall time), so the file still says what tuning cost
+        kept = json.loads((dest / "record.json").read_text()).get("tune")
+        if kept:
+            record["tune"] = {**kept, "reused": True}
     # the meta-test takes the tuned.json just written (or kept), never whatever the config names
     tuned = dest / "tuned.json"
     tuned_arg = str(tuned.relative_to(ROOT)) if tuned.is_relative_to(ROOT) else str(tuned)

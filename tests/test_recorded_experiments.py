@@ -163,3 +163,11 @@ def test_record_script_runs_tune_then_meta_and_copies_the_results(tmp_path):
     (rec / "comparison.json").write_text(json.dumps(comp))
     bad = subprocess.run(verify, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and "mae seed 1" in bad.stdout, bad.stdout[-2000:]
+    # --skip-tune keeps tuned.json and the record of what tuning it cost (marked reused)
+    again = subprocess.run([sys.executable, str(SCRIPT), "quickstart", "--skip-tune", "--dest", str(rec),
+                            "--work", str(tmp_path / "work"), "debug=default", "compare=[mse,mae,huber]"],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    kept = json.loads((rec / "record.json").read_text())
+    assert kept["tune"] == {**record["tune"], "reused": True} and kept["meta"]["seconds"] > 0
+    assert json.loads((rec / "tuned.json").read_text()) == tuned
