@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SCRIPT = ROOT / "scripts" / "record_experiment.py"
 # Each hard case joins this list in the commit that records it (its config, tuned.json and results).
-HARD_CASES: list[str] = ["binary99", "longtail100", "mnist1d_clean", "noise_pair40", "noise_sym40", "outliers_robust"]
+HARD_CASES: list[str] = ["binary99", "longtail100", "mnist1d_clean", "noise_pair40", "noise_sym40", "outliers_robust", "shapes_tversky"]
 REPRODUCED = [n for n in ("outliers_robust", "binary99") if n in HARD_CASES]  # the cheapest meta-tests, rerun in full (slow)
 
 
