@@ -12,7 +12,11 @@ experiments/<name>/: tuned.json, comparison.{json,md,png}, learned_vs_baselines.
 learned_loss.{pt,png} and record.json (commands, wall times, the run directories).
 The meta-test is given ``meta_test.tuned=<dest>/tuned.json`` (the file just tuned, or the one
 kept with ``--skip-tune``), and a comparison whose baselines did not all train with it is not
-recorded. A failing step stops the script with its exit code; nothing is copied from a failed run.
+recorded. A failing step stops the script with its exit code; nothing is copied from a failed run,
+and a meta stage that fails or is stopped (Ctrl-C, SIGTERM) puts the previous tuned.json back, so
+experiments/<name>/ keeps one consistent record. One run at a time per destination (a lock;
+a second is refused). record.json's ``tune.tuned_sha256`` ties the tuning entry to its file:
+``--skip-tune`` carries the entry over (marked ``reused``) only for that same tuned.json.
 
 ``--verify`` reruns ``metaloss-meta experiment=<name>`` (meta-training and meta-test, with the
 recorded tuned.json) into the work directory, copies nothing, and compares every loss's
@@ -24,9 +28,13 @@ reproduces bit for bit), else exit 1 with the differences.
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +51,33 @@ def _app(name: str) -> str:
         sys.exit(f"{name} is not installed beside {sys.executable}: run this script with the "
                  "project's interpreter (`. .venv/bin/activate` after `make setup`)")
     return str(path)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _kept_tune_record(dest: Path) -> dict | None:
+    """--skip-tune: the previous record's tuning entry (command, wall time), only if it was made
+    for the very tuned.json kept there (same sha256); a hand-placed tuned.json gets none."""
+    if not (dest / "record.json").is_file():
+        return None
+    kept = json.loads((dest / "record.json").read_text()).get("tune")
+    if not kept or kept.get("tuned_sha256") != _sha256(dest / "tuned.json"):
+        return None
+    return {**kept, "reused": True}
+
+
+def _lock(dest: Path):
+    """One record at a time per destination: two would interleave their tuned.json and results."""
+    f = open(dest / ".record.lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"another record_experiment.py is writing or reading {dest}; wait for it to finish")
+    return f  # held until the process exits (the OS releases it even on SIGKILL)
+
+
 RESULTS = ["comparison.json", "comparison.md", "comparison.png", "learned_vs_baselines.png",
            "learned_loss.pt", "learned_loss.png"]
 
@@ -102,33 +137,44 @@ def main() -> None:
         sys.exit(f"no experiment {args.name!r}: conf/experiment/{args.name}.yaml does not exist")
     dest = Path(args.dest).resolve() if args.dest else ROOT / "experiments" / args.name
     dest.mkdir(parents=True, exist_ok=True)
-    work = (ROOT / args.work / f"{args.name}_{time.strftime('%Y-%m-%d_%H-%M-%S')}").resolve()
+    lock = _lock(dest)  # noqa: F841  (kept open for the whole run)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM unwinds like Ctrl-C
+    work = (ROOT / args.work / f"{args.name}_{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}").resolve()
     work.mkdir(parents=True)
     if args.verify:
         sys.exit(verify(args, dest, work))
     record: dict = {"experiment": args.name, "overrides": args.overrides, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     common = [f"experiment={args.name}", "progress=false", *args.overrides]
+    previous = work / "tuned.previous.json"  # restored if the meta stage does not finish
     if not args.skip_tune:
         cmd = [_app("metaloss-tune"), *common, "meta_test.tuned=null", f"hydra.run.dir={work / 'tune'}"]
-        record["tune"] = {"command": cmd[1:], "seconds": round(_run(cmd, work / "tune.log"), 1)}
+        record["tune"] = {"command": cmd[1:], "seconds": round(_run(cmd, work / "tune.log"), 1),
+                          "tuned_sha256": _sha256(work / "tune" / "tuned.json")}
+        if (dest / "tuned.json").is_file():
+            shutil.copy(dest / "tuned.json", previous)
         shutil.copy(work / "tune" / "tuned.json", dest / "tuned.json")
     elif not (dest / "tuned.json").is_file():
         sys.exit(f"--skip-tune: {dest / 'tuned.json'} does not exist; run without --skip-tune first")
-    elif (dest / "record.json").is_file():
-        # the kept tuned.json's own record (command, wall time), so the file still says what tuning cost
-        kept = json.loads((dest / "record.json").read_text()).get("tune")
-        if kept:
-            record["tune"] = {**kept, "reused": True}
+    elif kept := _kept_tune_record(dest):
+        record["tune"] = kept  # so the record still says what the kept tuning cost
     # the meta-test takes the tuned.json just written (or kept), never whatever the config names
     tuned = dest / "tuned.json"
     tuned_arg = str(tuned.relative_to(ROOT)) if tuned.is_relative_to(ROOT) else str(tuned)
     cmd = [_app("metaloss-meta"), *common, f"meta_test.tuned={tuned_arg}", f"hydra.run.dir={work / 'meta'}"]
-    record["meta"] = {"command": cmd[1:], "seconds": round(_run(cmd, work / "meta.log"), 1)}
-    untuned = {loss: hp.get("source") for loss, hp in
-               json.loads((work / "meta" / "comparison.json").read_text())["hyperparameters"].items()
-               if loss != "learned" and hp.get("source") != f"tuned ({tuned_arg})"}
-    if untuned:
-        sys.exit(f"not recorded: baselines not trained with {tuned_arg}: {untuned} (see {work / 'meta.log'})")
+    try:
+        record["meta"] = {"command": cmd[1:], "seconds": round(_run(cmd, work / "meta.log"), 1)}
+        untuned = {loss: hp.get("source") for loss, hp in
+                   json.loads((work / "meta" / "comparison.json").read_text())["hyperparameters"].items()
+                   if loss != "learned" and hp.get("source") != f"tuned ({tuned_arg})"}
+        if untuned:
+            sys.exit(f"not recorded: baselines not trained with {tuned_arg}: {untuned} (see {work / 'meta.log'})")
+    except BaseException:  # failed, Ctrl-C, SIGTERM: leave dest as it was (old tuned.json beside old results)
+        if not args.skip_tune:
+            if previous.is_file():
+                shutil.copy(previous, tuned)
+            else:
+                tuned.unlink(missing_ok=True)
+        raise
     for name in RESULTS:
         if (work / "meta" / name).is_file():
             shutil.copy(work / "meta" / name, dest / name)

@@ -4,6 +4,7 @@ baselines were tuned for exactly this experiment (the recorded tuned.json still 
 config: a config edited after recording is caught here), and the README's table quotes the
 recorded numbers. The recording script itself runs end to end on a debug budget."""
 
+import hashlib
 import json
 import math
 import subprocess
@@ -45,10 +46,17 @@ def test_record_is_complete_and_paired(name):
     assert sig["best_baseline"] in comp["results"] and sig["best_baseline"] != "learned"
     for k in ("p_value", "cohens_dz", "difference", "ci_low", "ci_high"):
         assert sig[k] is None or math.isfinite(sig[k]), k
-    # every baseline was trained with tuned values, from this experiment's own tuned.json
+    # every baseline was trained with tuned values, from this experiment's own tuned.json, and
+    # with the values now in that file (an interrupted re-record would leave a new tuned.json
+    # beside old results)
+    tuned = json.loads((d / "tuned.json").read_text())
     for loss, hp in comp["hyperparameters"].items():
         if loss != "learned":
             assert hp["source"] == f"tuned (experiments/{name}/tuned.json)", loss
+            assert hp["lr"] == tuned["losses"][loss]["lr"], loss
+            assert tuned["losses"][loss]["params"].items() <= hp["params"].items(), loss
+    record = json.loads((d / "record.json").read_text())
+    assert record["tune"]["tuned_sha256"] == hashlib.sha256((d / "tuned.json").read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("name", HARD_CASES)
@@ -112,6 +120,62 @@ def test_record_script_without_the_apps_stops_with_a_clear_error(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1, out.stderr
     assert "metaloss-tune is not installed beside" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_record_script_refuses_a_second_run_on_the_same_destination(tmp_path):
+    """Two records into one experiments/<name>/ would interleave tuned.json and results."""
+    import fcntl
+
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    with open(rec / ".record.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        out = subprocess.run([sys.executable, str(SCRIPT), "quickstart", "--dest", str(rec), "--work", str(tmp_path / "w")],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "another record_experiment.py is writing" in out.stderr, out.stderr
+    assert not (tmp_path / "w").exists()  # refused before any work
+
+
+def test_skip_tune_carries_the_tuning_entry_only_for_the_same_tuned_json(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("record_experiment", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    (tmp_path / "tuned.json").write_text('{"a": 1}')
+    sha = hashlib.sha256(b'{"a": 1}').hexdigest()
+    assert mod._kept_tune_record(tmp_path) is None  # no record.json
+    entry = {"command": ["experiment=x"], "seconds": 12.0, "tuned_sha256": sha}
+    (tmp_path / "record.json").write_text(json.dumps({"tune": entry}))
+    assert mod._kept_tune_record(tmp_path) == {**entry, "reused": True}
+    (tmp_path / "tuned.json").write_text('{"a": 2}')  # another file put there by hand
+    assert mod._kept_tune_record(tmp_path) is None
+
+
+@pytest.mark.slow
+def test_record_script_stopped_in_the_meta_stage_keeps_the_previous_tuned_json(tmp_path):
+    """SIGTERM while metaloss-meta runs: exit 143, and dest keeps its old tuned.json (nothing
+    new beside old results)."""
+    import signal
+    import time
+
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    (rec / "tuned.json").write_text("the previous record's file")
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "quickstart", "--dest", str(rec), "--work", str(tmp_path / "w"),
+                             "debug=default", "compare=[mse,mae]", "++tune.n_trials=2", "meta.steps=100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list((tmp_path / "w").glob("*/meta.log")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()
+    assert (rec / "tuned.json").read_text() != "the previous record's file"  # the new one, for the meta stage
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-2000:] + err[-2000:]
+    assert (rec / "tuned.json").read_text() == "the previous record's file"
+    assert not (rec / "comparison.json").exists() and not (rec / "record.json").exists()
 
 
 @pytest.mark.slow
