@@ -1,10 +1,11 @@
-# Two commands on a fresh clone: `make run` (the main job) and `make test` (the whole suite).
+# On a fresh clone: `make run` (the main job), `make test` (the fast suite, minutes) and
+# `make test-all` (the fast suite, then the slow end-to-end tests: `make test-slow`).
 # Each creates or reuses .venv and installs what it needs; the CPU torch wheel goes in first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.metaloss-installed
 
-.PHONY: setup run test lint typecheck clean
+.PHONY: setup run test test-slow test-all lint typecheck clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,8 +20,15 @@ setup: $(STAMP)
 run: setup
 	$(VENV)/bin/metaloss-meta experiment=quickstart
 
+# Fast suite: every test not marked slow (< 10 min on 2 idle cores; README "Tests").
 test: setup
-	WANDB_SILENT=true $(PY) -m pytest -q
+	WANDB_SILENT=true $(PY) -m pytest -q -m "not slow"
+
+# The slow end-to-end tests alone (subprocess runs, launchers, recorded reproductions).
+test-slow: setup
+	WANDB_SILENT=true $(PY) -m pytest -q -m slow --durations=15
+
+test-all: test test-slow
 
 # Static checks, run by .ci/run beside the tests: ruff (rules in pyproject's [tool.ruff]) and
 # mypy over metaloss/ (scope and the modules not yet clean in pyproject's [tool.mypy]).

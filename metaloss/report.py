@@ -198,3 +198,24 @@ def plot(summary: dict, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def per_seed_differences(recorded: dict, again: dict, metric: str | None = None) -> dict[str, list[float]]:
+    """Per loss of ``recorded`` (a comparison.json), ``|recorded - again|`` seed by seed on
+    ``metric`` (default: the recorded one). Both NaN (``null``) is 0: the same divergence;
+    NaN on one side only, a loss missing from ``again`` or another number of seeds is inf."""
+    metric = metric or recorded["metric"]
+    out: dict[str, list[float]] = {}
+    for loss, per_metric in recorded["results"].items():
+        old, new = per_metric.get(metric), again.get("results", {}).get(loss, {}).get(metric)
+        if old is None or new is None or len(new) != len(old):
+            out[loss] = [math.inf]
+            continue
+        diffs = []
+        for a, b in zip(map(_number, old), map(_number, new)):
+            if math.isnan(a) or math.isnan(b):
+                diffs.append(0.0 if math.isnan(a) and math.isnan(b) else math.inf)
+            else:
+                diffs.append(abs(a - b))
+        out[loss] = diffs
+    return out

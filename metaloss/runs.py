@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import socket
 import tempfile
 import time
@@ -147,6 +148,30 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 def atomic_write_text(path: str | Path, content: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(content))
+
+
+def replace_all(files: dict[Path, Path]) -> None:
+    """Copy every ``source`` to its ``destination`` (``{destination: source}``) all or nothing:
+    each is first copied to a temporary file beside its destination and fsynced; only when every
+    copy succeeded are they renamed into place (a rename needs no space). A copy that fails (a
+    full disk, Ctrl-C) removes the temporary files and leaves every destination as it was."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for dest, src in files.items():
+            dest = Path(dest)
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+            os.fchmod(fd, 0o666 & ~_UMASK)
+            os.close(fd)
+            staged.append((Path(tmp), dest))
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, dest in staged:
+        os.replace(tmp, dest)
 
 
 # ---------------------------------------------------------------- the run directory

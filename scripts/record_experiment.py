@@ -14,13 +14,16 @@ The meta-test is given ``meta_test.tuned=<dest>/tuned.json`` (the file just tune
 kept with ``--skip-tune``), and a comparison whose baselines did not all train with it is not
 recorded. A failing step stops the script with its exit code; nothing is copied from a failed run,
 and a meta stage that fails or is stopped (Ctrl-C, SIGTERM) puts the previous tuned.json back, so
-experiments/<name>/ keeps one consistent record. One run at a time per destination (a lock;
+experiments/<name>/ keeps one consistent record. The copy itself is all or nothing: every file is
+staged beside its destination before any is renamed into place, so a full disk mid-copy leaves
+the previous record whole. One run at a time per destination (a lock;
 a second is refused). record.json's ``tune.tuned_sha256`` ties the tuning entry to its file:
 ``--skip-tune`` carries the entry over (marked ``reused``) only for that same tuned.json.
 
 ``--verify`` reruns ``metaloss-meta experiment=<name>`` (meta-training and meta-test, with the
-recorded tuned.json) into the work directory, copies nothing, and compares every loss's
-per-seed values on the experiment's metric with the record: exit 0 if none differs by more
+destination's tuned.json, ``--dest`` included) into the work directory, copies nothing, and
+compares every loss's per-seed values on the experiment's metric with the record (a seed that
+diverged in both counts as equal; NaN on one side only is a difference): exit 0 if none differs by more
 than ``--tolerance`` (default 1e-3: float32 summation order on another CPU; the same machine
 reproduces bit for bit), else exit 1 with the differences.
 """
@@ -31,9 +34,7 @@ import argparse
 import fcntl
 import hashlib
 import json
-import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -93,27 +94,32 @@ def _run(cmd: list[str], log: Path) -> float:
 
 
 def verify(args: argparse.Namespace, dest: Path, work: Path) -> int:
-    """Rerun metaloss-meta as a user would and compare per-seed results with the record."""
-    if not (dest / "comparison.json").is_file():
-        sys.exit(f"--verify: {dest / 'comparison.json'} does not exist; record {args.name} first")
+    """Rerun metaloss-meta as a user would, with the destination's own tuned.json, and compare
+    per-seed results with the record (a seed that diverged in both is the same result)."""
+    from metaloss.report import per_seed_differences
+
+    if any(o.lstrip("+").startswith("meta_test.tuned=") for o in args.overrides):
+        sys.exit("--verify reruns with the record's own tuned.json (the destination's); drop meta_test.tuned= "
+                 "from the overrides")
+    for needed in ("comparison.json", "tuned.json"):
+        if not (dest / needed).is_file():
+            sys.exit(f"--verify: {dest / needed} does not exist; record {args.name} first")
     recorded = json.loads((dest / "comparison.json").read_text())
     cmd = [_app("metaloss-meta"), f"experiment={args.name}", "progress=false", *args.overrides,
-           f"hydra.run.dir={work / 'verify'}"]
+           f"meta_test.tuned={_arg(dest / 'tuned.json')}", f"hydra.run.dir={work / 'verify'}"]
     seconds = _run(cmd, work / "verify.log")
     again = json.loads((work / "verify" / "comparison.json").read_text())
     metric = recorded["metric"]
     worst, bad = 0.0, []
-    for loss, per_metric in recorded["results"].items():
-        new = again["results"].get(loss, {}).get(metric)
-        if new is None or len(new) != len(per_metric[metric]):
+    for loss, diffs in per_seed_differences(recorded, again, metric).items():
+        if len(diffs) != len(recorded["results"][loss][metric]):
             bad.append(f"{loss}: not in the rerun, or another number of seeds")
             continue
-        for seed, (a, b) in enumerate(zip(per_metric[metric], new)):
-            d = abs((math.nan if a is None else a) - (math.nan if b is None else b))
-            if not d <= args.tolerance:  # NaN on one side only is a difference too
-                bad.append(f"{loss} seed {seed}: {a} recorded, {b} now")
-            elif d > worst:
-                worst = d
+        new = again["results"][loss][metric]
+        for seed, d in enumerate(diffs):
+            if d > args.tolerance:  # NaN on one side only is inf: a difference
+                bad.append(f"{loss} seed {seed}: {recorded['results'][loss][metric][seed]} recorded, {new[seed]} now")
+            worst = max(worst, d)
     print((work / "verify" / "comparison.md").read_text())
     if bad:
         print(f"NOT reproduced ({len(bad)} differences above {args.tolerance}):\n  " + "\n  ".join(bad))
@@ -121,6 +127,18 @@ def verify(args: argparse.Namespace, dest: Path, work: Path) -> int:
     print(f"reproduced: every per-seed {metric} within {args.tolerance} of the record "
           f"(largest difference {worst:.3g}); {seconds:.0f} s")
     return 0
+
+
+def replace_all(files: dict[Path, Path]) -> None:
+    """metaloss.runs.replace_all, imported once the apps are known to be installed."""
+    from metaloss.runs import replace_all as transactional
+
+    transactional(files)
+
+
+def _arg(path: Path) -> str:
+    """A path as the apps get it: relative to the repository root when inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def main() -> None:
@@ -145,21 +163,26 @@ def main() -> None:
         sys.exit(verify(args, dest, work))
     record: dict = {"experiment": args.name, "overrides": args.overrides, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     common = [f"experiment={args.name}", "progress=false", *args.overrides]
-    previous = work / "tuned.previous.json"  # restored if the meta stage does not finish
+    # The previous tuned.json is kept as a hard link beside it (no space needed) and renamed back
+    # if the meta stage does not finish; every file reaches dest through replace_all (all files
+    # staged beside their destination first, then renamed), so a full disk or a stop at any
+    # point leaves the previous record whole.
+    tuned = dest / "tuned.json"
+    previous = dest / ".tuned.previous.json"
+    previous.unlink(missing_ok=True)
     if not args.skip_tune:
         cmd = [_app("metaloss-tune"), *common, "meta_test.tuned=null", f"hydra.run.dir={work / 'tune'}"]
         record["tune"] = {"command": cmd[1:], "seconds": round(_run(cmd, work / "tune.log"), 1),
                           "tuned_sha256": _sha256(work / "tune" / "tuned.json")}
-        if (dest / "tuned.json").is_file():
-            shutil.copy(dest / "tuned.json", previous)
-        shutil.copy(work / "tune" / "tuned.json", dest / "tuned.json")
-    elif not (dest / "tuned.json").is_file():
-        sys.exit(f"--skip-tune: {dest / 'tuned.json'} does not exist; run without --skip-tune first")
+        if tuned.is_file():
+            os.link(tuned, previous)
+        replace_all({tuned: work / "tune" / "tuned.json"})
+    elif not tuned.is_file():
+        sys.exit(f"--skip-tune: {tuned} does not exist; run without --skip-tune first")
     elif kept := _kept_tune_record(dest):
         record["tune"] = kept  # so the record still says what the kept tuning cost
     # the meta-test takes the tuned.json just written (or kept), never whatever the config names
-    tuned = dest / "tuned.json"
-    tuned_arg = str(tuned.relative_to(ROOT)) if tuned.is_relative_to(ROOT) else str(tuned)
+    tuned_arg = _arg(tuned)
     cmd = [_app("metaloss-meta"), *common, f"meta_test.tuned={tuned_arg}", f"hydra.run.dir={work / 'meta'}"]
     try:
         record["meta"] = {"command": cmd[1:], "seconds": round(_run(cmd, work / "meta.log"), 1)}
@@ -168,18 +191,21 @@ def main() -> None:
                    if loss != "learned" and hp.get("source") != f"tuned ({tuned_arg})"}
         if untuned:
             sys.exit(f"not recorded: baselines not trained with {tuned_arg}: {untuned} (see {work / 'meta.log'})")
-    except BaseException:  # failed, Ctrl-C, SIGTERM: leave dest as it was (old tuned.json beside old results)
+        record["work"] = _arg(work)
+        (work / "record.json").write_text(json.dumps(record, indent=2) + "\n")
+        produced = {dest / name: work / "meta" / name for name in RESULTS if (work / "meta" / name).is_file()}
+        replace_all({**produced, dest / "record.json": work / "record.json"})
+    except BaseException:  # failed, Ctrl-C, SIGTERM, a full disk: leave dest as it was
         if not args.skip_tune:
             if previous.is_file():
-                shutil.copy(previous, tuned)
+                os.replace(previous, tuned)
             else:
                 tuned.unlink(missing_ok=True)
         raise
-    for name in RESULTS:
-        if (work / "meta" / name).is_file():
-            shutil.copy(work / "meta" / name, dest / name)
-    record["work"] = str(work.relative_to(ROOT)) if work.is_relative_to(ROOT) else str(work)
-    (dest / "record.json").write_text(json.dumps(record, indent=2) + "\n")
+    previous.unlink(missing_ok=True)
+    for name in RESULTS:  # a result this run did not produce is not left from the previous one
+        if dest / name not in produced:
+            (dest / name).unlink(missing_ok=True)
     print((dest / "comparison.md").read_text())
     print(f"recorded in {dest}")
 

@@ -152,6 +152,99 @@ def test_skip_tune_carries_the_tuning_entry_only_for_the_same_tuned_json(tmp_pat
     assert mod._kept_tune_record(tmp_path) is None
 
 
+def _script_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("record_experiment", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake_record(dest, values):
+    dest.mkdir(parents=True, exist_ok=True)
+    comp = {"metric": "test/acc", "results": {loss: {"test/acc": v} for loss, v in values.items()}}
+    (dest / "comparison.json").write_text(json.dumps(comp))
+    (dest / "tuned.json").write_text("{}")
+    return comp
+
+
+def test_verify_reruns_with_the_destinations_tuned_json_and_takes_nan_as_nan(tmp_path, monkeypatch):
+    """--verify gives metaloss-meta the destination's tuned.json (not whatever the experiment's
+    config names), and a seed that diverged in the record and in the rerun is a reproduction."""
+    import argparse
+
+    mod = _script_module()
+    dest, work = tmp_path / "rec", tmp_path / "work"
+    recorded = _fake_record(dest, {"learned": [0.5, None, 0.7], "ce": [0.6, 0.6, None]})
+    commands = []
+
+    def fake_run(cmd, log):  # the rerun gives back the record, NaN as NaN
+        commands.append(cmd)
+        (work / "verify").mkdir(parents=True)
+        (work / "verify" / "comparison.json").write_text(json.dumps(recorded))
+        (work / "verify" / "comparison.md").write_text("table")
+        return 1.0
+
+    monkeypatch.setattr(mod, "_app", lambda name: name)
+    monkeypatch.setattr(mod, "_run", fake_run)
+    args = argparse.Namespace(name="quickstart", overrides=["logger=none"], tolerance=1e-3)
+    assert mod.verify(args, dest, work) == 0
+    assert f"meta_test.tuned={dest / 'tuned.json'}" in commands[0]
+    # NaN on one side only, or a value moved past the tolerance, is not a reproduction
+    recorded["results"]["ce"]["test/acc"] = [0.6, 0.6, 0.6]
+    (dest / "comparison.json").write_text(json.dumps(recorded))
+    recorded["results"]["ce"]["test/acc"] = [0.6, 0.6, None]
+    import shutil
+
+    shutil.rmtree(work)
+    assert mod.verify(args, dest, work) == 1
+    # an explicit meta_test.tuned would be silently replaced: refused instead
+    with pytest.raises(SystemExit, match="own tuned.json"):
+        mod.verify(argparse.Namespace(name="quickstart", overrides=["meta_test.tuned=x.json"], tolerance=1e-3),
+                   dest, work)
+
+
+def test_per_seed_differences_nan_rules():
+    from metaloss.report import per_seed_differences
+
+    rec = {"metric": "m", "results": {"a": {"m": [1.0, None]}, "b": {"m": [1.0, 2.0]}, "c": {"m": [1.0]}}}
+    again = {"results": {"a": {"m": [1.5, None]}, "b": {"m": [None, 2.0]}}}
+    assert per_seed_differences(rec, again) == {"a": [0.5, 0.0], "b": [math.inf, 0.0], "c": [math.inf]}
+
+
+def test_a_full_disk_while_recording_leaves_the_previous_record_whole(tmp_path, monkeypatch):
+    """The results reach experiments/<name>/ all or nothing: a copy that fails half way (ENOSPC)
+    leaves every previous file as it was and no temporary file behind."""
+    import errno
+    import shutil
+
+    from metaloss import runs
+
+    dest, new = tmp_path / "rec", tmp_path / "new"
+    dest.mkdir()
+    new.mkdir()
+    names = ["comparison.json", "comparison.md", "learned_loss.pt", "record.json"]
+    for n in names:
+        (dest / n).write_text(f"old {n}")
+        (new / n).write_text(f"new {n}")
+    real, calls = shutil.copyfile, {"n": 0}
+
+    def full_disk(src, dst, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(runs.shutil, "copyfile", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        runs.replace_all({dest / n: new / n for n in names})
+    assert {p.name: p.read_text() for p in dest.iterdir()} == {n: f"old {n}" for n in names}
+    monkeypatch.setattr(runs.shutil, "copyfile", real)
+    runs.replace_all({dest / n: new / n for n in names})
+    assert {p.name: p.read_text() for p in dest.iterdir()} == {n: f"new {n}" for n in names}
+
+
 @pytest.mark.slow
 def test_record_script_stopped_in_the_meta_stage_keeps_the_previous_tuned_json(tmp_path):
     """SIGTERM while metaloss-meta runs: exit 143, and dest keeps its old tuned.json (nothing
@@ -220,7 +313,7 @@ def test_record_script_runs_tune_then_meta_and_copies_the_results(tmp_path):
     assert {n: comp["hyperparameters"][n]["lr"] for n in tuned_lr} == tuned_lr
     # --verify reruns metaloss-meta and finds the record reproduced; a tampered record is caught
     verify = [sys.executable, str(SCRIPT), "quickstart", "--verify", "--dest", str(rec), "--work", str(tmp_path / "work"),
-              "debug=default", "compare=[mse,mae,huber]", f"meta_test.tuned={rec / 'tuned.json'}"]
+              "debug=default", "compare=[mse,mae,huber]"]
     ok = subprocess.run(verify, capture_output=True, text=True, timeout=600)
     assert ok.returncode == 0 and "reproduced: every per-seed" in ok.stdout, ok.stdout[-2000:] + ok.stderr[-2000:]
     comp["results"]["mae"][comp["metric"]][1] += 0.01
