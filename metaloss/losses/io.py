@@ -10,7 +10,16 @@ and the state dict. A file is data from somewhere else, so loading trusts none o
 * **Sizes.** The constructor arguments decide how much memory the constructor allocates
   (``hidden=[10**9]`` for an MLP loss). They must be plain values, and the class is first
   built on the ``meta`` device (shapes, no memory) to check its size against ``max_numel``
-  and its parameter shapes against the saved state dict, before the real build.
+  and its parameter shapes against the saved state dict, before the real build. The file
+  itself is a zip archive: the uncompressed sizes its directory declares are checked
+  against the same limit before ``torch.load`` decompresses (allocates) anything.
+* **Values.** The file holds values only, checked before anything is built: the keys
+  ``format, target, init_kwargs, state_dict, meta`` and, in ``meta``, :data:`META_KEYS`
+  (anything else is refused, naming the file and the key); numbers are finite; no Hydra
+  keys (``_target_``, ``_partial_``, ...) or ``${...}`` interpolations anywhere; constructor
+  arguments are ones the class's constructor takes, in the ranges metaloss.validate
+  declares for it. Tensors are dense CPU tensors of a real dtype (not meta, sparse,
+  quantized or complex), floating point wherever the class holds floats.
 
 A W&B artifact reference (``wandb-artifact://[entity/]project/name:version-or-alias``, as
 ``metaloss-meta`` logs it) is fetched with W&B's public API into a temporary directory and
@@ -21,9 +30,12 @@ coming from W&B.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
+import math
 import re
 import tempfile
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +47,19 @@ from metaloss.runs import atomic_write
 
 FORMAT = "metaloss.learned_loss/1"
 MAX_NUMEL = 50_000_000  # elements in all parameters and buffers: 200 MB of float32
+_MAX_ELEMENT_BYTES = 8  # float64, the widest dtype a loss's tensors may have
+_MAX_PICKLE_BYTES = 16 * 2**20  # the archive's data.pkl: constructor arguments and meta only
+_MAX_ARCHIVE_OVERHEAD = 1 * 2**20  # version records, storage alignment, ...
+_MAX_ARCHIVE_ENTRIES = 10_000
+FILE_KEYS = frozenset({"format", "target", "init_kwargs", "state_dict", "meta"})
+# What metaloss-meta records about a learned loss (save_learned_loss refuses other keys):
+# the training task's name, the loss option, the run fingerprint, outer steps done, whether
+# the run finished (else why it stopped), and the training setup (metaloss.config.training_setup:
+# task / model / optimizer configs as values, which metaloss-eval takes when not given).
+META_KEYS = frozenset({"task", "loss_name", "fingerprint", "steps", "complete", "stopped", "setup"})
+HYDRA_KEYS = frozenset({"_target_", "_partial_", "_args_", "_recursive_", "_convert_"})
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_OTHER_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)  # buffers only
 _MAX_KWARG_ITEMS = 10_000  # constructors loop over lists (one layer per `hidden` entry)
 _MAX_KWARG_DEPTH = 8
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # ASCII only: no look-alike letters
@@ -70,6 +95,15 @@ def atomic_save(obj, path: str | Path) -> Path:
 
 
 def save_learned_loss(loss: ParametricLoss, path: str | Path, **meta) -> Path:
+    """Write ``loss`` (class path, constructor arguments, state dict) and ``meta`` (keys from
+    :data:`META_KEYS`, plain values) to ``path``, atomically. The file is checked exactly as
+    :func:`load_learned_loss` checks it, so a file this writes is one it reads."""
+    unknown = sorted(set(meta) - META_KEYS)
+    if unknown:
+        raise ValueError(f"save_learned_loss: unknown meta keys {unknown}; valid: {sorted(META_KEYS)}")
+    problems = _value_problems(meta, "meta") + _value_problems(dict(loss.init_kwargs), "init_kwargs")
+    if problems:
+        raise ValueError(f"save_learned_loss({type(loss).__qualname__}): " + "; ".join(problems))
     cls = type(loss)
     return atomic_save({
         "format": FORMAT,
@@ -82,7 +116,7 @@ def save_learned_loss(loss: ParametricLoss, path: str | Path, **meta) -> Path:
 
 def load_learned_loss(path: str | Path, frozen: bool = True, *,
                       trusted_modules: Sequence[str] = (),
-                      max_numel: int = MAX_NUMEL) -> ParametricLoss:
+                      max_numel: int = MAX_NUMEL, allow_other_task: bool = False) -> ParametricLoss:
     """Rebuild a saved learned loss; ``frozen`` turns off gradients for its parameters.
 
     ``trusted_modules``: module names or dotted prefixes, besides ``metaloss``, whose loss
@@ -90,20 +124,29 @@ def load_learned_loss(path: str | Path, frozen: bool = True, *,
     loss's parameters and buffers may hold. A file that breaks either rule, or whose
     parameters do not fit its class, raises :class:`CorruptLossFile` before anything is
     imported or allocated.
+
+    ``allow_other_task``: kept on the loss (``loss.allow_other_task``) for the run that uses
+    it: :func:`metaloss.config.check_loss` refuses a learned loss on a task other than the
+    one its file records unless this is true (this function does not know the run's task).
     """
+    if not isinstance(allow_other_task, bool):
+        raise ValueError(f"allow_other_task must be true or false, got {allow_other_task!r}")
     if is_artifact_ref(path):
         with tempfile.TemporaryDirectory(prefix="metaloss-artifact-") as root:
             loss = load_learned_loss(fetch_artifact(str(path), Path(root)), frozen,
-                                     trusted_modules=trusted_modules, max_numel=max_numel)
+                                     trusted_modules=trusted_modules, max_numel=max_numel,
+                                     allow_other_task=allow_other_task)
         loss.meta = {**loss.meta, "source": str(path)}
         return loss
     path = Path(path)
     trusted = _trusted_prefixes(trusted_modules)
-    blob = _read_blob(path)
+    blob = _read_blob(path, max_numel)
     target = blob.get("target")
     init_kwargs, state_dict = _checked_contents(path, blob, max_numel)
     cls = _resolve_loss_class(path, target, trusted)
-    _check_size_before_building(path, cls, init_kwargs, state_dict, max_numel)
+    _check_arguments(path, cls, init_kwargs)
+    module = _check_size_before_building(path, cls, init_kwargs, state_dict, max_numel)
+    _check_dtypes(path, cls, state_dict, module)
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CorruptLossFile(f"{path}: parameters {bad} hold NaN/inf values; this loss cannot train anything "
@@ -115,6 +158,7 @@ def load_learned_loss(path: str | Path, frozen: bool = True, *,
     if frozen:
         loss.requires_grad_(False)
     loss.meta = blob.get("meta", {})
+    loss.allow_other_task = allow_other_task
     return loss
 
 
@@ -153,15 +197,68 @@ def fetch_artifact(ref: str, root: Path, timeout: int = ARTIFACT_TIMEOUT_S) -> P
 
 # --- reading -----------------------------------------------------------------------------
 
-def _read_blob(path: Path) -> dict:
+def max_file_bytes(max_numel: int = MAX_NUMEL) -> int:
+    """The most bytes a learned-loss file may unpack to: ``max_numel`` float64 elements, its
+    pickled values and the archive's small records."""
+    return max_numel * _MAX_ELEMENT_BYTES + _MAX_PICKLE_BYTES + _MAX_ARCHIVE_OVERHEAD
+
+
+def _check_archive(path: Path, max_numel: int) -> None:
+    """Refuse a file whose unpacked size exceeds the limit, from the zip archive's central
+    directory (the sizes it declares, which torch's reader allocates and then holds the data
+    to), before ``torch.load`` decompresses anything: a few kB of deflated zeros can declare
+    gigabytes. A file that is not a zip archive (torch's legacy format) is bounded by its size
+    on disk."""
+    limit = max_file_bytes(max_numel)
+    if not zipfile.is_zipfile(path):
+        size = path.stat().st_size
+        if size > limit:
+            raise CorruptLossFile(f"{path}: {size:,} bytes, over the limit of {limit:,} bytes for a "
+                                  f"learned-loss file (max_numel={max_numel:,})")
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CorruptLossFile(f"{path} is not a readable learned-loss file (its zip directory: "
+                              f"{type(e).__name__}: {e})") from e
+    if len(entries) > _MAX_ARCHIVE_ENTRIES:
+        raise CorruptLossFile(f"{path}: {len(entries):,} archive entries, over the limit of "
+                              f"{_MAX_ARCHIVE_ENTRIES:,}")
+    total = sum(e.file_size for e in entries)
+    if total > limit:
+        raise CorruptLossFile(f"{path}: unpacks to {total:,} bytes ({len(entries)} entries), over the limit of "
+                              f"{limit:,} bytes for a learned-loss file (max_numel={max_numel:,} elements); "
+                              "refused before decompressing anything")
+    pickles = [e for e in entries if e.filename.endswith(".pkl")]
+    big = [e for e in pickles if e.file_size > _MAX_PICKLE_BYTES]
+    if big:
+        raise CorruptLossFile(f"{path}: its pickled values {big[0].filename!r} unpack to {big[0].file_size:,} "
+                              f"bytes, over the limit of {_MAX_PICKLE_BYTES:,} (constructor arguments and meta "
+                              "are small)")
+
+
+def _read_blob(path: Path, max_numel: int = MAX_NUMEL) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"learned loss file not found: {path}")
+    _check_archive(path, max_numel)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated zip archives, foreign objects
         raise CorruptLossFile(f"{path} is not a readable learned-loss file ({type(e).__name__}: {e})") from e
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CorruptLossFile(f"{path} is not a metaloss learned-loss file (format {FORMAT!r} expected)")
+    unknown = [k for k in blob if k not in FILE_KEYS]
+    if unknown:
+        raise CorruptLossFile(f"{path}: unknown key {unknown[0]!r} in the file; a learned-loss file holds "
+                              f"only {sorted(FILE_KEYS)}")
+    meta = blob.get("meta", {})
+    if not isinstance(meta, dict):
+        raise CorruptLossFile(f"{path}: meta must be a dict, got {type(meta).__name__}")
+    unknown = [k for k in meta if k not in META_KEYS]
+    if unknown:
+        raise CorruptLossFile(f"{path}: unknown key {'meta.' + str(unknown[0])!r} in the file; "
+                              f"meta holds only {sorted(META_KEYS)}")
     return blob
 
 
@@ -170,18 +267,68 @@ def _checked_contents(path: Path, blob: dict, max_numel: int) -> tuple[dict, dic
     init_kwargs, state_dict = blob.get("init_kwargs"), blob.get("state_dict")
     if not isinstance(init_kwargs, dict) or not isinstance(state_dict, dict):
         raise CorruptLossFile(f"{path}: init_kwargs and state_dict must both be dicts")
-    try:
-        _count_plain(init_kwargs, depth=0)
-    except ValueError as e:
-        raise CorruptLossFile(f"{path}: init_kwargs {e}") from None
+    for name, value in (("init_kwargs", init_kwargs), ("meta", blob.get("meta", {}))):
+        try:
+            _count_plain(value, depth=0)
+        except ValueError as e:
+            raise CorruptLossFile(f"{path}: {name} {e}") from None
+        problems = _value_problems(value, name)
+        if problems:
+            raise CorruptLossFile(f"{path}: " + "; ".join(problems[:5]))
     bad = [k for k, v in state_dict.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     if bad:
         raise CorruptLossFile(f"{path}: state_dict entries {bad[:5]} are not named tensors")
+    for k, v in state_dict.items():
+        why = _unsupported_tensor(v)
+        if why:
+            raise CorruptLossFile(f"{path}: state_dict[{k!r}] is {why}; a learned loss holds dense CPU "
+                                  f"tensors of dtype {', '.join(str(d).replace('torch.', '') for d in _FLOAT_DTYPES)} "
+                                  "(integer or bool buffers where its class has them)")
     numel = sum(v.numel() for v in state_dict.values())
     if numel > max_numel:
         raise CorruptLossFile(f"{path}: the saved parameters hold {numel:,} elements, over the "
                               f"limit of {max_numel:,} (max_numel)")
     return init_kwargs, state_dict
+
+
+def _value_problems(value: Any, where: str) -> list[str]:
+    """Values that are plain types but not data: non-finite numbers, Hydra keys (a
+    ``_target_`` would be called by whoever instantiates a config built from the file) and
+    ``${...}`` interpolations (resolvers run when a config built from the file is read)."""
+    out: list[str] = []
+    if isinstance(value, float) and not math.isfinite(value):
+        out.append(f"{where} = {value!r}: must be a finite number")
+    elif isinstance(value, str) and "${" in value:
+        out.append(f"{where} = {value!r}: interpolations (${{...}}) are not values")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            out += _value_problems(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            if k in HYDRA_KEYS:
+                out.append(f"{where}.{k}: Hydra key {k!r} refused (a file holds values, never what to call)")
+            else:
+                out += _value_problems(item, f"{where}.{k}")
+    return out
+
+
+def _unsupported_tensor(v: torch.Tensor) -> str | None:
+    """Why a saved tensor cannot be a loss parameter or buffer; None if it can."""
+    if v.is_meta or v.device.type == "meta":
+        return "a meta-device tensor (shape only, no values)"
+    if v.layout != torch.strided:
+        return f"a {str(v.layout).replace('torch.', '')} tensor"
+    if v.is_quantized:
+        return f"a quantized tensor ({str(v.dtype).replace('torch.', '')})"
+    if v.is_complex():
+        return f"complex ({str(v.dtype).replace('torch.', '')})"
+    if type(v) not in (torch.Tensor, torch.nn.Parameter):
+        return f"a {type(v).__name__}"
+    if v.device.type != "cpu":
+        return f"on device {v.device}"
+    if v.dtype not in _FLOAT_DTYPES + _OTHER_DTYPES:
+        return f"of dtype {str(v.dtype).replace('torch.', '')}"
+    return None
 
 
 def _count_plain(value: Any, depth: int) -> int:
@@ -308,11 +455,55 @@ def _meta_build(cls: type[ParametricLoss], init_kwargs: dict, state_dict: dict) 
     return built if isinstance(built, torch.nn.Module) else None
 
 
+def _check_arguments(path: Path, cls: type[ParametricLoss], init_kwargs: dict) -> None:
+    """Constructor arguments the class takes, in the ranges ``metaloss.validate`` declares for
+    it (the same rules as ``loss.<key>=...`` on the command line), before any build."""
+    from metaloss.validate import LOSS_RULES  # the loss settings' schema, owned in one place
+
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        takes = [n for n, p in params.items() if n != "self" and p.kind in
+                 (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        unknown = [k for k in init_kwargs if k not in takes]
+        if unknown:
+            raise CorruptLossFile(f"{path}: unknown key {'init_kwargs.' + unknown[0]!r}: "
+                                  f"{cls.__qualname__} takes {takes}")
+    rules = LOSS_RULES.get(cls.__name__, {}) if _is_trusted(cls.__module__, ("metaloss",)) else {}
+    problems = []
+    for key, check in rules.items():
+        if key in init_kwargs:
+            value = init_kwargs[key]
+            msg = check(list(value) if isinstance(value, tuple) else value)
+            if msg:
+                problems.append(f"init_kwargs.{key} = {value!r}: must be {msg}")
+    if problems:
+        raise CorruptLossFile(f"{path}: " + "; ".join(problems))
+
+
+def _check_dtypes(path: Path, cls: type[ParametricLoss], state_dict: dict,
+                  module: torch.nn.Module | None) -> None:
+    """φ is floating point: a parameter (or any entry the class builds as floats) saved as
+    integers or bools would be cast silently by ``load_state_dict``."""
+    if module is not None:
+        expected = module.state_dict()
+        floats = {k for k, v in expected.items() if v.is_floating_point()}
+    else:  # not buildable on meta: its parameters are what the file must hold as floats
+        floats = set(state_dict)
+    bad = [k for k in state_dict if k in floats and not state_dict[k].is_floating_point()]
+    if bad:
+        k = bad[0]
+        raise CorruptLossFile(f"{path}: state_dict[{k!r}] has dtype {str(state_dict[k].dtype).replace('torch.', '')}, "
+                              f"but {cls.__qualname__} holds it as floats (φ is one of "
+                              f"{', '.join(str(d).replace('torch.', '') for d in _FLOAT_DTYPES)})")
+
+
 def _check_size_before_building(path: Path, cls: type[ParametricLoss], init_kwargs: dict,
-                                state_dict: dict, max_numel: int) -> None:
+                                state_dict: dict, max_numel: int) -> torch.nn.Module | None:
+    """The meta-device build (None if the class cannot be built there), checked for size
+    and for its parameter shapes against the saved ones."""
     module = _meta_build(cls, init_kwargs, state_dict)
     if module is None:
-        return  # only the saved state dict's size (checked on reading) bounds this class
+        return None  # only the saved state dict's size (checked on reading) bounds this class
     numel = sum(t.numel() for t in (*module.parameters(), *module.buffers()))
     if numel > max_numel:
         raise CorruptLossFile(f"{path}: {cls.__qualname__}(**{_short(init_kwargs)}) would hold "
@@ -321,6 +512,7 @@ def _check_size_before_building(path: Path, cls: type[ParametricLoss], init_kwar
     if problems:
         raise CorruptLossFile(f"{path}: parameters do not match {cls.__qualname__}"
                               f"(**{_short(init_kwargs)}): " + "; ".join(problems))
+    return module
 
 
 def _state_dict_mismatch(expected: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]) -> list[str]:
