@@ -186,6 +186,12 @@ def loss_option(name: str, task: Any, cfg: Any = None, overrides: Mapping[str, A
     ``overrides``: hyper-parameters set over the option's (tuned values, metaloss.tune)."""
     option = load_option("loss", name, cfg)
     if overrides:
+        # values over the option's own, never code: a `_target_` (or `_partial_`, `_args_`...)
+        # here would make Hydra call whatever a tuned.json names
+        code = [k for k in overrides if not isinstance(k, str) or (k.startswith("_") and k.endswith("_"))]
+        if code:
+            raise ValueError(f"loss {name!r}: hyper-parameter overrides may not name code ({', '.join(map(str, code))}); "
+                             "only values are set over the loss option's own")
         option = OmegaConf.merge(option, dict(overrides))
     loss = instantiate_loss(option, task)
     check_loss_fits(loss, task.kind, task.name, name)

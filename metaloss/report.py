@@ -59,7 +59,42 @@ class UnreadableResult(ValueError):
     """A metrics.json / comparison.json that is not a metaloss result."""
 
 
+def _value_problem(v: Any) -> bool:
+    """Not a result value: a number (bool is not one) or null (NaN: diverged)."""
+    return not (v is None or (isinstance(v, int | float) and not isinstance(v, bool)))
+
+
+def _code_keys(node: Any, where: str) -> list[str]:
+    """Keys that name code for Hydra to call (``_target_``, ``_partial_``, ...): a result file
+    is data, so none may appear anywhere in it."""
+    out = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            key = f"{where}.{k}" if where else str(k)
+            if isinstance(k, str) and k.startswith("_") and k.endswith("_"):
+                out.append(key)
+            out += _code_keys(v, key)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _code_keys(v, f"{where}[{i}]")
+    return out
+
+
+def _metrics_problems(metrics: Any, where: str, per_seed: bool) -> list[str]:
+    if not isinstance(metrics, dict):
+        return [f"{where} = {metrics!r:.80}: must be a mapping {{metric: {'[values]' if per_seed else 'value'}}}"]
+    out = []
+    for k, v in metrics.items():
+        if per_seed and not (isinstance(v, list) and not any(map(_value_problem, v))):
+            out.append(f"{where}.{k} = {v!r:.80}: must be a list of numbers or null (one per seed)")
+        elif not per_seed and _value_problem(v):
+            out.append(f"{where}.{k} = {v!r:.80}: must be a number or null")
+    return out
+
+
 def _read(f: Path) -> dict:
+    """A result file read as data (nothing in it is instantiated or called), refused unless
+    every value read is a number or null, naming the file and the key."""
     try:
         rec = json.loads(f.read_text())
     except (OSError, ValueError) as e:
@@ -67,6 +102,23 @@ def _read(f: Path) -> dict:
     key = "results" if f.name == "comparison.json" else ("runs" if isinstance(rec, dict) and "runs" in rec else "metrics")
     if not isinstance(rec, dict) or not isinstance(rec.get(key), dict | list):
         raise UnreadableResult(f"{f}: not a metaloss {f.name} (no {key!r} entry)")
+    found = [f"{k}: names code to call; a result file holds values only" for k in _code_keys(rec, "")]
+    if key == "results":
+        if not isinstance(rec["results"], dict):
+            found.append("results: must be a mapping {loss: {metric: [values]}}")
+        else:
+            for loss, metrics in rec["results"].items():
+                found += _metrics_problems(metrics, f"results.{loss}", per_seed=True)
+    elif key == "runs":
+        for i, r in enumerate(rec["runs"]) if isinstance(rec["runs"], list) else ():
+            found += (_metrics_problems(r.get("metrics"), f"runs[{i}].metrics", per_seed=False)
+                      if isinstance(r, dict) else [f"runs[{i}]: must be a mapping with 'metrics'"])
+        if not isinstance(rec["runs"], list):
+            found.append("runs: must be a list of {metrics: {...}}")
+    else:
+        found += _metrics_problems(rec["metrics"], "metrics", per_seed=False)
+    if found:
+        raise UnreadableResult(f"{f}: not a valid metaloss {f.name} (nothing was reported):\n  " + "\n  ".join(found))
     return rec
 
 

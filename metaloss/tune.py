@@ -149,16 +149,27 @@ def learned_loss_cost(cfg: Any, n_params: int) -> int:
                                                                      n_params))
 
 
-def setup_record(cfg: Any) -> dict[str, Any]:
-    """What a tuned learning rate and γ depend on besides the loss and optimizer: the model
-    (and its sizes), the meta-test's training budget, and the data — the whole task config,
-    so values tuned on clean labels are refused for 40% label noise or another imbalance."""
+def setup_record(cfg: Any, tasks: int | None = None) -> dict[str, Any]:
+    """Everything a baseline's training depends on besides the loss: the optimizer with all
+    its hyper-parameters (``optim_config``, its lr apart as ``default_lr``: the meta-test's
+    lr, the centre of the lr range and the lr of a loss tuned without one), the dtype, the
+    model (and its sizes), the meta-test's training budget (steps, batch size) and the data
+    — the whole task config, so values tuned on clean labels are refused for 40% label noise
+    or another imbalance — and, when given, ``tasks``: how many tasks it trained on."""
     from omegaconf import OmegaConf
 
-    return {"model": str(cfg.model._target_), "steps": int(cfg.meta_test.steps),
-            "batch_size": cfg.meta_test.batch_size,
-            "model_config": OmegaConf.to_container(cfg.model, resolve=True),
-            "task_config": OmegaConf.to_container(cfg.task, resolve=True)}
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    assert isinstance(optim, dict)
+    lr = cfg.meta_test.lr if cfg.meta_test.lr is not None else optim.get("lr")
+    out = {"model": str(cfg.model._target_), "steps": int(cfg.meta_test.steps),
+           "batch_size": cfg.meta_test.batch_size,
+           "model_config": OmegaConf.to_container(cfg.model, resolve=True),
+           "task_config": OmegaConf.to_container(cfg.task, resolve=True),
+           "optim_config": {k: v for k, v in optim.items() if k != "lr"},
+           "default_lr": float(lr) if lr is not None else None, "dtype": str(cfg.dtype)}
+    if tasks is not None:
+        out["tasks"] = int(tasks)
+    return out
 
 
 def trials_for_budget(budget_steps: int, cost_per_trial: int) -> int:
@@ -181,15 +192,40 @@ class TuneResult:
     n_trials: int
     n_diverged: int
     trials: list[dict[str, Any]]
+    default_outside_range: bool = False
+    resumed: int = 0  # finished trials found in the storage (0: a fresh study)
+
+
+def trial_seed(seed: int, i: int) -> int:
+    """The sampler's seed for the ``i``-th trial of a study: a fresh ``TPESampler`` per trial,
+    so the trials depend only on ``tune.seed`` and the finished trials before them — a study
+    resumed from its storage draws exactly what an uninterrupted one would have."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1)[0])
+
+
+def _inside(v: float, r: Range) -> bool:
+    return r.low <= v <= r.high
 
 
 def tune_loss(score: Callable[[dict[str, float], float], float], space: Mapping[str, Range],
               defaults: Mapping[str, float], *, lr: float, lr_space: Range | None, n_trials: int,
-              direction: str, seed: int, on_trial: Callable[[int, dict, float], None] | None = None
-              ) -> TuneResult:
+              direction: str, seed: int, on_trial: Callable[[int, dict, float], None] | None = None,
+              storage: Any = None, study_name: str = "loss") -> TuneResult:
     """One Optuna study (ask/tell, seeded TPE) over ``space`` (+ the lr unless ``lr_space`` is
-    None). ``score(params, lr)`` trains and returns the validation value (NaN: diverged). Trial
-    0 is the default (``defaults`` clipped to the ranges, ``lr``)."""
+    None). ``score(params, lr)`` trains and returns the validation value (NaN: diverged).
+
+    Trial 0 is the default: ``defaults`` and ``lr``. When it lies inside the ranges it is the
+    study's first trial; when it lies outside (say the optimizer's lr under ``tune.lr_range``)
+    it is evaluated as it is, apart from the study (whose distributions cannot hold it), and
+    counts as one of the ``n_trials``; either way ``default_val`` is the true default's value
+    and the result is never worse than it on validation (the default itself wins otherwise).
+
+    ``storage`` (an Optuna storage, e.g. a JournalStorage file): the study ``study_name`` is
+    continued from it — its finished trials are kept, a trial that was running when the
+    process died is marked failed and run again, the default's value is reused — so a killed
+    tuning resumes, and a finished one costs no training at all."""
     try:
         import optuna
     except ImportError as e:  # an optional extra: the meta-test reads tuned.json without it
@@ -205,15 +241,42 @@ def tune_loss(score: Callable[[dict[str, float], float], float], space: Mapping[
     dists: dict[str, BaseDistribution] = {k: FloatDistribution(r.low, r.high, log=r.log) for k, r in space.items()}
     if lr_space is not None:
         dists["lr"] = FloatDistribution(lr_space.low, lr_space.high, log=True)
-    first = {k: min(max(float(defaults.get(k, (r.low + r.high) / 2)), r.low), r.high) for k, r in space.items()}
-    if lr_space is not None:
-        first["lr"] = min(max(float(lr), lr_space.low), lr_space.high)
-    study = optuna.create_study(direction="maximize" if direction == "maximize" else "minimize", sampler=optuna.samplers.TPESampler(seed=int(seed)))
-    study.enqueue_trial(first)
+    default = {k: float(defaults.get(k, (r.low + r.high) / 2)) for k, r in space.items()}
+    outside = (not all(_inside(default[k], r) for k, r in space.items())
+               or (lr_space is not None and not _inside(float(lr), lr_space)))
+    study = optuna.create_study(storage=storage, study_name=study_name, load_if_exists=storage is not None,
+                                direction="maximize" if direction == "maximize" else "minimize",
+                                sampler=optuna.samplers.TPESampler(seed=trial_seed(seed, 0)))
+    if study.direction.name.lower() != direction:
+        raise ValueError(f"study {study_name!r} in the storage {direction!r} differs: it was made to "
+                         f"{study.direction.name.lower()}")
+    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # its process died
+        study.tell(stale.number, state=TrialState.FAIL)
+    finished_states = (TrialState.COMPLETE, TrialState.PRUNED)
+
+    def finished() -> list:
+        return study.get_trials(deepcopy=False, states=finished_states)
+
+    resumed = len(finished()) + ("default" in study.user_attrs)
     trials: list[dict[str, Any]] = []
+    if outside:  # the true default, outside the distributions: evaluated apart, once
+        if "default" not in study.user_attrs:
+            value = float(score(dict(default), float(lr)))
+            study.set_user_attr("default", {"params": default, "lr": float(lr),
+                                            "value": value if math.isfinite(value) else None})
+        d = study.user_attrs["default"]
+        trials.append({"params": dict(d["params"]), "lr": float(d["lr"]), "value": d["value"]})
+        if on_trial is not None and not resumed:
+            on_trial(0, {**default, **({"lr": float(lr)} if lr_space is not None else {})},
+                     math.nan if d["value"] is None else d["value"])
+    elif not finished() and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        study.enqueue_trial({**default, **({"lr": float(lr)} if lr_space is not None else {})})
+    in_study = int(n_trials) - len(trials)
     if not dists:  # nothing to tune (no hyper-parameters, lr fixed): one trial says it all
-        n_trials = 1
-    for i in range(int(n_trials)):
+        in_study = 0 if outside else 1
+    while len(finished()) < in_study:
+        i = len(finished())
+        study.sampler = optuna.samplers.TPESampler(seed=trial_seed(seed, i))
         trial = study.ask(dists)
         p = dict(trial.params)
         trial_lr = float(p.pop("lr")) if lr_space is not None else float(lr)
@@ -222,26 +285,166 @@ def tune_loss(score: Callable[[dict[str, float], float], float], space: Mapping[
             study.tell(trial, value)
         else:  # diverged: worse than any finished trial for TPE (a failed trial would be ignored)
             study.tell(trial, state=TrialState.PRUNED)
-        trials.append({"params": p, "lr": trial_lr, "value": value if math.isfinite(value) else None})
         if on_trial is not None:
-            on_trial(i, {**p, "lr": trial_lr}, value)
-    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    if not done:
-        raise FloatingPointError(f"every one of the {n_trials} trials diverged; narrow tune.lr_range")
-    best = study.best_trial
-    assert best.value is not None  # a COMPLETE trial has its value
-    params = {k: float(v) for k, v in best.params.items() if k != "lr"}
+            on_trial(len(trials) + i, {**p, "lr": trial_lr}, value)
+    done = sorted(finished(), key=lambda t: t.number)[:max(in_study, 0)]
+    for t in done:
+        p = {k: float(v) for k, v in t.params.items() if k != "lr"}
+        trials.append({"params": p, "lr": float(t.params["lr"]) if lr_space is not None else float(lr),
+                       "value": float(t.value) if t.state == TrialState.COMPLETE and t.value is not None else None})
+    scored = [t for t in trials if t["value"] is not None]
+    if not scored:
+        raise FloatingPointError(f"every one of the {len(trials)} trials diverged; narrow tune.lr_range")
+    pick = max if direction == "maximize" else min
+    best = pick(scored, key=lambda t: t["value"])  # the first of equal values: the default wins a tie
     default_val = trials[0]["value"]
-    return TuneResult(params=params, lr=float(best.params["lr"]) if lr_space is not None else None,
-                      best_val=float(best.value), default_val=math.nan if default_val is None else default_val,
-                      n_trials=len(trials), n_diverged=sum(t["value"] is None for t in trials), trials=trials)
+    return TuneResult(params=dict(best["params"]), lr=best["lr"] if lr_space is not None else None,
+                      best_val=float(best["value"]), default_val=math.nan if default_val is None else default_val,
+                      n_trials=len(trials), n_diverged=sum(t["value"] is None for t in trials), trials=trials,
+                      default_outside_range=outside, resumed=resumed)
 
 
 # ---------------------------------------------------------------- reading tuned.json
+#
+# tuned.json is data: values checked here, never instantiated. Nothing in it names code that
+# is called: a loss's hyper-parameters are merged over the loss's *own* option (whose
+# `_target_` comes from the run's config), ``target`` is only compared with that option's, and
+# ``model_config`` / ``task_config`` / ``optim_config`` are only compared, key by key, with
+# the run's own config (any `_target_` in them can only equal the run's own). A loss's
+# hyper-parameter must be one that metaloss-tune searches for that function (SEARCH_SPACES)
+# and a valid value by the loss's own rule (metaloss.validate.LOSS_RULES: the single table of
+# valid values).
+
+
+def _text(v: Any) -> str | None:
+    return None if isinstance(v, str) and v else "a non-empty string"
+
+
+def _val_metric(v: Any) -> str | None:
+    return None if isinstance(v, str) and v.startswith("val/") else "val/<metric> (tuning never looks at the test split)"
+
+
+def _top_level_schema() -> dict[str, Callable[[Any], str | None]]:
+    from metaloss.validate import boolean, int_list, integer, mapping, one_of, positive
+
+    return {
+        "format": one_of(TUNED_FORMAT), "task": _text, "optim": _text, "optim_config": mapping(),
+        "dtype": one_of("float32", "float64"), "model": _text, "steps": integer(1),
+        "batch_size": integer(1, optional=True), "model_config": mapping(), "task_config": mapping(),
+        "metric": _val_metric, "direction": one_of("maximize", "minimize"), "seeds": int_list(0, nonempty=True),
+        "tasks": integer(1), "default_lr": positive(), "sampler": _text, "budget": mapping(),
+        "complete": boolean(), "losses": mapping(),
+    }
+
+
+def _budget_schema() -> dict[str, Callable[[Any], str | None]]:
+    from metaloss.validate import integer
+
+    return {"budget_steps": integer(1, optional=True), "cost_per_trial": integer(1), "n_trials": integer(1),
+            "steps_used": integer(0)}
+
+
+def _entry_schema() -> dict[str, Callable[[Any], str | None]]:
+    from metaloss.validate import boolean, integer, mapping, positive, real, strings
+
+    return {"target": _text, "params": mapping(), "lr": positive(optional=True), "best_val": real(optional=True),
+            "default_val": real(optional=True), "default_params": mapping(), "default_outside_range": boolean(),
+            "n_trials": integer(1), "n_diverged": integer(0), "steps_used": integer(0), "at_edge": strings(),
+            "trials": lambda v: None if isinstance(v, list) else "a list of trials"}
+
+
+REQUIRED_TOP_LEVEL = ("format", "task", "optim", "losses")
+REQUIRED_ENTRY = ("target", "params")
+
+
+def _show(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 120 else r[:117] + "..."
+
+
+def _code_key(k: Any) -> bool:
+    """A Hydra instantiation key (``_target_``, ``_partial_``, ``_args_``, ...): names code."""
+    return isinstance(k, str) and k.startswith("_") and k.endswith("_")
+
+
+def _check_keys(node: dict, schema: Mapping[str, Callable[[Any], str | None]], where: str,
+                required: tuple[str, ...] = ()) -> list[str]:
+    out = []
+    for k, v in node.items():
+        key = f"{where}.{k}" if where else str(k)
+        if _code_key(k):
+            out.append(f"{key}: tuned.json holds values only, never code to call; {k!r} is refused")
+        elif k not in schema:
+            out.append(f"{key}: unknown key (known: {', '.join(schema)})")
+        else:
+            msg = schema[k](v)
+            if msg:
+                out.append(f"{key} = {_show(v)}: must be {msg}")
+    for k in required:
+        if k not in node:
+            out.append(f"{where + '.' if where else ''}{k}: missing")
+    return out
+
+
+def loss_param_problems(target: str, params: Any, where: str) -> list[str]:
+    """A loss's tuned hyper-parameters: names that metaloss-tune searches for ``target``
+    (:data:`SEARCH_SPACES`), finite real numbers (no bool), valid by the loss's own rule
+    (:data:`metaloss.validate.LOSS_RULES`)."""
+    from metaloss.validate import LOSS_RULES, real
+
+    if not isinstance(params, dict):
+        return [f"{where} = {_show(params)}: must be a mapping {{hyper-parameter: number}}"]
+    fn = str(target).rsplit(".", 1)[-1]
+    space, rules, finite = space_for(target), LOSS_RULES.get(fn, {}), real()
+    out = []
+    for k, v in params.items():
+        key = f"{where}.{k}"
+        if _code_key(k):
+            out.append(f"{key}: tuned.json holds values only, never code to call; {k!r} is refused")
+        elif k not in space:
+            out.append(f"{key}: not a tuned hyper-parameter of {fn} (it has "
+                       f"{', '.join(space) if space else 'none: only its learning rate is tuned'})")
+        else:
+            msg = finite(v) or (rules[k](v) if k in rules else None)
+            if msg:
+                out.append(f"{key} = {_show(v)}: must be {msg} (the valid values of {fn}'s {k})")
+    return out
+
+
+def tuned_problems(data: Any) -> list[str]:
+    """Every way ``data`` (a parsed tuned.json) is not a tuned.json: unknown or code-naming
+    keys, wrong types, non-finite, boolean or out-of-range values, as ``key = value: must be``."""
+    if not isinstance(data, dict):
+        return [f"the file holds a {type(data).__name__}, not a mapping"]
+    out = _check_keys(data, _top_level_schema(), "", REQUIRED_TOP_LEVEL)
+    if isinstance(data.get("budget"), dict):
+        out += _check_keys(data["budget"], _budget_schema(), "budget")
+    from metaloss.validate import mapping, positive, real
+
+    for name, entry in (data.get("losses") or {}).items() if isinstance(data.get("losses"), dict) else ():
+        where = f"losses.{name}"
+        if not isinstance(entry, dict):
+            out.append(f"{where} = {_show(entry)}: must be a mapping (target, params, lr, ...)")
+            continue
+        out += _check_keys(entry, _entry_schema(), where, REQUIRED_ENTRY)
+        target = entry.get("target")
+        if isinstance(target, str) and isinstance(entry.get("params"), dict):
+            out += loss_param_problems(target, entry["params"], f"{where}.params")
+        for k, v in (entry.get("default_params") or {}).items() if isinstance(entry.get("default_params"), dict) else ():
+            if _code_key(k) or real()(v):
+                out.append(f"{where}.default_params.{k} = {_show(v)}: must be a finite number")
+        for i, t in enumerate(entry.get("trials") or []) if isinstance(entry.get("trials"), list) else ():
+            out += _check_keys(t, {"params": mapping(), "lr": positive(), "value": real(optional=True)},
+                               f"{where}.trials[{i}]") if isinstance(t, dict) else [
+                f"{where}.trials[{i}] = {_show(t)}: must be a mapping (params, lr, value)"]
+            if isinstance(t, dict) and isinstance(t.get("params"), dict) and isinstance(target, str):
+                out += loss_param_problems(target, t["params"], f"{where}.trials[{i}].params")
+    return out
 
 
 def load_tuned(path: str | Path) -> dict[str, Any]:
-    """A tuned.json written by ``metaloss-tune``, checked for shape (not yet for the run)."""
+    """A tuned.json written by ``metaloss-tune``, checked as data (:func:`tuned_problems`),
+    not yet for the run (:func:`tuned_for`). Refuses the whole file, naming every bad key."""
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / "tuned.json"
@@ -251,13 +454,11 @@ def load_tuned(path: str | Path) -> dict[str, Any]:
         hint = (f" (a relative path is read from the current directory, {Path.cwd()}: the recorded "
                 "experiments' tuned.json are found from the repository root)") if not p.is_absolute() else ""
         raise TunedFileError(f"cannot read tuned baselines from {p}: {e}{hint}") from e
-    if not isinstance(data, dict) or data.get("format") != TUNED_FORMAT or not isinstance(data.get("losses"), dict):
+    if not isinstance(data, dict) or data.get("format") != TUNED_FORMAT:
         raise TunedFileError(f"{p} is not a tuned.json of format {TUNED_FORMAT} (written by metaloss-tune)")
-    for name, entry in data["losses"].items():
-        lr = entry.get("lr") if isinstance(entry, dict) else None
-        if (not isinstance(entry, dict) or not isinstance(entry.get("params"), dict)
-                or not (lr is None or (isinstance(lr, int | float) and lr > 0))):
-            raise TunedFileError(f"{p}: entry {name!r} has no params mapping or a bad lr")
+    found = tuned_problems(data)
+    if found:
+        raise TunedFileError(f"{p} is not a valid tuned.json (nothing was run):\n  " + "\n  ".join(found))
     data["path"] = str(p)
     return data
 
@@ -275,10 +476,13 @@ def _differences(key: str, there: Any, here: Any) -> dict[str, tuple[Any, Any]]:
 
 
 def tuned_for(tuned: Mapping[str, Any], names: list[str], *, task: str, optim: str,
-              targets: Mapping[str, str], setup: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+              targets: Mapping[str, str], setup: Mapping[str, Any] | None = None,
+              test_seeds: int | None = None) -> dict[str, dict[str, Any]]:
     """The tuned entries of the ``compare:`` losses, refusing a file tuned for another task
-    or optimizer, a loss it lacks, or a loss whose option now names another function (a
-    tuned lr and γ mean nothing elsewhere). ``targets``: name -> the option's ``_target_``."""
+    or optimizer, another training setup (``setup``: :func:`setup_record` of this run, every
+    key of which the file must record and equal), a loss it lacks, a loss whose option now
+    names another function (a tuned lr and γ mean nothing elsewhere), or tuning seeds among
+    the meta-test's ``0 .. test_seeds - 1``. ``targets``: name -> the option's ``_target_``."""
     where = tuned.get("path", "tuned.json")
     if tuned.get("task") != task:
         raise TunedFileError(f"{where} was tuned on task {tuned.get('task')!r}, this run's task is {task!r}")
@@ -296,6 +500,12 @@ def tuned_for(tuned: Mapping[str, Any], names: list[str], *, task: str, optim: s
     if differ:
         raise TunedFileError(f"{where} was tuned with other training settings: "
                              + "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in differ.items()))
+    if test_seeds is not None:
+        shared = sorted(set(tuned.get("seeds") or ()) & set(range(int(test_seeds))))
+        if shared:
+            raise TunedFileError(f"{where} was tuned from seeds {shared[:5]}{'...' if len(shared) > 5 else ''}, "
+                                 f"which the meta-test uses too (meta_test.seeds = {test_seeds}: seeds 0.."
+                                 f"{int(test_seeds) - 1}): tuning must never see the test initialisations")
     missing = [n for n in names if n not in tuned["losses"]]
     if missing:
         raise TunedFileError(f"{where} has no tuned values for {', '.join(missing)} (it has "
@@ -303,8 +513,11 @@ def tuned_for(tuned: Mapping[str, Any], names: list[str], *, task: str, optim: s
     out = {}
     for n in names:
         entry = tuned["losses"][n]
-        if entry.get("target") is not None and entry["target"] != targets[n]:
-            raise TunedFileError(f"{where}: {n!r} was tuned as {entry['target']}, but loss {n!r} is now "
+        if entry.get("target") != targets[n]:
+            raise TunedFileError(f"{where}: {n!r} was tuned as {entry.get('target')}, but loss {n!r} is now "
                                  f"{targets[n]}")
+        problems = loss_param_problems(targets[n], entry.get("params"), f"losses.{n}.params")
+        if problems:  # load_tuned checked them against the recorded target; the same here, to be sure
+            raise TunedFileError(f"{where}: " + "; ".join(problems))
         out[n] = entry
     return out

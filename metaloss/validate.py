@@ -603,6 +603,10 @@ def check_against_task(cfg: DictConfig, task: Any) -> None:
         if mt.get("task_overrides") and not task.distribution:
             found.append(f"meta_test.task_overrides = {dict(mt.task_overrides)}: only task families (e.g. sine) "
                          f"draw fresh test tasks; {task.name!r} is a single task, so nothing would be overridden")
+    tune = cfg.get("tune")
+    if tune is not None and tune.get("metric") is not None and tune.metric not in metric_names(task.kind, "val"):
+        found.append(f"tune.metric = {tune.metric!r}: must be one of {', '.join(metric_names(task.kind, 'val'))} "
+                     f"for {task.kind} task {task.name!r}")
     if "train" in cfg and cfg.get("metric") is not None and cfg.metric not in train_result_names(task.kind):
         found.append(f"metric = {cfg.metric!r}: must be one of {', '.join(train_result_names(task.kind))} "
                      f"for {task.kind} task {task.name!r}")

@@ -3,6 +3,7 @@ meta-test taking tuned.json (per-loss learning rates, recorded in comparison.jso
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
@@ -230,3 +231,161 @@ def test_a_tuned_value_on_the_edge_of_its_range_is_flagged(compose_cfg, tmp_path
         _tune(compose_cfg, tmp_path / "t", ["compare=[ce]", "tune.n_trials=1", "tune.lr_range=[1e-9,1e-8]"])
     assert load_tuned(tmp_path / "t" / "tuned.json")["losses"]["ce"]["at_edge"] == ["lr"]
     assert "ce: tuned lr at the edge" in caplog.text and "widen tune.lr_range" in caplog.text
+
+
+# ---------------------------------------------------------------- tuned.json is data (issue 15)
+
+RECORDED = Path(__file__).resolve().parents[1] / "experiments" / "outliers_robust" / "tuned.json"
+
+
+def _edited(tmp_path, edit, raw=None):
+    """A copy of a recorded tuned.json with ``edit(data)`` applied (``raw``: replace text)."""
+    data = json.loads(RECORDED.read_text())
+    edit(data)
+    text = json.dumps(data)
+    for a, b in (raw or {}).items():
+        text = text.replace(a, b)
+    path = tmp_path / "tuned.json"
+    path.write_text(text)
+    return path
+
+
+def _set(*keys, value):
+    def edit(data):
+        node = data
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, raw, message", [
+    (_set("losses", "huber", "params", "_target_", value="builtins.open"), None,
+     r"losses\.huber\.params\._target_: tuned.json holds values only, never code"),
+    (_set("losses", "huber", "_target_", value="os.remove"), None, r"losses\.huber\._target_: .*never code"),
+    (_set("_target_", value="os.remove"), None, r"^.*\n  _target_: .*never code"),
+    (_set("losses", "huber", "params", "delta", value=-1.0), None, r"losses\.huber\.params\.delta = -1\.0: must be a number > 0"),
+    (_set("losses", "huber", "params", "delta", value=12345.5), {"12345.5": "NaN"}, r"params\.delta = nan: must be"),
+    (_set("losses", "huber", "params", "delta", value=12345.5), {"12345.5": "Infinity"}, r"params\.delta = inf: must be"),
+    (_set("losses", "huber", "params", "delta", value=True), None, r"params\.delta = True: must be a number"),
+    (_set("losses", "huber", "params", "delta", value="1.0"), None, r"params\.delta = '1\.0': must be a number"),
+    (_set("losses", "quantile", "params", "tau", value=1.5), None, r"params\.tau = 1\.5: must be a number in \(0, 1\)"),
+    (_set("losses", "huber", "params", "gamma", value=2.0), None,
+     r"losses\.huber\.params\.gamma: not a tuned hyper-parameter of huber \(it has delta\)"),
+    (_set("losses", "mse", "params", "delta", value=1.0), None, r"params\.delta: not a tuned hyper-parameter of mse"),
+    (_set("losses", "huber", "lr", value=12345.5), {"12345.5": "NaN"}, r"losses\.huber\.lr = nan: must be a number > 0"),
+    (_set("losses", "huber", "lr", value=-0.01), None, r"losses\.huber\.lr = -0\.01: must be a number > 0"),
+    (_set("losses", "huber", "lr", value=0), None, r"losses\.huber\.lr = 0: must be a number > 0"),
+    (_set("losses", "huber", "lr", value=True), None, r"losses\.huber\.lr = True: must be a number > 0"),
+    (_set("losses", "huber", "lr", value=12345.5), {"12345.5": "Infinity"}, r"losses\.huber\.lr = inf"),
+    (_set("extra", value=1), None, r"\n  extra: unknown key"),
+    (_set("losses", "huber", "note", value="x"), None, r"losses\.huber\.note: unknown key"),
+    (_set("budget", "bonus", value=1), None, r"budget\.bonus: unknown key"),
+    (_set("steps", value="2000"), None, r"steps = '2000': must be an integer >= 1"),
+    (_set("complete", value="yes"), None, r"complete = 'yes': must be true or false"),
+    (_set("losses", "huber", value=[1, 2]), None, r"losses\.huber = \[1, 2\]: must be a mapping"),
+    (lambda d: d["losses"]["huber"].pop("target"), None, r"losses\.huber\.target: missing"),
+])
+def test_a_hand_edited_tuned_json_is_refused_naming_file_and_key(tmp_path, edit, raw, message):
+    path = _edited(tmp_path, edit, raw)
+    with pytest.raises(TunedFileError, match=message) as e:
+        load_tuned(path)
+    assert str(path) in str(e.value)
+
+
+def test_a_recorded_tuned_json_is_valid_data():
+    assert load_tuned(RECORDED)["losses"]["huber"]["params"]["delta"] > 0
+
+
+def test_a_target_in_tuned_params_is_never_called(compose_cfg, tmp_path):
+    # today's bug: a `_target_` in a loss's params reached Hydra's instantiate, which called it
+    # (it truncated a file); it is refused at check_config, before any data is made
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    path = _edited(tmp_path, _set("losses", "huber", "params", value={
+        "_target_": "builtins.open", "file": str(victim), "mode": "w"}))
+    cfg = compose_cfg("meta", ["experiment=outliers_robust", f"meta_test.tuned={path}"])
+    with pytest.raises(ConfigError, match=r"(?s)meta_test\.tuned.*losses\.huber\.params\._target_"):
+        check_config(cfg)
+    with pytest.raises(TunedFileError, match="never code"):
+        run_meta_test(cfg, ce, _task_pool(cfg), instantiate(cfg.optim), tmp_path, NullLogger())
+    assert victim.read_text() == "precious"
+    # and the loss options refuse code-naming overrides whoever passes them
+    from metaloss.config import loss_option
+
+    with pytest.raises(ValueError, match="may not name code"):
+        loss_option("huber", _task_pool(cfg)[0], cfg, {"_target_": "builtins.open"})
+
+
+# ---------------------------------------------------------------- the fit check, before meta-training
+
+
+def _tuned_tiny(compose_cfg, tmp_path, extra=()):
+    _tune(compose_cfg, tmp_path / "t", ["compare=[ce]", "tune.n_trials=1", *extra])
+    return tmp_path / "t" / "tuned.json"
+
+
+@pytest.mark.parametrize("change, message", [
+    (["optim.weight_decay=0.01"], r"optim_config\.weight_decay: 0\.0 there, 0\.01 here"),
+    (["dtype=float64"], r"dtype: 'float32' there, 'float64' here"),
+    (["optim.lr=0.1"], r"default_lr: 0\.05 there, 0\.1 here"),
+    (["optim=momentum", "optim.lr=0.05"], r"optimizer 'sgd', this run uses 'momentum'"),
+    (["meta_test.seeds=20001"], r"tuned from seeds \[20000\], which the meta-test uses too"),
+])
+def test_a_tuned_file_for_other_training_settings_is_refused(compose_cfg, tmp_path, change, message):
+    from metaloss.cli.comparison import check_tuned
+
+    path = _tuned_tiny(compose_cfg, tmp_path)
+    cfg = compose_cfg("meta", TINY[:-1] + ["compare=[ce]", f"meta_test.tuned={path}"] + change)
+    pool = _task_pool(cfg)
+    with pytest.raises(TunedFileError, match=message):
+        check_tuned(cfg, pool, instantiate(cfg.optim))
+
+
+def test_the_momentum_of_a_tuned_optimizer_is_part_of_the_fit(compose_cfg, tmp_path):
+    from metaloss.cli.comparison import check_tuned
+
+    path = _tuned_tiny(compose_cfg, tmp_path, ["optim=momentum"])
+    base = TINY[:-1] + ["optim=momentum", "compare=[ce]", f"meta_test.tuned={path}"]
+    cfg = compose_cfg("meta", base)
+    check_tuned(cfg, _task_pool(cfg), instantiate(cfg.optim))  # the same setup fits
+    cfg = compose_cfg("meta", base + ["optim.momentum=0.5"])
+    with pytest.raises(TunedFileError, match=r"optim_config\.momentum: 0\.9 there, 0\.5 here"):
+        check_tuned(cfg, _task_pool(cfg), instantiate(cfg.optim))
+
+
+def test_a_file_tuned_on_fewer_tasks_of_a_family_is_refused(compose_cfg, tmp_path):
+    from metaloss.tune import setup_record
+
+    path = _tuned_tiny(compose_cfg, tmp_path)
+    t = load_tuned(path)
+    cfg = compose_cfg("meta", TINY[:-1] + ["compare=[ce]"])
+    targets = {"ce": "metaloss.losses.fixed.ce"}
+    tuned_for(t, ["ce"], task="digits", optim="sgd", targets=targets, setup=setup_record(cfg, 1))
+    with pytest.raises(TunedFileError, match="tasks: 1 there, 8 here"):
+        tuned_for(t, ["ce"], task="digits", optim="sgd", targets=targets, setup=setup_record(cfg, 8))
+
+
+def test_meta_and_eval_refuse_a_mismatching_tuned_file_before_any_training(compose_cfg, tmp_path, monkeypatch):
+    from metaloss.cli import eval as eval_app
+    from metaloss.cli import meta as meta_app
+    from metaloss.losses.io import save_learned_loss
+    from metaloss.losses.taylor import TaylorGLO
+
+    path = _tuned_tiny(compose_cfg, tmp_path)
+
+    def started(*a, **k):
+        raise AssertionError("training started with a tuned.json that does not fit")
+
+    monkeypatch.setattr(meta_app, "offline_steps", started)
+    monkeypatch.setattr(meta_app, "online_steps", started)
+    monkeypatch.setattr(eval_app, "run_meta_test", started)
+    wd = ["optim.weight_decay=0.01", "compare=[ce]", f"meta_test.tuned={path}"]
+    cfg = compose_cfg("meta", TINY[:-1] + ["loss=taylorglo", "meta.steps=1000"] + wd)
+    with pytest.raises(TunedFileError, match="weight_decay"):
+        meta_app.run(cfg, tmp_path / "meta", "taylorglo")
+    assert not (tmp_path / "meta" / "checkpoint.pt").exists()
+    saved = save_learned_loss(TaylorGLO(), tmp_path / "learned.pt", steps=0, complete=True, task="digits")
+    cfg = compose_cfg("eval", TINY[:-1] + [f"loss_path={saved}"] + wd)
+    with pytest.raises(TunedFileError, match="weight_decay"):
+        eval_app.run(cfg, tmp_path / "eval")

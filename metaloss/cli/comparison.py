@@ -73,10 +73,12 @@ def _plottable(losses: dict[str, Callable], task) -> dict[str, Callable]:
     return keep
 
 
-def _baseline_settings(cfg: DictConfig, task, inner_opt, lr: float) -> dict[str, dict]:
+def _baseline_settings(cfg: DictConfig, task, inner_opt, lr: float, n_tasks: int | None = None) -> dict[str, dict]:
     """Per `compare:` loss: the hyper-parameters and learning rate it is trained with, and
     where they come from. ``meta_test.tuned`` (a tuned.json of metaloss-tune): the tuned
-    values (a loss tuned without its lr keeps the meta-test's ``lr``); else the loss's config."""
+    values (a loss tuned without its lr keeps the meta-test's ``lr``), refused unless the
+    file fits this run (metaloss.tune.tuned_for; ``n_tasks``: the run's task pool); else the
+    loss's config."""
     from metaloss.tune import load_tuned, setup_record, tuned_for
 
     names = list(cfg.compare or DEFAULT_BASELINES[task.kind])
@@ -90,11 +92,19 @@ def _baseline_settings(cfg: DictConfig, task, inner_opt, lr: float) -> dict[str,
     record = load_tuned(path)
     tuned = tuned_for(record, names, task=task.name, optim=inner_opt.name,
                       targets={n: str(o.get("_target_")) for n, o in options.items()},
-                      setup=setup_record(cfg))
+                      setup=setup_record(cfg, n_tasks), test_seeds=int(cfg.meta_test.seeds))
     return {n: {"params": {**config[n], **e["params"]}, "lr": lr if e.get("lr") is None else float(e["lr"]),
                 "source": f"tuned ({record['path']})", "overrides": dict(e["params"]),
                 "tuning_steps": e.get("steps_used")}
             for n, e in tuned.items()}
+
+
+def check_tuned(cfg: DictConfig, pool: list, inner_opt) -> None:
+    """Refuse a ``meta_test.tuned`` file that does not fit this run before any training:
+    metaloss-meta calls it before meta-training, metaloss-eval before the meta-test."""
+    if cfg.meta_test.get("tuned") is not None:
+        lr = cfg.meta_test.lr if cfg.meta_test.lr is not None else inner_opt.hparams["lr"]
+        _baseline_settings(cfg, pool[0], inner_opt, lr, len(pool))
 
 
 def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path, logger,
@@ -103,7 +113,7 @@ def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path
     metaloss-eval does not), recorded beside each tuned baseline's tuning compute."""
     task = pool[0]
     lr = cfg.meta_test.lr if cfg.meta_test.lr is not None else inner_opt.hparams["lr"]
-    settings = _baseline_settings(cfg, task, inner_opt, lr)
+    settings = _baseline_settings(cfg, task, inner_opt, lr, len(pool))
     if meta_training_steps is not None:
         short = {n: s["tuning_steps"] for n, s in settings.items()
                  if s["tuning_steps"] is not None and s["tuning_steps"] < meta_training_steps}

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from metaloss import runtime
-from metaloss.cli.comparison import run_meta_test
+from metaloss.cli.comparison import check_tuned, run_meta_test
 from metaloss.cli.logger import open_logger
 from metaloss.cli.meta import _task_pool
 from metaloss.cli.signals import console, exit_on_interrupt, interruptible
@@ -39,6 +39,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dt
     pool = [t.to(device, dtype) for t in _task_pool(cfg)]
     check_loss_fits(learned, pool[0].kind, pool[0].name, f"learned ({cfg.loss_path})")
     check_against_task(cfg, pool[0])
+    check_tuned(cfg, pool, instantiate(cfg.optim))  # a tuned.json for another setup: refused before training
     run_dir.record(hydra_record(cfg))
     with open_logger(cfg, out_dir, job_type="eval", name=f"eval-{pool[0].name}") as logger:
         return run_meta_test(cfg, learned, pool, instantiate(cfg.optim), out_dir, logger)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from metaloss import distributed, runtime
-from metaloss.cli.comparison import run_meta_test, tasks_for_seed_fn
+from metaloss.cli.comparison import check_tuned, run_meta_test, tasks_for_seed_fn
 from metaloss.cli.logger import NullLogger, open_logger
 from metaloss.cli.signals import (
     checkpoint_requested,
@@ -281,6 +281,7 @@ def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, iden
     baselines = baselines_for(cfg.compare, task, cfg)
     if cfg.meta_test.enabled:  # fail now, not after meta-training, if the test tasks cannot be built
         tasks_for_seed_fn(cfg, pool)(0)
+        check_tuned(cfg, pool, inner_opt)  # a tuned.json for another setup: refused before meta-training
     mc = cfg.meta
     online = (OnlineState.fresh(problem, task, factory, mc.inner_batch, gen) if mc.mode == "online" else None)
     state = RunState(learner, gen, hypergrad, online, ident)

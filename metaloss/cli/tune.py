@@ -40,8 +40,10 @@ from metaloss.runs import RunDir, hydra_record, identity
 from metaloss.tune import (
     TUNE_SEEDS,
     TUNED_FORMAT,
+    TunedFileError,
     at_edge,
     learned_loss_cost,
+    load_tuned,
     lr_range,
     setup_record,
     space_for,
@@ -74,8 +76,56 @@ def _learned_cost(cfg: DictConfig, task) -> int:
     return learned_loss_cost(cfg, sum(p.numel() for p in instantiate_loss(cfg.loss, task).parameters()))
 
 
+JOURNAL = "optuna.journal"  # the studies of a run, one per loss: Optuna's own storage, so a killed run resumes
+
+
+def _finished(cfg: DictConfig, out: Path) -> dict | None:
+    """The complete tuned.json this run directory already holds (the same config: RunDir
+    checked its identity), else None. A complete result is never tuned again nor overwritten;
+    one that is not a valid tuned.json any more (edited by hand) is refused, not replaced."""
+    if not out.is_file():
+        return None
+    try:
+        done = load_tuned(out)
+    except TunedFileError as e:
+        raise TunedFileError(f"{out} is in the way: {e}. metaloss-tune never overwrites it: move it away, or "
+                             "choose another hydra.run.dir") from e
+    if not done.get("complete"):
+        return None
+    names = [str(n) for n in (cfg.compare or ())]
+    if names and set(names) != set(done["losses"]):
+        raise TunedFileError(f"{out} is complete but holds {', '.join(done['losses'])}, not {', '.join(names)}: "
+                             "metaloss-tune never overwrites a complete tuned.json; choose another hydra.run.dir")
+    return done
+
+
+def _storage(run_dir: Path):
+    """The run's Optuna journal (JournalStorage: one append-only file). We hold the run
+    directory's lock, so a journal lock left by a killed process is stale, and a last line a
+    ``kill -9`` cut short is dropped (Optuna would refuse the next line appended to it)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    path = run_dir / JOURNAL
+    Path(f"{path}.lock").unlink(missing_ok=True)
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            log.warning("%s: dropping a last record cut short by a killed process (%d bytes)", path, len(data) - keep)
+            with open(path, "r+b") as f:
+                f.truncate(keep)
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+
+
 def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dtype) -> dict:
     tc = cfg.tune
+    out = run_dir.path / "tuned.json"
+    done = _finished(cfg, out)
+    if done is not None:
+        log.warning("%s is complete (%s): nothing to tune, nothing overwritten. To tune again, choose another "
+                    "hydra.run.dir (or move that file away)", out, ", ".join(done["losses"]))
+        return done
     torch.manual_seed(cfg.seed)
     pool = [t.to(device, dtype) for t in _task_pool(cfg)]
     task = pool[0]
@@ -111,13 +161,14 @@ def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dt
         values = results[name][metric]
         return float(sum(values) / len(values)) if all(math.isfinite(v) for v in values) else math.nan
 
-    record = {"format": TUNED_FORMAT, "task": task.name, "optim": inner_opt.name, **setup_record(cfg),
+    record = {"format": TUNED_FORMAT, "task": task.name, "optim": inner_opt.name, **setup_record(cfg, len(pool)),
               "steps": steps, "metric": metric, "direction": direction, "seeds": seeds,
-              "tasks": len(pool), "default_lr": lr0, "sampler": f"TPESampler(seed={int(tc.seed)})",
+              "tasks": len(pool), "default_lr": lr0,
+              "sampler": f"TPESampler(seed=metaloss.tune.trial_seed({int(tc.seed)}, i)) for the i-th trial",
               "budget": {"budget_steps": budget, "cost_per_trial": cost, "n_trials": n_trials,
                          "steps_used": n_trials * cost},
               "complete": False, "losses": {}}
-    out = run_dir.path / "tuned.json"
+    storage = _storage(run_dir.path)
     with open_logger(cfg, run_dir.path, job_type="tune", name=f"tune-{task.name}-s{cfg.seed}") as logger:
         for name in names:
             option = load_option("loss", name, cfg)
@@ -132,12 +183,21 @@ def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dt
 
             lr_space = lr_range(lr0, tc.lr_range) if tc.lr else None
             result = tune_loss(functools.partial(score, name), space, defaults, lr=lr0, lr_space=lr_space,
-                               n_trials=n_trials, direction=direction, seed=int(tc.seed), on_trial=on_trial)
+                               n_trials=n_trials, direction=direction, seed=int(tc.seed), on_trial=on_trial,
+                               storage=storage, study_name=name)
+            if result.resumed:
+                log.info("%s: resumed from %s: %d of %d trials were done already", name, run_dir.path / JOURNAL,
+                         min(result.resumed, result.n_trials), result.n_trials)
+            if result.default_outside_range:
+                log.warning("%s: the default (%s) lies outside the range searched; it was evaluated as it is "
+                            "(trial 0, default_val) and the tuned choice is the better of it and the trials", name,
+                            ", ".join(f"{k}={v:.4g}" for k, v in {**defaults, "lr": lr0}.items()))
             edges = at_edge({**result.params, "lr": result.lr}, {**space, **({"lr": lr_space} if lr_space else {})})
             record["losses"][name] = {
                 "target": str(option.get("_target_")), "params": result.params, "lr": result.lr,
                 "best_val": result.best_val, "default_val": result.default_val,
-                "default_params": {k: float(v) for k, v in defaults.items()}, "n_trials": result.n_trials,
+                "default_params": {k: float(v) for k, v in defaults.items()},
+                "default_outside_range": result.default_outside_range, "n_trials": result.n_trials,
                 "n_diverged": result.n_diverged, "steps_used": result.n_trials * cost, "at_edge": edges,
                 "trials": result.trials}
             record["complete"] = name == names[-1]
