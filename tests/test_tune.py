@@ -389,3 +389,109 @@ def test_meta_and_eval_refuse_a_mismatching_tuned_file_before_any_training(compo
     cfg = compose_cfg("eval", TINY[:-1] + [f"loss_path={saved}"] + wd)
     with pytest.raises(TunedFileError, match="weight_decay"):
         eval_app.run(cfg, tmp_path / "eval")
+
+
+# ---------------------------------------------------------------- resume, never destroy (issue 15, item 3)
+
+
+def _journal(path):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+
+
+@pytest.mark.parametrize("lr", [0.001, 5.0])  # default lr inside / outside the lr range
+def test_tune_loss_resumes_from_its_journal_as_if_never_stopped(tmp_path, lr):
+    def score(p, trial_lr):
+        return -(p["gamma"] - 1.3) ** 2 - (math.log10(trial_lr) + 2) ** 2
+
+    kw = dict(lr=lr, lr_space=Range(1e-4, 1.0, log=True), n_trials=12, direction="maximize", seed=3)
+    space, defaults = {"gamma": Range(0.0, 5.0)}, {"gamma": 2.0}
+    ref = tune_loss(score, space, defaults, storage=_journal(tmp_path / "ref.journal"), **kw)
+    calls = []
+
+    def dies_at_6(p, trial_lr):
+        calls.append(trial_lr)
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # a killed process: trial 6 stays "running" in the journal
+        return score(p, trial_lr)
+
+    with pytest.raises(KeyboardInterrupt):
+        tune_loss(dies_at_6, space, defaults, storage=_journal(tmp_path / "j.journal"), **kw)
+    calls.clear()
+    again = tune_loss(lambda p, x: calls.append(x) or score(p, x), space, defaults,
+                      storage=_journal(tmp_path / "j.journal"), **kw)
+    assert len(calls) == 12 - 5 and again.resumed == 5  # the 5 finished trials are kept, the 6th is run again
+    assert again.trials == ref.trials and again.params == ref.params and again.lr == ref.lr
+    assert again.default_val == ref.default_val == score(defaults, lr)  # the true default, never clipped
+    assert again.trials[0] == {"params": defaults, "lr": lr, "value": score(defaults, lr)}
+    assert ref.default_outside_range == (lr == 5.0)
+    calls.clear()
+    done = tune_loss(lambda p, x: calls.append(x) or score(p, x), space, defaults,
+                     storage=_journal(tmp_path / "j.journal"), **kw)
+    assert calls == [] and done.trials == ref.trials  # a finished study costs no training
+
+
+def test_a_default_lr_outside_the_range_is_evaluated_as_it_is(compose_cfg, tmp_path):
+    # sgd's default lr 0.05 lies above tune.lr_range=[0.001, 0.01]: default_val is the value of
+    # lr 0.05 itself (the same as a run whose range holds it), not of lr 0.01
+    _, out = _tune(compose_cfg, tmp_path / "a", ["compare=[focal]", "tune.n_trials=3", "tune.lr_range=[0.001,0.01]"])
+    _, inside = _tune(compose_cfg, tmp_path / "b", ["compare=[focal]", "tune.n_trials=1"])
+    e = out["losses"]["focal"]
+    assert e["default_outside_range"] is True and inside["losses"]["focal"]["default_outside_range"] is False
+    assert e["trials"][0] == {"params": {"gamma": 2.0}, "lr": 0.05, "value": e["default_val"]}
+    assert e["default_val"] == inside["losses"]["focal"]["default_val"]
+    assert e["n_trials"] == 3 and e["steps_used"] == 3 * 30 and e["best_val"] >= e["default_val"]
+    assert all(0.001 <= t["lr"] <= 0.01 for t in e["trials"][1:])
+    load_tuned(tmp_path / "a" / "tuned.json")
+
+
+def test_tune_metric_is_checked_against_the_task_kind_before_any_training(compose_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(tune_app, "compare_losses", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ConfigError, match=r"tune\.metric = 'val/mse': must be one of val/acc.*classification"):
+        _tune(compose_cfg, tmp_path / "m", ["compare=[ce]", "tune.n_trials=1", "tune.metric=val/mse"])
+
+
+def test_metaloss_tune_resumes_where_it_stopped_and_never_overwrites_a_complete_result(compose_cfg, tmp_path,
+                                                                                       monkeypatch, caplog):
+    import logging
+
+    settings = ["compare=[ce,focal]", "tune.n_trials=3"]
+    _, ref = _tune(compose_cfg, tmp_path / "ref", settings)
+    real, calls = tune_app.compare_losses, []
+
+    def counted(*a, **k):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt  # Ctrl-C / a killed process half way through focal's trials
+        return real(*a, **k)
+
+    monkeypatch.setattr(tune_app, "compare_losses", counted)
+    stop_at = 5  # ce's 3 trials, focal's first, then stopped
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _tune(compose_cfg, out, settings)
+    partial = json.loads((out / "tuned.json").read_text())
+    assert not partial["complete"] and list(partial["losses"]) == ["ce"]
+    with open(out / "optuna.journal", "ab") as f:  # a kill -9 in the middle of a journal write
+        f.write(b'{"op_code": 4, "worker_id": "x", "trial_')
+    calls.clear()
+    stop_at = 0
+    with caplog.at_level(logging.INFO, logger="metaloss"):
+        _, resumed = _tune(compose_cfg, out, settings)
+    assert len(calls) == 2  # only focal's last two trials: ce and focal's first are not run again
+    assert "ce: resumed" in caplog.text and "3 of 3 trials were done already" in caplog.text
+    assert resumed["complete"] and resumed["losses"] == ref["losses"]  # as if never stopped
+    before = (out / "tuned.json").read_bytes()
+    calls.clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="metaloss"):
+        _, again = _tune(compose_cfg, out, settings)
+    assert calls == [] and (out / "tuned.json").read_bytes() == before
+    assert "is complete" in caplog.text and "nothing overwritten" in caplog.text
+    assert again["losses"] == ref["losses"]
+    # a complete tuned.json edited by hand is refused, never replaced
+    (out / "tuned.json").write_text(before.decode().replace('"complete": true', '"complete": true, "x": 1'))
+    with pytest.raises(TunedFileError, match="(?s)in the way.*x: unknown key"):
+        _tune(compose_cfg, out, settings)
