@@ -138,11 +138,11 @@ def open_logger(cfg: DictConfig, out_dir: Path, *, job_type: str, name: str | No
         yield NullLogger()
         return
     run = _init_wandb(lcfg, out_dir, dict(
-        project=lcfg.get("project", "metaloss"),
-        entity=lcfg.get("entity"),
+        project=_setting(lcfg, "project"),
+        entity=_setting(lcfg, "entity"),
         group=lcfg.get("group") or default_group(cfg, _hydra_runtime(out_dir)),
         tags=list(lcfg.get("tags") or []),
-        dir=str(out_dir),
+        dir=str(wandb_root(lcfg, out_dir)),
         name=name,
         job_type=job_type,
         config=OmegaConf.to_container(cfg, resolve=True),
@@ -248,14 +248,41 @@ def _init_wandb(lcfg, out_dir: Path, init_args: dict):
             reason = f"wandb.init failed: {type(e).__name__}: {first_line}"
     log.warning("W&B %s mode is unavailable (%s); logging this run offline instead. "
                 "Upload it later with `wandb sync %s/wandb/offline-run-*`.",
-                mode, reason, out_dir)
+                mode, reason, init_args.get("dir", out_dir))
     tags = [*init_args["tags"], FALLBACK_TAG]
     return wandb.init(mode="offline", settings=wandb.Settings(**quiet), **{**init_args, "tags": tags})
 
 
+# W&B's own environment variables for the settings of conf/logger/wandb.yaml, and metaloss's
+# defaults where W&B's differ (offline: no account needed; runs inside the run's directory).
+# The YAML reads them with ${oc.env:...}; _setting applies the same precedence to a logger
+# config that lacks the key (one composed in code, or a user's own logger YAML):
+#   explicit config value  >  environment variable  >  default.
+ENV_SETTINGS = {"mode": ("WANDB_MODE", "offline"), "project": ("WANDB_PROJECT", "metaloss"),
+                "entity": ("WANDB_ENTITY", None), "dir": ("WANDB_DIR", None)}
+
+
+def _setting(lcfg, key: str) -> Any:
+    value = lcfg.get(key)
+    if value is not None and value != "":
+        return value
+    var, default = ENV_SETTINGS[key]
+    return os.environ.get(var) or default
+
+
+def wandb_root(lcfg, out_dir: Path) -> Path:
+    """The directory whose ``wandb/`` subdirectory holds this run's W&B files: ``logger.dir``
+    (default $WANDB_DIR, W&B's meaning), else the run's own output directory."""
+    chosen = _setting(lcfg, "dir")
+    if not chosen:
+        return Path(out_dir)
+    root = Path(str(chosen)).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)  # W&B expects it to exist
+    return root
+
+
 def _mode(lcfg) -> str:
-    mode = lcfg.get("mode", "offline")
-    return mode if mode is not None else os.environ.get("WANDB_MODE", "online")
+    return str(_setting(lcfg, "mode"))
 
 
 def _init_timeout(lcfg) -> float:

@@ -8,6 +8,12 @@ the logger. Inside :func:`critical` (writing a checkpoint) a signal is held back
 raised when the section ends, so a second Ctrl-C cannot cut the save short.
 SIGKILL cannot be caught; the periodic checkpoint covers it.
 
+The launching process of a multirun (joblib, submitit's local executor) stops its jobs on
+SIGTERM or Ctrl-C (:func:`stop_jobs`): each job gets the signal that makes it save its
+checkpoint, the launcher waits for them (``$METALOSS_STOP_TIMEOUT_S``, default 60 s; a
+second signal kills them at once), then leaves with 143 / 130 and nothing left running.
+A joblib worker whose job was stopped ends instead of taking the sweep's next job.
+
 Inside a submitit job (SLURM through hydra-submitit-launcher) SIGTERM is different: some
 clusters preempt with SIGTERM followed by SIGUSR2, and submitit requeues the job on
 SIGUSR2. There SIGTERM only *requests a checkpoint* at the next step boundary
@@ -21,11 +27,12 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 _HANDLED = (signal.SIGTERM, signal.SIGINT)
-_state = {"depth": 0, "pending": None, "active": False, "checkpoint": False}
+_state = {"depth": 0, "pending": None, "active": False, "checkpoint": False, "stopping": False}
 log = logging.getLogger("metaloss")
 
 
@@ -95,49 +102,215 @@ def exit_on_interrupt() -> Iterator[None]:
     try:
         yield
     except Interrupted as e:
+        if _in_launcher_worker():
+            # A joblib worker would take the sweep's next job after this one: the user
+            # stopped the sweep, so the worker ends here, its job's clean-up done.
+            _leave_worker(128 + e.signum)
         raise SystemExit(128 + e.signum) from e
 
 
-def _descendants(root: int) -> list[int]:
-    """Process ids below ``root`` (Linux /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
+def _leave_worker(status: int) -> None:
+    import sys
+
+    for h in logging.getLogger().handlers + log.handlers:
+        try:
+            h.flush()
+        except Exception:
+            pass
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:
+        try:
+            wandb.teardown()  # its service process would otherwise outlive this worker
+        except Exception:
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state letter) of every process (Linux /proc; empty elsewhere)."""
+    out: dict[int, tuple[int, str]] = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return []
+        return out
     for entry in entries:
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[int(entry)] = (int(fields[1]), fields[0])
         except (OSError, ValueError, IndexError):
             continue
-        children.setdefault(ppid, []).append(int(entry))
+    return out
+
+
+def _descendants(root: int, procs: dict[int, tuple[int, str]] | None = None) -> list[int]:
+    """Process ids below ``root``, parents before their children (Linux /proc; empty elsewhere)."""
+    procs = _processes() if procs is None else procs
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
     out, todo = [], [root]
     while todo:
-        for child in children.get(todo.pop(), []):
+        for child in sorted(children.get(todo.pop(0), [])):
             out.append(child)
             todo.append(child)
     return out
 
 
-def _forward_sigterm(signum, _frame) -> None:
-    """The launching process of a multirun (joblib's workers are its children): pass
-    SIGTERM on, so every job checkpoints and finishes its logger, then leave with 143."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once is enough
-    for pid in _descendants(os.getpid()):
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except OSError:
-            pass
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _ignores(pid: int, signum: int) -> bool:
+    """Whether ``pid`` ignores ``signum`` (SigIgn in /proc/<pid>/status): loky's and
+    multiprocessing's resource trackers ignore SIGINT and SIGTERM and end with their parent."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigIgn:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+_SUBMITIT_CONTROLLER = "submitit.local._local"
+STOP_TIMEOUT_ENV = "METALOSS_STOP_TIMEOUT_S"
+DEFAULT_STOP_TIMEOUT_S = 60.0
+
+
+def _stop_timeout() -> float:
+    try:
+        value = float(os.environ.get(STOP_TIMEOUT_ENV, DEFAULT_STOP_TIMEOUT_S))
+    except ValueError:
+        value = DEFAULT_STOP_TIMEOUT_S
+    return value if value >= 0 else DEFAULT_STOP_TIMEOUT_S
+
+
+def _job_targets(procs: dict[int, tuple[int, str]]) -> dict[int, int]:
+    """The job processes of this (launching) process and the signal that stops each one
+    with a checkpoint: {pid: signal}.
+
+    * joblib (loky) workers, and any other child: SIGTERM, unless the child ignores it
+      (resource trackers: they end when this process ends);
+    * submitit's local executor starts a controller per job (``python -m
+      submitit.local._local``) that starts the job: the job gets SIGINT, because inside a
+      submitit job SIGTERM only asks for a checkpoint (SLURM's preemption protocol). The
+      controller is left alone (SIGINT would make it SIGKILL its job a second later); it
+      ends by itself once its job has ended.
+    """
+    me = os.getpid()
+    targets: dict[int, int] = {}
+    for pid, (ppid, state) in procs.items():
+        if ppid != me or state == "Z":
+            continue
+        if _SUBMITIT_CONTROLLER in _cmdline(pid):
+            for job, (jppid, jstate) in procs.items():
+                if jppid == pid and jstate != "Z":
+                    targets[job] = signal.SIGINT
+        elif not _ignores(pid, signal.SIGTERM):
+            targets[pid] = signal.SIGTERM
+    return targets
+
+
+def _alive(pid: int, procs: dict[int, tuple[int, str]]) -> bool:
+    return pid in procs and procs[pid][1] != "Z"
+
+
+def stop_jobs(timeout: float | None = None) -> list[int]:
+    """Stop every job this process launched and wait for them: each job gets the signal
+    that makes it save its checkpoint and finish its logger (:func:`_job_targets`), jobs
+    that appear meanwhile (a launch in progress) get it too; whatever has not ended after
+    ``timeout`` seconds (default ``$METALOSS_STOP_TIMEOUT_S`` or 60) is killed with SIGKILL,
+    with everything below it. Returns the pids that had to be killed."""
+    timeout = _stop_timeout() if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    signalled: set[int] = set()
+    while True:
+        procs = _processes()
+        targets = _job_targets(procs)
+        for pid, signum in targets.items():
+            if pid not in signalled:
+                signalled.add(pid)
+                try:
+                    os.kill(pid, signum)
+                except OSError:
+                    pass
+        # done when no job and no submitit controller is left (resource trackers end with us)
+        waiting = [p for p in targets if _alive(p, procs)]
+        waiting += [p for p in _descendants(os.getpid(), procs)
+                    if _alive(p, procs) and _SUBMITIT_CONTROLLER in _cmdline(p)]
+        if not waiting:
+            return []
+        if time.monotonic() >= deadline:
+            return _kill_trees(waiting, procs)
+        time.sleep(0.05)
+
+
+def _kill_trees(roots: list[int], procs: dict[int, tuple[int, str]]) -> list[int]:
+    killed = []
+    for root in roots:
+        for pid in [root, *_descendants(root, procs)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except OSError:
+                pass
+    if killed:
+        log.error("killed %d job process(es) that did not stop within %g s of the signal (%s=<seconds> "
+                  "waits longer); they keep their last periodic checkpoint", len(killed), _stop_timeout(),
+                  STOP_TIMEOUT_ENV)
+    return killed
+
+
+def _stop_handler(signum, _frame) -> None:
+    """The launching process of a multirun (and any console script outside its run): stop
+    the jobs, each saving its checkpoint, wait for them, then leave with 128 + signum.
+    A second SIGINT/SIGTERM while waiting kills the jobs at once."""
+    if _state["stopping"]:
+        log.error("received %s again: killing the jobs now (they keep their last periodic checkpoint)",
+                  signal.Signals(signum).name)
+        procs = _processes()
+        _kill_trees([p for p in _descendants(os.getpid(), procs) if p in _job_targets(procs)
+                     or _SUBMITIT_CONTROLLER in _cmdline(p)], procs)
+        raise Interrupted(signum)
+    _state["stopping"] = True
+    if _job_targets(_processes()):
+        log.warning("received %s: stopping the jobs (each saves its checkpoint); a second Ctrl-C kills them",
+                    signal.Signals(signum).name)
+    stop_jobs()
     raise Interrupted(signum)
 
 
+def _in_launcher_worker() -> bool:
+    """A joblib (loky) worker process running jobs of a sweep launched by :func:`console`."""
+    parent = os.environ.get(_LAUNCHER_ENV)
+    return parent is not None and parent != str(os.getpid()) and not in_submitit_job()
+
+
+_LAUNCHER_ENV = "METALOSS_LAUNCHER_PID"
+
+
 def console(hydra_main) -> None:
-    """Run a ``@hydra.main`` app as a console script: SIGTERM reaches parallel jobs too,
-    and the exit status is 128 + signal number after an interruption."""
-    if threading.current_thread() is threading.main_thread() and not in_submitit_job():
-        signal.signal(signal.SIGTERM, _forward_sigterm)
-    with exit_on_interrupt():
-        hydra_main()
+    """Run a ``@hydra.main`` app as a console script: SIGTERM and Ctrl-C stop parallel jobs
+    too (each saves its checkpoint, :func:`stop_jobs`), and the exit status is 128 + signal
+    number after an interruption."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread and not in_submitit_job():
+        os.environ[_LAUNCHER_ENV] = str(os.getpid())  # read by the workers (inherited)
+        for s in _HANDLED:
+            signal.signal(s, _stop_handler)
+    try:
+        with exit_on_interrupt():
+            hydra_main()
+    finally:
+        if main_thread and not in_submitit_job() and _state["stopping"]:
+            stop_jobs()  # a job started while the launcher was unwinding
