@@ -18,7 +18,11 @@ tell, and set the loss's φ to CMA's mean (``xfavorite``). No hypergradient is c
 Objectives (each per task, from the trained model's validation predictions; lower is better):
 ``error`` 1 - accuracy, ``balanced_error`` 1 - mean per-class recall, ``macro_f1_loss``
 1 - macro-F1, ``iou_loss`` 1 - mean per-image IoU of the thresholded mask; NaN for a model
-whose predictions are not finite (so a diverged candidate ranks last). They match
+whose predictions are not finite (so a diverged candidate ranks last). A generation in which
+*no* candidate is finite is not told at all (there is nothing to rank): φ stays at the last
+good mean, the step counts as skipped, and after ``meta.max_bad_steps`` such generations in
+a row the run stops with :class:`metaloss.meta.NonFiniteMetaGradient` and a diagnosis
+(σ too large vs. the inner training diverging), as the gradient learner does. They match
 :func:`metaloss.metrics.evaluate` (tested) and are written without data-dependent Python
 control flow so they run under ``vmap``.
 
@@ -28,7 +32,8 @@ because every random draw comes from a private NumPy RNG seeded by ``seed`` (swa
 the global ``np.random`` around every ``cma`` call, so nothing else in the process can
 consume or perturb it, and the global RNG is left as it was). So the checkpoint holds x0 and
 the ``[steps, λ]`` table of told fitness values — plain tensors, loadable with
-``torch.load(weights_only=True)`` — and loading *replays* ask/tell (≈0.4 ms per step for
+``torch.load(weights_only=True)``; a row of NaN is a generation that was asked but not told —
+and loading *replays* ask/tell (≈0.4 ms per step for
 8 parameters: 10,000 steps ≈ 4 s). The replayed mean, σ and covariance are compared
 bit-for-bit with copies stored beside the table; a mismatch (e.g. another ``cma`` version)
 is refused rather than continued on a different trajectory. Why not pickle: ``cma``'s
@@ -157,12 +162,14 @@ class CMAES:
     candidate sampling RNG (0 is a seed like any other here, not "time" as in cma);
     ``objective``: a name in :data:`OBJECTIVES`, or None = the task kind's true metric
     (``error`` / ``iou_loss``; regression, or a set ``meta.objective``: the run's own
-    objective); ``chunk``: candidates per ``vmap`` call (None: all λ).
+    objective); ``chunk``: candidates per ``vmap`` call (None: all λ); ``max_bad_steps``: generations
+in a row with no finite candidate before the run stops (``meta.max_bad_steps``).
     Built by Hydra as a partial (``conf/meta_optim/cmaes.yaml``), then called with the loss.
     """
 
     def __init__(self, loss: nn.Module, *, sigma0: float = 0.2, popsize: int | None = None, seed: int = 0,
-                 objective: str | None = None, chunk: int | None = None, task_kind: str | None = None) -> None:
+                 objective: str | None = None, chunk: int | None = None, task_kind: str | None = None,
+                 max_bad_steps: int = 20) -> None:
         if not sigma0 > 0 or not math.isfinite(sigma0):
             raise ValueError(f"CMA-ES sigma0 must be a finite number > 0, got {sigma0}")
         if popsize is not None and popsize < 2:
@@ -174,6 +181,8 @@ class CMAES:
                              f"not {task_kind}")
         if chunk is not None and chunk < 1:
             raise ValueError(f"CMA-ES chunk must be None or >= 1, got {chunk}")
+        if max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1, got {max_bad_steps}")
         self.loss = loss
         self.log_lr = None  # the interface of MetaLearner: no learned inner learning rate here
         self.params = dict(meta_params(loss))
@@ -182,8 +191,11 @@ class CMAES:
         self.shapes = {k: p.shape for k, p in self.params.items()}
         self.sigma0, self.popsize, self.seed, self.objective, self.chunk = sigma0, popsize, seed, objective, chunk
         self.x0 = self._flat()
-        self.skipped = 0   # never: every candidate gets a fitness (diverged ones the worst)
+        self.skipped = 0   # generations with no finite candidate (asked, not told)
         self.diverged = 0  # candidates whose objective was not finite, in total
+        self.bad_steps = 0  # such generations in a row
+        self.max_bad_steps = int(max_bad_steps)
+        self._last_bad: tuple[Any, Any, Any] | None = None  # (problem, None, batch) of the last skipped step
         self._no_vmap = False
         self._np_state: Any = None  # the private NumPy RNG's state (set by _start)
         self._start(self.x0)
@@ -202,7 +214,8 @@ class CMAES:
         if name is None and cfg.meta.get("objective") is None:
             name = DEFAULT_FOR_KIND.get(task_kind)  # regression: the run's own objective (mse)
         try:
-            learner = make(loss, objective=name, task_kind=task_kind)
+            learner = make(loss, objective=name, task_kind=task_kind,
+                           max_bad_steps=int(cfg.meta.get("max_bad_steps", 20)))
         except ValueError as e:
             raise ConfigError(f"meta_optim=cmaes: {e}") from e
         if learner.x0.size > 100:
@@ -243,7 +256,7 @@ class CMAES:
             warnings.simplefilter("ignore")
             self.es = cma.CMAEvolutionStrategy(np.array(x0, dtype=np.float64), float(self.sigma0), opts)
         self.history: list[list[float]] = []  # fitness told at each step: the replayable state
-        self.updates = 0
+        self.updates = 0  # generations told (a row of NaN in history: asked, not told)
 
     def _ask_tell(self, evaluate: Callable[[np.ndarray], list[float]]) -> None:
         # the private NumPy stream is swapped in around cma's own calls only, not training
@@ -251,6 +264,9 @@ class CMAES:
             warnings.simplefilter("ignore")
             cands = np.asarray(self.es.ask(), dtype=np.float64)
         fitness = [float(f) for f in evaluate(cands)]
+        if all(math.isnan(f) for f in fitness):  # nothing to rank: ask again next step, φ stays
+            self.history.append(fitness)
+            return
         with self._rng(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.es.tell(list(cands), fitness)
@@ -303,13 +319,29 @@ class CMAES:
                 values = self._evaluate(problem, self._unflat(x), batch).double().cpu()
             finite = torch.isfinite(values)
             seen["values"], seen["finite"] = values, finite
+            if not finite.any():  # no candidate to rank: not told (see _ask_tell)
+                return [float("nan")] * len(values)
             # a diverged candidate gets a fitness worse than every finite one (CMA uses ranks)
-            worst = float(values[finite].max()) + 1 if finite.any() else 1.0
+            worst = float(values[finite].max()) + 1
             return torch.where(finite, values, torch.full_like(values, worst)).tolist()
 
         self._ask_tell(evaluate)
         values, finite = seen["values"], seen["finite"]
         self.diverged += int((~finite).sum())
+        if not bool(finite.any()):
+            self.bad_steps += 1
+            self.skipped += 1
+            self._last_bad = (problem, None, batch)
+            log.warning("CMA-ES: all %d candidates diverged (σ = %.4g): generation skipped, φ unchanged "
+                        "(%d in a row)", len(values), self.sigma, self.bad_steps)
+            if self.bad_steps >= self.max_bad_steps:
+                from metaloss.meta import NonFiniteMetaGradient
+
+                cause, advice = self.diagnose(problem, batch)
+                raise NonFiniteMetaGradient(f"{self.bad_steps} consecutive CMA-ES generations had no candidate "
+                                            f"with a finite objective. {advice}", cause)
+        else:
+            self.bad_steps = 0
         good = values[finite]
         return {"meta/val_objective": float(good.mean()) if len(good) else float("nan"),
                 "meta/best_objective": float(good.min()) if len(good) else float("nan"),
@@ -332,6 +364,43 @@ class CMAES:
         return torch.stack([batched_objective(problem, {k: v[c] for k, v in cands.items()}, batch)
                             for c in range(n)])
 
+    # -- failures
+
+    def diagnose(self, problem: MetaProblem | None, batch: MetaBatch | None,
+                 hypergrad: Any = None) -> tuple[str, str]:
+        """Why no candidate was finite: train this batch with the *initial* φ and with CMA's
+        current mean. Initial not finite: the inner training diverges whatever φ (inner lr).
+        Mean finite: the candidates around it are spread too far (σ). Mean not finite but the
+        initial φ finite: CMA-ES moved its mean into an unstable region (σ too)."""
+        from metaloss.meta import _objective_or_nan
+
+        ref = next(iter(self.params.values()))
+
+        def at(x: np.ndarray) -> float:
+            return _objective_or_nan(problem, {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in
+                                               self._unflat(torch.as_tensor(x, dtype=torch.float64)).items()}, batch)
+
+        at_init, at_mean = at(self.x0), at(self.mean)
+        sigma = (f"CMA-ES's step size σ is now {self.sigma:.4g} (meta_optim.sigma0 = {self.sigma0:g}, "
+                 f"λ = {self.es.popsize} candidates)")
+        if not math.isfinite(at_init):
+            return "inner", ("The inner training diverges even with the initial φ: likely cause the INNER learning "
+                             "rate. Lower optim.lr or meta.inner_steps.")
+        if math.isfinite(at_mean):
+            return "sigma", (f"CMA-ES's mean φ trains finitely on this batch (objective {at_mean:.4g}) but every "
+                             f"candidate sampled around it diverged: {sigma}, too wide for the stable region. Lower "
+                             "meta_optim.sigma0.")
+        return "meta", (f"With the initial φ this batch trains finitely (objective {at_init:.4g}) but CMA-ES's mean "
+                        f"does not: the search moved into an unstable region after {self.updates} generations; "
+                        f"{sigma}. Lower meta_optim.sigma0 (or optim.lr).")
+
+    def finish(self) -> str | None:
+        """After the last generation: no generation ever told (every candidate of every step
+        diverged) is a failure, never a complete result (:func:`metaloss.meta.finish_run`)."""
+        from metaloss.meta import finish_run
+
+        return finish_run(self)
+
     # -- the MetaLearner interface for resume
 
     def apply_hyperparameters(self, make_optimizer: Callable) -> dict[str, tuple[Any, Any]]:
@@ -350,7 +419,8 @@ class CMAES:
             "mean": torch.as_tensor(self.mean, dtype=torch.float64),
             "sigma": torch.tensor(self.sigma, dtype=torch.float64),
             "C": torch.as_tensor(np.asarray(self.es.sm.C, dtype=np.float64)),
-            "counters": {"updates": self.updates, "skipped": self.skipped, "diverged": self.diverged}})
+            "counters": {"updates": self.updates, "skipped": self.skipped, "diverged": self.diverged,
+                         "bad_steps": self.bad_steps}})
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("kind") != STATE_KIND:
@@ -381,6 +451,7 @@ class CMAES:
         counters = state.get("counters") or {}
         self.skipped = int(counters.get("skipped", 0))
         self.diverged = int(counters.get("diverged", 0))
+        self.bad_steps = int(counters.get("bad_steps", 0))
 
 
 def _constant(row: list[float]) -> Callable[[np.ndarray], list[float]]:

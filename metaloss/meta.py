@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,10 @@ from metaloss.hypergrad.base import (
     detach,
     grad_theta,
     meta_params,
+    split_meta,
+    unroll,
 )
+from metaloss.losses.base import loss_context
 from metaloss.sampling import stacked_init
 from metaloss.tasks.base import Task
 from metaloss.train import BatchSampler
@@ -81,6 +84,7 @@ class MetaLearner:
         self.max_bad_steps = max_bad_steps
         self.bad_steps = 0
         self.skipped = 0
+        self._last_bad: tuple[Any, Any, Any] | None = None  # (problem, hypergrad, batch) of the last skipped step
 
     def step(self, problem: MetaProblem, hypergrad: Callable, batch: MetaBatch) -> dict[str, float]:
         hg = hypergrad(problem, self.params, batch)
@@ -88,10 +92,12 @@ class MetaLearner:
         if not finite:
             self.bad_steps += 1
             self.skipped += 1
-            log.warning("non-finite meta-loss/hypergradient (meta-loss %s): update skipped (%d in a row)",
-                        float(hg.loss), self.bad_steps)
+            self._last_bad = (problem, hypergrad, batch)
+            note = method_diagnosis(hypergrad)
+            log.warning("non-finite meta-loss/hypergradient (meta-loss %s): update skipped (%d in a row)%s",
+                        float(hg.loss), self.bad_steps, f": {note[1]}" if note else "")
             if self.bad_steps >= self.max_bad_steps:
-                cause, advice = self.diagnose(problem, batch)
+                cause, advice = self.diagnose(problem, batch, hypergrad)
                 raise NonFiniteMetaGradient(f"{self.bad_steps} consecutive outer steps gave NaN/inf "
                                             f"meta-losses or hypergradients. {advice}", cause)
             return {"meta/val_objective": float("nan"), "meta/skipped": float(self.skipped)}
@@ -108,17 +114,21 @@ class MetaLearner:
             out["meta/inner_lr"] = float(self.log_lr.detach().exp())
         return out
 
-    def diagnose(self, problem: MetaProblem | None, batch: MetaBatch | None) -> tuple[str, str]:
-        """Why the meta-loss is not finite: re-run this batch's inner loops with the *initial*
-        φ. Finite there (after successful updates) means the meta-updates moved φ somewhere
-        unstable (meta learning rate); not finite means the inner training itself diverges."""
-        at_init = float("nan")
-        if problem is not None and batch is not None:
-            try:
-                with torch.no_grad():
-                    at_init = float(batched_objective(problem, self.initial, batch))
-            except Exception as e:  # a diagnosis must never hide the original failure
-                log.debug("diagnosis at the initial φ failed: %s", e)
+    def diagnose(self, problem: MetaProblem | None, batch: MetaBatch | None,
+                 hypergrad: Callable | None = None) -> tuple[str, str]:
+        """Why the meta-loss is not finite. If the hypergradient method names its own failure
+        (a diverging Neumann series, every ES candidate diverged) and the inner training with
+        the current φ is finite on this batch, that method's setting is to blame. Otherwise
+        re-run this batch's inner loops with the *initial* φ: finite there (after successful
+        updates) means the meta-updates moved φ somewhere unstable (meta learning rate); not
+        finite means the inner training itself diverges (inner learning rate)."""
+        at_init = _objective_or_nan(problem, self.initial, batch)
+        note = method_diagnosis(hypergrad)
+        if note is not None:
+            at_now = at_init if self.updates == 0 else _objective_or_nan(problem, detach(self.params), batch)
+            if math.isfinite(at_now):
+                return note[0], (f"The inner training with the current φ is finite on this batch (objective "
+                                 f"{at_now:.4g}), so the hypergradient method failed: {note[1]}")
         if self.updates > 0 and math.isfinite(at_init):
             return "meta", (
                 f"With the initial φ this batch trains finitely (objective {at_init:.4g}), so the "
@@ -129,6 +139,13 @@ class MetaLearner:
             "The inner training diverges even with "
             + ("the initial φ" if self.updates == 0 or not math.isfinite(at_init) else "this φ")
             + ": likely cause the INNER learning rate. Lower optim.lr or meta.inner_steps.")
+
+    def finish(self) -> str | None:
+        """Called after the last outer step: refuse a run in which no step produced a finite
+        hypergradient (φ was never meta-trained, so there is no result to call complete),
+        with the same diagnosis as a NaN streak; warn when the run *ended* on skipped steps
+        (φ is then the last good step's). Returns that warning, or None."""
+        return finish_run(self)
 
     def apply_hyperparameters(self, make_optimizer: Callable) -> dict[str, tuple[Any, Any]]:
         """Set the optimizer's hyper-parameters (lr, betas, ...) to those ``make_optimizer``
@@ -160,6 +177,143 @@ class MetaLearner:
         self.bad_steps = int(counters.get("bad_steps", 0))
         self.skipped = int(counters.get("skipped", 0))
         self.updates = int(counters.get("updates", 0))
+
+
+def method_diagnosis(hypergrad: Any) -> tuple[str, str] | None:
+    """``(cause, advice)`` from a hypergradient method that knows why its last estimate was not
+    finite (``hypergrad.diagnosis()``, e.g. a diverging Neumann series), else None."""
+    fn = getattr(hypergrad, "diagnosis", None)
+    try:
+        return fn() if callable(fn) else None
+    except Exception as e:  # a diagnosis must never hide the original failure
+        log.debug("hypergradient diagnosis failed: %s", e)
+        return None
+
+
+def _objective_or_nan(problem: MetaProblem | None, meta: Params, batch: MetaBatch | None) -> float:
+    if problem is None or batch is None:
+        return float("nan")
+    try:
+        with torch.no_grad():
+            return float(batched_objective(problem, meta, batch))
+    except Exception as e:  # a diagnosis must never hide the original failure
+        log.debug("diagnosis objective failed: %s", e)
+        return float("nan")
+
+
+def finish_run(learner: Any) -> str | None:
+    """The end-of-run rule shared by the gradient learner and CMA-ES: a run whose every outer
+    step was skipped (NaN/inf hypergradient, or no finite CMA-ES candidate) produced no φ and
+    stops with :class:`NonFiniteMetaGradient` (the app exits non-zero, keeps no
+    ``learned_loss.pt``); a run that ended on a shorter streak of skipped steps keeps the last
+    good φ and says so. ``learner`` needs ``bad_steps``, ``updates``, ``diagnose`` and
+    ``_last_bad``."""
+    if learner.bad_steps == 0:
+        return None
+    problem, hypergrad, batch = learner._last_bad or (None, None, None)
+    if learner.updates == 0:
+        cause, advice = learner.diagnose(problem, batch, hypergrad)
+        raise NonFiniteMetaGradient(
+            f"every one of the {learner.bad_steps} outer steps gave NaN/inf meta-losses or hypergradients "
+            f"(meta.max_bad_steps = {learner.max_bad_steps} was not reached, but no step produced a φ). {advice}",
+            cause)
+    msg = (f"meta-training ended on {learner.bad_steps} skipped outer step(s) in a row (NaN/inf); the learned "
+           f"loss is the last good step's φ ({learner.updates} good steps in all)")
+    log.warning(msg)
+    return msg
+
+
+STALL_TOLERANCE = 0.01  # relative change of the objective over the run below which it "never moved"
+STALL_MIN_STEPS = 5     # finite objective values needed before a run can be called stalled
+FLAT_LOSS = 0.05        # |∂ℓ/∂ŷ| below this fraction of the objective's counts as a flat loss
+
+
+def stalled(values: Sequence[float], tol: float = STALL_TOLERANCE,
+            min_steps: int = STALL_MIN_STEPS) -> tuple[float, float, int] | None:
+    """``(start, end, n)`` when the run's ``n`` finite logged objectives did not move: the mean
+    of the last third is within ``tol`` (relative) of the mean of the first third (thirds, so
+    the per-step noise of fresh tasks and initialisations averages out); else None. A run
+    whose objective got worse moved too (that is the divergence diagnosis's business), and an
+    objective at 0 has nothing to improve."""
+    finite = [float(v) for v in values if math.isfinite(v)]
+    if len(finite) < min_steps:
+        return None
+    w = max(1, len(finite) // 3)
+    start, end = sum(finite[:w]) / w, sum(finite[-w:]) / w
+    if abs(start) < 1e-8 or abs(end - start) > tol * abs(start):
+        return None
+    return start, end, len(finite)
+
+
+def _norm(tree: Params) -> float:
+    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in tree.values()))
+
+
+def explain_stall(problem: MetaProblem, meta: Params, batch: MetaBatch, *, num_classes: int | None = None,
+                  outer: str = "gradient") -> str:
+    """Why the objective does not move, measured on one task of ``batch`` with the learned φ:
+    does K steps of inner training change the validation objective at all (vs. the untrained
+    model), how far θ moves, and how large the learned loss's gradient w.r.t. the predictions
+    is next to the objective's. Names the settings to change."""
+    from torch.func import functional_call
+
+    phi, lr = split_meta(detach(meta))
+    theta0 = {k: v[0] for k, v in batch.theta0.items()}
+    xt, yt, xv, yv = batch.x_train[0], batch.y_train[0], batch.x_val[0], batch.y_val[0]
+    ctx = problem.objective_context
+
+    def objective(theta: Params, x, y) -> float:
+        return float(problem.objective(functional_call(problem.model, theta, (x,)), y, **ctx).mean())
+
+    with torch.no_grad():
+        theta = unroll(problem, detach(meta), theta0, xt, yt)
+        untrained, trained = objective(theta0, xv, yv), objective(theta, xv, yv)
+        moved = _norm({k: theta[k] - theta0[k] for k in theta}) / max(_norm(theta0), 1e-30)
+    pred = functional_call(problem.model, theta0, (xt[0],)).detach().requires_grad_(True)
+    g_loss = torch.autograd.grad(functional_call(problem.loss, phi, (pred, yt[0]),
+                                                 loss_context(problem.class_counts, xt[0], 0.0)).mean(), pred)[0]
+    g_obj = torch.autograd.grad(problem.objective(pred, yt[0], **ctx).mean(), pred)[0]
+    ratio = float(g_loss.norm()) / max(float(g_obj.norm()), 1e-30)
+    k, inner_lr = problem.inner_steps, (float(lr.exp()) if lr is not None else problem.inner_opt.hparams.get("lr"))
+    chance = (f"; chance level for {num_classes} classes is ln {num_classes} = {math.log(num_classes):.4f}"
+              if num_classes and abs(untrained - math.log(num_classes)) < 0.02 * math.log(num_classes) else "")
+    if abs(trained - untrained) > STALL_TOLERANCE * max(abs(untrained), 1e-12):
+        step = "meta_optim.sigma0" if outer == "cmaes" else "meta_optim.lr"
+        return (f"The inner training does change the objective ({untrained:.4g} untrained -> {trained:.4g} after K={k} "
+                f"steps) but the meta-updates do not move it: raise {step} or meta.steps.")
+    head = (f"Likely cause: the inner models do not learn. After K={k} inner steps the validation objective is "
+            f"{trained:.4g}, the same as the untrained models' ({untrained:.4g}{chance}); θ moved "
+            f"{100 * moved:.3g}% of its norm. ")
+    if ratio < FLAT_LOSS:
+        fit = "loss.fit_to=ce (or mse)" if "fit_to" in getattr(problem.loss, "init_kwargs", {}) else "a known loss"
+        return head + (f"The learned loss is nearly flat in the predictions: its gradient w.r.t. them is "
+                       f"{100 * ratio:.3g}% of the objective's, so the hypergradient is tiny too. Start φ from "
+                       f"{fit}, or raise optim.lr (now {inner_lr:g}) / meta.inner_steps (now {k}).")
+    return head + (f"The learned loss's gradient is {100 * ratio:.3g}% of the objective's, so the inner learning "
+                   f"rate is too small or K too short: raise optim.lr (now {inner_lr:g}) or meta.inner_steps "
+                   f"(now {k}).")
+
+
+def check_progress(objectives: Sequence[float], problem: MetaProblem, meta: Params,
+                   sample: Callable[[], MetaBatch], *, num_classes: int | None = None,
+                   outer: str = "gradient") -> str | None:
+    """At the end of meta-training: a warning (logged and returned) when the logged
+    ``meta/val_objective`` never moved, naming the likely cause; None otherwise. ``sample``
+    draws a batch for the explanation (only called when the run stalled)."""
+    found = stalled(objectives)
+    if found is None:
+        return None
+    start, end, n = found
+    w = max(1, n // 3)
+    msg = (f"meta-training did not move the objective: meta/val_objective averaged {start:.5g} over the first {w} "
+           f"and {end:.5g} over the last {w} of {n} outer steps (a {100 * abs(end - start) / abs(start):.2g}% "
+           f"change, under {100 * STALL_TOLERANCE:g}%), so φ is no better than its start.")
+    try:
+        msg += " " + explain_stall(problem, meta, sample(), num_classes=num_classes, outer=outer)
+    except Exception as e:  # the warning must not fail a finished run
+        log.debug("explaining the stalled objective failed: %s", e)
+    log.warning(msg)
+    return msg
 
 
 def offline_steps(learner: MetaLearner, problem: MetaProblem, hypergrad: Callable,

@@ -97,7 +97,7 @@ def _read(f: Path) -> dict:
     every value read is a number or null, naming the file and the key."""
     try:
         rec = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested past json's depth
         raise UnreadableResult(f"{f}: not readable JSON ({e}); delete or fix it, or report a subdirectory") from e
     key = "results" if f.name == "comparison.json" else ("runs" if isinstance(rec, dict) and "runs" in rec else "metrics")
     if not isinstance(rec, dict) or not isinstance(rec.get(key), dict | list):

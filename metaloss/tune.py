@@ -288,6 +288,16 @@ def tune_loss(score: Callable[[dict[str, float], float], float], space: Mapping[
         if on_trial is not None:
             on_trial(len(trials) + i, {**p, "lr": trial_lr}, value)
     done = sorted(finished(), key=lambda t: t.number)[:max(in_study, 0)]
+    ranges = {**space, **({"lr": lr_space} if lr_space is not None else {})}
+    for t in done:  # what a storage gives back is data too: every value inside what was searched
+        bad = {k: v for k, v in t.params.items()
+               if k not in ranges or not (isinstance(v, float | int) and math.isfinite(v) and _inside(v, ranges[k]))}
+        no_value = t.state == TrialState.COMPLETE and (t.value is None or not math.isfinite(t.value))
+        if set(t.params) != set(ranges) or bad or no_value:
+            searched = ", ".join(f"{k} in [{r.low:g}, {r.high:g}]" for k, r in ranges.items()) or "no parameters"
+            raise ValueError(f"study {study_name!r} in the storage holds trial {t.number} with params {t.params} "
+                             f"and value {t.value}, not a trial of this search ({searched}): the storage was "
+                             "edited or made by other settings; move it away to start over")
     for t in done:
         p = {k: float(v) for k, v in t.params.items() if k != "lr"}
         trials.append({"params": p, "lr": float(t.params["lr"]) if lr_space is not None else float(lr),
@@ -405,7 +415,7 @@ def loss_param_problems(target: str, params: Any, where: str) -> list[str]:
             out.append(f"{key}: not a tuned hyper-parameter of {fn} (it has "
                        f"{', '.join(space) if space else 'none: only its learning rate is tuned'})")
         else:
-            msg = finite(v) or (rules[k](v) if k in rules else None)
+            msg = rules[k](v) if k in rules else finite(v)  # every rule of a searched value refuses bool, NaN, inf
             if msg:
                 out.append(f"{key} = {_show(v)}: must be {msg} (the valid values of {fn}'s {k})")
     return out
@@ -450,7 +460,7 @@ def load_tuned(path: str | Path) -> dict[str, Any]:
         p = p / "tuned.json"
     try:
         data = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested past json's depth
         hint = (f" (a relative path is read from the current directory, {Path.cwd()}: the recorded "
                 "experiments' tuned.json are found from the repository root)") if not p.is_absolute() else ""
         raise TunedFileError(f"cannot read tuned baselines from {p}: {e}{hint}") from e

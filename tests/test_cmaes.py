@@ -205,3 +205,97 @@ def test_settings_that_make_no_sense_are_refused(compose_cfg, tmp_path, extra, m
     with pytest.raises(ConfigError, match=match):
         meta_app.run(compose_cfg("meta", TINY + ["meta.steps=1", *extra]), tmp_path, "taylorglo")
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+# ---------------------------------------------------------------- outer loops that fail say so
+
+
+def test_every_candidate_diverging_stops_the_run_with_a_diagnosis(compose_cfg, tmp_path):
+    """Before: a generation in which every candidate diverged was told a flat fitness and the
+    run went on to save learned_loss.pt with complete: true. Now such a generation is skipped,
+    and meta.max_bad_steps of them in a row stop the run, naming the inner lr."""
+    from metaloss.losses.io import load_learned_loss
+    from metaloss.meta import NonFiniteMetaGradient
+
+    cfg = compose_cfg("meta", TINY + ["meta.steps=4", "meta.max_bad_steps=2", "optim.lr=1e30"])
+    with pytest.raises(NonFiniteMetaGradient, match="no candidate with a finite objective.*INNER.*optim.lr") as err:
+        meta_app.run(cfg, tmp_path, "taylorglo")
+    assert err.value.cause == "inner"
+    assert not (tmp_path / "learned_loss.pt").exists()
+    good = load_learned_loss(tmp_path / "learned_loss_last_good.pt")
+    assert good.meta["complete"] is False
+    init = TaylorGLO().state_dict()  # no generation was told: φ is still the initial one
+    assert all(torch.equal(good.state_dict()[k], init[k]) for k in init)
+
+
+def test_a_run_too_short_to_reach_max_bad_steps_is_still_not_complete(compose_cfg, tmp_path):
+    """Every generation diverged but meta.steps < meta.max_bad_steps: no φ was produced, so
+    the end of the run refuses to call it complete."""
+    from metaloss.meta import NonFiniteMetaGradient
+
+    cfg = compose_cfg("meta", TINY + ["meta.steps=2", "meta.max_bad_steps=20", "optim.lr=1e30"])
+    with pytest.raises(NonFiniteMetaGradient, match="every one of the 2 outer steps") as err:
+        meta_app.run(cfg, tmp_path, "taylorglo")
+    assert err.value.cause == "inner" and not (tmp_path / "learned_loss.pt").exists()
+
+
+def test_a_step_size_too_wide_for_the_stable_region_names_sigma0(compose_cfg):
+    """The mean φ trains finitely, every candidate around it diverges: σ is to blame."""
+    from metaloss.meta import NonFiniteMetaGradient
+
+    loss, problem, batch = _digits_problem(compose_cfg)
+    learner = CMAES(loss, sigma0=1e12, popsize=4, seed=0, objective="error", task_kind="classification",
+                    max_bad_steps=2)
+    x0 = learner.mean.copy()
+    learner.step(problem, None, batch)
+    assert learner.skipped == 1 and learner.updates == 0 and np.array_equal(learner.mean, x0)
+    with pytest.raises(NonFiniteMetaGradient, match="meta_optim.sigma0") as err:
+        learner.step(problem, None, batch)
+    assert err.value.cause == "sigma"
+
+
+def test_a_skipped_generation_replays_exactly_on_resume(compose_cfg, monkeypatch):
+    """A generation with no finite candidate is asked but not told: a NaN row in the fitness
+    table, replayed as such, so resume reproduces mean, σ and C bit for bit."""
+    loss, problem, batch = _digits_problem(compose_cfg, inner_steps=1)
+    learner = CMAES(loss, sigma0=0.5, popsize=4, seed=1, objective="error", task_kind="classification")
+    real = learner._evaluate
+    calls = {"n": 0}
+
+    def sometimes_all_nan(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return torch.full_like(out, float("nan")) if calls["n"] == 2 else out
+
+    monkeypatch.setattr(learner, "_evaluate", sometimes_all_nan)
+    for _ in range(3):
+        learner.step(problem, None, batch)
+    assert learner.skipped == 1 and learner.updates == 2 and learner.bad_steps == 0
+    state = learner.state_dict()
+    assert torch.isnan(state["fitness"][1]).all() and torch.isfinite(state["fitness"][[0, 2]]).all()
+    again = CMAES(TaylorGLO(), sigma0=0.5, popsize=4, seed=1, objective="error", task_kind="classification")
+    again.load_state_dict(state)  # raises if the replay does not reproduce mean, σ, C
+    assert np.array_equal(again.mean, learner.mean) and again.skipped == 1
+
+
+def test_cmaes_objective_for_another_task_kind_is_refused_naming_key_value_and_valid(compose_cfg, tmp_path):
+    cfg = compose_cfg("meta", [*TINY, "task=sine", "meta.steps=1", "meta_optim.objective=error"])
+    with pytest.raises(ConfigError, match=r"meta_optim.objective = 'error': means nothing for regression.*"
+                                          r"valid for regression: null"):
+        meta_app.run(cfg, tmp_path, "taylorglo")
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_the_console_script_exits_nonzero_when_every_candidate_diverged(tmp_path):
+    """As a user runs it: non-zero exit, the diagnosis on stderr, no complete learned_loss.pt."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([Path(sys.executable).parent / "metaloss-meta", *TINY, "meta.steps=2", "optim.lr=1e30",
+                           f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert "no step produced a φ" in proc.stderr, proc.stderr[-3000:]
+    assert "optim.lr" in proc.stderr
+    assert not (run_dir / "learned_loss.pt").exists() and (run_dir / "learned_loss_last_good.pt").exists()

@@ -18,6 +18,7 @@ from metaloss.inner import optimizers as O
 from metaloss.losses.mlp import ML3Loss
 from metaloss.losses.taylor import TaylorGLO
 from metaloss.meta import MetaLearner
+from metaloss.validate import ConfigError
 
 
 def _assert_same_estimate(a, b):
@@ -116,6 +117,29 @@ def test_a_diverged_candidate_counts_as_the_worst_not_as_nan(monkeypatch):
     _assert_same_estimate(out["nan"], out["replaced"])
     assert torch.isfinite(_flat(out["nan"].grads)).all()
     assert torch.isnan(out["all"].loss)  # nothing finite: the step is skipped by the learner
+    assert es.diagnosis()[0] == "es" and "hypergrad.sigma" in es.diagnosis()[1]  # and ES says why
+
+
+def test_every_candidate_diverging_is_blamed_on_sigma_when_phi_itself_trains(compose_cfg, tmp_path):
+    """Before: the streak of all-diverged populations was blamed on the INNER learning rate.
+    φ itself trains finitely, only φ ± σε do not: the run stops naming hypergrad.sigma."""
+    from metaloss.meta import NonFiniteMetaGradient
+
+    cfg = compose_cfg("meta", TINY + ["hypergrad=es", "hypergrad.population=2", "hypergrad.sigma=1e30",
+                                      "meta.max_bad_steps=2", "meta.steps=3", "meta_test.enabled=false"])
+    with pytest.raises(NonFiniteMetaGradient, match="every one of the 4 ES candidates.*hypergrad.sigma") as err:
+        meta_app.run(cfg, tmp_path, "ml3")
+    assert err.value.cause == "es" and "INNER" not in str(err.value)
+    assert not (tmp_path / "learned_loss.pt").exists()
+
+
+def test_an_error_rate_objective_on_a_regression_task_is_refused_before_compute(compose_cfg, tmp_path):
+    cfg = compose_cfg("meta", TINY + ["hypergrad=es", "hypergrad.objective=error"])  # sine: regression
+    with pytest.raises(ConfigError, match=r"hypergrad.objective = 'error': means nothing for regression task "
+                                          r"'sine' \(it is for classification / binary tasks\); valid for "
+                                          r"regression: null \(meta.objective\)$"):
+        meta_app.run(cfg, tmp_path, "ml3")
+    assert not (tmp_path / "checkpoint.pt").exists()
 
 
 def test_invalid_chunk_is_rejected():

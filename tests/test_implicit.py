@@ -99,13 +99,77 @@ def test_implicit_agrees_with_a_long_unrolled_run():
         torch.testing.assert_close(hg.loss, unrolled.loss)
 
 
-def test_neumann_default_alpha_is_inner_lr_and_learned_lr_gets_zero():
+def test_neumann_default_alpha_is_inner_lr():
     problem, batch, data = _ridge(lam=0.3)
-    lr = problem.inner_opt.hparams["lr"]
-    meta = meta_params(problem.loss, torch.tensor(float(torch.tensor(lr).log()), dtype=torch.float64))
-    hg = Implicit(solver="neumann", iterations=500, tolerance=1e-14)(problem, meta, batch)
+    hg = Implicit(solver="neumann", iterations=500, tolerance=1e-14)(problem, meta_params(problem.loss), batch)
     torch.testing.assert_close(hg.grads["loss.lam"], _closed_form(0.3, data)[1], rtol=1e-6, atol=0)
-    assert hg.grads[LR_KEY] == 0 and set(hg.grads) == set(meta)
+
+
+def test_a_learned_inner_lr_is_refused_not_silently_given_zero():
+    """A stationary point does not depend on the inner lr: its implicit hypergradient was a
+    silent zero, so meta.learn_inner_lr=true did nothing. Refused by the method and, before
+    any compute, by the settings check."""
+    problem, batch, _ = _ridge(lam=0.3, k=5)
+    meta = meta_params(problem.loss, torch.tensor(-2.0, dtype=torch.float64))
+    assert LR_KEY in meta
+    with pytest.raises(ValueError, match="learn_inner_lr"):
+        Implicit(solver="neumann")(problem, meta, batch)
+
+
+@pytest.mark.parametrize("solver", ["cg", "neumann"])
+def test_meta_app_refuses_implicit_with_a_learned_inner_lr(compose_cfg, tmp_path, solver):
+    from metaloss.cli import meta as meta_app
+    from metaloss.validate import ConfigError
+
+    cfg = compose_cfg("meta", APP + ["hypergrad=implicit", f"hypergrad.solver={solver}", "meta.learn_inner_lr=true"])
+    with pytest.raises(ConfigError, match=r"meta.learn_inner_lr = true: hypergrad=implicit"):
+        meta_app.run(cfg, tmp_path, "ml3")
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_a_diverging_neumann_series_gives_no_estimate_and_names_alpha():
+    """α above 2/λ_max: the terms grow. Today's result was a huge finite 'hypergradient';
+    now the step has none (NaN: skipped) and the method says alpha is too large."""
+    problem, batch, _ = _ridge(lam=0.3, k=50)
+    lr = problem.inner_opt.hparams["lr"]  # 1/λ_max of the inner Hessian
+    method = Implicit(solver="neumann", iterations=30, alpha=3 * lr)
+    hg = method(problem, meta_params(problem.loss), batch)
+    assert torch.isfinite(hg.loss) and not torch.isfinite(hg.grads["loss.lam"]).any()
+    cause, advice = method.diagnosis()
+    assert cause == "neumann" and "hypergrad.alpha" in advice and "Lower hypergrad.alpha below" in advice
+    lam = float(advice.split("λ ≈ ")[1].split(",")[0])
+    torch.testing.assert_close(lam, 1 / lr, rtol=0.05, atol=0)  # the growing direction's curvature is λ_max
+    # a convergent series (alpha = the inner lr) is untouched and leaves no diagnosis
+    ok = Implicit(solver="neumann", iterations=30)
+    assert torch.isfinite(ok(problem, meta_params(problem.loss), batch).grads["loss.lam"]).all()
+    assert ok.diagnosis() is None
+
+
+def test_negative_curvature_names_damping():
+    """A concave direction (λ < 0) makes |1 - αλ| > 1 for every α: raise damping (or use CG)."""
+    problem, batch, _ = _ridge(lam=-3.0, k=3)  # λ < 0 makes the regulariser rows concave
+    method = Implicit(solver="neumann", iterations=100, alpha=1.0)  # task 0: λ_min ≈ -0.13
+    hg = method(problem, meta_params(problem.loss), batch)
+    assert not torch.isfinite(hg.grads["loss.lam"]).any()
+    cause, advice = method.diagnosis()
+    assert cause == "neumann" and "1 of 2 task(s)" in advice and "<= 0" in advice
+    assert "Raise hypergrad.damping above" in advice
+    lam = float(advice.split("λ ≈ ")[1].split(" ")[0])
+    torch.testing.assert_close(lam, -0.1258, rtol=0.02, atol=0)  # task 0's negative eigenvalue
+
+
+def test_meta_app_names_the_diverging_neumann_series_not_the_inner_lr(compose_cfg, tmp_path):
+    """Before: the run stopped blaming the INNER learning rate (or went on with garbage);
+    now it stops naming the Neumann settings, and keeps no complete learned_loss.pt."""
+    from metaloss.cli import meta as meta_app
+    from metaloss.meta import NonFiniteMetaGradient
+
+    cfg = compose_cfg("meta", APP + ["hypergrad=implicit", "hypergrad.solver=neumann", "hypergrad.iterations=20",
+                                     "hypergrad.alpha=1000", "meta.max_bad_steps=2", "meta.steps=4"])
+    with pytest.raises(NonFiniteMetaGradient, match="Neumann series.*hypergrad.alpha") as err:
+        meta_app.run(cfg, tmp_path, "ml3")
+    assert err.value.cause == "neumann" and "INNER" not in str(err.value)
+    assert not (tmp_path / "learned_loss.pt").exists() and (tmp_path / "learned_loss_last_good.pt").exists()
 
 
 def test_implicit_on_a_neural_loss_is_finite_and_points_like_unrolled():

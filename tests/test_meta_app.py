@@ -193,3 +193,37 @@ def test_interrupted_run_keeps_its_work(compose_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(Unrolled, "__call__", real)
     meta_app.run(cfg, tmp_path, "ml3")  # resumes from ./checkpoint.pt
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 4
+
+
+# ---------------------------------------------------------------- a run whose objective never moves
+
+
+def test_stalled_is_a_flat_trajectory_only():
+    from metaloss.meta import stalled
+
+    assert stalled([2.36, 2.33, 2.35, 2.30, 2.37, 2.34]) == pytest.approx((2.345, 2.355, 6))  # noise only
+    assert stalled([2.30, 2.25, 2.10, 1.90, 1.70, 1.60]) is None  # it learns
+    assert stalled([2.30, 2.30, 2.40, 2.60, 2.90, 3.00]) is None  # it moves (up: divergence's business)
+    assert stalled([2.3026, 2.3031, 2.3019]) is None  # too few steps to tell
+    assert stalled([0.0] * 8) is None  # a perfect objective has nothing left to improve
+    assert stalled([2.3, float("nan"), 2.3, 2.3, 2.3, 2.3]) == (2.3, 2.3, 5)  # skipped steps do not count
+
+
+def test_the_default_digits_run_stalls_at_ln10_and_the_warning_names_the_flat_loss(compose_cfg, tmp_path, caplog):
+    """The default digits run (ML3 from a random φ) sat at ln 10 for all 200 outer steps and
+    ended without a word. The random ML3 loss is a sum over classes of one MLP of (p_c, y_c):
+    nearly flat in the logits, so θ hardly moves in K steps. Now the run ends with a warning
+    that says so (and it is in the result)."""
+    cfg = compose_cfg("meta", TINY + ["task=digits", "meta.steps=6", "meta_test.enabled=false"])
+    with caplog.at_level("WARNING", logger="metaloss"):
+        out = meta_app.run(cfg, tmp_path, "ml3")
+    [note] = out["warnings"]
+    assert "did not move the objective" in note and "the inner models do not learn" in note
+    assert "ln 10 = 2.3026" in note and "nearly flat in the predictions" in note and "loss.fit_to=ce" in note
+    assert note in caplog.text
+    assert (tmp_path / "learned_loss.pt").exists()  # a warning, not a failure: φ is valid, just no better
+
+
+def test_a_run_that_learns_has_no_stall_warning(compose_cfg, tmp_path):
+    cfg = compose_cfg("meta", TINY + ["meta.steps=6", "meta_test.enabled=false", "meta_optim.lr=0.05"])
+    assert meta_app.run(cfg, tmp_path, "ml3")["warnings"] == []

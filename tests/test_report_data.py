@@ -52,6 +52,13 @@ def test_a_malformed_metrics_json_is_refused(tmp_path):
         collect(tmp_path)
 
 
+def test_a_comparison_nested_past_the_parsers_depth_is_refused(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "comparison.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UnreadableResult, match="not readable JSON"):
+        collect(tmp_path)
+
+
 def test_metaloss_report_exits_with_one_message_naming_the_file(tmp_path):
     rec = json.loads(json.dumps(GOOD))
     rec["results"]["ce"]["test/acc"] = [True, False]

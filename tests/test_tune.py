@@ -267,7 +267,7 @@ def _set(*keys, value):
     (_set("losses", "huber", "params", "delta", value=-1.0), None, r"losses\.huber\.params\.delta = -1\.0: must be a number > 0"),
     (_set("losses", "huber", "params", "delta", value=12345.5), {"12345.5": "NaN"}, r"params\.delta = nan: must be"),
     (_set("losses", "huber", "params", "delta", value=12345.5), {"12345.5": "Infinity"}, r"params\.delta = inf: must be"),
-    (_set("losses", "huber", "params", "delta", value=True), None, r"params\.delta = True: must be a number"),
+    (_set("losses", "huber", "params", "delta", value=True), None, r"params\.delta = True: must be a number > 0 \(the valid values of huber's delta\)"),
     (_set("losses", "huber", "params", "delta", value="1.0"), None, r"params\.delta = '1\.0': must be a number"),
     (_set("losses", "quantile", "params", "tau", value=1.5), None, r"params\.tau = 1\.5: must be a number in \(0, 1\)"),
     (_set("losses", "huber", "params", "gamma", value=2.0), None,
@@ -291,6 +291,12 @@ def test_a_hand_edited_tuned_json_is_refused_naming_file_and_key(tmp_path, edit,
     with pytest.raises(TunedFileError, match=message) as e:
         load_tuned(path)
     assert str(path) in str(e.value)
+
+
+def test_a_tuned_json_nested_past_the_parsers_depth_is_refused_not_a_crash(tmp_path):
+    (tmp_path / "tuned.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(TunedFileError, match="cannot read tuned baselines"):
+        load_tuned(tmp_path / "tuned.json")
 
 
 def test_a_recorded_tuned_json_is_valid_data():
@@ -495,3 +501,18 @@ def test_metaloss_tune_resumes_where_it_stopped_and_never_overwrites_a_complete_
     (out / "tuned.json").write_text(before.decode().replace('"complete": true', '"complete": true, "x": 1'))
     with pytest.raises(TunedFileError, match="(?s)in the way.*x: unknown key"):
         _tune(compose_cfg, out, settings)
+
+
+def test_a_storage_holding_values_outside_the_search_is_refused(tmp_path):
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    space, kw = {"gamma": Range(0.0, 5.0)}, dict(lr=0.01, lr_space=Range(1e-3, 0.1, log=True), direction="maximize",
+                                                   seed=0, storage=_journal(tmp_path / "j.journal"), study_name="focal")
+    tune_loss(lambda p, lr: -p["gamma"], space, {"gamma": 2.0}, n_trials=2, **kw)
+    study = optuna.load_study(study_name="focal", storage=_journal(tmp_path / "j.journal"))
+    study.add_trial(optuna.trial.create_trial(  # as if the journal were edited by hand
+        params={"gamma": -3.0, "lr": 0.01}, value=3.0,
+        distributions={"gamma": FloatDistribution(-5.0, 5.0), "lr": FloatDistribution(1e-3, 0.1, log=True)}))
+    with pytest.raises(ValueError, match=r"study 'focal' in the storage holds trial 2 .*gamma in \[0, 5\]"):
+        tune_loss(lambda p, lr: -p["gamma"], space, {"gamma": 2.0}, n_trials=3, **kw)

@@ -36,6 +36,7 @@ from metaloss.config import (
 )
 from metaloss.metatest import compare_losses
 from metaloss.metrics import HIGHER_IS_BETTER
+from metaloss.report import jsonable
 from metaloss.runs import RunDir, hydra_record, identity
 from metaloss.tune import (
     TUNE_SEEDS,
@@ -49,6 +50,7 @@ from metaloss.tune import (
     space_for,
     trials_for_budget,
     tune_loss,
+    tuned_problems,
 )
 from metaloss.validate import check_against_task, check_config
 
@@ -201,6 +203,10 @@ def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dt
                 "n_diverged": result.n_diverged, "steps_used": result.n_trials * cost, "at_edge": edges,
                 "trials": result.trials}
             record["complete"] = name == names[-1]
+            bad = tuned_problems(jsonable(record))  # never write a file the meta-test would refuse
+            if bad:  # (say, a journal edited by hand): nothing written
+                raise TunedFileError(f"{run_dir.path / JOURNAL} gave values that are not a valid tuned.json: "
+                                     + "; ".join(bad))
             write_json(out, record)  # after every loss: an interruption keeps the finished ones
             log.info("%s: best %s = %.4f (default %.4f) with %s", name, metric, result.best_val, result.default_val,
                      ", ".join(f"{k}={v:.4g}" for k, v in {**result.params, "lr": result.lr or lr0}.items()))

@@ -38,6 +38,7 @@ from metaloss.hypergrad.base import (
 from metaloss.metrics import zero_one_error
 
 OBJECTIVES = {"error": zero_one_error}
+KINDS = {"error": ("classification", "binary")}  # the task kinds each objective means something for
 
 
 def _name(obj) -> str:
@@ -62,6 +63,7 @@ class EvolutionStrategies:
         self.population, self.sigma, self.objective, self.seed = population, sigma, objective, seed
         self.chunk, self.vectorize = chunk, vectorize
         self.calls = 0
+        self._failure: str | None = None  # why the last estimate is not finite (see diagnosis)
         self._no_vmap: set[tuple[str, str]] = set()  # (loss, objective) pairs that failed under vmap
 
     def __call__(self, problem: MetaProblem, meta: Params, batch: MetaBatch) -> HyperGrad:
@@ -79,6 +81,10 @@ class EvolutionStrategies:
         with torch.no_grad():
             values = self._evaluate(problem, base, eps, batch)  # [2P]: plus then minus
         finite = torch.isfinite(values)
+        self._failure = None
+        if not bool(finite.any()):
+            self._failure = (f"every one of the {len(values)} ES candidates φ ± σε (hypergrad.sigma = {self.sigma:g}, "
+                             f"hypergrad.population = {p}) diverged, so there is no estimate")
         if bool(finite.any()) and not bool(finite.all()):
             # a diverged candidate counts as the worst finite one (CMA-ES ranks it last too): one
             # unstable perturbation must not turn the whole estimate NaN and skip the step; if
@@ -115,6 +121,14 @@ class EvolutionStrategies:
         n = next(iter(cands.values())).shape[0]
         return torch.stack([batched_objective(problem, {k: v[c] for k, v in cands.items()}, batch)
                             for c in range(n)])
+
+    def diagnosis(self) -> tuple[str, str] | None:
+        """Why the last estimate is not finite, if ES knows: every candidate diverged. The
+        learner blames σ only when φ itself trains finitely on that batch."""
+        if self._failure is None:
+            return None
+        return "es", (f"{self._failure}. The perturbations leave φ's stable region: lower hypergrad.sigma "
+                      f"(now {self.sigma:g}).")
 
     # The noise of call n depends on n: checkpointed, so a resumed run draws the same noise.
     def state_dict(self) -> dict:

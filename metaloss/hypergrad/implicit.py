@@ -21,7 +21,13 @@ J(θ, φ) is the learned inner loss on the last ``batches`` inner batches (at th
 training progress t = k/K). The result is exact only at an exact stationary point of that J
 (full-batch inner training run to convergence); after a short or stochastic inner run it is
 an approximation that the unrolled methods do not make. A meta-learned inner learning rate
-(``inner.log_lr``) gets a zero hypergradient: a stationary point does not depend on it.
+(``inner.log_lr``, ``meta.learn_inner_lr=true``) is refused: a stationary point does not
+depend on it, so its hypergradient would always be zero and the setting silently ignored.
+
+A Neumann series that diverges (some eigenvalue λ of H + δI with α·λ outside (0, 2): its
+terms grow instead of shrinking) gives no estimate: q is NaN for that task, so the learner
+skips the step, and :meth:`Implicit.diagnosis` says which setting to change (``alpha`` when
+α·λ > 2, ``damping`` when the curvature is negative), measured from the growing direction.
 """
 
 from __future__ import annotations
@@ -74,21 +80,24 @@ class Implicit:
         self.solver, self.iterations, self.alpha = solver, iterations, alpha
         self.damping, self.tolerance, self.batches = damping, tolerance, batches
         self.last_iterations = 0  # how many solver steps the last call took (diagnostics)
+        self._failure: tuple[str, str] | None = None  # why the last estimate is not finite (see diagnosis)
 
-    def _alpha(self, problem: MetaProblem, meta: Params) -> float:
+    def _alpha(self, problem: MetaProblem) -> float:
         if self.alpha is not None:
             return self.alpha
-        _, log_lr = split_meta(meta)
-        if log_lr is not None:
-            return float(log_lr.exp())
         lr = problem.inner_opt.hparams.get("lr")
         if lr is None:
             raise ValueError("implicit neumann: set hypergrad.alpha (the inner optimizer has no lr)")
         return float(lr)
 
     def __call__(self, problem: MetaProblem, meta: Params, batch: MetaBatch) -> HyperGrad:
+        if LR_KEY in meta:
+            raise ValueError("hypergrad=implicit cannot meta-learn the inner learning rate (meta.learn_inner_lr=true): "
+                             "the end point of a converged inner run does not depend on it, so its hypergradient "
+                             "is zero. Set meta.learn_inner_lr=false, or use hypergrad=unrolled / checkpointed / es")
         meta = detach(meta)
         phi, _ = split_meta(meta)
+        self._failure = None
         k_steps = problem.inner_steps
         first = max(0, k_steps - self.batches)
         ts = [k / k_steps for k in range(first, k_steps)]
@@ -119,7 +128,7 @@ class Implicit:
             return {k: hv[k] + damping * vec[k] for k in hv} if damping else hv
 
         # 3. q ≈ (H + δI)⁻¹ v
-        q = self._cg(hvp, v) if self.solver == "cg" else self._neumann(hvp, v, self._alpha(problem, meta))
+        q = self._cg(hvp, v) if self.solver == "cg" else self._neumann(hvp, v, self._alpha(problem))
 
         # 4. dM/dφ = -(∂²J/∂φ∂θ) q, averaged over tasks (M does not depend on φ directly)
         def mixed(th, qt, x, y):
@@ -127,22 +136,71 @@ class Implicit:
             return pull(qt)[0]
         per_task = torch.vmap(mixed, in_dims=(0, 0, 0, 0))(theta, q, xj, yj)
         grads = {"loss." + k: -g.mean(0) for k, g in per_task.items()}
-        if LR_KEY in meta:
-            grads[LR_KEY] = torch.zeros_like(meta[LR_KEY])
         return HyperGrad(values.mean(), {k: grads[k] for k in meta})
 
+    # the series' terms may grow by this factor over the run before it counts as diverging
+    # (for a symmetric H they never grow when 0 < αλ < 2; the margin covers rounding)
+    GROWTH = 1.001
+    BLOWUP = 1e6  # stop early once a term is this many times the first: certainly diverging
+
     def _neumann(self, hvp, v: Params, alpha: float) -> Params:
-        """q = α Σ_{j=0..n} (I - αH)^j v (Lorraine et al. 2020, Algorithm 3)."""
+        """q = α Σ_{j=0..n} (I - αH)^j v (Lorraine et al. 2020, Algorithm 3).
+
+        For the symmetric H + δI the terms shrink when every eigenvalue λ has 0 < αλ < 2;
+        a term that grows past the first (×``GROWTH``) means some |1 - αλ| > 1 and the sum
+        diverges. Such a task's q is NaN (no estimate, the step is skipped) and the cause is
+        kept for :meth:`diagnosis`, with λ estimated on the growing term (Rayleigh quotient)."""
         term, acc = v, dict(v)
         ref = _dot(v, v).sqrt()
+        sane = torch.isfinite(ref)  # a non-finite ∂M/∂θ is the inner run's failure, not the series'
+        curvature = torch.zeros_like(ref)
         for i in range(self.iterations):
             h = hvp(term)
+            tt = _dot(term, term)
+            curvature = _dot(term, h) / torch.where(tt > 0, tt, torch.ones_like(tt))
             term = {k: term[k] - alpha * h[k] for k in term}
             acc = {k: acc[k] + term[k] for k in acc}
             self.last_iterations = i + 1
-            if bool((_dot(term, term).sqrt() <= self.tolerance * ref).all()):
+            size = _dot(term, term).sqrt()
+            if bool((size <= self.tolerance * ref).all()) or bool(((size > self.BLOWUP * ref) & sane).any()):
                 break
+        size = _dot(term, term).sqrt()
+        finite = torch.stack([torch.isfinite(a).flatten(1).all(1) for a in acc.values()]).all(0)
+        diverged = sane & ((size > self.GROWTH * ref) | ~finite | ~torch.isfinite(size))
+        if bool(diverged.any()):
+            growth = torch.where(diverged, size / ref.clamp_min(1e-300), torch.zeros_like(size))
+            worst = int(growth.argmax())
+            self._failure = self._neumann_advice(int(diverged.sum()), len(ref), float(growth[worst]),
+                                                 float(curvature[worst]), alpha)
+            nan = torch.full_like(ref, float("nan"))
+            acc = {k: torch.where(diverged.reshape(-1, *[1] * (a.ndim - 1)), nan.reshape(-1, *[1] * (a.ndim - 1)), a)
+                   for k, a in acc.items()}
         return {k: alpha * a for k, a in acc.items()}
+
+    def _neumann_advice(self, bad: int, tasks: int, growth: float, lam: float, alpha: float) -> tuple[str, str]:
+        a_name = (f"hypergrad.alpha = {alpha:g}" if self.alpha is not None
+                  else f"hypergrad.alpha = null, i.e. the inner lr {alpha:g}")
+        head = (f"the Neumann series (hypergrad.solver = neumann) diverged on {bad} of {tasks} task(s): its "
+                f"{self.last_iterations}th term is {growth:.3g}x the first (it converges only if 0 < α·λ < 2 for "
+                f"every eigenvalue λ of H + δI; {a_name}, hypergrad.damping = {self.damping:g}). ")
+        if not (lam == lam) or abs(lam) == float("inf"):
+            why = "The series overflowed. "
+            fix = "Lower hypergrad.alpha or raise hypergrad.damping"
+        elif lam > 0:
+            why = f"The growing direction has curvature λ ≈ {lam:.3g}, so α·λ ≈ {alpha * lam:.3g} > 2. "
+            fix = f"Lower hypergrad.alpha below 2/λ ≈ {2 / lam:.3g}"
+        else:
+            why = (f"The growing direction has curvature λ ≈ {lam:.3g} <= 0: the learned inner loss is not convex "
+                   "at the end of the inner run. ")
+            fix = (f"Raise hypergrad.damping above {self.damping - lam:.3g} (then keep hypergrad.alpha below "
+                   "2 / (largest curvature + damping))")
+        return "neumann", (head + why + fix + ", or use hypergrad.solver=cg (it stops at non-positive curvature); "
+                           "changing hypergrad.iterations does not fix a diverging series.")
+
+    def diagnosis(self) -> tuple[str, str] | None:
+        """``(cause, advice)`` when the last call gave no estimate because the Neumann series
+        diverged (the learner reports it when the inner training itself is finite)."""
+        return self._failure
 
     def _cg(self, hvp, v: Params) -> Params:
         """Conjugate gradients, one independent solve per task run in lockstep (iMAML)."""
