@@ -547,6 +547,10 @@ def _cross_checks(c: dict) -> list[str]:
     nb = hg.get("batches")
     if _is_int(nb) and _is_int(inner) and nb > inner:
         out.append(f"hypergrad.batches = {nb}: must be <= meta.inner_steps ({inner})")
+    if _target_name(hg) == "Implicit" and meta.get("learn_inner_lr") is True:
+        out.append("meta.learn_inner_lr = true: hypergrad=implicit cannot meta-learn the inner learning rate (the "
+                   "end point of a converged inner run does not depend on it: its hypergradient is always zero); set "
+                   "meta.learn_inner_lr=false, or use hypergrad=unrolled, checkpointed, truncated or es")
     from metaloss.cmaes import config_problems as cmaes_problems  # lazy: cmaes imports torch code
 
     out += cmaes_problems(c)
@@ -569,6 +573,32 @@ def _cross_checks(c: dict) -> list[str]:
         for line in problems({"task": merged}):
             out.append(line.replace("task.", "meta_test.task_overrides.", 1)
                        if line.split(" ", 1)[0].split(".", 1)[-1] in overrides else line)
+    return out
+
+
+def _target_name(node: Any) -> str:
+    """The class (or function) name a component's ``_target_`` names, '' if none."""
+    target = node.get("_target_") if hasattr(node, "get") else None
+    return target.rsplit(".", 1)[-1] if isinstance(target, str) else ""
+
+
+def _objective_problems(cfg: Any, kind: str, name: str) -> list[str]:
+    """A true-metric objective of ES (``hypergrad.objective``) or CMA-ES
+    (``meta_optim.objective``) that means nothing for this task kind (an error rate on a
+    regression task): refused, naming the key, its value and what is valid for the kind."""
+    from metaloss.cmaes import KINDS
+    from metaloss.hypergrad.es import KINDS as es_kinds
+
+    out = []
+    for key, node, kinds in (("hypergrad.objective", cfg.get("hypergrad") or {}, es_kinds),
+                             ("meta_optim.objective", cfg.get("meta_optim") or {}, KINDS)):
+        value = node.get("objective") if _target_name(node) in ("EvolutionStrategies", "CMAES") else None
+        if value is None or value not in kinds or kind in kinds[value]:
+            continue  # unset, or an unknown name (check_config names those)
+        valid = [n for n, ks in kinds.items() if kind in ks]
+        out.append(f"{key} = {value!r}: means nothing for {kind} task {name!r} (it is for "
+                   f"{' / '.join(kinds[value])} tasks); valid for {kind}: null (meta.objective)"
+                   + "".join(f", {v}" for v in valid))
     return out
 
 
@@ -610,6 +640,7 @@ def check_against_task(cfg: DictConfig, task: Any) -> None:
     if "train" in cfg and cfg.get("metric") is not None and cfg.metric not in train_result_names(task.kind):
         found.append(f"metric = {cfg.metric!r}: must be one of {', '.join(train_result_names(task.kind))} "
                      f"for {task.kind} task {task.name!r}")
+    found += _objective_problems(cfg, task.kind, task.name)
     n_cls = (cfg.get("loss") or {}).get("num_classes")
     expected = task.num_classes or 2
     if n_cls is not None and task.kind in ("classification", "binary") and n_cls != expected:

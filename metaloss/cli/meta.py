@@ -46,6 +46,7 @@ from metaloss.meta import (
     MetaLearner,
     NonFiniteMetaGradient,
     OnlineState,
+    check_progress,
     offline_steps,
     online_steps,
 )
@@ -178,6 +179,7 @@ def _meta_loop(bar, state: RunState, last: dict, logger, loss, baselines, task, 
         last["state"] = state.capture(step)
         if metrics:
             logger.log(metrics, step=step)
+            last.setdefault("objectives", []).append(metrics["meta/val_objective"])  # for check_progress
             bar.set_postfix(obj=f"{metrics['meta/val_objective']:.4g}", refresh=False)
         if writer and (step % mc.plot_every == 0 or step == mc.steps):
             png = plot_losses({"learned": loss, **baselines}, task.kind, out_dir / "learned_loss.png",
@@ -320,6 +322,7 @@ def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, iden
         try:
             _meta_loop(bar, state, last, logger, loss, baselines, task, loss_name, out_dir, mc, save_checkpoint,
                        writer)
+            notes = [learner.finish()]  # no step ever finite: NonFiniteMetaGradient, never complete
         except BaseException as e:  # a NaN streak, Ctrl-C, SIGTERM, ...: keep the work done so far
             save_checkpoint(last["state"])
             done = last["state"]["step"]
@@ -341,11 +344,17 @@ def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, iden
                  elapsed / max(1, mc.steps - start))
         if not writer:
             return {"rank": world.rank, "skipped_steps": learner.skipped}
+        notes.append(check_progress(  # an objective that never moved: a warning naming the likely cause
+            last.get("objectives", []), problem, learner.params, lambda: sample_meta_batch(
+                pool, factory, n_tasks=1, inner_steps=mc.inner_steps, inner_batch=mc.inner_batch,
+                val_batch=mc.val_batch, gen=torch.Generator().manual_seed(cfg.seed), val_from_train=mc.val_from_train),
+            num_classes=task.num_classes, outer="cmaes" if isinstance(learner, CMAES) else "gradient"))
         learned_path = save_learned_loss(loss, out_dir / "learned_loss.pt", steps=mc.steps, complete=True,
                                          **meta_info)
         log.info("learned loss saved to %s (metaloss-eval loss_path=%s)", learned_path, learned_path)
         logger.learned_loss(learned_path, dict(meta_info, steps=mc.steps, complete=True))
-        result = {"learned_loss": str(learned_path), "skipped_steps": learner.skipped}
+        result = {"learned_loss": str(learned_path), "skipped_steps": learner.skipped,
+                  "warnings": [n for n in notes if n]}
         if cfg.meta_test.enabled:
             frozen = loss.requires_grad_(False)
             cost = learned_loss_cost(cfg, sum(p.numel() for p in loss.parameters()))
