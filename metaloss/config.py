@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -19,10 +20,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.object_type import ObjectType
 from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from metaloss.losses.base import ParametricLoss, loss_kinds
+from metaloss.losses.base import ParametricLoss, check_loss_output, loss_kinds
 from metaloss.runs import register_resolvers
+
+log = logging.getLogger("metaloss")
 
 register_resolvers()  # ${metaloss.uid:} / ${metaloss.slug:} in the run directories of conf/*.yaml
 
@@ -166,6 +169,197 @@ def check_loss_fits(loss: Any, task_kind: str, task_name: str, loss_name: str | 
         )
 
 
+class LearnedLossOtherTask(ValueError):
+    """A learned loss used on a task other than the one its file records, without permission."""
+
+
+def training_setup(cfg: Any) -> dict[str, Any]:
+    """What a learned-loss file records of the run that trained it, as plain values: for the
+    task, model and inner optimizer, the config's ``_target_`` (as ``target``: never called
+    from the file, only matched against this run's config options), its other values and
+    the option name when Hydra knows it; and the meta-test's ``task_overrides``. metaloss-eval
+    takes these when its command line does not set them (:func:`setup_from_file`)."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    out: dict[str, Any] = {}
+    for group in SETUP_GROUPS:
+        node = cfg.get(group)
+        if node is None:
+            continue
+        values = dict(OmegaConf.to_container(node, resolve=True))
+        target = values.pop("_target_", None)
+        values.pop("_partial_", None)
+        rec = {"option": choices.get(group), "target": target, "config": values}
+        if rec["option"] is None:  # outside a Hydra app: the option these values came from
+            try:
+                rec["option"] = _option_name(group, rec, cfg)
+            except Exception:  # noqa: BLE001 - a name is a convenience for messages, never required
+                rec["option"] = None
+        out[group] = rec
+    overrides = OmegaConf.select(cfg, "meta_test.task_overrides")
+    out["task_overrides"] = dict(OmegaConf.to_container(overrides, resolve=True)) if overrides else {}
+    return out
+
+
+SETUP_GROUPS = ("task", "model", "optim")
+
+
+_UNSET = object()
+
+
+def _show(v: Any) -> str:
+    return "(unset)" if v is _UNSET else repr(v)
+
+
+def _differences(recorded: Mapping[str, Any], current: Mapping[str, Any], prefix: str) -> list[str]:
+    keys = list(dict.fromkeys([*recorded, *current]))
+    return [f"{prefix}.{k}: file {_show(recorded.get(k, _UNSET))}, this run {_show(current.get(k, _UNSET))}"
+            for k in keys if recorded.get(k, _UNSET) != current.get(k, _UNSET)]
+
+
+def _recorded_overrides(group: str, rec: Mapping[str, Any], cfg: Any) -> str:
+    """The command-line overrides that select a recorded component: ``task=<option>`` and the
+    values that differ from that option's defaults."""
+    config, name = dict(rec.get("config") or {}), rec.get("option")
+    try:
+        defaults = dict(OmegaConf.to_container(load_option(group, name, cfg), resolve=True)) if name else {}
+    except Exception:  # noqa: BLE001 - an option this run's sources lack: every value
+        defaults = {}
+    parts = [f"{group}={name}"] if name else []
+    parts += [f"{group}.{k}={_override_value(v)}" for k, v in config.items() if defaults.get(k, _UNSET) != v]
+    return " ".join(parts)
+
+
+def check_trained_task(loss: Any, task: Any, cfg: Any = None, loss_name: str | None = None) -> None:
+    """Refuse a learned loss (one loaded from a file: it has ``meta``) on a task other than the
+    one its file records, unless it was loaded with ``allow_other_task=true``. With the run's
+    config, the whole task config is compared (a loss meta-trained on sine amplitudes [1, 1] is
+    refused for [0.1, 5]); without it, or for a file that records only the task's name, the
+    names are."""
+    meta = getattr(loss, "meta", None)
+    if not isinstance(meta, Mapping):
+        return
+    source = getattr(loss, "source", None) or loss_name or type(loss).__name__
+    recorded = (meta.get("setup") or {}).get("task")
+    current = cfg.get("task") if cfg is not None else None
+    if recorded is not None and current is not None:
+        now = dict(OmegaConf.to_container(current, resolve=True))
+        target = now.pop("_target_", None)
+        now.pop("_partial_", None)
+        trained = recorded.get("option") or meta.get("task") or recorded.get("target")
+        if recorded.get("target") != target:
+            diffs = [f"task {trained!r} ({recorded.get('target')}) vs this run's {task.name!r} ({target})"]
+            fix = _recorded_overrides("task", recorded, cfg)
+        else:
+            rec_config = recorded.get("config") or {}
+            diffs = _differences(rec_config, now, "task")
+            fix = " ".join(f"task.{k}={_override_value(rec_config.get(k))}" for k in dict.fromkeys([*rec_config, *now])
+                           if rec_config.get(k, _UNSET) != now.get(k, _UNSET))
+        fix = f"pass the task it was trained on ({fix}; metaloss-eval takes it from the file when task is unset)"
+    elif meta.get("task") is not None:
+        diffs = ([f"task name: file {meta['task']!r}, this run {task.name!r}"] if meta["task"] != task.name else [])
+        trained, fix = meta["task"], f"pass task={meta['task']} (and the task settings it was trained with)"
+    else:
+        log.warning("learned loss %s does not record the task it was trained on; it cannot be checked "
+                    "against task %r", source, task.name)
+        return
+    if not diffs:
+        return
+    if getattr(loss, "allow_other_task", False):
+        log.warning("learned loss %s was meta-trained on task %s and is applied to task %r on purpose "
+                    "(allow_other_task): %s", source, trained, task.name, "; ".join(diffs[:5]))
+        return
+    raise LearnedLossOtherTask(
+        f"learned loss {source} was meta-trained on another task than this run's {task.name!r}: "
+        f"{'; '.join(diffs[:8])}{'; ...' if len(diffs) > 8 else ''}. To evaluate it where it was trained, {fix}; "
+        "to apply it to another task on purpose, set loss.allow_other_task=true (metaloss-eval: "
+        "allow_other_task=true)")
+
+
+def _override_value(v: Any) -> str:
+    if isinstance(v, list | tuple):
+        return "[" + ",".join(_override_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{_override_value(x)}" for k, x in v.items()) + "}"
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def check_loss(loss: Any, task: Any, loss_name: str | None, cfg: Any = None) -> None:
+    """The one gate every loss passes before training uses it: it fits the task kind
+    (:func:`check_loss_fits`), a learned loss fits the task it was trained on
+    (:func:`check_trained_task`), and it returns one value per example
+    (:func:`check_loss_output`)."""
+    check_loss_fits(loss, task.kind, task.name, loss_name)
+    check_trained_task(loss, task, cfg, loss_name)
+    check_loss_output(loss, task, loss_name)
+
+
+def setup_from_file(cfg: DictConfig, meta: Mapping[str, Any], given: set[str], source: str) -> DictConfig:
+    """``cfg`` with the task, model and inner optimizer a learned-loss file records, for each
+    of them the command line did not set (``given``: the groups it set; ``experiment`` in it
+    sets them all). The recorded ``target`` must be that of a config option of this run's
+    sources, and its values keys of that option: the file chooses among configured
+    components and their settings, it never names code. A file that does not record its
+    setup is refused here, asking for ``task=`` on the command line."""
+    if "experiment" in given:
+        return cfg
+    wanted = [g for g in SETUP_GROUPS if g not in given]
+    if not wanted:
+        return cfg
+    setup = meta.get("setup")
+    if not isinstance(setup, Mapping) or not isinstance(setup.get("task"), Mapping):
+        raise LearnedLossOtherTask(
+            f"{source} does not record the task it was trained on (written before metaloss recorded it; "
+            f"it says only task={meta.get('task')!r}), and the command line sets no task: pass the task "
+            f"explicitly, e.g. task={meta.get('task') or '<name>'} (or experiment=<the experiment it came from>)")
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for group in wanted:
+            rec = setup.get(group)
+            if not isinstance(rec, Mapping):
+                continue
+            base = _option_for(group, rec, cfg, source)
+            config = rec.get("config") or {}
+            unknown = [k for k in config if k not in base]
+            if unknown:
+                raise LearnedLossOtherTask(f"{source}: unknown key 'meta.setup.{group}.config.{unknown[0]}' for "
+                                           f"{group} {rec.get('target')!r} (its keys: {sorted(k for k in base if k != '_target_')})")
+            cfg[group] = OmegaConf.merge(base, config)
+            log.info("%s from %s: %s=%s %s", group, source, group, rec.get("option") or rec.get("target"),
+                     " ".join(f"{k}={_override_value(v)}" for k, v in config.items()))
+        if "task" in wanted and "meta_test" not in given and setup.get("task_overrides"):
+            cfg.meta_test.task_overrides = dict(setup["task_overrides"])
+    return cfg
+
+
+def _option_for(group: str, rec: Mapping[str, Any], cfg: Any, source: str) -> DictConfig:
+    """The config option of ``group`` the file's record describes: its recorded option name if
+    that option still has the recorded ``_target_``, else, among the options with that target
+    (``linear`` and ``mlp`` share one), the one that has every recorded key and the most
+    recorded values."""
+    name = _option_name(group, rec, cfg)
+    if name is None:
+        names = group_options(group, cfg)
+        raise LearnedLossOtherTask(f"{source} was trained with {group} {rec.get('target')!r}, which no {group} option "
+                                   f"of this run's config sources has ({', '.join(names)}); pass {group}=... explicitly")
+    return load_option(group, name, cfg)
+
+
+def _option_name(group: str, rec: Mapping[str, Any], cfg: Any = None) -> str | None:
+    target, name, config = rec.get("target"), rec.get("option"), dict(rec.get("config") or {})
+    names = group_options(group, cfg)
+    candidates = []
+    for n in names:
+        option = load_option(group, n, cfg)
+        if option.get("_target_") != target:
+            continue
+        if n == name:
+            return n
+        values = OmegaConf.to_container(option, resolve=True)
+        fits = all(k in values for k in config)
+        candidates.append((fits, sum(values.get(k, _UNSET) == v for k, v in config.items()), n))
+    return max(candidates)[2] if candidates else None
+
+
 def instantiate_loss(loss_cfg: Any, task: Any) -> Any:
     """Instantiate a loss config for a task, filling in ``num_classes`` / ``x_dim`` when the
     loss's constructor takes them and the config leaves them unset."""
@@ -198,6 +392,7 @@ def loss_option(name: str, task: Any, cfg: Any = None, overrides: Mapping[str, A
     if isinstance(loss, torch.nn.Module):  # a loss with parameters goes where the task's data is
         x = task.x_train
         loss = loss.to(device=x.device, dtype=x.dtype if x.is_floating_point() else None)
+    check_loss(loss, task, name, cfg)
     return loss
 
 

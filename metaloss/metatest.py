@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from metaloss.inner.optimizers import InnerOptimizer
+from metaloss.losses.base import check_loss_output
 from metaloss.metrics import HIGHER_IS_BETTER, train_result_names
 from metaloss.tasks.base import Task
 from metaloss.train import NonFiniteLoss, build_model, train_model
@@ -77,6 +78,7 @@ def compare_losses(tasks_for_seed: Callable[[int], Sequence[Task]], factory: Cal
         if not results:
             keys = train_result_names(tasks[0].kind)
             results = {name: {k: [] for k in keys} for name in losses}
+            _check_contract(losses, tasks[0])
         for name, loss in losses.items():
             bar.set_postfix(loss=name, seed=seed, refresh=False)
             # model init and batch order depend on (seed, task) only: identical for every loss
@@ -89,12 +91,20 @@ def compare_losses(tasks_for_seed: Callable[[int], Sequence[Task]], factory: Cal
     return results
 
 
+def _check_contract(losses: dict[str, Callable], task: Task) -> None:
+    """Every loss returns one value per example, checked on a probe batch before any training
+    (the apps check when they build their losses; this covers losses passed in directly)."""
+    for name, loss in losses.items():
+        check_loss_output(loss, task, name)
+
+
 def _compare_vectorised(tasks_for_seed, factory, losses, make_optimizer, inner_opt, *, seeds, steps,
                         batch_size, progress) -> Results:
     per_seed = [list(tasks_for_seed(seed)) for seed in seeds]
     members = [(task, seed * 1000 + i) for seed, tasks in zip(seeds, per_seed) for i, task in enumerate(tasks)]
     keys = train_result_names(per_seed[0][0].kind)
     results: Results = {name: {k: [] for k in keys} for name in losses}
+    _check_contract(losses, per_seed[0][0])
     bar = tqdm(total=len(losses), desc="meta-test (vmap)", disable=not progress, mininterval=1.0)
     for name, loss in losses.items():
         bar.set_postfix(loss=name, refresh=False)

@@ -277,6 +277,7 @@ RULES: dict[str, Check] = {
     "dtype": one_of("float32", "float64"),
     "threads": integer(1),
     "metric": metric_name(),
+    "allow_other_task": boolean(),  # metaloss-eval: a learned loss on a task other than its file's
     "trusted_modules": lambda v: None if isinstance(v, list | tuple) and all(isinstance(x, str) for x in v)
     else "a list of module names",
     # metaloss-train
@@ -436,7 +437,7 @@ LOSS_RULES: dict[str, dict[str, Check]] = {
     "LearnedTversky": {"init_alpha": positive(), "init_beta": positive(), "init_gamma": positive(),
                        "init_w": real(0, 1, lo_open=True, hi_open=True), "scale": positive(),
                        "smooth": real(0)},
-    "load_learned_loss": {"path": learned_loss_source(), "frozen": boolean()},
+    "load_learned_loss": {"path": learned_loss_source(), "frozen": boolean(), "allow_other_task": boolean()},
 }
 
 
@@ -468,6 +469,7 @@ def _loss_problems(node: Any, where: str) -> list[str]:
 
 # Top-level keys any app knows; a `+key=...` outside them would be silently ignored.
 KNOWN_TOP_LEVEL = {"seed", "seeds", "metric", "progress", "device", "dtype", "threads", "trusted_modules",
+                   "allow_other_task",
                    "train", "meta", "meta_test", "compare", "loss_path", "task", "model", "loss", "optim",
                    "meta_optim", "hypergrad", "logger", "hydra", "tune"}
 RENAMED = {"inner_optim": "optim (one optimizer group for every app)"}

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -64,3 +65,86 @@ def test_built_wheel_carries_the_configs(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(target)}  # ahead of the editable install
     out = _run([sys.executable, "-c", code], tmp_path, timeout=60, env=env).stdout.strip()
     assert out == str(target / "metaloss" / "conf")
+
+
+# --- a learned loss and the task it was trained on (issue 15, item 5) ---------------------
+
+def _learned_file(compose_cfg, path, overrides, **meta):
+    """A learned-loss file as metaloss-meta writes it, for the setup ``overrides`` compose to
+    (no meta-training needed: the file's values are what is under test)."""
+    from metaloss.config import training_setup
+    from metaloss.losses.io import save_learned_loss
+    from metaloss.losses.taylor import TaylorGLO
+
+    cfg = compose_cfg("meta", overrides)
+    return save_learned_loss(TaylorGLO(), path, task="digits", loss_name="taylorglo", steps=1, complete=True,
+                             **({"setup": training_setup(cfg)} | meta))
+
+
+EVAL = ["logger=none", "progress=false", "compare=[ce]", "meta_test.seeds=2", "meta_test.steps=5"]
+
+
+def test_eval_takes_task_model_and_optimizer_from_the_file(compose_cfg, tmp_path):
+    """`metaloss-eval loss_path=...` alone evaluates where the loss was trained (digits, its
+    model and inner lr), not on the default sine task (before: silently sine)."""
+    f = _learned_file(compose_cfg, tmp_path / "l.pt", ["task=digits", "task.seed=2", "model.hidden=[16]",
+                                                        "optim.lr=0.3"])
+    proc = _run([BIN / "metaloss-eval", f"loss_path={f}", *EVAL, f"hydra.run.dir={tmp_path / 'out'}"], tmp_path)
+    comp = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert comp["task"] == "digits" and comp["metric"] == "test/acc"
+    assert comp["hyperparameters"]["learned"]["lr"] == 0.3
+    ident = json.loads((tmp_path / "out" / "run.json").read_text())["identity"]
+    assert ident["task._target_"] == "metaloss.tasks.classification.digits" and ident["task.seed"] == 2
+    assert ident["model.hidden"] == [16] and ident["optim.lr"] == 0.3
+    assert "task from" in proc.stdout + proc.stderr
+
+
+def test_eval_refuses_another_task_unless_told_and_old_files_without_a_task(compose_cfg, tmp_path):
+    f = _learned_file(compose_cfg, tmp_path / "l.pt", ["task=digits"])
+    cmd = [BIN / "metaloss-eval", f"loss_path={f}", *EVAL]
+    proc = subprocess.run(cmd + ["task=digits", "task.seed=3", f"hydra.run.dir={tmp_path / 'a'}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and not (tmp_path / "a" / "comparison.json").exists()
+    assert re.search(r"l.pt was meta-trained on another task than this run's 'digits': task.seed: file 0, this run 3.*"
+                     r"task.seed=0.*allow_other_task=true", proc.stderr), proc.stderr[-2000:]
+    # a file written before the setup was recorded: the implicit case is refused, naming task=
+    old = _learned_file(compose_cfg, tmp_path / "old.pt", ["task=digits"], setup=None)
+    import torch
+
+    blob = torch.load(old, weights_only=True)
+    del blob["meta"]["setup"]
+    torch.save(blob, old)
+    proc = subprocess.run([BIN / "metaloss-eval", f"loss_path={old}", *EVAL, f"hydra.run.dir={tmp_path / 'b'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and not (tmp_path / "b" / "comparison.json").exists()
+    assert "old.pt does not record the task it was trained on" in proc.stderr
+    assert "pass the task explicitly, e.g. task=digits" in proc.stderr
+
+
+def test_train_with_a_learned_loss_on_another_task_needs_allow_other_task(compose_cfg, tmp_path):
+    from metaloss.cli import train as train_app
+    from metaloss.config import LearnedLossOtherTask
+
+    f = _learned_file(compose_cfg, tmp_path / "l.pt", ["task=digits"])
+    base = ["loss=learned", f"loss.path={f}", "logger=none", "progress=false", "train.steps=3"]
+    with pytest.raises(LearnedLossOtherTask, match=r"task 'digits' \(metaloss.tasks.classification.digits\) vs "
+                                                   r"this run's 'breast_cancer'.*task=digits.*loss.allow_other_task=true"):
+        train_app.run(compose_cfg("train", base + ["task=breast_cancer"]), tmp_path / "a", "learned")
+    assert not (tmp_path / "a" / "metrics.json").exists()
+    train_app.run(compose_cfg("train", base + ["task=digits"]), tmp_path / "b", "learned")
+    train_app.run(compose_cfg("train", base + ["task=breast_cancer", "loss.allow_other_task=true"]),
+                  tmp_path / "c", "learned")
+    assert (tmp_path / "b" / "metrics.json").is_file() and (tmp_path / "c" / "metrics.json").is_file()
+
+
+def test_meta_records_the_training_setup_in_the_file(compose_cfg, tmp_path):
+    from metaloss.cli import meta as meta_app
+    from metaloss.losses.io import load_learned_loss
+
+    meta_app.run(compose_cfg("meta", ["task=digits", "task.seed=1", "loss=taylorglo", "model.hidden=[8]",
+                                      "logger=none", "progress=false", "meta.steps=1", "meta.tasks_per_step=1",
+                                      "meta.inner_steps=1", "meta_test.enabled=false"]), tmp_path, "taylorglo")
+    setup = load_learned_loss(tmp_path / "learned_loss.pt").meta["setup"]
+    assert setup["task"]["target"] == "metaloss.tasks.classification.digits"
+    assert setup["task"]["config"]["seed"] == 1 and "_target_" not in setup["task"]["config"]
+    assert setup["model"]["config"]["hidden"] == [8] and setup["optim"]["target"].endswith("sgd")

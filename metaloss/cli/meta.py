@@ -33,11 +33,12 @@ from metaloss.cmaes import CMAES
 from metaloss.config import (
     DEFAULT_OBJECTIVE,
     baselines_for,
-    check_loss_fits,
+    check_loss,
     conf_dir,
     instantiate_loss,
     loss_option,
     parametric_losses,
+    training_setup,
 )
 from metaloss.hypergrad.base import MetaProblem
 from metaloss.losses.base import ParametricLoss
@@ -259,7 +260,7 @@ def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, iden
         raise ValueError(f"metaloss-meta needs a parametric loss, got {loss_name!r}; choose one of "
                          f"{', '.join(parametric_losses(cfg))} "
                          "(fixed losses go in `compare:`)")
-    check_loss_fits(loss, task.kind, task.name, loss_name)
+    check_loss(loss, task, loss_name, cfg)  # kind, trained task (a saved loss), one value per example
     factory = instantiate(cfg.model)
     inner_opt = instantiate(cfg.optim)
     objective = loss_option(cfg.meta.objective or DEFAULT_OBJECTIVE[task.kind], task, cfg)
@@ -311,7 +312,8 @@ def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, iden
              task.describe(), "CMA-ES" if isinstance(learner, CMAES) else type(hypergrad).__name__,
              inner_opt.name, mc.inner_steps, mc.tasks_per_step,
              mc.steps, device, str(dtype).replace("torch.", ""), torch.get_num_threads())
-    meta_info = {"task": task.name, "loss_name": loss_name, "fingerprint": fingerprint(ident)}
+    meta_info = {"task": task.name, "loss_name": loss_name, "fingerprint": fingerprint(ident),
+                 "setup": training_setup(cfg)}  # metaloss-eval takes task/model/optim from it
     logging_cm = (open_logger(cfg, out_dir, job_type="meta", name=f"{loss_name}-{task.name}-s{cfg.seed}")
                   if writer else nullcontext(NullLogger()))
     with logging_cm as logger:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from metaloss import runtime
 from metaloss.cli.logger import open_logger, write_json
 from metaloss.cli.signals import console, exit_on_interrupt, interruptible
-from metaloss.config import DEFAULT_LOSS, check_loss_fits, conf_dir, instantiate_loss, loss_option
+from metaloss.config import DEFAULT_LOSS, check_loss, conf_dir, instantiate_loss, loss_option
 from metaloss.metrics import train_result_names
 from metaloss.runs import RunDir, hydra_record, identity
 from metaloss.train import NonFiniteLoss, build_model, train_model
@@ -55,9 +55,9 @@ def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, device: torch.
     else:
         with runtime.canonical_draws():
             loss = instantiate_loss(cfg.loss, task)
-    check_loss_fits(loss, task.kind, task.name, loss_name)
     if isinstance(loss, torch.nn.Module):
         loss = loss.to(device=device, dtype=dtype)
+    check_loss(loss, task, loss_name, cfg)  # fits the task kind (and its trained task); one value per example
     if int(cfg.seeds) > 1:
         return _run_seeds(cfg, run_dir, task, loss, loss_name, metric)
     model = build_model(instantiate(cfg.model), task, cfg.seed)

@@ -88,6 +88,62 @@ def loss_context(class_counts: torch.Tensor | None, x: torch.Tensor | None, t: f
     return {"class_counts": class_counts, "x": x, "t": t}
 
 
+class LossContractError(ValueError):
+    """A loss that does not return one value per example (the loss contract), found by a probe."""
+
+
+PROBE_BATCH = 3  # examples in the probe batch (raised past any other size of pred and target)
+
+
+def _probe_batch(task: Any) -> tuple[Any, Any, Any]:
+    """(pred, target, x) for a small batch of the task's training split, ``pred`` shaped as the
+    contract says a model's output is for this kind (random logits / values, drawn from a
+    fixed local generator: the global RNG is not touched). The batch size differs from every
+    other dimension of pred and target, so a result of the wrong shape cannot pass by chance."""
+    x_all, y_all = task.x_train, task.y_train
+    y_dims = set(y_all.shape[1:])
+    out_dims = set(y_all.shape[1:]) if task.kind in ("regression", "segmentation") else {task.out_dim}
+    b = PROBE_BATCH
+    while b in y_dims | out_dims | {task.num_classes}:
+        b += 1
+    idx = torch.arange(b) % len(x_all)
+    x, y = x_all[idx.to(x_all.device)], y_all[idx.to(y_all.device)]
+    shape = tuple(y.shape) if task.kind in ("regression", "segmentation") else (b, task.out_dim)
+    dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+    pred = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype).to(x.device)
+    return pred, y, x
+
+
+def check_loss_output(loss: Any, task: Any, loss_name: str | None) -> None:
+    """Call the loss once on a probe batch of the task's shape and refuse it, naming it and the
+    expected and actual shapes, unless it returns one value per example (``[B]``): a
+    broadcasting bug (``[B, B]``) or a loss that reduces itself (a scalar) would otherwise be
+    averaged into a plausible, wrong training signal. Every training path builds its losses
+    through :func:`metaloss.config.check_loss` (metaloss-train, metaloss-meta's inner loop and objective,
+    the meta-test's baselines and learned loss, tuning), so this runs once per loss, before
+    the first step; inside ``vmap`` the per-task shapes are these same shapes."""
+    name = loss_name or getattr(getattr(loss, "func", loss), "__name__", None) or type(loss).__name__
+    pred, y, x = _probe_batch(task)
+    b = len(y)
+    try:
+        out = loss(pred, y, **loss_context(task.class_counts, x, 0.0))
+    except Exception as e:
+        raise LossContractError(f"loss {name!r} fails on a probe batch of task {task.name!r} (pred "
+                                f"{list(pred.shape)}, target {list(y.shape)}): {type(e).__name__}: {e}") from e
+    if not isinstance(out, torch.Tensor):
+        raise LossContractError(f"loss {name!r} returned a {type(out).__name__}, not a tensor; the loss "
+                                f"contract: loss(pred, target, **context) -> per-example tensor [B]")
+    if tuple(out.shape) != (b,):
+        hint = (" (it reduced over the batch itself: return the per-example values, the caller reduces)"
+                if out.ndim == 0 else " (a broadcasting bug? e.g. pred [B, 1] minus target [B] gives [B, B])"
+                if out.ndim >= 2 and out.shape[0] == b else "")
+        raise LossContractError(f"loss {name!r} returned shape {list(out.shape)} for a batch of {b} examples of "
+                                f"task {task.name!r} (pred {list(pred.shape)}, target {list(y.shape)}); expected "
+                                f"[{b}]: one value per example{hint}")
+    if not out.is_floating_point():
+        raise LossContractError(f"loss {name!r} returned dtype {out.dtype}; a loss returns floating-point values")
+
+
 def binary_as_two_class(logits: torch.Tensor) -> torch.Tensor:
     """Map one binary logit z to the two-class logits (0, z): softmax of it is sigmoid(z).
 

@@ -137,6 +137,7 @@ def load_learned_loss(path: str | Path, frozen: bool = True, *,
                                      trusted_modules=trusted_modules, max_numel=max_numel,
                                      allow_other_task=allow_other_task)
         loss.meta = {**loss.meta, "source": str(path)}
+        loss.source = str(path)
         return loss
     path = Path(path)
     trusted = _trusted_prefixes(trusted_modules)
@@ -159,6 +160,7 @@ def load_learned_loss(path: str | Path, frozen: bool = True, *,
         loss.requires_grad_(False)
     loss.meta = blob.get("meta", {})
     loss.allow_other_task = allow_other_task
+    loss.source = str(path)
     return loss
 
 
