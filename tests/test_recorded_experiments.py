@@ -271,23 +271,41 @@ def test_record_script_stopped_in_the_meta_stage_keeps_the_previous_tuned_json(t
     assert not (rec / "comparison.json").exists() and not (rec / "record.json").exists()
 
 
+# How far a recorded meta-test may move on another machine, per experiment, on its metric
+# (absolute, per seed). Measured with `python scripts/repro_spread.py outliers_robust binary99`
+# (2026-12-03, AMD EPYC with AVX-512, torch 2.13.0 CPU): reruns here with 1 or 2 threads and
+# with ATen and MKL forced to AVX2 were bit-identical to the records; with the portable kernels
+# (ATEN_CPU_CAPABILITY=default, MKL_ENABLE_INSTRUCTIONS=SSE4_2, MKL_CBWR=COMPATIBLE) per-seed
+# values moved by up to SPREAD below — the size of the 0.006 another machine showed. 2000
+# Adam steps amplify a last-bit difference in a reduction into a different trajectory, so the
+# tolerance is twice the largest measured spread.
+SPREAD = {"outliers_robust": 0.0064, "binary99": 0.0060}
+
+
+def _eval(name, d, out_dir):
+    out = subprocess.run([str(BIN / "metaloss-eval"), f"experiment={name}", f"loss_path={d / 'learned_loss.pt'}",
+                          "logger=none", "progress=false", f"hydra.run.dir={out_dir}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads((out_dir / "comparison.json").read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", REPRODUCED)
 def test_the_recorded_meta_test_reproduces(tmp_path, name):
     """`metaloss-eval` with the recorded learned loss and tuned.json, run from the repository
-    root as a user would, gives the recorded per-seed values (CPU runs are deterministic; the
-    tolerance only absorbs float32 summation order across machines)."""
+    root as a user would: run twice on this machine, bit-identical; against the record (made
+    on another machine), every per-seed value within twice the measured cross-kernel spread."""
+    from metaloss.report import per_seed_differences
+
     d, comp = _recorded(name)
-    out = subprocess.run([str(BIN / "metaloss-eval"), f"experiment={name}", f"loss_path={d / 'learned_loss.pt'}",
-                          "logger=none", "progress=false", f"hydra.run.dir={tmp_path / 'eval'}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    again = json.loads((tmp_path / "eval" / "comparison.json").read_text())
-    assert set(again["results"]) == set(comp["results"])
-    metric = comp["metric"]
-    for loss, per_metric in comp["results"].items():
-        assert again["results"][loss][metric] == pytest.approx(per_metric[metric], rel=1e-3, abs=1e-3), loss
-    assert again["significance"]["best_baseline"] == comp["significance"]["best_baseline"]
+    first, second = _eval(name, d, tmp_path / "a"), _eval(name, d, tmp_path / "b")
+    assert first["results"] == second["results"]  # same machine, same code: exact
+    assert set(first["results"]) == set(comp["results"])
+    tolerance = 2 * SPREAD[name]
+    for loss, diffs in per_seed_differences(comp, first).items():
+        assert max(diffs) <= tolerance, (loss, diffs, tolerance)
+    assert first["significance"]["best_baseline"] == comp["significance"]["best_baseline"]
 
 
 @pytest.mark.slow
