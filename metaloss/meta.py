@@ -95,7 +95,7 @@ class MetaLearner:
             self._last_bad = (problem, hypergrad, batch)
             note = method_diagnosis(hypergrad)
             log.warning("non-finite meta-loss/hypergradient (meta-loss %s): update skipped (%d in a row)%s",
-                        float(hg.loss), self.bad_steps, f": {note[1]}" if note else "")
+                        float(hg.loss), self.bad_steps, f" ({note[1]})" if note else "")
             if self.bad_steps >= self.max_bad_steps:
                 cause, advice = self.diagnose(problem, batch, hypergrad)
                 raise NonFiniteMetaGradient(f"{self.bad_steps} consecutive outer steps gave NaN/inf "
@@ -128,7 +128,7 @@ class MetaLearner:
             at_now = at_init if self.updates == 0 else _objective_or_nan(problem, detach(self.params), batch)
             if math.isfinite(at_now):
                 return note[0], (f"The inner training with the current φ is finite on this batch (objective "
-                                 f"{at_now:.4g}), so the hypergradient method failed: {note[1]}")
+                                 f"{at_now:.4g}), so the hypergradient method failed: {note[1]}. {note[2]}")
         if self.updates > 0 and math.isfinite(at_init):
             return "meta", (
                 f"With the initial φ this batch trains finitely (objective {at_init:.4g}), so the "
@@ -179,9 +179,12 @@ class MetaLearner:
         self.updates = int(counters.get("updates", 0))
 
 
-def method_diagnosis(hypergrad: Any) -> tuple[str, str] | None:
-    """``(cause, advice)`` from a hypergradient method that knows why its last estimate was not
-    finite (``hypergrad.diagnosis()``, e.g. a diverging Neumann series), else None."""
+def method_diagnosis(hypergrad: Any) -> tuple[str, str, str] | None:
+    """``(cause, finding, fix)`` from a hypergradient method that knows why its last estimate was
+    not finite (``hypergrad.diagnosis()``, e.g. a diverging Neumann series), else None. The
+    finding is logged with every skipped step; the fix only when the learner has checked that
+    the inner training itself is finite (else the inner lr is to blame, whatever the method)."""
+    hypergrad = getattr(hypergrad, "method", hypergrad)  # distributed.Sharded wraps the method
     fn = getattr(hypergrad, "diagnosis", None)
     try:
         return fn() if callable(fn) else None
@@ -249,12 +252,27 @@ def _norm(tree: Params) -> float:
     return math.sqrt(sum(float(v.double().pow(2).sum()) for v in tree.values()))
 
 
+class _ObjectiveAsLoss(nn.Module):
+    """The validation objective used as the inner loss: the reference for "could K inner steps
+    at this learning rate move the objective at all?"."""
+
+    def __init__(self, objective: Callable, context: dict) -> None:
+        super().__init__()
+        self.objective, self.context = objective, context
+
+    def forward(self, pred, target, **_):
+        return self.objective(pred, target, **self.context)
+
+
 def explain_stall(problem: MetaProblem, meta: Params, batch: MetaBatch, *, num_classes: int | None = None,
                   outer: str = "gradient") -> str:
-    """Why the objective does not move, measured on one task of ``batch`` with the learned φ:
-    does K steps of inner training change the validation objective at all (vs. the untrained
-    model), how far θ moves, and how large the learned loss's gradient w.r.t. the predictions
-    is next to the objective's. Names the settings to change."""
+    """Why the objective does not move, measured on one task of ``batch``: does K steps of inner
+    training with the learned φ change the validation objective at all (vs. the untrained
+    model), would K steps with the *objective itself* as the inner loss (same optimizer and
+    lr), how far θ moves, and how large the learned loss's gradient w.r.t. the predictions is
+    next to the objective's. Names the settings to change."""
+    import dataclasses
+
     from torch.func import functional_call
 
     phi, lr = split_meta(detach(meta))
@@ -265,33 +283,48 @@ def explain_stall(problem: MetaProblem, meta: Params, batch: MetaBatch, *, num_c
     def objective(theta: Params, x, y) -> float:
         return float(problem.objective(functional_call(problem.model, theta, (x,)), y, **ctx).mean())
 
+    def rel(a: float, b: float) -> float:
+        return abs(a - b) / max(abs(b), 1e-12)
+
     with torch.no_grad():
         theta = unroll(problem, detach(meta), theta0, xt, yt)
         untrained, trained = objective(theta0, xv, yv), objective(theta, xv, yv)
         moved = _norm({k: theta[k] - theta0[k] for k in theta}) / max(_norm(theta0), 1e-30)
+        ref_problem = dataclasses.replace(problem, loss=_ObjectiveAsLoss(problem.objective, ctx))
+        ref = objective(unroll(ref_problem, {} if lr is None else {LR_KEY: lr}, theta0, xt, yt), xv, yv)
     pred = functional_call(problem.model, theta0, (xt[0],)).detach().requires_grad_(True)
     g_loss = torch.autograd.grad(functional_call(problem.loss, phi, (pred, yt[0]),
                                                  loss_context(problem.class_counts, xt[0], 0.0)).mean(), pred)[0]
     g_obj = torch.autograd.grad(problem.objective(pred, yt[0], **ctx).mean(), pred)[0]
     ratio = float(g_loss.norm()) / max(float(g_obj.norm()), 1e-30)
     k, inner_lr = problem.inner_steps, (float(lr.exp()) if lr is not None else problem.inner_opt.hparams.get("lr"))
+    budget = f"optim.lr (now {inner_lr:g}) or meta.inner_steps (now {k})"
     chance = (f"; chance level for {num_classes} classes is ln {num_classes} = {math.log(num_classes):.4f}"
               if num_classes and abs(untrained - math.log(num_classes)) < 0.02 * math.log(num_classes) else "")
-    if abs(trained - untrained) > STALL_TOLERANCE * max(abs(untrained), 1e-12):
+    if rel(trained, untrained) > STALL_TOLERANCE:
         step = "meta_optim.sigma0" if outer == "cmaes" else "meta_optim.lr"
         return (f"The inner training does change the objective ({untrained:.4g} untrained -> {trained:.4g} after K={k} "
                 f"steps) but the meta-updates do not move it: raise {step} or meta.steps.")
-    head = (f"Likely cause: the inner models do not learn. After K={k} inner steps the validation objective is "
-            f"{trained:.4g}, the same as the untrained models' ({untrained:.4g}{chance}); θ moved "
-            f"{100 * moved:.3g}% of its norm. ")
-    if ratio < FLAT_LOSS:
-        fit = "loss.fit_to=ce (or mse)" if "fit_to" in getattr(problem.loss, "init_kwargs", {}) else "a known loss"
-        return head + (f"The learned loss is nearly flat in the predictions: its gradient w.r.t. them is "
-                       f"{100 * ratio:.3g}% of the objective's, so the hypergradient is tiny too. Start φ from "
-                       f"{fit}, or raise optim.lr (now {inner_lr:g}) / meta.inner_steps (now {k}).")
-    return head + (f"The learned loss's gradient is {100 * ratio:.3g}% of the objective's, so the inner learning "
-                   f"rate is too small or K too short: raise optim.lr (now {inner_lr:g}) or meta.inner_steps "
-                   f"(now {k}).")
+    out = (f"Likely cause: the inner models do not learn. After K={k} inner steps the validation objective is "
+           f"{trained:.4g}, the same as the untrained models' ({untrained:.4g}{chance}); θ moved "
+           f"{100 * moved:.3g}% of its norm.")
+    flat = ratio < FLAT_LOSS
+    fit = "loss.fit_to=ce (or mse)" if "fit_to" in getattr(problem.loss, "init_kwargs", {}) else "a known loss"
+    if rel(ref, untrained) <= STALL_TOLERANCE:
+        out += (f" The inner budget is too small for ANY loss: even the objective itself as the inner loss gives "
+                f"{ref:.4g} after the same K={k} steps (φ would have to find far larger gradients on its own); "
+                f"raise {budget}.")
+        if flat:
+            out += (f" The learned loss is also nearly flat in the predictions (its gradient w.r.t. them is "
+                    f"{100 * ratio:.3g}% of the objective's): start φ from {fit} too.")
+        return out
+    if flat:
+        return out + (f" The learned loss is nearly flat in the predictions: its gradient w.r.t. them is "
+                      f"{100 * ratio:.3g}% of the objective's (K steps with the objective itself as the loss reach "
+                      f"{ref:.4g}), so the hypergradient is tiny too. Start φ from {fit}, or raise {budget}.")
+    return out + (f" With the objective itself as the inner loss the same K steps reach {ref:.4g}: the learned loss "
+                  f"(gradient {100 * ratio:.3g}% of the objective's) does not train the models. Start φ from {fit}, "
+                  f"or raise {budget}.")
 
 
 def check_progress(objectives: Sequence[float], problem: MetaProblem, meta: Params,

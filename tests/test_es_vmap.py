@@ -117,7 +117,8 @@ def test_a_diverged_candidate_counts_as_the_worst_not_as_nan(monkeypatch):
     _assert_same_estimate(out["nan"], out["replaced"])
     assert torch.isfinite(_flat(out["nan"].grads)).all()
     assert torch.isnan(out["all"].loss)  # nothing finite: the step is skipped by the learner
-    assert es.diagnosis()[0] == "es" and "hypergrad.sigma" in es.diagnosis()[1]  # and ES says why
+    cause, finding, fix = es.diagnosis()  # and ES says why
+    assert cause == "es" and "every one of the 6 ES candidates" in finding and "hypergrad.sigma" in fix
 
 
 def test_every_candidate_diverging_is_blamed_on_sigma_when_phi_itself_trains(compose_cfg, tmp_path):

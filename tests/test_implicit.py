@@ -135,7 +135,8 @@ def test_a_diverging_neumann_series_gives_no_estimate_and_names_alpha():
     method = Implicit(solver="neumann", iterations=30, alpha=3 * lr)
     hg = method(problem, meta_params(problem.loss), batch)
     assert torch.isfinite(hg.loss) and not torch.isfinite(hg.grads["loss.lam"]).any()
-    cause, advice = method.diagnosis()
+    cause, finding, fix = method.diagnosis()
+    advice = f"{finding} {fix}"
     assert cause == "neumann" and "hypergrad.alpha" in advice and "Lower hypergrad.alpha below" in advice
     lam = float(advice.split("λ ≈ ")[1].split(",")[0])
     torch.testing.assert_close(lam, 1 / lr, rtol=0.05, atol=0)  # the growing direction's curvature is λ_max
@@ -151,7 +152,8 @@ def test_negative_curvature_names_damping():
     method = Implicit(solver="neumann", iterations=100, alpha=1.0)  # task 0: λ_min ≈ -0.13
     hg = method(problem, meta_params(problem.loss), batch)
     assert not torch.isfinite(hg.grads["loss.lam"]).any()
-    cause, advice = method.diagnosis()
+    cause, finding, fix = method.diagnosis()
+    advice = f"{finding} {fix}"
     assert cause == "neumann" and "1 of 2 task(s)" in advice and "<= 0" in advice
     assert "Raise hypergrad.damping above" in advice
     lam = float(advice.split("λ ≈ ")[1].split(" ")[0])

@@ -122,13 +122,14 @@ class EvolutionStrategies:
         return torch.stack([batched_objective(problem, {k: v[c] for k, v in cands.items()}, batch)
                             for c in range(n)])
 
-    def diagnosis(self) -> tuple[str, str] | None:
-        """Why the last estimate is not finite, if ES knows: every candidate diverged. The
-        learner blames σ only when φ itself trains finitely on that batch."""
+    def diagnosis(self) -> tuple[str, str, str] | None:
+        """``(cause, finding, fix)`` when the last estimate is not finite because every
+        candidate diverged. The learner blames σ only when φ itself trains finitely on that
+        batch (else the inner training diverges anyway)."""
         if self._failure is None:
             return None
-        return "es", (f"{self._failure}. The perturbations leave φ's stable region: lower hypergrad.sigma "
-                      f"(now {self.sigma:g}).")
+        return "es", self._failure, (f"The perturbations leave φ's stable region: lower hypergrad.sigma "
+                                     f"(now {self.sigma:g}).")
 
     # The noise of call n depends on n: checkpointed, so a resumed run draws the same noise.
     def state_dict(self) -> dict:

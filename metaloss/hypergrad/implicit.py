@@ -80,7 +80,7 @@ class Implicit:
         self.solver, self.iterations, self.alpha = solver, iterations, alpha
         self.damping, self.tolerance, self.batches = damping, tolerance, batches
         self.last_iterations = 0  # how many solver steps the last call took (diagnostics)
-        self._failure: tuple[str, str] | None = None  # why the last estimate is not finite (see diagnosis)
+        self._failure: tuple[str, str, str] | None = None  # why the last estimate is not finite (see diagnosis)
 
     def _alpha(self, problem: MetaProblem) -> float:
         if self.alpha is not None:
@@ -138,17 +138,20 @@ class Implicit:
         grads = {"loss." + k: -g.mean(0) for k, g in per_task.items()}
         return HyperGrad(values.mean(), {k: grads[k] for k in meta})
 
-    # the series' terms may grow by this factor over the run before it counts as diverging
-    # (for a symmetric H they never grow when 0 < αλ < 2; the margin covers rounding)
-    GROWTH = 1.001
+    # how much the last term may exceed the first before the series counts as diverging. For
+    # the symmetric H + δI the terms never grow when every 0 < αλ < 2; a slightly negative
+    # curvature makes them grow slowly (|1 - αλ| just above 1), and the *truncated* sum is then
+    # still a usable, regularised estimate (the default quickstart run with neumann: last term
+    # 1.002x the first). Past 2x the sum is dominated by the growing direction.
+    GROWTH = 2.0
     BLOWUP = 1e6  # stop early once a term is this many times the first: certainly diverging
 
     def _neumann(self, hvp, v: Params, alpha: float) -> Params:
         """q = α Σ_{j=0..n} (I - αH)^j v (Lorraine et al. 2020, Algorithm 3).
 
         For the symmetric H + δI the terms shrink when every eigenvalue λ has 0 < αλ < 2;
-        a term that grows past the first (×``GROWTH``) means some |1 - αλ| > 1 and the sum
-        diverges. Such a task's q is NaN (no estimate, the step is skipped) and the cause is
+        a last term past ``GROWTH`` times the first means some |1 - αλ| > 1 has taken over the
+        sum. Such a task's q is NaN (no estimate, the step is skipped) and the cause is
         kept for :meth:`diagnosis`, with λ estimated on the growing term (Rayleigh quotient)."""
         term, acc = v, dict(v)
         ref = _dot(v, v).sqrt()
@@ -177,7 +180,7 @@ class Implicit:
                    for k, a in acc.items()}
         return {k: alpha * a for k, a in acc.items()}
 
-    def _neumann_advice(self, bad: int, tasks: int, growth: float, lam: float, alpha: float) -> tuple[str, str]:
+    def _neumann_advice(self, bad: int, tasks: int, growth: float, lam: float, alpha: float) -> tuple[str, str, str]:
         a_name = (f"hypergrad.alpha = {alpha:g}" if self.alpha is not None
                   else f"hypergrad.alpha = null, i.e. the inner lr {alpha:g}")
         head = (f"the Neumann series (hypergrad.solver = neumann) diverged on {bad} of {tasks} task(s): its "
@@ -194,12 +197,13 @@ class Implicit:
                    "at the end of the inner run. ")
             fix = (f"Raise hypergrad.damping above {self.damping - lam:.3g} (then keep hypergrad.alpha below "
                    "2 / (largest curvature + damping))")
-        return "neumann", (head + why + fix + ", or use hypergrad.solver=cg (it stops at non-positive curvature); "
-                           "changing hypergrad.iterations does not fix a diverging series.")
+        fix += (", or use hypergrad.solver=cg (it stops at non-positive curvature); changing hypergrad.iterations "
+                "does not fix a diverging series.")
+        return "neumann", (head + why).strip().rstrip("."), fix
 
-    def diagnosis(self) -> tuple[str, str] | None:
-        """``(cause, advice)`` when the last call gave no estimate because the Neumann series
-        diverged (the learner reports it when the inner training itself is finite)."""
+    def diagnosis(self) -> tuple[str, str, str] | None:
+        """``(cause, finding, fix)`` when the last call gave no estimate because the Neumann
+        series diverged (the learner reports it when the inner training itself is finite)."""
         return self._failure
 
     def _cg(self, hvp, v: Params) -> Params:
