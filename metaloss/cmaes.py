@@ -188,6 +188,9 @@ in a row with no finite candidate before the run stops (``meta.max_bad_steps``).
         self.params = dict(meta_params(loss))
         if not self.params:
             raise ValueError("CMA-ES needs a loss with parameters to evolve")
+        from metaloss.meta import check_finite_phi
+
+        check_finite_phi(self.params)
         self.shapes = {k: p.shape for k, p in self.params.items()}
         self.sigma0, self.popsize, self.seed, self.objective, self.chunk = sigma0, popsize, seed, objective, chunk
         self.x0 = self._flat()

@@ -72,6 +72,7 @@ class MetaLearner:
                                                  dtype=None if ref is None else ref.dtype))
                        if learn_inner_lr else None)
         self.params = dict(meta_params(loss, self.log_lr))
+        check_finite_phi(self.params)
         self.optimizer = make_optimizer(list(self.params.values()))
         if clip_grad_norm is not None and not clip_grad_norm > 0:
             # a negative max-norm would flip the gradient: silent gradient *ascent*
@@ -177,6 +178,15 @@ class MetaLearner:
         self.bad_steps = int(counters.get("bad_steps", 0))
         self.skipped = int(counters.get("skipped", 0))
         self.updates = int(counters.get("updates", 0))
+
+
+def check_finite_phi(params: Params) -> None:
+    """Refuse a starting φ (or inner log-lr) holding NaN/inf: every step would be skipped and
+    the divergence diagnosis would wrongly blame a learning rate."""
+    bad = [k for k, v in params.items() if not bool(torch.isfinite(v.detach()).all())]
+    if bad:
+        raise ValueError(f"the loss's initial meta-parameters {bad} hold NaN/inf values: nothing can be "
+                         "meta-trained from them (check the loss's initialisation or the file it was loaded from)")
 
 
 def method_diagnosis(hypergrad: Any) -> tuple[str, str, str] | None:

@@ -54,3 +54,17 @@ def test_meta_divergence_is_named(compose_cfg):
     with pytest.raises(NonFiniteMetaGradient, match="META learning rate.*meta_optim.lr") as err:
         learner.step(problem, hypergrad, batch)
     assert err.value.cause == "meta"
+
+
+def test_a_non_finite_starting_phi_is_refused_not_blamed_on_a_learning_rate():
+    """NaN in φ made every step non-finite and the diagnosis blamed the inner lr."""
+    from metaloss.cmaes import CMAES
+    from metaloss.losses.mlp import ML3Loss
+
+    loss = ML3Loss(hidden=(4,))
+    with torch.no_grad():
+        loss.net[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"\['loss.net.0.weight'\] hold NaN/inf"):
+        MetaLearner(loss, lambda p: torch.optim.SGD(p, lr=0.01))
+    with pytest.raises(ValueError, match="hold NaN/inf"):
+        CMAES(loss)
