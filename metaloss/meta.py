@@ -339,18 +339,27 @@ def explain_stall(problem: MetaProblem, meta: Params, batch: MetaBatch, *, num_c
 
 def check_progress(objectives: Sequence[float], problem: MetaProblem, meta: Params,
                    sample: Callable[[], MetaBatch], *, num_classes: int | None = None,
-                   outer: str = "gradient") -> str | None:
+                   outer: str = "gradient", initial: Params | None = None) -> str | None:
     """At the end of meta-training: a warning (logged and returned) when the logged
-    ``meta/val_objective`` never moved, naming the likely cause; None otherwise. ``sample``
-    draws a batch for the explanation (only called when the run stalled)."""
+    ``meta/val_objective`` never moved, or φ is exactly its start (``initial``: every
+    hypergradient was zero — on a task family the objective's step-to-step noise can hide
+    that), naming the likely cause; None otherwise. ``sample`` draws a batch for the
+    explanation (only called when the run stalled)."""
     found = stalled(objectives)
-    if found is None:
+    unchanged = (initial is not None and any(math.isfinite(v) for v in objectives)
+                 and all(torch.equal(initial[k], meta[k].detach().to(initial[k].device)) for k in initial))
+    if found is None and not unchanged:
         return None
-    start, end, n = found
-    w = max(1, n // 3)
-    msg = (f"meta-training did not move the objective: meta/val_objective averaged {start:.5g} over the first {w} "
-           f"and {end:.5g} over the last {w} of {n} outer steps (a {100 * abs(end - start) / abs(start):.2g}% "
-           f"change, under {100 * STALL_TOLERANCE:g}%), so φ is no better than its start.")
+    if found is not None:
+        start, end, n = found
+        w = max(1, n // 3)
+        msg = (f"meta-training did not move the objective: meta/val_objective averaged {start:.5g} over the first "
+               f"{w} and {end:.5g} over the last {w} of {n} outer steps (a {100 * abs(end - start) / abs(start):.2g}% "
+               f"change, under {100 * STALL_TOLERANCE:g}%), so φ is no better than its start"
+               + (" (it did not change at all: every hypergradient was zero)." if unchanged else "."))
+    else:
+        msg = (f"meta-training did not change φ: after {len(objectives)} outer steps every meta-parameter equals its "
+               "start (every hypergradient was zero), so the learned loss is the initial one.")
     try:
         msg += " " + explain_stall(problem, meta, sample(), num_classes=num_classes, outer=outer)
     except Exception as e:  # the warning must not fail a finished run

@@ -229,3 +229,27 @@ def test_the_default_digits_run_stalls_at_ln10_and_the_warning_names_the_flat_lo
 def test_a_run_that_learns_has_no_stall_warning(compose_cfg, tmp_path):
     cfg = compose_cfg("meta", TINY + ["meta.steps=6", "meta_test.enabled=false", "meta_optim.lr=0.05"])
     assert meta_app.run(cfg, tmp_path, "ml3")["warnings"] == []
+
+
+def test_a_dead_loss_is_reported_even_when_task_noise_hides_the_flat_objective(compose_cfg, tmp_path):
+    """ML3 with its output layer scaled by 1e20 is flat (softplus saturated): every
+    hypergradient is 0 and φ never changes, but on the sine family the objective jumps between
+    tasks (3.2..3.7), so the trajectory alone looks like it moves. It used to end silently."""
+    tiny = [o for o in TINY if not o.startswith(("loss.hidden", "model.hidden"))]  # at seed 0 this ML3 is dead
+    cfg = compose_cfg("meta", tiny + ["loss.init_scale=1e20", "meta.steps=6", "meta_test.enabled=false"])
+    [note] = meta_app.run(cfg, tmp_path, "ml3")["warnings"]
+    assert "every hypergradient was zero" in note and "nearly flat in the predictions" in note
+
+
+def test_phi_that_never_changed_is_reported_even_when_task_noise_moves_the_objective():
+    from metaloss.meta import check_progress
+
+    phi = {"loss.w": torch.ones(3)}
+    noisy = [3.2, 3.7, 3.6, 3.2, 3.7, 3.3]  # a task family: a different task every step
+
+    def sample():
+        raise RuntimeError("not needed")  # the explanation is optional; its failure never fails the run
+
+    note = check_progress(noisy, None, phi, sample, initial={"loss.w": torch.ones(3)})
+    assert note.startswith("meta-training did not change φ: after 6 outer steps")
+    assert check_progress(noisy, None, phi, sample, initial={"loss.w": torch.zeros(3)}) is None

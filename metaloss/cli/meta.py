@@ -350,7 +350,8 @@ def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, iden
             last.get("objectives", []), problem, learner.params, lambda: sample_meta_batch(
                 pool, factory, n_tasks=1, inner_steps=mc.inner_steps, inner_batch=mc.inner_batch,
                 val_batch=mc.val_batch, gen=torch.Generator().manual_seed(cfg.seed), val_from_train=mc.val_from_train),
-            num_classes=task.num_classes, outer="cmaes" if isinstance(learner, CMAES) else "gradient"))
+            num_classes=task.num_classes, outer="cmaes" if isinstance(learner, CMAES) else "gradient",
+            initial=getattr(learner, "initial", None)))
         learned_path = save_learned_loss(loss, out_dir / "learned_loss.pt", steps=mc.steps, complete=True,
                                          **meta_info)
         log.info("learned loss saved to %s (metaloss-eval loss_path=%s)", learned_path, learned_path)
