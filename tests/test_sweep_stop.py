@@ -62,7 +62,10 @@ _LAUNCHER = textwrap.dedent("""
 
     child = sys.argv[1]
     def main():
-        subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # the launcher stops the jobs it knows: this child carries a loky worker's marker
+        subprocess.Popen([sys.executable, "-c", child, "loky.backend.popen_loky_posix"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])  # no job: left alone
         while True:
             time.sleep(0.05)
     console(main)
@@ -125,7 +128,7 @@ def test_a_second_signal_kills_the_jobs_at_once(tmp_path):
     proc.send_signal(signal.SIGINT)  # within the job's 0.5 s clean-up
     log, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, log
-    assert "killing the jobs now" in log, log
+    assert "SIGINT again" in log, log
     assert not out.exists()
     _assert_session_ends(proc.pid, grace=2)
 
@@ -155,11 +158,14 @@ def _running(sweep_root: Path) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig, group", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM", "SIGINT", "terminal-Ctrl-C"])
 @pytest.mark.parametrize("launcher", ["joblib", "local"])
-def test_stopping_a_sweep_stops_every_job_which_resumes(tmp_path, launcher, sig):
+def test_stopping_a_sweep_stops_every_job_which_resumes(tmp_path, launcher, sig, group):
     """The checkpoints are *not* periodic here (every 1000 steps): each job's checkpoint on
-    disk is the one it wrote when it was stopped."""
+    disk is the one it wrote when it was stopped. ``group``: the signal goes to every process
+    of the launcher's process group at once, as a terminal's Ctrl-C does (submitit's local
+    controllers would otherwise kill their jobs a second later)."""
     env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
     cmd = [str(BIN / "metaloss-meta"), "-m", *LAUNCH[launcher], *META]
     proc = subprocess.Popen([*cmd, "meta.steps=100000"], cwd=tmp_path, env=env, text=True, start_new_session=True,
@@ -170,7 +176,10 @@ def test_stopping_a_sweep_stops_every_job_which_resumes(tmp_path, launcher, sig)
         time.sleep(0.05)
     time.sleep(0.5)
     assert not _checkpoints(tmp_path)
-    proc.send_signal(sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     log, _ = proc.communicate(timeout=120)
     assert proc.returncode == EXPECTED[sig], log[-3000:]
     _assert_session_ends(proc.pid)
@@ -179,7 +188,9 @@ def test_stopping_a_sweep_stops_every_job_which_resumes(tmp_path, launcher, sig)
     for job_log in [log, *(p.read_text() for p in tmp_path.glob("multirun/meta/*/.submitit/*/*_log.out"))]:
         assert "Traceback" not in job_log, job_log[-3000:]
 
-    if (launcher, sig) != ("joblib", signal.SIGINT):
+    assert log.count("checkpoint saved") + sum(p.read_text().count("checkpoint saved") for p in
+                                               tmp_path.glob("multirun/meta/*/.submitit/*/*_log.out")) == 2
+    if (launcher, sig, group) != ("joblib", signal.SIGINT, False):
         return  # the rerun is the same for every way of stopping; once is enough
     sweep = next((tmp_path / "multirun" / "meta").iterdir())
     total = max(done.values()) + 2
@@ -192,3 +203,23 @@ def test_stopping_a_sweep_stops_every_job_which_resumes(tmp_path, launcher, sig)
         (run_dir,) = sweep.glob(f"{job}_*")
         assert json.loads((run_dir / "run.json").read_text())["identity"]["seed"] == int(job)
         assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["joblib", "local"])
+def test_jobs_of_a_killed_launcher_stop_themselves_with_a_checkpoint(tmp_path, launcher):
+    """SIGKILL cannot be caught by the launcher; its jobs notice within a second that it is
+    gone and stop as on Ctrl-C (checkpoint, then exit) instead of running on unwatched."""
+    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.Popen([str(BIN / "metaloss-meta"), "-m", *LAUNCH[launcher], *META, "meta.steps=100000"],
+                            cwd=tmp_path, env=env, text=True, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while len(_running(tmp_path)) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.kill()
+    proc.communicate(timeout=60)
+    _assert_session_ends(proc.pid, grace=30)
+    assert set(_checkpoints(tmp_path)) == {"0", "1"}

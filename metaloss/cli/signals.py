@@ -26,13 +26,16 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 _HANDLED = (signal.SIGTERM, signal.SIGINT)
-_state = {"depth": 0, "pending": None, "active": False, "checkpoint": False, "stopping": False}
+_LAUNCHER_ENV = "METALOSS_LAUNCHER_PID"  # set by console(), inherited by a local sweep's jobs
+_state: dict = {"depth": 0, "pending": None, "active": False, "checkpoint": False, "stopping": False,
+               "raised_at": float("-inf")}
 log = logging.getLogger("metaloss")
 
 
@@ -59,10 +62,19 @@ def _handler(signum, _frame) -> None:
         _state["checkpoint"] = True  # submitit requeues on the SIGUSR2 that follows
         log.warning("SIGTERM in a submitit job: checkpointing at the next step, then waiting for requeue")
         return
+    now = time.monotonic()
+    if now - float(_state["raised_at"]) < _ECHO_S:
+        # The same stop delivered twice (a terminal's Ctrl-C reaches the job and its launcher,
+        # which passes it on): the clean-up of the first one runs on. A later one interrupts it.
+        return
     if _state["depth"] > 0:
         _state["pending"] = signum  # raise it once the critical section ends
         return
+    _state["raised_at"] = now
     raise Interrupted(signum)
+
+
+_ECHO_S = 1.0
 
 
 @contextmanager
@@ -74,12 +86,49 @@ def interruptible() -> Iterator[None]:
         return
     previous = {s: signal.signal(s, _handler) for s in _HANDLED}
     _state["active"] = True
+    stop_watch = _watch_launcher()
     try:
         yield
     finally:
+        stop_watch.set()
         _state["active"] = False
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _launcher_pid() -> int | None:
+    """The pid of the local launching process of this job (a joblib worker or a job of
+    submitit's *local* executor), None elsewhere (a single run; SLURM jobs, whose launcher
+    may end by design and lives on another machine)."""
+    parent = os.environ.get(_LAUNCHER_ENV, "")
+    local = not in_submitit_job() or os.environ.get("SUBMITIT_EXECUTOR") == "local"
+    if not parent.isdigit() or int(parent) == os.getpid() or not local:
+        return None
+    return int(parent)
+
+
+def _watch_launcher(every_s: float = 1.0) -> threading.Event:
+    """In a local sweep's job: if the launching process disappears (``kill -9``, a crash),
+    stop this job as Ctrl-C would (checkpoint, then exit) instead of running on unwatched."""
+    done = threading.Event()
+    launcher = _launcher_pid()
+    if launcher is None:
+        return done
+
+    def watch() -> None:
+        while not done.wait(every_s):
+            try:
+                with open(f"/proc/{launcher}/stat") as f:
+                    gone = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            except OSError:
+                gone = True
+            if gone:
+                log.error("the launching process (pid %d) is gone: stopping this job", launcher)
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+
+    threading.Thread(target=watch, name="metaloss-launcher-watch", daemon=True).start()
+    return done
 
 
 @contextmanager
@@ -101,6 +150,15 @@ def exit_on_interrupt() -> Iterator[None]:
     Ctrl-C), the shell convention schedulers read, after the run has saved its work."""
     try:
         yield
+    except Exception as e:
+        # In the console script's own process (a single run, or a multirun's basic launcher):
+        # a refused setting is reported here, before Hydra wraps it. Launcher workers let it
+        # travel to the launching process, which reports it (console()).
+        status = error_status(e) if os.environ.get(_LAUNCHER_ENV) == str(os.getpid()) else None
+        if status is None or _state.get("full"):
+            raise
+        _report(e)
+        raise SystemExit(status) from None
     except Interrupted as e:
         if _in_launcher_worker():
             # A joblib worker would take the sweep's next job after this one: the user
@@ -110,8 +168,6 @@ def exit_on_interrupt() -> Iterator[None]:
 
 
 def _leave_worker(status: int) -> None:
-    import sys
-
     for h in logging.getLogger().handlers + log.handlers:
         try:
             h.flush()
@@ -170,8 +226,7 @@ def _cmdline(pid: int) -> str:
 
 
 def _ignores(pid: int, signum: int) -> bool:
-    """Whether ``pid`` ignores ``signum`` (SigIgn in /proc/<pid>/status): loky's and
-    multiprocessing's resource trackers ignore SIGINT and SIGTERM and end with their parent."""
+    """Whether ``pid`` ignores ``signum`` (SigIgn in /proc/<pid>/status)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -183,6 +238,7 @@ def _ignores(pid: int, signum: int) -> bool:
 
 
 _SUBMITIT_CONTROLLER = "submitit.local._local"
+_LOKY_WORKER = "loky.backend.popen_loky_posix"
 STOP_TIMEOUT_ENV = "METALOSS_STOP_TIMEOUT_S"
 DEFAULT_STOP_TIMEOUT_S = 60.0
 
@@ -199,24 +255,28 @@ def _job_targets(procs: dict[int, tuple[int, str]]) -> dict[int, int]:
     """The job processes of this (launching) process and the signal that stops each one
     with a checkpoint: {pid: signal}.
 
-    * joblib (loky) workers, and any other child: SIGTERM, unless the child ignores it
-      (resource trackers: they end when this process ends);
+    * joblib's loky workers (children running ``...loky...popen_loky_posix``): SIGTERM;
     * submitit's local executor starts a controller per job (``python -m
       submitit.local._local``) that starts the job: the job gets SIGINT, because inside a
       submitit job SIGTERM only asks for a checkpoint (SLURM's preemption protocol). The
       controller is left alone (SIGINT would make it SIGKILL its job a second later); it
       ends by itself once its job has ended.
+
+    Other children are no jobs and are left alone: resource trackers end with this process,
+    and helpers such as the ``pgrep`` loky runs must not be cut short.
     """
     me = os.getpid()
     targets: dict[int, int] = {}
     for pid, (ppid, state) in procs.items():
         if ppid != me or state == "Z":
             continue
-        if _SUBMITIT_CONTROLLER in _cmdline(pid):
+        cmd = _cmdline(pid)
+        if _SUBMITIT_CONTROLLER in cmd:
             for job, (jppid, jstate) in procs.items():
                 if jppid == pid and jstate != "Z":
-                    targets[job] = signal.SIGINT
-        elif not _ignores(pid, signal.SIGTERM):
+                    # a job still starting ignores SIGINT (metaloss.cli.launchers): nothing to save yet
+                    targets[job] = signal.SIGKILL if _ignores(job, signal.SIGINT) else signal.SIGINT
+        elif _LOKY_WORKER in cmd:
             targets[pid] = signal.SIGTERM
     return targets
 
@@ -255,7 +315,7 @@ def stop_jobs(timeout: float | None = None) -> list[int]:
         time.sleep(0.05)
 
 
-def _kill_trees(roots: list[int], procs: dict[int, tuple[int, str]]) -> list[int]:
+def _kill_trees(roots: list[int], procs: dict[int, tuple[int, str]], why: str | None = None) -> list[int]:
     killed = []
     for root in roots:
         for pid in [root, *_descendants(root, procs)]:
@@ -265,9 +325,9 @@ def _kill_trees(roots: list[int], procs: dict[int, tuple[int, str]]) -> list[int
             except OSError:
                 pass
     if killed:
-        log.error("killed %d job process(es) that did not stop within %g s of the signal (%s=<seconds> "
-                  "waits longer); they keep their last periodic checkpoint", len(killed), _stop_timeout(),
-                  STOP_TIMEOUT_ENV)
+        why = why or (f"they did not stop within {_stop_timeout():g} s of the signal ({STOP_TIMEOUT_ENV}=<seconds> "
+                      "waits longer)")
+        log.error("killed %d job process(es): %s; they keep their last periodic checkpoint", len(killed), why)
     return killed
 
 
@@ -276,11 +336,9 @@ def _stop_handler(signum, _frame) -> None:
     the jobs, each saving its checkpoint, wait for them, then leave with 128 + signum.
     A second SIGINT/SIGTERM while waiting kills the jobs at once."""
     if _state["stopping"]:
-        log.error("received %s again: killing the jobs now (they keep their last periodic checkpoint)",
-                  signal.Signals(signum).name)
         procs = _processes()
         _kill_trees([p for p in _descendants(os.getpid(), procs) if p in _job_targets(procs)
-                     or _SUBMITIT_CONTROLLER in _cmdline(p)], procs)
+                     or _SUBMITIT_CONTROLLER in _cmdline(p)], procs, f"{signal.Signals(signum).name} again")
         raise Interrupted(signum)
     _state["stopping"] = True
     if _job_targets(_processes()):
@@ -296,21 +354,97 @@ def _in_launcher_worker() -> bool:
     return parent is not None and parent != str(os.getpid()) and not in_submitit_job()
 
 
-_LAUNCHER_ENV = "METALOSS_LAUNCHER_PID"
+class UserError(Exception):
+    """Base for errors that are the user's to fix (a refused setting or file): the console
+    scripts print their message alone, without a traceback, and exit with
+    :data:`USER_ERROR_STATUS`. New error types may subclass it; the older ones are named in
+    :data:`_USER_ERRORS`."""
+
+
+USER_ERROR_STATUS = 2  # a refused setting, file or directory: nothing (more) was computed
+FAILURE_STATUS = 1  # a diagnosed failure of the run (divergence), or a bug (with traceback)
+FULL_ERROR_ENV = "HYDRA_FULL_ERROR"  # =1: tracebacks for every error, as in any Hydra app
+# Refused settings and files, wherever they are defined: "module:Class" (imported lazily,
+# only when an exception is being reported).
+_USER_ERRORS = ("metaloss.validate:ConfigError", "metaloss.tune:TunedFileError", "metaloss.runs:ResumeMismatch",
+                "metaloss.runs:RunDirConflict", "metaloss.cli.meta:CorruptCheckpoint",
+                "metaloss.losses.io:CorruptLossFile", "metaloss.losses.io:LossArtifactUnavailable",
+                "metaloss.config:UnknownOption", "metaloss.config:LossDoesNotFitTask",
+                "metaloss.config:LearnedLossOtherTask", "metaloss.losses.base:LossContractError",
+                "metaloss.report:UnreadableResult", "hydra.errors:CompactHydraException")
+# Failures the run diagnosed itself (the message says what to change): no traceback either.
+_DIAGNOSED = ("metaloss.meta:NonFiniteMetaGradient", "metaloss.train:NonFiniteLoss")
+
+
+def _types(names: tuple[str, ...]) -> tuple[type, ...]:
+    out = []
+    for name in names:
+        module, _, cls = name.partition(":")
+        mod = sys.modules.get(module)  # a module never imported raised nothing: not imported here
+        t = getattr(mod, cls, None) if mod is not None else None
+        if isinstance(t, type):
+            out.append(t)
+    return tuple(out)
+
+
+def error_status(exc: BaseException) -> int | None:
+    """The exit status for an error reported without a traceback, None for a bug."""
+    if isinstance(exc, (UserError, *_types(_USER_ERRORS))):
+        return USER_ERROR_STATUS
+    if isinstance(exc, _types(_DIAGNOSED)):
+        return FAILURE_STATUS
+    return None
+
+
+def error_message(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    cause = exc.__cause__
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(cause, OmegaConfBaseException) and str(cause).strip():  # Hydra's composition errors
+        text += "\n" + str(cause).strip()
+    return text
+
+
+def _report(exc: BaseException) -> None:
+    prog = os.path.basename(sys.argv[0]) or "metaloss"
+    sys.stderr.write(f"{prog}: error: {error_message(exc)}\n(set {FULL_ERROR_ENV}=1 for the traceback)\n")
+    sys.stderr.flush()
 
 
 def console(hydra_main) -> None:
-    """Run a ``@hydra.main`` app as a console script: SIGTERM and Ctrl-C stop parallel jobs
-    too (each saves its checkpoint, :func:`stop_jobs`), and the exit status is 128 + signal
-    number after an interruption."""
+    """Run a ``@hydra.main`` app as a console script.
+
+    * SIGTERM and Ctrl-C stop parallel jobs too (each saves its checkpoint,
+      :func:`stop_jobs`); the exit status is then 128 + signal number.
+    * A refused setting or file (:func:`error_status`) prints its message on stderr, no
+      traceback, and exits with 2; a diagnosed failure likewise with 1. Anything else is a
+      bug: its traceback is printed, exit 1. ``HYDRA_FULL_ERROR=1`` shows the traceback of
+      every error (Hydra's own switch: without it Hydra would print its own wrapper).
+    """
+    import traceback
+
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread and not in_submitit_job():
         os.environ[_LAUNCHER_ENV] = str(os.getpid())  # read by the workers (inherited)
         for s in _HANDLED:
             signal.signal(s, _stop_handler)
+        if {"-m", "--multirun"} & set(sys.argv[1:]):
+            from metaloss.cli.launchers import deaf_local_controllers
+
+            deaf_local_controllers()
+    _state["full"] = os.environ.get(FULL_ERROR_ENV) == "1"
+    os.environ[FULL_ERROR_ENV] = "1"  # Hydra re-raises errors instead of printing them: reported here
     try:
         with exit_on_interrupt():
             hydra_main()
+    except Exception as e:
+        status = error_status(e)  # launchers hand a job's exception back to this process
+        if _state["full"] or status is None:
+            traceback.print_exc()
+            raise SystemExit(status or FAILURE_STATUS) from None
+        _report(e)
+        raise SystemExit(status) from None
     finally:
         if main_thread and not in_submitit_job() and _state["stopping"]:
             stop_jobs()  # a job started while the launcher was unwinding
