@@ -384,8 +384,10 @@ def loss_option(name: str, task: Any, cfg: Any = None, overrides: Mapping[str, A
         # here would make Hydra call whatever a tuned.json names
         code = [k for k in overrides if not isinstance(k, str) or (k.startswith("_") and k.endswith("_"))]
         if code:
-            raise ValueError(f"loss {name!r}: hyper-parameter overrides may not name code ({', '.join(map(str, code))}); "
-                             "only values are set over the loss option's own")
+            from metaloss.validate import ConfigError
+
+            raise ConfigError(f"loss {name!r}: hyper-parameter overrides may not name code ({', '.join(map(str, code))}); "
+                              "only values are set over the loss option's own")
         option = OmegaConf.merge(option, dict(overrides))
     loss = instantiate_loss(option, task)
     check_loss_fits(loss, task.kind, task.name, name)

@@ -24,6 +24,7 @@ from metaloss.metrics import train_result_names
 from metaloss.plots import loss_curves, plot_losses
 from metaloss.report import format_table, plot, summarize
 from metaloss.runtime import canonical_draws
+from metaloss.validate import ConfigError
 
 log = logging.getLogger("metaloss")
 TEST_TASK_SEEDS = 10_000  # task families: test tasks never overlap training tasks
@@ -128,10 +129,10 @@ def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path
     metric = cfg.meta_test.metric or task.primary_metric
     # refuse a wrong metric name before minutes of training, not after
     if metric not in train_result_names(task.kind):
-        raise ValueError(f"meta_test.metric={metric!r} is not a metric of a {task.kind} task; "
+        raise ConfigError(f"meta_test.metric={metric!r} is not a metric of a {task.kind} task; "
                          f"one of {train_result_names(task.kind)}")
     if not seeds:
-        raise ValueError(f"meta_test.seeds must be at least 1, got {cfg.meta_test.seeds}")
+        raise ConfigError(f"meta_test.seeds must be at least 1, got {cfg.meta_test.seeds}")
     log.info("meta-test: %s on %d seeds, %d steps of %s(%s)", ", ".join(losses), len(seeds),
              cfg.meta_test.steps, inner_opt.name,
              f"lr={lr:g}" if len(set(lrs.values())) == 1 else ", ".join(f"{n} lr={v:g}" for n, v in lrs.items()))

@@ -257,7 +257,7 @@ def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, iden
         raise ConfigError("loss = learned with loss.frozen = true cannot be meta-trained; set loss.frozen=false "
                           "to continue meta-training a saved loss (or use metaloss-eval to test it)")
     if not isinstance(loss, ParametricLoss):
-        raise ValueError(f"metaloss-meta needs a parametric loss, got {loss_name!r}; choose one of "
+        raise ConfigError(f"metaloss-meta needs a parametric loss, got {loss_name!r}; choose one of "
                          f"{', '.join(parametric_losses(cfg))} "
                          "(fixed losses go in `compare:`)")
     check_loss(loss, task, loss_name, cfg)  # kind, trained task (a saved loss), one value per example
