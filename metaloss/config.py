@@ -295,14 +295,17 @@ def check_loss(loss: Any, task: Any, loss_name: str | None, cfg: Any = None) -> 
 
 def setup_from_file(cfg: DictConfig, meta: Mapping[str, Any], given: set[str], source: str) -> DictConfig:
     """``cfg`` with the task, model and inner optimizer a learned-loss file records, for each
-    of them the command line did not set (``given``: the groups it set; ``experiment`` in it
-    sets them all). The recorded ``target`` must be that of a config option of this run's
+    of them the command line did not choose (``given``: the keys it set; ``task=...`` chooses
+    the task, ``experiment`` chooses them all). A value the command line sets inside such a
+    group (``optim.lr=5e-4``) is applied over the file's, never a reason to drop it; likewise
+    the recorded ``meta_test.task_overrides`` apply unless the command line sets them. The recorded ``target`` must be that of a config option of this run's
     sources, and its values keys of that option: the file chooses among configured
     components and their settings, it never names code. A file that does not record its
     setup is refused here, asking for ``task=`` on the command line."""
     if "experiment" in given:
         return cfg
     wanted = [g for g in SETUP_GROUPS if g not in given]
+    inside = {g: sorted(k for k in given if k.startswith(g + ".")) for g in wanted}
     if not wanted:
         return cfg
     setup = meta.get("setup")
@@ -311,7 +314,7 @@ def setup_from_file(cfg: DictConfig, meta: Mapping[str, Any], given: set[str], s
             f"{source} does not record the task it was trained on (written before metaloss recorded it; "
             f"it says only task={meta.get('task')!r}), and the command line sets no task: pass the task "
             f"explicitly, e.g. task={meta.get('task') or '<name>'} (or experiment=<the experiment it came from>)")
-    cfg = cfg.copy()
+    command_line, cfg = cfg, cfg.copy()
     with open_dict(cfg):
         for group in wanted:
             rec = setup.get(group)
@@ -324,9 +327,19 @@ def setup_from_file(cfg: DictConfig, meta: Mapping[str, Any], given: set[str], s
                 raise LearnedLossOtherTask(f"{source}: unknown key 'meta.setup.{group}.config.{unknown[0]}' for "
                                            f"{group} {rec.get('target')!r} (its keys: {sorted(k for k in base if k != '_target_')})")
             cfg[group] = OmegaConf.merge(base, config)
+            for key in inside[group]:  # the command line's own values win over the file's
+                value = OmegaConf.select(command_line, key, default=_UNSET)
+                if value is _UNSET:  # ~task.x: removed on the command line
+                    parent, _, leaf = key.rpartition(".")
+                    node = OmegaConf.select(cfg, parent)
+                    if isinstance(node, DictConfig) and leaf in node:
+                        node.pop(leaf)
+                else:
+                    OmegaConf.update(cfg, key, value, merge=False, force_add=True)
             log.info("%s from %s: %s=%s %s", group, source, group, rec.get("option") or rec.get("target"),
                      " ".join(f"{k}={_override_value(v)}" for k, v in config.items()))
-        if "task" in wanted and "meta_test" not in given and setup.get("task_overrides"):
+        sets_overrides = any(k == "meta_test" or k.startswith("meta_test.task_overrides") for k in given)
+        if "task" in wanted and not sets_overrides and setup.get("task_overrides"):
             cfg.meta_test.task_overrides = dict(setup["task_overrides"])
     return cfg
 

@@ -18,6 +18,7 @@ import numpy as np
 import yaml
 
 from metaloss.metrics import HIGHER_IS_BETTER
+from metaloss.runs import MAX_NESTING, nesting_depth
 
 # Overrides that never define a group: the seed (a group's members differ in it) and what
 # only changes logging. Matched on the whole key: `seeds=3` (a 3-seed run) is a setting.
@@ -99,6 +100,8 @@ def _read(f: Path) -> dict:
         rec = json.loads(f.read_text())
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested past json's depth
         raise UnreadableResult(f"{f}: not readable JSON ({e}); delete or fix it, or report a subdirectory") from e
+    if nesting_depth(rec) > MAX_NESTING:
+        raise UnreadableResult(f"{f}: nested deeper than {MAX_NESTING} levels, which no metaloss result is")
     key = "results" if f.name == "comparison.json" else ("runs" if isinstance(rec, dict) and "runs" in rec else "metrics")
     if not isinstance(rec, dict) or not isinstance(rec.get(key), dict | list):
         raise UnreadableResult(f"{f}: not a metaloss {f.name} (no {key!r} entry)")

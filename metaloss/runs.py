@@ -84,7 +84,8 @@ def fingerprint(ident: dict[str, Any]) -> str:
 # Settings added after runs were made, with the default that reproduces the old behaviour:
 # a run recorded before the key existed matches a config that has it at this default.
 NEW_KEY_DEFAULTS: dict[str, Any] = {"device": "auto", "dtype": "float32", "seeds": 1,
-                                     "hypergrad.chunk": None, "hypergrad.vectorize": True}
+                                     "hypergrad.chunk": None, "hypergrad.vectorize": True,
+                                     "loss.allow_other_task": False, "allow_other_task": False}
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -150,6 +151,43 @@ def atomic_write_text(path: str | Path, content: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(content))
 
 
+def stored_archive_problem(path: Path) -> str | None:
+    """Why ``path`` is not an archive as ``torch.save`` writes it, judged from its zip
+    directory alone (before anything is decompressed): torch stores its entries uncompressed,
+    so entries declaring more bytes than the file holds are a decompression bomb (a few kB of
+    deflated zeros can declare gigabytes, which ``torch.load`` would allocate). None: fine."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return None  # torch's legacy format: bounded by its size on disk
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(e.file_size for e in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        return f"its zip directory is unreadable ({type(e).__name__}: {e})"
+    on_disk = path.stat().st_size
+    if declared > on_disk + 2**20:
+        return (f"its entries unpack to {declared:,} bytes from {on_disk:,} on disk, but torch.save stores them "
+                "uncompressed: refused before decompressing anything")
+    return None
+
+
+MAX_NESTING = 32  # no file metaloss writes nests deeper than ~8
+
+
+def nesting_depth(obj: Any) -> int:
+    """How deep JSON-like ``obj`` nests (a scalar: 0), walked without recursion, so a
+    hand-made file nested thousands deep is measured, not a RecursionError."""
+    depth, stack = 0, [(obj, 0)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, dict | list | tuple):
+            d += 1
+            depth = max(depth, d)
+            stack.extend((v, d) for v in (node.values() if isinstance(node, dict) else node))
+    return depth
+
+
 def replace_all(files: dict[Path, Path]) -> None:
     """Copy every ``source`` to its ``destination`` (``{destination: source}``) all or nothing:
     each is first copied to a temporary file beside its destination and fsynced; only when every
@@ -170,8 +208,16 @@ def replace_all(files: dict[Path, Path]) -> None:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
         raise
-    for tmp, dest in staged:
-        os.replace(tmp, dest)
+    # renames need no space and take microseconds: a Ctrl-C / SIGTERM arriving now is held
+    # until every file is in place, so the destination is never half old, half new
+    import signal
+
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        for tmp, dest in staged:
+            os.replace(tmp, dest)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 # ---------------------------------------------------------------- the run directory

@@ -248,7 +248,7 @@ def tune_loss(score: Callable[[dict[str, float], float], float], space: Mapping[
                                 direction="maximize" if direction == "maximize" else "minimize",
                                 sampler=optuna.samplers.TPESampler(seed=trial_seed(seed, 0)))
     if study.direction.name.lower() != direction:
-        raise ValueError(f"study {study_name!r} in the storage {direction!r} differs: it was made to "
+        raise TunedFileError(f"study {study_name!r} in the storage {direction!r} differs: it was made to "
                          f"{study.direction.name.lower()}")
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # its process died
         study.tell(stale.number, state=TrialState.FAIL)
@@ -265,6 +265,12 @@ def tune_loss(score: Callable[[dict[str, float], float], float], space: Mapping[
             study.set_user_attr("default", {"params": default, "lr": float(lr),
                                             "value": value if math.isfinite(value) else None})
         d = study.user_attrs["default"]
+        v = d.get("value") if isinstance(d, dict) else None
+        if (not isinstance(d, dict) or d.get("params") != default or d.get("lr") != float(lr)
+                or not (v is None or (isinstance(v, float | int) and not isinstance(v, bool) and math.isfinite(v)))):
+            raise TunedFileError(f"study {study_name!r} in the storage holds a default trial {_show(d)}, not this "
+                                 f"search's default ({_show({**default, 'lr': float(lr)})}): the storage was edited "
+                                 "or made by other settings; move it away to start over")
         trials.append({"params": dict(d["params"]), "lr": float(d["lr"]), "value": d["value"]})
         if on_trial is not None and not resumed:
             on_trial(0, {**default, **({"lr": float(lr)} if lr_space is not None else {})},
@@ -295,7 +301,7 @@ def tune_loss(score: Callable[[dict[str, float], float], float], space: Mapping[
         no_value = t.state == TrialState.COMPLETE and (t.value is None or not math.isfinite(t.value))
         if set(t.params) != set(ranges) or bad or no_value:
             searched = ", ".join(f"{k} in [{r.low:g}, {r.high:g}]" for k, r in ranges.items()) or "no parameters"
-            raise ValueError(f"study {study_name!r} in the storage holds trial {t.number} with params {t.params} "
+            raise TunedFileError(f"study {study_name!r} in the storage holds trial {t.number} with params {t.params} "
                              f"and value {t.value}, not a trial of this search ({searched}): the storage was "
                              "edited or made by other settings; move it away to start over")
     for t in done:
@@ -464,6 +470,10 @@ def load_tuned(path: str | Path) -> dict[str, Any]:
         hint = (f" (a relative path is read from the current directory, {Path.cwd()}: the recorded "
                 "experiments' tuned.json are found from the repository root)") if not p.is_absolute() else ""
         raise TunedFileError(f"cannot read tuned baselines from {p}: {e}{hint}") from e
+    from metaloss.runs import MAX_NESTING, nesting_depth
+
+    if nesting_depth(data) > MAX_NESTING:
+        raise TunedFileError(f"{p} is nested deeper than {MAX_NESTING} levels, which no tuned.json is")
     if not isinstance(data, dict) or data.get("format") != TUNED_FORMAT:
         raise TunedFileError(f"{p} is not a tuned.json of format {TUNED_FORMAT} (written by metaloss-tune)")
     found = tuned_problems(data)

@@ -391,7 +391,7 @@ RULES: dict[str, Check] = {
     "model.base": integer(1, 4096),
     # logging
     "logger.kind": one_of("wandb", "none"),
-    "logger.mode": one_of("offline", "online", "disabled"),
+    "logger.mode": one_of("offline", "online", "disabled", "dryrun", "run"),  # W&B's aliases: dryrun, run
     "logger.init_timeout": positive(),
     "logger.project": text(),
     "logger.entity": text(optional=True),

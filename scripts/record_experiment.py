@@ -171,7 +171,9 @@ def main() -> None:
     # point leaves the previous record whole.
     tuned = dest / "tuned.json"
     previous = dest / ".tuned.previous.json"
-    previous.unlink(missing_ok=True)
+    if previous.is_file():  # a run killed (SIGKILL) in its meta stage: its previous tuned.json goes back
+        os.replace(previous, tuned)
+        print(f"restored {tuned} from an earlier run that was killed before it finished", flush=True)
     if not args.skip_tune:
         cmd = [_app("metaloss-tune"), *common, "meta_test.tuned=null", f"hydra.run.dir={work / 'tune'}"]
         record["tune"] = {"command": cmd[1:], "seconds": round(_run(cmd, work / "tune.log"), 1),

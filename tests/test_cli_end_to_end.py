@@ -148,3 +148,25 @@ def test_meta_records_the_training_setup_in_the_file(compose_cfg, tmp_path):
     assert setup["task"]["target"] == "metaloss.tasks.classification.digits"
     assert setup["task"]["config"]["seed"] == 1 and "_target_" not in setup["task"]["config"]
     assert setup["model"]["config"]["hidden"] == [8] and setup["optim"]["target"].endswith("sgd")
+
+
+def test_eval_applies_command_line_values_over_the_files_setup(compose_cfg, tmp_path):
+    """`optim.lr=...` on the command line sets the lr of the file's optimizer (before: the
+    default optimizer replaced the file's, at that lr), `meta_test.seeds=...` keeps the file's
+    test-task overrides, and `task=...` alone is what replaces the file's task."""
+    from metaloss.cli.eval import given_keys
+    from metaloss.config import setup_from_file
+    from metaloss.losses.io import load_learned_loss
+
+    f = _learned_file(compose_cfg, tmp_path / "l.pt", ["task=sine", "optim=adam", "optim.lr=0.01",
+                                                        "model.hidden=[16]", "+meta_test.task_overrides.amplitude=[3,4]"])
+    meta = load_learned_loss(f).meta
+    cli = [f"loss_path={f}", "optim.lr=0.0005", "meta_test.seeds=3", "model.activation=tanh"]
+    cfg = setup_from_file(compose_cfg("eval", cli), meta, given_keys(cli), str(f))
+    assert cfg.optim._target_.endswith(".adam") and cfg.optim.lr == 0.0005
+    assert list(cfg.model.hidden) == [16] and cfg.model.activation == "tanh"
+    assert list(cfg.meta_test.task_overrides.amplitude) == [3, 4] and cfg.meta_test.seeds == 3
+    # choosing the group on the command line replaces the file's choice
+    chosen = [f"loss_path={f}", "optim=sgd"]
+    cfg = setup_from_file(compose_cfg("eval", chosen), meta, given_keys(chosen), str(f))
+    assert cfg.optim._target_.endswith(".sgd")

@@ -84,6 +84,18 @@ def test_corrupt_checkpoint_is_a_clear_error(compose_cfg, tmp_path):
         meta_app.run(compose_cfg("meta", TINY + [f"meta.resume_from={tmp_path / 'nope'}"]), tmp_path / "x", "ml3")
 
 
+def test_a_checkpoint_that_unpacks_to_more_than_it_holds_is_refused_before_loading(compose_cfg, tmp_path):
+    """torch.save stores its entries uncompressed: a 200 KB file declaring 200 MB (deflated
+    zeros) is a decompression bomb, refused from its zip directory before torch.load runs."""
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "checkpoint.pt", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"x")
+        z.writestr("archive/data/0", bytes(200 * 2**20))
+    with pytest.raises(meta_app.CorruptCheckpoint, match="unpack to 209,715,201 bytes from .* uncompressed"):
+        meta_app.run(compose_cfg("meta", TINY + ["meta_test.enabled=false"]), tmp_path, "ml3")
+
+
 def test_fixed_loss_or_unfit_loss_is_refused(compose_cfg, tmp_path):
     with pytest.raises(ValueError, match="needs a parametric loss"):
         meta_app.run(compose_cfg("meta", TINY[:3] + ["loss=mse"]), tmp_path, "mse")

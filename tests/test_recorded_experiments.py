@@ -245,6 +245,20 @@ def test_a_full_disk_while_recording_leaves_the_previous_record_whole(tmp_path, 
     assert {p.name: p.read_text() for p in dest.iterdir()} == {n: f"new {n}" for n in names}
 
 
+def test_a_record_killed_in_its_meta_stage_gets_its_previous_tuned_json_back(tmp_path):
+    """SIGKILL leaves no handler to put the previous tuned.json back: the next run does it first
+    (it is kept as .tuned.previous.json), instead of deleting that only copy."""
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    (rec / "tuned.json").write_text("tuned by the killed run")
+    (rec / ".tuned.previous.json").write_text("the previous record's file")
+    out = subprocess.run([sys.executable, str(SCRIPT), "quickstart", "--skip-tune", "--dest", str(rec),
+                          "--work", str(tmp_path / "w"), "meta.steps=-1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "restored" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert (rec / "tuned.json").read_text() == "the previous record's file"
+    assert not (rec / ".tuned.previous.json").exists()
+
+
 @pytest.mark.slow
 def test_record_script_stopped_in_the_meta_stage_keeps_the_previous_tuned_json(tmp_path):
     """SIGTERM while metaloss-meta runs: exit 143, and dest keeps its old tuned.json (nothing
@@ -305,7 +319,20 @@ def test_the_recorded_meta_test_reproduces(tmp_path, name):
     tolerance = 2 * SPREAD[name]
     for loss, diffs in per_seed_differences(comp, first).items():
         assert max(diffs) <= tolerance, (loss, diffs, tolerance)
-    assert first["significance"]["best_baseline"] == comp["significance"]["best_baseline"]
+    # the best baseline is the same unless the recorded top two are closer than the tolerance
+    # (outliers_robust: huber 0.108699 vs quantile 0.108734 may swap on another machine)
+    from metaloss.metrics import HIGHER_IS_BETTER
+
+    sig, higher = comp["significance"], HIGHER_IS_BETTER[comp["metric"].split("/")[-1]]
+    means = sorted((sum(v[comp["metric"]]) / len(v[comp["metric"]]), loss) for loss, v in comp["results"].items()
+                   if loss != "learned" and None not in v[comp["metric"]])
+    ranked = [loss for _, loss in (means[::-1] if higher else means)]
+    gap = abs(means[-1][0] - means[-2][0]) if higher else abs(means[1][0] - means[0][0])
+    assert ranked[0] == sig["best_baseline"]
+    if gap > tolerance:
+        assert first["significance"]["best_baseline"] == sig["best_baseline"]
+    else:
+        assert first["significance"]["best_baseline"] in ranked[:2]
 
 
 @pytest.mark.slow

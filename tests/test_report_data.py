@@ -67,3 +67,14 @@ def test_metaloss_report_exits_with_one_message_naming_the_file(tmp_path):
     out = subprocess.run([str(bin_dir / "metaloss-report"), str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and str(path) in out.stderr + out.stdout and "results.ce.test/acc" in out.stderr + out.stdout
     assert "Traceback" not in out.stderr
+
+
+def test_a_comparison_that_parses_but_nests_deep_is_refused(tmp_path):
+    """A file that parses but nests deeper than any result (here 200 levels; near a thousand,
+    a recursive walk over its values would end in a RecursionError traceback) is refused with
+    one message, measured without recursion (metaloss.runs.nesting_depth)."""
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "comparison.json").write_text('{"results": {}, "x": ' + "[" * 200 + "]" * 200 + "}")
+    with pytest.raises(UnreadableResult, match="nested deeper than 32"):
+        collect(tmp_path)

@@ -75,7 +75,8 @@ _JOB = textwrap.dedent("""
     import pathlib, signal, sys, time
     out = pathlib.Path({out!r})
     def stop(signum, frame):
-        time.sleep(0.5)  # the clean-up takes a while: the launcher must wait for it
+        out.with_suffix(".stopping").write_text("")
+        time.sleep({cleanup_s})  # the clean-up takes a while: the launcher must wait for it
         out.write_text(signal.Signals(signum).name)
         sys.exit(0)
     signal.signal(signal.SIGTERM, stop)
@@ -86,9 +87,9 @@ _JOB = textwrap.dedent("""
 """)
 
 
-def _launch_fake(tmp_path: Path, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+def _launch_fake(tmp_path: Path, env: dict | None = None, cleanup_s: float = 0.5) -> tuple[subprocess.Popen, Path]:
     out = tmp_path / "job.txt"
-    child = _JOB.format(out=str(out))
+    child = _JOB.format(out=str(out), cleanup_s=cleanup_s)
     proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, child], cwd=tmp_path, start_new_session=True, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     deadline = time.time() + 60
@@ -122,14 +123,18 @@ def test_a_job_that_does_not_stop_is_killed_after_the_timeout(tmp_path):
 
 
 def test_a_second_signal_kills_the_jobs_at_once(tmp_path):
-    proc, out = _launch_fake(tmp_path, env={"METALOSS_STOP_TIMEOUT_S": "60"})
+    proc, out = _launch_fake(tmp_path, env={"METALOSS_STOP_TIMEOUT_S": "60"}, cleanup_s=30)
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)  # within the job's 0.5 s clean-up
+    deadline = time.time() + 30
+    while not out.with_suffix(".stopping").exists():  # the launcher has passed the first one on
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)  # within the job's 30 s clean-up
     log, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, log
     assert "SIGINT again" in log, log
-    assert not out.exists()
+    assert not out.exists() and time.time() - t0 < 20  # killed, not waited for
     _assert_session_ends(proc.pid, grace=2)
 
 

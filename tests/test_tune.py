@@ -516,3 +516,18 @@ def test_a_storage_holding_values_outside_the_search_is_refused(tmp_path):
         distributions={"gamma": FloatDistribution(-5.0, 5.0), "lr": FloatDistribution(1e-3, 0.1, log=True)}))
     with pytest.raises(ValueError, match=r"study 'focal' in the storage holds trial 2 .*gamma in \[0, 5\]"):
         tune_loss(lambda p, lr: -p["gamma"], space, {"gamma": 2.0}, n_trials=3, **kw)
+
+
+def test_a_storage_holding_an_edited_default_is_refused(tmp_path):
+    """The default evaluated apart (its lr outside the range searched) is read back from the
+    storage on resume: an edited one (lr 1000, a made-up value) is refused, never the winner."""
+    import optuna
+
+    space, kw = {"gamma": Range(0.0, 5.0)}, dict(lr=5.0, lr_space=Range(1e-3, 0.1, log=True), direction="maximize",
+                                                   seed=0, storage=_journal(tmp_path / "j.journal"), study_name="focal")
+    first = tune_loss(lambda p, lr: -p["gamma"] - lr, space, {"gamma": 2.0}, n_trials=2, **kw)
+    assert first.default_outside_range and first.trials[0]["lr"] == 5.0
+    study = optuna.load_study(study_name="focal", storage=_journal(tmp_path / "j.journal"))
+    study.set_user_attr("default", {"params": {"gamma": 2.0}, "lr": 1000.0, "value": 99.0})
+    with pytest.raises(TunedFileError, match=r"study 'focal' in the storage holds a default trial"):
+        tune_loss(lambda p, lr: -p["gamma"] - lr, space, {"gamma": 2.0}, n_trials=3, **kw)

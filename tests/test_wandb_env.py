@@ -105,3 +105,15 @@ def test_console_script_honours_the_environment(tmp_path):
     run = read_run(tmp_path / "root" / "wandb")
     assert run["run"]["project"] == "from-env" and run["finished"]
     assert not (run_dir / "wandb").exists()
+
+
+def test_wandb_mode_dryrun_is_offline_as_wandb_takes_it(compose_cfg, tmp_path, clean_env):
+    """W&B documents WANDB_MODE=dryrun (an alias of offline): it passes the settings check and
+    writes an offline run (before: every app refused it, exit 2)."""
+    from metaloss.validate import check_config
+
+    clean_env.setenv("WANDB_MODE", "dryrun")
+    cfg = compose_cfg("train", ["logger=wandb"])
+    check_config(cfg)
+    _log(cfg, tmp_path / "out")
+    assert read_run(tmp_path / "out" / "wandb")["finished"]

@@ -31,8 +31,9 @@ from metaloss.validate import check_against_task, check_config
 
 
 def run(cfg: DictConfig, out_dir: Path, given: set[str] | None = None) -> dict:
-    """``given``: the config groups the command line set (:func:`given_groups`); the task,
-    model and inner optimizer it leaves unset are taken from the learned-loss file
+    """``given``: the keys the command line set (:func:`given_keys`); the task, model and inner
+    optimizer it does not choose are taken from the learned-loss file, with the command line's
+    own settings of them (``optim.lr=...``) applied over the file's
     (:func:`metaloss.config.setup_from_file`). None: all of them are taken from ``cfg``."""
     check_config(cfg)
     learned = load_learned_loss(cfg.loss_path, trusted_modules=list(cfg.trusted_modules),
@@ -47,11 +48,11 @@ def run(cfg: DictConfig, out_dir: Path, given: set[str] | None = None) -> dict:
         return _run(cfg, run_dir, learned, device, dtype)
 
 
-def given_groups(overrides: list[str]) -> set[str]:
-    """The groups a Hydra command line sets: ``task=...``, ``task.n_train=...`` and
-    ``+task.x=...`` set ``task``; ``experiment=...`` sets everything an experiment may."""
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
-    return {k.split(".", 1)[0] for k in keys}
+def given_keys(overrides: list[str]) -> set[str]:
+    """The keys a Hydra command line sets: ``task=mnist1d`` chooses the group ``task``,
+    ``task.n_train=100`` and ``+task.x=1`` set one value inside whichever task is used (the
+    file's, when no ``task=`` is given); ``experiment=...`` sets everything an experiment may."""
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
 
 
 def _run(cfg: DictConfig, run_dir: RunDir, learned, device: torch.device, dtype: torch.dtype) -> dict:
@@ -71,7 +72,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, learned, device: torch.device, dtype:
 def _hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     with exit_on_interrupt():
-        out = run(cfg, Path(hc.runtime.output_dir), given_groups(list(hc.overrides.task)))
+        out = run(cfg, Path(hc.runtime.output_dir), given_keys(list(hc.overrides.task)))
     return (out.get("significance") or {}).get("learned_mean")
 
 

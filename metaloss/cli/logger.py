@@ -281,8 +281,12 @@ def wandb_root(lcfg, out_dir: Path) -> Path:
     return root
 
 
+_MODE_ALIASES = {"dryrun": "offline", "run": "online"}  # what W&B itself takes them for (WANDB_MODE)
+
+
 def _mode(lcfg) -> str:
-    return str(_setting(lcfg, "mode"))
+    mode = str(_setting(lcfg, "mode"))
+    return _MODE_ALIASES.get(mode, mode)
 
 
 def _init_timeout(lcfg) -> float:

@@ -63,6 +63,7 @@ from metaloss.runs import (
     hydra_record,
     identity,
     split_applied,
+    stored_archive_problem,
 )
 from metaloss.sampling import sample_meta_batch
 from metaloss.train import build_model
@@ -87,6 +88,10 @@ def _task_pool(cfg: DictConfig) -> list:
 
 
 def _load_checkpoint(path: Path) -> dict:
+    problem = stored_archive_problem(path)
+    if problem:
+        raise CorruptCheckpoint(f"{path} is not a checkpoint metaloss wrote: {problem}; delete it or set "
+                                "meta.resume_from to another one")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

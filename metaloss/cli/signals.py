@@ -117,12 +117,7 @@ def _watch_launcher(every_s: float = 1.0) -> threading.Event:
 
     def watch() -> None:
         while not done.wait(every_s):
-            try:
-                with open(f"/proc/{launcher}/stat") as f:
-                    gone = f.read().rsplit(")", 1)[1].split()[0] == "Z"
-            except OSError:
-                gone = True
-            if gone:
+            if _gone(launcher):
                 log.error("the launching process (pid %d) is gone: stopping this job", launcher)
                 os.kill(os.getpid(), signal.SIGINT)
                 return
@@ -181,7 +176,48 @@ def _leave_worker(status: int) -> None:
             pass
     sys.stdout.flush()
     sys.stderr.flush()
+    # Done, but not gone yet: loky takes a worker that exits for a broken pool and SIGKILLs
+    # the others, which may still be saving their checkpoints. So this worker marks itself
+    # done (its name, /proc/<pid>/comm) and waits; the launcher kills the done workers once
+    # every job is done (stop_jobs). Should the launcher vanish meanwhile, it leaves at once.
+    try:
+        _set_process_name(_DONE_NAME)
+        launcher = _launcher_pid()
+        while launcher is not None and not _gone(launcher):
+            time.sleep(0.05)
+    except BaseException:
+        pass
     os._exit(status)
+
+
+_DONE_NAME = "metaloss-done"
+
+
+def _set_process_name(name: str) -> None:
+    """The calling thread's name in /proc/<pid>/comm (Linux prctl PR_SET_NAME; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has ended (no such process, or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def _processes() -> dict[int, tuple[int, str]]:
@@ -282,7 +318,8 @@ def _job_targets(procs: dict[int, tuple[int, str]]) -> dict[int, int]:
 
 
 def _alive(pid: int, procs: dict[int, tuple[int, str]]) -> bool:
-    return pid in procs and procs[pid][1] != "Z"
+    """A job still at work: running, not a zombie, not a worker done with its clean-up."""
+    return pid in procs and procs[pid][1] != "Z" and _process_name(pid) != _DONE_NAME
 
 
 def stop_jobs(timeout: float | None = None) -> list[int]:
@@ -308,7 +345,13 @@ def stop_jobs(timeout: float | None = None) -> list[int]:
         waiting = [p for p in targets if _alive(p, procs)]
         waiting += [p for p in _descendants(os.getpid(), procs)
                     if _alive(p, procs) and _SUBMITIT_CONTROLLER in _cmdline(p)]
-        if not waiting:
+        if not waiting:  # every job saved its work: the workers waiting to be let go are ended
+            for pid in targets:
+                if pid in procs and _process_name(pid) == _DONE_NAME:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
             return []
         if time.monotonic() >= deadline:
             return _kill_trees(waiting, procs)
