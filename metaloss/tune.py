@@ -497,12 +497,14 @@ def _differences(key: str, there: Any, here: Any) -> dict[str, tuple[Any, Any]]:
 
 def tuned_for(tuned: Mapping[str, Any], names: list[str], *, task: str, optim: str,
               targets: Mapping[str, str], setup: Mapping[str, Any] | None = None,
-              test_seeds: int | None = None) -> dict[str, dict[str, Any]]:
+              test_seeds: int | None = None, test_metric: str | None = None) -> dict[str, dict[str, Any]]:
     """The tuned entries of the ``compare:`` losses, refusing a file tuned for another task
     or optimizer, another training setup (``setup``: :func:`setup_record` of this run, every
     key of which the file must record and equal), a loss it lacks, a loss whose option now
     names another function (a tuned lr and γ mean nothing elsewhere), or tuning seeds among
-    the meta-test's ``0 .. test_seeds - 1``. ``targets``: name -> the option's ``_target_``."""
+    the meta-test's ``0 .. test_seeds - 1``, or tuned on another metric than the meta-test's
+    ``test_metric`` (its validation twin: a baseline tuned for accuracy is not at its best on
+    balanced accuracy). ``targets``: name -> the option's ``_target_``."""
     where = tuned.get("path", "tuned.json")
     if tuned.get("task") != task:
         raise TunedFileError(f"{where} was tuned on task {tuned.get('task')!r}, this run's task is {task!r}")
@@ -526,6 +528,11 @@ def tuned_for(tuned: Mapping[str, Any], names: list[str], *, task: str, optim: s
             raise TunedFileError(f"{where} was tuned from seeds {shared[:5]}{'...' if len(shared) > 5 else ''}, "
                                  f"which the meta-test uses too (meta_test.seeds = {test_seeds}: seeds 0.."
                                  f"{int(test_seeds) - 1}): tuning must never see the test initialisations")
+    if test_metric is not None and tuned.get("metric") != "val/" + str(test_metric).split("/", 1)[-1]:
+        raise TunedFileError(f"{where} was tuned on {tuned.get('metric')!r}, but this meta-test compares on "
+                             f"{test_metric!r}: the baselines were not tuned for the metric they are judged on "
+                             f"(tune again with tune.metric=val/{str(test_metric).split('/', 1)[-1]}, or set "
+                             "meta_test.metric to the tuned one)")
     missing = [n for n in names if n not in tuned["losses"]]
     if missing:
         raise TunedFileError(f"{where} has no tuned values for {', '.join(missing)} (it has "

@@ -398,6 +398,7 @@ RULES: dict[str, Check] = {
     "logger.group": text(optional=True),
     "logger.tags": strings(),
     "logger.base_url": text(optional=True),
+    "logger.dir": text(optional=True),
 }
 
 # Loss hyper-parameters, by the loss function's / class's name (the last part of _target_).

@@ -337,6 +337,7 @@ def _tuned_tiny(compose_cfg, tmp_path, extra=()):
     (["optim.lr=0.1"], r"default_lr: 0\.05 there, 0\.1 here"),
     (["optim=momentum", "optim.lr=0.05"], r"optimizer 'sgd', this run uses 'momentum'"),
     (["meta_test.seeds=20001"], r"tuned from seeds \[20000\], which the meta-test uses too"),
+    (["meta_test.metric=test/balanced_acc"], r"tuned on 'val/acc', but this meta-test compares on 'test/balanced_acc'"),
 ])
 def test_a_tuned_file_for_other_training_settings_is_refused(compose_cfg, tmp_path, change, message):
     from metaloss.cli.comparison import check_tuned

@@ -93,7 +93,8 @@ def _baseline_settings(cfg: DictConfig, task, inner_opt, lr: float, n_tasks: int
     record = load_tuned(path)
     tuned = tuned_for(record, names, task=task.name, optim=inner_opt.name,
                       targets={n: str(o.get("_target_")) for n, o in options.items()},
-                      setup=setup_record(cfg, n_tasks), test_seeds=int(cfg.meta_test.seeds))
+                      setup=setup_record(cfg, n_tasks), test_seeds=int(cfg.meta_test.seeds),
+                      test_metric=str(cfg.meta_test.metric or task.primary_metric))
     return {n: {"params": {**config[n], **e["params"]}, "lr": lr if e.get("lr") is None else float(e["lr"]),
                 "source": f"tuned ({record['path']})", "overrides": dict(e["params"]),
                 "tuning_steps": e.get("steps_used")}
