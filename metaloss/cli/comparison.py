@@ -50,19 +50,29 @@ def _num(x: float, spec: str = ".4f") -> str:
 
 
 def format_verdict(sig: dict) -> str:
-    """One line: learned vs best baseline, the paired difference with its CI and d_z, both
-    p-values (paired decides, Welch for reference) and the verdict."""
+    """The verdict paragraph: learned vs the reference baseline (chosen on validation), the
+    paired difference with its CI and d_z, the p-values (paired, Holm-adjusted over the
+    baselines: decides; Welch for reference), the verdict, then every pairwise comparison."""
     if not sig:
         return ""
     n = sig["n_seeds"]
     ours = _num(sig["learned_mean"]) + (f" ({sig['learned_n_nan']}/{n} NaN)" if sig["learned_n_nan"] else "")
     best = sig["best_baseline"] or "none without NaN"
     level = f"{100 * sig['ci_level']:.0f}%"
-    return (f"learned vs best baseline ({best}) on {sig['metric']}: {ours} vs {_num(sig['best_baseline_mean'])}; "
+    pairwise = sig.get("pairwise") or {}
+    head = (f"learned vs reference baseline ({best}), chosen on {sig.get('selected_on', sig['metric'])} before "
+            f"testing, on {sig['metric']}: {ours} vs {_num(sig['best_baseline_mean'])}; "
             f"paired difference {_num(sig['difference'])} [{level} CI {_num(sig['ci_low'])}, "
             f"{_num(sig['ci_high'])}], d_z = {_num(sig['cohens_dz'], '.2f')}; "
-            f"paired t p = {_num(sig['p_value'], '.3g')}, Welch p = {_num(sig['p_value_welch'], '.3g')} "
-            f"-> {sig['verdict']}" + ("" if sig["verdict"].startswith("undefined") else " (paired t-test decides)"))
+            f"paired t p = {_num(sig['p_value'], '.3g')}, Holm-adjusted over {len(pairwise)} baseline(s) "
+            f"p = {_num(sig.get('p_value_holm', math.nan), '.3g')}, Welch p = {_num(sig['p_value_welch'], '.3g')} "
+            f"-> {sig['verdict']}" + ("" if sig["verdict"].startswith("undefined") else
+                                      " (paired t-test, Holm-adjusted, decides)"))
+    if len(pairwise) < 2:
+        return head
+    rows = [f"  vs {name}: difference {_num(r['difference'])}, p = {_num(r['p_value'], '.3g')}, Holm p = "
+            f"{_num(r['p_value_holm'], '.3g')} -> {r['verdict']}" for name, r in pairwise.items()]
+    return head + "\nevery baseline (paired t-test, Holm-adjusted):\n" + "\n".join(rows)
 
 
 def _plottable(losses: dict[str, Callable], task) -> dict[str, Callable]:
@@ -177,6 +187,7 @@ def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path
     logger.table("meta_test/table", ["loss", "metric", "mean", "std", "n", "n_nan"], rows)
     logger.summary({f"meta_test/{name}/{k}": s["mean"] for name, m in summary.items() for k, s in m.items()})
     if sig:
-        logger.summary({f"meta_test/{k}": sig[k] for k in ("p_value", "p_value_welch", "difference", "ci_low",
-                                                            "ci_high", "cohens_dz", "verdict")})
+        logger.summary({f"meta_test/{k}": sig[k] for k in ("p_value", "p_value_holm", "p_value_welch", "difference",
+                                                            "ci_low", "ci_high", "cohens_dz", "verdict",
+                                                            "best_baseline", "selected_on")})
     return {"results": results, "significance": sig}

@@ -1,0 +1,80 @@
+"""Re-decide recorded comparisons under the current verdict rule, from their own per-seed values.
+
+    python scripts/reevaluate_records.py            # every experiments/**/comparison.json
+    python scripts/reevaluate_records.py --check    # exit 1 if any record is not up to date
+
+A comparison.json keeps every loss's per-seed validation and test values, so a change of the
+*decision* rule (which baseline is the reference, how p-values are corrected) needs no new
+training: this recomputes ``significance`` with :func:`metaloss.metatest.significance` and
+rewrites comparison.json and comparison.md. The decision the record carried before is kept in
+the file under ``previous_significance`` (a list, oldest first: every verdict that was ever
+read stays on record), and the script prints every verdict that changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KEPT = ("best_baseline", "selected_on", "p_value", "p_value_holm", "verdict", "test")
+
+
+def reevaluate(path: Path, write: bool) -> tuple[dict, dict] | None:
+    """(old significance, new significance) if the record's decision changes, else None."""
+    from metaloss.cli.comparison import format_verdict
+    from metaloss.cli.logger import write_json
+    from metaloss.metatest import significance
+    from metaloss.report import format_table, jsonable, summarize
+
+    rec = json.loads(path.read_text())
+    old = rec.get("significance") or {}
+    md = path.with_name("comparison.md")
+    # rows in the order the record's table had them (the learned loss, then `compare:`)
+    shown = [line.split("|")[1].strip() for line in (md.read_text().splitlines() if md.is_file() else [])
+             if line.startswith("| ") and not line.startswith("| run ")]
+    order = [n for n in shown if n in rec["results"]] + sorted(set(rec["results"]) - set(shown))
+    results = {loss: {k: [float("nan") if v is None else float(v) for v in vals]
+                      for k, vals in rec["results"][loss].items()} for loss in order}
+    new = jsonable(significance(results, rec["metric"], alpha=float(old.get("alpha", 0.05))))
+    if json.dumps(new, sort_keys=True) == json.dumps(old, sort_keys=True):
+        return None
+    if write:
+        history = rec.get("previous_significance", [])
+        history.append({k: old.get(k) for k in KEPT if k in old})
+        rec["significance"], rec["previous_significance"] = new, history
+        write_json(path, rec)
+        md.write_text(f"{format_table(summarize(results))}\n\n"
+                                                   f"{format_verdict(significance(results, rec['metric'], alpha=float(old.get('alpha', 0.05))))}\n")
+    return old, new
+
+
+def _p(v) -> str:
+    return "NaN" if v is None else f"{v:.3g}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paths", nargs="*", type=Path, help="comparison.json files (default: all under experiments/)")
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a record is out of date")
+    args = ap.parse_args()
+    paths = args.paths or sorted((ROOT / "experiments").rglob("comparison.json"))
+    stale = 0
+    for path in paths:
+        changed = reevaluate(path, write=not args.check)
+        if changed is None:
+            continue
+        stale += 1
+        old, new = changed
+        name = path.parent.relative_to(ROOT) if path.is_relative_to(ROOT) else path.parent
+        print(f"{name}: {old.get('best_baseline')} p={_p(old.get('p_value'))} -> {old.get('verdict')}  ==>  "
+              f"{new['best_baseline']} (chosen on {new['selected_on']}) p={_p(new['p_value'])}, "
+              f"Holm p={_p(new['p_value_holm'])} -> {new['verdict']}")
+    if args.check and stale:
+        sys.exit(f"{stale} record(s) decided under another rule: run scripts/reevaluate_records.py")
+
+
+if __name__ == "__main__":
+    main()
