@@ -313,6 +313,7 @@ RULES: dict[str, Check] = {
     "meta_test.metric": metric_name(),
     "meta_test.alpha": real(0, 1, lo_open=True, hi_open=True),
     "meta_test.vectorise": boolean(),
+    "meta_test.fresh_draws": boolean(),
     "meta_test.tuned": tuned_file(),
     # metaloss-tune
     "tune.n_trials": integer(1, 100_000, optional=True),
@@ -369,6 +370,7 @@ RULES: dict[str, Check] = {
     "task.val_frac": real(0, 1, lo_open=True, hi_open=True),
     "task.test_frac": real(0, 1, lo_open=True, hi_open=True),
     "task.imbalance_ratio": real(1, optional=True),
+    "task.imbalance_profile": one_of("index", "rank"),
     "task.label_noise.rate": real(0, 1, hi_open=True),
     "task.label_noise.kind": one_of("symmetric", "pair"),
     "task.positive_classes": classes(),
@@ -605,6 +607,25 @@ def _objective_problems(cfg: Any, kind: str, name: str) -> list[str]:
     return out
 
 
+def _seed_stream_problems(cfg: DictConfig, task: Any, fresh: bool) -> list[str]:
+    """Meta-training (and tuning) draw task seeds ``task.seed ..`` (``meta.train_tasks`` of a
+    family), the meta-test ``10000 ..`` (metaloss.tasks.base.TEST_TASK_SEEDS): the two
+    streams must not meet, or the learned loss would be tested on data it was trained on."""
+    from metaloss.tasks.base import meta_test_draws
+
+    if not fresh:
+        return []
+    seed = int(cfg.task.get("seed", 0) or 0)
+    n_train = int(cfg.meta.get("train_tasks", 1)) if task.distribution and "meta" in cfg else 1
+    train = range(seed, seed + n_train)
+    test = meta_test_draws(int(cfg.meta_test.seeds), int(cfg.meta_test.tasks_per_seed))
+    if train.start < test.stop and test.start < train.stop:
+        return [f"task.seed = {seed} (with {n_train} training task(s)): the training draws {train.start}.."
+                f"{train.stop - 1} meet the meta-test's draws {test.start}..{test.stop - 1}; use a task.seed "
+                f"below {test.start - n_train + 1} (or above {test.stop - 1})"]
+    return []
+
+
 def check_config(cfg: DictConfig | dict) -> None:
     """Raise :class:`ConfigError` listing every invalid setting; return quietly otherwise."""
     found = problems(cfg)
@@ -633,9 +654,12 @@ def check_against_task(cfg: DictConfig, task: Any) -> None:
         if metric is not None and metric not in train_result_names(task.kind):
             found.append(f"meta_test.metric = {metric!r}: must be one of "
                          f"{', '.join(metric_names(task.kind, 'test'))} for {task.kind} task {task.name!r}")
-        if mt.get("task_overrides") and not task.distribution:
-            found.append(f"meta_test.task_overrides = {dict(mt.task_overrides)}: only task families (e.g. sine) "
-                         f"draw fresh test tasks; {task.name!r} is a single task, so nothing would be overridden")
+        fresh = task.distribution or bool(mt.get("fresh_draws", False))
+        if mt.get("task_overrides") and not fresh:
+            found.append(f"meta_test.task_overrides = {dict(mt.task_overrides)}: only fresh test draws (a task "
+                         f"family, or meta_test.fresh_draws=true) can be overridden; {task.name!r} is a single "
+                         "task tested on its own draw, so nothing would be overridden")
+        found += _seed_stream_problems(cfg, task, fresh)
     tune = cfg.get("tune")
     if tune is not None and tune.get("metric") is not None and tune.metric not in metric_names(task.kind, "val"):
         found.append(f"tune.metric = {tune.metric!r}: must be one of {', '.join(metric_names(task.kind, 'val'))} "

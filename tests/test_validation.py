@@ -207,7 +207,8 @@ def test_batch_sampler_matches_epochs_of_permutations():
     ("train", ["task=digits", "model=unet", "loss=ce"], "model: unet does not fit classification task 'digits'"),
     ("train", ["task=mnist1d", "model=cnn1d", "model.kernel=1000"], "kernel (1000) is longer than the input"),
     ("train", ["task=mnist1d", "model.hidden=[900000,900000]"], "parameters for task 'mnist1d'; the limit"),
-    ("meta", ["task=outliers", "+meta_test.task_overrides.fraction=0.9"], "only task families"),
+    ("meta", ["task=outliers", "meta_test.fresh_draws=false", "+meta_test.task_overrides.fraction=0.9"],
+     "only fresh test draws"),
     ("meta", ["task=digits", "loss=logit_adjusted", "loss.num_classes=3"], "loss.num_classes = 3: must be 10"),
 ])
 def test_settings_that_do_not_fit_the_task_are_refused_before_training(compose_cfg, tmp_path, monkeypatch, app,

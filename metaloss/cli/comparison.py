@@ -24,15 +24,21 @@ from metaloss.metrics import train_result_names
 from metaloss.plots import loss_curves, plot_losses
 from metaloss.report import format_table, plot, summarize
 from metaloss.runtime import canonical_draws
+from metaloss.tasks.base import TEST_TASK_SEEDS
 from metaloss.validate import ConfigError
 
 log = logging.getLogger("metaloss")
-TEST_TASK_SEEDS = 10_000  # task families: test tasks never overlap training tasks
+def fresh_draws(cfg: DictConfig, task) -> bool:
+    """Whether each meta-test seed draws its own data: always for a task family (sine);
+    for a single data set when ``meta_test.fresh_draws`` (a new train/val split, noise draw
+    and imbalance subsample from the same generator, as ``task.seed`` draws them)."""
+    return bool(task.distribution or cfg.meta_test.get("fresh_draws", False))
 
 
 def tasks_for_seed_fn(cfg: DictConfig, pool: list):
-    """Meta-test tasks for a seed: fresh draws for a task family, else the task itself."""
-    if not pool[0].distribution:
+    """Meta-test tasks for a seed: fresh draws (a task family, or ``meta_test.fresh_draws``),
+    from task seeds disjoint from those of meta-training and tuning; else the task itself."""
+    if not fresh_draws(cfg, pool[0]):
         return lambda seed: pool[:1]
     per = int(cfg.meta_test.tasks_per_seed)
     overrides = dict(cfg.meta_test.get("task_overrides") or {})  # e.g. a wider test distribution
@@ -119,6 +125,30 @@ def check_tuned(cfg: DictConfig, pool: list, inner_opt) -> None:
         _baseline_settings(cfg, pool[0], inner_opt, lr, len(pool))
 
 
+def protocol_record(cfg: DictConfig, task, settings: dict[str, dict]) -> dict:
+    """What a reviewer checks first, recorded with the comparison and warned about when it
+    departs from the protocol (docs/protocol.md): matched horizons (the inner steps the loss
+    was meta-trained with vs the steps every loss trains for in the meta-test), fresh data
+    draws per seed, and baselines tuned rather than at their config defaults."""
+    inner = cfg.get("meta", {}).get("inner_steps")
+    steps = int(cfg.meta_test.steps)
+    untuned = sorted(n for n, s in settings.items() if s["source"] == "config")
+    out = {"meta_inner_steps": None if inner is None else int(inner), "meta_test_steps": steps,
+           "horizon_matched": inner is not None and int(inner) == steps,
+           "fresh_draws": fresh_draws(cfg, task), "untuned_baselines": untuned}
+    if inner is not None and int(inner) != steps:
+        log.warning("meta-test: the loss was meta-trained with %d inner steps but every loss trains %d steps here "
+                    "(a mismatched horizon; set meta_test.steps=%d to match, or state why in the record)",
+                    int(inner), steps, int(inner))
+    if not out["fresh_draws"]:
+        log.warning("meta-test: every seed trains on the meta-training draw of %s (meta_test.fresh_draws=false): "
+                    "the seeds measure initialisation and batch order, not the task", task.name)
+    if untuned:
+        log.warning("meta-test: baselines at their config defaults, not tuned: %s (metaloss-tune, then "
+                    "meta_test.tuned=<tuned.json>)", ", ".join(untuned))
+    return out
+
+
 def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path, logger,
                   meta_training_steps: int | None = None) -> dict:
     """``meta_training_steps``: what meta-training the learned loss cost (metaloss-meta knows it;
@@ -166,13 +196,14 @@ def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path
                        **{n: {k: s[k] for k in ("params", "lr", "source", "tuning_steps")}
                           for n, s in settings.items()}}
     sig = significance(results, metric, alpha=float(cfg.meta_test.alpha))
+    protocol = protocol_record(cfg, task, settings)
     summary = summarize(results)
     table = format_table(summary)
     verdict = format_verdict(sig)
     # The record first: nothing below (plots, logging) may cost the numbers.
     write_json(out_dir / "comparison.json", ({
         "task": task.name, "metric": metric, "seeds": seeds, "results": results, "significance": sig,
-        "hyperparameters": hyperparameters,
+        "hyperparameters": hyperparameters, "protocol": protocol,
         "null_means": "NaN: the loss diverged on that seed, or the statistic is undefined"}))
     (out_dir / "comparison.md").write_text(f"{table}\n\n{verdict}\n")
     print(f"\n{table}\n\n{verdict}\n", flush=True)

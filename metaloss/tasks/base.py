@@ -100,6 +100,18 @@ class Task:
         return f"{self.name} ({self.kind}{extra}; train/val/test {sizes}; x {list(self.in_shape)})"
 
 
+# Task seeds come in disjoint streams: meta-training and tuning draw ``task.seed ..``
+# (``meta.train_tasks`` of them for a family), the meta-test ``TEST_TASK_SEEDS ..`` (checked:
+# metaloss.validate), so no test draw is ever a training draw.
+TEST_TASK_SEEDS = 10_000
+
+
+def meta_test_draws(seeds: int, per_seed: int) -> range:
+    """The task seeds a meta-test of ``seeds`` seeds draws: seed s takes
+    ``TEST_TASK_SEEDS + s * per_seed + i`` for i < ``per_seed``."""
+    return range(TEST_TASK_SEEDS, TEST_TASK_SEEDS + int(seeds) * int(per_seed))
+
+
 def permutation(n: int, seed: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
@@ -119,15 +131,24 @@ def standardize(train: Tensor, *others: Tensor) -> list[Tensor]:
     return [(t - mu) / sd for t in (train, *others)]
 
 
+IMBALANCE_PROFILES = ("index", "rank")
+
+
 def imbalance(x: Tensor, y: Tensor, *, ratio: float, num_classes: int, seed: int,
-              binary: bool) -> tuple[Tensor, Tensor]:
+              binary: bool, profile: str = "index") -> tuple[Tensor, Tensor]:
     """Subsample the training split to a long-tailed class profile.
 
     Binary: keep every majority example and ``n_major / ratio`` minority ones (the
     minority is the rarer class, or class 1 on a tie). Multi-class: class c keeps
-    ``n_max * ratio^(-r_c / (C-1))`` examples where r_c is c's rank by frequency
-    (exponential profile, as in Cui et al. 2019), so the head:tail ratio is ``ratio``.
+    ``n_max * ratio^(-r_c / (C-1))`` examples (exponential profile, Cui et al. 2019), so the
+    head:tail ratio is ``ratio``, where r_c is, for ``profile="index"``, c itself (class 0
+    the head, class C-1 the tail, on every draw: the convention of Cui et al., and what a
+    loss with per-class parameters needs to mean the same on a fresh draw), or, for
+    ``"rank"`` (metaloss before issue 16), c's rank by frequency in the drawn split (which
+    classes are head and tail then changes from draw to draw).
     """
+    if profile not in IMBALANCE_PROFILES:
+        raise ValueError(f"imbalance_profile must be one of {IMBALANCE_PROFILES}, got {profile!r}")
     if ratio < 1:
         raise ValueError(f"imbalance_ratio must be >= 1 (majority:minority), got {ratio}")
     g = torch.Generator().manual_seed(seed)
@@ -137,7 +158,8 @@ def imbalance(x: Tensor, y: Tensor, *, ratio: float, num_classes: int, seed: int
         keep_n = counts.clone()
         keep_n[1 - major] = max(1, int(counts[major].item() / ratio))
     else:
-        order = torch.argsort(counts, descending=True, stable=True)
+        order = (torch.arange(num_classes) if profile == "index"
+                 else torch.argsort(counts, descending=True, stable=True))
         n_max = counts.max().item()
         keep_n = counts.clone()
         for rank, c in enumerate(order.tolist()):
@@ -170,14 +192,15 @@ def label_noise(y: Tensor, *, rate: float, kind: str, num_classes: int, seed: in
 
 def finish_classification(name: str, kind: str, train, val, test, *, num_classes: int,
                           seed: int, label_noise_cfg=None, imbalance_ratio=None,
-                          info=None) -> Task:
+                          imbalance_profile: str = "index", info=None) -> Task:
     """Apply the training-split-only corruptions shared by every classification task."""
     (xtr, ytr), (xva, yva), (xte, yte) = train, val, test
     info = dict(info or {})
     if imbalance_ratio:
         xtr, ytr = imbalance(xtr, ytr, ratio=float(imbalance_ratio), num_classes=num_classes,
-                             seed=seed + 1, binary=(kind == "binary"))
+                             seed=seed + 1, binary=(kind == "binary"), profile=imbalance_profile)
         info["imbalance_ratio"] = float(imbalance_ratio)
+        info["imbalance_profile"] = imbalance_profile
     if label_noise_cfg and float(label_noise_cfg.get("rate", 0.0)) > 0:
         ytr = label_noise(ytr, rate=float(label_noise_cfg["rate"]),
                           kind=str(label_noise_cfg.get("kind", "symmetric")),
