@@ -131,6 +131,12 @@ def collect(root: str | Path) -> dict[str, dict[str, list[float]]]:
     A `metrics.json` run is grouped by the Hydra overrides that vary across the runs
     found, other than the seed (e.g. ``loss=mse``); a `comparison.json` by loss name.
     ``null`` values (diverged runs) come back as NaN.
+
+    Values are independent units. A meta-test's seeds are, within its run; but several
+    meta-tests in one group (meta-training runs that differ only in ``seed=``) test their
+    losses on the same test seeds, so each run counts once, with its mean over its test seeds
+    (NaN if any seed diverged): n is the number of meta-training runs, and the spread is the
+    spread across them (5 runs x 5 test seeds is n = 5, not 25).
     """
     root = Path(root)
     if not root.exists():
@@ -150,14 +156,18 @@ def collect(root: str | Path) -> dict[str, dict[str, list[float]]]:
     # is "<overrides that vary> | <loss>", as for metrics.json runs.
     comps = [(f, _read(f), _overrides(f.parent)) for f in sorted(root.rglob("comparison.json"))]
     common = set.intersection(*(set(o) for _, _, o in comps)) if comps else set()
+    nested: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
     for f, rec, overrides in comps:
         varying = ",".join(o for o in overrides if o not in common or o.startswith("debug="))
-        if len(comps) > 1 and not varying:
+        if len(comps) > 1 and not varying and not (f.parent / ".hydra" / "overrides.yaml").is_file():
             varying = str(f.parent.relative_to(root))  # no overrides recorded: the run's directory
         for loss, metrics in rec["results"].items():
             label = f"{varying} | {loss}" if varying else loss
             for k, values in metrics.items():
-                groups[label][k].extend(_number(v) for v in values)
+                nested[label][k].append([_number(v) for v in values])
+    for label, metrics in nested.items():
+        for k, runs_ in metrics.items():
+            groups[label][k].extend(runs_[0] if len(runs_) == 1 else [float(np.mean(r)) for r in runs_])
     if not groups:
         raise FileNotFoundError(f"no metrics.json or comparison.json under {root}")
     return {g: dict(m) for g, m in groups.items()}

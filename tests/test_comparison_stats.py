@@ -318,3 +318,25 @@ def test_the_reference_is_chosen_on_validation_and_every_baseline_is_reported():
     assert set(sig["pairwise"]) == {"a", "b"}
     assert sig["p_value_holm"] >= sig["p_value"] and "Holm" in sig["verdict_rule"]
     assert "chosen on val/acc" in format_verdict(sig) and "vs b:" in format_verdict(sig)
+
+
+def test_meta_tests_of_several_meta_training_runs_count_each_run_once(tmp_path):
+    """`metaloss-meta -m seed=0,1,2`: three meta-training runs, each meta-tested on the same 5
+    test seeds. The report pools them per loss with one value per run (its mean over its test
+    seeds): n = 3 independent units, the spread across meta-training runs (before: the runs
+    were pooled value by value, n = 15, as ml3_sine/seeds/report.md shows n = 25)."""
+    import json as _json
+
+    from metaloss.report import collect, summarize
+
+    for s, vals in enumerate(([0.5, 0.6, 0.7, 0.5, 0.6], [0.2, 0.3, 0.2, 0.3, 0.2], [0.9, 0.8, 0.9, 0.8, 0.9])):
+        d = tmp_path / f"{s}_seed={s}"
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(f"- seed={s}\n- loss=ml3\n")
+        (d / "comparison.json").write_text(_json.dumps({"results": {"learned": {"test/acc": vals},
+                                                                   "ce": {"test/acc": [0.6] * 4 + [None]}}}))
+    groups = collect(tmp_path)
+    assert groups["learned"]["test/acc"] == pytest.approx([0.58, 0.24, 0.86])
+    assert len(groups["ce"]["test/acc"]) == 3 and all(math.isnan(v) for v in groups["ce"]["test/acc"])
+    s = summarize(groups)["learned"]["test/acc"]
+    assert s["n"] == 3 and s["std"] == pytest.approx(np.std([0.58, 0.24, 0.86], ddof=1))
