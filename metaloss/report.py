@@ -26,6 +26,17 @@ IGNORED_KEYS = ("seed", "logger", "progress", "threads")
 IGNORED_PREFIXES = ("hydra.", "logger.")
 
 
+def _seed(run_dir: Path) -> str | None:
+    """The ``seed=`` a Hydra run was launched with (None: not recorded)."""
+    f = run_dir / ".hydra" / "overrides.yaml"
+    if not f.is_file():
+        return None
+    for o in yaml.safe_load(f.read_text()) or []:
+        if str(o).lstrip("+~").startswith("seed="):
+            return str(o).split("=", 1)[1]
+    return None
+
+
 def _overrides(run_dir: Path) -> list[str]:
     f = run_dir / ".hydra" / "overrides.yaml"
     if not f.is_file():
@@ -156,13 +167,26 @@ def collect(root: str | Path) -> dict[str, dict[str, list[float]]]:
     # is "<overrides that vary> | <loss>", as for metrics.json runs.
     comps = [(f, _read(f), _overrides(f.parent)) for f in sorted(root.rglob("comparison.json"))]
     common = set.intersection(*(set(o) for _, _, o in comps)) if comps else set()
-    nested: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
-    for f, rec, overrides in comps:
+    varying_of = {}
+    for f, _, overrides in comps:
         varying = ",".join(o for o in overrides if o not in common or o.startswith("debug="))
         if len(comps) > 1 and not varying and not (f.parent / ".hydra" / "overrides.yaml").is_file():
             varying = str(f.parent.relative_to(root))  # no overrides recorded: the run's directory
+        varying_of[f] = varying
+    # runs pooled under one label must be distinct meta-training runs (distinct seed=); reruns
+    # of one seed, or runs whose seed is not recorded, are kept apart by directory
+    by_label: dict[str, list[Path]] = defaultdict(list)
+    for f in varying_of:
+        by_label[varying_of[f]].append(f)
+    for files in by_label.values():
+        seeds = [_seed(f.parent) for f in files]
+        if len(files) > 1 and (None in seeds or len(set(seeds)) < len(seeds)):
+            for f in files:
+                varying_of[f] = ",".join(x for x in (varying_of[f], str(f.parent.relative_to(root))) if x)
+    nested: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
+    for f, rec, _ in comps:
         for loss, metrics in rec["results"].items():
-            label = f"{varying} | {loss}" if varying else loss
+            label = f"{varying_of[f]} | {loss}" if varying_of[f] else loss
             for k, values in metrics.items():
                 nested[label][k].append([_number(v) for v in values])
     for label, metrics in nested.items():

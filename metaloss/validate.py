@@ -660,6 +660,12 @@ def check_against_task(cfg: DictConfig, task: Any) -> None:
                          f"family, or meta_test.fresh_draws=true) can be overridden; {task.name!r} is a single "
                          "task tested on its own draw, so nothing would be overridden")
         found += _seed_stream_problems(cfg, task, fresh)
+        profile = (cfg.get("task") or {}).get("imbalance_profile", "rank")
+        if fresh and not task.distribution and (cfg.get("task") or {}).get("imbalance_ratio") and profile == "rank":
+            found.append("task.imbalance_profile = 'rank' with meta_test.fresh_draws = true: each draw would rank the "
+                         "classes anew, so head and tail (and a learned loss's per-class parameters) would move "
+                         "between draws; set task.imbalance_profile=index (class 0 the head on every draw, Cui et "
+                         "al. 2019) or meta_test.fresh_draws=false")
     tune = cfg.get("tune")
     if tune is not None and tune.get("metric") is not None and tune.metric not in metric_names(task.kind, "val"):
         found.append(f"tune.metric = {tune.metric!r}: must be one of {', '.join(metric_names(task.kind, 'val'))} "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -39,16 +40,30 @@ def reevaluate(path: Path, write: bool) -> tuple[dict, dict] | None:
     results = {loss: {k: [float("nan") if v is None else float(v) for v in vals]
                       for k, vals in rec["results"][loss].items()} for loss in order}
     new = jsonable(significance(results, rec["metric"], alpha=float(old.get("alpha", 0.05))))
-    if json.dumps(new, sort_keys=True) == json.dumps(old, sort_keys=True):
+    if _same(old, new):
         return None
     if write:
         history = rec.get("previous_significance", [])
-        history.append({k: old.get(k) for k in KEPT if k in old})
+        before = {k: old.get(k) for k in KEPT if k in old}
+        if not _same(before, {k: new.get(k) for k in KEPT if k in old}):  # only a decision that differed
+            history.append(before)
         rec["significance"], rec["previous_significance"] = new, history
         write_json(path, rec)
         md.write_text(f"{format_table(summarize(results))}\n\n"
                                                    f"{format_verdict(significance(results, rec['metric'], alpha=float(old.get('alpha', 0.05))))}\n")
     return old, new
+
+
+def _same(a, b) -> bool:
+    """Equal decisions: every key and text equal, numbers within 1e-9 relative (another scipy
+    or CPU may move a p-value's last bits without changing anything decided)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
 
 
 def _p(v) -> str:

@@ -150,7 +150,7 @@ def test_degenerate_cases_have_defined_values():
     same = paired([0.3, 0.4, 0.5], [0.3, 0.4, 0.5])
     assert same["p_value"] == 1.0 and same["cohens_dz"] == 0.0 and same["ci_low"] == same["ci_high"] == 0.0
     shift = paired([0.3, 0.4, 0.5], [0.4, 0.5, 0.6])  # one constant difference: rounding-level spread
-    assert shift["p_value"] == 0.0 and shift["cohens_dz"] == -math.inf
+    assert shift["p_value"] == 0.25 and shift["cohens_dz"] == -math.inf  # exact sign-flip p: 2 / 2**3
     assert shift["mean_difference"] == pytest.approx(-0.1)
     one = significance({"learned": {"test/mse": [0.3]}, "mse": {"test/mse": [0.4]}}, "test/mse")
     assert one["verdict"] == "undefined: a paired t-test needs at least 2 seeds, got 1"
@@ -340,3 +340,48 @@ def test_meta_tests_of_several_meta_training_runs_count_each_run_once(tmp_path):
     assert len(groups["ce"]["test/acc"]) == 3 and all(math.isnan(v) for v in groups["ce"]["test/acc"])
     s = summarize(groups)["learned"]["test/acc"]
     assert s["n"] == 3 and s["std"] == pytest.approx(np.std([0.58, 0.24, 0.86], ddof=1))
+
+
+def test_holm_on_known_values():
+    """Holm (1979) step-down: the i-th smallest of k p-values times (k - i), running maximum,
+    capped at 1 — checked against values worked by hand."""
+    from metaloss.metatest import holm
+
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.5}) == pytest.approx(
+        {"a": 0.04, "c": 0.09, "b": 0.09, "d": 0.5})
+    assert holm({"a": 0.3, "b": 0.4}) == pytest.approx({"a": 0.6, "b": 0.6})  # monotone, then capped below 1
+    assert holm({"a": 0.6, "b": 0.7}) == {"a": 1.0, "b": 1.0}
+    assert holm({"only": 0.02}) == {"only": 0.02}
+    # significant alone (p = 0.02 < 0.05), not after correcting for 4 baselines
+    res = {"learned": {"val/acc": [0.5] * 3, "test/acc": [0.50, 0.56, 0.50]},
+           **{f"b{j}": {"val/acc": [0.6 - 0.01 * j] * 3, "test/acc": [0.60, 0.61, 0.61]} for j in range(4)}}
+    sig = significance(res, "test/acc")
+    assert sig["p_value"] < 0.05 <= sig["p_value_holm"] and sig["verdict"] == "no significant difference"
+
+
+def test_a_baseline_without_finite_validation_values_stays_in_the_family():
+    """Finite on test but NaN on validation: it cannot be chosen as the reference, but it is
+    still compared (and counted by Holm) and named, never silently dropped."""
+    res = {"learned": {"val/acc": [0.5, 0.5, 0.5], "test/acc": [0.50, 0.56, 0.50]},
+           "a": {"val/acc": [0.7, NAN, 0.7], "test/acc": [0.80, 0.81, 0.82]},
+           "b": {"val/acc": [0.6, 0.6, 0.6], "test/acc": [0.60, 0.61, 0.61]}}
+    sig = significance(res, "test/acc")
+    assert sig["best_baseline"] == "b" and sig["unselectable_baselines"] == ["a"]
+    assert set(sig["pairwise"]) == {"a", "b"} and "2 comparisons" in sig["verdict_rule"]
+    only = significance({"learned": res["learned"], "a": res["a"]}, "test/acc")
+    assert only["verdict"].startswith("undefined: no baseline has finite val/acc values") and "a diverged" in only["verdict"]
+
+
+def test_reruns_of_one_seed_are_not_pooled_as_independent_runs(tmp_path):
+    import json as _json
+
+    from metaloss.report import collect
+
+    for name in ("first", "again"):  # the same command twice (a rerun after a crash)
+        d = tmp_path / name
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text("- seed=0\n- loss=ml3\n")
+        (d / "comparison.json").write_text(_json.dumps({"results": {"learned": {"test/acc": [0.5, 0.6]}}}))
+    groups = collect(tmp_path)
+    assert sorted(groups) == ["again | learned", "first | learned"]
+    assert groups["first | learned"]["test/acc"] == [0.5, 0.6]

@@ -54,9 +54,9 @@ def test_a_task_family_whose_training_tasks_reach_the_test_draws_is_refused(comp
 
 
 def test_the_long_tail_profile_keeps_class_identity_across_draws(compose_cfg):
-    """profile=index (the default, Cui et al. 2019): class 0 is the head and class 9 the tail on
-    every draw. profile=rank (metaloss before, kept for the longtail100 record): head and tail
-    are whichever classes happen to be most and least frequent in the drawn split."""
+    """profile=index (Cui et al. 2019): class 0 is the head and class 9 the tail on every draw.
+    profile=rank (the default, what the recorded experiments used): head and tail are
+    whichever classes happen to be most and least frequent in the drawn split."""
     heads, tails = {}, {}
     for profile in ("index", "rank"):
         for seed in (0, 1):
@@ -83,5 +83,51 @@ def test_the_comparison_records_its_protocol(compose_cfg, tmp_path):
                                "meta_test.steps=5", "meta_test.batch_size=32"])
     meta_app.run(cfg, tmp_path, "taylorglo")
     protocol = json.loads((tmp_path / "comparison.json").read_text())["protocol"]
-    assert protocol == {"meta_inner_steps": 3, "meta_test_steps": 5, "horizon_matched": False,
+    assert protocol == {"meta_training_horizon": 3, "meta_test_steps": 5, "horizon_matched": False,
                         "fresh_draws": True, "untuned_baselines": ["ce", "focal"]}
+
+
+@pytest.mark.parametrize("task", ["digits", "mnist1d"])  # unstandardised: rows compare across draws
+def test_a_fresh_draw_of_a_finite_data_set_never_tests_on_a_training_example(compose_cfg, task):
+    """A finite data set's test split is the same on every draw; only train/val are re-split.
+    Checked by the rows themselves: no test row of any draw is a train or val row of the
+    meta-training draw (before: ~75% of a fresh draw's test rows had been trained or validated
+    on), and task.seed=0 is still the split metaloss always made."""
+    cfg = compose_cfg("meta", [f"task={task}", "meta_test.seeds=2"])
+    pool = [instantiate(cfg.task)]
+
+    def rows(x):
+        return {hash(r.numpy().tobytes()) for r in x.reshape(len(x), -1)}
+
+    seen = rows(pool[0].x_train) | rows(pool[0].x_val)
+    for s in range(2):
+        draw = tasks_for_seed_fn(cfg, pool)(s)[0]
+        assert not rows(draw.x_test) & seen, s
+        assert not torch.equal(draw.x_val, pool[0].x_val), s  # a new split all the same
+
+
+def test_three_way_split_keeps_the_test_examples_for_every_seed():
+    """The split breast_cancer and diabetes use too (their rows are standardised per draw, so
+    they are checked here, on the raw data): same test indices, new train/val, no overlap."""
+    from metaloss.tasks.base import three_way_split
+
+    x = torch.arange(100.0)[:, None]
+    y = torch.zeros(100, dtype=torch.long)
+    (tr0, _), (va0, _), (te0, _) = three_way_split(x, y, val_frac=0.15, test_frac=0.25, seed=0)
+    (tr1, _), (va1, _), (te1, _) = three_way_split(x, y, val_frac=0.15, test_frac=0.25, seed=10001)
+    assert torch.equal(te0, te1) and not torch.equal(va0, va1)
+    assert not set(te1.flatten().tolist()) & set(torch.cat([tr0, va0]).flatten().tolist())
+    assert sorted(torch.cat([tr1, va1, te1]).flatten().tolist()) == list(range(100))
+
+
+def test_fresh_draws_of_a_long_tail_ranked_by_frequency_are_refused(compose_cfg):
+    """profile=rank (the default: what the recorded experiments used) re-ranks the classes on
+    every draw; with fresh draws a per-class loss would mean other classes on each, so the run
+    must choose: index, or one draw."""
+    base = ["task=digits", "task.imbalance_ratio=10"]
+    cfg = compose_cfg("meta", base)
+    with pytest.raises(ConfigError, match=r"task.imbalance_profile = 'rank' with meta_test.fresh_draws = true"):
+        check_against_task(cfg, instantiate(cfg.task))
+    for fix in (["+task.imbalance_profile=index"], ["meta_test.fresh_draws=false"]):
+        cfg = compose_cfg("meta", base + fix)
+        check_against_task(cfg, instantiate(cfg.task))

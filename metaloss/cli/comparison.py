@@ -125,16 +125,16 @@ def check_tuned(cfg: DictConfig, pool: list, inner_opt) -> None:
         _baseline_settings(cfg, pool[0], inner_opt, lr, len(pool))
 
 
-def protocol_record(cfg: DictConfig, task, settings: dict[str, dict]) -> dict:
+def protocol_record(cfg: DictConfig, task, settings: dict[str, dict], inner: int | None) -> dict:
     """What a reviewer checks first, recorded with the comparison and warned about when it
-    departs from the protocol (docs/protocol.md): matched horizons (the inner steps the loss
-    was meta-trained with vs the steps every loss trains for in the meta-test), fresh data
-    draws per seed, and baselines tuned rather than at their config defaults."""
-    inner = cfg.get("meta", {}).get("inner_steps")
+    departs from the protocol (docs/protocol.md): matched horizons (``inner``: the training
+    steps the loss was meta-trained for — K offline, the whole run online; None when unknown,
+    as in metaloss-eval — vs the steps every loss trains in the meta-test), fresh data draws
+    per seed, and baselines tuned rather than at their config defaults."""
     steps = int(cfg.meta_test.steps)
     untuned = sorted(n for n, s in settings.items() if s["source"] == "config")
-    out = {"meta_inner_steps": None if inner is None else int(inner), "meta_test_steps": steps,
-           "horizon_matched": inner is not None and int(inner) == steps,
+    out = {"meta_training_horizon": inner, "meta_test_steps": steps,
+           "horizon_matched": None if inner is None else int(inner) == steps,
            "fresh_draws": fresh_draws(cfg, task), "untuned_baselines": untuned}
     if inner is not None and int(inner) != steps:
         log.warning("meta-test: the loss was meta-trained with %d inner steps but every loss trains %d steps here "
@@ -150,7 +150,7 @@ def protocol_record(cfg: DictConfig, task, settings: dict[str, dict]) -> dict:
 
 
 def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path, logger,
-                  meta_training_steps: int | None = None) -> dict:
+                  meta_training_steps: int | None = None, meta_horizon: int | None = None) -> dict:
     """``meta_training_steps``: what meta-training the learned loss cost (metaloss-meta knows it;
     metaloss-eval does not), recorded beside each tuned baseline's tuning compute."""
     task = pool[0]
@@ -196,7 +196,7 @@ def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path
                        **{n: {k: s[k] for k in ("params", "lr", "source", "tuning_steps")}
                           for n, s in settings.items()}}
     sig = significance(results, metric, alpha=float(cfg.meta_test.alpha))
-    protocol = protocol_record(cfg, task, settings)
+    protocol = protocol_record(cfg, task, settings, meta_horizon)
     summary = summarize(results)
     table = format_table(summary)
     verdict = format_verdict(sig)

@@ -366,7 +366,9 @@ def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, iden
         if cfg.meta_test.enabled:
             frozen = loss.requires_grad_(False)
             cost = learned_loss_cost(cfg, sum(p.numel() for p in loss.parameters()))
-            result.update(run_meta_test(cfg, frozen, pool, inner_opt, out_dir, logger, meta_training_steps=cost))
+            horizon = int(mc.inner_steps) if mc.mode == "offline" else int(mc.steps)  # online: the whole run
+            result.update(run_meta_test(cfg, frozen, pool, inner_opt, out_dir, logger, meta_training_steps=cost,
+                                        meta_horizon=horizon))
     return result
 
 

@@ -116,12 +116,21 @@ def permutation(n: int, seed: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
+TEST_SPLIT_SEED = 0
+
+
 def three_way_split(x: Tensor, y: Tensor, *, val_frac: float, test_frac: float, seed: int):
-    """Seeded shuffle, then (train, val, test) slices."""
-    idx = permutation(len(x), seed)
+    """(train, val, test) of a finite data set. The test examples are the same for every
+    ``seed`` (drawn with ``TEST_SPLIT_SEED``); ``seed`` re-splits the rest into train and val.
+    So a fresh draw (another seed) is a new train/val split that never tests on an example
+    another draw trained or validated on. Seed 0 is the split metaloss always made."""
+    idx = permutation(len(x), TEST_SPLIT_SEED)
     n_test = round(len(x) * test_frac)
     n_val = round(len(x) * val_frac)
-    te, va, tr = idx[:n_test], idx[n_test:n_test + n_val], idx[n_test + n_val:]
+    te, rest = idx[:n_test], idx[n_test:]
+    if seed != TEST_SPLIT_SEED:
+        rest = rest[permutation(len(rest), seed)]
+    va, tr = rest[:n_val], rest[n_val:]
     return (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te])
 
 
@@ -135,17 +144,18 @@ IMBALANCE_PROFILES = ("index", "rank")
 
 
 def imbalance(x: Tensor, y: Tensor, *, ratio: float, num_classes: int, seed: int,
-              binary: bool, profile: str = "index") -> tuple[Tensor, Tensor]:
+              binary: bool, profile: str = "rank") -> tuple[Tensor, Tensor]:
     """Subsample the training split to a long-tailed class profile.
 
-    Binary: keep every majority example and ``n_major / ratio`` minority ones (the
-    minority is the rarer class, or class 1 on a tie). Multi-class: class c keeps
-    ``n_max * ratio^(-r_c / (C-1))`` examples (exponential profile, Cui et al. 2019), so the
-    head:tail ratio is ``ratio``, where r_c is, for ``profile="index"``, c itself (class 0
-    the head, class C-1 the tail, on every draw: the convention of Cui et al., and what a
-    loss with per-class parameters needs to mean the same on a fresh draw), or, for
-    ``"rank"`` (metaloss before issue 16), c's rank by frequency in the drawn split (which
-    classes are head and tail then changes from draw to draw).
+    Binary: keep every majority example and ``n_major / ratio`` minority ones. Multi-class:
+    class c keeps ``n_max * ratio^(-r_c / (C-1))`` examples (exponential profile, Cui et al.
+    2019), so the head:tail ratio is ``ratio``. ``profile="rank"`` (the default, what the
+    recorded experiments used): r_c is c's rank by frequency in the drawn split, and the
+    binary minority is the rarer class (class 1 on a tie) — so which classes are head and
+    tail can change from one draw to the next. ``profile="index"``: r_c = c (class 0 the
+    head, class C-1 the tail) and the binary minority is class 1, on every draw — the
+    convention of Cui et al., and what a loss with per-class parameters needs to mean the same
+    class on a fresh draw (``meta_test.fresh_draws`` refuses ``rank`` for that reason).
     """
     if profile not in IMBALANCE_PROFILES:
         raise ValueError(f"imbalance_profile must be one of {IMBALANCE_PROFILES}, got {profile!r}")
@@ -154,7 +164,7 @@ def imbalance(x: Tensor, y: Tensor, *, ratio: float, num_classes: int, seed: int
     g = torch.Generator().manual_seed(seed)
     counts = torch.bincount(y.long(), minlength=num_classes)
     if binary:
-        major = int(torch.argmax(counts)) if counts[0] != counts[1] else 0
+        major = 0 if profile == "index" or counts[0] == counts[1] else int(torch.argmax(counts))
         keep_n = counts.clone()
         keep_n[1 - major] = max(1, int(counts[major].item() / ratio))
     else:
@@ -192,7 +202,7 @@ def label_noise(y: Tensor, *, rate: float, kind: str, num_classes: int, seed: in
 
 def finish_classification(name: str, kind: str, train, val, test, *, num_classes: int,
                           seed: int, label_noise_cfg=None, imbalance_ratio=None,
-                          imbalance_profile: str = "index", info=None) -> Task:
+                          imbalance_profile: str = "rank", info=None) -> Task:
     """Apply the training-split-only corruptions shared by every classification task."""
     (xtr, ytr), (xva, yva), (xte, yte) = train, val, test
     info = dict(info or {})

@@ -18,7 +18,7 @@ from metaloss.tasks.base import (
 
 def digits(*, seed: int = 0, val_frac: float = 0.15, test_frac: float = 0.25,
            label_noise=None, imbalance_ratio=None,
-           imbalance_profile: str = "index") -> Task:
+           imbalance_profile: str = "rank") -> Task:
     """scikit-learn's 8x8 handwritten digits (1797 images, 10 classes), as [1, 8, 8] in [0, 1]."""
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
@@ -30,7 +30,7 @@ def digits(*, seed: int = 0, val_frac: float = 0.15, test_frac: float = 0.25,
 
 
 def breast_cancer(*, seed: int = 0, val_frac: float = 0.15, test_frac: float = 0.25,
-                  label_noise=None, imbalance_ratio=None, imbalance_profile: str = "index") -> Task:
+                  label_noise=None, imbalance_ratio=None, imbalance_profile: str = "rank") -> Task:
     """scikit-learn's Wisconsin breast cancer (569 cases, 30 features), binary:
     1 = malignant (the minority class)."""
     x, y = load_breast_cancer(return_X_y=True)
@@ -46,7 +46,7 @@ def breast_cancer(*, seed: int = 0, val_frac: float = 0.15, test_frac: float = 0
 
 def mnist1d(*, seed: int = 0, n_val: int = 500, num_samples: int = 5000, data_seed: int = 42,
             positive_classes: Sequence[int] | None = None, label_noise=None,
-            imbalance_ratio=None, imbalance_profile: str = "index") -> Task:
+            imbalance_ratio=None, imbalance_profile: str = "rank") -> Task:
     """MNIST-1D (Greydanus 2020), generated locally by the ``mnist1d`` package, never
     downloaded: 4000 train / 1000 test at the default 5000 samples, with ``n_val``
     carved from train by ``seed``. ``positive_classes`` turns it into a binary task
