@@ -617,12 +617,13 @@ def _seed_stream_problems(cfg: DictConfig, task: Any, fresh: bool) -> list[str]:
         return []
     seed = int(cfg.task.get("seed", 0) or 0)
     n_train = int(cfg.meta.get("train_tasks", 1)) if task.distribution and "meta" in cfg else 1
-    train = range(seed, seed + n_train)
+    # a classification draw also seeds its imbalance and noise draws with seed + 1, seed + 2
+    train = range(seed, seed + n_train + 2)
     test = meta_test_draws(int(cfg.meta_test.seeds), int(cfg.meta_test.tasks_per_seed))
     if train.start < test.stop and test.start < train.stop:
-        return [f"task.seed = {seed} (with {n_train} training task(s)): the training draws {train.start}.."
+        return [f"task.seed = {seed} (with {n_train} training task(s)): the training draws' seeds {train.start}.."
                 f"{train.stop - 1} meet the meta-test's draws {test.start}..{test.stop - 1}; use a task.seed "
-                f"below {test.start - n_train + 1} (or above {test.stop - 1})"]
+                f"below {test.start - n_train - 1} (or above {test.stop - 1})"]
     return []
 
 

@@ -29,19 +29,19 @@ def test_each_meta_test_seed_draws_its_own_data_from_a_disjoint_seed_stream(comp
     assert not torch.equal(draws[0].x_train, draws[1].x_train)
     again = tasks_for_seed_fn(cfg, pool)(1)[0]
     assert torch.equal(again.x_train, draws[1].x_train) and torch.equal(again.y_train, draws[1].y_train)
-    assert list(meta_test_draws(3, 1)) == [TEST_TASK_SEEDS, TEST_TASK_SEEDS + 1, TEST_TASK_SEEDS + 2]
+    assert meta_test_draws(3, 1) == range(TEST_TASK_SEEDS, TEST_TASK_SEEDS + 9)  # 3 draws, 3 seeds each
     # fresh_draws=false: every seed on the training draw (the recorded experiments' protocol)
     same = compose_cfg("meta", ["task=digits", "meta_test.fresh_draws=false"])
     assert tasks_for_seed_fn(same, pool)(2)[0] is pool[0]
 
 
-@pytest.mark.parametrize("overrides, fresh", [(["task.seed=10001"], True), (["task.seed=9999"], True),
+@pytest.mark.parametrize("overrides, fresh", [(["task.seed=10001"], True), (["task.seed=9997"], True),
                                               (["task.seed=10001", "meta_test.fresh_draws=false"], False)])
 def test_a_training_draw_that_meets_the_test_draws_is_refused(compose_cfg, overrides, fresh):
     cfg = compose_cfg("meta", ["task=digits", "meta_test.seeds=5", *overrides])
     task = instantiate(cfg.task)
     if fresh and cfg.task.seed >= TEST_TASK_SEEDS:
-        with pytest.raises(ConfigError, match=r"task.seed = 10001 .* meet the meta-test's draws 10000..10004"):
+        with pytest.raises(ConfigError, match=r"task.seed = 10001 .* meet the meta-test's draws 10000..10014"):
             check_against_task(cfg, task)
     else:
         check_against_task(cfg, task)
@@ -49,7 +49,7 @@ def test_a_training_draw_that_meets_the_test_draws_is_refused(compose_cfg, overr
 
 def test_a_task_family_whose_training_tasks_reach_the_test_draws_is_refused(compose_cfg):
     cfg = compose_cfg("meta", ["task.seed=9990", "meta.train_tasks=20", "meta_test.seeds=2"])
-    with pytest.raises(ConfigError, match=r"training draws 9990..10009 meet"):
+    with pytest.raises(ConfigError, match=r"training draws' seeds 9990..10011 meet the meta-test's draws 10000..10005"):
         check_against_task(cfg, instantiate(cfg.task))
 
 
@@ -130,4 +130,12 @@ def test_fresh_draws_of_a_long_tail_ranked_by_frequency_are_refused(compose_cfg)
         check_against_task(cfg, instantiate(cfg.task))
     for fix in (["+task.imbalance_profile=index"], ["meta_test.fresh_draws=false"]):
         cfg = compose_cfg("meta", base + fix)
+        check_against_task(cfg, instantiate(cfg.task))
+
+
+def test_a_training_draw_whose_noise_seed_is_a_test_draws_split_seed_is_refused(compose_cfg):
+    """task.seed=9999 splits with 9999 but draws its imbalance with 10000 and its noise with
+    10001: the first test draw's own seeds."""
+    cfg = compose_cfg("meta", ["task=digits", "task.seed=9999"])
+    with pytest.raises(ConfigError, match=r"task.seed = 9999 .* seeds 9999..10001 meet"):
         check_against_task(cfg, instantiate(cfg.task))

@@ -24,7 +24,7 @@ from metaloss.metrics import train_result_names
 from metaloss.plots import loss_curves, plot_losses
 from metaloss.report import format_table, plot, summarize
 from metaloss.runtime import canonical_draws
-from metaloss.tasks.base import TEST_TASK_SEEDS
+from metaloss.tasks.base import DRAW_STRIDE, TEST_TASK_SEEDS
 from metaloss.validate import ConfigError
 
 log = logging.getLogger("metaloss")
@@ -41,11 +41,15 @@ def tasks_for_seed_fn(cfg: DictConfig, pool: list):
     if not fresh_draws(cfg, pool[0]):
         return lambda seed: pool[:1]
     per = int(cfg.meta_test.tasks_per_seed)
+    # a single data set's draw also seeds its imbalance and noise draws with seed + 1, + 2:
+    # its draws are spaced 3 apart so that no two share a generator seed (a family: 1, as recorded)
+    stride = 1 if pool[0].distribution else DRAW_STRIDE
     overrides = dict(cfg.meta_test.get("task_overrides") or {})  # e.g. a wider test distribution
     x = pool[0].x_train  # fresh test tasks go where the training tasks are
     def tasks(seed: int) -> list:
         with canonical_draws():  # the same test tasks in a float32 and a float64 run
-            drawn = [instantiate(cfg.task, **overrides, seed=TEST_TASK_SEEDS + seed * per + i) for i in range(per)]
+            drawn = [instantiate(cfg.task, **overrides, seed=TEST_TASK_SEEDS + stride * (seed * per + i))
+                     for i in range(per)]
         return [t.to(x.device, x.dtype) for t in drawn]
 
     return tasks

@@ -104,12 +104,14 @@ class Task:
 # (``meta.train_tasks`` of them for a family), the meta-test ``TEST_TASK_SEEDS ..`` (checked:
 # metaloss.validate), so no test draw is ever a training draw.
 TEST_TASK_SEEDS = 10_000
+DRAW_STRIDE = 3  # a single data set's draw seeds split, imbalance and noise with seed, +1, +2
 
 
-def meta_test_draws(seeds: int, per_seed: int) -> range:
+def meta_test_draws(seeds: int, per_seed: int, stride: int = DRAW_STRIDE) -> range:
     """The task seeds a meta-test of ``seeds`` seeds draws: seed s takes
-    ``TEST_TASK_SEEDS + s * per_seed + i`` for i < ``per_seed``."""
-    return range(TEST_TASK_SEEDS, TEST_TASK_SEEDS + int(seeds) * int(per_seed))
+    ``TEST_TASK_SEEDS + stride * (s * per_seed + i)`` for i < ``per_seed`` (every seed such a
+    draw uses lies in the range returned)."""
+    return range(TEST_TASK_SEEDS, TEST_TASK_SEEDS + stride * int(seeds) * int(per_seed))
 
 
 def permutation(n: int, seed: int) -> Tensor:
