@@ -206,7 +206,7 @@ in a row with no finite candidate before the run stops (``meta.max_bad_steps``).
     @classmethod
     def for_run(cls, make: Callable, loss: nn.Module, cfg: Any, task_kind: str, world_size: int = 1) -> CMAES:
         """Build from the run's composed config, refusing what makes no sense (ConfigError)."""
-        from metaloss.validate import ConfigError
+        from metaloss.errors import ConfigError
 
         found = config_problems({"meta": _plain(cfg.meta), "meta_optim": _plain(cfg.meta_optim)})
         if world_size > 1:

@@ -397,7 +397,7 @@ def loss_option(name: str, task: Any, cfg: Any = None, overrides: Mapping[str, A
         # here would make Hydra call whatever a tuned.json names
         code = [k for k in overrides if not isinstance(k, str) or (k.startswith("_") and k.endswith("_"))]
         if code:
-            from metaloss.validate import ConfigError
+            from metaloss.errors import ConfigError
 
             raise ConfigError(f"loss {name!r}: hyper-parameter overrides may not name code ({', '.join(map(str, code))}); "
                               "only values are set over the loss option's own")

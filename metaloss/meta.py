@@ -185,7 +185,7 @@ def check_finite_phi(params: Params) -> None:
     the divergence diagnosis would wrongly blame a learning rate."""
     bad = [k for k, v in params.items() if not bool(torch.isfinite(v.detach()).all())]
     if bad:
-        from metaloss.validate import ConfigError
+        from metaloss.errors import ConfigError
 
         raise ConfigError(f"the loss's initial meta-parameters {bad} hold NaN/inf values: nothing can be "
                          "meta-trained from them (check the loss's initialisation or the file it was loaded from)")

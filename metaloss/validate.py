@@ -23,13 +23,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from metaloss.errors import ConfigError  # noqa: F401  (re-exported: metaloss.validate.ConfigError)
 from metaloss.metrics import HIGHER_IS_BETTER
 from metaloss.runtime import DEVICE_PATTERN
-
-
-class ConfigError(ValueError):
-    """One or more settings are out of their valid range (all of them are listed)."""
-
 
 Check = Callable[[Any], "str | None"]  # None: valid; else what a valid value looks like
 

@@ -44,7 +44,7 @@ def test_hydra_full_error_shows_the_traceback(tmp_path):
     out = _run([str(BIN / "metaloss-train"), "train.batch_size=-4", "logger=none",
                 f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, HYDRA_FULL_ERROR="1")
     assert out.returncode == 2, out.stderr[-3000:]
-    assert "Traceback" in out.stderr and "metaloss.validate.ConfigError" in out.stderr, out.stderr[-3000:]
+    assert "Traceback" in out.stderr and "metaloss.errors.ConfigError" in out.stderr, out.stderr[-3000:]
 
 
 def test_a_hydra_composition_error_is_one_message(tmp_path):

@@ -14,7 +14,7 @@ from scipy import stats
 
 from metaloss.cli.comparison import format_verdict, run_meta_test
 from metaloss.cli.logger import NullLogger
-from metaloss.cli.meta import _task_pool
+from metaloss.cli.meta import task_pool
 from metaloss.losses import fixed
 from metaloss.metatest import compare_losses, paired, significance, welch
 from metaloss.metrics import train_result_names
@@ -200,7 +200,7 @@ def test_a_learned_loss_that_diverges_everywhere_still_writes_comparison_json(co
     for p in learned.parameters():
         p.fill_(NAN)  # a learned loss gone bad: NaN for every input
     with caplog.at_level(logging.WARNING, logger="metaloss"):
-        out = run_meta_test(cfg, learned, _task_pool(cfg), instantiate(cfg.optim), tmp_path, NullLogger())
+        out = run_meta_test(cfg, learned, task_pool(cfg), instantiate(cfg.optim), tmp_path, NullLogger())
     comp = _strict((tmp_path / "comparison.json").read_text())  # strict JSON: NaN written as null
     assert set(comp["results"]) == {"learned", "mse", "mae", "huber"}
     assert all(v == [None, None] for v in comp["results"]["learned"].values())
@@ -218,7 +218,7 @@ def test_a_learned_loss_that_diverges_everywhere_still_writes_comparison_json(co
 def test_a_wrong_metric_is_refused_before_training(compose_cfg, tmp_path):
     cfg = compose_cfg("meta", TINY + ["meta_test.metric=test/acc"])
     with pytest.raises(ValueError, match="not a metric of a regression task"):
-        run_meta_test(cfg, fixed.mse, _task_pool(cfg), instantiate(cfg.optim), tmp_path, NullLogger())
+        run_meta_test(cfg, fixed.mse, task_pool(cfg), instantiate(cfg.optim), tmp_path, NullLogger())
     assert not (tmp_path / "comparison.json").exists()
 
 

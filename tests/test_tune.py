@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from metaloss.cli import tune as tune_app
 from metaloss.cli.comparison import run_meta_test
 from metaloss.cli.logger import NullLogger
-from metaloss.cli.meta import _task_pool
+from metaloss.cli.meta import task_pool
 from metaloss.losses.fixed import ce
 from metaloss.tune import (
     SEARCH_SPACES,
@@ -86,7 +86,7 @@ def test_meta_test_takes_tuned_baselines_and_records_their_params(compose_cfg, t
         # the meta-test trains as the tuning did (30 steps, batches of 64): a file tuned for another
         # budget is refused
         cfg = compose_cfg("meta", TINY[:7] + ["compare=[ce,focal]", "meta_test.seeds=2"] + extra)
-        pool = _task_pool(cfg)
+        pool = task_pool(cfg)
         out.mkdir()
         run_meta_test(cfg, ce, pool, instantiate(cfg.optim), out, NullLogger())
         return json.loads((out / "comparison.json").read_text())
@@ -168,7 +168,7 @@ def test_a_file_tuned_for_another_budget_is_refused(compose_cfg, tmp_path):
     cfg = compose_cfg("meta", TINY[:5] + ["compare=[ce]", "meta_test.seeds=2", "meta_test.steps=10",
                                           f"meta_test.tuned={tmp_path / 't' / 'tuned.json'}"])
     with pytest.raises(TunedFileError, match="steps: 30 there, 10 here"):
-        run_meta_test(cfg, ce, _task_pool(cfg), instantiate(cfg.optim), tmp_path, NullLogger())
+        run_meta_test(cfg, ce, task_pool(cfg), instantiate(cfg.optim), tmp_path, NullLogger())
 
 
 def test_a_file_tuned_on_other_data_or_another_model_size_is_refused(compose_cfg, tmp_path):
@@ -180,7 +180,7 @@ def test_a_file_tuned_on_other_data_or_another_model_size_is_refused(compose_cfg
                             (["model.hidden=[64]"], r"model_config.hidden: \[16\] there, \[64\] here")):
         cfg = compose_cfg("meta", TINY[:-1] + ["compare=[ce]", "meta_test.seeds=2", path] + change)
         with pytest.raises(TunedFileError, match=message):
-            run_meta_test(cfg, ce, _task_pool(cfg), instantiate(cfg.optim), tmp_path, NullLogger())
+            run_meta_test(cfg, ce, task_pool(cfg), instantiate(cfg.optim), tmp_path, NullLogger())
 
 
 def test_matched_budget_counts_every_candidate_of_es_and_cmaes(compose_cfg):
@@ -188,7 +188,7 @@ def test_matched_budget_counts_every_candidate_of_es_and_cmaes(compose_cfg):
 
     meta = {"steps": 10, "tasks_per_step": 2, "inner_steps": 5}
     cfg = compose_cfg("tune", TINY + ["loss=taylorglo"])
-    task = _task_pool(cfg)[0]
+    task = task_pool(cfg)[0]
     one = meta_training_steps(cfg.meta)
     assert _learned_cost(cfg, task) == one  # a hypergradient: one inner run per task
     es = compose_cfg("tune", TINY + ["loss=taylorglo", "hypergrad=es", "hypergrad.population=6"])
@@ -210,7 +210,7 @@ def test_the_comparison_records_each_baselines_tuning_compute_and_warns_when_sho
     for cost, short in ((used, False), (used + 1, True)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="metaloss"):
-            run_meta_test(cfg, ce, _task_pool(cfg), instantiate(cfg.optim), tmp_path / str(cost), NullLogger(),
+            run_meta_test(cfg, ce, task_pool(cfg), instantiate(cfg.optim), tmp_path / str(cost), NullLogger(),
                           meta_training_steps=cost)
         hp = json.loads((tmp_path / str(cost) / "comparison.json").read_text())["hyperparameters"]
         assert hp["ce"]["tuning_steps"] == used == 2 * 30 and hp["learned"]["meta_training_steps"] == cost
@@ -314,13 +314,13 @@ def test_a_target_in_tuned_params_is_never_called(compose_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"(?s)meta_test\.tuned.*losses\.huber\.params\._target_"):
         check_config(cfg)
     with pytest.raises(TunedFileError, match="never code"):
-        run_meta_test(cfg, ce, _task_pool(cfg), instantiate(cfg.optim), tmp_path, NullLogger())
+        run_meta_test(cfg, ce, task_pool(cfg), instantiate(cfg.optim), tmp_path, NullLogger())
     assert victim.read_text() == "precious"
     # and the loss options refuse code-naming overrides whoever passes them
     from metaloss.config import loss_option
 
     with pytest.raises(ValueError, match="may not name code"):
-        loss_option("huber", _task_pool(cfg)[0], cfg, {"_target_": "builtins.open"})
+        loss_option("huber", task_pool(cfg)[0], cfg, {"_target_": "builtins.open"})
 
 
 # ---------------------------------------------------------------- the fit check, before meta-training
@@ -344,7 +344,7 @@ def test_a_tuned_file_for_other_training_settings_is_refused(compose_cfg, tmp_pa
 
     path = _tuned_tiny(compose_cfg, tmp_path)
     cfg = compose_cfg("meta", TINY[:-1] + ["compare=[ce]", f"meta_test.tuned={path}"] + change)
-    pool = _task_pool(cfg)
+    pool = task_pool(cfg)
     with pytest.raises(TunedFileError, match=message):
         check_tuned(cfg, pool, instantiate(cfg.optim))
 
@@ -355,10 +355,10 @@ def test_the_momentum_of_a_tuned_optimizer_is_part_of_the_fit(compose_cfg, tmp_p
     path = _tuned_tiny(compose_cfg, tmp_path, ["optim=momentum"])
     base = TINY[:-1] + ["optim=momentum", "compare=[ce]", f"meta_test.tuned={path}"]
     cfg = compose_cfg("meta", base)
-    check_tuned(cfg, _task_pool(cfg), instantiate(cfg.optim))  # the same setup fits
+    check_tuned(cfg, task_pool(cfg), instantiate(cfg.optim))  # the same setup fits
     cfg = compose_cfg("meta", base + ["optim.momentum=0.5"])
     with pytest.raises(TunedFileError, match=r"optim_config\.momentum: 0\.9 there, 0\.5 here"):
-        check_tuned(cfg, _task_pool(cfg), instantiate(cfg.optim))
+        check_tuned(cfg, task_pool(cfg), instantiate(cfg.optim))
 
 
 def test_a_file_tuned_on_fewer_tasks_of_a_family_is_refused(compose_cfg, tmp_path):

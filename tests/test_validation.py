@@ -100,7 +100,7 @@ def _no_compute(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("data or training started before the settings were checked")
 
-    monkeypatch.setattr(meta_app, "_task_pool", boom)
+    monkeypatch.setattr(meta_app, "task_pool", boom)
     monkeypatch.setattr(meta_app, "instantiate", boom)
     monkeypatch.setattr(train_app, "instantiate", boom)
 

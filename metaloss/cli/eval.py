@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from metaloss import runtime
 from metaloss.cli.comparison import check_tuned, run_meta_test
 from metaloss.cli.logger import open_logger
-from metaloss.cli.meta import _task_pool
+from metaloss.cli.meta import task_pool
 from metaloss.cli.signals import console, exit_on_interrupt, interruptible
 from metaloss.cli.train import LOCAL_KEYS
 from metaloss.config import check_loss, conf_dir, setup_from_file
@@ -59,7 +59,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, learned, device: torch.device, dtype:
     out_dir = run_dir.path
     torch.manual_seed(cfg.seed)
     learned = learned.to(device, dtype)
-    pool = [t.to(device, dtype) for t in _task_pool(cfg)]
+    pool = [t.to(device, dtype) for t in task_pool(cfg)]
     check_loss(learned, pool[0], f"learned ({cfg.loss_path})", cfg)
     check_against_task(cfg, pool[0])
     check_tuned(cfg, pool, instantiate(cfg.optim))  # a tuned.json for another setup: refused before training

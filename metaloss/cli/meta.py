@@ -78,7 +78,7 @@ class CorruptCheckpoint(RuntimeError):
     """A checkpoint that cannot be read or does not belong to this run's loss."""
 
 
-def _task_pool(cfg: DictConfig) -> list:
+def task_pool(cfg: DictConfig) -> list:
     with runtime.canonical_draws():  # the same tasks in a float32 and a float64 run
         first = instantiate(cfg.task)
         if not first.distribution:
@@ -251,7 +251,7 @@ def _run(cfg: DictConfig, run_dir: RunDir | _Reader, loss_name: str | None, iden
     writer = world.is_writer
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)  # sampling RNG: CPU, the same on every device
-    pool = [t.to(device, dtype) for t in _task_pool(cfg)]
+    pool = [t.to(device, dtype) for t in task_pool(cfg)]
     task = pool[0]
     check_against_task(cfg, task)
     with runtime.canonical_draws():  # a random initial φ (ML3) is the same in either dtype

@@ -409,7 +409,7 @@ FAILURE_STATUS = 1  # a diagnosed failure of the run (divergence), or a bug (wit
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"  # =1: tracebacks for every error, as in any Hydra app
 # Refused settings and files, wherever they are defined: "module:Class" (imported lazily,
 # only when an exception is being reported).
-_USER_ERRORS = ("metaloss.validate:ConfigError", "metaloss.tune:TunedFileError", "metaloss.runs:ResumeMismatch",
+_USER_ERRORS = ("metaloss.errors:ConfigError", "metaloss.tune:TunedFileError", "metaloss.runs:ResumeMismatch",
                 "metaloss.runs:RunDirConflict", "metaloss.cli.meta:CorruptCheckpoint",
                 "metaloss.losses.io:CorruptLossFile", "metaloss.losses.io:LossArtifactUnavailable",
                 "metaloss.config:UnknownOption", "metaloss.config:LossDoesNotFitTask",

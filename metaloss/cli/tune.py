@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metaloss import runtime
 from metaloss.cli.logger import open_logger, write_json
-from metaloss.cli.meta import _task_pool
+from metaloss.cli.meta import task_pool
 from metaloss.cli.signals import console, exit_on_interrupt, interruptible
 from metaloss.cli.train import LOCAL_KEYS
 from metaloss.config import (
@@ -129,7 +129,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dt
                     "hydra.run.dir (or move that file away)", out, ", ".join(done["losses"]))
         return done
     torch.manual_seed(cfg.seed)
-    pool = [t.to(device, dtype) for t in _task_pool(cfg)]
+    pool = [t.to(device, dtype) for t in task_pool(cfg)]
     task = pool[0]
     check_against_task(cfg, task)
     names = list(cfg.compare or DEFAULT_BASELINES[task.kind])
