@@ -39,7 +39,8 @@ def reevaluate(path: Path, write: bool) -> tuple[dict, dict] | None:
     order = [n for n in shown if n in rec["results"]] + sorted(set(rec["results"]) - set(shown))
     results = {loss: {k: [float("nan") if v is None else float(v) for v in vals]
                       for k, vals in rec["results"][loss].items()} for loss in order}
-    new = jsonable(significance(results, rec["metric"], alpha=float(old.get("alpha", 0.05))))
+    decided = significance(results, rec["metric"], alpha=float(old.get("alpha", 0.05)))
+    new = jsonable(decided)
     if _same(old, new):
         return None
     if write:
@@ -49,8 +50,7 @@ def reevaluate(path: Path, write: bool) -> tuple[dict, dict] | None:
             history.append(before)
         rec["significance"], rec["previous_significance"] = new, history
         write_json(path, rec)
-        md.write_text(f"{format_table(summarize(results))}\n\n"
-                                                   f"{format_verdict(significance(results, rec['metric'], alpha=float(old.get('alpha', 0.05))))}\n")
+        md.write_text(f"{format_table(summarize(results))}\n\n{format_verdict(decided)}\n")
     return old, new
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -36,24 +35,6 @@ PATHS: dict[str, tuple[dict[str, str], int]] = {
 }
 
 
-def per_seed_differences(recorded: dict, again: dict) -> dict[str, float]:
-    """Per loss, the largest |recorded - rerun| over seeds on the recorded metric; NaN on one
-    side only is infinite, NaN on both is 0 (the same divergence)."""
-    metric, out = recorded["metric"], {}
-    for loss, per_metric in recorded["results"].items():
-        new = again["results"].get(loss, {}).get(metric)
-        if new is None or len(new) != len(per_metric[metric]):
-            out[loss] = math.inf
-            continue
-        worst = 0.0
-        for a, b in zip(per_metric[metric], new):
-            a, b = (math.nan if a is None else a), (math.nan if b is None else b)
-            d = 0.0 if (math.isnan(a) and math.isnan(b)) else abs(a - b)
-            worst = max(worst, math.inf if math.isnan(d) else d)
-        out[loss] = worst
-    return out
-
-
 def run_path(name: str, path: str, work: Path) -> dict[str, float]:
     env_extra, threads = PATHS[path]
     d = ROOT / "experiments" / name
@@ -65,8 +46,11 @@ def run_path(name: str, path: str, work: Path) -> dict[str, float]:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{name} on {path} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    diffs = per_seed_differences(json.loads((d / "comparison.json").read_text()),
-                                 json.loads((out_dir / "comparison.json").read_text()))
+    from metaloss.report import per_seed_differences
+
+    per_seed = per_seed_differences(json.loads((d / "comparison.json").read_text()),
+                                    json.loads((out_dir / "comparison.json").read_text()))
+    diffs = {loss: max(v) for loss, v in per_seed.items()}
     print(f"{name:16s} {path:10s} {time.perf_counter() - t0:6.0f} s  largest per-seed difference "
           f"{max(diffs.values()):.3g}  " + " ".join(f"{k}={v:.2g}" for k, v in sorted(diffs.items())), flush=True)
     return diffs
