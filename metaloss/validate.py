@@ -310,6 +310,7 @@ RULES: dict[str, Check] = {
     "meta_test.alpha": real(0, 1, lo_open=True, hi_open=True),
     "meta_test.vectorise": boolean(),
     "meta_test.fresh_draws": boolean(),
+    "meta_test.horizon_note": text(optional=True),
     "meta_test.tuned": tuned_file(),
     # metaloss-tune
     "tune.n_trials": integer(1, 100_000, optional=True),

@@ -37,6 +37,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,11 +104,15 @@ def verify(args: argparse.Namespace, dest: Path, work: Path) -> int:
     if any(o.lstrip("+").startswith("meta_test.tuned=") for o in args.overrides):
         sys.exit("--verify reruns with the record's own tuned.json (the destination's); drop meta_test.tuned= "
                  "from the overrides")
-    for needed in ("comparison.json", "tuned.json"):
-        if not (dest / needed).is_file():
-            sys.exit(f"--verify: {dest / needed} does not exist; record {args.name} first")
-    recorded = json.loads((dest / "comparison.json").read_text())
-    cmd = [_app("metaloss-meta"), f"experiment={args.name}", "progress=false", *args.overrides,
+    if not (dest / "tuned.json").is_file():
+        sys.exit(f"--verify: {dest / 'tuned.json'} does not exist; record {args.name} first")
+    m = args.meta_seed
+    nested_dir = dest / f"meta_seed_{m}"
+    source = nested_dir / "comparison.json" if nested_dir.is_dir() else dest / "comparison.json"
+    if not source.is_file() or (source.parent == dest and m != 0):
+        sys.exit(f"--verify: no recorded meta-seed {m} in {dest}")
+    recorded = json.loads(source.read_text())
+    cmd = [_app("metaloss-meta"), f"experiment={args.name}", "progress=false", *args.overrides, f"seed={m}",
            f"meta_test.tuned={_arg(dest / 'tuned.json')}", f"hydra.run.dir={work / 'verify'}"]
     seconds = _run(cmd, work / "verify.log")
     again = json.loads((work / "verify" / "comparison.json").read_text())
@@ -150,9 +155,14 @@ def main() -> None:
     ap.add_argument("--work", default="outputs/record", help="where the runs themselves go")
     ap.add_argument("--dest", default=None, help="where the results go (default: experiments/<name>)")
     ap.add_argument("--verify", action="store_true", help="rerun metaloss-meta and compare with the record")
+    ap.add_argument("--meta-seeds", type=int, default=3,
+                    help="meta-training runs (seed=0..N-1), each meta-tested on the same fresh draws (default 3)")
+    ap.add_argument("--meta-seed", type=int, default=0, help="--verify: which meta-training run to rerun")
     ap.add_argument("--tolerance", type=float, default=1e-3, help="--verify: largest per-seed difference allowed")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for both apps (e.g. logger=none)")
     args = ap.parse_intermixed_args()  # overrides may follow the options
+    if args.meta_seeds < 1:
+        sys.exit(f"--meta-seeds must be at least 1, got {args.meta_seeds}")
     if not (ROOT / "conf" / "experiment" / f"{args.name}.yaml").is_file():
         sys.exit(f"no experiment {args.name!r}: conf/experiment/{args.name}.yaml does not exist")
     dest = Path(args.dest).resolve() if args.dest else ROOT / "experiments" / args.name
@@ -186,20 +196,46 @@ def main() -> None:
     elif kept := _kept_tune_record(dest):
         record["tune"] = kept  # so the record still says what the kept tuning cost
     # the meta-test takes the tuned.json just written (or kept), never whatever the config names
+    from metaloss.cli.logger import write_json
+    from metaloss.nested import combine, format_nested
+
     tuned_arg = _arg(tuned)
-    cmd = [_app("metaloss-meta"), *common, f"meta_test.tuned={tuned_arg}", f"hydra.run.dir={work / 'meta'}"]
+    record["meta"] = []
+    archived = None
     try:
-        record["meta"] = {"command": cmd[1:], "seconds": round(_run(cmd, work / "meta.log"), 1)}
-        untuned = {loss: hp.get("source") for loss, hp in
-                   json.loads((work / "meta" / "comparison.json").read_text())["hyperparameters"].items()
-                   if loss != "learned" and hp.get("source") != f"tuned ({tuned_arg})"}
-        if untuned:
-            sys.exit(f"not recorded: baselines not trained with {tuned_arg}: {untuned} (see {work / 'meta.log'})")
+        comparisons = []
+        for m in range(args.meta_seeds):
+            run_dir = work / f"meta_seed_{m}"
+            cmd = [_app("metaloss-meta"), *common, f"seed={m}", f"meta_test.tuned={tuned_arg}",
+                   f"hydra.run.dir={run_dir}"]
+            record["meta"].append({"seed": m, "command": cmd[1:],
+                                   "seconds": round(_run(cmd, work / f"meta_seed_{m}.log"), 1)})
+            comparison = json.loads((run_dir / "comparison.json").read_text())
+            untuned = {loss: hp.get("source") for loss, hp in comparison["hyperparameters"].items()
+                       if loss != "learned" and hp.get("source") != f"tuned ({tuned_arg})"}
+            if untuned:
+                sys.exit(f"not recorded: baselines not trained with {tuned_arg}: {untuned} "
+                         f"(see {work / f'meta_seed_{m}.log'})")
+            if problems := protocol_problems(comparison.get("protocol") or {}, args.name):
+                sys.exit("not recorded: the meta-test departs from the protocol (docs/protocol.md):\n  "
+                         + "\n  ".join(problems))
+            comparisons.append(comparison)
+        nested = combine(comparisons, list(range(args.meta_seeds)))
+        write_json(work / NESTED, nested)
+        (work / NESTED.replace(".json", ".md")).write_text(format_nested(nested) + "\n")
         record["work"] = _arg(work)
         (work / "record.json").write_text(json.dumps(record, indent=2) + "\n")
-        produced = {dest / name: work / "meta" / name for name in RESULTS if (work / "meta" / name).is_file()}
-        replace_all({**produced, dest / "record.json": work / "record.json"})
+        produced = {dest / f"meta_seed_{m}" / name: work / f"meta_seed_{m}" / name
+                    for m in range(args.meta_seeds) for name in RESULTS
+                    if (work / f"meta_seed_{m}" / name).is_file()}
+        produced |= {dest / name: work / name for name in (NESTED, NESTED.replace(".json", ".md"), "record.json")}
+        archived = archive_previous(dest, keep_tuned=previous if previous.is_file() else tuned)
+        for m in range(args.meta_seeds):
+            (dest / f"meta_seed_{m}").mkdir(exist_ok=True)
+        replace_all(produced)
     except BaseException:  # failed, Ctrl-C, SIGTERM, a full disk: leave dest as it was
+        if archived is not None:
+            restore_archive(dest, archived)
         if not args.skip_tune:
             if previous.is_file():
                 os.replace(previous, tuned)
@@ -207,11 +243,57 @@ def main() -> None:
                 tuned.unlink(missing_ok=True)
         raise
     previous.unlink(missing_ok=True)
-    for name in RESULTS:  # a result this run did not produce is not left from the previous one
-        if dest / name not in produced:
-            (dest / name).unlink(missing_ok=True)
-    print((dest / "comparison.md").read_text())
-    print(f"recorded in {dest}")
+    print((dest / NESTED.replace(".json", ".md")).read_text())
+    print(f"recorded in {dest}" + (f"; the previous record is in {archived}" if archived else ""))
+
+
+NESTED = "nested_comparison.json"
+
+
+def protocol_problems(protocol: dict, name: str) -> list[str]:
+    """What keeps a meta-test from being a record (docs/protocol.md): one data draw for every
+    seed, or a horizon that differs from meta-training's without a stated reason."""
+    found = []
+    if protocol.get("fresh_draws") is not True:
+        found.append("meta_test.fresh_draws is false: every seed trained on the meta-training draw "
+                     f"(set meta_test.fresh_draws: true in conf/experiment/{name}.yaml)")
+    if protocol.get("horizon_matched") is False and not protocol.get("horizon_note"):
+        found.append(f"the loss was meta-trained for {protocol.get('meta_training_horizon')} inner steps and is "
+                     f"tested for {protocol.get('meta_test_steps')}: match them, or state why in "
+                     f"meta_test.horizon_note (conf/experiment/{name}.yaml)")
+    return found
+
+
+def archive_previous(dest: Path, keep_tuned: Path) -> Path | None:
+    """Move the previous record's results (and a copy of the tuned.json it used) into
+    ``dest/history/<its start time>/``: every configuration whose test score was seen stays."""
+    if not (dest / "record.json").is_file():
+        return None
+    started = json.loads((dest / "record.json").read_text()).get("started", "unknown")
+    target = dest / "history" / str(started).replace(" ", "_").replace(":", "-")
+    n = 1
+    while target.exists():
+        target = target.with_name(f"{target.name.split('+')[0]}+{n}")
+        n += 1
+    target.mkdir(parents=True)
+    names = [*RESULTS, NESTED, NESTED.replace(".json", ".md"), "record.json"]
+    names += [p.name for p in dest.glob("meta_seed_*") if p.is_dir()]
+    for name in names:
+        if (dest / name).exists():
+            os.replace(dest / name, target / name)
+    if keep_tuned.is_file():
+        shutil.copyfile(keep_tuned, target / "tuned.json")
+    return target
+
+
+def restore_archive(dest: Path, archived: Path) -> None:
+    """Put an archived record back (the new one did not land)."""
+    for p in archived.iterdir():
+        if p.name != "tuned.json":
+            if p.is_dir() and (dest / p.name).exists():
+                shutil.rmtree(dest / p.name)
+            os.replace(p, dest / p.name)
+    shutil.rmtree(archived)
 
 
 if __name__ == "__main__":

@@ -137,12 +137,15 @@ def protocol_record(cfg: DictConfig, task, settings: dict[str, dict], inner: int
     per seed, and baselines tuned rather than at their config defaults."""
     steps = int(cfg.meta_test.steps)
     untuned = sorted(n for n, s in settings.items() if s["source"] == "config")
+    note = cfg.meta_test.get("horizon_note")
     out = {"meta_training_horizon": inner, "meta_test_steps": steps,
-           "horizon_matched": None if inner is None else int(inner) == steps,
+           "horizon_matched": None if inner is None else int(inner) == steps, "horizon_note": note,
            "fresh_draws": fresh_draws(cfg, task), "untuned_baselines": untuned}
-    if inner is not None and int(inner) != steps:
+    if inner is not None and int(inner) != steps and note:
+        log.info("meta-test: meta-trained with %d inner steps, tested with %d, as declared: %s", int(inner), steps, note)
+    elif inner is not None and int(inner) != steps:
         log.warning("meta-test: the loss was meta-trained with %d inner steps but every loss trains %d steps here "
-                    "(a mismatched horizon; set meta_test.steps=%d to match, or state why in the record)",
+                    "(a mismatched horizon; set meta_test.steps=%d to match, or state why in meta_test.horizon_note)",
                     int(inner), steps, int(inner))
     if not out["fresh_draws"]:
         log.warning("meta-test: every seed trains on the meta-training draw of %s (meta_test.fresh_draws=false): "
