@@ -272,3 +272,19 @@ def format_nested_verdict(sig: dict) -> str:
             f"{_num(r['p_value_holm'], '.3g')} -> {r['verdict']}" for m, r in zip(seeds, sig["per_run"])]
     return head + "\nevery baseline:\n" + "\n".join(rows) + "\neach meta-training run alone (paired t over its draws):\n" \
         + "\n".join(runs)
+
+
+def runs_of(record: dict) -> list[Results]:
+    """The per-run results a nested record holds (each run's learned values beside the
+    baselines' values per draw): what :func:`nested_significance` decides from."""
+    learned = record["learned"]
+    return [{"learned": {k: _floats(v[i]) for k, v in learned.items()},
+             **{b: {k: _floats(v) for k, v in metrics.items()} for b, metrics in record["baselines"].items()}}
+            for i in range(len(record["meta_seeds"]))]
+
+
+def redecide(record: dict) -> dict:
+    """The nested verdict the current rule gives a record's own values."""
+    old = record.get("significance") or {}
+    sig = nested_significance(runs_of(record), record["metric"], alpha=float(old.get("alpha", 0.05)))
+    return {**sig, "meta_seeds": list(record["meta_seeds"])}

@@ -267,9 +267,12 @@ def protocol_problems(protocol: dict, name: str) -> list[str]:
 def archive_previous(dest: Path, keep_tuned: Path) -> Path | None:
     """Move the previous record's results (and a copy of the tuned.json it used) into
     ``dest/history/<its start time>/``: every configuration whose test score was seen stays."""
-    if not (dest / "record.json").is_file():
+    if (dest / "record.json").is_file():
+        started = json.loads((dest / "record.json").read_text()).get("started", "unknown")
+    elif (dest / "comparison.json").is_file():  # a record made before record.json existed
+        started = "before_" + time.strftime("%Y-%m-%d", time.localtime((dest / "comparison.json").stat().st_mtime))
+    else:
         return None
-    started = json.loads((dest / "record.json").read_text()).get("started", "unknown")
     target = dest / "history" / str(started).replace(" ", "_").replace(":", "-")
     n = 1
     while target.exists():

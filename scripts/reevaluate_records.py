@@ -1,6 +1,7 @@
 """Re-decide recorded comparisons under the current verdict rule, from their own per-seed values.
 
-    python scripts/reevaluate_records.py            # every experiments/**/comparison.json
+    python scripts/reevaluate_records.py            # every comparison.json and nested_comparison.json
+                                                    # under experiments/ (not history/: kept as read)
     python scripts/reevaluate_records.py --check    # exit 1 if any record is not up to date
 
 A comparison.json keeps every loss's per-seed validation and test values, so a change of the
@@ -31,6 +32,8 @@ def reevaluate(path: Path, write: bool) -> tuple[dict, dict] | None:
     from metaloss.report import format_table, jsonable, summarize
 
     rec = json.loads(path.read_text())
+    if path.name == NESTED:
+        return _reevaluate_nested(path, rec, write)
     old = rec.get("significance") or {}
     md = path.with_name("comparison.md")
     # rows in the order the record's table had them (the learned loss, then `compare:`)
@@ -54,6 +57,36 @@ def reevaluate(path: Path, write: bool) -> tuple[dict, dict] | None:
     return old, new
 
 
+NESTED = "nested_comparison.json"
+
+
+def _reevaluate_nested(path: Path, rec: dict, write: bool) -> tuple[dict, dict] | None:
+    """A record of repeated meta-training, re-decided from the values it holds."""
+    from metaloss.cli.logger import write_json
+    from metaloss.nested import format_nested, redecide
+    from metaloss.report import jsonable
+
+    old = rec.get("significance") or {}
+    new = jsonable(redecide(rec))
+    if _same(old, new):
+        return None
+    if write:
+        history = rec.get("previous_significance", [])
+        before = {k: old.get(k) for k in KEPT if k in old}
+        if not _same(before, {k: new.get(k) for k in KEPT if k in old}):
+            history.append(before)
+        rec["significance"], rec["previous_significance"] = new, history
+        write_json(path, rec)
+        path.with_suffix(".md").write_text(format_nested(rec) + "\n")
+    return old, new
+
+
+def records(root: Path) -> list[Path]:
+    """Every comparison of the current records: history/ keeps earlier records as they were read."""
+    found = sorted([*root.rglob("comparison.json"), *root.rglob(NESTED)])
+    return [p for p in found if "history" not in p.relative_to(root).parts]
+
+
 def _same(a, b) -> bool:
     """Equal decisions: every key and text equal, numbers within 1e-9 relative (another scipy
     or CPU may move a p-value's last bits without changing anything decided)."""
@@ -75,7 +108,7 @@ def main() -> None:
     ap.add_argument("paths", nargs="*", type=Path, help="comparison.json files (default: all under experiments/)")
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a record is out of date")
     args = ap.parse_args()
-    paths = args.paths or sorted((ROOT / "experiments").rglob("comparison.json"))
+    paths = args.paths or records(ROOT / "experiments")
     stale = 0
     for path in paths:
         changed = reevaluate(path, write=not args.check)

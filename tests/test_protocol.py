@@ -84,7 +84,7 @@ def test_the_comparison_records_its_protocol(compose_cfg, tmp_path):
     meta_app.run(cfg, tmp_path, "taylorglo")
     protocol = json.loads((tmp_path / "comparison.json").read_text())["protocol"]
     assert protocol == {"meta_training_horizon": 3, "meta_test_steps": 5, "horizon_matched": False,
-                        "fresh_draws": True, "untuned_baselines": ["ce", "focal"]}
+                        "horizon_note": None, "fresh_draws": True, "untuned_baselines": ["ce", "focal"]}
 
 
 @pytest.mark.parametrize("task", ["digits", "mnist1d"])  # unstandardised: rows compare across draws

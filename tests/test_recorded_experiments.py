@@ -25,19 +25,34 @@ HARD_CASES: list[str] = ["binary99", "longtail100", "mnist1d_clean", "noise_pair
 REPRODUCED = [n for n in ("outliers_robust", "binary99") if n in HARD_CASES]  # the cheapest meta-tests, rerun in full (slow)
 
 
+def _run_dir(name):
+    """Where a record's (first) meta-training run is: meta_seed_0/ in a record of repeated
+    meta-training (issue 16), the experiment's directory in a record of one run."""
+    d = ROOT / "experiments" / name
+    return d / "meta_seed_0" if (d / "nested_comparison.json").is_file() else d
+
+
 def _recorded(name):
     d = ROOT / "experiments" / name
-    if not (d / "comparison.json").is_file():
-        pytest.fail(f"experiments/{name}/comparison.json missing: record it with scripts/record_experiment.py {name}")
-    return d, json.loads((d / "comparison.json").read_text())
+    if not (_run_dir(name) / "comparison.json").is_file():
+        pytest.fail(f"experiments/{name}/ holds no meta-test: record it with scripts/record_experiment.py {name}")
+    return d, json.loads((_run_dir(name) / "comparison.json").read_text())
+
+
+def _nested(name):
+    f = ROOT / "experiments" / name / "nested_comparison.json"
+    return json.loads(f.read_text()) if f.is_file() else None
 
 
 @pytest.mark.parametrize("name", HARD_CASES)
 def test_record_is_complete_and_paired(name):
     d, comp = _recorded(name)
-    for f in ("README.md", "tuned.json", "comparison.md", "comparison.png", "learned_loss.pt"):
+    run = _run_dir(name)
+    for f in ("README.md", "tuned.json"):
         assert (d / f).is_file(), f
-    assert (d / "learned_vs_baselines.png").is_file() or (d / "learned_loss.png").is_file()
+    for f in ("comparison.md", "comparison.png", "learned_loss.pt"):
+        assert (run / f).is_file(), f
+    assert (run / "learned_vs_baselines.png").is_file() or (run / "learned_loss.png").is_file()
     metric = comp["metric"]
     assert len(comp["seeds"]) >= 5
     for loss, per_metric in comp["results"].items():
@@ -57,6 +72,29 @@ def test_record_is_complete_and_paired(name):
             assert tuned["losses"][loss]["params"].items() <= hp["params"].items(), loss
     record = json.loads((d / "record.json").read_text())
     assert record["tune"]["tuned_sha256"] == hashlib.sha256((d / "tuned.json").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", [n for n in HARD_CASES if _nested(n)])
+def test_a_record_of_repeated_meta_training_follows_the_protocol(name):
+    """Issue 16: >= 3 meta-training runs, each meta-tested on the same fresh draws with the
+    record's tuned baselines; the horizon matched or its mismatch stated; the nested verdict
+    is what the record's own values give."""
+    from metaloss.nested import combine
+
+    nested = _nested(name)
+    d = ROOT / "experiments" / name
+    seeds = nested["meta_seeds"]
+    assert len(seeds) >= 3 and seeds == sorted(set(seeds))
+    runs = [json.loads((d / f"meta_seed_{m}" / "comparison.json").read_text()) for m in seeds]
+    protocol = nested["protocol"]
+    assert protocol["fresh_draws"] is True and protocol["untuned_baselines"] == []
+    assert protocol["horizon_matched"] or protocol["horizon_note"]
+    again = combine(runs, seeds)
+    assert again["significance"]["verdict"] == nested["significance"]["verdict"]
+    assert again["significance"]["p_value_holm"] == pytest.approx(nested["significance"]["p_value_holm"], rel=1e-9)
+    record = json.loads((d / "record.json").read_text())
+    assert [e["seed"] for e in record["meta"]] == seeds
+    assert all(f"seed={e['seed']}" in e["command"] for e in record["meta"])
 
 
 @pytest.mark.parametrize("name", HARD_CASES)
@@ -107,6 +145,13 @@ def test_readme_quotes_the_recorded_numbers(name):
     readme = (d / "README.md").read_text()
     assert f"metaloss-meta experiment={name}" in readme
     metric = comp["metric"]
+    nested = _nested(name)
+    if nested:  # the search over its runs, and each baseline over the draws
+        assert f"{nested['significance']['learned_mean']:.4f}" in readme
+        for loss, per_metric in nested["baselines"].items():
+            vals = [v for v in per_metric[metric] if v is not None]
+            assert f"{sum(vals) / len(vals):.4f}" in readme, loss
+        return
     for loss, per_metric in comp["results"].items():
         vals = [v for v in per_metric[metric] if v is not None]
         mean = sum(vals) / len(vals)
@@ -197,7 +242,7 @@ def test_verify_reruns_with_the_destinations_tuned_json_and_takes_nan_as_nan(tmp
 
     monkeypatch.setattr(mod, "_app", lambda name: name)
     monkeypatch.setattr(mod, "_run", fake_run)
-    args = argparse.Namespace(name="quickstart", overrides=["logger=none"], tolerance=1e-3)
+    args = argparse.Namespace(name="quickstart", overrides=["logger=none"], tolerance=1e-3, meta_seed=0)
     assert mod.verify(args, dest, work) == 0
     assert f"meta_test.tuned={dest / 'tuned.json'}" in commands[0]
     # NaN on one side only, or a value moved past the tolerance, is not a reproduction
@@ -210,8 +255,11 @@ def test_verify_reruns_with_the_destinations_tuned_json_and_takes_nan_as_nan(tmp
     assert mod.verify(args, dest, work) == 1
     # an explicit meta_test.tuned would be silently replaced: refused instead
     with pytest.raises(SystemExit, match="own tuned.json"):
-        mod.verify(argparse.Namespace(name="quickstart", overrides=["meta_test.tuned=x.json"], tolerance=1e-3),
-                   dest, work)
+        mod.verify(argparse.Namespace(name="quickstart", overrides=["meta_test.tuned=x.json"], tolerance=1e-3,
+                                      meta_seed=0), dest, work)
+    # a record of one run has no meta-seed 1
+    with pytest.raises(SystemExit, match="no recorded meta-seed 1"):
+        mod.verify(argparse.Namespace(name="quickstart", overrides=[], tolerance=1e-3, meta_seed=1), dest, work)
 
 
 def test_per_seed_differences_nan_rules():
@@ -279,10 +327,11 @@ def test_record_script_stopped_in_the_meta_stage_keeps_the_previous_tuned_json(t
     rec.mkdir()
     (rec / "tuned.json").write_text("the previous record's file")
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "quickstart", "--dest", str(rec), "--work", str(tmp_path / "w"),
-                             "debug=default", "compare=[mse,mae]", "++tune.n_trials=2", "meta.steps=100000"],
+                             "debug=default", "compare=[mse,mae]", "++tune.n_trials=2", "meta.steps=100000",
+                             "meta_test.horizon_note=debug budget"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not list((tmp_path / "w").glob("*/meta.log")) and time.time() < deadline and proc.poll() is None:
+    while not list((tmp_path / "w").glob("*/meta_seed_0.log")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
     assert proc.poll() is None, proc.communicate()
     assert (rec / "tuned.json").read_text() != "the previous record's file"  # the new one, for the meta stage
@@ -306,7 +355,7 @@ SPREAD = {"outliers_robust": 0.0064, "binary99": 0.0060}
 
 
 def _eval(name, d, out_dir):
-    out = subprocess.run([str(BIN / "metaloss-eval"), f"experiment={name}", f"loss_path={d / 'learned_loss.pt'}",
+    out = subprocess.run([str(BIN / "metaloss-eval"), f"experiment={name}", f"loss_path={_run_dir(name) / 'learned_loss.pt'}",
                           "logger=none", "progress=false", f"hydra.run.dir={out_dir}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -341,39 +390,95 @@ def test_the_recorded_meta_test_reproduces(tmp_path, name):
 
 @pytest.mark.slow
 def test_record_script_runs_tune_then_meta_and_copies_the_results(tmp_path):
-    out = subprocess.run([sys.executable, str(SCRIPT), "quickstart", "--dest", str(tmp_path / "rec"),
-                          "--work", str(tmp_path / "work"), "debug=default", "compare=[mse,mae,huber]",
-                          "++tune.n_trials=2"], capture_output=True, text=True, timeout=600)
+    common = ["--work", str(tmp_path / "work"), "debug=default", "compare=[mse,mae,huber]",
+              "meta_test.horizon_note=debug budget"]
+    out = subprocess.run([sys.executable, str(SCRIPT), "quickstart", "--dest", str(tmp_path / "rec"), *common,
+                          "++tune.n_trials=2", "--meta-seeds", "2"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rec = tmp_path / "rec"
     tuned = json.loads((rec / "tuned.json").read_text())
     assert set(tuned["losses"]) == {"mse", "mae", "huber"}
     assert all(e["n_trials"] == 2 for e in tuned["losses"].values())
-    comp = json.loads((rec / "comparison.json").read_text())
+    nested = json.loads((rec / "nested_comparison.json").read_text())
+    assert nested["meta_seeds"] == [0, 1] and set(nested["baselines"]) == {"mse", "mae", "huber"}
+    assert "learned, meta-seed 1" in (rec / "nested_comparison.md").read_text()
+    runs = [json.loads((rec / f"meta_seed_{m}" / "comparison.json").read_text()) for m in (0, 1)]
+    comp = runs[0]
     assert set(comp["results"]) == {"learned", "mse", "mae", "huber"}
-    assert (rec / "learned_loss.pt").is_file() and (rec / "comparison.md").is_file()
+    # two searches (seed=0, seed=1) found different losses, tested on the same draws
+    assert runs[0]["results"]["learned"] != runs[1]["results"]["learned"]
+    assert runs[0]["results"]["mse"] == runs[1]["results"]["mse"]
+    assert (rec / "meta_seed_0" / "learned_loss.pt").is_file() and (rec / "meta_seed_1" / "comparison.md").is_file()
     record = json.loads((rec / "record.json").read_text())
-    assert record["tune"]["seconds"] > 0 and record["meta"]["seconds"] > 0
-    assert "experiment=quickstart" in record["meta"]["command"]
+    assert record["tune"]["seconds"] > 0 and [e["seed"] for e in record["meta"]] == [0, 1]
+    assert "experiment=quickstart" in record["meta"][0]["command"] and "seed=1" in record["meta"][1]["command"]
     # the baselines trained with the tuned values just written, not the config's (debug: none)
     sources = {loss: hp["source"] for loss, hp in comp["hyperparameters"].items() if loss != "learned"}
     assert sources == dict.fromkeys(["mse", "mae", "huber"], f"tuned ({rec / 'tuned.json'})")
     tuned_lr = {n: e["lr"] for n, e in tuned["losses"].items()}
     assert {n: comp["hyperparameters"][n]["lr"] for n in tuned_lr} == tuned_lr
-    # --verify reruns metaloss-meta and finds the record reproduced; a tampered record is caught
-    verify = [sys.executable, str(SCRIPT), "quickstart", "--verify", "--dest", str(rec), "--work", str(tmp_path / "work"),
-              "debug=default", "compare=[mse,mae,huber]"]
+    # --verify reruns metaloss-meta (meta-seed 1) and finds the record reproduced; a tampered record is caught
+    verify = [sys.executable, str(SCRIPT), "quickstart", "--verify", "--meta-seed", "1", "--dest", str(rec), *common]
     ok = subprocess.run(verify, capture_output=True, text=True, timeout=600)
     assert ok.returncode == 0 and "reproduced: every per-seed" in ok.stdout, ok.stdout[-2000:] + ok.stderr[-2000:]
-    comp["results"]["mae"][comp["metric"]][1] += 0.01
-    (rec / "comparison.json").write_text(json.dumps(comp))
+    second = runs[1]
+    second["results"]["mae"][second["metric"]][1] += 0.01
+    (rec / "meta_seed_1" / "comparison.json").write_text(json.dumps(second))
     bad = subprocess.run(verify, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and "mae seed 1" in bad.stdout, bad.stdout[-2000:]
-    # --skip-tune keeps tuned.json and the record of what tuning it cost (marked reused)
-    again = subprocess.run([sys.executable, str(SCRIPT), "quickstart", "--skip-tune", "--dest", str(rec),
-                            "--work", str(tmp_path / "work"), "debug=default", "compare=[mse,mae,huber]"],
-                           capture_output=True, text=True, timeout=600)
+    # --skip-tune keeps tuned.json and the record of what tuning it cost (marked reused); the
+    # previous record (whose test scores were seen) moves to history/, not away
+    again = subprocess.run([sys.executable, str(SCRIPT), "quickstart", "--skip-tune", "--dest", str(rec), *common,
+                            "--meta-seeds", "2"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     kept = json.loads((rec / "record.json").read_text())
-    assert kept["tune"] == {**record["tune"], "reused": True} and kept["meta"]["seconds"] > 0
+    assert kept["tune"] == {**record["tune"], "reused": True} and kept["meta"][0]["seconds"] > 0
     assert json.loads((rec / "tuned.json").read_text()) == tuned
+    (old,) = (rec / "history").iterdir()
+    assert json.loads((old / "record.json").read_text()) == record
+    assert json.loads((old / "meta_seed_1" / "comparison.json").read_text()) == second  # as it was read
+    assert (old / "tuned.json").is_file() and (old / "nested_comparison.json").is_file()
+
+
+def _script_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("record_experiment", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_record_needs_fresh_draws_and_a_matched_or_declared_horizon():
+    problems = _script_module().protocol_problems
+    assert problems({"fresh_draws": True, "horizon_matched": True}, "x") == []
+    assert problems({"fresh_draws": True, "horizon_matched": False, "horizon_note": "why"}, "x") == []
+    (fixed,) = problems({"fresh_draws": False, "horizon_matched": True}, "x")
+    assert "meta_test.fresh_draws" in fixed
+    (horizon,) = problems({"fresh_draws": True, "horizon_matched": False, "meta_training_horizon": 3,
+                           "meta_test_steps": 9}, "x")
+    assert "meta_test.horizon_note" in horizon and "3 inner steps" in horizon and "conf/experiment/x.yaml" in horizon
+
+
+def test_the_previous_record_moves_to_history_and_comes_back_if_the_new_one_does_not_land(tmp_path):
+    mod = _script_module()
+    dest = tmp_path / "rec"
+    (dest / "meta_seed_0").mkdir(parents=True)
+    files = {"record.json": json.dumps({"started": "2026-12-01 10:00:00"}), "nested_comparison.json": "{}",
+             "meta_seed_0/comparison.json": "{}", "tuned.json": "tuned", "README.md": "readme"}
+    for name, text in files.items():
+        (dest / name).write_text(text)
+    archived = mod.archive_previous(dest, keep_tuned=dest / "tuned.json")
+    assert archived == dest / "history" / "2026-12-01_10-00-00"
+    assert (archived / "meta_seed_0" / "comparison.json").is_file() and (archived / "tuned.json").read_text() == "tuned"
+    assert not (dest / "record.json").exists() and (dest / "README.md").is_file() and (dest / "tuned.json").is_file()
+    (dest / "meta_seed_0").mkdir()  # the new record's directory, made before its copy failed
+    mod.restore_archive(dest, archived)
+    assert {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()} == set(files)
+    assert not archived.exists()
+    # a record from before record.json existed is archived too, under its date
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "comparison.json").write_text("{}")
+    assert mod.archive_previous(legacy, keep_tuned=legacy / "tuned.json").name.startswith("before_")
+    assert not (legacy / "comparison.json").exists()
