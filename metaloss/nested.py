@@ -141,14 +141,15 @@ def nested_significance(runs: Sequence[Results], metric: str, learned: str = "le
     family = [b for b in baseline_names if b not in diverged]
     unselectable = [b for b in family if not np.isfinite(per_draw(b, select_on)).all()]
     selection = {b: _mean(per_draw(b, select_on)) for b in family if b not in unselectable}
-    best = (max if higher else min)(selection, key=selection.get) if selection else None
+    ranked = sorted(selection, key=lambda b: selection[b], reverse=higher)
+    best = ranked[0] if ranked else None
     level = 1 - alpha
     tests = {b: crossed(ours - baselines[b][None, :], confidence=level) for b in family}
     learned_bad = int((~np.isfinite(ours)).sum())
     adjusted = holm({b: t["p_value"] for b, t in tests.items() if not math.isnan(t["p_value"])}) \
         if not learned_bad else {}
-    pairwise = {b: {"difference": t["mean_difference"], "p_value": t["p_value"],
-                    "p_value_holm": adjusted.get(b, float("nan"))} for b, t in tests.items()}
+    pairwise: dict[str, dict] = {b: {"difference": t["mean_difference"], "p_value": t["p_value"],
+                                     "p_value_holm": adjusted.get(b, float("nan"))} for b, t in tests.items()}
     for row in pairwise.values():
         p = row["p_value_holm"]
         row["verdict"] = ("undefined" if math.isnan(p) else "no significant difference" if p >= alpha else
