@@ -1,8 +1,9 @@
 """The README's table of recorded experiments, generated from the records themselves.
 
     python scripts/records_table.py            # print the table
-    python scripts/records_table.py --write    # put it into README.md between its markers
-    python scripts/records_table.py --check    # exit 1 if README.md's table is not what the records say
+    python scripts/records_table.py --write    # put it into README.md between its markers, and each
+                                               # record's section into experiments/<name>/README.md
+    python scripts/records_table.py --check    # exit 1 if any of them is not what the records say
 
 One row per experiment recorded under the protocol of docs/protocol.md (an
 ``experiments/<name>/nested_comparison.json``: repeated meta-training, fresh test draws, tuned
@@ -55,6 +56,69 @@ def table(root: Path = ROOT / "experiments") -> str:
     return "\n".join(lines)
 
 
+SECTION_BEGIN, SECTION_END = "<!-- record:begin (scripts/records_table.py --write) -->", "<!-- record:end -->"
+
+
+def section(d: Path) -> str:
+    """An experiment README's record section, from its nested_comparison.{json,md}, record.json
+    and tuned.json: what was run, the protocol, the table and verdicts, the compute, and where
+    the earlier records are."""
+    rec = json.loads((d / "nested_comparison.json").read_text())
+    record = json.loads((d / "record.json").read_text())
+    tuned = json.loads((d / "tuned.json").read_text())
+    protocol = rec["protocol"]
+    m, name = len(rec["meta_seeds"]), d.name
+    horizon = (f"meta-trained with K = {protocol['meta_training_horizon']} inner steps and tested with "
+               f"{protocol['meta_test_steps']}" + ("" if protocol.get("horizon_matched") else
+                                                     f" — declared: {protocol.get('horizon_note')}"))
+    budget = tuned.get("budget") or {}
+    trials = sorted({e.get("n_trials") for e in tuned["losses"].values()})
+    tune = record.get("tune") or {}
+    seconds = ", ".join(f"{e['seconds']:.0f}" for e in record["meta"])
+    table_md, _, verdict = (d / "nested_comparison.md").read_text().partition("\n\n")
+    learned_lr = (rec["hyperparameters"][0] or {}).get("learned", {}).get("lr", float("nan"))
+    history = sorted(p.name for p in (d / "history").iterdir()) if (d / "history").is_dir() else []
+    lines = [
+        f"## Record under the protocol of docs/protocol.md (started {record['started']})",
+        "",
+        "```bash",
+        f"python scripts/record_experiment.py {name} --meta-seeds {m}"
+        + (" --skip-tune" if tune.get("reused") else "") + "   # tune, then:",
+        f"metaloss-meta experiment={name} seed=<m> meta_test.tuned=experiments/{name}/tuned.json   # m = 0 .. {m - 1}",
+        "```",
+        "",
+        f"- {m} meta-training runs (`meta_seed_<m>/`: each learned loss, its comparison and plots), each "
+        f"meta-tested on the same {len(rec['seeds'])} test seeds; every seed draws its own data "
+        f"(fresh draws: {protocol['fresh_draws']}).",
+        f"- Horizon: {horizon}.",
+        f"- Baselines tuned on the validation split ({tuned.get('sampler')}, {'/'.join(map(str, trials))} trials "
+        f"per baseline x {len(tuned.get('seeds', []))} seeds x {tuned.get('steps')} steps"
+        + (f", {budget.get('steps_used')} inner steps each" if budget.get("steps_used") else "")
+        + f"; the learned loss trains at its config's inner lr, {learned_lr:g}). Tuning took "
+        f"{tune.get('seconds', 'NaN')} s" + (" (an earlier run's, kept: same tuned.json)" if tune.get("reused") else "")
+        + f"; each meta-training run with its meta-test {seconds} s.",
+        "",
+        table_md.strip(),
+        "",
+        "```text",
+        verdict.strip(),
+        "```",
+        "",
+        "Earlier records of this experiment, kept as they were read: "
+        + (", ".join(f"`history/{h}/`" for h in history) if history else "none") + ". The text after this "
+        "section was written with the earlier records: its numbers are theirs, not this record's.",
+    ]
+    return "\n".join(lines)
+
+
+def _replace_between(content: str, begin: str, end: str, text: str, where: str) -> str:
+    if begin in content and end in content:
+        before, rest = content.split(begin, 1)
+        return f"{before}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}"
+    head, _, body = content.partition("\n")  # after the title line
+    return f"{head}\n\n{begin}\n{text}\n{end}\n{body}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", action="store_true", help="write the table into README.md")
@@ -65,17 +129,20 @@ def main() -> None:
         print(text)
         return
     readme = ROOT / "README.md"
-    content = readme.read_text()
-    if BEGIN not in content or END not in content:
+    if BEGIN not in readme.read_text() or END not in readme.read_text():
         sys.exit(f"README.md has no {BEGIN} ... {END} markers")
-    before, rest = content.split(BEGIN, 1)
-    current, after = rest.split(END, 1)
+    wanted = {readme: _replace_between(readme.read_text(), BEGIN, END, text, "README.md")}
+    for f in sorted((ROOT / "experiments").glob("*/nested_comparison.json")):
+        page = f.parent / "README.md"
+        wanted[page] = _replace_between(page.read_text(), SECTION_BEGIN, SECTION_END, section(f.parent), str(page))
+    stale = [str(p.relative_to(ROOT)) for p, text_ in wanted.items() if p.read_text() != text_]
     if args.check:
-        if current.strip() != text.strip():
-            sys.exit("README.md's table of records is not what the records say: run "
-                     "python scripts/records_table.py --write")
+        if stale:
+            sys.exit(f"not what the records say: {', '.join(stale)}; run python scripts/records_table.py --write")
         return
-    readme.write_text(f"{before}{BEGIN}\n{text}\n{END}{after}")
+    for p in stale:
+        (ROOT / p).write_text(wanted[ROOT / p])
+        print(f"wrote {p}")
 
 
 if __name__ == "__main__":

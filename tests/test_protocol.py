@@ -139,3 +139,12 @@ def test_a_training_draw_whose_noise_seed_is_a_test_draws_split_seed_is_refused(
     cfg = compose_cfg("meta", ["task=digits", "task.seed=9999"])
     with pytest.raises(ConfigError, match=r"task.seed = 9999 .* seeds 9999..10001 meet"):
         check_against_task(cfg, instantiate(cfg.task))
+
+
+def test_the_meta_test_trains_for_the_meta_training_horizon_by_default(compose_cfg):
+    """Matched horizons are the default (issue 16): meta_test.steps follows meta.inner_steps
+    unless a config sets it (and a record then states why, meta_test.horizon_note)."""
+    assert compose_cfg("meta", [])["meta_test"].steps == compose_cfg("meta", [])["meta"].inner_steps
+    assert compose_cfg("meta", ["meta.inner_steps=7"]).meta_test.steps == 7
+    assert compose_cfg("meta", ["meta.inner_steps=7", "meta_test.steps=30"]).meta_test.steps == 30
+    assert compose_cfg("tune", ["meta.inner_steps=9"]).meta_test.steps == 9
