@@ -47,9 +47,17 @@ def train_many(tasks: Sequence[Task], seeds: Sequence[int], factory: Callable, l
         raise ValueError(f"steps must be >= 1, got {steps}")
     first = tasks[0]
     for t in tasks:
-        if t.kind != first.kind or t.x_train.shape != first.x_train.shape or t.y_train.shape != first.y_train.shape:
-            raise CannotStack(f"tasks differ in kind or training-split shape ({t.name}: "
+        if t.kind != first.kind or t.x_train.shape[1:] != first.x_train.shape[1:] \
+                or t.y_train.shape[1:] != first.y_train.shape[1:]:
+            raise CannotStack(f"tasks differ in kind or example shape ({t.name}: "
                               f"{tuple(t.x_train.shape)} vs {tuple(first.x_train.shape)})")
+    # Minibatches have batch_size examples whatever a member's split size (BatchSampler never
+    # yields a short batch), so training splits of different sizes (fresh draws of an imbalanced
+    # subsample) stack; a full batch is the whole split, which must then be the same size.
+    sizes = {len(t.x_train) for t in tasks}
+    full = not batch_size or batch_size >= min(sizes)
+    if full and len(sizes) > 1:
+        raise CannotStack(f"full-batch training on training splits of different sizes {sorted(sizes)}")
     n_members = len(tasks)
     template = build_model(factory, first, 0)
     theta = stacked_init(factory, first, seeds)
@@ -57,7 +65,6 @@ def train_many(tasks: Sequence[Task], seeds: Sequence[int], factory: Callable, l
     counts_b = None if counts[0] is None else _stack(counts)
     samplers = [BatchSampler(len(t.x_train), batch_size, torch.Generator().manual_seed(int(s)))
                 for t, s in zip(tasks, seeds)]
-    full = not batch_size or batch_size >= len(first.x_train)
     if full:  # every step sees the whole split: gather it once
         x_full, y_full = _stack([t.x_train for t in tasks]), _stack([t.y_train for t in tasks])
 

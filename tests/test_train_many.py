@@ -88,12 +88,28 @@ def test_a_loss_that_cannot_vmap_falls_back_to_the_loop(compose_cfg, caplog):
     assert vec["odd"] == loop["odd"]
 
 
-def test_tasks_of_different_sizes_cannot_stack(compose_cfg):
+def test_full_batches_of_different_sizes_cannot_stack(compose_cfg):
     cfg, base, opt, _ = _setup(compose_cfg, "sine", "sgd")
     other = instantiate(cfg.task, n_train=50)
-    with pytest.raises(CannotStack, match="training-split shape"):
+    with pytest.raises(CannotStack, match="different sizes"):
         train_many([base.to("cpu", torch.float32), other], [0, 1], instantiate(cfg.model),
                    loss_option("mse", other), opt, steps=2, batch_size=None)
+
+
+def test_minibatches_from_training_splits_of_different_sizes_stack(compose_cfg, f64, caplog):
+    """Fresh draws of an imbalanced split differ in size; minibatch training still runs as one
+    vmap and gives each member what the per-model loop gives it."""
+    cfg, base, opt, make = _setup(compose_cfg, "digits", "adam", ["task.imbalance_ratio=5",
+                                                                   "+task.imbalance_profile=index"])
+    draws = {s: instantiate(cfg.task, seed=10000 + 3 * s).to("cpu", torch.float64) for s in range(3)}
+    assert len({len(t.x_train) for t in draws.values()}) > 1  # the draws really differ in size
+    losses = {n: loss_option(n, base) for n in ("ce", "weighted_ce")}
+    kw = dict(seeds=[0, 1, 2], steps=12, batch_size=16, progress=False)
+    loop = compare_losses(lambda s: [draws[s]], instantiate(cfg.model), losses, make, **kw)
+    with caplog.at_level("WARNING", logger="metaloss"):
+        vec = compare_losses(lambda s: [draws[s]], instantiate(cfg.model), losses, make, vectorised=opt, **kw)
+    assert "cannot be trained under vmap" not in caplog.text  # one vmap, not the fallback loop
+    _assert_same(loop, vec)
 
 
 def test_train_app_seeds_equals_single_runs_and_report_reads_them(compose_cfg, tmp_path, f64):
