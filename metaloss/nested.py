@@ -43,7 +43,7 @@ NESTED_RULE = ("The reference baseline is the one with the best mean on {select}
                "Satterthwaite df); the p-values are Holm-adjusted over those {k} comparisons, and the verdict "
                "is the reference's comparison at Holm-adjusted p < {alpha}. It is a claim about the search "
                "(what meta-training with this config yields on average), not about one learned loss; each "
-               "run's own verdict is under per_run.")
+               "run's own verdict is under per_run.{one}")
 
 
 def crossed(d: np.ndarray, confidence: float = 0.95) -> dict[str, float]:
@@ -77,12 +77,18 @@ def crossed(d: np.ndarray, confidence: float = 0.95) -> dict[str, float]:
         terms.append((out["ms_draw"], s - 1))
     if not terms:  # one cell
         return out
-    total = sum(ms for ms, _ in terms)
     spread = float(np.abs(d).max())
-    if total <= 1e-24 * spread ** 2:  # equal differences everywhere (float rounding aside)
+    if float(np.ptp(d)) <= 1e-12 * spread:  # equal differences everywhere (float rounding aside)
         zero = spread == 0.0
         return {**out, "ci_low": mean, "ci_high": mean, "se": 0.0, "p_value": 1.0 if zero else min(1.0, 2.0 / 2 ** s),
                 "effect_size": 0.0 if zero else math.copysign(math.inf, mean)}
+    total = sum(ms for ms, _ in terms)
+    if total <= 1e-24 * spread ** 2 and m > 1 and s > 1:
+        # rows and columns have equal means but the cells differ (an interaction only): the
+        # residual mean square, E = σ_e², is then the only estimate of the error left
+        resid = d - d.mean(axis=1, keepdims=True) - d.mean(axis=0, keepdims=True) + mean
+        terms = [(float((resid ** 2).sum()) / ((m - 1) * (s - 1)), (m - 1) * (s - 1))]
+        total = terms[0][0]
     se = math.sqrt(total / (m * s))
     df = total ** 2 / sum(ms ** 2 / k for ms, k in terms if ms > 0)
     half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
@@ -165,10 +171,14 @@ def nested_significance(runs: Sequence[Results], metric: str, learned: str = "le
            "best_baseline_mean": _mean(baselines[best]) if best else float("nan"),
            "diverged_baselines": diverged, "baseline_spread_across_runs": spread,
            "difference": ref["mean_difference"], "ci_low": ref["ci_low"], "ci_high": ref["ci_high"],
-           "ci_level": level, "cohens_dz": ref["effect_size"], "se": ref["se"], "df": ref["df"],
+           "ci_level": level, "se": ref["se"], "df": ref["df"],
+           "cohens_dz": ref["effect_size"],  # the mean over the sd of all M x S cells
            "p_value": ref["p_value"], "p_value_holm": pairwise[best]["p_value_holm"] if best else float("nan"),
            "p_value_welch": float("nan"), "pairwise": pairwise, "alpha": alpha, "test": CROSSED_TEST,
-           "verdict_rule": NESTED_RULE.format(select=select_on, m=len(runs), s=n, k=len(family), alpha=alpha),
+           "verdict_rule": NESTED_RULE.format(select=select_on, m=len(runs), s=n, k=len(family), alpha=alpha,
+                                              one="" if len(runs) > 1 else " With one meta-training run the "
+                                              "spread between searches is unknown: the verdict is about that one "
+                                              "learned loss."),
            "per_run": [{k: s.get(k) for k in ("learned_mean", "best_baseline", "p_value_holm", "verdict")}
                        for s in per_run]}
     sig["verdict"] = _verdict(sig, len(baseline_names))
@@ -183,8 +193,8 @@ def _verdict(sig: dict, n_baselines: int) -> str:
         return "undefined: no baseline to compare with"
     if sig["best_baseline"] is None:
         return "undefined: no baseline has finite values on every draw to be chosen as the reference"
-    if m * n < 2:
-        return f"undefined: one run on one draw cannot be tested (M = {m}, S = {n})"
+    if n < 2:
+        return f"undefined: the test needs at least 2 test draws, got {n} (the draw-to-draw spread is unknown)"
     p = sig["p_value_holm"]
     if math.isnan(p):
         return "undefined: the test is undefined on these values"
@@ -221,6 +231,7 @@ def combine(comparisons: Sequence[dict], meta_seeds: Sequence[int], alpha: float
             "learned": {k: [r["learned"][k] for r in runs] for k in runs[0]["learned"]},
             "baselines": {b: {k: list(np.array([r[b][k] for r in runs], float).mean(axis=0))
                               for k in runs[0][b]} for b in runs[0] if b != "learned"},
+            "runs": runs,  # every run's own values, baselines included: what the verdict is decided from
             "hyperparameters": [c.get("hyperparameters") for c in comparisons],
             "significance": {**sig, "meta_seeds": list(meta_seeds)},
             "null_means": "NaN: the loss diverged on that draw, or the statistic is undefined"}
@@ -274,18 +285,3 @@ def format_nested_verdict(sig: dict) -> str:
     return head + "\nevery baseline:\n" + "\n".join(rows) + "\neach meta-training run alone (paired t over its draws):\n" \
         + "\n".join(runs)
 
-
-def runs_of(record: dict) -> list[Results]:
-    """The per-run results a nested record holds (each run's learned values beside the
-    baselines' values per draw): what :func:`nested_significance` decides from."""
-    learned = record["learned"]
-    return [{"learned": {k: _floats(v[i]) for k, v in learned.items()},
-             **{b: {k: _floats(v) for k, v in metrics.items()} for b, metrics in record["baselines"].items()}}
-            for i in range(len(record["meta_seeds"]))]
-
-
-def redecide(record: dict) -> dict:
-    """The nested verdict the current rule gives a record's own values."""
-    old = record.get("significance") or {}
-    sig = nested_significance(runs_of(record), record["metric"], alpha=float(old.get("alpha", 0.05)))
-    return {**sig, "meta_seeds": list(record["meta_seeds"])}

@@ -8,8 +8,13 @@ meta-test the learned loss, and copy the results beside the config that made the
 Both steps are the apps themselves (``metaloss-tune experiment=<name>`` and
 ``metaloss-meta experiment=<name>``), run as subprocesses from the repository root, so what
 is recorded is exactly what a user reproduces with those two commands. Written to
-experiments/<name>/: tuned.json, comparison.{json,md,png}, learned_vs_baselines.png,
-learned_loss.{pt,png} and record.json (commands, wall times, the run directories).
+experiments/<name>/: tuned.json; for each of the ``--meta-seeds`` meta-training runs (``seed=m``,
+default 3) meta_seed_<m>/ with comparison.{json,md,png}, learned_vs_baselines.png and
+learned_loss.{pt,png}; nested_comparison.{json,md} (the verdict over the runs,
+metaloss.nested) and record.json (commands, wall times, the run directories). The previous
+record moves to history/<when it started>/ (every record whose test scores were seen stays). A
+meta-test on one data draw, or with a horizon other than meta-training's and no
+meta_test.horizon_note, is not recorded (docs/protocol.md).
 The meta-test is given ``meta_test.tuned=<dest>/tuned.json`` (the file just tuned, or the one
 kept with ``--skip-tune``), and a comparison whose baselines did not all train with it is not
 recorded. A failing step stops the script with its exit code; nothing is copied from a failed run,
@@ -20,8 +25,9 @@ the previous record whole. One run at a time per destination (a lock;
 a second is refused). record.json's ``tune.tuned_sha256`` ties the tuning entry to its file:
 ``--skip-tune`` carries the entry over (marked ``reused``) only for that same tuned.json.
 
-``--verify`` reruns ``metaloss-meta experiment=<name>`` (meta-training and meta-test, with the
-destination's tuned.json, ``--dest`` included) into the work directory, copies nothing, and
+``--verify`` reruns ``metaloss-meta experiment=<name> seed=<--meta-seed, default 0>`` (meta-training
+and meta-test, with the destination's tuned.json, ``--dest`` included) into the work directory,
+copies nothing, and
 compares every loss's per-seed values on the experiment's metric with the record (a seed that
 diverged in both counts as equal; NaN on one side only is a difference): exit 0 if none differs by more
 than ``--tolerance``, else exit 1 with the differences. The default 1e-3 suits the machine that
@@ -161,8 +167,9 @@ def main() -> None:
     ap.add_argument("--tolerance", type=float, default=1e-3, help="--verify: largest per-seed difference allowed")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for both apps (e.g. logger=none)")
     args = ap.parse_intermixed_args()  # overrides may follow the options
-    if args.meta_seeds < 1:
-        sys.exit(f"--meta-seeds must be at least 1, got {args.meta_seeds}")
+    if args.meta_seeds < 2:
+        sys.exit(f"--meta-seeds must be at least 2 (the spread between searches is part of the verdict; "
+                 f"the protocol records 3 or more), got {args.meta_seeds}")
     if not (ROOT / "conf" / "experiment" / f"{args.name}.yaml").is_file():
         sys.exit(f"no experiment {args.name!r}: conf/experiment/{args.name}.yaml does not exist")
     dest = Path(args.dest).resolve() if args.dest else ROOT / "experiments" / args.name
@@ -229,7 +236,10 @@ def main() -> None:
                     for m in range(args.meta_seeds) for name in RESULTS
                     if (work / f"meta_seed_{m}" / name).is_file()}
         produced |= {dest / name: work / name for name in (NESTED, NESTED.replace(".json", ".md"), "record.json")}
-        archived = archive_previous(dest, keep_tuned=previous if previous.is_file() else tuned)
+        # the tuned.json the previous record used: the one kept beside it while re-tuning, or,
+        # with --skip-tune, the one both records use (a new tuning with no old file keeps none)
+        archived = archive_previous(dest, keep_tuned=previous if previous.is_file() else
+                                    (tuned if args.skip_tune else None))
         for m in range(args.meta_seeds):
             (dest / f"meta_seed_{m}").mkdir(exist_ok=True)
         replace_all(produced)
@@ -264,9 +274,11 @@ def protocol_problems(protocol: dict, name: str) -> list[str]:
     return found
 
 
-def archive_previous(dest: Path, keep_tuned: Path) -> Path | None:
-    """Move the previous record's results (and a copy of the tuned.json it used) into
-    ``dest/history/<its start time>/``: every configuration whose test score was seen stays."""
+def archive_previous(dest: Path, keep_tuned: Path | None) -> Path | None:
+    """Move the previous record's results (and the tuned.json it used) into
+    ``dest/history/<its start time>/``: every configuration whose test score was seen stays.
+    All or nothing: the tuned.json is hard-linked first (no space needed), the moves are
+    renames with Ctrl-C / SIGTERM held, and a failure puts back what was moved."""
     if (dest / "record.json").is_file():
         started = json.loads((dest / "record.json").read_text()).get("started", "unknown")
     elif (dest / "comparison.json").is_file():  # a record made before record.json existed
@@ -281,22 +293,43 @@ def archive_previous(dest: Path, keep_tuned: Path) -> Path | None:
     target.mkdir(parents=True)
     names = [*RESULTS, NESTED, NESTED.replace(".json", ".md"), "record.json"]
     names += [p.name for p in dest.glob("meta_seed_*") if p.is_dir()]
-    for name in names:
-        if (dest / name).exists():
-            os.replace(dest / name, target / name)
-    if keep_tuned.is_file():
-        shutil.copyfile(keep_tuned, target / "tuned.json")
+    moved = []
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        if keep_tuned is not None and keep_tuned.is_file():
+            os.link(keep_tuned, target / "tuned.json")
+        for name in names:
+            if (dest / name).exists():
+                os.replace(dest / name, target / name)
+                moved.append(name)
+    except BaseException:
+        for name in moved:
+            os.replace(target / name, dest / name)
+        shutil.rmtree(target)
+        raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     return target
 
 
 def restore_archive(dest: Path, archived: Path) -> None:
-    """Put an archived record back (the new one did not land)."""
-    for p in archived.iterdir():
-        if p.name != "tuned.json":
-            if p.is_dir() and (dest / p.name).exists():
-                shutil.rmtree(dest / p.name)
-            os.replace(p, dest / p.name)
-    shutil.rmtree(archived)
+    """Put an archived record back (the new one did not land), with Ctrl-C / SIGTERM held;
+    the new record's empty run directories go."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        for new in dest.glob("meta_seed_*"):
+            if new.is_dir() and not (archived / new.name).exists() and not any(new.iterdir()):
+                new.rmdir()
+        for p in archived.iterdir():
+            if p.name != "tuned.json":
+                if p.is_dir() and (dest / p.name).exists():
+                    shutil.rmtree(dest / p.name)
+                os.replace(p, dest / p.name)
+        shutil.rmtree(archived)
+        if not any((dest / "history").iterdir()):
+            (dest / "history").rmdir()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 if __name__ == "__main__":

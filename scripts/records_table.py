@@ -43,14 +43,14 @@ def row(name: str, rec: dict) -> str:
     metric = rec["metric"]
     return (f"| `{name}` | {metric} | {len(sig['learned_run_means'])} × {sig['n_seeds']} | "
             f"{_num(sig['learned_mean'])} ({runs}) | {_num(sig['best_baseline_mean'])} ({sig['best_baseline']}) | "
-            f"{_num(sig['difference'])} [{_num(sig['ci_low'])}, {_num(sig['ci_high'])}] | "
+            f"{_num(sig['difference'])} [{_num(sig['ci_low'])}, {_num(sig['ci_high'])}] ({sig['ci_level']:.0%}) | "
             f"{_num(sig['p_value_holm'], '.3g')} | {_short(sig['verdict'])} | {counts} | {others} |")
 
 
 def table(root: Path = ROOT / "experiments") -> str:
     recs = sorted(root.glob("*/nested_comparison.json"))
     head = ("| experiment | metric | runs × draws | learned: all runs (each run) | reference tuned baseline "
-            "(chosen on validation) | difference [95% CI] | p (Holm) | verdict | runs alone | vs the other baselines |")
+            "(chosen on validation) | difference [CI] | p (Holm) | verdict | runs alone | vs the other baselines |")
     lines = [head, "|" + "---|" * 10]
     lines += [row(f.parent.name, json.loads(f.read_text())) for f in recs]
     return "\n".join(lines)
@@ -69,8 +69,8 @@ def section(d: Path) -> str:
     protocol = rec["protocol"]
     m, name = len(rec["meta_seeds"]), d.name
     horizon = (f"meta-trained with K = {protocol['meta_training_horizon']} inner steps and tested with "
-               f"{protocol['meta_test_steps']}" + ("" if protocol.get("horizon_matched") else
-                                                     f" — declared: {protocol.get('horizon_note')}"))
+               f"{protocol['meta_test_steps']}" + (f" — declared: {protocol['horizon_note']}"
+                                                     if protocol.get("horizon_note") else ""))
     budget = tuned.get("budget") or {}
     trials = sorted({e.get("n_trials") for e in tuned["losses"].values()})
     tune = record.get("tune") or {}
@@ -134,6 +134,8 @@ def main() -> None:
     wanted = {readme: _replace_between(readme.read_text(), BEGIN, END, text, "README.md")}
     for f in sorted((ROOT / "experiments").glob("*/nested_comparison.json")):
         page = f.parent / "README.md"
+        if not page.is_file():
+            page.write_text(f"# {f.parent.name}\n")
         wanted[page] = _replace_between(page.read_text(), SECTION_BEGIN, SECTION_END, section(f.parent), str(page))
     stale = [str(p.relative_to(ROOT)) for p, text_ in wanted.items() if p.read_text() != text_]
     if args.check:

@@ -61,23 +61,26 @@ NESTED = "nested_comparison.json"
 
 
 def _reevaluate_nested(path: Path, rec: dict, write: bool) -> tuple[dict, dict] | None:
-    """A record of repeated meta-training, re-decided from the values it holds."""
+    """A record of repeated meta-training, re-combined from its runs' own files
+    (``meta_seed_<m>/comparison.json``, the values as each meta-test wrote them) and re-decided."""
     from metaloss.cli.logger import write_json
-    from metaloss.nested import format_nested, redecide
+    from metaloss.nested import combine, format_nested
     from metaloss.report import jsonable
 
     old = rec.get("significance") or {}
-    new = jsonable(redecide(rec))
-    if _same(old, new):
+    runs = [json.loads((path.parent / f"meta_seed_{m}" / "comparison.json").read_text()) for m in rec["meta_seeds"]]
+    again = jsonable(combine(runs, rec["meta_seeds"], alpha=float(old.get("alpha", 0.05))))
+    kept = {k: v for k, v in rec.items() if k != "previous_significance"}
+    if _same(kept, again):
         return None
+    new = again["significance"]
     if write:
         history = rec.get("previous_significance", [])
         before = {k: old.get(k) for k in KEPT if k in old}
         if not _same(before, {k: new.get(k) for k in KEPT if k in old}):
             history.append(before)
-        rec["significance"], rec["previous_significance"] = new, history
-        write_json(path, rec)
-        path.with_suffix(".md").write_text(format_nested(rec) + "\n")
+        write_json(path, {**again, "previous_significance": history} if history else again)
+        path.with_suffix(".md").write_text(format_nested(again) + "\n")
     return old, new
 
 
