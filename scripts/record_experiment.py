@@ -78,6 +78,15 @@ def _kept_tune_record(dest: Path) -> dict | None:
     return {**kept, "reused": True}
 
 
+def _landed_with(dest: Path, tuned: Path) -> bool:
+    """Whether dest's record is the one made with this tuned.json (its record.json names its sha256)."""
+    try:
+        entry = json.loads((dest / "record.json").read_text()).get("tune") or {}
+        return tuned.is_file() and entry.get("tuned_sha256") == _sha256(tuned)
+    except (OSError, ValueError):
+        return False
+
+
 def _lock(dest: Path):
     """One record at a time per destination: two would interleave their tuned.json and results."""
     f = open(dest / ".record.lock", "w")
@@ -178,19 +187,22 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM unwinds like Ctrl-C
     work = (ROOT / args.work / f"{args.name}_{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}").resolve()
     work.mkdir(parents=True)
-    if args.verify:
-        sys.exit(verify(args, dest, work))
-    record: dict = {"experiment": args.name, "overrides": args.overrides, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    common = [f"experiment={args.name}", "progress=false", *args.overrides]
     # The previous tuned.json is kept as a hard link beside it (no space needed) and renamed back
     # if the meta stage does not finish; every file reaches dest through replace_all (all files
     # staged beside their destination first, then renamed), so a full disk or a stop at any
     # point leaves the previous record whole.
     tuned = dest / "tuned.json"
     previous = dest / ".tuned.previous.json"
-    if previous.is_file():  # a run killed (SIGKILL) in its meta stage: its previous tuned.json goes back
-        os.replace(previous, tuned)
-        print(f"restored {tuned} from an earlier run that was killed before it finished", flush=True)
+    if previous.is_file():  # an earlier run was killed (SIGKILL) before it cleaned up
+        if _landed_with(dest, tuned):  # ... after its record landed: the kept copy is stale
+            previous.unlink()
+        else:  # ... in its meta stage: its previous tuned.json goes back
+            os.replace(previous, tuned)
+            print(f"restored {tuned} from an earlier run that was killed before it finished", flush=True)
+    if args.verify:
+        sys.exit(verify(args, dest, work))
+    record: dict = {"experiment": args.name, "overrides": args.overrides, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    common = [f"experiment={args.name}", "progress=false", *args.overrides]
     if not args.skip_tune:
         cmd = [_app("metaloss-tune"), *common, "meta_test.tuned=null", f"hydra.run.dir={work / 'tune'}"]
         record["tune"] = {"command": cmd[1:], "seconds": round(_run(cmd, work / "tune.log"), 1),

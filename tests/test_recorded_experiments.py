@@ -318,6 +318,25 @@ def test_a_record_killed_in_its_meta_stage_gets_its_previous_tuned_json_back(tmp
     assert not (rec / ".tuned.previous.json").exists()
 
 
+def test_a_record_killed_after_it_landed_keeps_its_new_tuned_json(tmp_path):
+    """Killed between its results landing and removing the kept copy: the record names the new
+    tuned.json (sha256), so the next run drops the stale copy instead of putting it back over
+    the file the record was made with."""
+    import hashlib
+
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    (rec / "tuned.json").write_text("tuned by the run whose record landed")
+    sha = hashlib.sha256((rec / "tuned.json").read_bytes()).hexdigest()
+    (rec / "record.json").write_text(json.dumps({"started": "x", "tune": {"tuned_sha256": sha}}))
+    (rec / ".tuned.previous.json").write_text("the record before")
+    out = subprocess.run([sys.executable, str(SCRIPT), "quickstart", "--skip-tune", "--dest", str(rec),
+                          "--work", str(tmp_path / "w"), "meta.steps=-1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "restored" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert (rec / "tuned.json").read_text() == "tuned by the run whose record landed"
+    assert not (rec / ".tuned.previous.json").exists()
+
+
 @pytest.mark.slow
 def test_record_script_stopped_in_the_meta_stage_keeps_the_previous_tuned_json(tmp_path):
     """SIGTERM while metaloss-meta runs: exit 143, and dest keeps its old tuned.json (nothing
