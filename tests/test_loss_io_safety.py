@@ -409,7 +409,9 @@ def test_save_refuses_what_load_would_refuse(tmp_path):
 
 
 def test_every_recorded_learned_loss_still_loads():
-    files = sorted(Path(__file__).resolve().parents[1].glob("experiments/*/learned_loss.pt"))
-    assert files
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    # a record's runs (meta_seed_<m>/) and its earlier records (history/) alike
+    files = sorted(root.rglob("learned_loss.pt"))
+    assert any("meta_seed_" in str(f) for f in files) and any("history" in f.parts for f in files)
     for f in files:
         assert isinstance(load_learned_loss(f), ParametricLoss), f
