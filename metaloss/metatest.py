@@ -286,7 +286,7 @@ def significance(results: Results, metric: str, learned: str = "learned", alpha:
     pairwise = {name: {"difference": _finite_mean(ours) - _finite_mean(baselines[name]), "p_value": raw[name],
                        "p_value_holm": adjusted.get(name, float("nan"))} for name in family}
     for row in pairwise.values():
-        row["verdict"] = _direction(row["p_value_holm"], row["difference"], higher, alpha)
+        row["verdict"] = direction(row["p_value_holm"], row["difference"], higher, alpha)
     sig = {"metric": metric, "higher_is_better": higher, "n_seeds": n, "best_baseline": best,
            "selected_on": select_on, "selection_means": selection, "unselectable_baselines": unselectable,
            "learned_mean": _finite_mean(ours), "learned_n_nan": _n_bad(ours),
@@ -305,7 +305,9 @@ def significance(results: Results, metric: str, learned: str = "learned", alpha:
     return sig
 
 
-def _direction(p: float, difference: float, higher: bool, alpha: float) -> str:
+def direction(p: float, difference: float, higher: bool, alpha: float) -> str:
+    """The verdict of one comparison: "undefined" (p is NaN), "no significant difference"
+    (p >= alpha), else better or worse as the difference and the metric's direction say."""
     if math.isnan(p):
         return "undefined"
     if p >= alpha:
@@ -330,4 +332,4 @@ def _verdict(sig: dict, n_baselines: int) -> str:
     p = sig["p_value_holm"]
     if math.isnan(p):  # not expected once the cases above are excluded; never pass it off as "no difference"
         return "undefined: the paired t-test is undefined on these values"
-    return _direction(p, sig["difference"], sig["higher_is_better"], sig["alpha"])
+    return direction(p, sig["difference"], sig["higher_is_better"], sig["alpha"])

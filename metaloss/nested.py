@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from metaloss.metatest import Results, holm, significance
+from metaloss.metatest import Results, direction, holm, significance
 from metaloss.metrics import HIGHER_IS_BETTER
 
 CROSSED_TEST = ("t-test on the mean paired difference over meta-training runs x test draws (crossed random "
@@ -157,9 +157,7 @@ def nested_significance(runs: Sequence[Results], metric: str, learned: str = "le
     pairwise: dict[str, dict] = {b: {"difference": t["mean_difference"], "p_value": t["p_value"],
                                      "p_value_holm": adjusted.get(b, float("nan"))} for b, t in tests.items()}
     for row in pairwise.values():
-        p = row["p_value_holm"]
-        row["verdict"] = ("undefined" if math.isnan(p) else "no significant difference" if p >= alpha else
-                          "significantly better" if (row["difference"] > 0) == higher else "significantly worse")
+        row["verdict"] = direction(row["p_value_holm"], row["difference"], higher, alpha)
     ref = tests[best] if best else crossed(np.empty((0, 0)))
     run_means = [_mean(row) for row in ours]
     per_run = [significance(r, metric, learned=learned, alpha=alpha, select_on=select_on) for r in runs]
@@ -198,9 +196,7 @@ def _verdict(sig: dict, n_baselines: int) -> str:
     p = sig["p_value_holm"]
     if math.isnan(p):
         return "undefined: the test is undefined on these values"
-    if p >= sig["alpha"]:
-        return "no significant difference"
-    return "significantly better" if (sig["difference"] > 0) == sig["higher_is_better"] else "significantly worse"
+    return direction(p, sig["difference"], sig["higher_is_better"], sig["alpha"])
 
 
 def _floats(values) -> list[float]:
