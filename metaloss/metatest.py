@@ -305,6 +305,12 @@ def significance(results: Results, metric: str, learned: str = "learned", alpha:
     return sig
 
 
+def format_number(x: float | None, spec: str = ".4f") -> str:
+    """A statistic as the verdict texts print it: "NaN" for a missing or NaN value; ±inf (the
+    d_z of constant differences) prints as inf."""
+    return "NaN" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
 def direction(p: float, difference: float, higher: bool, alpha: float) -> str:
     """The verdict of one comparison: "undefined" (p is NaN), "no significant difference"
     (p >= alpha), else better or worse as the difference and the metric's direction say."""

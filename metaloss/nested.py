@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from metaloss.metatest import Results, direction, holm, significance
+from metaloss.metatest import Results, direction, format_number, holm, significance
 from metaloss.metrics import HIGHER_IS_BETTER
 
 CROSSED_TEST = ("t-test on the mean paired difference over meta-training runs x test draws (crossed random "
@@ -260,24 +260,21 @@ def format_nested(record: dict) -> str:
     return "\n".join(lines) + "\n\n" + format_nested_verdict(sig)
 
 
-def _num(x, spec: str = ".4f") -> str:
-    return "NaN" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
 
 def format_nested_verdict(sig: dict) -> str:
     level = f"{100 * sig['ci_level']:.0f}%"
     head = (f"search ({sig['n_meta_seeds']} meta-training runs × {sig['n_seeds']} test draws) vs reference "
             f"baseline ({sig['best_baseline'] or 'none without NaN'}), chosen on {sig['selected_on']} before "
-            f"testing, on {sig['metric']}: {_num(sig['learned_mean'])} vs {_num(sig['best_baseline_mean'])}; "
-            f"difference {_num(sig['difference'])} [{level} CI {_num(sig['ci_low'])}, {_num(sig['ci_high'])}], "
-            f"between-runs sd {_num(sig['learned_between_runs_sd'])}; p = {_num(sig['p_value'], '.3g')} "
-            f"(df {_num(sig['df'], '.1f')}), Holm-adjusted over {len(sig['pairwise'])} baseline(s) "
-            f"p = {_num(sig['p_value_holm'], '.3g')} -> {sig['verdict']}")
-    rows = [f"  vs {b}: difference {_num(r['difference'])}, p = {_num(r['p_value'], '.3g')}, Holm p = "
-            f"{_num(r['p_value_holm'], '.3g')} -> {r['verdict']}" for b, r in sig["pairwise"].items()]
+            f"testing, on {sig['metric']}: {format_number(sig['learned_mean'])} vs {format_number(sig['best_baseline_mean'])}; "
+            f"difference {format_number(sig['difference'])} [{level} CI {format_number(sig['ci_low'])}, {format_number(sig['ci_high'])}], "
+            f"between-runs sd {format_number(sig['learned_between_runs_sd'])}; p = {format_number(sig['p_value'], '.3g')} "
+            f"(df {format_number(sig['df'], '.1f')}), Holm-adjusted over {len(sig['pairwise'])} baseline(s) "
+            f"p = {format_number(sig['p_value_holm'], '.3g')} -> {sig['verdict']}")
+    rows = [f"  vs {b}: difference {format_number(r['difference'])}, p = {format_number(r['p_value'], '.3g')}, Holm p = "
+            f"{format_number(r['p_value_holm'], '.3g')} -> {r['verdict']}" for b, r in sig["pairwise"].items()]
     seeds = sig.get("meta_seeds") or list(range(len(sig["per_run"])))
-    runs = [f"  meta-seed {m}: learned {_num(r['learned_mean'])}, vs {r['best_baseline']} Holm p = "
-            f"{_num(r['p_value_holm'], '.3g')} -> {r['verdict']}" for m, r in zip(seeds, sig["per_run"])]
+    runs = [f"  meta-seed {m}: learned {format_number(r['learned_mean'])}, vs {r['best_baseline']} Holm p = "
+            f"{format_number(r['p_value_holm'], '.3g')} -> {r['verdict']}" for m, r in zip(seeds, sig["per_run"])]
     return head + "\nevery baseline:\n" + "\n".join(rows) + "\neach meta-training run alone (paired t over its draws):\n" \
         + "\n".join(runs)
 

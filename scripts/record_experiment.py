@@ -181,6 +181,11 @@ def main() -> None:
                  f"the protocol records 3 or more), got {args.meta_seeds}")
     if not (ROOT / "conf" / "experiment" / f"{args.name}.yaml").is_file():
         sys.exit(f"no experiment {args.name!r}: conf/experiment/{args.name}.yaml does not exist")
+    for app in ("metaloss-tune", "metaloss-meta"):
+        _app(app)  # the project's environment, checked first
+    if not args.verify and (problems := protocol_problems(planned_protocol(args.name, args.overrides), args.name)):
+        sys.exit("not recorded: the meta-test would depart from the protocol (docs/protocol.md):\n  "
+                 + "\n  ".join(problems))
     dest = Path(args.dest).resolve() if args.dest else ROOT / "experiments" / args.name
     dest.mkdir(parents=True, exist_ok=True)
     lock = _lock(dest)  # noqa: F841  (kept open for the whole run)
@@ -270,6 +275,23 @@ def main() -> None:
 
 
 NESTED = "nested_comparison.json"
+
+
+def planned_protocol(name: str, overrides: list[str]) -> dict:
+    """The protocol record the meta-test will write (``protocol_record``, the one source of
+    truth), from the composed config alone: checked before any tuning or meta-training runs.
+    Instantiating the task (to know whether it is a family) is the only work done."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from metaloss.cli.comparison import protocol_record
+    from metaloss.config import conf_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="meta", overrides=[f"experiment={name}", *overrides])
+    mc = cfg.meta
+    horizon = int(mc.inner_steps) if mc.mode == "offline" else int(mc.steps)  # as metaloss-meta says it
+    return protocol_record(cfg, instantiate(cfg.task), {}, horizon)
 
 
 def protocol_problems(protocol: dict, name: str) -> list[str]:

@@ -20,12 +20,11 @@ import json
 import sys
 from pathlib import Path
 
+from metaloss.metatest import format_number
+
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- records:begin (scripts/records_table.py --write) -->", "<!-- records:end -->"
 
-
-def _num(x, spec: str = ".4f") -> str:
-    return "NaN" if x is None else format(x, spec)
 
 
 def _short(verdict: str) -> str:
@@ -35,16 +34,16 @@ def _short(verdict: str) -> str:
 
 def row(name: str, rec: dict) -> str:
     sig = rec["significance"]
-    runs = ", ".join(_num(m) for m in sig["learned_run_means"])
+    runs = ", ".join(format_number(m) for m in sig["learned_run_means"])
     alone = [r["verdict"] for r in sig["per_run"]]
     counts = (f"{alone.count('significantly better')} better, {alone.count('significantly worse')} worse, "
               f"{sum(v == 'no significant difference' for v in alone)} no diff.")
     others = ", ".join(f"{_short(r['verdict'])} vs {b}" for b, r in sig["pairwise"].items() if b != sig["best_baseline"])
     metric = rec["metric"]
     return (f"| `{name}` | {metric} | {len(sig['learned_run_means'])} × {sig['n_seeds']} | "
-            f"{_num(sig['learned_mean'])} ({runs}) | {_num(sig['best_baseline_mean'])} ({sig['best_baseline']}) | "
-            f"{_num(sig['difference'])} [{_num(sig['ci_low'])}, {_num(sig['ci_high'])}] ({sig['ci_level']:.0%}) | "
-            f"{_num(sig['p_value_holm'], '.3g')} | {_short(sig['verdict'])} | {counts} | {others} |")
+            f"{format_number(sig['learned_mean'])} ({runs}) | {format_number(sig['best_baseline_mean'])} ({sig['best_baseline']}) | "
+            f"{format_number(sig['difference'])} [{format_number(sig['ci_low'])}, {format_number(sig['ci_high'])}] ({sig['ci_level']:.0%}) | "
+            f"{format_number(sig['p_value_holm'], '.3g')} | {_short(sig['verdict'])} | {counts} | {others} |")
 
 
 def table(root: Path = ROOT / "experiments") -> str:

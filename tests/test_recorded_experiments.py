@@ -481,6 +481,19 @@ def test_a_record_needs_fresh_draws_and_a_matched_or_declared_horizon():
     assert "meta_test.horizon_note" in horizon and "3 inner steps" in horizon and "conf/experiment/x.yaml" in horizon
 
 
+def test_record_script_checks_the_protocol_before_any_compute(tmp_path):
+    """A horizon mismatch with no stated reason is refused from the composed config, before
+    tuning or meta-training starts (no work directory, no destination)."""
+    out = subprocess.run([sys.executable, str(SCRIPT), "quickstart", "--dest", str(tmp_path / "rec"),
+                          "--work", str(tmp_path / "w"), "meta_test.steps=7", "meta_test.horizon_note=null"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert "would depart from the protocol" in out.stderr and "meta_test.horizon_note" in out.stderr, out.stderr
+    assert not (tmp_path / "w").exists() and not (tmp_path / "rec").exists()
+    plan = _script_module().planned_protocol("quickstart", ["meta_test.steps=7", "meta_test.horizon_note=why"])
+    assert plan["horizon_matched"] is False and plan["horizon_note"] == "why" and plan["fresh_draws"] is True
+
+
 def test_the_previous_record_moves_to_history_and_comes_back_if_the_new_one_does_not_land(tmp_path):
     mod = _script_module()
     dest = tmp_path / "rec"

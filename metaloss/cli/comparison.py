@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metaloss.cli.logger import write_json
 from metaloss.config import DEFAULT_BASELINES, baselines_for, load_option
-from metaloss.metatest import compare_losses, significance
+from metaloss.metatest import compare_losses, format_number, significance
 from metaloss.metrics import train_result_names
 from metaloss.plots import loss_curves, plot_losses
 from metaloss.report import format_table, plot, summarize
@@ -55,9 +55,6 @@ def tasks_for_seed_fn(cfg: DictConfig, pool: list):
     return tasks
 
 
-def _num(x: float, spec: str = ".4f") -> str:
-    return "NaN" if math.isnan(x) else format(x, spec)  # ±inf (d_z of constant differences) prints as inf
-
 
 def format_verdict(sig: dict) -> str:
     """The verdict paragraph: learned vs the reference baseline (chosen on validation), the
@@ -66,22 +63,22 @@ def format_verdict(sig: dict) -> str:
     if not sig:
         return ""
     n = sig["n_seeds"]
-    ours = _num(sig["learned_mean"]) + (f" ({sig['learned_n_nan']}/{n} NaN)" if sig["learned_n_nan"] else "")
+    ours = format_number(sig["learned_mean"]) + (f" ({sig['learned_n_nan']}/{n} NaN)" if sig["learned_n_nan"] else "")
     best = sig["best_baseline"] or "none without NaN"
     level = f"{100 * sig['ci_level']:.0f}%"
     pairwise = sig.get("pairwise") or {}
     head = (f"learned vs reference baseline ({best}), chosen on {sig.get('selected_on', sig['metric'])} before "
-            f"testing, on {sig['metric']}: {ours} vs {_num(sig['best_baseline_mean'])}; "
-            f"paired difference {_num(sig['difference'])} [{level} CI {_num(sig['ci_low'])}, "
-            f"{_num(sig['ci_high'])}], d_z = {_num(sig['cohens_dz'], '.2f')}; "
-            f"paired t p = {_num(sig['p_value'], '.3g')}, Holm-adjusted over {len(pairwise)} baseline(s) "
-            f"p = {_num(sig.get('p_value_holm', math.nan), '.3g')}, Welch p = {_num(sig['p_value_welch'], '.3g')} "
+            f"testing, on {sig['metric']}: {ours} vs {format_number(sig['best_baseline_mean'])}; "
+            f"paired difference {format_number(sig['difference'])} [{level} CI {format_number(sig['ci_low'])}, "
+            f"{format_number(sig['ci_high'])}], d_z = {format_number(sig['cohens_dz'], '.2f')}; "
+            f"paired t p = {format_number(sig['p_value'], '.3g')}, Holm-adjusted over {len(pairwise)} baseline(s) "
+            f"p = {format_number(sig.get('p_value_holm', math.nan), '.3g')}, Welch p = {format_number(sig['p_value_welch'], '.3g')} "
             f"-> {sig['verdict']}" + ("" if sig["verdict"].startswith("undefined") else
                                       " (paired t-test, Holm-adjusted, decides)"))
     if len(pairwise) < 2:
         return head
-    rows = [f"  vs {name}: difference {_num(r['difference'])}, p = {_num(r['p_value'], '.3g')}, Holm p = "
-            f"{_num(r['p_value_holm'], '.3g')} -> {r['verdict']}" for name, r in pairwise.items()]
+    rows = [f"  vs {name}: difference {format_number(r['difference'])}, p = {format_number(r['p_value'], '.3g')}, Holm p = "
+            f"{format_number(r['p_value_holm'], '.3g')} -> {r['verdict']}" for name, r in pairwise.items()]
     return head + "\nevery baseline (paired t-test, Holm-adjusted):\n" + "\n".join(rows)
 
 
