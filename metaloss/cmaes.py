@@ -83,7 +83,11 @@ def _confusion(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     guess, y, c = _labels(pred, target)
     classes = torch.arange(c, device=pred.device)
     p, t = guess[:, None] == classes, y[:, None] == classes
-    return ((p & t).sum(0).to(pred.dtype), (p & ~t).sum(0).to(pred.dtype), (~p & t).sum(0).to(pred.dtype))
+    return (
+        (p & t).sum(0).to(pred.dtype),
+        (p & ~t).sum(0).to(pred.dtype),
+        (~p & t).sum(0).to(pred.dtype),
+    )
 
 
 def balanced_error(pred: Tensor, target: Tensor, **_) -> Tensor:
@@ -112,10 +116,17 @@ def iou_loss(pred: Tensor, target: Tensor, **_) -> Tensor:
 
 
 OBJECTIVES: dict[str, Callable[..., Tensor]] = {
-    "error": zero_one_error, "balanced_error": balanced_error, "macro_f1_loss": macro_f1_loss,
-    "iou_loss": iou_loss}
-KINDS = {"error": ("classification", "binary"), "balanced_error": ("classification", "binary"),
-         "macro_f1_loss": ("classification", "binary"), "iou_loss": ("segmentation",)}
+    "error": zero_one_error,
+    "balanced_error": balanced_error,
+    "macro_f1_loss": macro_f1_loss,
+    "iou_loss": iou_loss,
+}
+KINDS = {
+    "error": ("classification", "binary"),
+    "balanced_error": ("classification", "binary"),
+    "macro_f1_loss": ("classification", "binary"),
+    "iou_loss": ("segmentation",),
+}
 DEFAULT_FOR_KIND = {"classification": "error", "binary": "error", "segmentation": "iou_loss"}
 
 
@@ -127,15 +138,21 @@ def config_problems(cfg: Any) -> list[str]:
         return []
     meta, out = cfg.get("meta") or {}, []
     if meta.get("learn_inner_lr") is True:
-        out.append("meta.learn_inner_lr = true: meta_optim=cmaes evolves the loss's φ only; set "
-                   "meta.learn_inner_lr=false (tune optim.lr separately)")
+        out.append(
+            "meta.learn_inner_lr = true: meta_optim=cmaes evolves the loss's φ only; set "
+            "meta.learn_inner_lr=false (tune optim.lr separately)"
+        )
     if meta.get("mode", "offline") != "offline":
-        out.append(f"meta.mode = {meta.get('mode')!r}: meta_optim=cmaes needs meta.mode=offline (each "
-                   "candidate is trained from fresh initialisations, as in TaylorGLO)")
+        out.append(
+            f"meta.mode = {meta.get('mode')!r}: meta_optim=cmaes needs meta.mode=offline (each "
+            "candidate is trained from fresh initialisations, as in TaylorGLO)"
+        )
     if mo.get("objective") is not None and meta.get("objective") is not None:
-        out.append(f"meta.objective = {meta.get('objective')!r} and meta_optim.objective = "
-                   f"{mo.get('objective')!r}: CMA-ES optimises one; set meta.objective=null (or "
-                   "meta_optim.objective=null to use meta.objective)")
+        out.append(
+            f"meta.objective = {meta.get('objective')!r} and meta_optim.objective = "
+            f"{mo.get('objective')!r}: CMA-ES optimises one; set meta.objective=null (or "
+            "meta_optim.objective=null to use meta.objective)"
+        )
     return out
 
 
@@ -154,31 +171,44 @@ def population_size(popsize: int | None, n_params: int) -> int:
 
 class CMAES:
     """CMA-ES over the loss's φ, with :class:`metaloss.meta.MetaLearner`'s interface
-    (``step(problem, hypergrad, batch) -> metrics``, ``state_dict``, ``load_state_dict``,
-    ``apply_hyperparameters``, ``params``, ``skipped``, ``updates``).
+        (``step(problem, hypergrad, batch) -> metrics``, ``state_dict``, ``load_state_dict``,
+        ``apply_hyperparameters``, ``params``, ``skipped``, ``updates``).
 
-    ``sigma0``: initial step size (φ's own units, for every coordinate); ``popsize``: λ,
-    None = cma's default 4 + ⌊3 ln n⌋ (10 for TaylorGLO's 8 parameters); ``seed``: the
-    candidate sampling RNG (0 is a seed like any other here, not "time" as in cma);
-    ``objective``: a name in :data:`OBJECTIVES`, or None = the task kind's true metric
-    (``error`` / ``iou_loss``; regression, or a set ``meta.objective``: the run's own
-    objective); ``chunk``: candidates per ``vmap`` call (None: all λ); ``max_bad_steps``: generations
-in a row with no finite candidate before the run stops (``meta.max_bad_steps``).
-    Built by Hydra as a partial (``conf/meta_optim/cmaes.yaml``), then called with the loss.
+        ``sigma0``: initial step size (φ's own units, for every coordinate); ``popsize``: λ,
+        None = cma's default 4 + ⌊3 ln n⌋ (10 for TaylorGLO's 8 parameters); ``seed``: the
+        candidate sampling RNG (0 is a seed like any other here, not "time" as in cma);
+        ``objective``: a name in :data:`OBJECTIVES`, or None = the task kind's true metric
+        (``error`` / ``iou_loss``; regression, or a set ``meta.objective``: the run's own
+        objective); ``chunk``: candidates per ``vmap`` call (None: all λ); ``max_bad_steps``: generations
+    in a row with no finite candidate before the run stops (``meta.max_bad_steps``).
+        Built by Hydra as a partial (``conf/meta_optim/cmaes.yaml``), then called with the loss.
     """
 
-    def __init__(self, loss: nn.Module, *, sigma0: float = 0.2, popsize: int | None = None, seed: int = 0,
-                 objective: str | None = None, chunk: int | None = None, task_kind: str | None = None,
-                 max_bad_steps: int = 20) -> None:
+    def __init__(
+        self,
+        loss: nn.Module,
+        *,
+        sigma0: float = 0.2,
+        popsize: int | None = None,
+        seed: int = 0,
+        objective: str | None = None,
+        chunk: int | None = None,
+        task_kind: str | None = None,
+        max_bad_steps: int = 20,
+    ) -> None:
         if not sigma0 > 0 or not math.isfinite(sigma0):
             raise ValueError(f"CMA-ES sigma0 must be a finite number > 0, got {sigma0}")
         if popsize is not None and popsize < 2:
             raise ValueError(f"CMA-ES popsize must be >= 2 or None, got {popsize}")
         if objective is not None and objective not in OBJECTIVES:
-            raise ValueError(f"unknown CMA-ES objective {objective!r}; valid: None, {', '.join(OBJECTIVES)}")
+            raise ValueError(
+                f"unknown CMA-ES objective {objective!r}; valid: None, {', '.join(OBJECTIVES)}"
+            )
         if objective is not None and task_kind is not None and task_kind not in KINDS[objective]:
-            raise ValueError(f"CMA-ES objective {objective!r} is for {' / '.join(KINDS[objective])} tasks, "
-                             f"not {task_kind}")
+            raise ValueError(
+                f"CMA-ES objective {objective!r} is for {' / '.join(KINDS[objective])} tasks, "
+                f"not {task_kind}"
+            )
         if chunk is not None and chunk < 1:
             raise ValueError(f"CMA-ES chunk must be None or >= 1, got {chunk}")
         if max_bad_steps < 1:
@@ -192,43 +222,68 @@ in a row with no finite candidate before the run stops (``meta.max_bad_steps``).
 
         check_finite_phi(self.params)
         self.shapes = {k: p.shape for k, p in self.params.items()}
-        self.sigma0, self.popsize, self.seed, self.objective, self.chunk = sigma0, popsize, seed, objective, chunk
+        self.sigma0, self.popsize, self.seed, self.objective, self.chunk = (
+            sigma0,
+            popsize,
+            seed,
+            objective,
+            chunk,
+        )
         self.x0 = self._flat()
-        self.skipped = 0   # generations with no finite candidate (asked, not told)
+        self.skipped = 0  # generations with no finite candidate (asked, not told)
         self.diverged = 0  # candidates whose objective was not finite, in total
         self.bad_steps = 0  # such generations in a row
         self.max_bad_steps = int(max_bad_steps)
-        self._last_bad: tuple[Any, Any, Any] | None = None  # (problem, None, batch) of the last skipped step
+        self._last_bad: tuple[Any, Any, Any] | None = (
+            None  # (problem, None, batch) of the last skipped step
+        )
         self._no_vmap = False
         self._np_state: Any = None  # the private NumPy RNG's state (set by _start)
         self._start(self.x0)
 
     @classmethod
-    def for_run(cls, make: Callable, loss: nn.Module, cfg: Any, task_kind: str, world_size: int = 1) -> CMAES:
+    def for_run(
+        cls, make: Callable, loss: nn.Module, cfg: Any, task_kind: str, world_size: int = 1
+    ) -> CMAES:
         """Build from the run's composed config, refusing what makes no sense (ConfigError)."""
         from metaloss.errors import ConfigError
 
         found = config_problems({"meta": _plain(cfg.meta), "meta_optim": _plain(cfg.meta_optim)})
         if world_size > 1:
-            found.append(f"meta_optim=cmaes runs in one process; launch it without torchrun ({world_size} processes)")
+            found.append(
+                f"meta_optim=cmaes runs in one process; launch it without torchrun ({world_size} processes)"
+            )
         if found:
             raise ConfigError("invalid settings (nothing was run):\n  " + "\n  ".join(found))
         name = cfg.meta_optim.get("objective")
         if name is None and cfg.meta.get("objective") is None:
             name = DEFAULT_FOR_KIND.get(task_kind)  # regression: the run's own objective (mse)
         try:
-            learner = make(loss, objective=name, task_kind=task_kind,
-                           max_bad_steps=int(cfg.meta.get("max_bad_steps", 20)))
+            learner = make(
+                loss,
+                objective=name,
+                task_kind=task_kind,
+                max_bad_steps=int(cfg.meta.get("max_bad_steps", 20)),
+            )
         except ValueError as e:
             raise ConfigError(f"meta_optim=cmaes: {e}") from e
         if learner.x0.size > 100:
-            log.warning("meta_optim=cmaes on %d loss parameters: CMA-ES adapts a full %d x %d covariance and "
-                        "needs many more candidates as φ grows; it is meant for small φ (TaylorGLO: 8)",
-                        learner.x0.size, learner.x0.size, learner.x0.size)
-        log.info("meta_optim=cmaes: CMA-ES needs no hypergradient (hypergrad=%s is not used); "
-                 "λ=%d candidates × T tasks per step on objective %s, σ0=%g, seed=%d", cfg.hypergrad.get(
-                     "_target_", "?").rsplit(".", 1)[-1], learner.es.popsize, name or "meta.objective",
-                 learner.sigma0, learner.seed)
+            log.warning(
+                "meta_optim=cmaes on %d loss parameters: CMA-ES adapts a full %d x %d covariance and "
+                "needs many more candidates as φ grows; it is meant for small φ (TaylorGLO: 8)",
+                learner.x0.size,
+                learner.x0.size,
+                learner.x0.size,
+            )
+        log.info(
+            "meta_optim=cmaes: CMA-ES needs no hypergradient (hypergrad=%s is not used); "
+            "λ=%d candidates × T tasks per step on objective %s, σ0=%g, seed=%d",
+            cfg.hypergrad.get("_target_", "?").rsplit(".", 1)[-1],
+            learner.es.popsize,
+            name or "meta.objective",
+            learner.sigma0,
+            learner.seed,
+        )
         return learner
 
     # -- cma, on a private RNG
@@ -249,15 +304,26 @@ in a row with no finite candidate before the run stops (``meta.max_bad_steps``).
         import cma
 
         self._np_state = np.random.RandomState(self.seed).get_state()
-        opts = {"seed": np.nan,  # cma: "do nothing" (its seed 0 would mean "time"); we seed _np_state
-                "verbose": -9, "verb_log": 0, "verb_disp": 0,  # no console output, no outcmaes/ files
-                # meta.steps decides when to stop; never let a termination criterion matter
-                "tolflatfitness": np.inf, "tolfun": 0, "tolfunhist": 0, "tolx": 0, "tolstagnation": np.inf,
-                "maxiter": np.inf, "maxfevals": np.inf}
+        opts = {
+            "seed": np.nan,  # cma: "do nothing" (its seed 0 would mean "time"); we seed _np_state
+            "verbose": -9,
+            "verb_log": 0,
+            "verb_disp": 0,  # no console output, no outcmaes/ files
+            # meta.steps decides when to stop; never let a termination criterion matter
+            "tolflatfitness": np.inf,
+            "tolfun": 0,
+            "tolfunhist": 0,
+            "tolx": 0,
+            "tolstagnation": np.inf,
+            "maxiter": np.inf,
+            "maxfevals": np.inf,
+        }
         opts["popsize"] = population_size(self.popsize, len(x0))
         with self._rng(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.es = cma.CMAEvolutionStrategy(np.array(x0, dtype=np.float64), float(self.sigma0), opts)
+            self.es = cma.CMAEvolutionStrategy(
+                np.array(x0, dtype=np.float64), float(self.sigma0), opts
+            )
         self.history: list[list[float]] = []  # fitness told at each step: the replayable state
         self.updates = 0  # generations told (a row of NaN in history: asked, not told)
 
@@ -288,14 +354,16 @@ in a row with no finite candidate before the run stops (``meta.max_bad_steps``).
     # -- φ as one vector
 
     def _flat(self) -> np.ndarray:
-        return np.concatenate([p.detach().double().cpu().reshape(-1).numpy() for p in self.params.values()])
+        return np.concatenate(
+            [p.detach().double().cpu().reshape(-1).numpy() for p in self.params.values()]
+        )
 
     def _unflat(self, x: Tensor) -> dict[str, Tensor]:
         """``x`` ``[..., n]`` -> ``{name: [..., *shape]}``."""
         out, i = {}, 0
         for k, shape in self.shapes.items():
             n = math.prod(shape)
-            out[k] = x[..., i:i + n].reshape(tuple(x.shape[:-1]) + tuple(shape))
+            out[k] = x[..., i : i + n].reshape(tuple(x.shape[:-1]) + tuple(shape))
             i += n
         return out
 
@@ -335,42 +403,63 @@ in a row with no finite candidate before the run stops (``meta.max_bad_steps``).
             self.bad_steps += 1
             self.skipped += 1
             self._last_bad = (problem, None, batch)
-            log.warning("CMA-ES: all %d candidates diverged (σ = %.4g): generation skipped, φ unchanged "
-                        "(%d in a row)", len(values), self.sigma, self.bad_steps)
+            log.warning(
+                "CMA-ES: all %d candidates diverged (σ = %.4g): generation skipped, φ unchanged "
+                "(%d in a row)",
+                len(values),
+                self.sigma,
+                self.bad_steps,
+            )
             if self.bad_steps >= self.max_bad_steps:
                 from metaloss.meta import NonFiniteMetaGradient
 
                 cause, advice = self.diagnose(problem, batch)
-                raise NonFiniteMetaGradient(f"{self.bad_steps} consecutive CMA-ES generations had no candidate "
-                                            f"with a finite objective. {advice}", cause)
+                raise NonFiniteMetaGradient(
+                    f"{self.bad_steps} consecutive CMA-ES generations had no candidate "
+                    f"with a finite objective. {advice}",
+                    cause,
+                )
         else:
             self.bad_steps = 0
         good = values[finite]
-        return {"meta/val_objective": float(good.mean()) if len(good) else float("nan"),
-                "meta/best_objective": float(good.min()) if len(good) else float("nan"),
-                "meta/sigma": self.sigma, "meta/diverged": float(self.diverged),
-                "meta/skipped": float(self.skipped)}
+        return {
+            "meta/val_objective": float(good.mean()) if len(good) else float("nan"),
+            "meta/best_objective": float(good.min()) if len(good) else float("nan"),
+            "meta/sigma": self.sigma,
+            "meta/diverged": float(self.diverged),
+            "meta/skipped": float(self.skipped),
+        }
 
     def _evaluate(self, problem: MetaProblem, cands: dict[str, Tensor], batch: MetaBatch) -> Tensor:
         """The mean objective over the T tasks of each candidate ``[λ]``."""
         if not self._no_vmap:
             try:
-                return torch.vmap(lambda m: batched_objective(problem, m, batch), chunk_size=self.chunk)(cands)
+                return torch.vmap(
+                    lambda m: batched_objective(problem, m, batch), chunk_size=self.chunk
+                )(cands)
             except torch.OutOfMemoryError:
                 raise  # lower meta_optim.chunk (candidates per vmap call)
             except (RuntimeError, NotImplementedError, ValueError) as err:
                 self._no_vmap = True
-                warnings.warn(f"CMA-ES: the candidates cannot be evaluated under vmap ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}); falling back to a loop",
-                              RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"CMA-ES: the candidates cannot be evaluated under vmap ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0] if str(err) else ''}); falling back to a loop",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         n = next(iter(cands.values())).shape[0]
-        return torch.stack([batched_objective(problem, {k: v[c] for k, v in cands.items()}, batch)
-                            for c in range(n)])
+        return torch.stack(
+            [
+                batched_objective(problem, {k: v[c] for k, v in cands.items()}, batch)
+                for c in range(n)
+            ]
+        )
 
     # -- failures
 
-    def diagnose(self, problem: MetaProblem | None, batch: MetaBatch | None,
-                 hypergrad: Any = None) -> tuple[str, str]:
+    def diagnose(
+        self, problem: MetaProblem | None, batch: MetaBatch | None, hypergrad: Any = None
+    ) -> tuple[str, str]:
         """Why no candidate was finite: train this batch with the *initial* φ and with CMA's
         current mean. Initial not finite: the inner training diverges whatever φ (inner lr).
         Mean finite: the candidates around it are spread too far (σ). Mean not finite but the
@@ -380,22 +469,36 @@ in a row with no finite candidate before the run stops (``meta.max_bad_steps``).
         ref = next(iter(self.params.values()))
 
         def at(x: np.ndarray) -> float:
-            return _objective_or_nan(problem, {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in
-                                               self._unflat(torch.as_tensor(x, dtype=torch.float64)).items()}, batch)
+            return _objective_or_nan(
+                problem,
+                {
+                    k: v.to(device=ref.device, dtype=ref.dtype)
+                    for k, v in self._unflat(torch.as_tensor(x, dtype=torch.float64)).items()
+                },
+                batch,
+            )
 
         at_init, at_mean = at(self.x0), at(self.mean)
-        sigma = (f"CMA-ES's step size σ is now {self.sigma:.4g} (meta_optim.sigma0 = {self.sigma0:g}, "
-                 f"λ = {self.es.popsize} candidates)")
+        sigma = (
+            f"CMA-ES's step size σ is now {self.sigma:.4g} (meta_optim.sigma0 = {self.sigma0:g}, "
+            f"λ = {self.es.popsize} candidates)"
+        )
         if not math.isfinite(at_init):
-            return "inner", ("The inner training diverges even with the initial φ: likely cause the INNER learning "
-                             "rate. Lower optim.lr or meta.inner_steps.")
+            return "inner", (
+                "The inner training diverges even with the initial φ: likely cause the INNER learning "
+                "rate. Lower optim.lr or meta.inner_steps."
+            )
         if math.isfinite(at_mean):
-            return "sigma", (f"CMA-ES's mean φ trains finitely on this batch (objective {at_mean:.4g}) but every "
-                             f"candidate sampled around it diverged: {sigma}, too wide for the stable region. Lower "
-                             "meta_optim.sigma0.")
-        return "meta", (f"With the initial φ this batch trains finitely (objective {at_init:.4g}) but CMA-ES's mean "
-                        f"does not: the search moved into an unstable region after {self.updates} generations; "
-                        f"{sigma}. Lower meta_optim.sigma0 (or optim.lr).")
+            return "sigma", (
+                f"CMA-ES's mean φ trains finitely on this batch (objective {at_mean:.4g}) but every "
+                f"candidate sampled around it diverged: {sigma}, too wide for the stable region. Lower "
+                "meta_optim.sigma0."
+            )
+        return "meta", (
+            f"With the initial φ this batch trains finitely (objective {at_init:.4g}) but CMA-ES's mean "
+            f"does not: the search moved into an unstable region after {self.updates} generations; "
+            f"{sigma}. Lower meta_optim.sigma0 (or optim.lr)."
+        )
 
     def finish(self) -> str | None:
         """After the last generation: no generation ever told (every candidate of every step
@@ -415,42 +518,62 @@ in a row with no finite candidate before the run stops (``meta.max_bad_steps``).
         """Tensors and plain containers only (``torch.load(weights_only=True)``): x0 and the
         fitness table to replay, and the mean, σ and C that the replay must reproduce."""
         lam = self.es.popsize
-        return copy.deepcopy({
-            "kind": STATE_KIND, "loss": self.loss.state_dict(),
-            "x0": torch.as_tensor(self.x0, dtype=torch.float64),
-            "fitness": torch.tensor(self.history, dtype=torch.float64).reshape(len(self.history), lam),
-            "mean": torch.as_tensor(self.mean, dtype=torch.float64),
-            "sigma": torch.tensor(self.sigma, dtype=torch.float64),
-            "C": torch.as_tensor(np.asarray(self.es.sm.C, dtype=np.float64)),
-            "counters": {"updates": self.updates, "skipped": self.skipped, "diverged": self.diverged,
-                         "bad_steps": self.bad_steps}})
+        return copy.deepcopy(
+            {
+                "kind": STATE_KIND,
+                "loss": self.loss.state_dict(),
+                "x0": torch.as_tensor(self.x0, dtype=torch.float64),
+                "fitness": torch.tensor(self.history, dtype=torch.float64).reshape(
+                    len(self.history), lam
+                ),
+                "mean": torch.as_tensor(self.mean, dtype=torch.float64),
+                "sigma": torch.tensor(self.sigma, dtype=torch.float64),
+                "C": torch.as_tensor(np.asarray(self.es.sm.C, dtype=np.float64)),
+                "counters": {
+                    "updates": self.updates,
+                    "skipped": self.skipped,
+                    "diverged": self.diverged,
+                    "bad_steps": self.bad_steps,
+                },
+            }
+        )
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("kind") != STATE_KIND:
-            raise ValueError("the checkpoint's meta-learner state is not a CMA-ES state "
-                             f"({STATE_KIND}); it was made with another meta_optim")
+            raise ValueError(
+                "the checkpoint's meta-learner state is not a CMA-ES state "
+                f"({STATE_KIND}); it was made with another meta_optim"
+            )
         x0 = state["x0"].double().numpy()
         fitness = state["fitness"].double()
         if x0.shape != self.x0.shape:
-            raise ValueError(f"CMA-ES state over {x0.size} parameters, this loss has {self.x0.size}")
+            raise ValueError(
+                f"CMA-ES state over {x0.size} parameters, this loss has {self.x0.size}"
+            )
         self.loss.load_state_dict(state["loss"])
         self.x0 = x0
         self._start(x0)
         if fitness.ndim != 2 or (len(fitness) and fitness.shape[1] != self.es.popsize):
-            raise ValueError(f"CMA-ES fitness table of shape {tuple(fitness.shape)} does not fit popsize "
-                             f"{self.es.popsize}")
+            raise ValueError(
+                f"CMA-ES fitness table of shape {tuple(fitness.shape)} does not fit popsize "
+                f"{self.es.popsize}"
+            )
         rows = fitness.tolist()
         for row in rows:
             self._ask_tell(_constant(row))
         import cma
 
-        for name, want, got in (("mean", state["mean"], torch.as_tensor(self.mean)),
-                                ("sigma", state["sigma"], torch.tensor(self.sigma, dtype=torch.float64)),
-                                ("C", state["C"], torch.as_tensor(np.asarray(self.es.sm.C, dtype=np.float64)))):
+        for name, want, got in (
+            ("mean", state["mean"], torch.as_tensor(self.mean)),
+            ("sigma", state["sigma"], torch.tensor(self.sigma, dtype=torch.float64)),
+            ("C", state["C"], torch.as_tensor(np.asarray(self.es.sm.C, dtype=np.float64))),
+        ):
             if not torch.equal(want.double(), got):
-                raise ValueError(f"replaying {len(rows)} CMA-ES steps did not reproduce the checkpointed "
-                                 f"{name} (cma {cma.__version__} here: was the checkpoint made with another "
-                                 "cma version?); refusing to continue on a different trajectory")
+                raise ValueError(
+                    f"replaying {len(rows)} CMA-ES steps did not reproduce the checkpointed "
+                    f"{name} (cma {cma.__version__} here: was the checkpoint made with another "
+                    "cma version?); refusing to continue on a different trajectory"
+                )
         counters = state.get("counters") or {}
         self.skipped = int(counters.get("skipped", 0))
         self.diverged = int(counters.get("diverged", 0))

@@ -37,7 +37,9 @@ def conf_dir() -> Path:
     for candidate in (here / "conf", here.parent / "conf"):
         if (candidate / "train.yaml").is_file():
             return candidate
-    raise FileNotFoundError(f"metaloss configs not found next to {here} (looked for conf/train.yaml)")
+    raise FileNotFoundError(
+        f"metaloss configs not found next to {here} (looked for conf/train.yaml)"
+    )
 
 
 # ---------------------------------------------------------------- the run's config sources
@@ -51,7 +53,9 @@ def conf_dir() -> Path:
 # then every `hydra.searchpath` entry in order. The first source that has an option wins,
 # so a user's `loss/mse.yaml` is shadowed by the package's, exactly as in `loss=mse`.
 
-_ACTIVE_SEARCHPATH: ContextVar[tuple[str, ...] | None] = ContextVar("metaloss_searchpath", default=None)
+_ACTIVE_SEARCHPATH: ContextVar[tuple[str, ...] | None] = ContextVar(
+    "metaloss_searchpath", default=None
+)
 
 
 class UnknownOption(ValueError):
@@ -102,7 +106,9 @@ def _search_path(paths: tuple[str, ...]) -> tuple[Any, ConfigRepository]:
 def group_options(group: str, cfg: Any = None) -> list[str]:
     """The option names of a config group in every source of the run's search path, e.g.
     ``group_options("loss", cfg)`` (no ``cfg``: see :func:`searchpath`)."""
-    return _search_path(searchpath(cfg))[1].get_group_options(group, results_filter=ObjectType.CONFIG)
+    return _search_path(searchpath(cfg))[1].get_group_options(
+        group, results_filter=ObjectType.CONFIG
+    )
 
 
 def load_option(group: str, name: str, cfg: Any = None) -> DictConfig:
@@ -113,13 +119,16 @@ def load_option(group: str, name: str, cfg: Any = None) -> DictConfig:
     path = f"{group}/{name}"
     if not isinstance(name, str) or not repo.config_exists(path):
         where = ", ".join(["conf/"] + [f"hydra.searchpath {p}" for p in searchpath(cfg)])
-        raise UnknownOption(f"unknown {group} {name!r} (looked in {where}); valid: "
-                            f"{', '.join(group_options(group, cfg))}")
+        raise UnknownOption(
+            f"unknown {group} {name!r} (looked in {where}); valid: "
+            f"{', '.join(group_options(group, cfg))}"
+        )
     loaded = repo.load_config(path)
     if not any(not d.is_self() for d in loaded.defaults_list or ()):
         return loaded.config
     composed = ConfigLoaderImpl(config_search_path=sp).load_configuration(
-        config_name=None, overrides=[f"+{group}={name}"], run_mode=RunMode.RUN, from_shell=False)
+        config_name=None, overrides=[f"+{group}={name}"], run_mode=RunMode.RUN, from_shell=False
+    )
     return OmegaConf.select(composed, group.replace("/", "."))
 
 
@@ -151,8 +160,11 @@ def losses_for(kind: str, cfg: Any = None) -> list[str]:
 def parametric_losses(cfg: Any = None) -> list[str]:
     """Names of the catalogued losses whose ``_target_`` is a ParametricLoss subclass: the
     losses ``metaloss-meta`` can meta-train."""
-    return [n for n, t in _loss_catalogue(searchpath(cfg)).items()
-            if isinstance(t, type) and issubclass(t, ParametricLoss)]
+    return [
+        n
+        for n, t in _loss_catalogue(searchpath(cfg)).items()
+        if isinstance(t, type) and issubclass(t, ParametricLoss)
+    ]
 
 
 class LossDoesNotFitTask(ValueError):
@@ -196,7 +208,9 @@ def training_setup(cfg: Any) -> dict[str, Any]:
                 rec["option"] = None
         out[group] = rec
     overrides = OmegaConf.select(cfg, "meta_test.task_overrides")
-    out["task_overrides"] = dict(OmegaConf.to_container(overrides, resolve=True)) if overrides else {}
+    out["task_overrides"] = (
+        dict(OmegaConf.to_container(overrides, resolve=True)) if overrides else {}
+    )
     return out
 
 
@@ -212,8 +226,11 @@ def _show(v: Any) -> str:
 
 def _differences(recorded: Mapping[str, Any], current: Mapping[str, Any], prefix: str) -> list[str]:
     keys = list(dict.fromkeys([*recorded, *current]))
-    return [f"{prefix}.{k}: file {_show(recorded.get(k, _UNSET))}, this run {_show(current.get(k, _UNSET))}"
-            for k in keys if recorded.get(k, _UNSET) != current.get(k, _UNSET)]
+    return [
+        f"{prefix}.{k}: file {_show(recorded.get(k, _UNSET))}, this run {_show(current.get(k, _UNSET))}"
+        for k in keys
+        if recorded.get(k, _UNSET) != current.get(k, _UNSET)
+    ]
 
 
 def _recorded_overrides(group: str, rec: Mapping[str, Any], cfg: Any) -> str:
@@ -221,11 +238,19 @@ def _recorded_overrides(group: str, rec: Mapping[str, Any], cfg: Any) -> str:
     values that differ from that option's defaults."""
     config, name = dict(rec.get("config") or {}), rec.get("option")
     try:
-        defaults = dict(OmegaConf.to_container(load_option(group, name, cfg), resolve=True)) if name else {}
+        defaults = (
+            dict(OmegaConf.to_container(load_option(group, name, cfg), resolve=True))
+            if name
+            else {}
+        )
     except Exception:  # noqa: BLE001 - an option this run's sources lack: every value
         defaults = {}
     parts = [f"{group}={name}"] if name else []
-    parts += [f"{group}.{k}={_override_value(v)}" for k, v in config.items() if defaults.get(k, _UNSET) != v]
+    parts += [
+        f"{group}.{k}={_override_value(v)}"
+        for k, v in config.items()
+        if defaults.get(k, _UNSET) != v
+    ]
     return " ".join(parts)
 
 
@@ -247,32 +272,55 @@ def check_trained_task(loss: Any, task: Any, cfg: Any = None, loss_name: str | N
         now.pop("_partial_", None)
         trained = recorded.get("option") or meta.get("task") or recorded.get("target")
         if recorded.get("target") != target:
-            diffs = [f"task {trained!r} ({recorded.get('target')}) vs this run's {task.name!r} ({target})"]
+            diffs = [
+                f"task {trained!r} ({recorded.get('target')}) vs this run's {task.name!r} ({target})"
+            ]
             fix = _recorded_overrides("task", recorded, cfg)
         else:
             rec_config = recorded.get("config") or {}
             diffs = _differences(rec_config, now, "task")
-            fix = " ".join(f"task.{k}={_override_value(rec_config.get(k))}" for k in dict.fromkeys([*rec_config, *now])
-                           if rec_config.get(k, _UNSET) != now.get(k, _UNSET))
+            fix = " ".join(
+                f"task.{k}={_override_value(rec_config.get(k))}"
+                for k in dict.fromkeys([*rec_config, *now])
+                if rec_config.get(k, _UNSET) != now.get(k, _UNSET)
+            )
         fix = f"pass the task it was trained on ({fix}; metaloss-eval takes it from the file when task is unset)"
     elif meta.get("task") is not None:
-        diffs = ([f"task name: file {meta['task']!r}, this run {task.name!r}"] if meta["task"] != task.name else [])
-        trained, fix = meta["task"], f"pass task={meta['task']} (and the task settings it was trained with)"
+        diffs = (
+            [f"task name: file {meta['task']!r}, this run {task.name!r}"]
+            if meta["task"] != task.name
+            else []
+        )
+        trained, fix = (
+            meta["task"],
+            f"pass task={meta['task']} (and the task settings it was trained with)",
+        )
     else:
-        log.warning("learned loss %s does not record the task it was trained on; it cannot be checked "
-                    "against task %r", source, task.name)
+        log.warning(
+            "learned loss %s does not record the task it was trained on; it cannot be checked "
+            "against task %r",
+            source,
+            task.name,
+        )
         return
     if not diffs:
         return
     if getattr(loss, "allow_other_task", False):
-        log.warning("learned loss %s was meta-trained on task %s and is applied to task %r on purpose "
-                    "(allow_other_task): %s", source, trained, task.name, "; ".join(diffs[:5]))
+        log.warning(
+            "learned loss %s was meta-trained on task %s and is applied to task %r on purpose "
+            "(allow_other_task): %s",
+            source,
+            trained,
+            task.name,
+            "; ".join(diffs[:5]),
+        )
         return
     raise LearnedLossOtherTask(
         f"learned loss {source} was meta-trained on another task than this run's {task.name!r}: "
         f"{'; '.join(diffs[:8])}{'; ...' if len(diffs) > 8 else ''}. To evaluate it where it was trained, {fix}; "
         "to apply it to another task on purpose, set loss.allow_other_task=true (metaloss-eval: "
-        "allow_other_task=true)")
+        "allow_other_task=true)"
+    )
 
 
 def _override_value(v: Any) -> str:
@@ -293,7 +341,9 @@ def check_loss(loss: Any, task: Any, loss_name: str | None, cfg: Any = None) -> 
     check_loss_output(loss, task, loss_name)
 
 
-def setup_from_file(cfg: DictConfig, meta: Mapping[str, Any], given: set[str], source: str) -> DictConfig:
+def setup_from_file(
+    cfg: DictConfig, meta: Mapping[str, Any], given: set[str], source: str
+) -> DictConfig:
     """``cfg`` with the task, model and inner optimizer a learned-loss file records, for each
     of them the command line did not choose (``given``: the keys it set; ``task=...`` chooses
     the task, ``experiment`` chooses them all). A value the command line sets inside such a
@@ -313,7 +363,8 @@ def setup_from_file(cfg: DictConfig, meta: Mapping[str, Any], given: set[str], s
         raise LearnedLossOtherTask(
             f"{source} does not record the task it was trained on (written before metaloss recorded it; "
             f"it says only task={meta.get('task')!r}), and the command line sets no task: pass the task "
-            f"explicitly, e.g. task={meta.get('task') or '<name>'} (or experiment=<the experiment it came from>)")
+            f"explicitly, e.g. task={meta.get('task') or '<name>'} (or experiment=<the experiment it came from>)"
+        )
     command_line, cfg = cfg, cfg.copy()
     with open_dict(cfg):
         for group in wanted:
@@ -324,8 +375,10 @@ def setup_from_file(cfg: DictConfig, meta: Mapping[str, Any], given: set[str], s
             config = rec.get("config") or {}
             unknown = [k for k in config if k not in base]
             if unknown:
-                raise LearnedLossOtherTask(f"{source}: unknown key 'meta.setup.{group}.config.{unknown[0]}' for "
-                                           f"{group} {rec.get('target')!r} (its keys: {sorted(k for k in base if k != '_target_')})")
+                raise LearnedLossOtherTask(
+                    f"{source}: unknown key 'meta.setup.{group}.config.{unknown[0]}' for "
+                    f"{group} {rec.get('target')!r} (its keys: {sorted(k for k in base if k != '_target_')})"
+                )
             cfg[group] = OmegaConf.merge(base, config)
             for key in inside[group]:  # the command line's own values win over the file's
                 value = OmegaConf.select(command_line, key, default=_UNSET)
@@ -336,9 +389,17 @@ def setup_from_file(cfg: DictConfig, meta: Mapping[str, Any], given: set[str], s
                         node.pop(leaf)
                 else:
                     OmegaConf.update(cfg, key, value, merge=False, force_add=True)
-            log.info("%s from %s: %s=%s %s", group, source, group, rec.get("option") or rec.get("target"),
-                     " ".join(f"{k}={_override_value(v)}" for k, v in config.items()))
-        sets_overrides = any(k == "meta_test" or k.startswith("meta_test.task_overrides") for k in given)
+            log.info(
+                "%s from %s: %s=%s %s",
+                group,
+                source,
+                group,
+                rec.get("option") or rec.get("target"),
+                " ".join(f"{k}={_override_value(v)}" for k, v in config.items()),
+            )
+        sets_overrides = any(
+            k == "meta_test" or k.startswith("meta_test.task_overrides") for k in given
+        )
         if "task" in wanted and not sets_overrides and setup.get("task_overrides"):
             cfg.meta_test.task_overrides = dict(setup["task_overrides"])
     return cfg
@@ -352,8 +413,10 @@ def _option_for(group: str, rec: Mapping[str, Any], cfg: Any, source: str) -> Di
     name = _option_name(group, rec, cfg)
     if name is None:
         names = group_options(group, cfg)
-        raise LearnedLossOtherTask(f"{source} was trained with {group} {rec.get('target')!r}, which no {group} option "
-                                   f"of this run's config sources has ({', '.join(names)}); pass {group}=... explicitly")
+        raise LearnedLossOtherTask(
+            f"{source} was trained with {group} {rec.get('target')!r}, which no {group} option "
+            f"of this run's config sources has ({', '.join(names)}); pass {group}=... explicitly"
+        )
     return load_option(group, name, cfg)
 
 
@@ -387,7 +450,9 @@ def instantiate_loss(loss_cfg: Any, task: Any) -> Any:
     return instantiate(loss_cfg, **extra)
 
 
-def loss_option(name: str, task: Any, cfg: Any = None, overrides: Mapping[str, Any] | None = None) -> Any:
+def loss_option(
+    name: str, task: Any, cfg: Any = None, overrides: Mapping[str, Any] | None = None
+) -> Any:
     """Instantiate the loss option ``<name>`` of the run's search path for a task (e.g. a
     baseline named in ``compare:``), refusing unknown names and losses that do not fit.
     ``overrides``: hyper-parameters set over the option's (tuned values, metaloss.tune)."""
@@ -395,12 +460,18 @@ def loss_option(name: str, task: Any, cfg: Any = None, overrides: Mapping[str, A
     if overrides:
         # values over the option's own, never code: a `_target_` (or `_partial_`, `_args_`...)
         # here would make Hydra call whatever a tuned.json names
-        code = [k for k in overrides if not isinstance(k, str) or (k.startswith("_") and k.endswith("_"))]
+        code = [
+            k
+            for k in overrides
+            if not isinstance(k, str) or (k.startswith("_") and k.endswith("_"))
+        ]
         if code:
             from metaloss.errors import ConfigError
 
-            raise ConfigError(f"loss {name!r}: hyper-parameter overrides may not name code ({', '.join(map(str, code))}); "
-                              "only values are set over the loss option's own")
+            raise ConfigError(
+                f"loss {name!r}: hyper-parameter overrides may not name code ({', '.join(map(str, code))}); "
+                "only values are set over the loss option's own"
+            )
         option = OmegaConf.merge(option, dict(overrides))
     loss = instantiate_loss(option, task)
     check_loss_fits(loss, task.kind, task.name, name)
@@ -423,9 +494,13 @@ DEFAULT_BASELINES = {
 }
 
 
-def baselines_for(names: Any, task: Any, cfg: Any = None,
-                  overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+def baselines_for(
+    names: Any, task: Any, cfg: Any = None, overrides: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, Any]:
     """The `compare:` losses, instantiated for the task (null: the defaults for its kind),
     from the run's config sources (``cfg``: see :func:`searchpath`); ``overrides``: per loss
     name, hyper-parameters set over its option's (tuned baselines)."""
-    return {n: loss_option(n, task, cfg, (overrides or {}).get(n)) for n in (names or DEFAULT_BASELINES[task.kind])}
+    return {
+        n: loss_option(n, task, cfg, (overrides or {}).get(n))
+        for n in (names or DEFAULT_BASELINES[task.kind])
+    }

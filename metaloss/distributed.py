@@ -70,16 +70,21 @@ class Sharded:
     def __call__(self, problem: MetaProblem, meta: Params, batch: MetaBatch) -> HyperGrad:
         n = batch.x_train.shape[0]
         lo, hi = shard_bounds(n, self.world)
-        part = MetaBatch({k: v[lo:hi] for k, v in batch.theta0.items()}, *(t[lo:hi] for t in batch[1:]))
+        part = MetaBatch(
+            {k: v[lo:hi] for k, v in batch.theta0.items()}, *(t[lo:hi] for t in batch[1:])
+        )
         hg = self.method(problem, meta, part)
         weight = (hi - lo) / n
         keys = sorted(hg.grads)
-        flat = torch.cat([hg.loss.detach().reshape(1)] + [hg.grads[k].reshape(-1) for k in keys]) * weight
+        flat = (
+            torch.cat([hg.loss.detach().reshape(1)] + [hg.grads[k].reshape(-1) for k in keys])
+            * weight
+        )
         dist.all_reduce(flat)  # sum of weighted shares = mean over all tasks
         loss, pos, grads = flat[0], 1, {}
         for k in keys:
             size = hg.grads[k].numel()
-            grads[k] = flat[pos:pos + size].reshape(hg.grads[k].shape)
+            grads[k] = flat[pos : pos + size].reshape(hg.grads[k].shape)
             pos += size
         return HyperGrad(loss, grads)
 

@@ -63,14 +63,29 @@ class MetaLearner:
     in a row it stops with :class:`NonFiniteMetaGradient`, naming the likely cause.
     """
 
-    def __init__(self, loss: nn.Module, make_optimizer: Callable, *, learn_inner_lr: bool = False,
-                 inner_lr: float = 0.01, clip_grad_norm: float | None = None,
-                 max_bad_steps: int = 20) -> None:
+    def __init__(
+        self,
+        loss: nn.Module,
+        make_optimizer: Callable,
+        *,
+        learn_inner_lr: bool = False,
+        inner_lr: float = 0.01,
+        clip_grad_norm: float | None = None,
+        max_bad_steps: int = 20,
+    ) -> None:
         self.loss = loss
         ref = next(loss.parameters(), None)  # φ's device and dtype
-        self.log_lr = (nn.Parameter(torch.tensor(math.log(inner_lr), device=None if ref is None else ref.device,
-                                                 dtype=None if ref is None else ref.dtype))
-                       if learn_inner_lr else None)
+        self.log_lr = (
+            nn.Parameter(
+                torch.tensor(
+                    math.log(inner_lr),
+                    device=None if ref is None else ref.device,
+                    dtype=None if ref is None else ref.dtype,
+                )
+            )
+            if learn_inner_lr
+            else None
+        )
         self.params = dict(meta_params(loss, self.log_lr))
         check_finite_phi(self.params)
         self.optimizer = make_optimizer(list(self.params.values()))
@@ -85,22 +100,33 @@ class MetaLearner:
         self.max_bad_steps = max_bad_steps
         self.bad_steps = 0
         self.skipped = 0
-        self._last_bad: tuple[Any, Any, Any] | None = None  # (problem, hypergrad, batch) of the last skipped step
+        self._last_bad: tuple[Any, Any, Any] | None = (
+            None  # (problem, hypergrad, batch) of the last skipped step
+        )
 
     def step(self, problem: MetaProblem, hypergrad: Callable, batch: MetaBatch) -> dict[str, float]:
         hg = hypergrad(problem, self.params, batch)
-        finite = bool(torch.isfinite(hg.loss)) and all(bool(torch.isfinite(g).all()) for g in hg.grads.values())
+        finite = bool(torch.isfinite(hg.loss)) and all(
+            bool(torch.isfinite(g).all()) for g in hg.grads.values()
+        )
         if not finite:
             self.bad_steps += 1
             self.skipped += 1
             self._last_bad = (problem, hypergrad, batch)
             note = method_diagnosis(hypergrad)
-            log.warning("non-finite meta-loss/hypergradient (meta-loss %s): update skipped (%d in a row)%s",
-                        float(hg.loss), self.bad_steps, f" ({note[1]})" if note else "")
+            log.warning(
+                "non-finite meta-loss/hypergradient (meta-loss %s): update skipped (%d in a row)%s",
+                float(hg.loss),
+                self.bad_steps,
+                f" ({note[1]})" if note else "",
+            )
             if self.bad_steps >= self.max_bad_steps:
                 cause, advice = self.diagnose(problem, batch, hypergrad)
-                raise NonFiniteMetaGradient(f"{self.bad_steps} consecutive outer steps gave NaN/inf "
-                                            f"meta-losses or hypergradients. {advice}", cause)
+                raise NonFiniteMetaGradient(
+                    f"{self.bad_steps} consecutive outer steps gave NaN/inf "
+                    f"meta-losses or hypergradients. {advice}",
+                    cause,
+                )
             return {"meta/val_objective": float("nan"), "meta/skipped": float(self.skipped)}
         self.bad_steps = 0
         self.updates += 1
@@ -109,14 +135,21 @@ class MetaLearner:
         norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.clip or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out = {"meta/val_objective": float(hg.loss), "meta/grad_norm": float(norm),
-               "meta/skipped": float(self.skipped)}
+        out = {
+            "meta/val_objective": float(hg.loss),
+            "meta/grad_norm": float(norm),
+            "meta/skipped": float(self.skipped),
+        }
         if self.log_lr is not None:
             out["meta/inner_lr"] = float(self.log_lr.detach().exp())
         return out
 
-    def diagnose(self, problem: MetaProblem | None, batch: MetaBatch | None,
-                 hypergrad: Callable | None = None) -> tuple[str, str]:
+    def diagnose(
+        self,
+        problem: MetaProblem | None,
+        batch: MetaBatch | None,
+        hypergrad: Callable | None = None,
+    ) -> tuple[str, str]:
         """Why the meta-loss is not finite. If the hypergradient method names its own failure
         (a diverging Neumann series, every ES candidate diverged) and the inner training with
         the current φ is finite on this batch, that method's setting is to blame. Otherwise
@@ -126,20 +159,28 @@ class MetaLearner:
         at_init = _objective_or_nan(problem, self.initial, batch)
         note = method_diagnosis(hypergrad)
         if note is not None:
-            at_now = at_init if self.updates == 0 else _objective_or_nan(problem, detach(self.params), batch)
+            at_now = (
+                at_init
+                if self.updates == 0
+                else _objective_or_nan(problem, detach(self.params), batch)
+            )
             if math.isfinite(at_now):
-                return note[0], (f"The inner training with the current φ is finite on this batch (objective "
-                                 f"{at_now:.4g}), so the hypergradient method failed: {note[1]}. {note[2]}")
+                return note[0], (
+                    f"The inner training with the current φ is finite on this batch (objective "
+                    f"{at_now:.4g}), so the hypergradient method failed: {note[1]}. {note[2]}"
+                )
         if self.updates > 0 and math.isfinite(at_init):
             return "meta", (
                 f"With the initial φ this batch trains finitely (objective {at_init:.4g}), so the "
                 f"{self.updates} meta-updates moved φ into an unstable region: likely cause the META "
                 "learning rate. Lower meta_optim.lr (continue from the last good φ with "
-                "meta.resume_from=<run dir> meta_optim.lr=<smaller>) or lower meta.clip_grad_norm.")
+                "meta.resume_from=<run dir> meta_optim.lr=<smaller>) or lower meta.clip_grad_norm."
+            )
         return "inner", (
             "The inner training diverges even with "
             + ("the initial φ" if self.updates == 0 or not math.isfinite(at_init) else "this φ")
-            + ": likely cause the INNER learning rate. Lower optim.lr or meta.inner_steps.")
+            + ": likely cause the INNER learning rate. Lower optim.lr or meta.inner_steps."
+        )
 
     def finish(self) -> str | None:
         """Called after the last outer step: refuse a run in which no step produced a finite
@@ -163,10 +204,18 @@ class MetaLearner:
 
     def state_dict(self) -> dict:
         """A deep copy: later optimizer steps do not change a state taken earlier."""
-        return copy.deepcopy({"loss": self.loss.state_dict(), "optimizer": self.optimizer.state_dict(),
-                              "log_lr": None if self.log_lr is None else self.log_lr.detach().clone(),
-                              "counters": {"bad_steps": self.bad_steps, "skipped": self.skipped,
-                                           "updates": self.updates}})
+        return copy.deepcopy(
+            {
+                "loss": self.loss.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "log_lr": None if self.log_lr is None else self.log_lr.detach().clone(),
+                "counters": {
+                    "bad_steps": self.bad_steps,
+                    "skipped": self.skipped,
+                    "updates": self.updates,
+                },
+            }
+        )
 
     def load_state_dict(self, state: dict) -> None:
         self.loss.load_state_dict(state["loss"])
@@ -187,8 +236,10 @@ def check_finite_phi(params: Params) -> None:
     if bad:
         from metaloss.errors import ConfigError
 
-        raise ConfigError(f"the loss's initial meta-parameters {bad} hold NaN/inf values: nothing can be "
-                         "meta-trained from them (check the loss's initialisation or the file it was loaded from)")
+        raise ConfigError(
+            f"the loss's initial meta-parameters {bad} hold NaN/inf values: nothing can be "
+            "meta-trained from them (check the loss's initialisation or the file it was loaded from)"
+        )
 
 
 def method_diagnosis(hypergrad: Any) -> tuple[str, str, str] | None:
@@ -231,20 +282,24 @@ def finish_run(learner: Any) -> str | None:
         raise NonFiniteMetaGradient(
             f"every one of the {learner.bad_steps} outer steps gave NaN/inf meta-losses or hypergradients "
             f"(meta.max_bad_steps = {learner.max_bad_steps} was not reached, but no step produced a φ). {advice}",
-            cause)
-    msg = (f"meta-training ended on {learner.bad_steps} skipped outer step(s) in a row (NaN/inf); the learned "
-           f"loss is the last good step's φ ({learner.updates} good steps in all)")
+            cause,
+        )
+    msg = (
+        f"meta-training ended on {learner.bad_steps} skipped outer step(s) in a row (NaN/inf); the learned "
+        f"loss is the last good step's φ ({learner.updates} good steps in all)"
+    )
     log.warning(msg)
     return msg
 
 
 STALL_TOLERANCE = 0.01  # relative change of the objective over the run below which it "never moved"
-STALL_MIN_STEPS = 5     # finite objective values needed before a run can be called stalled
-FLAT_LOSS = 0.05        # |∂ℓ/∂ŷ| below this fraction of the objective's counts as a flat loss
+STALL_MIN_STEPS = 5  # finite objective values needed before a run can be called stalled
+FLAT_LOSS = 0.05  # |∂ℓ/∂ŷ| below this fraction of the objective's counts as a flat loss
 
 
-def stalled(values: Sequence[float], tol: float = STALL_TOLERANCE,
-            min_steps: int = STALL_MIN_STEPS) -> tuple[float, float, int] | None:
+def stalled(
+    values: Sequence[float], tol: float = STALL_TOLERANCE, min_steps: int = STALL_MIN_STEPS
+) -> tuple[float, float, int] | None:
     """``(start, end, n)`` when the run's ``n`` finite logged objectives did not move: the mean
     of the last third is within ``tol`` (relative) of the mean of the first third (thirds, so
     the per-step noise of fresh tasks and initialisations averages out); else None. A run
@@ -276,8 +331,14 @@ class _ObjectiveAsLoss(nn.Module):
         return self.objective(pred, target, **self.context)
 
 
-def explain_stall(problem: MetaProblem, meta: Params, batch: MetaBatch, *, num_classes: int | None = None,
-                  outer: str = "gradient") -> str:
+def explain_stall(
+    problem: MetaProblem,
+    meta: Params,
+    batch: MetaBatch,
+    *,
+    num_classes: int | None = None,
+    outer: str = "gradient",
+) -> str:
     """Why the objective does not move, measured on one task of ``batch``: does K steps of inner
     training with the learned φ change the validation objective at all (vs. the untrained
     model), would K steps with the *objective itself* as the inner loss (same optimizer and
@@ -293,7 +354,9 @@ def explain_stall(problem: MetaProblem, meta: Params, batch: MetaBatch, *, num_c
     ctx = problem.objective_context
 
     def objective(theta: Params, x, y) -> float:
-        return float(problem.objective(functional_call(problem.model, theta, (x,)), y, **ctx).mean())
+        return float(
+            problem.objective(functional_call(problem.model, theta, (x,)), y, **ctx).mean()
+        )
 
     def rel(a: float, b: float) -> float:
         return abs(a - b) / max(abs(b), 1e-12)
@@ -303,65 +366,107 @@ def explain_stall(problem: MetaProblem, meta: Params, batch: MetaBatch, *, num_c
         untrained, trained = objective(theta0, xv, yv), objective(theta, xv, yv)
         moved = _norm({k: theta[k] - theta0[k] for k in theta}) / max(_norm(theta0), 1e-30)
         ref_problem = dataclasses.replace(problem, loss=_ObjectiveAsLoss(problem.objective, ctx))
-        ref = objective(unroll(ref_problem, {} if lr is None else {LR_KEY: lr}, theta0, xt, yt), xv, yv)
+        ref = objective(
+            unroll(ref_problem, {} if lr is None else {LR_KEY: lr}, theta0, xt, yt), xv, yv
+        )
     pred = functional_call(problem.model, theta0, (xt[0],)).detach().requires_grad_(True)
-    g_loss = torch.autograd.grad(functional_call(problem.loss, phi, (pred, yt[0]),
-                                                 loss_context(problem.class_counts, xt[0], 0.0)).mean(), pred)[0]
+    g_loss = torch.autograd.grad(
+        functional_call(
+            problem.loss, phi, (pred, yt[0]), loss_context(problem.class_counts, xt[0], 0.0)
+        ).mean(),
+        pred,
+    )[0]
     g_obj = torch.autograd.grad(problem.objective(pred, yt[0], **ctx).mean(), pred)[0]
     ratio = float(g_loss.norm()) / max(float(g_obj.norm()), 1e-30)
-    k, inner_lr = problem.inner_steps, (float(lr.exp()) if lr is not None else problem.inner_opt.hparams.get("lr"))
+    k, inner_lr = (
+        problem.inner_steps,
+        (float(lr.exp()) if lr is not None else problem.inner_opt.hparams.get("lr")),
+    )
     budget = f"optim.lr (now {inner_lr:g}) or meta.inner_steps (now {k})"
-    chance = (f"; chance level for {num_classes} classes is ln {num_classes} = {math.log(num_classes):.4f}"
-              if num_classes and abs(untrained - math.log(num_classes)) < 0.02 * math.log(num_classes) else "")
+    chance = (
+        f"; chance level for {num_classes} classes is ln {num_classes} = {math.log(num_classes):.4f}"
+        if num_classes and abs(untrained - math.log(num_classes)) < 0.02 * math.log(num_classes)
+        else ""
+    )
     if rel(trained, untrained) > STALL_TOLERANCE:
         step = "meta_optim.sigma0" if outer == "cmaes" else "meta_optim.lr"
-        return (f"The inner training does change the objective ({untrained:.4g} untrained -> {trained:.4g} after K={k} "
-                f"steps) but the meta-updates do not move it: raise {step} or meta.steps.")
-    out = (f"Likely cause: the inner models do not learn. After K={k} inner steps the validation objective is "
-           f"{trained:.4g}, the same as the untrained models' ({untrained:.4g}{chance}); θ moved "
-           f"{100 * moved:.3g}% of its norm.")
+        return (
+            f"The inner training does change the objective ({untrained:.4g} untrained -> {trained:.4g} after K={k} "
+            f"steps) but the meta-updates do not move it: raise {step} or meta.steps."
+        )
+    out = (
+        f"Likely cause: the inner models do not learn. After K={k} inner steps the validation objective is "
+        f"{trained:.4g}, the same as the untrained models' ({untrained:.4g}{chance}); θ moved "
+        f"{100 * moved:.3g}% of its norm."
+    )
     flat = ratio < FLAT_LOSS
-    fit = "loss.fit_to=ce (or mse)" if "fit_to" in getattr(problem.loss, "init_kwargs", {}) else "a known loss"
+    fit = (
+        "loss.fit_to=ce (or mse)"
+        if "fit_to" in getattr(problem.loss, "init_kwargs", {})
+        else "a known loss"
+    )
     if rel(ref, untrained) <= STALL_TOLERANCE:
-        out += (f" The inner budget is too small for ANY loss: even the objective itself as the inner loss gives "
-                f"{ref:.4g} after the same K={k} steps (φ would have to find far larger gradients on its own); "
-                f"raise {budget}.")
+        out += (
+            f" The inner budget is too small for ANY loss: even the objective itself as the inner loss gives "
+            f"{ref:.4g} after the same K={k} steps (φ would have to find far larger gradients on its own); "
+            f"raise {budget}."
+        )
         if flat:
-            out += (f" The learned loss is also nearly flat in the predictions (its gradient w.r.t. them is "
-                    f"{100 * ratio:.3g}% of the objective's): start φ from {fit} too.")
+            out += (
+                f" The learned loss is also nearly flat in the predictions (its gradient w.r.t. them is "
+                f"{100 * ratio:.3g}% of the objective's): start φ from {fit} too."
+            )
         return out
     if flat:
-        return out + (f" The learned loss is nearly flat in the predictions: its gradient w.r.t. them is "
-                      f"{100 * ratio:.3g}% of the objective's (K steps with the objective itself as the loss reach "
-                      f"{ref:.4g}), so the hypergradient is tiny too. Start φ from {fit}, or raise {budget}.")
-    return out + (f" With the objective itself as the inner loss the same K steps reach {ref:.4g}: the learned loss "
-                  f"(gradient {100 * ratio:.3g}% of the objective's) does not train the models. Start φ from {fit}, "
-                  f"or raise {budget}.")
+        return out + (
+            f" The learned loss is nearly flat in the predictions: its gradient w.r.t. them is "
+            f"{100 * ratio:.3g}% of the objective's (K steps with the objective itself as the loss reach "
+            f"{ref:.4g}), so the hypergradient is tiny too. Start φ from {fit}, or raise {budget}."
+        )
+    return out + (
+        f" With the objective itself as the inner loss the same K steps reach {ref:.4g}: the learned loss "
+        f"(gradient {100 * ratio:.3g}% of the objective's) does not train the models. Start φ from {fit}, "
+        f"or raise {budget}."
+    )
 
 
-def check_progress(objectives: Sequence[float], problem: MetaProblem, meta: Params,
-                   sample: Callable[[], MetaBatch], *, num_classes: int | None = None,
-                   outer: str = "gradient", initial: Params | None = None) -> str | None:
+def check_progress(
+    objectives: Sequence[float],
+    problem: MetaProblem,
+    meta: Params,
+    sample: Callable[[], MetaBatch],
+    *,
+    num_classes: int | None = None,
+    outer: str = "gradient",
+    initial: Params | None = None,
+) -> str | None:
     """At the end of meta-training: a warning (logged and returned) when the logged
     ``meta/val_objective`` never moved, or φ is exactly its start (``initial``: every
     hypergradient was zero — on a task family the objective's step-to-step noise can hide
     that), naming the likely cause; None otherwise. ``sample`` draws a batch for the
     explanation (only called when the run stalled)."""
     found = stalled(objectives)
-    unchanged = (initial is not None and any(math.isfinite(v) for v in objectives)
-                 and all(torch.equal(initial[k], meta[k].detach().to(initial[k].device)) for k in initial))
+    unchanged = (
+        initial is not None
+        and any(math.isfinite(v) for v in objectives)
+        and all(torch.equal(initial[k], meta[k].detach().to(initial[k].device)) for k in initial)
+    )
     if found is None and not unchanged:
         return None
     if found is not None:
         start, end, n = found
         w = max(1, n // 3)
-        msg = (f"meta-training did not move the objective: meta/val_objective averaged {start:.5g} over the first "
-               f"{w} and {end:.5g} over the last {w} of {n} outer steps (a {100 * abs(end - start) / abs(start):.2g}% "
-               f"change, under {100 * STALL_TOLERANCE:g}%), so φ is no better than its start"
-               + (" (it did not change at all: every hypergradient was zero)." if unchanged else "."))
+        msg = (
+            f"meta-training did not move the objective: meta/val_objective averaged {start:.5g} over the first "
+            f"{w} and {end:.5g} over the last {w} of {n} outer steps (a {100 * abs(end - start) / abs(start):.2g}% "
+            f"change, under {100 * STALL_TOLERANCE:g}%), so φ is no better than its start"
+            + (" (it did not change at all: every hypergradient was zero)." if unchanged else ".")
+        )
     else:
-        msg = (f"meta-training did not change φ: after {len(objectives)} outer steps every meta-parameter equals its "
-               "start (every hypergradient was zero), so the learned loss is the initial one.")
+        msg = (
+            f"meta-training did not change φ: after {len(objectives)} outer steps every meta-parameter equals its "
+            "start (every hypergradient was zero), so the learned loss is the initial one."
+        )
     try:
         msg += " " + explain_stall(problem, meta, sample(), num_classes=num_classes, outer=outer)
     except Exception as e:  # the warning must not fail a finished run
@@ -370,9 +475,15 @@ def check_progress(objectives: Sequence[float], problem: MetaProblem, meta: Para
     return msg
 
 
-def offline_steps(learner: MetaLearner, problem: MetaProblem, hypergrad: Callable,
-                  sample: Callable[[], MetaBatch], *, steps: int, start: int = 0
-                  ) -> Iterator[tuple[int, dict[str, float]]]:
+def offline_steps(
+    learner: MetaLearner,
+    problem: MetaProblem,
+    hypergrad: Callable,
+    sample: Callable[[], MetaBatch],
+    *,
+    steps: int,
+    start: int = 0,
+) -> Iterator[tuple[int, dict[str, float]]]:
     """``steps`` outer updates, each on a fresh meta-batch from ``sample()``."""
     for step in range(start, steps):
         yield step + 1, learner.step(problem, hypergrad, sample())
@@ -388,16 +499,25 @@ class OnlineState:
     sampler: BatchSampler
 
     @classmethod
-    def fresh(cls, problem: MetaProblem, task: Task, factory: Callable, batch_size: int | None,
-              gen: torch.Generator) -> OnlineState:
+    def fresh(
+        cls,
+        problem: MetaProblem,
+        task: Task,
+        factory: Callable,
+        batch_size: int | None,
+        gen: torch.Generator,
+    ) -> OnlineState:
         seed = int(torch.randint(2**31 - 1, (), generator=gen))
         theta = {k: v[0] for k, v in stacked_init(factory, task, [seed]).items()}
-        return cls(theta, problem.inner_opt.init(theta), BatchSampler(len(task.x_train), batch_size, gen))
+        return cls(
+            theta, problem.inner_opt.init(theta), BatchSampler(len(task.x_train), batch_size, gen)
+        )
 
     def state_dict(self) -> dict:
         opt = self.opt_state._asdict() if hasattr(self.opt_state, "_asdict") else self.opt_state
-        return copy.deepcopy({"theta": detach(self.theta), "opt_state": opt,
-                              "sampler": self.sampler.state_dict()})
+        return copy.deepcopy(
+            {"theta": detach(self.theta), "opt_state": opt, "sampler": self.sampler.state_dict()}
+        )
 
     def load_state_dict(self, state: dict) -> None:
         ref = next(iter(self.theta.values()))  # checkpoints load on the CPU: back to θ's device
@@ -414,9 +534,19 @@ class OnlineState:
         self.sampler.load_state_dict(state["sampler"])
 
 
-def online_steps(learner: MetaLearner, problem: MetaProblem, hypergrad: Callable, task: Task,
-                 state: OnlineState, *, steps: int, update_every: int, val_batch: int | None,
-                 gen: torch.Generator, start: int = 0) -> Iterator[tuple[int, dict[str, float]]]:
+def online_steps(
+    learner: MetaLearner,
+    problem: MetaProblem,
+    hypergrad: Callable,
+    task: Task,
+    state: OnlineState,
+    *,
+    steps: int,
+    update_every: int,
+    val_batch: int | None,
+    gen: torch.Generator,
+    start: int = 0,
+) -> Iterator[tuple[int, dict[str, float]]]:
     """One real training run of ``steps`` base steps with the loss updated along the way.
     ``state`` is updated in place at every yield, so the caller can checkpoint it."""
     opt = problem.inner_opt
@@ -427,15 +557,25 @@ def online_steps(learner: MetaLearner, problem: MetaProblem, hypergrad: Callable
         theta = state.theta
         if step % update_every == 0:
             look = [next(it) for _ in range(k_look)]
-            vidx = (torch.randint(len(task.x_val), (val_batch,), generator=gen)
-                    if val_batch and val_batch < len(task.x_val) else torch.arange(len(task.x_val)))
-            batch = MetaBatch({k: v[None] for k, v in theta.items()},
-                              torch.stack([task.x_train[i] for i in look])[None],
-                              torch.stack([task.y_train[i] for i in look])[None],
-                              task.x_val[vidx][None], task.y_val[vidx][None])
+            vidx = (
+                torch.randint(len(task.x_val), (val_batch,), generator=gen)
+                if val_batch and val_batch < len(task.x_val)
+                else torch.arange(len(task.x_val))
+            )
+            batch = MetaBatch(
+                {k: v[None] for k, v in theta.items()},
+                torch.stack([task.x_train[i] for i in look])[None],
+                torch.stack([task.y_train[i] for i in look])[None],
+                task.x_val[vidx][None],
+                task.y_val[vidx][None],
+            )
             metrics = learner.step(problem, hypergrad, batch)
         idx = next(it)
-        phi = {k[len(LOSS_PREFIX):]: v.detach() for k, v in learner.params.items() if k.startswith(LOSS_PREFIX)}
+        phi = {
+            k[len(LOSS_PREFIX) :]: v.detach()
+            for k, v in learner.params.items()
+            if k.startswith(LOSS_PREFIX)
+        }
         g = grad_theta(problem, theta, phi, task.x_train[idx], task.y_train[idx], step / steps)
         kw = {} if LR_KEY not in learner.params else {"lr": learner.params[LR_KEY].detach().exp()}
         state.theta, state.opt_state = opt.update(detach(g), state.opt_state, theta, **kw)

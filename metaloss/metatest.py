@@ -30,13 +30,30 @@ Results = dict[str, dict[str, list[float]]]  # {loss: {metric: [value per seed]}
 PAIRED_TEST = "paired t-test (scipy.stats.ttest_rel, two-sided)"
 
 
-def _train_one(task: Task, factory: Callable, loss: Callable, make_optimizer: Callable, *,
-               steps: int, batch_size: int | None, seed: int, where: str) -> dict[str, float] | None:
+def _train_one(
+    task: Task,
+    factory: Callable,
+    loss: Callable,
+    make_optimizer: Callable,
+    *,
+    steps: int,
+    batch_size: int | None,
+    seed: int,
+    where: str,
+) -> dict[str, float] | None:
     """Final metrics of one fresh model, or None if its training loss diverged."""
     model = build_model(factory, task, seed)
     try:
-        return train_model(task, model, loss, make_optimizer, steps=steps, batch_size=batch_size,
-                           seed=seed, progress=False)
+        return train_model(
+            task,
+            model,
+            loss,
+            make_optimizer,
+            steps=steps,
+            batch_size=batch_size,
+            seed=seed,
+            progress=False,
+        )
     except NonFiniteLoss as e:
         log.warning("meta-test: %s diverged (%s); recorded as NaN", where, e)
         return None
@@ -51,10 +68,18 @@ def _seed_value(per_task: list[dict[str, float] | None], key: str) -> float:
     return float(np.mean(vals))
 
 
-def compare_losses(tasks_for_seed: Callable[[int], Sequence[Task]], factory: Callable,
-                   losses: dict[str, Callable], make_optimizer: Callable, *, seeds: Sequence[int],
-                   steps: int, batch_size: int | None, progress: bool = True,
-                   vectorised: InnerOptimizer | None = None) -> Results:
+def compare_losses(
+    tasks_for_seed: Callable[[int], Sequence[Task]],
+    factory: Callable,
+    losses: dict[str, Callable],
+    make_optimizer: Callable,
+    *,
+    seeds: Sequence[int],
+    steps: int,
+    batch_size: int | None,
+    progress: bool = True,
+    vectorised: InnerOptimizer | None = None,
+) -> Results:
     """``{loss: {metric: [value per seed]}}``; a seed's value is the mean over its tasks.
 
     Every loss gets the same metric keys — derived from the task kind
@@ -70,10 +95,21 @@ def compare_losses(tasks_for_seed: Callable[[int], Sequence[Task]], factory: Cal
     if not seeds:
         raise ValueError("the meta-test needs at least one seed")
     if vectorised is not None:
-        return _compare_vectorised(tasks_for_seed, factory, losses, make_optimizer, vectorised, seeds=seeds,
-                                   steps=steps, batch_size=batch_size, progress=progress)
+        return _compare_vectorised(
+            tasks_for_seed,
+            factory,
+            losses,
+            make_optimizer,
+            vectorised,
+            seeds=seeds,
+            steps=steps,
+            batch_size=batch_size,
+            progress=progress,
+        )
     results: Results = {}
-    bar = tqdm(total=len(seeds) * len(losses), desc="meta-test", disable=not progress, mininterval=1.0)
+    bar = tqdm(
+        total=len(seeds) * len(losses), desc="meta-test", disable=not progress, mininterval=1.0
+    )
     for seed in seeds:
         tasks = list(tasks_for_seed(seed))
         if not results:
@@ -83,9 +119,19 @@ def compare_losses(tasks_for_seed: Callable[[int], Sequence[Task]], factory: Cal
         for name, loss in losses.items():
             bar.set_postfix(loss=name, seed=seed, refresh=False)
             # model init and batch order depend on (seed, task) only: identical for every loss
-            per_task = [_train_one(task, factory, loss, make_optimizer, steps=steps, batch_size=batch_size,
-                                   seed=seed * 1000 + i, where=f"loss {name!r} on seed {seed} task {i}")
-                        for i, task in enumerate(tasks)]
+            per_task = [
+                _train_one(
+                    task,
+                    factory,
+                    loss,
+                    make_optimizer,
+                    steps=steps,
+                    batch_size=batch_size,
+                    seed=seed * 1000 + i,
+                    where=f"loss {name!r} on seed {seed} task {i}",
+                )
+                for i, task in enumerate(tasks)
+            ]
             _record_seed(results[name], keys, name, seed, per_task)
             bar.update()
     bar.close()
@@ -99,10 +145,24 @@ def _check_contract(losses: dict[str, Callable], task: Task) -> None:
         check_loss_output(loss, task, name)
 
 
-def _compare_vectorised(tasks_for_seed, factory, losses, make_optimizer, inner_opt, *, seeds, steps,
-                        batch_size, progress) -> Results:
+def _compare_vectorised(
+    tasks_for_seed,
+    factory,
+    losses,
+    make_optimizer,
+    inner_opt,
+    *,
+    seeds,
+    steps,
+    batch_size,
+    progress,
+) -> Results:
     per_seed = [list(tasks_for_seed(seed)) for seed in seeds]
-    members = [(task, seed * 1000 + i) for seed, tasks in zip(seeds, per_seed) for i, task in enumerate(tasks)]
+    members = [
+        (task, seed * 1000 + i)
+        for seed, tasks in zip(seeds, per_seed)
+        for i, task in enumerate(tasks)
+    ]
     keys = train_result_names(per_seed[0][0].kind)
     results: Results = {name: {k: [] for k in keys} for name in losses}
     _check_contract(losses, per_seed[0][0])
@@ -110,45 +170,87 @@ def _compare_vectorised(tasks_for_seed, factory, losses, make_optimizer, inner_o
     for name, loss in losses.items():
         bar.set_postfix(loss=name, refresh=False)
         try:
-            flat = train_many([t for t, _ in members], [s for _, s in members], factory, loss, inner_opt,
-                              steps=steps, batch_size=batch_size)
+            flat = train_many(
+                [t for t, _ in members],
+                [s for _, s in members],
+                factory,
+                loss,
+                inner_opt,
+                steps=steps,
+                batch_size=batch_size,
+            )
         except Exception as e:  # e.g. a loss with data-dependent Python control flow
-            log.warning("meta-test: loss %r cannot be trained under vmap (%s: %s); falling back to the "
-                        "per-model loop for it", name, type(e).__name__, str(e).splitlines()[0][:200])
-            flat = [_train_one(task, factory, loss, make_optimizer, steps=steps, batch_size=batch_size,
-                               seed=s, where=f"loss {name!r} task seed {s}") for task, s in members]
+            log.warning(
+                "meta-test: loss %r cannot be trained under vmap (%s: %s); falling back to the "
+                "per-model loop for it",
+                name,
+                type(e).__name__,
+                str(e).splitlines()[0][:200],
+            )
+            flat = [
+                _train_one(
+                    task,
+                    factory,
+                    loss,
+                    make_optimizer,
+                    steps=steps,
+                    batch_size=batch_size,
+                    seed=s,
+                    where=f"loss {name!r} task seed {s}",
+                )
+                for task, s in members
+            ]
         pos = 0
         for seed, tasks in zip(seeds, per_seed):
-            per_task = flat[pos:pos + len(tasks)]
+            per_task = flat[pos : pos + len(tasks)]
             pos += len(tasks)
             for i, m in enumerate(per_task):
                 if m is None:
-                    log.warning("meta-test: loss %r diverged on seed %d task %d; recorded as NaN", name, seed, i)
+                    log.warning(
+                        "meta-test: loss %r diverged on seed %d task %d; recorded as NaN",
+                        name,
+                        seed,
+                        i,
+                    )
             _record_seed(results[name], keys, name, seed, per_task)
         bar.update()
     bar.close()
     return results
 
 
-def _record_seed(record: dict[str, list[float]], keys: list[str], name: str, seed: int,
-                 per_task: list[dict[str, float] | None]) -> None:
+def _record_seed(
+    record: dict[str, list[float]],
+    keys: list[str],
+    name: str,
+    seed: int,
+    per_task: list[dict[str, float] | None],
+) -> None:
     """Append one seed's value (the mean over its tasks, NaN if any diverged) to every metric."""
     for k in keys:
         record[k].append(_seed_value(per_task, k))
     _warn_partial(name, seed, per_task, record)
 
 
-def _warn_partial(name: str, seed: int, per_task: list[dict[str, float] | None],
-                  record: dict[str, list[float]]) -> None:
+def _warn_partial(
+    name: str, seed: int, per_task: list[dict[str, float] | None], record: dict[str, list[float]]
+) -> None:
     bad = [k for k, v in record.items() if math.isnan(v[-1])]
     if not bad:
         return
     failed = sum(m is None for m in per_task)
     if 0 < failed < len(per_task):
-        log.warning("meta-test: loss %r seed %d: %d/%d tasks diverged; the seed is recorded as NaN, "
-                    "not as the mean of the other tasks", name, seed, failed, len(per_task))
+        log.warning(
+            "meta-test: loss %r seed %d: %d/%d tasks diverged; the seed is recorded as NaN, "
+            "not as the mean of the other tasks",
+            name,
+            seed,
+            failed,
+            len(per_task),
+        )
     elif failed == 0:
-        log.warning("meta-test: loss %r seed %d: non-finite %s; recorded as NaN", name, seed, ", ".join(bad))
+        log.warning(
+            "meta-test: loss %r seed %d: non-finite %s; recorded as NaN", name, seed, ", ".join(bad)
+        )
 
 
 def welch(a: Sequence[float], b: Sequence[float]) -> float:
@@ -181,7 +283,14 @@ def paired(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> 
     d = np.asarray(a, float) - np.asarray(b, float)
     n = len(d)
     nan = float("nan")
-    out = {"n": n, "mean_difference": nan, "ci_low": nan, "ci_high": nan, "cohens_dz": nan, "p_value": nan}
+    out = {
+        "n": n,
+        "mean_difference": nan,
+        "ci_low": nan,
+        "ci_high": nan,
+        "cohens_dz": nan,
+        "p_value": nan,
+    }
     if n == 0 or not np.isfinite(d).all():
         return out
     mean = float(d.mean())
@@ -192,12 +301,23 @@ def paired(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> 
     # float rounding leaves ~1e-16 spread in differences that are equal on paper
     if sd <= 1e-12 * float(np.abs(d).max()):
         zero = float(np.abs(d).max()) == 0.0
-        return {**out, "ci_low": mean, "ci_high": mean, "p_value": 1.0 if zero else min(1.0, 2.0 / 2 ** n),
-                "cohens_dz": 0.0 if zero else math.copysign(math.inf, mean)}
+        return {
+            **out,
+            "ci_low": mean,
+            "ci_high": mean,
+            "p_value": 1.0 if zero else min(1.0, 2.0 / 2**n),
+            "cohens_dz": 0.0 if zero else math.copysign(math.inf, mean),
+        }
     se = sd / math.sqrt(n)
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * se
     p = 2 * float(stats.t.sf(abs(mean / se), n - 1))  # = scipy.stats.ttest_rel(a, b).pvalue
-    return {**out, "ci_low": mean - half, "ci_high": mean + half, "cohens_dz": mean / sd, "p_value": p}
+    return {
+        **out,
+        "ci_low": mean - half,
+        "ci_high": mean + half,
+        "cohens_dz": mean / sd,
+        "p_value": p,
+    }
 
 
 def _n_bad(values: Sequence[float]) -> int:
@@ -222,18 +342,25 @@ def holm(p_values: dict[str, float]) -> dict[str, float]:
     return out
 
 
-VERDICT_RULE = ("The reference baseline is the one with the best mean on {select} (the validation "
-                "split: chosen before any test value is read), among baselines without NaN. The learned "
-                "loss is compared with every such baseline by a paired t-test over seeds; the p-values are "
-                "Holm-adjusted over those {k} comparisons, and the verdict is the reference's comparison at "
-                "Holm-adjusted p < {alpha}. Holm's procedure keeps the chance of any wrong claim (better or "
-                "worse, about any baseline) at most {alpha} when all losses are truly equal; simulated with 4 "
-                "baselines and 5 seeds, 'significantly worse' came out 1.4% and 'significantly better' 0.03% "
-                "of the time (nominal {half} each).")
+VERDICT_RULE = (
+    "The reference baseline is the one with the best mean on {select} (the validation "
+    "split: chosen before any test value is read), among baselines without NaN. The learned "
+    "loss is compared with every such baseline by a paired t-test over seeds; the p-values are "
+    "Holm-adjusted over those {k} comparisons, and the verdict is the reference's comparison at "
+    "Holm-adjusted p < {alpha}. Holm's procedure keeps the chance of any wrong claim (better or "
+    "worse, about any baseline) at most {alpha} when all losses are truly equal; simulated with 4 "
+    "baselines and 5 seeds, 'significantly worse' came out 1.4% and 'significantly better' 0.03% "
+    "of the time (nominal {half} each)."
+)
 
 
-def significance(results: Results, metric: str, learned: str = "learned", alpha: float = 0.05,
-                 select_on: str | None = None) -> dict:
+def significance(
+    results: Results,
+    metric: str,
+    learned: str = "learned",
+    alpha: float = 0.05,
+    select_on: str | None = None,
+) -> dict:
     """Learned loss vs a reference baseline on ``metric``, the reference decided before any
     test value is read.
 
@@ -261,14 +388,18 @@ def significance(results: Results, metric: str, learned: str = "learned", alpha:
     n = len(results[learned].get(metric, ()))
     for name, r in results.items():  # compare_losses guarantees this; hand-made results may not
         if metric not in r or len(r[metric]) != n:
-            raise ValueError(f"cannot pair seeds on {metric!r}: {name!r} has {len(r.get(metric, ()))} "
-                             f"values, {learned!r} has {n} (metrics of {name!r}: {sorted(r)})")
+            raise ValueError(
+                f"cannot pair seeds on {metric!r}: {name!r} has {len(r.get(metric, ()))} "
+                f"values, {learned!r} has {n} (metrics of {name!r}: {sorted(r)})"
+            )
     higher = HIGHER_IS_BETTER.get(metric.split("/")[-1], True)
     twin = "val/" + metric.split("/", 1)[-1]
     if select_on is None:
         select_on = twin if all(len(r.get(twin, ())) == n for r in results.values()) else metric
     if HIGHER_IS_BETTER.get(select_on.split("/")[-1], True) != higher:
-        raise ValueError(f"select_on={select_on!r} and metric={metric!r} rank in opposite directions")
+        raise ValueError(
+            f"select_on={select_on!r} and metric={metric!r} rank in opposite directions"
+        )
     ours = list(results[learned][metric])
     baselines = {name: list(r[metric]) for name, r in results.items() if name != learned}
     diverged = {name: _n_bad(v) for name, v in baselines.items() if _n_bad(v)}
@@ -276,31 +407,62 @@ def significance(results: Results, metric: str, learned: str = "learned", alpha:
     # among those that also have one on the selection metric
     family = [name for name in baselines if name not in diverged]
     unselectable = [name for name in family if _n_bad(results[name][select_on])]
-    selection = {name: _finite_mean(results[name][select_on]) for name in family if name not in unselectable}
+    selection = {
+        name: _finite_mean(results[name][select_on]) for name in family if name not in unselectable
+    }
     best = (max if higher else min)(selection, key=selection.get) if selection else None
     theirs = baselines[best] if best else []
     level = 1 - alpha  # the interval excludes 0 exactly when the two-sided p < alpha
     stats_ = paired(ours, theirs, confidence=level) if best else paired([], [])
     raw = {name: paired(ours, baselines[name], confidence=level)["p_value"] for name in family}
-    adjusted = holm({k: v for k, v in raw.items() if not math.isnan(v)}) if not _n_bad(ours) and n >= 2 else {}
-    pairwise = {name: {"difference": _finite_mean(ours) - _finite_mean(baselines[name]), "p_value": raw[name],
-                       "p_value_holm": adjusted.get(name, float("nan"))} for name in family}
+    adjusted = (
+        holm({k: v for k, v in raw.items() if not math.isnan(v)})
+        if not _n_bad(ours) and n >= 2
+        else {}
+    )
+    pairwise = {
+        name: {
+            "difference": _finite_mean(ours) - _finite_mean(baselines[name]),
+            "p_value": raw[name],
+            "p_value_holm": adjusted.get(name, float("nan")),
+        }
+        for name in family
+    }
     for row in pairwise.values():
         row["verdict"] = direction(row["p_value_holm"], row["difference"], higher, alpha)
-    sig = {"metric": metric, "higher_is_better": higher, "n_seeds": n, "best_baseline": best,
-           "selected_on": select_on, "selection_means": selection, "unselectable_baselines": unselectable,
-           "learned_mean": _finite_mean(ours), "learned_n_nan": _n_bad(ours),
-           "best_baseline_mean": _finite_mean(theirs) if best else float("nan"),
-           "diverged_baselines": diverged,
-           "difference": stats_["mean_difference"], "ci_low": stats_["ci_low"], "ci_high": stats_["ci_high"],
-           "ci_level": level, "cohens_dz": stats_["cohens_dz"],
-           "p_value": stats_["p_value"], "p_value_holm": pairwise[best]["p_value_holm"] if best else float("nan"),
-           "p_value_welch": welch(ours, theirs) if best else float("nan"),
-           "pairwise": pairwise, "alpha": alpha, "test": PAIRED_TEST + ", Holm-adjusted over the baselines",
-           "verdict_rule": VERDICT_RULE.format(select=select_on, k=len(family), alpha=alpha,
-                                               half=f"{alpha / 2:g}")
-           + ("" if select_on != metric else " (These results carry no validation values: the reference was "
-              "chosen on the test metric itself, which is not a pre-declared choice.)")}
+    sig = {
+        "metric": metric,
+        "higher_is_better": higher,
+        "n_seeds": n,
+        "best_baseline": best,
+        "selected_on": select_on,
+        "selection_means": selection,
+        "unselectable_baselines": unselectable,
+        "learned_mean": _finite_mean(ours),
+        "learned_n_nan": _n_bad(ours),
+        "best_baseline_mean": _finite_mean(theirs) if best else float("nan"),
+        "diverged_baselines": diverged,
+        "difference": stats_["mean_difference"],
+        "ci_low": stats_["ci_low"],
+        "ci_high": stats_["ci_high"],
+        "ci_level": level,
+        "cohens_dz": stats_["cohens_dz"],
+        "p_value": stats_["p_value"],
+        "p_value_holm": pairwise[best]["p_value_holm"] if best else float("nan"),
+        "p_value_welch": welch(ours, theirs) if best else float("nan"),
+        "pairwise": pairwise,
+        "alpha": alpha,
+        "test": PAIRED_TEST + ", Holm-adjusted over the baselines",
+        "verdict_rule": VERDICT_RULE.format(
+            select=select_on, k=len(family), alpha=alpha, half=f"{alpha / 2:g}"
+        )
+        + (
+            ""
+            if select_on != metric
+            else " (These results carry no validation values: the reference was "
+            "chosen on the test metric itself, which is not a pre-declared choice.)"
+        ),
+    }
     sig["verdict"] = _verdict(sig, n_baselines=len(baselines))
     return sig
 
@@ -329,13 +491,17 @@ def _verdict(sig: dict, n_baselines: int) -> str:
         return "undefined: no baseline to compare with"
     if sig["best_baseline"] is None:
         if sig.get("unselectable_baselines"):
-            return (f"undefined: no baseline has finite {sig['selected_on']} values on every seed to be chosen as "
-                    f"the reference ({', '.join(sig['unselectable_baselines'])} diverged there)")
+            return (
+                f"undefined: no baseline has finite {sig['selected_on']} values on every seed to be chosen as "
+                f"the reference ({', '.join(sig['unselectable_baselines'])} diverged there)"
+            )
         which = ", ".join(f"{k} {v}/{n}" for k, v in sig["diverged_baselines"].items())
         return f"undefined: every baseline diverged on some seed ({which})"
     if n < 2:
         return f"undefined: a paired t-test needs at least 2 seeds, got {n}"
     p = sig["p_value_holm"]
-    if math.isnan(p):  # not expected once the cases above are excluded; never pass it off as "no difference"
+    if math.isnan(
+        p
+    ):  # not expected once the cases above are excluded; never pass it off as "no difference"
         return "undefined: the paired t-test is undefined on these values"
     return direction(p, sig["difference"], sig["higher_is_better"], sig["alpha"])

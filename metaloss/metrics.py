@@ -48,8 +48,15 @@ def _macro_f1(pred: Tensor, y: Tensor, c: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(kind: str, out: Tensor, y: Tensor, *, num_classes: int | None = None,
-             class_counts: Tensor | None = None, prefix: str = "test") -> dict[str, float]:
+def evaluate(
+    kind: str,
+    out: Tensor,
+    y: Tensor,
+    *,
+    num_classes: int | None = None,
+    class_counts: Tensor | None = None,
+    prefix: str = "test",
+) -> dict[str, float]:
     """Metrics that fit the task kind, from model outputs ``out`` and targets ``y``.
 
     regression: mse, mae. classification: acc, balanced_acc, macro_f1. binary: the same
@@ -59,7 +66,9 @@ def evaluate(kind: str, out: Tensor, y: Tensor, *, num_classes: int | None = Non
     out = out.detach().float().cpu()
     y = y.detach().cpu()
     if not torch.isfinite(out).all():  # argmax of NaN logits picks a class: a diverged model
-        return {f"{prefix}/{k}": float("nan") for k in METRICS_BY_KIND[kind]}  # would score like a guess
+        return {
+            f"{prefix}/{k}": float("nan") for k in METRICS_BY_KIND[kind]
+        }  # would score like a guess
     if kind == "regression":
         r = out.reshape(y.shape) - y
         m = {"mse": (r**2).mean().item(), "mae": r.abs().mean().item()}
@@ -70,9 +79,11 @@ def evaluate(kind: str, out: Tensor, y: Tensor, *, num_classes: int | None = Non
             c, pred = num_classes or out.shape[-1], out.argmax(-1)
         y = y.long().reshape(-1)
         rec = _recall_per_class(pred, y, c)
-        m = {"acc": (pred == y).float().mean().item(),
-             "balanced_acc": float(rec[~rec.isnan()].mean()),
-             "macro_f1": _macro_f1(pred, y, c)}
+        m = {
+            "acc": (pred == y).float().mean().item(),
+            "balanced_acc": float(rec[~rec.isnan()].mean()),
+            "macro_f1": _macro_f1(pred, y, c),
+        }
         if kind == "binary":
             minority = int(torch.argmin(class_counts)) if class_counts is not None else 1
             m["minority_recall"] = float(rec[minority])
@@ -113,6 +124,14 @@ def zero_one_error(pred: Tensor, target: Tensor, **_) -> Tensor:
 
 
 # Whether a larger value is better, for tables and sweepers.
-HIGHER_IS_BETTER = {"mse": False, "mae": False, "acc": True, "balanced_acc": True,
-                    "macro_f1": True, "minority_recall": True, "dice": True, "iou": True,
-                    "loss": False}
+HIGHER_IS_BETTER = {
+    "mse": False,
+    "mae": False,
+    "acc": True,
+    "balanced_acc": True,
+    "macro_f1": True,
+    "minority_recall": True,
+    "dice": True,
+    "iou": True,
+    "loss": False,
+}

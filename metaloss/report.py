@@ -94,7 +94,9 @@ def _code_keys(node: Any, where: str) -> list[str]:
 
 def _metrics_problems(metrics: Any, where: str, per_seed: bool) -> list[str]:
     if not isinstance(metrics, dict):
-        return [f"{where} = {metrics!r:.80}: must be a mapping {{metric: {'[values]' if per_seed else 'value'}}}"]
+        return [
+            f"{where} = {metrics!r:.80}: must be a mapping {{metric: {'[values]' if per_seed else 'value'}}}"
+        ]
     out = []
     for k, v in metrics.items():
         if per_seed and not (isinstance(v, list) and not any(map(_value_problem, v))):
@@ -110,13 +112,23 @@ def _read(f: Path) -> dict:
     try:
         rec = json.loads(f.read_text())
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested past json's depth
-        raise UnreadableResult(f"{f}: not readable JSON ({e}); delete or fix it, or report a subdirectory") from e
+        raise UnreadableResult(
+            f"{f}: not readable JSON ({e}); delete or fix it, or report a subdirectory"
+        ) from e
     if nesting_depth(rec) > MAX_NESTING:
-        raise UnreadableResult(f"{f}: nested deeper than {MAX_NESTING} levels, which no metaloss result is")
-    key = "results" if f.name == "comparison.json" else ("runs" if isinstance(rec, dict) and "runs" in rec else "metrics")
+        raise UnreadableResult(
+            f"{f}: nested deeper than {MAX_NESTING} levels, which no metaloss result is"
+        )
+    key = (
+        "results"
+        if f.name == "comparison.json"
+        else ("runs" if isinstance(rec, dict) and "runs" in rec else "metrics")
+    )
     if not isinstance(rec, dict) or not isinstance(rec.get(key), dict | list):
         raise UnreadableResult(f"{f}: not a metaloss {f.name} (no {key!r} entry)")
-    found = [f"{k}: names code to call; a result file holds values only" for k in _code_keys(rec, "")]
+    found = [
+        f"{k}: names code to call; a result file holds values only" for k in _code_keys(rec, "")
+    ]
     if key == "results":
         if not isinstance(rec["results"], dict):
             found.append("results: must be a mapping {loss: {metric: [values]}}")
@@ -125,14 +137,19 @@ def _read(f: Path) -> dict:
                 found += _metrics_problems(metrics, f"results.{loss}", per_seed=True)
     elif key == "runs":
         for i, r in enumerate(rec["runs"]) if isinstance(rec["runs"], list) else ():
-            found += (_metrics_problems(r.get("metrics"), f"runs[{i}].metrics", per_seed=False)
-                      if isinstance(r, dict) else [f"runs[{i}]: must be a mapping with 'metrics'"])
+            found += (
+                _metrics_problems(r.get("metrics"), f"runs[{i}].metrics", per_seed=False)
+                if isinstance(r, dict)
+                else [f"runs[{i}]: must be a mapping with 'metrics'"]
+            )
         if not isinstance(rec["runs"], list):
             found.append("runs: must be a list of {metrics: {...}}")
     else:
         found += _metrics_problems(rec["metrics"], "metrics", per_seed=False)
     if found:
-        raise UnreadableResult(f"{f}: not a valid metaloss {f.name} (nothing was reported):\n  " + "\n  ".join(found))
+        raise UnreadableResult(
+            f"{f}: not a valid metaloss {f.name} (nothing was reported):\n  " + "\n  ".join(found)
+        )
     return rec
 
 
@@ -157,10 +174,13 @@ def collect(root: str | Path) -> dict[str, dict[str, list[float]]]:
     groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for f, rec, overrides in runs:
         # a debug run is always marked, even when every run found is one
-        label = ",".join(o for o in overrides if o not in common or o.startswith("debug=")) \
-            or rec.get("loss") or f.parent.name
+        label = (
+            ",".join(o for o in overrides if o not in common or o.startswith("debug="))
+            or rec.get("loss")
+            or f.parent.name
+        )
         # `metaloss-train seeds=N` writes one entry per seed under "runs"
-        for metrics in ([r["metrics"] for r in rec["runs"]] if "runs" in rec else [rec["metrics"]]):
+        for metrics in [r["metrics"] for r in rec["runs"]] if "runs" in rec else [rec["metrics"]]:
             for k, v in metrics.items():
                 groups[label][k].append(_number(v))
     # Meta-tests of different runs (another loss family, task, lr...) are kept apart: a row
@@ -170,7 +190,11 @@ def collect(root: str | Path) -> dict[str, dict[str, list[float]]]:
     varying_of = {}
     for f, _, overrides in comps:
         varying = ",".join(o for o in overrides if o not in common or o.startswith("debug="))
-        if len(comps) > 1 and not varying and not (f.parent / ".hydra" / "overrides.yaml").is_file():
+        if (
+            len(comps) > 1
+            and not varying
+            and not (f.parent / ".hydra" / "overrides.yaml").is_file()
+        ):
             varying = str(f.parent.relative_to(root))  # no overrides recorded: the run's directory
         varying_of[f] = varying
     # runs pooled under one label must be distinct meta-training runs (distinct seed=); reruns
@@ -182,7 +206,9 @@ def collect(root: str | Path) -> dict[str, dict[str, list[float]]]:
         seeds = [_seed(f.parent) for f in files]
         if len(files) > 1 and (None in seeds or len(set(seeds)) < len(seeds)):
             for f in files:
-                varying_of[f] = ",".join(x for x in (varying_of[f], str(f.parent.relative_to(root))) if x)
+                varying_of[f] = ",".join(
+                    x for x in (varying_of[f], str(f.parent.relative_to(root))) if x
+                )
     nested: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
     for f, rec, _ in comps:
         for loss, metrics in rec["results"].items():
@@ -191,7 +217,9 @@ def collect(root: str | Path) -> dict[str, dict[str, list[float]]]:
                 nested[label][k].append([_number(v) for v in values])
     for label, metrics in nested.items():
         for k, runs_ in metrics.items():
-            groups[label][k].extend(runs_[0] if len(runs_) == 1 else [float(np.mean(r)) for r in runs_])
+            groups[label][k].extend(
+                runs_[0] if len(runs_) == 1 else [float(np.mean(r)) for r in runs_]
+            )
     if not groups:
         raise FileNotFoundError(f"no metrics.json or comparison.json under {root}")
     return {g: dict(m) for g, m in groups.items()}
@@ -210,9 +238,12 @@ def summarize(groups: dict[str, dict[str, list[float]]], prefix: str = "test/") 
                 continue
             a = np.asarray(vals, dtype=float)
             ok = a[np.isfinite(a)]
-            out[g][k] = {"mean": float(ok.mean()) if len(ok) else float("nan"),
-                         "std": float(ok.std(ddof=1)) if len(ok) > 1 else (0.0 if len(ok) else float("nan")),
-                         "n": len(a), "n_nan": len(a) - len(ok)}
+            out[g][k] = {
+                "mean": float(ok.mean()) if len(ok) else float("nan"),
+                "std": float(ok.std(ddof=1)) if len(ok) > 1 else (0.0 if len(ok) else float("nan")),
+                "n": len(a),
+                "n_nan": len(a) - len(ok),
+            }
     return out
 
 
@@ -271,16 +302,31 @@ def plot(summary: dict, path: str | Path) -> Path:
         cells = [summary[g].get(k) for g in groups]
         ok = [i for i, c in enumerate(cells) if c is not None and math.isfinite(c["mean"])]
         if ok:  # a NaN bar would just vanish: draw the finite ones, mark the others below
-            ax.bar(ok, [cells[i]["mean"] for i in ok], yerr=[cells[i]["std"] for i in ok], capsize=3,
-                   color="tab:blue", alpha=0.8)
+            ax.bar(
+                ok,
+                [cells[i]["mean"] for i in ok],
+                yerr=[cells[i]["std"] for i in ok],
+                capsize=3,
+                color="tab:blue",
+                alpha=0.8,
+            )
         for i, c in enumerate(cells):
             if c is not None and c.get("n_nan"):
                 label = "NaN" if i not in ok else f"{c['n_nan']}/{c['n']} NaN"
-                ax.annotate(label, (i, 0), xytext=(0, 2), textcoords="offset points", ha="center",
-                            va="bottom", fontsize=7, color="tab:red", rotation=90)
+                ax.annotate(
+                    label,
+                    (i, 0),
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    color="tab:red",
+                    rotation=90,
+                )
         ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
         ax.set_title(k)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     fig.tight_layout()
     path = Path(path)
@@ -289,7 +335,9 @@ def plot(summary: dict, path: str | Path) -> Path:
     return path
 
 
-def per_seed_differences(recorded: dict, again: dict, metric: str | None = None) -> dict[str, list[float]]:
+def per_seed_differences(
+    recorded: dict, again: dict, metric: str | None = None
+) -> dict[str, list[float]]:
     """Per loss of ``recorded`` (a comparison.json), ``|recorded - again|`` seed by seed on
     ``metric`` (default: the recorded one). Both NaN (``null``) is 0: the same divergence;
     NaN on one side only, a loss missing from ``again`` or another number of seeds is inf."""

@@ -36,14 +36,33 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("metaloss")
 
 # Keys that may change when a run is continued: they do not change what φ becomes.
-VOLATILE = ("meta.steps", "meta.resume_from", "meta.checkpoint_every", "meta.plot_every",
-            "progress", "logger", "meta_test", "compare", "trusted_modules", "hydra", "metric",
-            "loss_path", "threads")
+VOLATILE = (
+    "meta.steps",
+    "meta.resume_from",
+    "meta.checkpoint_every",
+    "meta.plot_every",
+    "progress",
+    "logger",
+    "meta_test",
+    "compare",
+    "trusted_modules",
+    "hydra",
+    "metric",
+    "loss_path",
+    "threads",
+)
 # Keys that an explicit ``meta.resume_from`` may change: they are applied from the resumed
 # step on (and logged). Anything else that differs is refused.
-APPLIED_ON_RESUME = ("meta_optim.lr", "meta_optim.betas", "meta_optim.eps", "meta_optim.weight_decay",
-                     "meta_optim.momentum", "meta.clip_grad_norm", "meta.max_bad_steps",
-                     "device")  # moving a run to another device: same trajectory up to float rounding
+APPLIED_ON_RESUME = (
+    "meta_optim.lr",
+    "meta_optim.betas",
+    "meta_optim.eps",
+    "meta_optim.weight_decay",
+    "meta_optim.momentum",
+    "meta.clip_grad_norm",
+    "meta.max_bad_steps",
+    "device",
+)  # moving a run to another device: same trajectory up to float rounding
 
 
 class RunDirConflict(RuntimeError):
@@ -83,9 +102,15 @@ def fingerprint(ident: dict[str, Any]) -> str:
 
 # Settings added after runs were made, with the default that reproduces the old behaviour:
 # a run recorded before the key existed matches a config that has it at this default.
-NEW_KEY_DEFAULTS: dict[str, Any] = {"device": "auto", "dtype": "float32", "seeds": 1,
-                                     "hypergrad.chunk": None, "hypergrad.vectorize": True,
-                                     "loss.allow_other_task": False, "allow_other_task": False}
+NEW_KEY_DEFAULTS: dict[str, Any] = {
+    "device": "auto",
+    "dtype": "float32",
+    "seeds": 1,
+    "hypergrad.chunk": None,
+    "hypergrad.vectorize": True,
+    "loss.allow_other_task": False,
+    "allow_other_task": False,
+}
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -108,9 +133,11 @@ def hydra_record(cfg: Any) -> dict[str, str]:
     if not HydraConfig.initialized():
         return {}
     hc = HydraConfig.get()
-    return {"config.yaml": OmegaConf.to_yaml(cfg),
-            "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))),
-            "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": OmegaConf.to_container(hc)}))}
+    return {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))),
+        "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": OmegaConf.to_container(hc)})),
+    }
 
 
 def describe(diff: dict[str, tuple[Any, Any]], limit: int = 12) -> str:
@@ -167,8 +194,10 @@ def stored_archive_problem(path: Path) -> str | None:
         return f"its zip directory is unreadable ({type(e).__name__}: {e})"
     on_disk = path.stat().st_size
     if declared > on_disk + 2**20:
-        return (f"its entries unpack to {declared:,} bytes from {on_disk:,} on disk, but torch.save stores them "
-                "uncompressed: refused before decompressing anything")
+        return (
+            f"its entries unpack to {declared:,} bytes from {on_disk:,} on disk, but torch.save stores them "
+            "uncompressed: refused before decompressing anything"
+        )
     return None
 
 
@@ -237,8 +266,13 @@ class RunDir:
     refused during setup (a typo) does not claim the directory.
     """
 
-    def __init__(self, out_dir: str | Path, app: str, ident: dict[str, Any],
-                 allow: Callable[[dict], bool] | None = None) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        app: str,
+        ident: dict[str, Any],
+        allow: Callable[[dict], bool] | None = None,
+    ) -> None:
         self.path = Path(out_dir)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.path / LOCK_FILE, "a+")  # noqa: SIM115 (held until close)
@@ -249,13 +283,17 @@ class RunDir:
             holder = self._lock.read().strip() or "another process"
             self._lock.close()
             self._restore_owner_record()  # Hydra already wrote this launch's .hydra/ over the owner's
-            raise RunDirConflict(f"run directory {self.path} is in use by {holder}; two runs never "
-                                 "share a directory: wait for it, or choose another hydra.run.dir") from None
+            raise RunDirConflict(
+                f"run directory {self.path} is in use by {holder}; two runs never "
+                "share a directory: wait for it, or choose another hydra.run.dir"
+            ) from None
         self._lock.seek(0)
         self._lock.truncate()
         self._lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
         self._lock.flush()
-        for stale in self.path.glob(".*.tmp"):  # half-written files of a killed writer (we hold the lock)
+        for stale in self.path.glob(
+            ".*.tmp"
+        ):  # half-written files of a killed writer (we hold the lock)
             stale.unlink(missing_ok=True)
         try:
             self._claim(app, ident, allow)
@@ -269,22 +307,30 @@ class RunDir:
             try:
                 owner = json.loads(run_file.read_text())
             except (OSError, ValueError) as e:
-                raise RunDirConflict(f"{run_file} is unreadable ({e}); this directory's owner is unknown, "
-                                     "choose another hydra.run.dir") from e
+                raise RunDirConflict(
+                    f"{run_file} is unreadable ({e}); this directory's owner is unknown, "
+                    "choose another hydra.run.dir"
+                ) from e
             if owner.get("app") != app:
                 self._restore_hydra_record(owner)
-                raise RunDirConflict(f"{self.path} holds a {owner.get('app')} run; metaloss-{app} will "
-                                     "not write into it: choose another hydra.run.dir")
+                raise RunDirConflict(
+                    f"{self.path} holds a {owner.get('app')} run; metaloss-{app} will "
+                    "not write into it: choose another hydra.run.dir"
+                )
             diff = differences(owner.get("identity", {}), ident)
             if diff and not (allow and allow(diff)):
                 self._restore_hydra_record(owner)
                 applied, refused = split_applied(diff)
-                hint = (f"To continue that run with the new value(s), pass meta.resume_from={self.path}"
-                        if not refused else "Nothing was run: choose another hydra.run.dir (the default is "
-                        "unique per run)")
+                hint = (
+                    f"To continue that run with the new value(s), pass meta.resume_from={self.path}"
+                    if not refused
+                    else "Nothing was run: choose another hydra.run.dir (the default is "
+                    "unique per run)"
+                )
                 raise RunDirConflict(
                     f"{self.path} belongs to another run (fingerprint {owner.get('fingerprint')}); this "
-                    f"config differs in: {describe(diff)}. {hint}")
+                    f"config differs in: {describe(diff)}. {hint}"
+                )
         self.app, self.ident = app, ident
 
     def record(self, hydra_files: dict[str, str] | None = None) -> None:
@@ -296,10 +342,23 @@ class RunDir:
         saved = dict(hydra_files or {})
         for name, content in saved.items():
             atomic_write_text(self.path / ".hydra" / name, content)
-        atomic_write_text(self.path / RUN_FILE, json.dumps({
-            "app": self.app, "fingerprint": fingerprint(self.ident), "identity": self.ident,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid(),
-            "host": socket.gethostname(), "hydra_record": saved}, indent=1, sort_keys=True, default=str))
+        atomic_write_text(
+            self.path / RUN_FILE,
+            json.dumps(
+                {
+                    "app": self.app,
+                    "fingerprint": fingerprint(self.ident),
+                    "identity": self.ident,
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "hydra_record": saved,
+                },
+                indent=1,
+                sort_keys=True,
+                default=str,
+            ),
+        )
 
     def _restore_owner_record(self) -> None:
         try:
@@ -328,6 +387,7 @@ class RunDir:
 
 # ---------------------------------------------------------------- Hydra resolvers
 
+
 def _uid() -> str:
     """This launch's id: the process id (unique on the machine) plus random bits. Under
     torchrun every rank must agree on the run directory, so the ranks share the id of their
@@ -347,10 +407,17 @@ def _stamp() -> str:
     /proc, Linux), so that ranks started a second apart still agree."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
         try:
-            ticks = int(Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
-            boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                        if line.startswith("btime"))
-            return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(boot + ticks / os.sysconf("SC_CLK_TCK")))
+            ticks = int(
+                Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()[19]
+            )
+            boot = next(
+                float(line.split()[1])
+                for line in Path("/proc/stat").read_text().splitlines()
+                if line.startswith("btime")
+            )
+            return time.strftime(
+                "%Y-%m-%d_%H-%M-%S", time.localtime(boot + ticks / os.sysconf("SC_CLK_TCK"))
+            )
         except (OSError, ValueError, IndexError, StopIteration):
             pass
     return time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -360,7 +427,7 @@ def _slug(text: Any, limit: int = 96) -> str:
     """A filesystem-safe, bounded directory name from a Hydra override string."""
     s = re.sub(r"[^A-Za-z0-9._=,+\-\[\]]+", "_", str(text)).strip("._")
     if len(s) > limit:
-        s = s[:limit - 9] + "~" + hashlib.sha1(s.encode()).hexdigest()[:8]
+        s = s[: limit - 9] + "~" + hashlib.sha1(s.encode()).hexdigest()[:8]
     return s or "default"
 
 

@@ -37,11 +37,15 @@ def resolve_device(name: str) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device = {name!r}, but torch sees no CUDA GPU here (torch {torch.__version__}); "
-                             "use device=cpu or device=auto")
+            raise ValueError(
+                f"device = {name!r}, but torch sees no CUDA GPU here (torch {torch.__version__}); "
+                "use device=cpu or device=auto"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device = {name!r}, but only {torch.cuda.device_count()} GPU(s) are visible "
-                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+            raise ValueError(
+                f"device = {name!r}, but only {torch.cuda.device_count()} GPU(s) are visible "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
     return dev
 
 

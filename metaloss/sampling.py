@@ -14,7 +14,9 @@ from metaloss.train import build_model
 
 def stacked_init(factory: Callable[..., nn.Module], task: Task, seeds: Sequence[int]) -> Params:
     """Fresh initialisations θ0 for each seed, stacked along a leading task axis."""
-    inits = [dict(build_model(factory, task, int(s)).named_parameters()) for s in seeds]  # on task's device
+    inits = [
+        dict(build_model(factory, task, int(s)).named_parameters()) for s in seeds
+    ]  # on task's device
     return {k: torch.stack([p[k].detach() for p in inits]) for k in inits[0]}
 
 
@@ -25,9 +27,17 @@ def _rows(n: int, size: int | None, shape: tuple[int, ...], gen: torch.Generator
     return torch.randint(n, (*shape, size), generator=gen)
 
 
-def sample_meta_batch(tasks: Sequence[Task], factory: Callable[..., nn.Module], *, n_tasks: int,
-                      inner_steps: int, inner_batch: int | None, val_batch: int | None,
-                      gen: torch.Generator, val_from_train: bool = False) -> MetaBatch:
+def sample_meta_batch(
+    tasks: Sequence[Task],
+    factory: Callable[..., nn.Module],
+    *,
+    n_tasks: int,
+    inner_steps: int,
+    inner_batch: int | None,
+    val_batch: int | None,
+    gen: torch.Generator,
+    val_from_train: bool = False,
+) -> MetaBatch:
     """Draw ``n_tasks`` members: a task from the pool, a fresh θ0, K inner minibatches
     from its training split (the whole split each step if ``inner_batch`` is None) and a
     validation batch from its validation split (whole split if ``val_batch`` is None).

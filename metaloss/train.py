@@ -30,13 +30,19 @@ def build_model(factory: Callable[..., nn.Module], task: Task, seed: int) -> nn.
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    return torch.cat([model(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+    return torch.cat([model(x[i : i + chunk]) for i in range(0, len(x), chunk)])
 
 
 def evaluate_model(model: nn.Module, task: Task, split: str) -> dict[str, float]:
     x, y = task.split(split)
-    return evaluate(task.kind, predict(model, x), y, num_classes=task.num_classes,
-                    class_counts=task.class_counts, prefix=split)
+    return evaluate(
+        task.kind,
+        predict(model, x),
+        y,
+        num_classes=task.num_classes,
+        class_counts=task.class_counts,
+        prefix=split,
+    )
 
 
 class BatchSampler:
@@ -48,7 +54,9 @@ class BatchSampler:
 
     def __init__(self, n: int, batch_size: int | None, generator: torch.Generator) -> None:
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be an integer >= 1 or None (full batch), got {batch_size!r}")
+            raise ValueError(
+                f"batch_size must be an integer >= 1 or None (full batch), got {batch_size!r}"
+            )
         if n < 1:
             raise ValueError(f"cannot draw minibatches from {n} examples")
         self.n, self.batch_size, self.gen = n, batch_size, generator
@@ -64,7 +72,7 @@ class BatchSampler:
         if self.perm is None or self.pos + self.batch_size > self.n:
             self.perm = torch.randperm(self.n, generator=self.gen)
             self.pos = 0
-        idx = self.perm[self.pos:self.pos + self.batch_size]
+        idx = self.perm[self.pos : self.pos + self.batch_size]
         self.pos += self.batch_size
         return idx
 
@@ -75,10 +83,20 @@ class BatchSampler:
         self.perm, self.pos = state["perm"], int(state["pos"])
 
 
-def train_model(task: Task, model: nn.Module, loss_fn: Callable, make_optimizer: Callable,
-                *, steps: int, batch_size: int | None, seed: int, eval_every: int = 0,
-                log: Callable[[dict, int], None] | None = None, progress: bool = True,
-                desc: str = "train") -> dict[str, float]:
+def train_model(
+    task: Task,
+    model: nn.Module,
+    loss_fn: Callable,
+    make_optimizer: Callable,
+    *,
+    steps: int,
+    batch_size: int | None,
+    seed: int,
+    eval_every: int = 0,
+    log: Callable[[dict, int], None] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> dict[str, float]:
     """Train ``model`` on the task's training split for ``steps`` optimizer steps.
 
     ``make_optimizer(params)`` builds a ``torch.optim`` optimizer. Every ``eval_every``
@@ -100,8 +118,10 @@ def train_model(task: Task, model: nn.Module, loss_fn: Callable, make_optimizer:
         x, y = x_all[idx], y_all[idx]
         loss = loss_fn(model(x), y, **loss_context(counts, x, step / max(1, steps))).mean()
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"training loss is {loss.item()} at step {step} of {desc!r}; "
-                                "lower the learning rate or check the loss")
+            raise NonFiniteLoss(
+                f"training loss is {loss.item()} at step {step} of {desc!r}; "
+                "lower the learning rate or check the loss"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -35,9 +35,16 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(tensors)
 
 
-def train_many(tasks: Sequence[Task], seeds: Sequence[int], factory: Callable, loss: Callable,
-               inner_opt: InnerOptimizer, *, steps: int, batch_size: int | None
-               ) -> list[dict[str, float] | None]:
+def train_many(
+    tasks: Sequence[Task],
+    seeds: Sequence[int],
+    factory: Callable,
+    loss: Callable,
+    inner_opt: InnerOptimizer,
+    *,
+    steps: int,
+    batch_size: int | None,
+) -> list[dict[str, float] | None]:
     """Train member ``i`` on ``tasks[i]`` from the initialisation and batch order of
     ``seeds[i]``; return its final metrics (as ``train_model`` returns them), None if it
     diverged. Raises :class:`CannotStack` when the members' data cannot be stacked."""
@@ -47,24 +54,33 @@ def train_many(tasks: Sequence[Task], seeds: Sequence[int], factory: Callable, l
         raise ValueError(f"steps must be >= 1, got {steps}")
     first = tasks[0]
     for t in tasks:
-        if t.kind != first.kind or t.x_train.shape[1:] != first.x_train.shape[1:] \
-                or t.y_train.shape[1:] != first.y_train.shape[1:]:
-            raise CannotStack(f"tasks differ in kind or example shape ({t.name}: "
-                              f"{tuple(t.x_train.shape)} vs {tuple(first.x_train.shape)})")
+        if (
+            t.kind != first.kind
+            or t.x_train.shape[1:] != first.x_train.shape[1:]
+            or t.y_train.shape[1:] != first.y_train.shape[1:]
+        ):
+            raise CannotStack(
+                f"tasks differ in kind or example shape ({t.name}: "
+                f"{tuple(t.x_train.shape)} vs {tuple(first.x_train.shape)})"
+            )
     # Minibatches have batch_size examples whatever a member's split size (BatchSampler never
     # yields a short batch), so training splits of different sizes (fresh draws of an imbalanced
     # subsample) stack; a full batch is the whole split, which must then be the same size.
     sizes = {len(t.x_train) for t in tasks}
     full = not batch_size or batch_size >= min(sizes)
     if full and len(sizes) > 1:
-        raise CannotStack(f"full-batch training on training splits of different sizes {sorted(sizes)}")
+        raise CannotStack(
+            f"full-batch training on training splits of different sizes {sorted(sizes)}"
+        )
     n_members = len(tasks)
     template = build_model(factory, first, 0)
     theta = stacked_init(factory, first, seeds)
     counts = [t.class_counts for t in tasks]
     counts_b = None if counts[0] is None else _stack(counts)
-    samplers = [BatchSampler(len(t.x_train), batch_size, torch.Generator().manual_seed(int(s)))
-                for t, s in zip(tasks, seeds)]
+    samplers = [
+        BatchSampler(len(t.x_train), batch_size, torch.Generator().manual_seed(int(s)))
+        for t, s in zip(tasks, seeds)
+    ]
     if full:  # every step sees the whole split: gather it once
         x_full, y_full = _stack([t.x_train for t in tasks]), _stack([t.y_train for t in tasks])
 
@@ -72,7 +88,9 @@ def train_many(tasks: Sequence[Task], seeds: Sequence[int], factory: Callable, l
         ctx = loss_context(cnt, x, t)
         return loss(functional_call(template, th, (x,)), y, **ctx).mean()
 
-    step_fn = vmap(grad_and_value(member_loss), in_dims=(0, 0, 0, None if counts_b is None else 0, None))
+    step_fn = vmap(
+        grad_and_value(member_loss), in_dims=(0, 0, 0, None if counts_b is None else 0, None)
+    )
     state = inner_opt.init(theta)
     diverged = torch.zeros(n_members, dtype=torch.bool)
     running = None
@@ -99,8 +117,21 @@ def train_many(tasks: Sequence[Task], seeds: Sequence[int], factory: Callable, l
         for split in ("val", "test"):
             xs, ys = task.split(split)
             with torch.no_grad():
-                pred = torch.cat([functional_call(template, th, (xs[i:i + 4096],)) for i in range(0, len(xs), 4096)])
-            result.update(evaluate(task.kind, pred, ys, num_classes=task.num_classes,
-                                   class_counts=task.class_counts, prefix=split))
+                pred = torch.cat(
+                    [
+                        functional_call(template, th, (xs[i : i + 4096],))
+                        for i in range(0, len(xs), 4096)
+                    ]
+                )
+            result.update(
+                evaluate(
+                    task.kind,
+                    pred,
+                    ys,
+                    num_classes=task.num_classes,
+                    class_counts=task.class_counts,
+                    prefix=split,
+                )
+            )
         out.append(result)
     return out

@@ -50,13 +50,16 @@ from pathlib import Path
 from typing import Any
 
 TUNED_FORMAT = "metaloss-tuned/1"
-TUNE_SEEDS = 20_000  # meta-test seeds are 0..meta_test.seeds-1: tuning never sees their initialisations
-LR_FACTOR = 10.0     # default lr range: log-uniform [lr / 10, lr * 10] around the optimizer's lr
+TUNE_SEEDS = (
+    20_000  # meta-test seeds are 0..meta_test.seeds-1: tuning never sees their initialisations
+)
+LR_FACTOR = 10.0  # default lr range: log-uniform [lr / 10, lr * 10] around the optimizer's lr
 
 
 @dataclass(frozen=True)
 class Range:
     """A float search range; ``log``: sampled log-uniformly (needs ``low > 0``)."""
+
     low: float
     high: float
     log: bool = False
@@ -95,11 +98,17 @@ def space_for(target: str) -> dict[str, Range]:
 
 
 def lr_range(lr: float, explicit: Any = None) -> Range:
-    lo, hi = (float(explicit[0]), float(explicit[1])) if explicit is not None else (lr / LR_FACTOR, lr * LR_FACTOR)
+    lo, hi = (
+        (float(explicit[0]), float(explicit[1]))
+        if explicit is not None
+        else (lr / LR_FACTOR, lr * LR_FACTOR)
+    )
     return Range(lo, hi, log=True)
 
 
-def at_edge(values: Mapping[str, float | None], space: Mapping[str, Range], frac: float = 0.02) -> list[str]:
+def at_edge(
+    values: Mapping[str, float | None], space: Mapping[str, Range], frac: float = 0.02
+) -> list[str]:
     """The names whose tuned value lies within ``frac`` of its range's width (log width for a
     log range) of an edge: the optimum may lie outside the range searched."""
     out = []
@@ -143,10 +152,13 @@ def learned_loss_cost(cfg: Any, n_params: int) -> int:
     from omegaconf import OmegaConf
 
     def plain(node: Any) -> Mapping:
-        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)  # type: ignore[return-value]
+        if OmegaConf.is_config(node):
+            return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+        return dict(node)
 
-    return meta_training_steps(plain(cfg.meta), candidates_per_step(plain(cfg.meta_optim), plain(cfg.hypergrad),
-                                                                     n_params))
+    return meta_training_steps(
+        plain(cfg.meta), candidates_per_step(plain(cfg.meta_optim), plain(cfg.hypergrad), n_params)
+    )
 
 
 def setup_record(cfg: Any, tasks: int | None = None) -> dict[str, Any]:
@@ -161,12 +173,16 @@ def setup_record(cfg: Any, tasks: int | None = None) -> dict[str, Any]:
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     assert isinstance(optim, dict)
     lr = cfg.meta_test.lr if cfg.meta_test.lr is not None else optim.get("lr")
-    out = {"model": str(cfg.model._target_), "steps": int(cfg.meta_test.steps),
-           "batch_size": cfg.meta_test.batch_size,
-           "model_config": OmegaConf.to_container(cfg.model, resolve=True),
-           "task_config": OmegaConf.to_container(cfg.task, resolve=True),
-           "optim_config": {k: v for k, v in optim.items() if k != "lr"},
-           "default_lr": float(lr) if lr is not None else None, "dtype": str(cfg.dtype)}
+    out = {
+        "model": str(cfg.model._target_),
+        "steps": int(cfg.meta_test.steps),
+        "batch_size": cfg.meta_test.batch_size,
+        "model_config": OmegaConf.to_container(cfg.model, resolve=True),
+        "task_config": OmegaConf.to_container(cfg.task, resolve=True),
+        "optim_config": {k: v for k, v in optim.items() if k != "lr"},
+        "default_lr": float(lr) if lr is not None else None,
+        "dtype": str(cfg.dtype),
+    }
     if tasks is not None:
         out["tasks"] = int(tasks)
     return out
@@ -178,8 +194,10 @@ def trials_for_budget(budget_steps: int, cost_per_trial: int) -> int:
         raise ValueError(f"a trial must cost at least one step, got {cost_per_trial}")
     n = int(budget_steps) // int(cost_per_trial)
     if n < 1:
-        raise ValueError(f"tune.budget_steps = {budget_steps} pays for no trial: one trial costs {cost_per_trial} "
-                         "inner steps (steps x seeds x tasks); raise the budget or lower tune.seeds / the steps")
+        raise ValueError(
+            f"tune.budget_steps = {budget_steps} pays for no trial: one trial costs {cost_per_trial} "
+            "inner steps (steps x seeds x tasks); raise the budget or lower tune.seeds / the steps"
+        )
     return n
 
 
@@ -209,10 +227,20 @@ def _inside(v: float, r: Range) -> bool:
     return r.low <= v <= r.high
 
 
-def tune_loss(score: Callable[[dict[str, float], float], float], space: Mapping[str, Range],
-              defaults: Mapping[str, float], *, lr: float, lr_space: Range | None, n_trials: int,
-              direction: str, seed: int, on_trial: Callable[[int, dict, float], None] | None = None,
-              storage: Any = None, study_name: str = "loss") -> TuneResult:
+def tune_loss(
+    score: Callable[[dict[str, float], float], float],
+    space: Mapping[str, Range],
+    defaults: Mapping[str, float],
+    *,
+    lr: float,
+    lr_space: Range | None,
+    n_trials: int,
+    direction: str,
+    seed: int,
+    on_trial: Callable[[int, dict, float], None] | None = None,
+    storage: Any = None,
+    study_name: str = "loss",
+) -> TuneResult:
     """One Optuna study (ask/tell, seeded TPE) over ``space`` (+ the lr unless ``lr_space`` is
     None). ``score(params, lr)`` trains and returns the validation value (NaN: diverged).
 
@@ -238,18 +266,27 @@ def tune_loss(score: Callable[[dict[str, float], float], float], space: Mapping[
     if direction not in ("maximize", "minimize"):
         raise ValueError(f"direction must be maximize or minimize, got {direction!r}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    dists: dict[str, BaseDistribution] = {k: FloatDistribution(r.low, r.high, log=r.log) for k, r in space.items()}
+    dists: dict[str, BaseDistribution] = {
+        k: FloatDistribution(r.low, r.high, log=r.log) for k, r in space.items()
+    }
     if lr_space is not None:
         dists["lr"] = FloatDistribution(lr_space.low, lr_space.high, log=True)
     default = {k: float(defaults.get(k, (r.low + r.high) / 2)) for k, r in space.items()}
-    outside = (not all(_inside(default[k], r) for k, r in space.items())
-               or (lr_space is not None and not _inside(float(lr), lr_space)))
-    study = optuna.create_study(storage=storage, study_name=study_name, load_if_exists=storage is not None,
-                                direction="maximize" if direction == "maximize" else "minimize",
-                                sampler=optuna.samplers.TPESampler(seed=trial_seed(seed, 0)))
+    outside = not all(_inside(default[k], r) for k, r in space.items()) or (
+        lr_space is not None and not _inside(float(lr), lr_space)
+    )
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name,
+        load_if_exists=storage is not None,
+        direction="maximize" if direction == "maximize" else "minimize",
+        sampler=optuna.samplers.TPESampler(seed=trial_seed(seed, 0)),
+    )
     if study.direction.name.lower() != direction:
-        raise TunedFileError(f"study {study_name!r} in the storage {direction!r} differs: it was made to "
-                         f"{study.direction.name.lower()}")
+        raise TunedFileError(
+            f"study {study_name!r} in the storage {direction!r} differs: it was made to "
+            f"{study.direction.name.lower()}"
+        )
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # its process died
         study.tell(stale.number, state=TrialState.FAIL)
     finished_states = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -262,19 +299,37 @@ def tune_loss(score: Callable[[dict[str, float], float], float], space: Mapping[
     if outside:  # the true default, outside the distributions: evaluated apart, once
         if "default" not in study.user_attrs:
             value = float(score(dict(default), float(lr)))
-            study.set_user_attr("default", {"params": default, "lr": float(lr),
-                                            "value": value if math.isfinite(value) else None})
+            study.set_user_attr(
+                "default",
+                {
+                    "params": default,
+                    "lr": float(lr),
+                    "value": value if math.isfinite(value) else None,
+                },
+            )
         d = study.user_attrs["default"]
         v = d.get("value") if isinstance(d, dict) else None
-        if (not isinstance(d, dict) or d.get("params") != default or d.get("lr") != float(lr)
-                or not (v is None or (isinstance(v, float | int) and not isinstance(v, bool) and math.isfinite(v)))):
-            raise TunedFileError(f"study {study_name!r} in the storage holds a default trial {_show(d)}, not this "
-                                 f"search's default ({_show({**default, 'lr': float(lr)})}): the storage was edited "
-                                 "or made by other settings; move it away to start over")
+        if (
+            not isinstance(d, dict)
+            or d.get("params") != default
+            or d.get("lr") != float(lr)
+            or not (
+                v is None
+                or (isinstance(v, float | int) and not isinstance(v, bool) and math.isfinite(v))
+            )
+        ):
+            raise TunedFileError(
+                f"study {study_name!r} in the storage holds a default trial {_show(d)}, not this "
+                f"search's default ({_show({**default, 'lr': float(lr)})}): the storage was edited "
+                "or made by other settings; move it away to start over"
+            )
         trials.append({"params": dict(d["params"]), "lr": float(d["lr"]), "value": d["value"]})
         if on_trial is not None and not resumed:
-            on_trial(0, {**default, **({"lr": float(lr)} if lr_space is not None else {})},
-                     math.nan if d["value"] is None else d["value"])
+            on_trial(
+                0,
+                {**default, **({"lr": float(lr)} if lr_space is not None else {})},
+                math.nan if d["value"] is None else d["value"],
+            )
     elif not finished() and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         study.enqueue_trial({**default, **({"lr": float(lr)} if lr_space is not None else {})})
     in_study = int(n_trials) - len(trials)
@@ -293,31 +348,60 @@ def tune_loss(score: Callable[[dict[str, float], float], float], space: Mapping[
             study.tell(trial, state=TrialState.PRUNED)
         if on_trial is not None:
             on_trial(len(trials) + i, {**p, "lr": trial_lr}, value)
-    done = sorted(finished(), key=lambda t: t.number)[:max(in_study, 0)]
+    done = sorted(finished(), key=lambda t: t.number)[: max(in_study, 0)]
     ranges = {**space, **({"lr": lr_space} if lr_space is not None else {})}
     for t in done:  # what a storage gives back is data too: every value inside what was searched
-        bad = {k: v for k, v in t.params.items()
-               if k not in ranges or not (isinstance(v, float | int) and math.isfinite(v) and _inside(v, ranges[k]))}
-        no_value = t.state == TrialState.COMPLETE and (t.value is None or not math.isfinite(t.value))
+        bad = {
+            k: v
+            for k, v in t.params.items()
+            if k not in ranges
+            or not (isinstance(v, float | int) and math.isfinite(v) and _inside(v, ranges[k]))
+        }
+        no_value = t.state == TrialState.COMPLETE and (
+            t.value is None or not math.isfinite(t.value)
+        )
         if set(t.params) != set(ranges) or bad or no_value:
-            searched = ", ".join(f"{k} in [{r.low:g}, {r.high:g}]" for k, r in ranges.items()) or "no parameters"
-            raise TunedFileError(f"study {study_name!r} in the storage holds trial {t.number} with params {t.params} "
-                             f"and value {t.value}, not a trial of this search ({searched}): the storage was "
-                             "edited or made by other settings; move it away to start over")
+            searched = (
+                ", ".join(f"{k} in [{r.low:g}, {r.high:g}]" for k, r in ranges.items())
+                or "no parameters"
+            )
+            raise TunedFileError(
+                f"study {study_name!r} in the storage holds trial {t.number} with params {t.params} "
+                f"and value {t.value}, not a trial of this search ({searched}): the storage was "
+                "edited or made by other settings; move it away to start over"
+            )
     for t in done:
         p = {k: float(v) for k, v in t.params.items() if k != "lr"}
-        trials.append({"params": p, "lr": float(t.params["lr"]) if lr_space is not None else float(lr),
-                       "value": float(t.value) if t.state == TrialState.COMPLETE and t.value is not None else None})
+        trials.append(
+            {
+                "params": p,
+                "lr": float(t.params["lr"]) if lr_space is not None else float(lr),
+                "value": float(t.value)
+                if t.state == TrialState.COMPLETE and t.value is not None
+                else None,
+            }
+        )
     scored = [t for t in trials if t["value"] is not None]
     if not scored:
-        raise FloatingPointError(f"every one of the {len(trials)} trials diverged; narrow tune.lr_range")
+        raise FloatingPointError(
+            f"every one of the {len(trials)} trials diverged; narrow tune.lr_range"
+        )
     pick = max if direction == "maximize" else min
-    best = pick(scored, key=lambda t: t["value"])  # the first of equal values: the default wins a tie
+    best = pick(
+        scored, key=lambda t: t["value"]
+    )  # the first of equal values: the default wins a tie
     default_val = trials[0]["value"]
-    return TuneResult(params=dict(best["params"]), lr=best["lr"] if lr_space is not None else None,
-                      best_val=float(best["value"]), default_val=math.nan if default_val is None else default_val,
-                      n_trials=len(trials), n_diverged=sum(t["value"] is None for t in trials), trials=trials,
-                      default_outside_range=outside, resumed=resumed)
+    return TuneResult(
+        params=dict(best["params"]),
+        lr=best["lr"] if lr_space is not None else None,
+        best_val=float(best["value"]),
+        default_val=math.nan if default_val is None else default_val,
+        n_trials=len(trials),
+        n_diverged=sum(t["value"] is None for t in trials),
+        trials=trials,
+        default_outside_range=outside,
+        resumed=resumed,
+    )
 
 
 # ---------------------------------------------------------------- reading tuned.json
@@ -337,36 +421,67 @@ def _text(v: Any) -> str | None:
 
 
 def _val_metric(v: Any) -> str | None:
-    return None if isinstance(v, str) and v.startswith("val/") else "val/<metric> (tuning never looks at the test split)"
+    return (
+        None
+        if isinstance(v, str) and v.startswith("val/")
+        else "val/<metric> (tuning never looks at the test split)"
+    )
 
 
 def _top_level_schema() -> dict[str, Callable[[Any], str | None]]:
     from metaloss.validate import boolean, int_list, integer, mapping, one_of, positive
 
     return {
-        "format": one_of(TUNED_FORMAT), "task": _text, "optim": _text, "optim_config": mapping(),
-        "dtype": one_of("float32", "float64"), "model": _text, "steps": integer(1),
-        "batch_size": integer(1, optional=True), "model_config": mapping(), "task_config": mapping(),
-        "metric": _val_metric, "direction": one_of("maximize", "minimize"), "seeds": int_list(0, nonempty=True),
-        "tasks": integer(1), "default_lr": positive(), "sampler": _text, "budget": mapping(),
-        "complete": boolean(), "losses": mapping(),
+        "format": one_of(TUNED_FORMAT),
+        "task": _text,
+        "optim": _text,
+        "optim_config": mapping(),
+        "dtype": one_of("float32", "float64"),
+        "model": _text,
+        "steps": integer(1),
+        "batch_size": integer(1, optional=True),
+        "model_config": mapping(),
+        "task_config": mapping(),
+        "metric": _val_metric,
+        "direction": one_of("maximize", "minimize"),
+        "seeds": int_list(0, nonempty=True),
+        "tasks": integer(1),
+        "default_lr": positive(),
+        "sampler": _text,
+        "budget": mapping(),
+        "complete": boolean(),
+        "losses": mapping(),
     }
 
 
 def _budget_schema() -> dict[str, Callable[[Any], str | None]]:
     from metaloss.validate import integer
 
-    return {"budget_steps": integer(1, optional=True), "cost_per_trial": integer(1), "n_trials": integer(1),
-            "steps_used": integer(0)}
+    return {
+        "budget_steps": integer(1, optional=True),
+        "cost_per_trial": integer(1),
+        "n_trials": integer(1),
+        "steps_used": integer(0),
+    }
 
 
 def _entry_schema() -> dict[str, Callable[[Any], str | None]]:
     from metaloss.validate import boolean, integer, mapping, positive, real, strings
 
-    return {"target": _text, "params": mapping(), "lr": positive(optional=True), "best_val": real(optional=True),
-            "default_val": real(optional=True), "default_params": mapping(), "default_outside_range": boolean(),
-            "n_trials": integer(1), "n_diverged": integer(0), "steps_used": integer(0), "at_edge": strings(),
-            "trials": lambda v: None if isinstance(v, list) else "a list of trials"}
+    return {
+        "target": _text,
+        "params": mapping(),
+        "lr": positive(optional=True),
+        "best_val": real(optional=True),
+        "default_val": real(optional=True),
+        "default_params": mapping(),
+        "default_outside_range": boolean(),
+        "n_trials": integer(1),
+        "n_diverged": integer(0),
+        "steps_used": integer(0),
+        "at_edge": strings(),
+        "trials": lambda v: None if isinstance(v, list) else "a list of trials",
+    }
 
 
 REQUIRED_TOP_LEVEL = ("format", "task", "optim", "losses")
@@ -383,8 +498,12 @@ def _code_key(k: Any) -> bool:
     return isinstance(k, str) and k.startswith("_") and k.endswith("_")
 
 
-def _check_keys(node: dict, schema: Mapping[str, Callable[[Any], str | None]], where: str,
-                required: tuple[str, ...] = ()) -> list[str]:
+def _check_keys(
+    node: dict,
+    schema: Mapping[str, Callable[[Any], str | None]],
+    where: str,
+    required: tuple[str, ...] = (),
+) -> list[str]:
     out = []
     for k, v in node.items():
         key = f"{where}.{k}" if where else str(k)
@@ -418,10 +537,14 @@ def loss_param_problems(target: str, params: Any, where: str) -> list[str]:
         if _code_key(k):
             out.append(f"{key}: tuned.json holds values only, never code to call; {k!r} is refused")
         elif k not in space:
-            out.append(f"{key}: not a tuned hyper-parameter of {fn} (it has "
-                       f"{', '.join(space) if space else 'none: only its learning rate is tuned'})")
+            out.append(
+                f"{key}: not a tuned hyper-parameter of {fn} (it has "
+                f"{', '.join(space) if space else 'none: only its learning rate is tuned'})"
+            )
         else:
-            msg = rules[k](v) if k in rules else finite(v)  # every rule of a searched value refuses bool, NaN, inf
+            msg = (
+                rules[k](v) if k in rules else finite(v)
+            )  # every rule of a searched value refuses bool, NaN, inf
             if msg:
                 out.append(f"{key} = {_show(v)}: must be {msg} (the valid values of {fn}'s {k})")
     return out
@@ -437,7 +560,9 @@ def tuned_problems(data: Any) -> list[str]:
         out += _check_keys(data["budget"], _budget_schema(), "budget")
     from metaloss.validate import mapping, positive, real
 
-    for name, entry in (data.get("losses") or {}).items() if isinstance(data.get("losses"), dict) else ():
+    for name, entry in (
+        (data.get("losses") or {}).items() if isinstance(data.get("losses"), dict) else ()
+    ):
         where = f"losses.{name}"
         if not isinstance(entry, dict):
             out.append(f"{where} = {_show(entry)}: must be a mapping (target, params, lr, ...)")
@@ -446,14 +571,30 @@ def tuned_problems(data: Any) -> list[str]:
         target = entry.get("target")
         if isinstance(target, str) and isinstance(entry.get("params"), dict):
             out += loss_param_problems(target, entry["params"], f"{where}.params")
-        for k, v in (entry.get("default_params") or {}).items() if isinstance(entry.get("default_params"), dict) else ():
+        for k, v in (
+            (entry.get("default_params") or {}).items()
+            if isinstance(entry.get("default_params"), dict)
+            else ()
+        ):
             if _code_key(k) or real()(v):
                 out.append(f"{where}.default_params.{k} = {_show(v)}: must be a finite number")
-        for i, t in enumerate(entry.get("trials") or []) if isinstance(entry.get("trials"), list) else ():
-            out += _check_keys(t, {"params": mapping(), "lr": positive(), "value": real(optional=True)},
-                               f"{where}.trials[{i}]") if isinstance(t, dict) else [
-                f"{where}.trials[{i}] = {_show(t)}: must be a mapping (params, lr, value)"]
-            if isinstance(t, dict) and isinstance(t.get("params"), dict) and isinstance(target, str):
+        for i, t in (
+            enumerate(entry.get("trials") or []) if isinstance(entry.get("trials"), list) else ()
+        ):
+            out += (
+                _check_keys(
+                    t,
+                    {"params": mapping(), "lr": positive(), "value": real(optional=True)},
+                    f"{where}.trials[{i}]",
+                )
+                if isinstance(t, dict)
+                else [f"{where}.trials[{i}] = {_show(t)}: must be a mapping (params, lr, value)"]
+            )
+            if (
+                isinstance(t, dict)
+                and isinstance(t.get("params"), dict)
+                and isinstance(target, str)
+            ):
                 out += loss_param_problems(target, t["params"], f"{where}.trials[{i}].params")
     return out
 
@@ -467,18 +608,30 @@ def load_tuned(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(p.read_text())
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested past json's depth
-        hint = (f" (a relative path is read from the current directory, {Path.cwd()}: the recorded "
-                "experiments' tuned.json are found from the repository root)") if not p.is_absolute() else ""
+        hint = (
+            (
+                f" (a relative path is read from the current directory, {Path.cwd()}: the recorded "
+                "experiments' tuned.json are found from the repository root)"
+            )
+            if not p.is_absolute()
+            else ""
+        )
         raise TunedFileError(f"cannot read tuned baselines from {p}: {e}{hint}") from e
     from metaloss.runs import MAX_NESTING, nesting_depth
 
     if nesting_depth(data) > MAX_NESTING:
-        raise TunedFileError(f"{p} is nested deeper than {MAX_NESTING} levels, which no tuned.json is")
+        raise TunedFileError(
+            f"{p} is nested deeper than {MAX_NESTING} levels, which no tuned.json is"
+        )
     if not isinstance(data, dict) or data.get("format") != TUNED_FORMAT:
-        raise TunedFileError(f"{p} is not a tuned.json of format {TUNED_FORMAT} (written by metaloss-tune)")
+        raise TunedFileError(
+            f"{p} is not a tuned.json of format {TUNED_FORMAT} (written by metaloss-tune)"
+        )
     found = tuned_problems(data)
     if found:
-        raise TunedFileError(f"{p} is not a valid tuned.json (nothing was run):\n  " + "\n  ".join(found))
+        raise TunedFileError(
+            f"{p} is not a valid tuned.json (nothing was run):\n  " + "\n  ".join(found)
+        )
     data["path"] = str(p)
     return data
 
@@ -495,9 +648,17 @@ def _differences(key: str, there: Any, here: Any) -> dict[str, tuple[Any, Any]]:
     return {} if there == here else {key: (there, here)}
 
 
-def tuned_for(tuned: Mapping[str, Any], names: list[str], *, task: str, optim: str,
-              targets: Mapping[str, str], setup: Mapping[str, Any] | None = None,
-              test_seeds: int | None = None, test_metric: str | None = None) -> dict[str, dict[str, Any]]:
+def tuned_for(
+    tuned: Mapping[str, Any],
+    names: list[str],
+    *,
+    task: str,
+    optim: str,
+    targets: Mapping[str, str],
+    setup: Mapping[str, Any] | None = None,
+    test_seeds: int | None = None,
+    test_metric: str | None = None,
+) -> dict[str, dict[str, Any]]:
     """The tuned entries of the ``compare:`` losses, refusing a file tuned for another task
     or optimizer, another training setup (``setup``: :func:`setup_record` of this run, every
     key of which the file must record and equal), a loss it lacks, a loss whose option now
@@ -507,44 +668,68 @@ def tuned_for(tuned: Mapping[str, Any], names: list[str], *, task: str, optim: s
     balanced accuracy). ``targets``: name -> the option's ``_target_``."""
     where = tuned.get("path", "tuned.json")
     if tuned.get("task") != task:
-        raise TunedFileError(f"{where} was tuned on task {tuned.get('task')!r}, this run's task is {task!r}")
+        raise TunedFileError(
+            f"{where} was tuned on task {tuned.get('task')!r}, this run's task is {task!r}"
+        )
     if tuned.get("optim") != optim:
-        raise TunedFileError(f"{where} tuned learning rates for optimizer {tuned.get('optim')!r}, this run "
-                             f"uses {optim!r}")
+        raise TunedFileError(
+            f"{where} tuned learning rates for optimizer {tuned.get('optim')!r}, this run "
+            f"uses {optim!r}"
+        )
     # a learning rate tuned for another model, budget or batch size means nothing here; a file
     # that does not say what it was tuned with (an older metaloss-tune) cannot be checked
     unknown = [k for k in (setup or {}) if k not in tuned]
     if unknown:
-        raise TunedFileError(f"{where} does not record {', '.join(unknown)} (written by an older metaloss-tune), "
-                             "so it cannot be checked against this run: tune again")
-    differ = {key: ab for k, v in (setup or {}).items()
-              for key, ab in _differences(k, tuned.get(k), v).items()}
+        raise TunedFileError(
+            f"{where} does not record {', '.join(unknown)} (written by an older metaloss-tune), "
+            "so it cannot be checked against this run: tune again"
+        )
+    differ = {
+        key: ab
+        for k, v in (setup or {}).items()
+        for key, ab in _differences(k, tuned.get(k), v).items()
+    }
     if differ:
-        raise TunedFileError(f"{where} was tuned with other training settings: "
-                             + "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in differ.items()))
+        raise TunedFileError(
+            f"{where} was tuned with other training settings: "
+            + "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in differ.items())
+        )
     if test_seeds is not None:
         shared = sorted(set(tuned.get("seeds") or ()) & set(range(int(test_seeds))))
         if shared:
-            raise TunedFileError(f"{where} was tuned from seeds {shared[:5]}{'...' if len(shared) > 5 else ''}, "
-                                 f"which the meta-test uses too (meta_test.seeds = {test_seeds}: seeds 0.."
-                                 f"{int(test_seeds) - 1}): tuning must never see the test initialisations")
-    if test_metric is not None and tuned.get("metric") != "val/" + str(test_metric).split("/", 1)[-1]:
-        raise TunedFileError(f"{where} was tuned on {tuned.get('metric')!r}, but this meta-test compares on "
-                             f"{test_metric!r}: the baselines were not tuned for the metric they are judged on "
-                             f"(tune again with tune.metric=val/{str(test_metric).split('/', 1)[-1]}, or set "
-                             "meta_test.metric to the tuned one)")
+            raise TunedFileError(
+                f"{where} was tuned from seeds {shared[:5]}{'...' if len(shared) > 5 else ''}, "
+                f"which the meta-test uses too (meta_test.seeds = {test_seeds}: seeds 0.."
+                f"{int(test_seeds) - 1}): tuning must never see the test initialisations"
+            )
+    if (
+        test_metric is not None
+        and tuned.get("metric") != "val/" + str(test_metric).split("/", 1)[-1]
+    ):
+        raise TunedFileError(
+            f"{where} was tuned on {tuned.get('metric')!r}, but this meta-test compares on "
+            f"{test_metric!r}: the baselines were not tuned for the metric they are judged on "
+            f"(tune again with tune.metric=val/{str(test_metric).split('/', 1)[-1]}, or set "
+            "meta_test.metric to the tuned one)"
+        )
     missing = [n for n in names if n not in tuned["losses"]]
     if missing:
-        raise TunedFileError(f"{where} has no tuned values for {', '.join(missing)} (it has "
-                             f"{', '.join(tuned['losses'])}); tune them too, or leave them out of compare:")
+        raise TunedFileError(
+            f"{where} has no tuned values for {', '.join(missing)} (it has "
+            f"{', '.join(tuned['losses'])}); tune them too, or leave them out of compare:"
+        )
     out = {}
     for n in names:
         entry = tuned["losses"][n]
         if entry.get("target") != targets[n]:
-            raise TunedFileError(f"{where}: {n!r} was tuned as {entry.get('target')}, but loss {n!r} is now "
-                                 f"{targets[n]}")
+            raise TunedFileError(
+                f"{where}: {n!r} was tuned as {entry.get('target')}, but loss {n!r} is now "
+                f"{targets[n]}"
+            )
         problems = loss_param_problems(targets[n], entry.get("params"), f"losses.{n}.params")
-        if problems:  # load_tuned checked them against the recorded target; the same here, to be sure
+        if (
+            problems
+        ):  # load_tuned checked them against the recorded target; the same here, to be sure
             raise TunedFileError(f"{where}: " + "; ".join(problems))
         out[n] = entry
     return out

@@ -46,14 +46,23 @@ def integer(lo: int | None = None, hi: int | None = None, *, optional: bool = Fa
         if v is None and optional:
             return None
         if not _is_int(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
-            rng = (f">= {lo}" if hi is None else f"in [{lo}, {hi}]") if lo is not None else f"<= {hi}"
+            rng = (
+                (f">= {lo}" if hi is None else f"in [{lo}, {hi}]") if lo is not None else f"<= {hi}"
+            )
             return f"an integer {rng}" + (" or null" if optional else "")
         return None
+
     return check
 
 
-def real(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-         hi_open: bool = False, optional: bool = False) -> Check:
+def real(
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    optional: bool = False,
+) -> Check:
     def check(v):
         if v is None and optional:
             return None
@@ -73,6 +82,7 @@ def real(lo: float | None = None, hi: float | None = None, *, lo_open: bool = Fa
                 rng = "(finite)"
             return f"a number {rng}" + (" or null" if optional else "")
         return None
+
     return check
 
 
@@ -89,48 +99,70 @@ def one_of(*choices: Any, optional: bool = False) -> Check:
         if (v is None and optional) or v in choices:
             return None
         return "one of " + ", ".join(map(str, choices)) + (" or null" if optional else "")
+
     return check
 
 
-def int_list(lo: int = 1, *, optional: bool = False, nonempty: bool = False,
-             hi: int | None = None) -> Check:
+def int_list(
+    lo: int = 1, *, optional: bool = False, nonempty: bool = False, hi: int | None = None
+) -> Check:
     def check(v):
         if v is None and optional:
             return None
-        ok = isinstance(v, list | tuple) and all(_is_int(x) and x >= lo and (hi is None or x <= hi) for x in v)
+        ok = isinstance(v, list | tuple) and all(
+            _is_int(x) and x >= lo and (hi is None or x <= hi) for x in v
+        )
         if not ok or (nonempty and not v):
             rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-            return f"a {'non-empty ' if nonempty else ''}list of integers {rng}" + (" or null" if optional else "")
+            return f"a {'non-empty ' if nonempty else ''}list of integers {rng}" + (
+                " or null" if optional else ""
+            )
         return None
+
     return check
 
 
 def interval(*, strict: bool = False, lo: float | None = None, lo_open: bool = False) -> Check:
     """A ``[low, high]`` pair with low <= high (low < high if ``strict``)."""
+
     def check(v):
-        ok = (isinstance(v, list | tuple) and len(v) == 2 and all(_is_real(x) for x in v)
-              and (v[0] < v[1] if strict else v[0] <= v[1]))
+        ok = (
+            isinstance(v, list | tuple)
+            and len(v) == 2
+            and all(_is_real(x) for x in v)
+            and (v[0] < v[1] if strict else v[0] <= v[1])
+        )
         if ok and lo is not None:
             ok = v[0] > lo if lo_open else v[0] >= lo
         if not ok:
             bound = "" if lo is None else f", both {'>' if lo_open else '>='} {lo}"
             return f"a pair [low, high] with low {'<' if strict else '<='} high{bound}"
         return None
+
     return check
 
 
 def unit_pair() -> Check:
     """Adam-style ``betas``: two numbers in [0, 1)."""
+
     def check(v):
-        if isinstance(v, list | tuple) and len(v) == 2 and all(_is_real(x) and 0 <= x < 1 for x in v):
+        if (
+            isinstance(v, list | tuple)
+            and len(v) == 2
+            and all(_is_real(x) and 0 <= x < 1 for x in v)
+        ):
             return None
         return "a pair of numbers in [0, 1)"
+
     return check
 
 
 def text(optional: bool = False) -> Check:
-    return lambda v: None if isinstance(v, str) or (v is None and optional) else (
-        "a string" + (" or null" if optional else ""))
+    return lambda v: (
+        None
+        if isinstance(v, str) or (v is None and optional)
+        else ("a string" + (" or null" if optional else ""))
+    )
 
 
 def existing_path(optional: bool = False, *, file: bool = False) -> Check:
@@ -139,31 +171,46 @@ def existing_path(optional: bool = False, *, file: bool = False) -> Check:
             return None
         p = Path(v).expanduser() if isinstance(v, str) else None
         if p is None or not (p.is_file() if file else p.exists()):
-            return ("an existing file" if file else "an existing file or directory") + (" or null" if optional else "")
+            return ("an existing file" if file else "an existing file or directory") + (
+                " or null" if optional else ""
+            )
         return None
+
     return check
 
 
 def learned_loss_source() -> Check:
     """A learned-loss file, or a W&B artifact reference (fetched and checked on loading)."""
     is_file = existing_path(file=True)
-    return lambda v: None if isinstance(v, str) and v.startswith("wandb-artifact://") else (
-        is_file(v) and "an existing file or a wandb-artifact://[entity/]project/name:version reference")
+    return lambda v: (
+        None
+        if isinstance(v, str) and v.startswith("wandb-artifact://")
+        else (
+            is_file(v)
+            and "an existing file or a wandb-artifact://[entity/]project/name:version reference"
+        )
+    )
 
 
 def reals(optional: bool = False) -> Check:
     def check(v):
-        if (v is None and optional) or (isinstance(v, list | tuple) and all(_is_real(x) for x in v)):
+        if (v is None and optional) or (
+            isinstance(v, list | tuple) and all(_is_real(x) for x in v)
+        ):
             return None
         return "a list of finite numbers" + (" or null" if optional else "")
+
     return check
 
 
 def strings(optional: bool = False) -> Check:
     def check(v):
-        if (v is None and optional) or (isinstance(v, list | tuple) and all(isinstance(x, str) for x in v)):
+        if (v is None and optional) or (
+            isinstance(v, list | tuple) and all(isinstance(x, str) for x in v)
+        ):
             return None
         return "a list of strings" + (" or null" if optional else "")
+
     return check
 
 
@@ -178,6 +225,7 @@ def classes() -> Check:
         if v is not None and (len(set(v)) != len(v) or len(v) >= 10):
             return "distinct digits in [0, 9] that leave at least one digit for the negative class"
         return None
+
     return check
 
 
@@ -198,7 +246,10 @@ def loss_name(optional: bool = False) -> Check:
         valid = _named_losses()
         if (v is None and optional) or v in valid:
             return None
-        return f"a loss from {_LOSS_SOURCES}: " + ", ".join(valid) + (" or null" if optional else "")
+        return (
+            f"a loss from {_LOSS_SOURCES}: " + ", ".join(valid) + (" or null" if optional else "")
+        )
+
     return check
 
 
@@ -212,6 +263,7 @@ def loss_names() -> Check:
         if len(set(v)) != len(v):
             return "a list without repeated losses"
         return None
+
     return check
 
 
@@ -223,13 +275,16 @@ def metric_name() -> Check:
             split, name = v.split("/", 1)
             if split in ("train", "val", "test") and (name in HIGHER_IS_BETTER):
                 return None
-        return ("null or <split>/<metric> with split train|val|test and metric one of "
-                + ", ".join(HIGHER_IS_BETTER))
+        return "null or <split>/<metric> with split train|val|test and metric one of " + ", ".join(
+            HIGHER_IS_BETTER
+        )
+
     return check
 
 
 def tuned_file() -> Check:
     """``meta_test.tuned``: null or a tuned.json written by metaloss-tune (or its run dir)."""
+
     def check(v):
         if v is None:
             return None
@@ -242,6 +297,7 @@ def tuned_file() -> Check:
         except TunedFileError as e:
             return f"null or a tuned.json written by metaloss-tune ({e})"
         return None
+
     return check
 
 
@@ -250,13 +306,20 @@ def budget_steps() -> Check:
         if v is None or v == "meta" or (_is_int(v) and v >= 1):
             return None
         return "null, an integer >= 1 (inner training steps per loss) or meta (the learned loss's meta-training cost)"
+
     return check
 
 
 def val_metric() -> Check:
     inner = metric_name()
-    return lambda v: None if v is None or (not inner(v) and v.startswith("val/")) else (
-        "null or val/<metric> (tuning never looks at the test split), metric one of " + ", ".join(HIGHER_IS_BETTER))
+    return lambda v: (
+        None
+        if v is None or (not inner(v) and v.startswith("val/"))
+        else (
+            "null or val/<metric> (tuning never looks at the test split), metric one of "
+            + ", ".join(HIGHER_IS_BETTER)
+        )
+    )
 
 
 def mapping() -> Check:
@@ -269,13 +332,18 @@ RULES: dict[str, Check] = {
     # shared
     "seed": integer(0),
     "progress": boolean(),
-    "device": lambda v: None if isinstance(v, str) and DEVICE_PATTERN.match(v) else "auto, cpu, cuda or cuda:N",
+    "device": lambda v: (
+        None if isinstance(v, str) and DEVICE_PATTERN.match(v) else "auto, cpu, cuda or cuda:N"
+    ),
     "dtype": one_of("float32", "float64"),
     "threads": integer(1),
     "metric": metric_name(),
     "allow_other_task": boolean(),  # metaloss-eval: a learned loss on a task other than its file's
-    "trusted_modules": lambda v: None if isinstance(v, list | tuple) and all(isinstance(x, str) for x in v)
-    else "a list of module names",
+    "trusted_modules": lambda v: (
+        None
+        if isinstance(v, list | tuple) and all(isinstance(x, str) for x in v)
+        else "a list of module names"
+    ),
     # metaloss-train
     "seeds": integer(1),
     "train.steps": integer(1),
@@ -338,7 +406,9 @@ RULES: dict[str, Check] = {
     "meta_optim.sigma0": positive(),
     "meta_optim.popsize": integer(2, 100_000, optional=True),
     "meta_optim.seed": integer(0, 2**32 - 1),
-    "meta_optim.objective": one_of("error", "balanced_error", "macro_f1_loss", "iou_loss", optional=True),
+    "meta_optim.objective": one_of(
+        "error", "balanced_error", "macro_f1_loss", "iou_loss", optional=True
+    ),
     "meta_optim.chunk": integer(1, optional=True),
     # hypergradient methods
     "hypergrad.k": integer(1),
@@ -390,7 +460,9 @@ RULES: dict[str, Check] = {
     "model.base": integer(1, 4096),
     # logging
     "logger.kind": one_of("wandb", "none"),
-    "logger.mode": one_of("offline", "online", "disabled", "dryrun", "run"),  # W&B's aliases: dryrun, run
+    "logger.mode": one_of(
+        "offline", "online", "disabled", "dryrun", "run"
+    ),  # W&B's aliases: dryrun, run
     "logger.init_timeout": positive(),
     "logger.project": text(),
     "logger.entity": text(optional=True),
@@ -407,7 +479,10 @@ LOSS_RULES: dict[str, dict[str, Check]] = {
     "quantile": {"tau": real(0, 1, lo_open=True, hi_open=True)},
     "poisson": {"eps": positive(), "log_input": boolean()},
     "bce": {"pos_weight": positive(optional=True)},
-    "weighted_ce": {"scheme": one_of("inverse", "balanced", "effective"), "beta": real(0, 1, hi_open=True)},
+    "weighted_ce": {
+        "scheme": one_of("inverse", "balanced", "effective"),
+        "beta": real(0, 1, hi_open=True),
+    },
     "label_smoothing": {"epsilon": real(0, 1, hi_open=True)},
     "focal": {"gamma": real(0), "alpha": real(0, 1, optional=True)},
     "class_balanced_focal": {"gamma": real(0), "beta": real(0, 1, hi_open=True)},
@@ -420,24 +495,50 @@ LOSS_RULES: dict[str, dict[str, Check]] = {
     "tversky": {"alpha": real(0), "beta": real(0), "smooth": real(0)},
     "focal_tversky": {"alpha": real(0), "beta": real(0), "gamma": positive(), "smooth": real(0)},
     "bce_dice": {"bce_weight": real(0), "smooth": real(0)},
-    "ML3Loss": {"hidden": int_list(1, nonempty=True, hi=4096), "num_classes": integer(1, 100_000, optional=True), "fit_to": one_of("ce", "mse", optional=True),
-                "fit_steps": integer(1), "init": one_of("default", "xavier"), "init_scale": positive(),
-                "bias": boolean(), "use_x": boolean(), "use_progress": boolean()},
-    "TaylorGLO": {"init": one_of("ce", "mse", "brier", "zeros"), "center_target": real(),
-                  "center_pred": real()},
+    "ML3Loss": {
+        "hidden": int_list(1, nonempty=True, hi=4096),
+        "num_classes": integer(1, 100_000, optional=True),
+        "fit_to": one_of("ce", "mse", optional=True),
+        "fit_steps": integer(1),
+        "init": one_of("default", "xavier"),
+        "init_scale": positive(),
+        "bias": boolean(),
+        "use_x": boolean(),
+        "use_progress": boolean(),
+    },
+    "TaylorGLO": {
+        "init": one_of("ce", "mse", "brier", "zeros"),
+        "center_target": real(),
+        "center_pred": real(),
+    },
     "PolyN": {"degree": integer(1, 64), "init_epsilon": reals(optional=True)},
     "LogitAdjusted": {"num_classes": integer(2, 100_000, optional=True)},
-    "AdaptiveRobust": {"init_alpha": real(0, 2, lo_open=True, hi_open=True), "init_scale": positive(),
-                       "alpha_min": positive()},
-    "LearnedSmoothing": {"init_epsilon": real(0, 1, lo_open=True, hi_open=True),
-                         "eps_max": real(0, 1, lo_open=True, hi_open=True), "per_class": boolean(),
-                         "num_classes": integer(2, 100_000, optional=True)},
+    "AdaptiveRobust": {
+        "init_alpha": real(0, 2, lo_open=True, hi_open=True),
+        "init_scale": positive(),
+        "alpha_min": positive(),
+    },
+    "LearnedSmoothing": {
+        "init_epsilon": real(0, 1, lo_open=True, hi_open=True),
+        "eps_max": real(0, 1, lo_open=True, hi_open=True),
+        "per_class": boolean(),
+        "num_classes": integer(2, 100_000, optional=True),
+    },
     "logit_adjusted_ce": {"tau": real(0)},
     "symmetric_ce": {"alpha": real(0), "beta": real(0), "log_zero": real(hi=0, hi_open=True)},
-    "LearnedTversky": {"init_alpha": positive(), "init_beta": positive(), "init_gamma": positive(),
-                       "init_w": real(0, 1, lo_open=True, hi_open=True), "scale": positive(),
-                       "smooth": real(0)},
-    "load_learned_loss": {"path": learned_loss_source(), "frozen": boolean(), "allow_other_task": boolean()},
+    "LearnedTversky": {
+        "init_alpha": positive(),
+        "init_beta": positive(),
+        "init_gamma": positive(),
+        "init_w": real(0, 1, lo_open=True, hi_open=True),
+        "scale": positive(),
+        "smooth": real(0),
+    },
+    "load_learned_loss": {
+        "path": learned_loss_source(),
+        "frozen": boolean(),
+        "allow_other_task": boolean(),
+    },
 }
 
 
@@ -468,10 +569,31 @@ def _loss_problems(node: Any, where: str) -> list[str]:
 
 
 # Top-level keys any app knows; a `+key=...` outside them would be silently ignored.
-KNOWN_TOP_LEVEL = {"seed", "seeds", "metric", "progress", "device", "dtype", "threads", "trusted_modules",
-                   "allow_other_task",
-                   "train", "meta", "meta_test", "compare", "loss_path", "task", "model", "loss", "optim",
-                   "meta_optim", "hypergrad", "logger", "hydra", "tune"}
+KNOWN_TOP_LEVEL = {
+    "seed",
+    "seeds",
+    "metric",
+    "progress",
+    "device",
+    "dtype",
+    "threads",
+    "trusted_modules",
+    "allow_other_task",
+    "train",
+    "meta",
+    "meta_test",
+    "compare",
+    "loss_path",
+    "task",
+    "model",
+    "loss",
+    "optim",
+    "meta_optim",
+    "hypergrad",
+    "logger",
+    "hydra",
+    "tune",
+}
 RENAMED = {"inner_optim": "optim (one optimizer group for every app)"}
 
 
@@ -481,17 +603,27 @@ def problems(cfg: DictConfig | dict) -> list[str]:
 
     out = []
     with using_searchpath(cfg):  # loss names are checked against the run's config sources
-        if isinstance(cfg, DictConfig) and "hydra" in cfg:  # checked as the app sees it: no hydra node
+        if (
+            isinstance(cfg, DictConfig) and "hydra" in cfg
+        ):  # checked as the app sees it: no hydra node
             cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-        container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig | ListConfig) else cfg
+        container = (
+            OmegaConf.to_container(cfg, resolve=True)
+            if isinstance(cfg, DictConfig | ListConfig)
+            else cfg
+        )
         container = {k: v for k, v in container.items() if k != "hydra"}
         for key in container:
             if key in RENAMED:
-                out.append(f"{key}: renamed to {RENAMED[key]}; use {key.replace(key, RENAMED[key].split()[0])}=... "
-                           "(a `+` override of the old name would be silently ignored)")
+                out.append(
+                    f"{key}: renamed to {RENAMED[key]}; use {key.replace(key, RENAMED[key].split()[0])}=... "
+                    "(a `+` override of the old name would be silently ignored)"
+                )
             elif key not in KNOWN_TOP_LEVEL:
-                out.append(f"{key}: not a metaloss setting (added with `+`?); it would be silently ignored. "
-                           f"Settings: {', '.join(sorted(KNOWN_TOP_LEVEL - {'hydra'}))}")
+                out.append(
+                    f"{key}: not a metaloss setting (added with `+`?); it would be silently ignored. "
+                    f"Settings: {', '.join(sorted(KNOWN_TOP_LEVEL - {'hydra'}))}"
+                )
         for key, value in _flatten(container):
             for pattern, check in RULES.items():
                 if fnmatch.fnmatchcase(key, pattern):
@@ -531,10 +663,16 @@ def _unknown_arguments(c: dict) -> list[str]:
             continue
         for key in node:
             if not str(key).startswith("_") and key not in params:
-                valid = ", ".join(n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL
-                                  and n not in ("self", "params"))
-                out.append(f"{where}.{key}: not a setting of {where} ({node['_target_']}); it takes: "
-                           f"{valid or 'nothing'} (left over from another {where} choice? remove it with ~{where}.{key})")
+                valid = ", ".join(
+                    n
+                    for n, p in params.items()
+                    if p.kind is not inspect.Parameter.VAR_POSITIONAL
+                    and n not in ("self", "params")
+                )
+                out.append(
+                    f"{where}.{key}: not a setting of {where} ({node['_target_']}); it takes: "
+                    f"{valid or 'nothing'} (left over from another {where} choice? remove it with ~{where}.{key})"
+                )
     return out
 
 
@@ -544,37 +682,50 @@ def _cross_checks(c: dict) -> list[str]:
     meta, hg = c.get("meta") or {}, c.get("hypergrad") or {}
     k, inner = hg.get("k"), meta.get("inner_steps")
     if _is_int(k) and _is_int(inner) and k > inner:
-        out.append(f"hypergrad.k = {k}: must be <= meta.inner_steps ({inner}): truncation cannot "
-                   "keep more steps than the inner loop has")
+        out.append(
+            f"hypergrad.k = {k}: must be <= meta.inner_steps ({inner}): truncation cannot "
+            "keep more steps than the inner loop has"
+        )
     nb = hg.get("batches")
     if _is_int(nb) and _is_int(inner) and nb > inner:
         out.append(f"hypergrad.batches = {nb}: must be <= meta.inner_steps ({inner})")
     if _target_name(hg) == "Implicit" and meta.get("learn_inner_lr") is True:
-        out.append("meta.learn_inner_lr = true: hypergrad=implicit cannot meta-learn the inner learning rate (the "
-                   "end point of a converged inner run does not depend on it: its hypergradient is always zero); set "
-                   "meta.learn_inner_lr=false, or use hypergrad=unrolled, checkpointed, truncated or es")
+        out.append(
+            "meta.learn_inner_lr = true: hypergrad=implicit cannot meta-learn the inner learning rate (the "
+            "end point of a converged inner run does not depend on it: its hypergradient is always zero); set "
+            "meta.learn_inner_lr=false, or use hypergrad=unrolled, checkpointed, truncated or es"
+        )
     from metaloss.cmaes import config_problems as cmaes_problems  # lazy: cmaes imports torch code
 
     out += cmaes_problems(c)
     task = c.get("task") or {}
     vf, tf = task.get("val_frac"), task.get("test_frac")
     if _is_real(vf) and _is_real(tf) and vf + tf >= 1:
-        out.append(f"task.val_frac + task.test_frac = {vf + tf}: must be < 1 (nothing left to train on)")
+        out.append(
+            f"task.val_frac + task.test_frac = {vf + tf}: must be < 1 (nothing left to train on)"
+        )
     model = c.get("model") or {}
     ch, groups = model.get("channels", model.get("base")), model.get("groups")
     if _is_int(ch) and _is_int(groups) and groups > 0 and ch % groups:
         key = "model.channels" if "channels" in model else "model.base"
         out.append(f"model.groups = {groups}: must divide {key} ({ch}) for GroupNorm")
     tune = c.get("tune")
-    if isinstance(tune, dict) and (tune.get("n_trials") is None) == (tune.get("budget_steps") is None):
-        out.append(f"tune.n_trials = {tune.get('n_trials')!r}, tune.budget_steps = {tune.get('budget_steps')!r}: "
-                   "give exactly one (set tune.n_trials=null when giving tune.budget_steps)")
+    if isinstance(tune, dict) and (tune.get("n_trials") is None) == (
+        tune.get("budget_steps") is None
+    ):
+        out.append(
+            f"tune.n_trials = {tune.get('n_trials')!r}, tune.budget_steps = {tune.get('budget_steps')!r}: "
+            "give exactly one (set tune.n_trials=null when giving tune.budget_steps)"
+        )
     overrides = (c.get("meta_test") or {}).get("task_overrides")
     if isinstance(overrides, dict) and overrides and task:
         merged = {**task, **overrides}
         for line in problems({"task": merged}):
-            out.append(line.replace("task.", "meta_test.task_overrides.", 1)
-                       if line.split(" ", 1)[0].split(".", 1)[-1] in overrides else line)
+            out.append(
+                line.replace("task.", "meta_test.task_overrides.", 1)
+                if line.split(" ", 1)[0].split(".", 1)[-1] in overrides
+                else line
+            )
     return out
 
 
@@ -592,15 +743,23 @@ def _objective_problems(cfg: Any, kind: str, name: str) -> list[str]:
     from metaloss.hypergrad.es import KINDS as es_kinds
 
     out = []
-    for key, node, kinds in (("hypergrad.objective", cfg.get("hypergrad") or {}, es_kinds),
-                             ("meta_optim.objective", cfg.get("meta_optim") or {}, KINDS)):
-        value = node.get("objective") if _target_name(node) in ("EvolutionStrategies", "CMAES") else None
+    for key, node, kinds in (
+        ("hypergrad.objective", cfg.get("hypergrad") or {}, es_kinds),
+        ("meta_optim.objective", cfg.get("meta_optim") or {}, KINDS),
+    ):
+        value = (
+            node.get("objective")
+            if _target_name(node) in ("EvolutionStrategies", "CMAES")
+            else None
+        )
         if value is None or value not in kinds or kind in kinds[value]:
             continue  # unset, or an unknown name (check_config names those)
         valid = [n for n, ks in kinds.items() if kind in ks]
-        out.append(f"{key} = {value!r}: means nothing for {kind} task {name!r} (it is for "
-                   f"{' / '.join(kinds[value])} tasks); valid for {kind}: null (meta.objective)"
-                   + "".join(f", {v}" for v in valid))
+        out.append(
+            f"{key} = {value!r}: means nothing for {kind} task {name!r} (it is for "
+            f"{' / '.join(kinds[value])} tasks); valid for {kind}: null (meta.objective)"
+            + "".join(f", {v}" for v in valid)
+        )
     return out
 
 
@@ -618,9 +777,11 @@ def _seed_stream_problems(cfg: DictConfig, task: Any, fresh: bool) -> list[str]:
     train = range(seed, seed + n_train + 2)
     test = meta_test_draws(int(cfg.meta_test.seeds), int(cfg.meta_test.tasks_per_seed))
     if train.start < test.stop and test.start < train.stop:
-        return [f"task.seed = {seed} (with {n_train} training task(s)): the training draws' seeds {train.start}.."
-                f"{train.stop - 1} meet the meta-test's draws {test.start}..{test.stop - 1}; use a task.seed "
-                f"below {test.start - n_train - 1} (or above {test.stop - 1})"]
+        return [
+            f"task.seed = {seed} (with {n_train} training task(s)): the training draws' seeds {train.start}.."
+            f"{train.stop - 1} meet the meta-test's draws {test.start}..{test.stop - 1}; use a task.seed "
+            f"below {test.start - n_train - 1} (or above {test.stop - 1})"
+        ]
     return []
 
 
@@ -628,7 +789,9 @@ def check_config(cfg: DictConfig | dict) -> None:
     """Raise :class:`ConfigError` listing every invalid setting; return quietly otherwise."""
     found = problems(cfg)
     if found:
-        raise ConfigError("invalid settings (nothing was run):\n  " + "\n  ".join(dict.fromkeys(found)))
+        raise ConfigError(
+            "invalid settings (nothing was run):\n  " + "\n  ".join(dict.fromkeys(found))
+        )
 
 
 MAX_MODEL_PARAMS = 100_000_000  # ~400 MB of float32 weights per model, before T-fold vmap copies
@@ -650,53 +813,86 @@ def check_against_task(cfg: DictConfig, task: Any) -> None:
         metric = mt.get("metric")
         # exactly what the meta-test records (train/loss, val/*, test/*), checked before meta-training
         if metric is not None and metric not in train_result_names(task.kind):
-            found.append(f"meta_test.metric = {metric!r}: must be one of "
-                         f"{', '.join(metric_names(task.kind, 'test'))} for {task.kind} task {task.name!r}")
+            found.append(
+                f"meta_test.metric = {metric!r}: must be one of "
+                f"{', '.join(metric_names(task.kind, 'test'))} for {task.kind} task {task.name!r}"
+            )
         fresh = task.distribution or bool(mt.get("fresh_draws", False))
         if mt.get("task_overrides") and not fresh:
-            found.append(f"meta_test.task_overrides = {dict(mt.task_overrides)}: only fresh test draws (a task "
-                         f"family, or meta_test.fresh_draws=true) can be overridden; {task.name!r} is a single "
-                         "task tested on its own draw, so nothing would be overridden")
+            found.append(
+                f"meta_test.task_overrides = {dict(mt.task_overrides)}: only fresh test draws (a task "
+                f"family, or meta_test.fresh_draws=true) can be overridden; {task.name!r} is a single "
+                "task tested on its own draw, so nothing would be overridden"
+            )
         found += _seed_stream_problems(cfg, task, fresh)
         profile = (cfg.get("task") or {}).get("imbalance_profile", "rank")
-        if fresh and not task.distribution and (cfg.get("task") or {}).get("imbalance_ratio") and profile == "rank":
-            found.append("task.imbalance_profile = 'rank' with meta_test.fresh_draws = true: each draw would rank the "
-                         "classes anew, so head and tail (and a learned loss's per-class parameters) would move "
-                         "between draws; set task.imbalance_profile=index (class 0 the head on every draw, Cui et "
-                         "al. 2019) or meta_test.fresh_draws=false")
+        if (
+            fresh
+            and not task.distribution
+            and (cfg.get("task") or {}).get("imbalance_ratio")
+            and profile == "rank"
+        ):
+            found.append(
+                "task.imbalance_profile = 'rank' with meta_test.fresh_draws = true: each draw would rank the "
+                "classes anew, so head and tail (and a learned loss's per-class parameters) would move "
+                "between draws; set task.imbalance_profile=index (class 0 the head on every draw, Cui et "
+                "al. 2019) or meta_test.fresh_draws=false"
+            )
     tune = cfg.get("tune")
-    if tune is not None and tune.get("metric") is not None and tune.metric not in metric_names(task.kind, "val"):
-        found.append(f"tune.metric = {tune.metric!r}: must be one of {', '.join(metric_names(task.kind, 'val'))} "
-                     f"for {task.kind} task {task.name!r}")
-    if "train" in cfg and cfg.get("metric") is not None and cfg.metric not in train_result_names(task.kind):
-        found.append(f"metric = {cfg.metric!r}: must be one of {', '.join(train_result_names(task.kind))} "
-                     f"for {task.kind} task {task.name!r}")
+    if (
+        tune is not None
+        and tune.get("metric") is not None
+        and tune.metric not in metric_names(task.kind, "val")
+    ):
+        found.append(
+            f"tune.metric = {tune.metric!r}: must be one of {', '.join(metric_names(task.kind, 'val'))} "
+            f"for {task.kind} task {task.name!r}"
+        )
+    if (
+        "train" in cfg
+        and cfg.get("metric") is not None
+        and cfg.metric not in train_result_names(task.kind)
+    ):
+        found.append(
+            f"metric = {cfg.metric!r}: must be one of {', '.join(train_result_names(task.kind))} "
+            f"for {task.kind} task {task.name!r}"
+        )
     found += _objective_problems(cfg, task.kind, task.name)
     n_cls = (cfg.get("loss") or {}).get("num_classes")
     expected = task.num_classes or 2
     if n_cls is not None and task.kind in ("classification", "binary") and n_cls != expected:
-        found.append(f"loss.num_classes = {n_cls}: must be {expected} (the classes of task {task.name!r}) or null")
+        found.append(
+            f"loss.num_classes = {n_cls}: must be {expected} (the classes of task {task.name!r}) or null"
+        )
     model_name = str(cfg.model.get("_target_", "model")).rsplit(".", 1)[-1]
     try:
         with torch.device("meta"):
             model = instantiate(cfg.model)(in_shape=task.in_shape, out_dim=task.out_dim)
         n_params = sum(p.numel() for p in model.parameters())
         if n_params > MAX_MODEL_PARAMS:
-            found.append(f"model: {model_name} has {n_params:,} parameters for task {task.name!r}; the limit is "
-                         f"{MAX_MODEL_PARAMS:,} (shrink model.hidden / channels / depth)")
+            found.append(
+                f"model: {model_name} has {n_params:,} parameters for task {task.name!r}; the limit is "
+                f"{MAX_MODEL_PARAMS:,} (shrink model.hidden / channels / depth)"
+            )
         else:
             with torch.no_grad():
                 out = model(task.x_train[:2].to("meta"))
             want = _expected_output(task)
             if tuple(out.shape) not in want:
-                found.append(f"model: {model_name} does not fit {task.kind} task {task.name!r}: it outputs "
-                             f"{list(out.shape)} for 2 examples, the task needs {list(want[0])}"
-                             + (" (use model=unet)" if task.kind == "segmentation" else ""))
+                found.append(
+                    f"model: {model_name} does not fit {task.kind} task {task.name!r}: it outputs "
+                    f"{list(out.shape)} for 2 examples, the task needs {list(want[0])}"
+                    + (" (use model=unet)" if task.kind == "segmentation" else "")
+                )
     except (ValueError, RuntimeError, TypeError) as e:
-        found.append(f"model: {model_name} cannot be built for task {task.name!r} (inputs {list(task.in_shape)}): "
-                     f"{str(e).splitlines()[0][:300]}")
+        found.append(
+            f"model: {model_name} cannot be built for task {task.name!r} (inputs {list(task.in_shape)}): "
+            f"{str(e).splitlines()[0][:300]}"
+        )
     if found:
-        raise ConfigError("invalid settings for this task (nothing was trained):\n  " + "\n  ".join(found))
+        raise ConfigError(
+            "invalid settings for this task (nothing was trained):\n  " + "\n  ".join(found)
+        )
 
 
 def _expected_output(task: Any) -> list[tuple[int, ...]]:

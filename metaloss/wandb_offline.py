@@ -36,8 +36,8 @@ def _records(raw: bytes):
         if left_in_block < _HEADER:  # block trailer padding
             pos += left_in_block
             continue
-        _crc, length, kind = struct.unpack("<IHB", raw[pos:pos + _HEADER])
-        data = raw[pos + _HEADER:pos + _HEADER + length]
+        _crc, length, kind = struct.unpack("<IHB", raw[pos : pos + _HEADER])
+        data = raw[pos + _HEADER : pos + _HEADER + length]
         if len(data) < length:
             raise _Truncated(pos)
         pos += _HEADER + length
@@ -73,7 +73,9 @@ def read_run(run_dir: str | Path, wait_s: float = 30.0) -> dict:
     returns; an unfinished file is re-read for up to ``wait_s`` seconds.
     """
     run_dir = Path(run_dir)
-    files = sorted(run_dir.glob("run-*.wandb")) or sorted(run_dir.glob("**/offline-run-*/run-*.wandb"))
+    files = sorted(run_dir.glob("run-*.wandb")) or sorted(
+        run_dir.glob("**/offline-run-*/run-*.wandb")
+    )
     if len(files) != 1:
         raise FileNotFoundError(f"expected one run-*.wandb under {run_dir}, found {len(files)}")
     deadline = time.monotonic() + wait_s
@@ -94,14 +96,20 @@ def artifact_file(artifact: dict, path: str) -> Path:
     uploads and verifies)."""
     entry = artifact["files"].get(path)
     if entry is None:
-        raise KeyError(f"artifact {artifact['name']!r} has no file {path!r}; it has {sorted(artifact['files'])}")
+        raise KeyError(
+            f"artifact {artifact['name']!r} has no file {path!r}; it has {sorted(artifact['files'])}"
+        )
     local = Path(entry["local_path"])
     if not local.is_file():
-        raise FileNotFoundError(f"{local}: the staged copy of {artifact['name']}/{path} is gone "
-                                "(W&B removes it after `wandb sync` uploads it)")
+        raise FileNotFoundError(
+            f"{local}: the staged copy of {artifact['name']}/{path} is gone "
+            "(W&B removes it after `wandb sync` uploads it)"
+        )
     digest = base64.b64encode(hashlib.md5(local.read_bytes()).digest()).decode()
     if digest != entry["digest"]:
-        raise ValueError(f"{local} does not match the digest recorded for {artifact['name']}/{path}")
+        raise ValueError(
+            f"{local} does not match the digest recorded for {artifact['name']}/{path}"
+        )
     return local
 
 
@@ -114,8 +122,15 @@ def _parse(raw: bytes) -> dict:
     from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2 as pb
 
-    out: dict = {"history": [], "summary": {}, "config": {}, "finished": False, "run": {},
-                 "metrics": [], "artifacts": []}
+    out: dict = {
+        "history": [],
+        "summary": {},
+        "config": {},
+        "finished": False,
+        "run": {},
+        "metrics": [],
+        "artifacts": [],
+    }
     for data in _records(raw):
         rec = pb.Record()
         try:
@@ -133,15 +148,30 @@ def _parse(raw: bytes) -> dict:
         elif kind == "run":
             r = rec.run
             out["config"].update(_items(r.config.update))
-            out["run"] = {"id": r.run_id, "project": r.project, "entity": r.entity, "group": r.run_group,
-                          "job_type": r.job_type, "name": r.display_name, "tags": list(r.tags)}
+            out["run"] = {
+                "id": r.run_id,
+                "project": r.project,
+                "entity": r.entity,
+                "group": r.run_group,
+                "job_type": r.job_type,
+                "name": r.display_name,
+                "tags": list(r.tags),
+            }
         elif kind == "metric":
             out["metrics"].append(MessageToDict(rec.metric, preserving_proto_field_name=True))
         elif kind == "artifact":
             a = rec.artifact
-            out["artifacts"].append({
-                "name": a.name, "type": a.type, "aliases": list(a.aliases), "digest": a.digest,
-                "metadata": json.loads(a.metadata) if a.metadata else {},
-                "files": {e.path: {"digest": e.digest, "size": e.size, "local_path": e.local_path}
-                          for e in a.manifest.contents}})
+            out["artifacts"].append(
+                {
+                    "name": a.name,
+                    "type": a.type,
+                    "aliases": list(a.aliases),
+                    "digest": a.digest,
+                    "metadata": json.loads(a.metadata) if a.metadata else {},
+                    "files": {
+                        e.path: {"digest": e.digest, "size": e.size, "local_path": e.local_path}
+                        for e in a.manifest.contents
+                    },
+                }
+            )
     return out

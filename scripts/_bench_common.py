@@ -25,15 +25,29 @@ def setup(task_name: str, n_tasks: int, k: int, device: str):
     if task_name == "sine":  # ML3's setting: MLP 1-40-40-1, loss MLP 2-50-50-1, 100 points
         tasks = [sine(seed=s) for s in range(n_tasks)]
         factory = lambda **kw: mlp(hidden=[40, 40], **kw)  # noqa: E731
-        loss, objective, plain_loss, batch_size = ML3Loss(hidden=(50, 50)), fixed.mse, fixed.mse, None
+        loss, objective, plain_loss, batch_size = (
+            ML3Loss(hidden=(50, 50)),
+            fixed.mse,
+            fixed.mse,
+            None,
+        )
     else:  # MNIST-1D MLP 40-100-100-10 with TaylorGLO, minibatches of 100
         tasks = [mnist1d()]
         factory = lambda **kw: mlp(hidden=[100, 100], **kw)  # noqa: E731
         loss, objective, plain_loss, batch_size = TaylorGLO(), fixed.ce, fixed.ce, 100
     gen = torch.Generator().manual_seed(0)
-    batch = sample_meta_batch(tasks, factory, n_tasks=n_tasks, inner_steps=k, inner_batch=batch_size,
-                              val_batch=batch_size, gen=gen)
-    batch = type(batch)({n: v.to(device) for n, v in batch.theta0.items()}, *(t.to(device) for t in batch[1:]))
+    batch = sample_meta_batch(
+        tasks,
+        factory,
+        n_tasks=n_tasks,
+        inner_steps=k,
+        inner_batch=batch_size,
+        val_batch=batch_size,
+        gen=gen,
+    )
+    batch = type(batch)(
+        {n: v.to(device) for n, v in batch.theta0.items()}, *(t.to(device) for t in batch[1:])
+    )
     model = build_model(factory, tasks[0], 0).to(device)
     problem = MetaProblem(model, loss.to(device), sgd(lr=0.01), k, objective, tasks[0].class_counts)
     return problem, meta_params(problem.loss), batch, plain_loss

@@ -50,6 +50,7 @@ def worker(task_name: str, n_tasks: int, k: int, method: str, device: str, repea
     problem, meta, batch, plain_loss = setup(task_name, n_tasks, k, device)
 
     if method == "plain":  # K ordinary training steps per task, torch.optim.SGD, fixed loss
+
         def call():
             for t in range(n_tasks):
                 m = problem.model
@@ -60,7 +61,11 @@ def worker(task_name: str, n_tasks: int, k: int, method: str, device: str, repea
                     loss.backward()
                     opt.step()
     else:
-        fn = {"engine": Unrolled(), "engine_compiled": Unrolled(compile=True), "higher": HigherBackend()}[method]
+        fn = {
+            "engine": Unrolled(),
+            "engine_compiled": Unrolled(compile=True),
+            "higher": HigherBackend(),
+        }[method]
 
         def call():
             out = fn(problem, meta, batch)
@@ -90,8 +95,19 @@ def worker(task_name: str, n_tasks: int, k: int, method: str, device: str, repea
 
 
 def _measure(args, name, task, n_tasks, k, method) -> dict:
-    cmd = [sys.executable, __file__, "--worker", task, str(n_tasks), str(k), method,
-           "--device", args.device, "--repeats", str(args.repeats)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        task,
+        str(n_tasks),
+        str(k),
+        method,
+        "--device",
+        args.device,
+        "--repeats",
+        str(args.repeats),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
         raise RuntimeError(f"{name}/{method} failed:\n{out.stderr[-3000:]}")
@@ -104,7 +120,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd engine")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--only", default=None, help="comma-separated config names")
-    ap.add_argument("--worker", nargs=4, metavar=("TASK", "T", "K", "METHOD"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--worker", nargs=4, metavar=("TASK", "T", "K", "METHOD"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args()
     if args.worker:
         task, n_tasks, k, method = args.worker
@@ -114,26 +132,39 @@ def main() -> None:
 
     methods = ["higher", "engine"] + (["engine_compiled"] if args.compile else []) + ["plain"]
     configs = [c for c in CONFIGS if not args.only or c[0] in args.only.split(",")]
-    print(f"torch {torch.__version__} | device {args.device} | threads {torch.get_num_threads()} | "
-          f"median of {args.repeats}")
+    print(
+        f"torch {torch.__version__} | device {args.device} | threads {torch.get_num_threads()} | "
+        f"median of {args.repeats}"
+    )
     print(f"{'config':<16}{'method':<17}{'s/meta-step':>12}{'peak MiB':>10}{'vs higher':>11}")
-    print("(peak MiB: CUDA max allocated, or CPU peak-RSS growth over set-up, warm-up call included;"
-          " 'plain' = K ordinary steps per task with a fixed loss)")
+    print(
+        "(peak MiB: CUDA max allocated, or CPU peak-RSS growth over set-up, warm-up call included;"
+        " 'plain' = K ordinary steps per task with a fixed loss)"
+    )
     ratios = {}
     for name, task, n_tasks, k in configs:
         res = {m: _measure(args, name, task, n_tasks, k, m) for m in methods}
         for m in methods:
             r = res["higher"]["seconds"] / res[m]["seconds"]
-            extra = f"  (compile {res[m]['compile_seconds']:.1f}s)" if res[m]["compile_seconds"] else ""
-            print(f"{name:<16}{m:<17}{res[m]['seconds']:>12.4f}{res[m]['peak_mib']:>10.1f}{r:>10.2f}x{extra}")
+            extra = (
+                f"  (compile {res[m]['compile_seconds']:.1f}s)" if res[m]["compile_seconds"] else ""
+            )
+            print(
+                f"{name:<16}{m:<17}{res[m]['seconds']:>12.4f}{res[m]['peak_mib']:>10.1f}{r:>10.2f}x{extra}"
+            )
         ratios[name] = {
             "speedup_engine_vs_higher": res["higher"]["seconds"] / res["engine"]["seconds"],
             "meta_step_vs_plain_K_steps": res["engine"]["seconds"] / res["plain"]["seconds"],
-            "memory_engine_vs_higher": (res["engine"]["peak_mib"] / res["higher"]["peak_mib"]
-                                        if res["higher"]["peak_mib"] > 0 else None),
+            "memory_engine_vs_higher": (
+                res["engine"]["peak_mib"] / res["higher"]["peak_mib"]
+                if res["higher"]["peak_mib"] > 0
+                else None
+            ),
         }
         if args.compile:
-            ratios[name]["speedup_compiled_vs_higher"] = res["higher"]["seconds"] / res["engine_compiled"]["seconds"]
+            ratios[name]["speedup_compiled_vs_higher"] = (
+                res["higher"]["seconds"] / res["engine_compiled"]["seconds"]
+            )
     print(json.dumps({"device": args.device, "torch": torch.__version__, "ratios": ratios}))
 
 

@@ -45,7 +45,9 @@ def _once(es, problem, meta, batch, device: str):
 def _measure(variants: dict, problem, meta, batch, device: str, repeats: int):
     """Median seconds of one estimate per variant. The repeats are interleaved (round-robin
     over the variants), so load from other processes on a shared machine hits all alike."""
-    outs = {lbl: _once(es, problem, meta, batch, device)[1] for lbl, es in variants.items()}  # warm-up
+    outs = {
+        lbl: _once(es, problem, meta, batch, device)[1] for lbl, es in variants.items()
+    }  # warm-up
     times = {lbl: [] for lbl in variants}
     for _ in range(repeats):
         for lbl, es in variants.items():
@@ -79,26 +81,44 @@ def main() -> None:
             continue
         problem, meta, batch, _ = setup(task, t, k, args.device)
         variants = {"loop": dict(vectorize=False), "vmap": dict(), f"vmap_chunk{p}": dict(chunk=p)}
-        variants = {lbl: EvolutionStrategies(population=p, sigma=0.05, **kw) for lbl, kw in variants.items()}
+        variants = {
+            lbl: EvolutionStrategies(population=p, sigma=0.05, **kw) for lbl, kw in variants.items()
+        }
         secs, peaks, outs = _measure(variants, problem, meta, batch, args.device, args.repeats)
         res, ref = {}, None
         for label in variants:
             flat = torch.cat([outs[label].grads[n].flatten() for n in sorted(outs[label].grads)])
             ref = flat if ref is None else ref
             dev = (flat - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
-            res[label] = {"seconds": secs[label], "peak_mib": peaks.get(label), "rel_dev_from_loop": dev}
+            res[label] = {
+                "seconds": secs[label],
+                "peak_mib": peaks.get(label),
+                "rel_dev_from_loop": dev,
+            }
             mem = "" if label not in peaks else f"  peak {peaks[label]:8.1f} MiB"
-            print(f"{name:30s} {label:12s} {secs[label] * 1e3:9.1f} ms{mem}  max|Δĝ|/max|ĝ| vs loop {dev:.1e}",
-                  flush=True)
+            print(
+                f"{name:30s} {label:12s} {secs[label] * 1e3:9.1f} ms{mem}  max|Δĝ|/max|ĝ| vs loop {dev:.1e}",
+                flush=True,
+            )
         loop = res["loop"]["seconds"]
-        results[name] = {"speedup_vmap_vs_loop": loop / res["vmap"]["seconds"],
-                         f"speedup_vmap_chunk{p}_vs_loop": loop / res[f"vmap_chunk{p}"]["seconds"],
-                         "seconds": {lbl: r["seconds"] for lbl, r in res.items()},
-                         "max_rel_dev_from_loop": max(r["rel_dev_from_loop"] for r in res.values())}
+        results[name] = {
+            "speedup_vmap_vs_loop": loop / res["vmap"]["seconds"],
+            f"speedup_vmap_chunk{p}_vs_loop": loop / res[f"vmap_chunk{p}"]["seconds"],
+            "seconds": {lbl: r["seconds"] for lbl, r in res.items()},
+            "max_rel_dev_from_loop": max(r["rel_dev_from_loop"] for r in res.values()),
+        }
         if args.device == "cuda":
             results[name]["peak_mib"] = {lbl: r["peak_mib"] for lbl, r in res.items()}
-    print(json.dumps({"device": args.device, "threads": torch.get_num_threads(), "repeats": args.repeats,
-                      "ratios": results}))
+    print(
+        json.dumps(
+            {
+                "device": args.device,
+                "threads": torch.get_num_threads(),
+                "repeats": args.repeats,
+                "ratios": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -35,10 +35,13 @@ def _hypergrad(method: str):
     from metaloss.hypergrad.implicit import Implicit
     from metaloss.hypergrad.unrolled import Unrolled
 
-    return {"unrolled": Unrolled, "checkpointed": Checkpointed,
-            # a few CG steps, damped: the ML3 inner problem is not convex
-            "implicit": lambda: Implicit(solver="cg", iterations=10, damping=0.1),
-            "es": lambda: EvolutionStrategies(population=2, sigma=0.05)}[method]()
+    return {
+        "unrolled": Unrolled,
+        "checkpointed": Checkpointed,
+        # a few CG steps, damped: the ML3 inner problem is not convex
+        "implicit": lambda: Implicit(solver="cg", iterations=10, damping=0.1),
+        "es": lambda: EvolutionStrategies(population=2, sigma=0.05),
+    }[method]()
 
 
 def worker(n_tasks: int, k: int, method: str, device: str, repeats: int) -> dict:
@@ -51,6 +54,7 @@ def worker(n_tasks: int, k: int, method: str, device: str, repeats: int) -> dict
 
     problem, meta, batch, _ = setup("sine", n_tasks, k, device)
     if method == "plain":
+
         def call():
             for t in range(n_tasks):
                 m = problem.model
@@ -88,8 +92,18 @@ def worker(n_tasks: int, k: int, method: str, device: str, repeats: int) -> dict
 
 
 def _measure(args, k: int, method: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", str(args.tasks), str(k), method,
-           "--device", args.device, "--repeats", str(args.repeats)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        str(args.tasks),
+        str(k),
+        method,
+        "--device",
+        args.device,
+        "--repeats",
+        str(args.repeats),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
         raise RuntimeError(f"K={k}/{method} failed:\n{out.stderr[-3000:]}")
@@ -120,9 +134,13 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}; valid: {','.join(METHODS)}")
     ks = [int(k) for k in args.ks.split(",")]
-    print(f"torch {torch.__version__} | device {args.device} | threads {torch.get_num_threads()} | "
-          f"T={args.tasks} sine tasks | median of {args.repeats} (after one warm-up)")
-    print(f"{'K':>6} {'method':<14}{'s/call':>10}{'peak MiB':>10}{'time/plain':>12}{'mem/plain':>11}")
+    print(
+        f"torch {torch.__version__} | device {args.device} | threads {torch.get_num_threads()} | "
+        f"T={args.tasks} sine tasks | median of {args.repeats} (after one warm-up)"
+    )
+    print(
+        f"{'K':>6} {'method':<14}{'s/call':>10}{'peak MiB':>10}{'time/plain':>12}{'mem/plain':>11}"
+    )
     res: dict[str, dict[str, dict]] = {}
     for k in ks:
         row = res.setdefault(str(k), {})
@@ -139,19 +157,37 @@ def main() -> None:
                 r["extra_mib_vs_plain"] = r["peak_mib"] - plain["peak_mib"]
             tr = f"{r['time_vs_plain']:.1f}x" if r.get("time_vs_plain") is not None else "-"
             mr = f"{r['memory_vs_plain']:.1f}x" if r.get("memory_vs_plain") is not None else "-"
-            print(f"{k:>6} {m:<14}{r['seconds']:>10.3f}{r['peak_mib']:>10.1f}{tr:>12}{mr:>11}", flush=True)
+            print(
+                f"{k:>6} {m:<14}{r['seconds']:>10.3f}{r['peak_mib']:>10.1f}{tr:>12}{mr:>11}",
+                flush=True,
+            )
     goals = {}
     lo, hi = str(min(ks)), str(max(ks))
     if "implicit" in methods and lo != hi:
-        goals["implicit_memory_Kmax_vs_Kmin"] = _ratio(res[hi]["implicit"]["peak_mib"], res[lo]["implicit"]["peak_mib"])
+        goals["implicit_memory_Kmax_vs_Kmin"] = _ratio(
+            res[hi]["implicit"]["peak_mib"], res[lo]["implicit"]["peak_mib"]
+        )
     if "checkpointed" in methods and "unrolled" in methods:
-        goals["checkpointed_vs_unrolled_memory_Kmax"] = _ratio(res[hi]["checkpointed"]["peak_mib"],
-                                                               res[hi]["unrolled"]["peak_mib"])
+        goals["checkpointed_vs_unrolled_memory_Kmax"] = _ratio(
+            res[hi]["checkpointed"]["peak_mib"], res[hi]["unrolled"]["peak_mib"]
+        )
         if "plain" in methods:
             goals["checkpointed_vs_unrolled_extra_memory_Kmax"] = _ratio(
-                res[hi]["checkpointed"]["extra_mib_vs_plain"], res[hi]["unrolled"]["extra_mib_vs_plain"])
-    print(json.dumps({"device": args.device, "torch": torch.__version__, "tasks": args.tasks,
-                      "ks": ks, "results": res, "goals": goals}))
+                res[hi]["checkpointed"]["extra_mib_vs_plain"],
+                res[hi]["unrolled"]["extra_mib_vs_plain"],
+            )
+    print(
+        json.dumps(
+            {
+                "device": args.device,
+                "torch": torch.__version__,
+                "tasks": args.tasks,
+                "ks": ks,
+                "results": res,
+                "goals": goals,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

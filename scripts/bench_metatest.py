@@ -38,10 +38,20 @@ def _quickstart(device: str):
         return [sine(seed=10_000 + seed * 10 + i, **test).to(device) for i in range(10)]
 
     base = tasks_for_seed(0)[0]
-    losses = {"learned": ML3Loss(hidden=(50, 50), bias=False, init="xavier").to(device).requires_grad_(False),
-              **{n: loss_option(n, base) for n in ("mse", "mae", "huber")}}
-    return dict(tasks_for_seed=tasks_for_seed, factory=functools.partial(mlp, hidden=[100, 10]),
-                losses=losses, opt=sgd(lr=lr), steps=100, batch_size=None)
+    losses = {
+        "learned": ML3Loss(hidden=(50, 50), bias=False, init="xavier")
+        .to(device)
+        .requires_grad_(False),
+        **{n: loss_option(n, base) for n in ("mse", "mae", "huber")},
+    }
+    return dict(
+        tasks_for_seed=tasks_for_seed,
+        factory=functools.partial(mlp, hidden=[100, 10]),
+        losses=losses,
+        opt=sgd(lr=lr),
+        steps=100,
+        batch_size=None,
+    )
 
 
 def _mnist1d(device: str, steps: int):
@@ -52,10 +62,18 @@ def _mnist1d(device: str, steps: int):
     from metaloss.tasks.classification import mnist1d
 
     task = mnist1d().to(device)
-    losses = {"learned": TaylorGLO().to(device).requires_grad_(False),
-              **{n: loss_option(n, task) for n in ("ce", "focal", "label_smoothing", "poly1")}}
-    return dict(tasks_for_seed=lambda seed: [task], factory=functools.partial(mlp, hidden=[100, 100]),
-                losses=losses, opt=sgd(lr=0.1), steps=steps, batch_size=100)
+    losses = {
+        "learned": TaylorGLO().to(device).requires_grad_(False),
+        **{n: loss_option(n, task) for n in ("ce", "focal", "label_smoothing", "poly1")},
+    }
+    return dict(
+        tasks_for_seed=lambda seed: [task],
+        factory=functools.partial(mlp, hidden=[100, 100]),
+        losses=losses,
+        opt=sgd(lr=0.1),
+        steps=steps,
+        batch_size=100,
+    )
 
 
 def _time(fn, sync) -> tuple[float, dict]:
@@ -81,16 +99,22 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    configs = {"quickstart": lambda: _quickstart(args.device),
-               "mnist1d": lambda: _mnist1d(args.device, args.mnist1d_steps)}
+    configs = {
+        "quickstart": lambda: _quickstart(args.device),
+        "mnist1d": lambda: _mnist1d(args.device, args.mnist1d_steps),
+    }
     ratios = {}
     for name, make in configs.items():
         if args.only and name != args.only:
             continue
         c = make()
         make_opt = functools.partial(c["opt"].torch_equivalent.func, **c["opt"].hparams)
-        kw = dict(seeds=list(range(5)), steps=c["steps"], batch_size=c["batch_size"], progress=False)
-        run_loop = functools.partial(compare_losses, c["tasks_for_seed"], c["factory"], c["losses"], make_opt, **kw)
+        kw = dict(
+            seeds=list(range(5)), steps=c["steps"], batch_size=c["batch_size"], progress=False
+        )
+        run_loop = functools.partial(
+            compare_losses, c["tasks_for_seed"], c["factory"], c["losses"], make_opt, **kw
+        )
         run_vec = functools.partial(run_loop, vectorised=c["opt"])
         loop_t, vec_t = [], []
         for _ in range(args.repeats):
@@ -101,10 +125,22 @@ def main(argv=None) -> dict:
         lm, vm = statistics.median(loop_t), statistics.median(vec_t)
         key = "test/mse" if name == "quickstart" else "test/acc"
         drift = max(abs(a - b) for n in loop for a, b in zip(loop[n][key], vec[n][key]))
-        print(f"{name:11s} loop {lm:7.2f} s   vectorised {vm:7.2f} s   speed-up {lm / vm:5.1f}x   "
-              f"max |loop - vec| on {key}: {drift:.2e}", flush=True)
-        ratios[name] = {"loop_s": round(lm, 3), "vectorised_s": round(vm, 3), "speedup": round(lm / vm, 2)}
-    result = {"device": args.device, "threads": args.threads, "torch": torch.__version__, "ratios": ratios}
+        print(
+            f"{name:11s} loop {lm:7.2f} s   vectorised {vm:7.2f} s   speed-up {lm / vm:5.1f}x   "
+            f"max |loop - vec| on {key}: {drift:.2e}",
+            flush=True,
+        )
+        ratios[name] = {
+            "loop_s": round(lm, 3),
+            "vectorised_s": round(vm, 3),
+            "speedup": round(lm / vm, 2),
+        }
+    result = {
+        "device": args.device,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "ratios": ratios,
+    }
     print(json.dumps(result))
     return result
 

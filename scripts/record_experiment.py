@@ -58,8 +58,10 @@ def _app(name: str) -> str:
     """The installed console script beside this interpreter, or a clear stop if there is none."""
     path = BIN / name
     if not path.is_file():
-        sys.exit(f"{name} is not installed beside {sys.executable}: run this script with the "
-                 "project's interpreter (`. .venv/bin/activate` after `make setup`)")
+        sys.exit(
+            f"{name} is not installed beside {sys.executable}: run this script with the "
+            "project's interpreter (`. .venv/bin/activate` after `make setup`)"
+        )
     return str(path)
 
 
@@ -93,12 +95,20 @@ def _lock(dest: Path):
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        sys.exit(f"another record_experiment.py is writing or reading {dest}; wait for it to finish")
+        sys.exit(
+            f"another record_experiment.py is writing or reading {dest}; wait for it to finish"
+        )
     return f  # held until the process exits (the OS releases it even on SIGKILL)
 
 
-RESULTS = ["comparison.json", "comparison.md", "comparison.png", "learned_vs_baselines.png",
-           "learned_loss.pt", "learned_loss.png"]
+RESULTS = [
+    "comparison.json",
+    "comparison.md",
+    "comparison.png",
+    "learned_vs_baselines.png",
+    "learned_loss.pt",
+    "learned_loss.png",
+]
 
 
 def _run(cmd: list[str], log: Path) -> float:
@@ -117,8 +127,10 @@ def verify(args: argparse.Namespace, dest: Path, work: Path) -> int:
     from metaloss.report import per_seed_differences
 
     if any(o.lstrip("+").startswith("meta_test.tuned=") for o in args.overrides):
-        sys.exit("--verify reruns with the record's own tuned.json (the destination's); drop meta_test.tuned= "
-                 "from the overrides")
+        sys.exit(
+            "--verify reruns with the record's own tuned.json (the destination's); drop meta_test.tuned= "
+            "from the overrides"
+        )
     if not (dest / "tuned.json").is_file():
         sys.exit(f"--verify: {dest / 'tuned.json'} does not exist; record {args.name} first")
     m = args.meta_seed
@@ -127,8 +139,15 @@ def verify(args: argparse.Namespace, dest: Path, work: Path) -> int:
     if not source.is_file() or (source.parent == dest and m != 0):
         sys.exit(f"--verify: no recorded meta-seed {m} in {dest}")
     recorded = json.loads(source.read_text())
-    cmd = [_app("metaloss-meta"), f"experiment={args.name}", "progress=false", *args.overrides, f"seed={m}",
-           f"meta_test.tuned={_arg(dest / 'tuned.json')}", f"hydra.run.dir={work / 'verify'}"]
+    cmd = [
+        _app("metaloss-meta"),
+        f"experiment={args.name}",
+        "progress=false",
+        *args.overrides,
+        f"seed={m}",
+        f"meta_test.tuned={_arg(dest / 'tuned.json')}",
+        f"hydra.run.dir={work / 'verify'}",
+    ]
     seconds = _run(cmd, work / "verify.log")
     again = json.loads((work / "verify" / "comparison.json").read_text())
     metric = recorded["metric"]
@@ -140,14 +159,21 @@ def verify(args: argparse.Namespace, dest: Path, work: Path) -> int:
         new = again["results"][loss][metric]
         for seed, d in enumerate(diffs):
             if d > args.tolerance:  # NaN on one side only is inf: a difference
-                bad.append(f"{loss} seed {seed}: {recorded['results'][loss][metric][seed]} recorded, {new[seed]} now")
+                bad.append(
+                    f"{loss} seed {seed}: {recorded['results'][loss][metric][seed]} recorded, {new[seed]} now"
+                )
             worst = max(worst, d)
     print((work / "verify" / "comparison.md").read_text())
     if bad:
-        print(f"NOT reproduced ({len(bad)} differences above {args.tolerance}):\n  " + "\n  ".join(bad))
+        print(
+            f"NOT reproduced ({len(bad)} differences above {args.tolerance}):\n  "
+            + "\n  ".join(bad)
+        )
         return 1
-    print(f"reproduced: every per-seed {metric} within {args.tolerance} of the record "
-          f"(largest difference {worst:.3g}); {seconds:.0f} s")
+    print(
+        f"reproduced: every per-seed {metric} within {args.tolerance} of the record "
+        f"(largest difference {worst:.3g}); {seconds:.0f} s"
+    )
     return 0
 
 
@@ -164,33 +190,60 @@ def _arg(path: Path) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("name", help="a conf/experiment/<name>.yaml")
     ap.add_argument("--skip-tune", action="store_true", help="reuse experiments/<name>/tuned.json")
     ap.add_argument("--work", default="outputs/record", help="where the runs themselves go")
-    ap.add_argument("--dest", default=None, help="where the results go (default: experiments/<name>)")
-    ap.add_argument("--verify", action="store_true", help="rerun metaloss-meta and compare with the record")
-    ap.add_argument("--meta-seeds", type=int, default=3,
-                    help="meta-training runs (seed=0..N-1), each meta-tested on the same fresh draws (default 3)")
-    ap.add_argument("--meta-seed", type=int, default=0, help="--verify: which meta-training run to rerun")
-    ap.add_argument("--tolerance", type=float, default=1e-3, help="--verify: largest per-seed difference allowed")
-    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for both apps (e.g. logger=none)")
+    ap.add_argument(
+        "--dest", default=None, help="where the results go (default: experiments/<name>)"
+    )
+    ap.add_argument(
+        "--verify", action="store_true", help="rerun metaloss-meta and compare with the record"
+    )
+    ap.add_argument(
+        "--meta-seeds",
+        type=int,
+        default=3,
+        help="meta-training runs (seed=0..N-1), each meta-tested on the same fresh draws (default 3)",
+    )
+    ap.add_argument(
+        "--meta-seed", type=int, default=0, help="--verify: which meta-training run to rerun"
+    )
+    ap.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-3,
+        help="--verify: largest per-seed difference allowed",
+    )
+    ap.add_argument(
+        "overrides", nargs="*", help="extra Hydra overrides for both apps (e.g. logger=none)"
+    )
     args = ap.parse_intermixed_args()  # overrides may follow the options
     if args.meta_seeds < 2:
-        sys.exit(f"--meta-seeds must be at least 2 (the spread between searches is part of the verdict; "
-                 f"the protocol records 3 or more), got {args.meta_seeds}")
+        sys.exit(
+            f"--meta-seeds must be at least 2 (the spread between searches is part of the verdict; "
+            f"the protocol records 3 or more), got {args.meta_seeds}"
+        )
     if not (ROOT / "conf" / "experiment" / f"{args.name}.yaml").is_file():
         sys.exit(f"no experiment {args.name!r}: conf/experiment/{args.name}.yaml does not exist")
     for app in ("metaloss-tune", "metaloss-meta"):
         _app(app)  # the project's environment, checked first
-    if not args.verify and (problems := protocol_problems(planned_protocol(args.name, args.overrides), args.name)):
-        sys.exit("not recorded: the meta-test would depart from the protocol (docs/protocol.md):\n  "
-                 + "\n  ".join(problems))
+    if not args.verify and (
+        problems := protocol_problems(planned_protocol(args.name, args.overrides), args.name)
+    ):
+        sys.exit(
+            "not recorded: the meta-test would depart from the protocol (docs/protocol.md):\n  "
+            + "\n  ".join(problems)
+        )
     dest = Path(args.dest).resolve() if args.dest else ROOT / "experiments" / args.name
     dest.mkdir(parents=True, exist_ok=True)
     lock = _lock(dest)  # noqa: F841  (kept open for the whole run)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM unwinds like Ctrl-C
-    work = (ROOT / args.work / f"{args.name}_{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}").resolve()
+    work = (
+        ROOT / args.work / f"{args.name}_{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
+    ).resolve()
     work.mkdir(parents=True)
     # The previous tuned.json is kept as a hard link beside it (no space needed) and renamed back
     # if the meta stage does not finish; every file reaches dest through replace_all (all files
@@ -203,15 +256,30 @@ def main() -> None:
             previous.unlink()
         else:  # ... in its meta stage: its previous tuned.json goes back
             os.replace(previous, tuned)
-            print(f"restored {tuned} from an earlier run that was killed before it finished", flush=True)
+            print(
+                f"restored {tuned} from an earlier run that was killed before it finished",
+                flush=True,
+            )
     if args.verify:
         sys.exit(verify(args, dest, work))
-    record: dict = {"experiment": args.name, "overrides": args.overrides, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    record: dict = {
+        "experiment": args.name,
+        "overrides": args.overrides,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     common = [f"experiment={args.name}", "progress=false", *args.overrides]
     if not args.skip_tune:
-        cmd = [_app("metaloss-tune"), *common, "meta_test.tuned=null", f"hydra.run.dir={work / 'tune'}"]
-        record["tune"] = {"command": cmd[1:], "seconds": round(_run(cmd, work / "tune.log"), 1),
-                          "tuned_sha256": _sha256(work / "tune" / "tuned.json")}
+        cmd = [
+            _app("metaloss-tune"),
+            *common,
+            "meta_test.tuned=null",
+            f"hydra.run.dir={work / 'tune'}",
+        ]
+        record["tune"] = {
+            "command": cmd[1:],
+            "seconds": round(_run(cmd, work / "tune.log"), 1),
+            "tuned_sha256": _sha256(work / "tune" / "tuned.json"),
+        }
         if tuned.is_file():
             os.link(tuned, previous)
         replace_all({tuned: work / "tune" / "tuned.json"})
@@ -230,33 +298,57 @@ def main() -> None:
         comparisons = []
         for m in range(args.meta_seeds):
             run_dir = work / f"meta_seed_{m}"
-            cmd = [_app("metaloss-meta"), *common, f"seed={m}", f"meta_test.tuned={tuned_arg}",
-                   f"hydra.run.dir={run_dir}"]
-            record["meta"].append({"seed": m, "command": cmd[1:],
-                                   "seconds": round(_run(cmd, work / f"meta_seed_{m}.log"), 1)})
+            cmd = [
+                _app("metaloss-meta"),
+                *common,
+                f"seed={m}",
+                f"meta_test.tuned={tuned_arg}",
+                f"hydra.run.dir={run_dir}",
+            ]
+            record["meta"].append(
+                {
+                    "seed": m,
+                    "command": cmd[1:],
+                    "seconds": round(_run(cmd, work / f"meta_seed_{m}.log"), 1),
+                }
+            )
             comparison = json.loads((run_dir / "comparison.json").read_text())
-            untuned = {loss: hp.get("source") for loss, hp in comparison["hyperparameters"].items()
-                       if loss != "learned" and hp.get("source") != f"tuned ({tuned_arg})"}
+            untuned = {
+                loss: hp.get("source")
+                for loss, hp in comparison["hyperparameters"].items()
+                if loss != "learned" and hp.get("source") != f"tuned ({tuned_arg})"
+            }
             if untuned:
-                sys.exit(f"not recorded: baselines not trained with {tuned_arg}: {untuned} "
-                         f"(see {work / f'meta_seed_{m}.log'})")
+                sys.exit(
+                    f"not recorded: baselines not trained with {tuned_arg}: {untuned} "
+                    f"(see {work / f'meta_seed_{m}.log'})"
+                )
             if problems := protocol_problems(comparison.get("protocol") or {}, args.name):
-                sys.exit("not recorded: the meta-test departs from the protocol (docs/protocol.md):\n  "
-                         + "\n  ".join(problems))
+                sys.exit(
+                    "not recorded: the meta-test departs from the protocol (docs/protocol.md):\n  "
+                    + "\n  ".join(problems)
+                )
             comparisons.append(comparison)
         nested = combine(comparisons, list(range(args.meta_seeds)))
         write_json(work / NESTED, nested)
         (work / NESTED.replace(".json", ".md")).write_text(format_nested(nested) + "\n")
         record["work"] = _arg(work)
         (work / "record.json").write_text(json.dumps(record, indent=2) + "\n")
-        produced = {dest / f"meta_seed_{m}" / name: work / f"meta_seed_{m}" / name
-                    for m in range(args.meta_seeds) for name in RESULTS
-                    if (work / f"meta_seed_{m}" / name).is_file()}
-        produced |= {dest / name: work / name for name in (NESTED, NESTED.replace(".json", ".md"), "record.json")}
+        produced = {
+            dest / f"meta_seed_{m}" / name: work / f"meta_seed_{m}" / name
+            for m in range(args.meta_seeds)
+            for name in RESULTS
+            if (work / f"meta_seed_{m}" / name).is_file()
+        }
+        produced |= {
+            dest / name: work / name
+            for name in (NESTED, NESTED.replace(".json", ".md"), "record.json")
+        }
         # the tuned.json the previous record used: the one kept beside it while re-tuning, or,
         # with --skip-tune, the one both records use (a new tuning with no old file keeps none)
-        archived = archive_previous(dest, keep_tuned=previous if previous.is_file() else
-                                    (tuned if args.skip_tune else None))
+        archived = archive_previous(
+            dest, keep_tuned=previous if previous.is_file() else (tuned if args.skip_tune else None)
+        )
         for m in range(args.meta_seeds):
             (dest / f"meta_seed_{m}").mkdir(exist_ok=True)
         replace_all(produced)
@@ -290,7 +382,9 @@ def planned_protocol(name: str, overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="meta", overrides=[f"experiment={name}", *overrides])
     mc = cfg.meta
-    horizon = int(mc.inner_steps) if mc.mode == "offline" else int(mc.steps)  # as metaloss-meta says it
+    horizon = (
+        int(mc.inner_steps) if mc.mode == "offline" else int(mc.steps)
+    )  # as metaloss-meta says it
     return protocol_record(cfg, instantiate(cfg.task), {}, horizon)
 
 
@@ -299,12 +393,16 @@ def protocol_problems(protocol: dict, name: str) -> list[str]:
     seed, or a horizon that differs from meta-training's without a stated reason."""
     found = []
     if protocol.get("fresh_draws") is not True:
-        found.append("meta_test.fresh_draws is false: every seed trained on the meta-training draw "
-                     f"(set meta_test.fresh_draws: true in conf/experiment/{name}.yaml)")
+        found.append(
+            "meta_test.fresh_draws is false: every seed trained on the meta-training draw "
+            f"(set meta_test.fresh_draws: true in conf/experiment/{name}.yaml)"
+        )
     if protocol.get("horizon_matched") is False and not protocol.get("horizon_note"):
-        found.append(f"the loss was meta-trained for {protocol.get('meta_training_horizon')} inner steps and is "
-                     f"tested for {protocol.get('meta_test_steps')}: match them, or state why in "
-                     f"meta_test.horizon_note (conf/experiment/{name}.yaml)")
+        found.append(
+            f"the loss was meta-trained for {protocol.get('meta_training_horizon')} inner steps and is "
+            f"tested for {protocol.get('meta_test_steps')}: match them, or state why in "
+            f"meta_test.horizon_note (conf/experiment/{name}.yaml)"
+        )
     return found
 
 
@@ -316,7 +414,9 @@ def archive_previous(dest: Path, keep_tuned: Path | None) -> Path | None:
     if (dest / "record.json").is_file():
         started = json.loads((dest / "record.json").read_text()).get("started", "unknown")
     elif (dest / "comparison.json").is_file():  # a record made before record.json existed
-        started = "before_" + time.strftime("%Y-%m-%d", time.localtime((dest / "comparison.json").stat().st_mtime))
+        started = "before_" + time.strftime(
+            "%Y-%m-%d", time.localtime((dest / "comparison.json").stat().st_mtime)
+        )
     else:
         return None
     target = dest / "history" / str(started).replace(" ", "_").replace(":", "-")

@@ -26,36 +26,51 @@ ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- records:begin (scripts/records_table.py --write) -->", "<!-- records:end -->"
 
 
-
 def _short(verdict: str) -> str:
-    return {"significantly better": "**better**", "significantly worse": "worse",
-            "no significant difference": "no difference"}.get(verdict, verdict)
+    return {
+        "significantly better": "**better**",
+        "significantly worse": "worse",
+        "no significant difference": "no difference",
+    }.get(verdict, verdict)
 
 
 def row(name: str, rec: dict) -> str:
     sig = rec["significance"]
     runs = ", ".join(format_number(m) for m in sig["learned_run_means"])
     alone = [r["verdict"] for r in sig["per_run"]]
-    counts = (f"{alone.count('significantly better')} better, {alone.count('significantly worse')} worse, "
-              f"{sum(v == 'no significant difference' for v in alone)} no diff.")
-    others = ", ".join(f"{_short(r['verdict'])} vs {b}" for b, r in sig["pairwise"].items() if b != sig["best_baseline"])
+    counts = (
+        f"{alone.count('significantly better')} better, {alone.count('significantly worse')} worse, "
+        f"{sum(v == 'no significant difference' for v in alone)} no diff."
+    )
+    others = ", ".join(
+        f"{_short(r['verdict'])} vs {b}"
+        for b, r in sig["pairwise"].items()
+        if b != sig["best_baseline"]
+    )
     metric = rec["metric"]
-    return (f"| `{name}` | {metric} | {len(sig['learned_run_means'])} × {sig['n_seeds']} | "
-            f"{format_number(sig['learned_mean'])} ({runs}) | {format_number(sig['best_baseline_mean'])} ({sig['best_baseline']}) | "
-            f"{format_number(sig['difference'])} [{format_number(sig['ci_low'])}, {format_number(sig['ci_high'])}] ({sig['ci_level']:.0%}) | "
-            f"{format_number(sig['p_value_holm'], '.3g')} | {_short(sig['verdict'])} | {counts} | {others} |")
+    return (
+        f"| `{name}` | {metric} | {len(sig['learned_run_means'])} × {sig['n_seeds']} | "
+        f"{format_number(sig['learned_mean'])} ({runs}) | {format_number(sig['best_baseline_mean'])} ({sig['best_baseline']}) | "
+        f"{format_number(sig['difference'])} [{format_number(sig['ci_low'])}, {format_number(sig['ci_high'])}] ({sig['ci_level']:.0%}) | "
+        f"{format_number(sig['p_value_holm'], '.3g')} | {_short(sig['verdict'])} | {counts} | {others} |"
+    )
 
 
 def table(root: Path = ROOT / "experiments") -> str:
     recs = sorted(root.glob("*/nested_comparison.json"))
-    head = ("| experiment | metric | runs × draws | learned: all runs (each run) | reference tuned baseline "
-            "(chosen on validation) | difference [CI] | p (Holm) | verdict | runs alone | vs the other baselines |")
+    head = (
+        "| experiment | metric | runs × draws | learned: all runs (each run) | reference tuned baseline "
+        "(chosen on validation) | difference [CI] | p (Holm) | verdict | runs alone | vs the other baselines |"
+    )
     lines = [head, "|" + "---|" * 10]
     lines += [row(f.parent.name, json.loads(f.read_text())) for f in recs]
     return "\n".join(lines)
 
 
-SECTION_BEGIN, SECTION_END = "<!-- record:begin (scripts/records_table.py --write) -->", "<!-- record:end -->"
+SECTION_BEGIN, SECTION_END = (
+    "<!-- record:begin (scripts/records_table.py --write) -->",
+    "<!-- record:end -->",
+)
 
 
 def section(d: Path) -> str:
@@ -67,9 +82,11 @@ def section(d: Path) -> str:
     tuned = json.loads((d / "tuned.json").read_text())
     protocol = rec["protocol"]
     m, name = len(rec["meta_seeds"]), d.name
-    horizon = (f"meta-trained with K = {protocol['meta_training_horizon']} inner steps and tested with "
-               f"{protocol['meta_test_steps']}" + (f" — declared: {protocol['horizon_note']}"
-                                                     if protocol.get("horizon_note") else ""))
+    horizon = (
+        f"meta-trained with K = {protocol['meta_training_horizon']} inner steps and tested with "
+        f"{protocol['meta_test_steps']}"
+        + (f" — declared: {protocol['horizon_note']}" if protocol.get("horizon_note") else "")
+    )
     budget = tuned.get("budget") or {}
     trials = sorted({e.get("n_trials") for e in tuned["losses"].values()})
     tune = record.get("tune") or {}
@@ -82,7 +99,8 @@ def section(d: Path) -> str:
         "",
         "```bash",
         f"python scripts/record_experiment.py {name} --meta-seeds {m}"
-        + (" --skip-tune" if tune.get("reused") else "") + "   # tune, then:",
+        + (" --skip-tune" if tune.get("reused") else "")
+        + "   # tune, then:",
         f"metaloss-meta experiment={name} seed=<m> meta_test.tuned=experiments/{name}/tuned.json   # m = 0 .. {m - 1}",
         "```",
         "",
@@ -94,7 +112,8 @@ def section(d: Path) -> str:
         f"per baseline x {len(tuned.get('seeds', []))} seeds x {tuned.get('steps')} steps"
         + (f", {budget.get('steps_used')} inner steps each" if budget.get("steps_used") else "")
         + f"; the learned loss trains at its config's inner lr, {learned_lr:g}). Tuning took "
-        f"{tune.get('seconds', 'NaN')} s" + (" (an earlier run's, kept: same tuned.json)" if tune.get("reused") else "")
+        f"{tune.get('seconds', 'NaN')} s"
+        + (" (an earlier run's, kept: same tuned.json)" if tune.get("reused") else "")
         + f"; each meta-training run with its meta-test {seconds} s.",
         "",
         table_md.strip(),
@@ -104,7 +123,8 @@ def section(d: Path) -> str:
         "```",
         "",
         "Earlier records of this experiment, kept as they were read: "
-        + (", ".join(f"`history/{h}/`" for h in history) if history else "none") + ". The text after this "
+        + (", ".join(f"`history/{h}/`" for h in history) if history else "none")
+        + ". The text after this "
         "section was written with the earlier records: its numbers are theirs, not this record's.",
     ]
     return "\n".join(lines)
@@ -119,9 +139,13 @@ def _replace_between(content: str, begin: str, end: str, text: str, where: str) 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--write", action="store_true", help="write the table into README.md")
-    ap.add_argument("--check", action="store_true", help="exit 1 if README.md's table differs from the records")
+    ap.add_argument(
+        "--check", action="store_true", help="exit 1 if README.md's table differs from the records"
+    )
     args = ap.parse_args()
     text = table()
     if not (args.write or args.check):
@@ -135,11 +159,15 @@ def main() -> None:
         page = f.parent / "README.md"
         if not page.is_file():
             page.write_text(f"# {f.parent.name}\n")
-        wanted[page] = _replace_between(page.read_text(), SECTION_BEGIN, SECTION_END, section(f.parent), str(page))
+        wanted[page] = _replace_between(
+            page.read_text(), SECTION_BEGIN, SECTION_END, section(f.parent), str(page)
+        )
     stale = [str(p.relative_to(ROOT)) for p, text_ in wanted.items() if p.read_text() != text_]
     if args.check:
         if stale:
-            sys.exit(f"not what the records say: {', '.join(stale)}; run python scripts/records_table.py --write")
+            sys.exit(
+                f"not what the records say: {', '.join(stale)}; run python scripts/records_table.py --write"
+            )
         return
     for p in stale:
         (ROOT / p).write_text(wanted[ROOT / p])

@@ -37,11 +37,19 @@ def reevaluate(path: Path, write: bool) -> tuple[dict, dict] | None:
     old = rec.get("significance") or {}
     md = path.with_name("comparison.md")
     # rows in the order the record's table had them (the learned loss, then `compare:`)
-    shown = [line.split("|")[1].strip() for line in (md.read_text().splitlines() if md.is_file() else [])
-             if line.startswith("| ") and not line.startswith("| run ")]
+    shown = [
+        line.split("|")[1].strip()
+        for line in (md.read_text().splitlines() if md.is_file() else [])
+        if line.startswith("| ") and not line.startswith("| run ")
+    ]
     order = [n for n in shown if n in rec["results"]] + sorted(set(rec["results"]) - set(shown))
-    results = {loss: {k: [float("nan") if v is None else float(v) for v in vals]
-                      for k, vals in rec["results"][loss].items()} for loss in order}
+    results = {
+        loss: {
+            k: [float("nan") if v is None else float(v) for v in vals]
+            for k, vals in rec["results"][loss].items()
+        }
+        for loss in order
+    }
     decided = significance(results, rec["metric"], alpha=float(old.get("alpha", 0.05)))
     new = jsonable(decided)
     if _same(old, new):
@@ -49,7 +57,9 @@ def reevaluate(path: Path, write: bool) -> tuple[dict, dict] | None:
     if write:
         history = rec.get("previous_significance", [])
         before = {k: old.get(k) for k in KEPT if k in old}
-        if not _same(before, {k: new.get(k) for k in KEPT if k in old}):  # only a decision that differed
+        if not _same(
+            before, {k: new.get(k) for k in KEPT if k in old}
+        ):  # only a decision that differed
             history.append(before)
         rec["significance"], rec["previous_significance"] = new, history
         write_json(path, rec)
@@ -68,7 +78,10 @@ def _reevaluate_nested(path: Path, rec: dict, write: bool) -> tuple[dict, dict] 
     from metaloss.report import jsonable
 
     old = rec.get("significance") or {}
-    runs = [json.loads((path.parent / f"meta_seed_{m}" / "comparison.json").read_text()) for m in rec["meta_seeds"]]
+    runs = [
+        json.loads((path.parent / f"meta_seed_{m}" / "comparison.json").read_text())
+        for m in rec["meta_seeds"]
+    ]
     again = jsonable(combine(runs, rec["meta_seeds"], alpha=float(old.get("alpha", 0.05))))
     kept = {k: v for k, v in rec.items() if k != "previous_significance"}
     if _same(kept, again):
@@ -107,9 +120,18 @@ def _p(v) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("paths", nargs="*", type=Path, help="comparison.json files (default: all under experiments/)")
-    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a record is out of date")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "paths",
+        nargs="*",
+        type=Path,
+        help="comparison.json files (default: all under experiments/)",
+    )
+    ap.add_argument(
+        "--check", action="store_true", help="change nothing; exit 1 if a record is out of date"
+    )
     args = ap.parse_args()
     paths = args.paths or records(ROOT / "experiments")
     stale = 0
@@ -120,9 +142,11 @@ def main() -> None:
         stale += 1
         old, new = changed
         name = path.parent.relative_to(ROOT) if path.is_relative_to(ROOT) else path.parent
-        print(f"{name}: {old.get('best_baseline')} p={_p(old.get('p_value'))} -> {old.get('verdict')}  ==>  "
-              f"{new['best_baseline']} (chosen on {new['selected_on']}) p={_p(new['p_value'])}, "
-              f"Holm p={_p(new['p_value_holm'])} -> {new['verdict']}")
+        print(
+            f"{name}: {old.get('best_baseline')} p={_p(old.get('p_value'))} -> {old.get('verdict')}  ==>  "
+            f"{new['best_baseline']} (chosen on {new['selected_on']}) p={_p(new['p_value'])}, "
+            f"Holm p={_p(new['p_value_holm'])} -> {new['verdict']}"
+        )
     if args.check and stale:
         sys.exit(f"{stale} record(s) decided under another rule: run scripts/reevaluate_records.py")
 

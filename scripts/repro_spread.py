@@ -31,7 +31,14 @@ PATHS: dict[str, tuple[dict[str, str], int]] = {
     "default": ({}, 1),
     "default-2t": ({}, 2),
     "avx2-1t": ({"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}, 1),
-    "sse-1t": ({"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "MKL_CBWR": "COMPATIBLE"}, 1),
+    "sse-1t": (
+        {
+            "ATEN_CPU_CAPABILITY": "default",
+            "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+            "MKL_CBWR": "COMPATIBLE",
+        },
+        1,
+    ),
 }
 
 
@@ -40,24 +47,38 @@ def run_path(name: str, path: str, work: Path) -> dict[str, float]:
     d = ROOT / "experiments" / name
     out_dir = work / f"{name}-{path}"
     env = {**os.environ, **env_extra, "WANDB_SILENT": "true"}
-    cmd = [str(BIN / "metaloss-eval"), f"experiment={name}", f"loss_path={d / 'learned_loss.pt'}",
-           "logger=none", "progress=false", f"threads={threads}", f"hydra.run.dir={out_dir}"]
+    cmd = [
+        str(BIN / "metaloss-eval"),
+        f"experiment={name}",
+        f"loss_path={d / 'learned_loss.pt'}",
+        "logger=none",
+        "progress=false",
+        f"threads={threads}",
+        f"hydra.run.dir={out_dir}",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{name} on {path} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     from metaloss.report import per_seed_differences
 
-    per_seed = per_seed_differences(json.loads((d / "comparison.json").read_text()),
-                                    json.loads((out_dir / "comparison.json").read_text()))
+    per_seed = per_seed_differences(
+        json.loads((d / "comparison.json").read_text()),
+        json.loads((out_dir / "comparison.json").read_text()),
+    )
     diffs = {loss: max(v) for loss, v in per_seed.items()}
-    print(f"{name:16s} {path:10s} {time.perf_counter() - t0:6.0f} s  largest per-seed difference "
-          f"{max(diffs.values()):.3g}  " + " ".join(f"{k}={v:.2g}" for k, v in sorted(diffs.items())), flush=True)
+    print(
+        f"{name:16s} {path:10s} {time.perf_counter() - t0:6.0f} s  largest per-seed difference "
+        f"{max(diffs.values()):.3g}  " + " ".join(f"{k}={v:.2g}" for k, v in sorted(diffs.items())),
+        flush=True,
+    )
     return diffs
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("names", nargs="+", help="recorded experiments (experiments/<name>/)")
     ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     args = ap.parse_args()

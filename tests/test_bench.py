@@ -12,8 +12,12 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_engine.py"
 
 @pytest.mark.slow
 def test_bench_prints_ratios_as_last_line():
-    out = subprocess.run([sys.executable, str(SCRIPT), "--only", "sine_T8_K5", "--repeats", "1"],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--only", "sine_T8_K5", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     last = json.loads(out.stdout.strip().splitlines()[-1])
     r = last["ratios"]["sine_T8_K5"]
@@ -26,8 +30,21 @@ METATEST = Path(__file__).resolve().parents[1] / "scripts" / "bench_metatest.py"
 
 @pytest.mark.slow
 def test_metatest_bench_prints_ratios_as_last_line():
-    out = subprocess.run([sys.executable, str(METATEST), "--only", "mnist1d", "--mnist1d-steps", "3",
-                          "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(METATEST),
+            "--only",
+            "mnist1d",
+            "--mnist1d-steps",
+            "3",
+            "--repeats",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last["ratios"]["mnist1d"]["speedup"] > 0

@@ -23,8 +23,20 @@ def _run(args, cwd, timeout=300, env=None):
 @pytest.mark.slow
 def test_multirun_then_report(tmp_path):
     sweep = tmp_path / "sweep"
-    _run([BIN / "metaloss-train", "-m", "task=outliers", "loss=mse,mae", "seed=0,1",
-          "train.steps=50", "logger=none", "progress=false", f"hydra.sweep.dir={sweep}"], tmp_path)
+    _run(
+        [
+            BIN / "metaloss-train",
+            "-m",
+            "task=outliers",
+            "loss=mse,mae",
+            "seed=0,1",
+            "train.steps=50",
+            "logger=none",
+            "progress=false",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+    )
     assert len(list(sweep.rglob("metrics.json"))) == 4
     proc = _run([BIN / "metaloss-report", str(sweep)], tmp_path)
     assert "loss=mse" in proc.stdout and "loss=mae" in proc.stdout and "±" in proc.stdout
@@ -35,8 +47,13 @@ def test_multirun_then_report(tmp_path):
 
 @pytest.mark.slow
 def test_bad_loss_name_exits_nonzero_with_choices(tmp_path):
-    proc = subprocess.run([BIN / "metaloss-train", "loss=nope", "logger=none"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [BIN / "metaloss-train", "loss=nope", "logger=none"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "Available options" in proc.stderr and "huber" in proc.stderr
 
@@ -53,14 +70,40 @@ def test_built_wheel_carries_the_configs(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     if not (repo / "pyproject.toml").is_file() or shutil.which("git") is None:
         pytest.skip("needs the source checkout")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-          "-w", str(tmp_path), str(repo)], repo)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(repo),
+        ],
+        repo,
+    )
     wheel = next(tmp_path.glob("metaloss-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "metaloss/conf/train.yaml" in names and "metaloss/conf/loss/focal.yaml" in names
     # Installed from that wheel (no source tree beside it), the package finds its configs.
     target = tmp_path / "site"
-    _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], repo)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        repo,
+    )
     code = "import metaloss.config as c; print(c.conf_dir())"
     env = {**os.environ, "PYTHONPATH": str(target)}  # ahead of the editable install
     out = _run([sys.executable, "-c", code], tmp_path, timeout=60, env=env).stdout.strip()
@@ -68,6 +111,7 @@ def test_built_wheel_carries_the_configs(tmp_path):
 
 
 # --- a learned loss and the task it was trained on (issue 15, item 5) ---------------------
+
 
 def _learned_file(compose_cfg, path, overrides, **meta):
     """A learned-loss file as metaloss-meta writes it, for the setup ``overrides`` compose to
@@ -77,8 +121,15 @@ def _learned_file(compose_cfg, path, overrides, **meta):
     from metaloss.losses.taylor import TaylorGLO
 
     cfg = compose_cfg("meta", overrides)
-    return save_learned_loss(TaylorGLO(), path, task="digits", loss_name="taylorglo", steps=1, complete=True,
-                             **({"setup": training_setup(cfg)} | meta))
+    return save_learned_loss(
+        TaylorGLO(),
+        path,
+        task="digits",
+        loss_name="taylorglo",
+        steps=1,
+        complete=True,
+        **({"setup": training_setup(cfg)} | meta),
+    )
 
 
 EVAL = ["logger=none", "progress=false", "compare=[ce]", "meta_test.seeds=2", "meta_test.steps=5"]
@@ -87,14 +138,22 @@ EVAL = ["logger=none", "progress=false", "compare=[ce]", "meta_test.seeds=2", "m
 def test_eval_takes_task_model_and_optimizer_from_the_file(compose_cfg, tmp_path):
     """`metaloss-eval loss_path=...` alone evaluates where the loss was trained (digits, its
     model and inner lr), not on the default sine task (before: silently sine)."""
-    f = _learned_file(compose_cfg, tmp_path / "l.pt", ["task=digits", "task.seed=2", "model.hidden=[16]",
-                                                        "optim.lr=0.3"])
-    proc = _run([BIN / "metaloss-eval", f"loss_path={f}", *EVAL, f"hydra.run.dir={tmp_path / 'out'}"], tmp_path)
+    f = _learned_file(
+        compose_cfg,
+        tmp_path / "l.pt",
+        ["task=digits", "task.seed=2", "model.hidden=[16]", "optim.lr=0.3"],
+    )
+    proc = _run(
+        [BIN / "metaloss-eval", f"loss_path={f}", *EVAL, f"hydra.run.dir={tmp_path / 'out'}"],
+        tmp_path,
+    )
     comp = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert comp["task"] == "digits" and comp["metric"] == "test/acc"
     assert comp["hyperparameters"]["learned"]["lr"] == 0.3
     ident = json.loads((tmp_path / "out" / "run.json").read_text())["identity"]
-    assert ident["task._target_"] == "metaloss.tasks.classification.digits" and ident["task.seed"] == 2
+    assert (
+        ident["task._target_"] == "metaloss.tasks.classification.digits" and ident["task.seed"] == 2
+    )
     assert ident["model.hidden"] == [16] and ident["optim.lr"] == 0.3
     assert "task from" in proc.stdout + proc.stderr
 
@@ -102,11 +161,19 @@ def test_eval_takes_task_model_and_optimizer_from_the_file(compose_cfg, tmp_path
 def test_eval_refuses_another_task_unless_told_and_old_files_without_a_task(compose_cfg, tmp_path):
     f = _learned_file(compose_cfg, tmp_path / "l.pt", ["task=digits"])
     cmd = [BIN / "metaloss-eval", f"loss_path={f}", *EVAL]
-    proc = subprocess.run(cmd + ["task=digits", "task.seed=3", f"hydra.run.dir={tmp_path / 'a'}"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        cmd + ["task=digits", "task.seed=3", f"hydra.run.dir={tmp_path / 'a'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and not (tmp_path / "a" / "comparison.json").exists()
-    assert re.search(r"l.pt was meta-trained on another task than this run's 'digits': task.seed: file 0, this run 3.*"
-                     r"task.seed=0.*allow_other_task=true", proc.stderr), proc.stderr[-2000:]
+    assert re.search(
+        r"l.pt was meta-trained on another task than this run's 'digits': task.seed: file 0, this run 3.*"
+        r"task.seed=0.*allow_other_task=true",
+        proc.stderr,
+    ), proc.stderr[-2000:]
     # a file written before the setup was recorded: the implicit case is refused, naming task=
     old = _learned_file(compose_cfg, tmp_path / "old.pt", ["task=digits"], setup=None)
     import torch
@@ -114,8 +181,13 @@ def test_eval_refuses_another_task_unless_told_and_old_files_without_a_task(comp
     blob = torch.load(old, weights_only=True)
     del blob["meta"]["setup"]
     torch.save(blob, old)
-    proc = subprocess.run([BIN / "metaloss-eval", f"loss_path={old}", *EVAL, f"hydra.run.dir={tmp_path / 'b'}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [BIN / "metaloss-eval", f"loss_path={old}", *EVAL, f"hydra.run.dir={tmp_path / 'b'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and not (tmp_path / "b" / "comparison.json").exists()
     assert "old.pt does not record the task it was trained on" in proc.stderr
     assert "pass the task explicitly, e.g. task=digits" in proc.stderr
@@ -127,23 +199,49 @@ def test_train_with_a_learned_loss_on_another_task_needs_allow_other_task(compos
 
     f = _learned_file(compose_cfg, tmp_path / "l.pt", ["task=digits"])
     base = ["loss=learned", f"loss.path={f}", "logger=none", "progress=false", "train.steps=3"]
-    with pytest.raises(LearnedLossOtherTask, match=r"task 'digits' \(metaloss.tasks.classification.digits\) vs "
-                                                   r"this run's 'breast_cancer'.*task=digits.*loss.allow_other_task=true"):
-        train_app.run(compose_cfg("train", base + ["task=breast_cancer"]), tmp_path / "a", "learned")
+    with pytest.raises(
+        LearnedLossOtherTask,
+        match=r"task 'digits' \(metaloss.tasks.classification.digits\) vs "
+        r"this run's 'breast_cancer'.*task=digits.*loss.allow_other_task=true",
+    ):
+        train_app.run(
+            compose_cfg("train", base + ["task=breast_cancer"]), tmp_path / "a", "learned"
+        )
     assert not (tmp_path / "a" / "metrics.json").exists()
     train_app.run(compose_cfg("train", base + ["task=digits"]), tmp_path / "b", "learned")
-    train_app.run(compose_cfg("train", base + ["task=breast_cancer", "loss.allow_other_task=true"]),
-                  tmp_path / "c", "learned")
-    assert (tmp_path / "b" / "metrics.json").is_file() and (tmp_path / "c" / "metrics.json").is_file()
+    train_app.run(
+        compose_cfg("train", base + ["task=breast_cancer", "loss.allow_other_task=true"]),
+        tmp_path / "c",
+        "learned",
+    )
+    assert (tmp_path / "b" / "metrics.json").is_file() and (
+        tmp_path / "c" / "metrics.json"
+    ).is_file()
 
 
 def test_meta_records_the_training_setup_in_the_file(compose_cfg, tmp_path):
     from metaloss.cli import meta as meta_app
     from metaloss.losses.io import load_learned_loss
 
-    meta_app.run(compose_cfg("meta", ["task=digits", "task.seed=1", "loss=taylorglo", "model.hidden=[8]",
-                                      "logger=none", "progress=false", "meta.steps=1", "meta.tasks_per_step=1",
-                                      "meta.inner_steps=1", "meta_test.enabled=false"]), tmp_path, "taylorglo")
+    meta_app.run(
+        compose_cfg(
+            "meta",
+            [
+                "task=digits",
+                "task.seed=1",
+                "loss=taylorglo",
+                "model.hidden=[8]",
+                "logger=none",
+                "progress=false",
+                "meta.steps=1",
+                "meta.tasks_per_step=1",
+                "meta.inner_steps=1",
+                "meta_test.enabled=false",
+            ],
+        ),
+        tmp_path,
+        "taylorglo",
+    )
     setup = load_learned_loss(tmp_path / "learned_loss.pt").meta["setup"]
     assert setup["task"]["target"] == "metaloss.tasks.classification.digits"
     assert setup["task"]["config"]["seed"] == 1 and "_target_" not in setup["task"]["config"]
@@ -158,8 +256,17 @@ def test_eval_applies_command_line_values_over_the_files_setup(compose_cfg, tmp_
     from metaloss.config import setup_from_file
     from metaloss.losses.io import load_learned_loss
 
-    f = _learned_file(compose_cfg, tmp_path / "l.pt", ["task=sine", "optim=adam", "optim.lr=0.01",
-                                                        "model.hidden=[16]", "+meta_test.task_overrides.amplitude=[3,4]"])
+    f = _learned_file(
+        compose_cfg,
+        tmp_path / "l.pt",
+        [
+            "task=sine",
+            "optim=adam",
+            "optim.lr=0.01",
+            "model.hidden=[16]",
+            "+meta_test.task_overrides.amplitude=[3,4]",
+        ],
+    )
     meta = load_learned_loss(f).meta
     cli = [f"loss_path={f}", "optim.lr=0.0005", "meta_test.seeds=3", "model.activation=tanh"]
     cfg = setup_from_file(compose_cfg("eval", cli), meta, given_keys(cli), str(f))

@@ -29,22 +29,42 @@ def _assert_one_message(out: subprocess.CompletedProcess, *expected: str) -> Non
         assert text in out.stderr, out.stderr[-3000:]
 
 
-@pytest.mark.parametrize("app, setting, expected", [
-    ("train", "train.batch_size=-4", "train.batch_size = -4: must be an integer >= 1 or null"),
-    ("meta", "meta.clip_grad_norm=-1", "meta.clip_grad_norm = -1: must be a number > 0 or null"),
-    ("eval", "meta_test.seeds=0", "meta_test.seeds = 0: must be"),
-    ("tune", "seed=-1", "seed = -1: must be"),
-])
+@pytest.mark.parametrize(
+    "app, setting, expected",
+    [
+        ("train", "train.batch_size=-4", "train.batch_size = -4: must be an integer >= 1 or null"),
+        (
+            "meta",
+            "meta.clip_grad_norm=-1",
+            "meta.clip_grad_norm = -1: must be a number > 0 or null",
+        ),
+        ("eval", "meta_test.seeds=0", "meta_test.seeds = 0: must be"),
+        ("tune", "seed=-1", "seed = -1: must be"),
+    ],
+)
 def test_a_refused_setting_is_one_message_without_traceback(tmp_path, app, setting, expected):
-    out = _run([str(BIN / f"metaloss-{app}"), setting, "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    out = _run(
+        [str(BIN / f"metaloss-{app}"), setting, "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+        tmp_path,
+    )
     _assert_one_message(out, f"metaloss-{app}: error: ", expected, "HYDRA_FULL_ERROR=1")
 
 
 def test_hydra_full_error_shows_the_traceback(tmp_path):
-    out = _run([str(BIN / "metaloss-train"), "train.batch_size=-4", "logger=none",
-                f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, HYDRA_FULL_ERROR="1")
+    out = _run(
+        [
+            str(BIN / "metaloss-train"),
+            "train.batch_size=-4",
+            "logger=none",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+        HYDRA_FULL_ERROR="1",
+    )
     assert out.returncode == 2, out.stderr[-3000:]
-    assert "Traceback" in out.stderr and "metaloss.errors.ConfigError" in out.stderr, out.stderr[-3000:]
+    assert "Traceback" in out.stderr and "metaloss.errors.ConfigError" in out.stderr, out.stderr[
+        -3000:
+    ]
 
 
 def test_a_hydra_composition_error_is_one_message(tmp_path):
@@ -56,8 +76,17 @@ def test_a_hydra_composition_error_is_one_message(tmp_path):
 def test_a_corrupt_checkpoint_is_one_message(tmp_path):
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(b"not a checkpoint")
-    out = _run([str(BIN / "metaloss-meta"), f"meta.resume_from={bad}", "logger=none", "progress=false",
-                "meta_test.enabled=false", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    out = _run(
+        [
+            str(BIN / "metaloss-meta"),
+            f"meta.resume_from={bad}",
+            "logger=none",
+            "progress=false",
+            "meta_test.enabled=false",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+    )
     _assert_one_message(out, "cannot read checkpoint", str(bad))
 
 
@@ -89,8 +118,17 @@ def test_user_error_subclasses_are_reported_and_bugs_keep_their_traceback(tmp_pa
 def test_a_refused_setting_in_a_launched_sweep_is_one_message(tmp_path, launcher):
     """The job's exception travels back to the launching process, which reports it; Hydra's
     line naming the failing job's overrides stays (it says which job)."""
-    out = _run([str(BIN / "metaloss-meta"), "-m", f"hydra/launcher={launcher}", "meta.clip_grad_norm=-1",
-                "seed=0,1", "logger=none"], tmp_path)
+    out = _run(
+        [
+            str(BIN / "metaloss-meta"),
+            "-m",
+            f"hydra/launcher={launcher}",
+            "meta.clip_grad_norm=-1",
+            "seed=0,1",
+            "logger=none",
+        ],
+        tmp_path,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr + out.stdout, out.stderr[-3000:]
     assert "meta.clip_grad_norm = -1: must be a number > 0 or null" in out.stderr

@@ -9,22 +9,52 @@ import pytest
 import torch
 
 BIN = Path(sys.executable).parent
-ARGS = ["logger=none", "progress=false", "meta.steps=3", "meta.tasks_per_step=5", "meta.inner_steps=2",
-        "model.hidden=[8]", "loss.hidden=[8]", "meta_test.enabled=false", "dtype=float64"]
+ARGS = [
+    "logger=none",
+    "progress=false",
+    "meta.steps=3",
+    "meta.tasks_per_step=5",
+    "meta.inner_steps=2",
+    "model.hidden=[8]",
+    "loss.hidden=[8]",
+    "meta_test.enabled=false",
+    "dtype=float64",
+]
 
 
 def _torchrun(n, args, cwd):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                           str(BIN / "metaloss-meta"), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={n}",
+            str(BIN / "metaloss-meta"),
+            *args,
+        ],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [[], ["hypergrad=es", "hypergrad.population=2", "meta_optim.lr=0.05"]],
-                         ids=["unrolled", "es"])
+@pytest.mark.parametrize(
+    "method",
+    [[], ["hypergrad=es", "hypergrad.population=2", "meta_optim.lr=0.05"]],
+    ids=["unrolled", "es"],
+)
 def test_two_gloo_processes_equal_one(tmp_path, method):
     """T=5 over 2 ranks: uneven shares (3 + 2), weighted all-reduce."""
-    one = subprocess.run([BIN / "metaloss-meta", *ARGS, *method, f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [BIN / "metaloss-meta", *ARGS, *method, f"hydra.run.dir={tmp_path / 'one'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     two = _torchrun(2, [*ARGS, *method, f"hydra.run.dir={tmp_path / 'two'}"], tmp_path)
     assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]

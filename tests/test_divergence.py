@@ -12,9 +12,18 @@ from metaloss.meta import MetaLearner, NonFiniteMetaGradient
 from metaloss.sampling import sample_meta_batch
 from metaloss.train import build_model
 
-TINY = ["logger=none", "progress=false", "meta.steps=6", "meta.tasks_per_step=2", "meta.inner_steps=2",
-        "model.hidden=[8]", "loss.hidden=[8]", "meta.plot_every=100", "meta_test.enabled=false",
-        "meta.max_bad_steps=2"]
+TINY = [
+    "logger=none",
+    "progress=false",
+    "meta.steps=6",
+    "meta.tasks_per_step=2",
+    "meta.inner_steps=2",
+    "model.hidden=[8]",
+    "loss.hidden=[8]",
+    "meta.plot_every=100",
+    "meta_test.enabled=false",
+    "meta.max_bad_steps=2",
+]
 
 
 def test_inner_divergence_is_named_and_the_last_good_loss_is_kept(compose_cfg, tmp_path):
@@ -35,10 +44,18 @@ def test_meta_divergence_is_named(compose_cfg):
     task = instantiate(cfg.task)
     factory = instantiate(cfg.model)
     loss = instantiate(cfg.loss)
-    problem = MetaProblem(build_model(factory, task, 0), loss, instantiate(cfg.optim), 2,
-                          loss_option("mse", task))
-    batch = sample_meta_batch([task], factory, n_tasks=2, inner_steps=2, inner_batch=None, val_batch=None,
-                              gen=torch.Generator().manual_seed(0))
+    problem = MetaProblem(
+        build_model(factory, task, 0), loss, instantiate(cfg.optim), 2, loss_option("mse", task)
+    )
+    batch = sample_meta_batch(
+        [task],
+        factory,
+        n_tasks=2,
+        inner_steps=2,
+        inner_batch=None,
+        val_batch=None,
+        gen=torch.Generator().manual_seed(0),
+    )
     learner = MetaLearner(loss, lambda p: torch.optim.SGD(p, lr=0.01), max_bad_steps=2)
     calls = {"n": 0}
 

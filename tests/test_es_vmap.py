@@ -64,7 +64,9 @@ def test_estimate_is_linear_in_the_per_task_objectives_with_the_same_noise():
     grads, loss = {k: torch.zeros_like(v) for k, v in full.grads.items()}, 0.0
     for lo, hi in parts:
         es.load_state_dict({"calls": 0})  # every rank is at the same call
-        part = MetaBatch({k: v[lo:hi] for k, v in batch.theta0.items()}, *(t[lo:hi] for t in batch[1:]))
+        part = MetaBatch(
+            {k: v[lo:hi] for k, v in batch.theta0.items()}, *(t[lo:hi] for t in batch[1:])
+        )
         hg = es(problem, meta, part)
         loss = loss + hg.loss * (hi - lo) / n
         grads = {k: grads[k] + hg.grads[k] * (hi - lo) / n for k in grads}
@@ -113,12 +115,16 @@ def test_a_diverged_candidate_counts_as_the_worst_not_as_nan(monkeypatch):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             out[name] = es(problem, meta, batch)
-        assert any("1 of 6 candidates diverged" in str(w.message) for w in caught) == (name == "nan")
+        assert any("1 of 6 candidates diverged" in str(w.message) for w in caught) == (
+            name == "nan"
+        )
     _assert_same_estimate(out["nan"], out["replaced"])
     assert torch.isfinite(_flat(out["nan"].grads)).all()
     assert torch.isnan(out["all"].loss)  # nothing finite: the step is skipped by the learner
     cause, finding, fix = es.diagnosis()  # and ES says why
-    assert cause == "es" and "every one of the 6 ES candidates" in finding and "hypergrad.sigma" in fix
+    assert (
+        cause == "es" and "every one of the 6 ES candidates" in finding and "hypergrad.sigma" in fix
+    )
 
 
 def test_every_candidate_diverging_is_blamed_on_sigma_when_phi_itself_trains(compose_cfg, tmp_path):
@@ -126,19 +132,38 @@ def test_every_candidate_diverging_is_blamed_on_sigma_when_phi_itself_trains(com
     φ itself trains finitely, only φ ± σε do not: the run stops naming hypergrad.sigma."""
     from metaloss.meta import NonFiniteMetaGradient
 
-    cfg = compose_cfg("meta", TINY + ["hypergrad=es", "hypergrad.population=2", "hypergrad.sigma=1e30",
-                                      "meta.max_bad_steps=2", "meta.steps=3", "meta_test.enabled=false"])
-    with pytest.raises(NonFiniteMetaGradient, match="every one of the 4 ES candidates.*hypergrad.sigma") as err:
+    cfg = compose_cfg(
+        "meta",
+        TINY
+        + [
+            "hypergrad=es",
+            "hypergrad.population=2",
+            "hypergrad.sigma=1e30",
+            "meta.max_bad_steps=2",
+            "meta.steps=3",
+            "meta_test.enabled=false",
+        ],
+    )
+    with pytest.raises(
+        NonFiniteMetaGradient, match="every one of the 4 ES candidates.*hypergrad.sigma"
+    ) as err:
         meta_app.run(cfg, tmp_path, "ml3")
     assert err.value.cause == "es" and "INNER" not in str(err.value)
     assert not (tmp_path / "learned_loss.pt").exists()
 
 
-def test_an_error_rate_objective_on_a_regression_task_is_refused_before_compute(compose_cfg, tmp_path):
-    cfg = compose_cfg("meta", TINY + ["hypergrad=es", "hypergrad.objective=error"])  # sine: regression
-    with pytest.raises(ConfigError, match=r"hypergrad.objective = 'error': means nothing for regression task "
-                                          r"'sine' \(it is for classification / binary tasks\); valid for "
-                                          r"regression: null \(meta.objective\)$"):
+def test_an_error_rate_objective_on_a_regression_task_is_refused_before_compute(
+    compose_cfg, tmp_path
+):
+    cfg = compose_cfg(
+        "meta", TINY + ["hypergrad=es", "hypergrad.objective=error"]
+    )  # sine: regression
+    with pytest.raises(
+        ConfigError,
+        match=r"hypergrad.objective = 'error': means nothing for regression task "
+        r"'sine' \(it is for classification / binary tasks\); valid for "
+        r"regression: null \(meta.objective\)$",
+    ):
         meta_app.run(cfg, tmp_path, "ml3")
     assert not (tmp_path / "checkpoint.pt").exists()
 
@@ -151,13 +176,22 @@ def test_invalid_chunk_is_rejected():
 def test_vmapped_es_run_resumes_bit_identically(compose_cfg, tmp_path, interrupted_then_resumed):
     """tests/test_interruption.py's worst moment (Ctrl-C after step 3's update), with a
     chunked vmapped population: the resumed run's φ equals an uninterrupted one's."""
-    overrides = TINY + ["hypergrad=es", "hypergrad.population=3", "hypergrad.chunk=4",
-                        "meta_optim.lr=0.05", "meta.steps=5"]
+    overrides = TINY + [
+        "hypergrad=es",
+        "hypergrad.population=3",
+        "hypergrad.chunk=4",
+        "meta_optim.lr=0.05",
+        "meta.steps=5",
+    ]
     straight, broken, ckpt = interrupted_then_resumed(overrides, MetaLearner, "ml3")
     assert ckpt["step"] < 5 and ckpt["hypergrad"]["calls"] == ckpt["step"]
     _assert_identical(_state(straight), _state(broken))
     # and the vmapped run took the same path as the loop would have
     loop = tmp_path / "loop"
-    meta_app.run(compose_cfg("meta", overrides[:-1] + ["hypergrad.vectorize=false", "meta.steps=5"]), loop, "ml3")
+    meta_app.run(
+        compose_cfg("meta", overrides[:-1] + ["hypergrad.vectorize=false", "meta.steps=5"]),
+        loop,
+        "ml3",
+    )
     for k, v in _state(loop).items():
         torch.testing.assert_close(v, _state(straight)[k], rtol=1e-5, atol=1e-6)

@@ -9,7 +9,10 @@ from metaloss.losses import fixed as L
 g = torch.Generator().manual_seed(0)
 B, C = 16, 5
 F64 = torch.float64
-REG_PRED, REG_T = torch.randn(B, 3, generator=g, dtype=F64), torch.randn(B, 3, generator=g, dtype=F64)
+REG_PRED, REG_T = (
+    torch.randn(B, 3, generator=g, dtype=F64),
+    torch.randn(B, 3, generator=g, dtype=F64),
+)
 LOGITS, LABELS = torch.randn(B, C, generator=g, dtype=F64), torch.randint(0, C, (B,), generator=g)
 BIN_Z, BIN_Y = torch.randn(B, generator=g, dtype=F64), torch.randint(0, 2, (B,), generator=g)
 
@@ -24,13 +27,16 @@ def per_example(ref):
     return ref.reshape(B, -1).mean(1)
 
 
-@pytest.mark.parametrize("ours,ref", [
-    (L.mse, nn.MSELoss(reduction="none")),
-    (L.mae, nn.L1Loss(reduction="none")),
-    (lambda p, t: L.huber(p, t, delta=0.7), nn.HuberLoss(reduction="none", delta=0.7)),
-    (lambda p, t: L.smooth_l1(p, t, beta=0.5), nn.SmoothL1Loss(reduction="none", beta=0.5)),
-    (L.poisson, nn.PoissonNLLLoss(reduction="none", log_input=True)),
-])
+@pytest.mark.parametrize(
+    "ours,ref",
+    [
+        (L.mse, nn.MSELoss(reduction="none")),
+        (L.mae, nn.L1Loss(reduction="none")),
+        (lambda p, t: L.huber(p, t, delta=0.7), nn.HuberLoss(reduction="none", delta=0.7)),
+        (lambda p, t: L.smooth_l1(p, t, beta=0.5), nn.SmoothL1Loss(reduction="none", beta=0.5)),
+        (L.poisson, nn.PoissonNLLLoss(reduction="none", log_input=True)),
+    ],
+)
 def test_regression_matches_torch(ours, ref):
     torch.testing.assert_close(ours(REG_PRED, REG_T), per_example(ref(REG_PRED, REG_T)))
 
@@ -48,18 +54,23 @@ def test_ce_matches_torch_with_weight_and_smoothing():
     ref = nn.CrossEntropyLoss(reduction="none")(LOGITS, LABELS)
     torch.testing.assert_close(L.ce(LOGITS, LABELS), ref)
     ref = nn.CrossEntropyLoss(weight=w, reduction="none", label_smoothing=0.2)(LOGITS, LABELS)
-    torch.testing.assert_close(L._soft_ce(torch.log_softmax(LOGITS, -1), LABELS, weight=w,
-                                          label_smoothing=0.2), ref)
+    torch.testing.assert_close(
+        L._soft_ce(torch.log_softmax(LOGITS, -1), LABELS, weight=w, label_smoothing=0.2), ref
+    )
     ref = nn.CrossEntropyLoss(reduction="none", label_smoothing=0.1)(LOGITS, LABELS)
     torch.testing.assert_close(L.label_smoothing(LOGITS, LABELS, epsilon=0.1), ref)
 
 
 def test_weighted_ce_schemes_match_torch_weights():
     counts = torch.tensor([50.0, 10, 5, 30, 5])
-    for scheme, w in [("balanced", counts.sum() / (C * counts)),
-                      ("inverse", (1 / counts) * C / (1 / counts).sum())]:
+    for scheme, w in [
+        ("balanced", counts.sum() / (C * counts)),
+        ("inverse", (1 / counts) * C / (1 / counts).sum()),
+    ]:
         ref = nn.CrossEntropyLoss(weight=w, reduction="none")(LOGITS, LABELS)
-        torch.testing.assert_close(L.weighted_ce(LOGITS, LABELS, scheme=scheme, class_counts=counts), ref)
+        torch.testing.assert_close(
+            L.weighted_ce(LOGITS, LABELS, scheme=scheme, class_counts=counts), ref
+        )
     eff = L.weighted_ce(LOGITS, LABELS, scheme="effective", beta=0.99, class_counts=counts)
     assert eff.shape == (B,) and torch.isfinite(eff).all()
     with pytest.raises(ValueError, match="class_counts"):
@@ -69,9 +80,11 @@ def test_weighted_ce_schemes_match_torch_weights():
 def test_binary_losses_match_bce_with_logits():
     ref = nn.BCEWithLogitsLoss(reduction="none")(BIN_Z, BIN_Y.double())
     torch.testing.assert_close(L.bce(BIN_Z, BIN_Y), ref)
-    torch.testing.assert_close(L.ce(BIN_Z, BIN_Y), ref)           # one logit = two-class (0, z)
+    torch.testing.assert_close(L.ce(BIN_Z, BIN_Y), ref)  # one logit = two-class (0, z)
     torch.testing.assert_close(L.ce(BIN_Z[:, None], BIN_Y), ref)  # [B, 1] too
-    ref = nn.BCEWithLogitsLoss(reduction="none", pos_weight=torch.tensor(3.0))(BIN_Z, BIN_Y.double())
+    ref = nn.BCEWithLogitsLoss(reduction="none", pos_weight=torch.tensor(3.0))(
+        BIN_Z, BIN_Y.double()
+    )
     torch.testing.assert_close(L.bce(BIN_Z, BIN_Y, pos_weight=3.0), ref)
 
 
@@ -97,8 +110,9 @@ def test_classification_identities():
     torch.testing.assert_close(L.gce(LOGITS, LABELS, q=1.0), 1 - pt)  # q=1: MAE on p_t
     torch.testing.assert_close(L.gce(LOGITS, LABELS, q=1e-6), ce, rtol=1e-4, atol=1e-5)  # q->0: CE
     counts = torch.full((C,), 7.0)  # equal counts: class-balanced weights are all 1
-    torch.testing.assert_close(L.class_balanced_focal(LOGITS, LABELS, class_counts=counts),
-                               L.focal(LOGITS, LABELS))
+    torch.testing.assert_close(
+        L.class_balanced_focal(LOGITS, LABELS, class_counts=counts), L.focal(LOGITS, LABELS)
+    )
     # binary focal alpha weights positives by alpha and negatives by 1 - alpha
     f = L.focal(BIN_Z, BIN_Y, alpha=0.25, gamma=0.0)
     torch.testing.assert_close(f, torch.where(BIN_Y == 1, 0.25, 0.75) * L.bce(BIN_Z, BIN_Y))
@@ -109,9 +123,13 @@ SEG_MASK = (torch.rand(4, 1, 8, 8, generator=g) < 0.2).double()
 
 
 def test_segmentation_identities():
-    torch.testing.assert_close(L.tversky(SEG_LOGITS, SEG_MASK, alpha=0.5, beta=0.5, smooth=0.0),
-                               L.dice(SEG_LOGITS, SEG_MASK, smooth=0.0))
-    hard = (SEG_MASK * 2 - 1) * 200 + (torch.rand(4, 1, 8, 8, generator=g, dtype=F64) < 0.1) * 400  # hard masks
+    torch.testing.assert_close(
+        L.tversky(SEG_LOGITS, SEG_MASK, alpha=0.5, beta=0.5, smooth=0.0),
+        L.dice(SEG_LOGITS, SEG_MASK, smooth=0.0),
+    )
+    hard = (SEG_MASK * 2 - 1) * 200 + (
+        torch.rand(4, 1, 8, 8, generator=g, dtype=F64) < 0.1
+    ) * 400  # hard masks
     d = 1 - L.dice(hard, SEG_MASK, smooth=0.0)
     j = 1 - L.iou(hard, SEG_MASK, smooth=0.0)
     assert (d < 1).all()  # the perturbation makes the masks differ
@@ -120,13 +138,23 @@ def test_segmentation_identities():
     torch.testing.assert_close(L.dice(perfect, SEG_MASK), torch.zeros(4))
     pix = nn.BCEWithLogitsLoss(reduction="none")(SEG_LOGITS, SEG_MASK).reshape(4, -1).mean(1)
     torch.testing.assert_close(L.bce_dice(SEG_LOGITS, SEG_MASK), pix + L.dice(SEG_LOGITS, SEG_MASK))
-    torch.testing.assert_close(L.focal_tversky(SEG_LOGITS, SEG_MASK, gamma=1.0),
-                               L.tversky(SEG_LOGITS, SEG_MASK, alpha=0.7, beta=0.3))
+    torch.testing.assert_close(
+        L.focal_tversky(SEG_LOGITS, SEG_MASK, gamma=1.0),
+        L.tversky(SEG_LOGITS, SEG_MASK, alpha=0.7, beta=0.3),
+    )
 
 
-CLS_LOSSES = [L.ce, L.focal, L.poly1, L.label_smoothing, L.gce, L.hinge, L.squared_hinge,
-              lambda p, t: L.weighted_ce(p, t, class_counts=torch.tensor([90.0, 5, 5, 1, 1])),
-              lambda p, t: L.class_balanced_focal(p, t, class_counts=torch.tensor([90.0, 5, 5, 1, 1]))]
+CLS_LOSSES = [
+    L.ce,
+    L.focal,
+    L.poly1,
+    L.label_smoothing,
+    L.gce,
+    L.hinge,
+    L.squared_hinge,
+    lambda p, t: L.weighted_ce(p, t, class_counts=torch.tensor([90.0, 5, 5, 1, 1])),
+    lambda p, t: L.class_balanced_focal(p, t, class_counts=torch.tensor([90.0, 5, 5, 1, 1])),
+]
 
 
 @pytest.mark.parametrize("loss", CLS_LOSSES)
@@ -160,7 +188,8 @@ def test_every_loss_declares_kinds():
     from metaloss.config import group_options, losses_for
 
     assert {"mse", "mae", "huber", "smooth_l1", "log_cosh", "quantile", "poisson"} <= set(
-        losses_for("regression"))
+        losses_for("regression")
+    )
     assert "ce" not in losses_for("regression") and "mse" not in losses_for("classification")
     assert "dice" in losses_for("segmentation") and "dice" not in losses_for("regression")
     assert "bce" in losses_for("binary") and "bce" not in losses_for("classification")

@@ -21,8 +21,10 @@ from metaloss.train import build_model
 
 
 def _to64(batch):
-    return type(batch)({k: v.double() for k, v in batch.theta0.items()},
-                       *(t.double() if t.is_floating_point() else t for t in batch[1:]))
+    return type(batch)(
+        {k: v.double() for k, v in batch.theta0.items()},
+        *(t.double() if t.is_floating_point() else t for t in batch[1:]),
+    )
 
 
 def _problem(loss, opt, k=3, task="sine"):
@@ -35,8 +37,11 @@ def _problem(loss, opt, k=3, task="sine"):
         objective = fixed.ce
         factory = lambda **kw: mlp(hidden=[6], **kw)  # noqa: E731
     gen = torch.Generator().manual_seed(0)
-    batch = _to64(sample_meta_batch(tasks, factory, n_tasks=4, inner_steps=k, inner_batch=10,
-                                    val_batch=12, gen=gen))
+    batch = _to64(
+        sample_meta_batch(
+            tasks, factory, n_tasks=4, inner_steps=k, inner_batch=10, val_batch=12, gen=gen
+        )
+    )
     model = build_model(factory, tasks[0], 0).double()
     problem = MetaProblem(model, loss.double(), opt, k, objective, tasks[0].class_counts)
     return problem, batch
@@ -52,11 +57,17 @@ def _rel(a, b):
     return ((_flat(a) - _flat(b)).norm() / _flat(b).norm()).item()
 
 
-OPTS = {"sgd": O.sgd(lr=0.1), "momentum": O.momentum(lr=0.05), "nesterov": O.nesterov(lr=0.05),
-        # higher's Adam keeps the pre-2018 placement of eps (sqrt(v) + eps, not
-        # sqrt(v)/sqrt(1-b2^t) + eps as torch.optim.Adam and ours): a tiny eps makes them agree.
-        "adam": O.adam(lr=0.01, eps=1e-12), "rmsprop": O.rmsprop(lr=0.01), "adagrad": O.adagrad(lr=0.05),
-        "adadelta": O.adadelta(lr=1.0)}
+OPTS = {
+    "sgd": O.sgd(lr=0.1),
+    "momentum": O.momentum(lr=0.05),
+    "nesterov": O.nesterov(lr=0.05),
+    # higher's Adam keeps the pre-2018 placement of eps (sqrt(v) + eps, not
+    # sqrt(v)/sqrt(1-b2^t) + eps as torch.optim.Adam and ours): a tiny eps makes them agree.
+    "adam": O.adam(lr=0.01, eps=1e-12),
+    "rmsprop": O.rmsprop(lr=0.01),
+    "adagrad": O.adagrad(lr=0.05),
+    "adadelta": O.adadelta(lr=1.0),
+}
 
 
 @pytest.mark.parametrize("opt", sorted(OPTS))
@@ -87,7 +98,9 @@ def test_unrolled_equals_finite_differences(opt):
         plus = {**{n: p.detach() for n, p in meta.items()}, k: v.detach() + h}
         minus = {**plus, k: v.detach() - h}
         with torch.no_grad():
-            fd = (batched_objective(problem, plus, batch) - batched_objective(problem, minus, batch)) / (2 * h)
+            fd = (
+                batched_objective(problem, plus, batch) - batched_objective(problem, minus, batch)
+            ) / (2 * h)
         torch.testing.assert_close(grads[k], fd, rtol=1e-5, atol=1e-8)
 
 
@@ -102,11 +115,16 @@ def test_truncated_with_k_equal_K_is_unrolled_and_smaller_k_differs():
 def test_first_order_exact_for_one_step_and_approximate_after():
     problem, batch = _problem(ML3Loss(hidden=(8,)), OPTS["sgd"], k=1)
     meta = meta_params(problem.loss)
-    assert _rel(FirstOrder()(problem, meta, batch).grads, Unrolled()(problem, meta, batch).grads) <= 1e-12
+    assert (
+        _rel(FirstOrder()(problem, meta, batch).grads, Unrolled()(problem, meta, batch).grads)
+        <= 1e-12
+    )
     problem, batch = _problem(ML3Loss(hidden=(8,)), OPTS["sgd"], k=5)
     fo, full = FirstOrder()(problem, meta, batch).grads, Unrolled()(problem, meta, batch).grads
     assert _rel(fo, full) > 1e-6  # the dropped terms matter ...
-    assert torch.nn.functional.cosine_similarity(_flat(fo), _flat(full), dim=0) > 0.5  # ... but it points the same way
+    assert (
+        torch.nn.functional.cosine_similarity(_flat(fo), _flat(full), dim=0) > 0.5
+    )  # ... but it points the same way
 
 
 @pytest.mark.slow
@@ -115,7 +133,9 @@ def test_compiled_step_matches_eager():
     problem, batch = _problem(ML3Loss(hidden=(8,)), OPTS["sgd"], k=2)
     problem.model.float()
     problem.loss.float()
-    batch = type(batch)({k: v.float() for k, v in batch.theta0.items()}, *(t.float() for t in batch[1:]))
+    batch = type(batch)(
+        {k: v.float() for k, v in batch.theta0.items()}, *(t.float() for t in batch[1:])
+    )
     meta = meta_params(problem.loss)
     eager = Unrolled()(problem, meta, batch)
     compiled = Unrolled(compile=True)(problem, meta, batch)
@@ -150,7 +170,9 @@ def test_es_can_optimise_the_error_rate():
     from metaloss.hypergrad.es import EvolutionStrategies
 
     problem, batch = _problem(TaylorGLO(init="ce"), O.sgd(lr=0.5), task="digits")
-    out = EvolutionStrategies(population=4, sigma=0.1, objective="error")(problem, meta_params(problem.loss), batch)
+    out = EvolutionStrategies(population=4, sigma=0.1, objective="error")(
+        problem, meta_params(problem.loss), batch
+    )
     assert 0.0 <= out.loss <= 1.0 and all(torch.isfinite(g).all() for g in out.grads.values())
     with pytest.raises(ValueError, match="unknown ES objective"):
         EvolutionStrategies(objective="accuracy")

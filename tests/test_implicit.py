@@ -43,13 +43,28 @@ def _ridge(lam=0.3, k=400, n_tasks=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     w_true = torch.randn(n_tasks, D, generator=g, dtype=torch.float64)
     x = torch.randn(n_tasks, N, D, generator=g, dtype=torch.float64)
-    y = (x @ w_true[..., None]).squeeze(-1) + 0.3 * torch.randn(n_tasks, N, generator=g, dtype=torch.float64)
+    y = (x @ w_true[..., None]).squeeze(-1) + 0.3 * torch.randn(
+        n_tasks, N, generator=g, dtype=torch.float64
+    )
     xv = torch.randn(n_tasks, NV, D, generator=g, dtype=torch.float64)
-    yv = (xv @ w_true[..., None]).squeeze(-1) + 0.3 * torch.randn(n_tasks, NV, generator=g, dtype=torch.float64)
+    yv = (xv @ w_true[..., None]).squeeze(-1) + 0.3 * torch.randn(
+        n_tasks, NV, generator=g, dtype=torch.float64
+    )
     reg_x = C * torch.eye(D, dtype=torch.float64).expand(n_tasks, D, D)
     xa = torch.cat([x, reg_x], 1)
-    ta = torch.cat([torch.stack([y, torch.zeros_like(y)], -1),
-                    torch.stack([torch.zeros(n_tasks, D, dtype=torch.float64), torch.ones(n_tasks, D, dtype=torch.float64)], -1)], 1)
+    ta = torch.cat(
+        [
+            torch.stack([y, torch.zeros_like(y)], -1),
+            torch.stack(
+                [
+                    torch.zeros(n_tasks, D, dtype=torch.float64),
+                    torch.ones(n_tasks, D, dtype=torch.float64),
+                ],
+                -1,
+            ),
+        ],
+        1,
+    )
     tv = torch.stack([yv, torch.zeros_like(yv)], -1)
     model = nn.Linear(D, 1, bias=False).double()
     theta0 = {"weight": torch.randn(n_tasks, 1, D, generator=g, dtype=torch.float64)}
@@ -57,7 +72,9 @@ def _ridge(lam=0.3, k=400, n_tasks=2, seed=0):
     m = N + D
     lmax = torch.linalg.eigvalsh(2 * (x.mT @ x + lam * C**2 * torch.eye(D)) / m).max()
     problem = MetaProblem(model, RidgeLoss(lam), O.sgd(lr=float(1 / lmax)), k, _val_mse)
-    batch = MetaBatch(theta0, xa[:, None].expand(-1, k, -1, -1), ta[:, None].expand(-1, k, -1, -1), xv, tv)
+    batch = MetaBatch(
+        theta0, xa[:, None].expand(-1, k, -1, -1), ta[:, None].expand(-1, k, -1, -1), xv, tv
+    )
     return problem, batch, (x, y, xv, yv)
 
 
@@ -66,15 +83,22 @@ def _closed_form(lam, data):
     through the exact solve."""
     x, y, xv, yv = data
     lam = torch.tensor(lam, dtype=torch.float64, requires_grad=True)
-    w = torch.linalg.solve(x.mT @ x + lam * C**2 * torch.eye(D, dtype=torch.float64), (x.mT @ y[..., None]))
+    w = torch.linalg.solve(
+        x.mT @ x + lam * C**2 * torch.eye(D, dtype=torch.float64), (x.mT @ y[..., None])
+    )
     m = ((xv @ w).squeeze(-1) - yv).pow(2).mean()
     (g,) = torch.autograd.grad(m, lam)
     return m.detach(), g
 
 
-@pytest.mark.parametrize("method", [Implicit(solver="cg", iterations=10, tolerance=1e-12),
-                                    Implicit(solver="neumann", iterations=500, tolerance=1e-14)],
-                         ids=["cg", "neumann"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        Implicit(solver="cg", iterations=10, tolerance=1e-12),
+        Implicit(solver="neumann", iterations=500, tolerance=1e-14),
+    ],
+    ids=["cg", "neumann"],
+)
 def test_ridge_hypergradient_matches_closed_form(method):
     problem, batch, data = _ridge(lam=0.3)
     meta = meta_params(problem.loss)
@@ -93,7 +117,10 @@ def test_implicit_agrees_with_a_long_unrolled_run():
     problem, batch, _ = _ridge(lam=0.8, k=300, n_tasks=3, seed=1)
     meta = meta_params(problem.loss)
     unrolled = Unrolled()(problem, meta, batch)
-    for method in (Implicit(solver="cg"), Implicit(solver="neumann", iterations=300, tolerance=1e-10)):
+    for method in (
+        Implicit(solver="cg"),
+        Implicit(solver="neumann", iterations=300, tolerance=1e-10),
+    ):
         hg = method(problem, meta, batch)
         assert _rel(hg.grads, unrolled.grads) <= 1e-5
         torch.testing.assert_close(hg.loss, unrolled.loss)
@@ -101,7 +128,9 @@ def test_implicit_agrees_with_a_long_unrolled_run():
 
 def test_neumann_default_alpha_is_inner_lr():
     problem, batch, data = _ridge(lam=0.3)
-    hg = Implicit(solver="neumann", iterations=500, tolerance=1e-14)(problem, meta_params(problem.loss), batch)
+    hg = Implicit(solver="neumann", iterations=500, tolerance=1e-14)(
+        problem, meta_params(problem.loss), batch
+    )
     torch.testing.assert_close(hg.grads["loss.lam"], _closed_form(0.3, data)[1], rtol=1e-6, atol=0)
 
 
@@ -121,7 +150,10 @@ def test_meta_app_refuses_implicit_with_a_learned_inner_lr(compose_cfg, tmp_path
     from metaloss.cli import meta as meta_app
     from metaloss.validate import ConfigError
 
-    cfg = compose_cfg("meta", APP + ["hypergrad=implicit", f"hypergrad.solver={solver}", "meta.learn_inner_lr=true"])
+    cfg = compose_cfg(
+        "meta",
+        APP + ["hypergrad=implicit", f"hypergrad.solver={solver}", "meta.learn_inner_lr=true"],
+    )
     with pytest.raises(ConfigError, match=r"meta.learn_inner_lr = true: hypergrad=implicit"):
         meta_app.run(cfg, tmp_path, "ml3")
     assert not (tmp_path / "checkpoint.pt").exists()
@@ -137,9 +169,15 @@ def test_a_diverging_neumann_series_gives_no_estimate_and_names_alpha():
     assert torch.isfinite(hg.loss) and not torch.isfinite(hg.grads["loss.lam"]).any()
     cause, finding, fix = method.diagnosis()
     advice = f"{finding} {fix}"
-    assert cause == "neumann" and "hypergrad.alpha" in advice and "Lower hypergrad.alpha below" in advice
+    assert (
+        cause == "neumann"
+        and "hypergrad.alpha" in advice
+        and "Lower hypergrad.alpha below" in advice
+    )
     lam = float(advice.split("λ ≈ ")[1].split(",")[0])
-    torch.testing.assert_close(lam, 1 / lr, rtol=0.05, atol=0)  # the growing direction's curvature is λ_max
+    torch.testing.assert_close(
+        lam, 1 / lr, rtol=0.05, atol=0
+    )  # the growing direction's curvature is λ_max
     # a convergent series (alpha = the inner lr) is untouched and leaves no diagnosis
     ok = Implicit(solver="neumann", iterations=30)
     assert torch.isfinite(ok(problem, meta_params(problem.loss), batch).grads["loss.lam"]).all()
@@ -166,12 +204,25 @@ def test_meta_app_names_the_diverging_neumann_series_not_the_inner_lr(compose_cf
     from metaloss.cli import meta as meta_app
     from metaloss.meta import NonFiniteMetaGradient
 
-    cfg = compose_cfg("meta", APP + ["hypergrad=implicit", "hypergrad.solver=neumann", "hypergrad.iterations=20",
-                                     "hypergrad.alpha=1000", "meta.max_bad_steps=2", "meta.steps=4"])
+    cfg = compose_cfg(
+        "meta",
+        APP
+        + [
+            "hypergrad=implicit",
+            "hypergrad.solver=neumann",
+            "hypergrad.iterations=20",
+            "hypergrad.alpha=1000",
+            "meta.max_bad_steps=2",
+            "meta.steps=4",
+        ],
+    )
     with pytest.raises(NonFiniteMetaGradient, match="Neumann series.*hypergrad.alpha") as err:
         meta_app.run(cfg, tmp_path, "ml3")
     assert err.value.cause == "neumann" and "INNER" not in str(err.value)
-    assert not (tmp_path / "learned_loss.pt").exists() and (tmp_path / "learned_loss_last_good.pt").exists()
+    assert (
+        not (tmp_path / "learned_loss.pt").exists()
+        and (tmp_path / "learned_loss_last_good.pt").exists()
+    )
 
 
 def test_implicit_on_a_neural_loss_is_finite_and_points_like_unrolled():
@@ -187,7 +238,13 @@ def test_implicit_on_a_neural_loss_is_finite_and_points_like_unrolled():
 
 
 def test_implicit_rejects_wrong_settings():
-    for kw in ({"solver": "lbfgs"}, {"iterations": 0}, {"alpha": 0.0}, {"damping": -1.0}, {"batches": 0}):
+    for kw in (
+        {"solver": "lbfgs"},
+        {"iterations": 0},
+        {"alpha": 0.0},
+        {"damping": -1.0},
+        {"batches": 0},
+    ):
         with pytest.raises(ValueError, match="implicit"):
             Implicit(**kw)
     with pytest.raises(ValueError, match="segment"):
@@ -196,24 +253,45 @@ def test_implicit_rejects_wrong_settings():
 
 # ---------------------------------------------------------------- checkpointed unrolling
 
+
 @pytest.mark.parametrize("opt", ["sgd", "momentum", "adam"])
 @pytest.mark.parametrize("segment", [1, 2, None, 9])
 def test_checkpointed_equals_unrolled(opt, segment):
     torch.manual_seed(0)
     problem, batch = _problem(ML3Loss(hidden=(8,)), OPTS[opt], k=5)
-    meta = meta_params(problem.loss, torch.tensor(-2.0, dtype=torch.float64))  # learned inner lr too
-    plain, ckpt = Unrolled()(problem, meta, batch), Checkpointed(segment=segment)(problem, meta, batch)
+    meta = meta_params(
+        problem.loss, torch.tensor(-2.0, dtype=torch.float64)
+    )  # learned inner lr too
+    plain, ckpt = (
+        Unrolled()(problem, meta, batch),
+        Checkpointed(segment=segment)(problem, meta, batch),
+    )
     assert _rel(ckpt.grads, plain.grads) <= 1e-12
     torch.testing.assert_close(ckpt.loss, plain.loss, rtol=1e-14, atol=0)
 
 
-APP = ["logger=none", "progress=false", "meta.steps=2", "meta.tasks_per_step=2", "meta.inner_steps=4",
-       "model.hidden=[8]", "loss.hidden=[8]", "meta_test.enabled=false", "optim=sgd", "optim.lr=0.01"]
+APP = [
+    "logger=none",
+    "progress=false",
+    "meta.steps=2",
+    "meta.tasks_per_step=2",
+    "meta.inner_steps=4",
+    "model.hidden=[8]",
+    "loss.hidden=[8]",
+    "meta_test.enabled=false",
+    "optim=sgd",
+    "optim.lr=0.01",
+]
 
 
-@pytest.mark.parametrize("extra", [["hypergrad=implicit", "hypergrad.iterations=3", "hypergrad.damping=0.1"],
-                                   ["hypergrad=implicit", "hypergrad.solver=neumann", "hypergrad.iterations=3"],
-                                   ["hypergrad=checkpointed", "hypergrad.segment=2"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["hypergrad=implicit", "hypergrad.iterations=3", "hypergrad.damping=0.1"],
+        ["hypergrad=implicit", "hypergrad.solver=neumann", "hypergrad.iterations=3"],
+        ["hypergrad=checkpointed", "hypergrad.segment=2"],
+    ],
+)
 def test_meta_app_runs_long_horizon_methods(compose_cfg, tmp_path, extra):
     from hydra.utils import instantiate
 

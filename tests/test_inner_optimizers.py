@@ -53,7 +53,9 @@ def test_meta_gradient_finite_with_zero_gradients(name):
     params = {"w": torch.ones(3), "still": torch.ones(3)}
     state = opt.init(params)
     for _ in range(3):
-        grads = torch.func.grad(lambda p: phi * ((p["w"] ** 2).sum() + ((p["still"] - 1) ** 2).sum()))(params)
+        grads = torch.func.grad(
+            lambda p: phi * ((p["w"] ** 2).sum() + ((p["still"] - 1) ** 2).sum())
+        )(params)
         params, state = opt.update(grads, state, params)
     assert torch.equal(params["still"], torch.ones(3))
     meta = (params["w"] ** 2).sum() + params["still"].sum()

@@ -14,8 +14,17 @@ from metaloss.meta import MetaLearner
 from metaloss.wandb_offline import read_run
 
 BIN = Path(sys.executable).parent
-TINY = ["logger=none", "progress=false", "meta.tasks_per_step=2", "meta.inner_steps=2", "model.hidden=[8]",
-        "loss.hidden=[8]", "meta.plot_every=100", "meta.checkpoint_every=100", "meta_test.enabled=false"]
+TINY = [
+    "logger=none",
+    "progress=false",
+    "meta.tasks_per_step=2",
+    "meta.inner_steps=2",
+    "model.hidden=[8]",
+    "loss.hidden=[8]",
+    "meta.plot_every=100",
+    "meta.checkpoint_every=100",
+    "meta_test.enabled=false",
+]
 METHODS = {
     "unrolled": [],
     "truncated": ["hypergrad=truncated", "hypergrad.k=1", "meta.learn_inner_lr=true"],
@@ -40,7 +49,9 @@ def _assert_identical(a: dict, b: dict) -> None:
 def test_interrupt_after_an_update_but_before_its_step_completes(interrupted_then_resumed, method):
     """The worst moment: outer step 3 has already changed φ, the optimizer and the RNG, but
     has not completed. The checkpoint must hold step 2's state, not a mix."""
-    straight, broken, ckpt = interrupted_then_resumed(TINY + METHODS[method] + ["meta.steps=5"], MetaLearner, "ml3")
+    straight, broken, ckpt = interrupted_then_resumed(
+        TINY + METHODS[method] + ["meta.steps=5"], MetaLearner, "ml3"
+    )
     # the third update ends outer step 3 offline; online it is base step 5 (updates every 2 steps)
     assert ckpt["step"] == (4 if method == "online" else 2)
     _assert_identical(_state(straight), _state(broken))
@@ -55,8 +66,12 @@ def test_a_killed_process_resumes_bit_identically(tmp_path, wait_for_step, sig, 
     run_dir = tmp_path / "run"
     extra = METHODS[method] + ["meta.checkpoint_every=1", "logger=wandb"]
     cmd = [BIN / "metaloss-meta", *TINY, *extra]
-    proc = subprocess.Popen([*cmd, "meta.steps=100000", f"hydra.run.dir={run_dir}"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*cmd, "meta.steps=100000", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     wait_for_step(run_dir / "checkpoint.pt", 3, proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
@@ -68,13 +83,26 @@ def test_a_killed_process_resumes_bit_identically(tmp_path, wait_for_step, sig, 
         assert read_run(run_dir / "wandb")["finished"]
         assert b"checkpoint saved" in out + err  # Hydra logs to stdout
     total = done + 3
-    resumed = subprocess.run([*cmd, f"meta.steps={total}", f"hydra.run.dir={run_dir}"], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [*cmd, f"meta.steps={total}", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {run_dir / 'checkpoint.pt'} at outer step {done}" in resumed.stdout + resumed.stderr
+    assert (
+        f"resumed from {run_dir / 'checkpoint.pt'} at outer step {done}"
+        in resumed.stdout + resumed.stderr
+    )
     straight_dir = tmp_path / "straight"
-    straight = subprocess.run([*cmd, f"meta.steps={total}", f"hydra.run.dir={straight_dir}"], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)
+    straight = subprocess.run(
+        [*cmd, f"meta.steps={total}", f"hydra.run.dir={straight_dir}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert straight.returncode == 0, straight.stderr[-3000:]
     _assert_identical(_state(straight_dir), _state(run_dir))
 

@@ -40,12 +40,25 @@ pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="pip install -
 import submitit  # noqa: E402  (installed with the submitit launcher)
 
 BIN = Path(sys.executable).parent
-LAUNCH = {"joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], "local": ["hydra/launcher=local"]}
+LAUNCH = {
+    "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+    "local": ["hydra/launcher=local"],
+}
 TRAIN = ["task=outliers", "loss=mse,mae", "train.steps=20", "logger=none", "progress=false"]
 META_STEPS = 40
-META = [f"meta.steps={META_STEPS}", "meta.tasks_per_step=2", "meta.inner_steps=2", "model.hidden=[8]",
-        "loss.hidden=[8]", "meta_test.enabled=false", "logger=none", "progress=false", "seed=0,1",
-        "meta.checkpoint_every=1", "meta.plot_every=1000"]
+META = [
+    f"meta.steps={META_STEPS}",
+    "meta.tasks_per_step=2",
+    "meta.inner_steps=2",
+    "model.hidden=[8]",
+    "loss.hidden=[8]",
+    "meta_test.enabled=false",
+    "logger=none",
+    "progress=false",
+    "seed=0,1",
+    "meta.checkpoint_every=1",
+    "meta.plot_every=1000",
+]
 TARGETS = {"slurm": "SlurmLauncher", "local": "LocalLauncher", "joblib": "JoblibLauncher"}
 
 
@@ -61,8 +74,14 @@ def _compose(app: str, overrides: list[str]):
 def _start(app: str, args: list[str], cwd: Path) -> subprocess.Popen:
     cwd.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
-    return subprocess.Popen([str(BIN / f"metaloss-{app}"), "-m", *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [str(BIN / f"metaloss-{app}"), "-m", *args],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _finish(proc: subprocess.Popen) -> str:
@@ -81,7 +100,9 @@ def _sweep_dir(cwd: Path, app: str) -> Path:
 
 
 def _jobs(sweep: Path) -> list[Path]:
-    return sorted((p.parent for p in sweep.glob("*/run.json")), key=lambda d: int(d.name.split("_")[0]))
+    return sorted(
+        (p.parent for p in sweep.glob("*/run.json")), key=lambda d: int(d.name.split("_")[0])
+    )
 
 
 def _first_checkpoint(proc: subprocess.Popen, cwd: Path) -> tuple[Path, int]:
@@ -94,7 +115,9 @@ def _first_checkpoint(proc: subprocess.Popen, cwd: Path) -> tuple[Path, int]:
             assert pid != proc.pid  # the job runs in its own process
             return ready[0], pid
         time.sleep(0.02)
-    raise AssertionError(f"job 0 never wrote a checkpoint:\n{proc.communicate()[0][-3000:] if proc.poll() is not None else ''}")
+    raise AssertionError(
+        f"job 0 never wrote a checkpoint:\n{proc.communicate()[0][-3000:] if proc.poll() is not None else ''}"
+    )
 
 
 def _phi(run_dir: Path) -> dict:
@@ -115,10 +138,14 @@ def test_every_app_selects_every_launcher_with_one_core_per_thread(app):
             assert launcher["cpus_per_task"] == 3  # follows `threads`
 
 
-def test_slurm_launcher_submits_the_expected_array_and_requeues_with_the_same_arguments(tmp_path, monkeypatch):
+def test_slurm_launcher_submits_the_expected_array_and_requeues_with_the_same_arguments(
+    tmp_path, monkeypatch
+):
     """No cluster here: the executor is built by the plugin exactly as on SLURM, then the
     submission is intercepted and its sbatch script inspected."""
-    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # "srun exists"
+    monkeypatch.setattr(
+        submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 2)
+    )  # "srun exists"
     seen = {}
 
     class Submitted(Exception):
@@ -129,8 +156,15 @@ def test_slurm_launcher_submits_the_expected_array_and_requeues_with_the_same_ar
         raise Submitted
 
     monkeypatch.setattr(submitit.AutoExecutor, "map_array", intercept)
-    cfg = _compose("meta", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "threads=4",
-                            f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    cfg = _compose(
+        "meta",
+        [
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=gpu",
+            "threads=4",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+    )
     launcher = instantiate(cfg.hydra.launcher)
     launcher.setup(hydra_context=None, task_function=None, config=cfg)
     with pytest.raises(Submitted):
@@ -138,15 +172,25 @@ def test_slurm_launcher_submits_the_expected_array_and_requeues_with_the_same_ar
     ex = seen["executor"]
     assert isinstance(ex, submitit.SlurmExecutor)
     sbatch = ex._make_submission_file_text("python -u -m submitit.core._submit x", "uid")
-    for line in ("--cpus-per-task=4", "--partition=gpu", "--signal=USR2@120", "--time=60", "--mem=4GB",
-                 "--ntasks-per-node=1", "--nodes=1"):
+    for line in (
+        "--cpus-per-task=4",
+        "--partition=gpu",
+        "--signal=USR2@120",
+        "--time=60",
+        "--mem=4GB",
+        "--ntasks-per-node=1",
+        "--nodes=1",
+    ):
         assert f"#SBATCH {line}\n" in sbatch, sbatch
     assert "--gpus-per-node" not in sbatch  # null asks for none
     assert ex.max_num_timeout == 3
     assert str(ex.folder).startswith(str(tmp_path / "sweep" / ".submitit"))
     # each job's arguments: its overrides and its number (hence its directory); on SIGUSR2
     # submitit requeues whatever `checkpoint` returns: the same call with the same arguments
-    assert [a[:3] for a in seen["args"]] == [(["seed=0"], "hydra.sweep.dir", 0), (["seed=1"], "hydra.sweep.dir", 1)]
+    assert [a[:3] for a in seen["args"]] == [
+        (["seed=0"], "hydra.sweep.dir", 0),
+        (["seed=1"], "hydra.sweep.dir", 1),
+    ]
     again = launcher.checkpoint(*seen["args"][1])
     assert isinstance(again, submitit.helpers.DelayedSubmission)
     assert again.function is seen["fn"] is launcher and again.args == seen["args"][1]
@@ -160,7 +204,10 @@ def test_train_sweep_through_joblib_and_submitit_local(tmp_path):
         _finish(proc)
         sweep = _sweep_dir(tmp_path / name, "train")
         jobs = _jobs(sweep)
-        assert [j.name.split(",")[0] for j in jobs] == ["0_loss=mse", "1_loss=mae"]  # slug resolved in the worker
+        assert [j.name.split(",")[0] for j in jobs] == [
+            "0_loss=mse",
+            "1_loss=mae",
+        ]  # slug resolved in the worker
         for job, loss in zip(jobs, ["mse", "mae"]):
             rec = json.loads((job / "metrics.json").read_text())
             owner = json.loads((job / "run.json").read_text())
@@ -173,14 +220,18 @@ def test_train_sweep_through_joblib_and_submitit_local(tmp_path):
         assert set(report) == {"loss=mse", "loss=mae"}
         for loss in ("mse", "mae"):
             assert report[f"loss={loss}"]["test/mse"]["n"] == 1
-            assert report[f"loss={loss}"]["test/mse"]["mean"] == pytest.approx(results[name, loss]["test/mse"])
+            assert report[f"loss={loss}"]["test/mse"]["mean"] == pytest.approx(
+                results[name, loss]["test/mse"]
+            )
     assert results["joblib", "mse"] != results["joblib", "mae"]
     for loss in ("mse", "mae"):  # the launcher does not change the result
         assert results["joblib", loss] == results["local", loss]
 
 
 @pytest.mark.slow
-def test_meta_sweep_preempted_through_submitit_requeues_and_resumes_bit_identically(tmp_path, compose_cfg):
+def test_meta_sweep_preempted_through_submitit_requeues_and_resumes_bit_identically(
+    tmp_path, compose_cfg
+):
     """Two seeds through submitit's local executor; job 0 is preempted after its first
     checkpoint. The reference is the same seed-0 run, uninterrupted and without a launcher."""
     proc = _start("meta", LAUNCH["local"] + META, tmp_path / "local")
@@ -192,7 +243,9 @@ def test_meta_sweep_preempted_through_submitit_requeues_and_resumes_bit_identica
 
     sweep = _sweep_dir(tmp_path / "local", "meta")
     jobs = _jobs(sweep)
-    assert [j.name[:2] for j in jobs] == ["0_", "1_"] and jobs[0] == victim  # requeued into its own dir
+    assert [j.name[:2] for j in jobs] == ["0_", "1_"] and jobs[
+        0
+    ] == victim  # requeued into its own dir
     logs = [p.read_text() for p in sweep.glob(".submitit/*/*_log.out")]
     (log,) = [text for text in logs if "this job is preempted" in text]  # job 0's, and only it
     assert "Calling checkpoint method" in log and "Requeued job" in log

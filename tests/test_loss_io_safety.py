@@ -26,7 +26,7 @@ from metaloss.losses.mlp import ML3Loss
 from metaloss.losses.poly import PolyN
 from metaloss.losses.smoothing import LearnedSmoothing
 
-MODULE_SOURCE = '''
+MODULE_SOURCE = """
 import pathlib
 pathlib.Path({marker!r}).write_text("imported")  # the visible side effect of an import
 
@@ -43,7 +43,7 @@ class SideEffectLoss(ParametricLoss):
 
     def forward(self, pred, target, **_):
         return self.scale * ((pred - target) ** 2).mean(-1)
-'''
+"""
 
 
 @pytest.fixture
@@ -67,8 +67,16 @@ def side_effect_module(tmp_path, monkeypatch):
 
 
 def write_blob(path: Path, target, init_kwargs=None, state_dict=None) -> Path:
-    torch.save({"format": FORMAT, "target": target, "init_kwargs": init_kwargs or {},
-                "state_dict": state_dict or {}, "meta": {}}, path)
+    torch.save(
+        {
+            "format": FORMAT,
+            "target": target,
+            "init_kwargs": init_kwargs or {},
+            "state_dict": state_dict or {},
+            "meta": {},
+        },
+        path,
+    )
     return path
 
 
@@ -82,10 +90,12 @@ def rewrite(path: Path, **changes) -> Path:
 
 # --- imports -----------------------------------------------------------------------------
 
+
 def test_untrusted_module_is_never_imported(tmp_path, side_effect_module):
     name, marker = side_effect_module()
-    f = write_blob(tmp_path / "l.pt", f"{name}.SideEffectLoss", {"scale": 2.0},
-                   {"scale": torch.tensor(2.0)})
+    f = write_blob(
+        tmp_path / "l.pt", f"{name}.SideEffectLoss", {"scale": 2.0}, {"scale": torch.tensor(2.0)}
+    )
     with pytest.raises(UntrustedLossClass, match=rf"{name}.*trusted_modules=\[{name}\]"):
         load_learned_loss(f)
     assert not marker.exists() and name not in sys.modules  # its top-level code never ran
@@ -120,25 +130,42 @@ def test_prefix_tricks_are_refused(tmp_path, side_effect_module):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("target", ["os.system", "builtins.eval", "subprocess.Popen",
-                                    "torch.nn.Linear"])
+@pytest.mark.parametrize(
+    "target", ["os.system", "builtins.eval", "subprocess.Popen", "torch.nn.Linear"]
+)
 def test_classes_outside_metaloss_are_refused_without_import(tmp_path, target):
     with pytest.raises(UntrustedLossClass, match="trusted_modules"):
         load_learned_loss(write_blob(tmp_path / "l.pt", target))
 
 
-@pytest.mark.parametrize("target", ["ML3Loss", "", "metaloss.losses.mlp.ML3Loss; import os",
-                                    "metaloss..mlp.ML3Loss", "metaloss/losses/mlp.ML3Loss",
-                                    "metaloss.losses.mlp.__class__", "metaloss.losses.mlp.ML3Loss ",
-                                    "metaloss.lossés.ML3Loss", 42, None])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "ML3Loss",
+        "",
+        "metaloss.losses.mlp.ML3Loss; import os",
+        "metaloss..mlp.ML3Loss",
+        "metaloss/losses/mlp.ML3Loss",
+        "metaloss.losses.mlp.__class__",
+        "metaloss.losses.mlp.ML3Loss ",
+        "metaloss.lossés.ML3Loss",
+        42,
+        None,
+    ],
+)
 def test_targets_that_are_not_plain_dotted_names_are_refused(tmp_path, target):
     with pytest.raises(CorruptLossFile, match="not a dotted name"):
         load_learned_loss(write_blob(tmp_path / "l.pt", target))
 
 
-def test_attributes_of_metaloss_modules_do_not_lead_outside(tmp_path, side_effect_module, monkeypatch):
-    f = write_blob(tmp_path / "l.pt", "metaloss.losses.io.torch.nn.Linear",
-                   {"in_features": 1, "out_features": 1})
+def test_attributes_of_metaloss_modules_do_not_lead_outside(
+    tmp_path, side_effect_module, monkeypatch
+):
+    f = write_blob(
+        tmp_path / "l.pt",
+        "metaloss.losses.io.torch.nn.Linear",
+        {"in_features": 1, "out_features": 1},
+    )
     with pytest.raises(CorruptLossFile, match="cannot be imported"):
         load_learned_loss(f)
     # a re-exported package's lazy submodules are never reached (numpy.f2py is lazy)
@@ -151,7 +178,9 @@ def test_attributes_of_metaloss_modules_do_not_lead_outside(tmp_path, side_effec
     assert ("numpy.f2py" in sys.modules) == before
     name, _ = side_effect_module()
     monkeypatch.setattr(lio, "Smuggled", __import__(name).SideEffectLoss, raising=False)
-    f = write_blob(tmp_path / "l.pt", "metaloss.losses.io.Smuggled", {}, {"scale": torch.tensor(1.0)})
+    f = write_blob(
+        tmp_path / "l.pt", "metaloss.losses.io.Smuggled", {}, {"scale": torch.tensor(1.0)}
+    )
     with pytest.raises(UntrustedLossClass, match=name):
         load_learned_loss(f)
 
@@ -172,17 +201,24 @@ def test_trusted_modules_must_be_module_names(tmp_path, bad):
 
 # --- sizes -------------------------------------------------------------------------------
 
+
 def test_huge_hidden_sizes_are_refused_before_allocation(tmp_path):
-    f = rewrite(save_learned_loss(ML3Loss(), tmp_path / "ml3.pt"),
-                init_kwargs={**ML3Loss().init_kwargs, "hidden": [10**9]})
+    f = rewrite(
+        save_learned_loss(ML3Loss(), tmp_path / "ml3.pt"),
+        init_kwargs={**ML3Loss().init_kwargs, "hidden": [10**9]},
+    )
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     start = time.perf_counter()
     # out of the range metaloss.validate declares for ML3Loss.hidden: refused before any build
-    with pytest.raises(CorruptLossFile, match=r"init_kwargs.hidden = \[1000000000\]: must be .*in \[1, 4096\]"):
+    with pytest.raises(
+        CorruptLossFile, match=r"init_kwargs.hidden = \[1000000000\]: must be .*in \[1, 4096\]"
+    ):
         load_learned_loss(f)
     # in range layer by layer, too big in all: refused by the shape-only (meta-device) build
     f = rewrite(f, init_kwargs={**ML3Loss().init_kwargs, "hidden": [4096] * 5})
-    with pytest.raises(CorruptLossFile, match="would hold 67,[0-9,]+ elements, over the limit of 50,000,000"):
+    with pytest.raises(
+        CorruptLossFile, match="would hold 67,[0-9,]+ elements, over the limit of 50,000,000"
+    ):
         load_learned_loss(f)
     assert time.perf_counter() - start < 2.0
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 500_000  # not 8 GB
@@ -190,10 +226,15 @@ def test_huge_hidden_sizes_are_refused_before_allocation(tmp_path):
 
 def test_sizes_from_constructor_arguments_are_capped(tmp_path):
     # The saved tensors are tiny; only the constructor argument is huge.
-    f = rewrite(save_learned_loss(LogitAdjusted(num_classes=3), tmp_path / "la.pt"),
-                init_kwargs={"num_classes": 10**9})
+    f = rewrite(
+        save_learned_loss(LogitAdjusted(num_classes=3), tmp_path / "la.pt"),
+        init_kwargs={"num_classes": 10**9},
+    )
     start = time.perf_counter()
-    with pytest.raises(CorruptLossFile, match=r"init_kwargs.num_classes = 1000000000: must be an integer in \[2, 100000\]"):
+    with pytest.raises(
+        CorruptLossFile,
+        match=r"init_kwargs.num_classes = 1000000000: must be an integer in \[2, 100000\]",
+    ):
         load_learned_loss(f)
     f = rewrite(f, init_kwargs={"num_classes": 100_000})
     with pytest.raises(CorruptLossFile, match="300,000 elements, over the limit of 1,000"):
@@ -217,22 +258,30 @@ def test_saved_tensors_are_capped_for_classes_not_buildable_on_meta(tmp_path):
 
 
 def test_shape_mismatch_is_refused(tmp_path):
-    f = rewrite(save_learned_loss(PolyN(degree=2), tmp_path / "p.pt"),
-                init_kwargs={"degree": 3, "init_epsilon": [0.0, 0.0, 0.0]})
+    f = rewrite(
+        save_learned_loss(PolyN(degree=2), tmp_path / "p.pt"),
+        init_kwargs={"degree": 3, "init_epsilon": [0.0, 0.0, 0.0]},
+    )
     with pytest.raises(CorruptLossFile, match=r"epsilon: saved \(2,\), class builds \(3,\)"):
         load_learned_loss(f)
-    f = rewrite(f, init_kwargs={"degree": 2, "init_epsilon": [0.0, 0.0]},
-                state_dict={"epsilon": torch.zeros(2), "extra": torch.zeros(1)})
+    f = rewrite(
+        f,
+        init_kwargs={"degree": 2, "init_epsilon": [0.0, 0.0]},
+        state_dict={"epsilon": torch.zeros(2), "extra": torch.zeros(1)},
+    )
     with pytest.raises(CorruptLossFile, match=r"unexpected \['extra'\]"):
         load_learned_loss(f)
 
 
-@pytest.mark.parametrize("init_kwargs,match", [
-    ({"hidden": torch.tensor([10, 10])}, "hold a Tensor"),
-    ({"hidden": [1] * 20_000}, "more than 10,000"),
-    ({"hidden": {1: 2}}, "non-string keys"),
-    ({"hidden": [[[[[[[[[[1]]]]]]]]]]}, "deeper"),
-])
+@pytest.mark.parametrize(
+    "init_kwargs,match",
+    [
+        ({"hidden": torch.tensor([10, 10])}, "hold a Tensor"),
+        ({"hidden": [1] * 20_000}, "more than 10,000"),
+        ({"hidden": {1: 2}}, "non-string keys"),
+        ({"hidden": [[[[[[[[[[1]]]]]]]]]]}, "deeper"),
+    ],
+)
 def test_init_kwargs_must_be_small_plain_values(tmp_path, init_kwargs, match):
     f = rewrite(save_learned_loss(ML3Loss(), tmp_path / "ml3.pt"), init_kwargs=init_kwargs)
     with pytest.raises(CorruptLossFile, match=match):
@@ -240,15 +289,24 @@ def test_init_kwargs_must_be_small_plain_values(tmp_path, init_kwargs, match):
 
 
 def test_state_dict_must_hold_named_tensors(tmp_path):
-    f = rewrite(save_learned_loss(PolyN(degree=2), tmp_path / "p.pt"), state_dict={"epsilon": [0.0, 0.0]})
+    f = rewrite(
+        save_learned_loss(PolyN(degree=2), tmp_path / "p.pt"), state_dict={"epsilon": [0.0, 0.0]}
+    )
     with pytest.raises(CorruptLossFile, match="not named tensors"):
         load_learned_loss(f)
 
 
 # --- ordinary files ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("make", [lambda: ML3Loss(hidden=(8, 8)), lambda: PolyN(degree=2, init_epsilon=[1.0, 0.5]),
-                                  lambda: LogitAdjusted(num_classes=4)])
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ML3Loss(hidden=(8, 8)),
+        lambda: PolyN(degree=2, init_epsilon=[1.0, 0.5]),
+        lambda: LogitAdjusted(num_classes=4),
+    ],
+)
 def test_ordinary_losses_round_trip(tmp_path, make):
     torch.manual_seed(0)
     loss = make()
@@ -289,6 +347,7 @@ def test_huge_polyn_degree_is_refused_without_allocating(tmp_path):
 
 # --- issue 15: limits before allocation, values only -------------------------------------
 
+
 def _deflated_file(path: Path, numel: int, sentinel: int = 123_457) -> Path:
     """A well-formed learned-loss file (PolyN) whose one tensor holds ``numel`` float32 zeros,
     deflated: the file is small, its contents are ``4 * numel`` bytes. Built without ever
@@ -299,8 +358,16 @@ def _deflated_file(path: Path, numel: int, sentinel: int = 123_457) -> Path:
     import zipfile
 
     buf = io.BytesIO()
-    torch.save({"format": FORMAT, "target": "metaloss.losses.poly.PolyN", "init_kwargs": {"degree": 2},
-                "state_dict": {"epsilon": torch.zeros(sentinel)}, "meta": {}}, buf)
+    torch.save(
+        {
+            "format": FORMAT,
+            "target": "metaloss.losses.poly.PolyN",
+            "init_kwargs": {"degree": 2},
+            "state_dict": {"epsilon": torch.zeros(sentinel)},
+            "meta": {},
+        },
+        buf,
+    )
     src = zipfile.ZipFile(buf)
     chunk = bytes(16 * 2**20)
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as out:
@@ -309,7 +376,7 @@ def _deflated_file(path: Path, numel: int, sentinel: int = 123_457) -> Path:
                 with out.open(info.filename, "w", force_zip64=True) as f:
                     left = 4 * numel
                     while left > 0:
-                        f.write(chunk[:min(left, len(chunk))])
+                        f.write(chunk[: min(left, len(chunk))])
                         left -= len(chunk)
                 continue
             data = src.read(info)
@@ -335,8 +402,11 @@ def test_a_compressed_file_over_the_limit_is_refused_before_decompression(tmp_pa
     assert f.stat().st_size < 20 * 2**20
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
     start = time.perf_counter()
-    with pytest.raises(CorruptLossFile, match=rf"bomb.pt: unpacks to 1,270,000,[0-9,]+ bytes .*over the limit of "
-                                              rf"{lio.max_file_bytes():,} bytes.*max_numel=50,000,000.*before decompressing"):
+    with pytest.raises(
+        CorruptLossFile,
+        match=rf"bomb.pt: unpacks to 1,270,000,[0-9,]+ bytes .*over the limit of "
+        rf"{lio.max_file_bytes():,} bytes.*max_numel=50,000,000.*before decompressing",
+    ):
         load_learned_loss(f)
     assert time.perf_counter() - start < 1.0
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 100_000  # not 1.27 GB
@@ -350,49 +420,90 @@ def test_a_file_within_the_default_limit_but_over_a_smaller_one(tmp_path):
         load_learned_loss(f, max_numel=4_000_000)  # the archive fits; the tensor count does not
 
 
-@pytest.mark.parametrize("tensor,match", [
-    (lambda: torch.empty(2, device="meta"), "meta-device tensor"),
-    (lambda: torch.zeros(2).to_sparse(), "sparse_coo tensor"),
-    (lambda: torch.quantize_per_tensor(torch.zeros(2), 0.1, 0, torch.qint8), "quantized tensor"),
-    (lambda: torch.zeros(2, dtype=torch.complex64), r"complex \(complex64\)"),
-    (lambda: torch.zeros(2, dtype=torch.int64), "epsilon'\\] has dtype int64, but PolyN holds it as floats"),
-    (lambda: torch.zeros(2, dtype=torch.bool), "has dtype bool, but PolyN holds it as floats"),
-])
+@pytest.mark.parametrize(
+    "tensor,match",
+    [
+        (lambda: torch.empty(2, device="meta"), "meta-device tensor"),
+        (lambda: torch.zeros(2).to_sparse(), "sparse_coo tensor"),
+        (
+            lambda: torch.quantize_per_tensor(torch.zeros(2), 0.1, 0, torch.qint8),
+            "quantized tensor",
+        ),
+        (lambda: torch.zeros(2, dtype=torch.complex64), r"complex \(complex64\)"),
+        (
+            lambda: torch.zeros(2, dtype=torch.int64),
+            "epsilon'\\] has dtype int64, but PolyN holds it as floats",
+        ),
+        (lambda: torch.zeros(2, dtype=torch.bool), "has dtype bool, but PolyN holds it as floats"),
+    ],
+)
 def test_unsupported_tensors_get_a_clear_error(tmp_path, tensor, match):
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's deprecation notes on quantized/typed storages
-        f = rewrite(save_learned_loss(PolyN(degree=2), tmp_path / "p.pt"), state_dict={"epsilon": tensor()})
+        f = rewrite(
+            save_learned_loss(PolyN(degree=2), tmp_path / "p.pt"), state_dict={"epsilon": tensor()}
+        )
         with pytest.raises(CorruptLossFile, match=rf"p.pt: .*{match}"):
             load_learned_loss(f)
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"extra": 1}, r"unknown key 'extra' in the file"),
-    ({"meta": {"steps": 3, "note": "x"}}, r"unknown key 'meta.note' in the file"),
-    ({"meta": ["not", "a", "dict"]}, "meta must be a dict"),
-    ({"init_kwargs": {"degree": 2, "bogus": 1}}, r"unknown key 'init_kwargs.bogus': PolyN takes \['degree', 'init_epsilon'\]"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"extra": 1}, r"unknown key 'extra' in the file"),
+        ({"meta": {"steps": 3, "note": "x"}}, r"unknown key 'meta.note' in the file"),
+        ({"meta": ["not", "a", "dict"]}, "meta must be a dict"),
+        (
+            {"init_kwargs": {"degree": 2, "bogus": 1}},
+            r"unknown key 'init_kwargs.bogus': PolyN takes \['degree', 'init_epsilon'\]",
+        ),
+    ],
+)
 def test_unknown_keys_are_refused_naming_file_and_key(tmp_path, change, match):
     f = rewrite(save_learned_loss(PolyN(degree=2), tmp_path / "p.pt"), **change)
     with pytest.raises(CorruptLossFile, match=rf"p.pt: {match}"):
         load_learned_loss(f)
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"init_kwargs": {"hidden": [8], "init": {"_target_": "os.system", "command": "true"}}},
-     r"init_kwargs.init._target_: Hydra key '_target_' refused"),
-    ({"meta": {"setup": {"task": {"target": "x", "config": {"n": {"_partial_": True}}}}}},
-     r"meta.setup.task.config.n._partial_: Hydra key"),
-    ({"meta": {"loss_name": "${oc.env:HOME}"}}, r"meta.loss_name = '\$\{oc.env:HOME\}': interpolations"),
-    ({"meta": {"steps": float("inf")}}, r"meta.steps = inf: must be a finite number"),
-    ({"init_kwargs": {"hidden": [8], "init_scale": float("nan")}}, r"init_kwargs.init_scale = nan: must be a finite number"),
-    ({"init_kwargs": {"hidden": [8], "init_scale": -1.0}}, r"init_kwargs.init_scale = -1.0: must be a number > 0"),
-    ({"init_kwargs": {"hidden": [8], "bias": 3}}, r"init_kwargs.bias = 3: must be true or false"),
-    ({"init_kwargs": {"hidden": [8], "fit_steps": True}}, r"init_kwargs.fit_steps = True: must be an integer >= 1"),
-])
-def test_values_are_plain_finite_and_in_range_before_any_build(tmp_path, monkeypatch, change, match):
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (
+            {"init_kwargs": {"hidden": [8], "init": {"_target_": "os.system", "command": "true"}}},
+            r"init_kwargs.init._target_: Hydra key '_target_' refused",
+        ),
+        (
+            {"meta": {"setup": {"task": {"target": "x", "config": {"n": {"_partial_": True}}}}}},
+            r"meta.setup.task.config.n._partial_: Hydra key",
+        ),
+        (
+            {"meta": {"loss_name": "${oc.env:HOME}"}},
+            r"meta.loss_name = '\$\{oc.env:HOME\}': interpolations",
+        ),
+        ({"meta": {"steps": float("inf")}}, r"meta.steps = inf: must be a finite number"),
+        (
+            {"init_kwargs": {"hidden": [8], "init_scale": float("nan")}},
+            r"init_kwargs.init_scale = nan: must be a finite number",
+        ),
+        (
+            {"init_kwargs": {"hidden": [8], "init_scale": -1.0}},
+            r"init_kwargs.init_scale = -1.0: must be a number > 0",
+        ),
+        (
+            {"init_kwargs": {"hidden": [8], "bias": 3}},
+            r"init_kwargs.bias = 3: must be true or false",
+        ),
+        (
+            {"init_kwargs": {"hidden": [8], "fit_steps": True}},
+            r"init_kwargs.fit_steps = True: must be an integer >= 1",
+        ),
+    ],
+)
+def test_values_are_plain_finite_and_in_range_before_any_build(
+    tmp_path, monkeypatch, change, match
+):
     f = rewrite(save_learned_loss(ML3Loss(hidden=(8,)), tmp_path / "ml3.pt"), **change)
     monkeypatch.setattr(ML3Loss, "from_saved", classmethod(lambda *a: pytest.fail("built")))
     monkeypatch.setattr(lio, "_meta_build", lambda *a: pytest.fail("built on meta"))

@@ -11,13 +11,21 @@ from torch.func import grad, vmap
 from metaloss.losses import fixed as L
 
 B, C, T = 4, 3, 2
-LOSSES = {name: fn for name, fn in inspect.getmembers(L, inspect.isfunction)
-          if not name.startswith("_") and hasattr(fn, "kinds")}
+LOSSES = {
+    name: fn
+    for name, fn in inspect.getmembers(L, inspect.isfunction)
+    if not name.startswith("_") and hasattr(fn, "kinds")
+}
 REGRESSION = sorted(n for n, f in LOSSES.items() if "regression" in f.kinds)
 CLASSIFICATION = sorted(n for n, f in LOSSES.items() if "classification" in f.kinds)
 BINARY = sorted(n for n, f in LOSSES.items() if "binary" in f.kinds)
 SEGMENTATION = sorted(n for n, f in LOSSES.items() if "segmentation" in f.kinds)
-COUNTS = {"weighted_ce", "class_balanced_focal", "logit_adjusted_ce", "balanced_softmax"}  # need class_counts in the context
+COUNTS = {
+    "weighted_ce",
+    "class_balanced_focal",
+    "logit_adjusted_ce",
+    "balanced_softmax",
+}  # need class_counts in the context
 
 
 def test_every_loss_is_covered():
@@ -41,7 +49,9 @@ def refused(name, pred, target):
 
 
 def test_the_issue_example():
-    with pytest.raises(ValueError, match=r"mse: .*same shape.*pred \[4, 1\] and target \[4\].*view_as"):
+    with pytest.raises(
+        ValueError, match=r"mse: .*same shape.*pred \[4, 1\] and target \[4\].*view_as"
+    ):
         L.mse(torch.zeros(4, 1), torch.arange(4.0))
 
 
@@ -51,15 +61,22 @@ def labels(*shape, classes=C):
 
 # ------------------------------------------------------------------ contract shapes accepted
 
+
 def good_cases(name):
     """(pred, target) pairs the contract allows for this loss."""
     if name in REGRESSION:
-        return [(torch.randn(B, 2), torch.randn(B, 2)), (torch.randn(B, 1), torch.randn(B, 1)),
-                (torch.randn(B), torch.randn(B))]
+        return [
+            (torch.randn(B, 2), torch.randn(B, 2)),
+            (torch.randn(B, 1), torch.randn(B, 1)),
+            (torch.randn(B), torch.randn(B)),
+        ]
     if name in SEGMENTATION:
         return [(torch.randn(B, 1, 5, 5), torch.randint(0, 2, (B, 1, 5, 5)).float())]
-    binary = [(torch.randn(B), labels(B, classes=2)), (torch.randn(B, 1), labels(B, classes=2)),
-              (torch.randn(B, 1), labels(B, classes=2).float())]
+    binary = [
+        (torch.randn(B), labels(B, classes=2)),
+        (torch.randn(B, 1), labels(B, classes=2)),
+        (torch.randn(B, 1), labels(B, classes=2).float()),
+    ]
     if name == "bce":
         return binary + [(torch.randn(B, 1), labels(B, 1, classes=2).float())]
     return binary + [(torch.randn(B, C), labels(B))]
@@ -77,23 +94,24 @@ def test_contract_shapes_are_accepted(name):
 
 # ------------------------------------------------------------------ broadcasting mistakes refused
 
+
 @pytest.mark.parametrize("name", REGRESSION)
 def test_regression_refuses_broadcasting(name):
-    refused(name, torch.zeros(B, 1), torch.arange(float(B)))         # [B, 1] vs [B] -> [B, B]
-    refused(name, torch.zeros(B), torch.zeros(B, 1))                 # [B] vs [B, 1]
-    refused(name, torch.zeros(B, 2), torch.zeros(B, 1))              # D mismatch
-    refused(name, torch.zeros(B, 1), torch.zeros(1, 1))              # one target for all
-    refused(name, torch.zeros(B, 1), torch.zeros(B + 1, 1))          # batch mismatch
-    refused(name, torch.zeros(()), torch.zeros(()))                  # no batch dimension
+    refused(name, torch.zeros(B, 1), torch.arange(float(B)))  # [B, 1] vs [B] -> [B, B]
+    refused(name, torch.zeros(B), torch.zeros(B, 1))  # [B] vs [B, 1]
+    refused(name, torch.zeros(B, 2), torch.zeros(B, 1))  # D mismatch
+    refused(name, torch.zeros(B, 1), torch.zeros(1, 1))  # one target for all
+    refused(name, torch.zeros(B, 1), torch.zeros(B + 1, 1))  # batch mismatch
+    refused(name, torch.zeros(()), torch.zeros(()))  # no batch dimension
 
 
 @pytest.mark.parametrize("name", sorted(set(BINARY) - {"bce"}))
 def test_classification_refuses_wrong_shapes(name):
-    refused(name, torch.zeros(B, C), labels(B, 1))                   # [B, 1] labels -> [B, B, C]
-    refused(name, torch.zeros(B, C), torch.eye(C)[labels(B)])        # one-hot targets
-    refused(name, torch.zeros(B, C), labels(B + 1))                  # batch mismatch
-    refused(name, torch.zeros(B, C, 2), labels(B))                   # 3-D logits
-    refused(name, torch.zeros(B, 1), labels(B, 1, classes=2))        # binary needs [B] labels
+    refused(name, torch.zeros(B, C), labels(B, 1))  # [B, 1] labels -> [B, B, C]
+    refused(name, torch.zeros(B, C), torch.eye(C)[labels(B)])  # one-hot targets
+    refused(name, torch.zeros(B, C), labels(B + 1))  # batch mismatch
+    refused(name, torch.zeros(B, C, 2), labels(B))  # 3-D logits
+    refused(name, torch.zeros(B, 1), labels(B, 1, classes=2))  # binary needs [B] labels
     with pytest.raises(ValueError, match=rf"^{name}: .*integer class indices"):
         call(name, torch.zeros(B, C), labels(B).float())
 
@@ -107,26 +125,27 @@ def test_class_counts_must_match_the_classes(name):
 
 
 def test_bce_refuses_wrong_shapes():
-    refused("bce", torch.zeros(B, C), labels(B, classes=2))          # not one logit
-    refused("bce", torch.zeros(B), labels(B, 1, classes=2))          # [B] vs [B, 1]
-    refused("bce", torch.zeros(B, 1), labels(B + 1, classes=2))      # batch mismatch
+    refused("bce", torch.zeros(B, C), labels(B, classes=2))  # not one logit
+    refused("bce", torch.zeros(B), labels(B, 1, classes=2))  # [B] vs [B, 1]
+    refused("bce", torch.zeros(B, 1), labels(B + 1, classes=2))  # batch mismatch
     refused("bce", torch.zeros(()), labels(classes=2))
 
 
 @pytest.mark.parametrize("name", SEGMENTATION)
 def test_segmentation_refuses_wrong_shapes(name):
-    refused(name, torch.zeros(B, 1, 5, 5), torch.zeros(B, 5, 5))     # mask without channel
+    refused(name, torch.zeros(B, 1, 5, 5), torch.zeros(B, 5, 5))  # mask without channel
     refused(name, torch.zeros(B, 1, 5, 5), torch.zeros(1, 1, 5, 5))  # one mask for all
     refused(name, torch.zeros(B, 1, 5, 5), torch.zeros(B, 1, 5, 4))
-    refused(name, torch.zeros(B), torch.zeros(B))                    # no pixels
+    refused(name, torch.zeros(B), torch.zeros(B))  # no pixels
 
 
 # ------------------------------------------------------------------ the same under vmap
 
+
 @pytest.mark.parametrize("name", ALL)
 def test_under_vmap_per_task_shapes_are_checked(name):
     for pred, target in good_cases(name):
-        preds = torch.stack([pred, pred.flip(0)])                    # T=2 tasks
+        preds = torch.stack([pred, pred.flip(0)])  # T=2 tasks
         targets = torch.stack([target, target.flip(0)])
         batched = vmap(lambda p, t: call(name, p, t))(preds, targets)
         looped = torch.stack([call(name, p, t) for p, t in zip(preds, targets)])
@@ -152,7 +171,9 @@ def bad_case(name):
 
 def test_gradients_flow_through_the_checks_under_vmap():
     x, y = torch.randn(T, B, 1), torch.randn(T, B, 1)
-    g = vmap(grad(lambda w, x, y: L.mse(x * w, y).mean()), in_dims=(None, 0, 0))(torch.tensor(0.5), x, y)
+    g = vmap(grad(lambda w, x, y: L.mse(x * w, y).mean()), in_dims=(None, 0, 0))(
+        torch.tensor(0.5), x, y
+    )
     expected = torch.stack([(2 * (x[t] * 0.5 - y[t]) * x[t]).mean() for t in range(T)])
     torch.testing.assert_close(g, expected)
 
@@ -163,7 +184,7 @@ def test_gradients_flow_through_the_checks_under_vmap():
 # metaloss-meta (the learned loss and the outer objective), the meta-test's baselines
 # (compare_losses, plain and vectorised) and metaloss-tune.
 
-USER_LOSSES = '''
+USER_LOSSES = """
 from metaloss.losses.base import ParametricLoss, fits
 import torch
 
@@ -187,7 +208,7 @@ class BroadcastML3(ParametricLoss):
 
     def forward(self, pred, target, **_):
         return self.w * (pred - target.squeeze(-1)) ** 2
-'''
+"""
 
 
 @pytest.fixture
@@ -215,30 +236,52 @@ def _sine():
 TRAIN = ["task=sine", "logger=none", "progress=false", "train.steps=5"]
 
 
-@pytest.mark.parametrize("fn,shape,hint", [("broadcast_mse", r"\[3, 3\]", "broadcasting bug"),
-                                           ("mean_mse", r"\[\]", "reduced over the batch itself")])
+@pytest.mark.parametrize(
+    "fn,shape,hint",
+    [
+        ("broadcast_mse", r"\[3, 3\]", "broadcasting bug"),
+        ("mean_mse", r"\[\]", "reduced over the batch itself"),
+    ],
+)
 @pytest.mark.parametrize("seeds", [1, 2])  # 2: the vmap path (train_many)
-def test_metaloss_train_refuses_a_loss_of_the_wrong_shape(compose_cfg, tmp_path, user_losses, fn, shape, hint, seeds):
+def test_metaloss_train_refuses_a_loss_of_the_wrong_shape(
+    compose_cfg, tmp_path, user_losses, fn, shape, hint, seeds
+):
     from metaloss.cli import train as train_app
     from metaloss.losses.base import LossContractError
 
     module, _ = user_losses
-    cfg = compose_cfg("train", TRAIN + ["loss=mse", f"loss._target_={module}.{fn}", f"seeds={seeds}"])
-    with pytest.raises(LossContractError, match=rf"loss 'my_loss' returned shape {shape} for a batch of 3 examples "
-                                                rf"of task 'sine' \(pred \[3, 1\], target \[3, 1\]\); expected \[3\].*{hint}"):
+    cfg = compose_cfg(
+        "train", TRAIN + ["loss=mse", f"loss._target_={module}.{fn}", f"seeds={seeds}"]
+    )
+    with pytest.raises(
+        LossContractError,
+        match=rf"loss 'my_loss' returned shape {shape} for a batch of 3 examples "
+        rf"of task 'sine' \(pred \[3, 1\], target \[3, 1\]\); expected \[3\].*{hint}",
+    ):
         train_app.run(cfg, tmp_path / "run", "my_loss")
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-def test_metaloss_meta_refuses_a_learned_loss_and_an_objective_of_the_wrong_shape(compose_cfg, tmp_path, user_losses,
-                                                                                monkeypatch):
+def test_metaloss_meta_refuses_a_learned_loss_and_an_objective_of_the_wrong_shape(
+    compose_cfg, tmp_path, user_losses, monkeypatch
+):
     from metaloss.cli import meta as meta_app
     from metaloss.losses.base import LossContractError
 
     module, searchpath = user_losses
-    monkeypatch.setattr(meta_app, "offline_steps", lambda *a, **k: pytest.fail("meta-training started"))
-    base = ["task=sine", "logger=none", "progress=false", "meta.steps=2", "meta.tasks_per_step=2",
-            "meta.inner_steps=2", "model.hidden=[8]"]
+    monkeypatch.setattr(
+        meta_app, "offline_steps", lambda *a, **k: pytest.fail("meta-training started")
+    )
+    base = [
+        "task=sine",
+        "logger=none",
+        "progress=false",
+        "meta.steps=2",
+        "meta.tasks_per_step=2",
+        "meta.inner_steps=2",
+        "model.hidden=[8]",
+    ]
     cfg = compose_cfg("meta", base + ["loss=ml3", f"loss._target_={module}.BroadcastML3"])
     with pytest.raises(LossContractError, match=r"loss 'bcast' returned shape \[3, 3\]"):
         meta_app.run(cfg, tmp_path / "a", "bcast")
@@ -266,9 +309,17 @@ def test_compare_losses_refuses_a_loss_passed_in_directly(user_losses, vectorise
     bad = importlib.import_module(user_losses[0]).broadcast_mse
     task = _sine()
     with pytest.raises(LossContractError, match=r"loss 'oops' returned shape \[3, 3\]"):
-        compare_losses(lambda seed: [task], functools.partial(mlp, hidden=[4]), {"mse": mse, "oops": bad},
-                       functools.partial(torch.optim.SGD, lr=0.01), seeds=[0, 1], steps=3, batch_size=None,
-                       progress=False, vectorised=sgd(lr=0.01) if vectorised else None)
+        compare_losses(
+            lambda seed: [task],
+            functools.partial(mlp, hidden=[4]),
+            {"mse": mse, "oops": bad},
+            functools.partial(torch.optim.SGD, lr=0.01),
+            seeds=[0, 1],
+            steps=3,
+            batch_size=None,
+            progress=False,
+            vectorised=sgd(lr=0.01) if vectorised else None,
+        )
 
 
 def test_metaloss_tune_refuses_a_baseline_of_the_wrong_shape(tmp_path, user_losses, monkeypatch):
@@ -283,14 +334,25 @@ def test_metaloss_tune_refuses_a_baseline_of_the_wrong_shape(tmp_path, user_loss
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("tune", ["task=sine", "logger=none", "progress=false", "compare=[mse,broadcast_mse]",
-                               f"hydra.searchpath=[{user_losses[1]}]"], return_hydra_config=True)
+        cfg = compose(
+            "tune",
+            [
+                "task=sine",
+                "logger=none",
+                "progress=false",
+                "compare=[mse,broadcast_mse]",
+                f"hydra.searchpath=[{user_losses[1]}]",
+            ],
+            return_hydra_config=True,
+        )
     GlobalHydra.instance().clear()
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
     try:
-        with pytest.raises(LossContractError, match=r"loss 'broadcast_mse' returned shape \[3, 3\]"):
+        with pytest.raises(
+            LossContractError, match=r"loss 'broadcast_mse' returned shape \[3, 3\]"
+        ):
             tune_app.run(cfg, tmp_path / "tune")
     finally:
         HydraConfig.instance().cfg = None
@@ -304,8 +366,11 @@ def test_the_probe_leaves_the_global_rng_alone_and_accepts_every_shipped_loss(co
 
     from metaloss.config import loss_option, losses_for
 
-    for task_name, kind in [("sine", "regression"), ("digits", "classification"),
-                            ("breast_cancer", "binary")]:
+    for task_name, kind in [
+        ("sine", "regression"),
+        ("digits", "classification"),
+        ("breast_cancer", "binary"),
+    ]:
         task = instantiate(compose_cfg("train", [f"task={task_name}"]).task)
         for name in losses_for(kind):
             if name == "learned":

@@ -16,9 +16,11 @@ from metaloss.train import build_model, train_model
 def _sk_classification(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
     # sklearn's defaults are the definitions we mean: balanced accuracy averages recall over
     # the classes present in y_true; macro F1 over the classes present in y_true or y_pred.
-    return {"acc": skm.accuracy_score(y, pred),
-            "balanced_acc": skm.balanced_accuracy_score(y, pred),
-            "macro_f1": skm.f1_score(y, pred, average="macro")}
+    return {
+        "acc": skm.accuracy_score(y, pred),
+        "balanced_acc": skm.balanced_accuracy_score(y, pred),
+        "macro_f1": skm.f1_score(y, pred, average="macro"),
+    }
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -72,18 +74,20 @@ def test_binary_minority_defaults_to_class_one_and_absent_class_is_nan():
     # zero_division convention would invent a number.
     m = evaluate("binary", out, torch.tensor([0, 0, 0]), class_counts=torch.tensor([5, 2]))
     assert math.isnan(m["test/minority_recall"])
-    assert m["test/balanced_acc"] == pytest.approx(skm.balanced_accuracy_score([0, 0, 0], [1, 0, 1]))
+    assert m["test/balanced_acc"] == pytest.approx(
+        skm.balanced_accuracy_score([0, 0, 0], [1, 0, 1])
+    )
 
 
 def test_segmentation_dice_iou_by_hand():
     # Three 2x3 images: a partial overlap, an empty target with an empty prediction
     # (a perfect image, dice = iou = 1), an empty prediction on a non-empty target (0).
-    target = torch.tensor([[[1, 1, 0], [0, 1, 0]],
-                           [[0, 0, 0], [0, 0, 0]],
-                           [[0, 1, 1], [0, 0, 0]]]).float()[:, None]
-    pred_mask = torch.tensor([[[1, 0, 0], [1, 1, 0]],
-                              [[0, 0, 0], [0, 0, 0]],
-                              [[0, 0, 0], [0, 0, 0]]]).float()[:, None]
+    target = torch.tensor(
+        [[[1, 1, 0], [0, 1, 0]], [[0, 0, 0], [0, 0, 0]], [[0, 1, 1], [0, 0, 0]]]
+    ).float()[:, None]
+    pred_mask = torch.tensor(
+        [[[1, 0, 0], [1, 1, 0]], [[0, 0, 0], [0, 0, 0]], [[0, 0, 0], [0, 0, 0]]]
+    ).float()[:, None]
     logits = pred_mask * 4 - 2  # thresholded at 0
     # image 0: tp = 2, fp = 1, fn = 1 -> dice 4/6, iou 2/4
     dice = [4 / 6, 1.0, 0.0]
@@ -106,9 +110,16 @@ def test_regression_matches_sklearn():
 
 @pytest.mark.parametrize("kind", sorted(METRICS_BY_KIND))
 def test_metric_names_are_what_evaluate_returns(kind):
-    out = torch.randn(8, 1, 2, 2) if kind == "segmentation" else torch.randn(8, 3 if kind == "classification" else 1)
-    y = ((torch.rand(8, 1, 2, 2) > 0.5).float() if kind == "segmentation"
-         else torch.randint(0, 3 if kind == "classification" else 2, (8,)))
+    out = (
+        torch.randn(8, 1, 2, 2)
+        if kind == "segmentation"
+        else torch.randn(8, 3 if kind == "classification" else 1)
+    )
+    y = (
+        (torch.rand(8, 1, 2, 2) > 0.5).float()
+        if kind == "segmentation"
+        else torch.randint(0, 3 if kind == "classification" else 2, (8,))
+    )
     assert list(evaluate(kind, out, y, prefix="val")) == metric_names(kind, "val")
     with pytest.raises(ValueError, match="unknown task kind"):
         metric_names("nope")
@@ -121,7 +132,14 @@ def test_train_result_names_are_what_train_model_returns():
         return torch.nn.Linear(in_shape[0], out_dim)
 
     model = build_model(factory, task, 0)
-    m = train_model(task, model, fixed.mse,
-                    lambda p: torch.optim.SGD(p, lr=0.01), steps=2, batch_size=None, seed=0,
-                    progress=False)
+    m = train_model(
+        task,
+        model,
+        fixed.mse,
+        lambda p: torch.optim.SGD(p, lr=0.01),
+        steps=2,
+        batch_size=None,
+        seed=0,
+        progress=False,
+    )
     assert list(m) == train_result_names("regression")

@@ -35,7 +35,9 @@ def test_one_run_is_exactly_the_paired_t_test():
         assert mine[k] == pytest.approx(ref[k], rel=1e-12)
     assert mine["df"] == 5
     runs = _runs([ours], {"b": theirs})
-    assert nested_significance(runs, METRIC)["p_value"] == pytest.approx(significance(runs[0], METRIC)["p_value"])
+    assert nested_significance(runs, METRIC)["p_value"] == pytest.approx(
+        significance(runs[0], METRIC)["p_value"]
+    )
 
 
 def test_the_standard_error_counts_the_spread_between_runs_and_between_draws():
@@ -46,14 +48,16 @@ def test_the_standard_error_counts_the_spread_between_runs_and_between_draws():
     ms_run = s * ((d.mean(1) - d.mean()) ** 2).sum() / (m - 1)
     ms_draw = m * ((d.mean(0) - d.mean()) ** 2).sum() / (s - 1)
     assert out["se"] == pytest.approx(math.sqrt((ms_run + ms_draw) / (m * s)))
-    assert out["se"] > d.std(ddof=1) / math.sqrt(d.size) * 1.5  # wider than treating 8 cells as independent
+    assert (
+        out["se"] > d.std(ddof=1) / math.sqrt(d.size) * 1.5
+    )  # wider than treating 8 cells as independent
     assert out["df"] < 2  # dominated by the run term, which has 1 degree of freedom
 
 
 def test_constant_and_non_finite_tables():
     assert crossed(np.zeros((3, 4)))["p_value"] == 1.0
     const = crossed(np.full((3, 4), 0.01))
-    assert const["p_value"] == pytest.approx(2 / 2 ** 4) and const["se"] == 0.0
+    assert const["p_value"] == pytest.approx(2 / 2**4) and const["se"] == 0.0
     bad = crossed(np.array([[0.1, np.nan], [0.2, 0.3]]))
     assert math.isnan(bad["p_value"]) and math.isnan(bad["mean_difference"])
     with pytest.raises(ValueError, match="M x S"):
@@ -70,8 +74,11 @@ def _null_rates(m, s, k, sd_run, sd_draw, sd_noise, reps, rng):
         common = rng.normal(size=s)
         baselines = {f"b{i}": common + rng.normal(size=s) * sd_noise for i in range(k)}
         val = {f"b{i}": rng.normal(size=s) for i in range(k)}
-        learned = (common + rng.normal(size=s) * sd_draw)[None, :] + rng.normal(size=(m, 1)) * sd_run \
+        learned = (
+            (common + rng.normal(size=s) * sd_draw)[None, :]
+            + rng.normal(size=(m, 1)) * sd_run
             + rng.normal(size=(m, s)) * sd_noise
+        )
         sig = nested_significance(_runs(learned, baselines, val), METRIC)
         worse += sig["verdict"] == "significantly worse"
         better += sig["verdict"] == "significantly better"
@@ -94,15 +101,22 @@ def test_a_simulated_null_is_called_better_or_worse_at_most_at_the_nominal_rate(
 def test_the_reference_is_chosen_on_validation_and_diverged_baselines_are_left_out():
     rng = np.random.default_rng(3)
     learned = rng.normal(0.5, 0.01, size=(3, 5))
-    baselines = {"good_val": np.full(5, 0.4) + rng.normal(0, 0.01, 5),
-                 "good_test": np.full(5, 0.6) + rng.normal(0, 0.01, 5),
-                 "nan": np.array([0.9, np.nan, 0.9, 0.9, 0.9])}
+    baselines = {
+        "good_val": np.full(5, 0.4) + rng.normal(0, 0.01, 5),
+        "good_test": np.full(5, 0.6) + rng.normal(0, 0.01, 5),
+        "nan": np.array([0.9, np.nan, 0.9, 0.9, 0.9]),
+    }
     val = {"good_val": np.full(5, 0.9), "good_test": np.full(5, 0.1), "nan": np.full(5, 0.99)}
     sig = nested_significance(_runs(learned, baselines, val), METRIC)
     assert sig["best_baseline"] == "good_val" and sig["selected_on"] == "val/acc"
-    assert sig["diverged_baselines"] == {"nan": 1} and set(sig["pairwise"]) == {"good_val", "good_test"}
+    assert sig["diverged_baselines"] == {"nan": 1} and set(sig["pairwise"]) == {
+        "good_val",
+        "good_test",
+    }
     assert sig["verdict"] == "significantly better" and sig["n_meta_seeds"] == 3
-    assert len(sig["per_run"]) == 3 and all(r["best_baseline"] == "good_val" for r in sig["per_run"])
+    assert len(sig["per_run"]) == 3 and all(
+        r["best_baseline"] == "good_val" for r in sig["per_run"]
+    )
     assert sig["learned_between_runs_sd"] == pytest.approx(np.std(learned.mean(1), ddof=1))
 
 
@@ -120,11 +134,18 @@ def test_baselines_that_differ_between_runs_are_reported():
 
 
 def _comparison(learned, seeds=(0, 1, 2), task="t", protocol=None):
-    return {"task": task, "metric": METRIC, "seeds": list(seeds),
-            "protocol": protocol or {"fresh_draws": True},
-            "results": {"learned": {METRIC: learned, "val/acc": learned},
-                        "ce": {METRIC: [0.4, 0.41, None], "val/acc": [0.4, 0.4, 0.4]}},
-            "hyperparameters": {}, "significance": {"alpha": 0.05}}
+    return {
+        "task": task,
+        "metric": METRIC,
+        "seeds": list(seeds),
+        "protocol": protocol or {"fresh_draws": True},
+        "results": {
+            "learned": {METRIC: learned, "val/acc": learned},
+            "ce": {METRIC: [0.4, 0.41, None], "val/acc": [0.4, 0.4, 0.4]},
+        },
+        "hyperparameters": {},
+        "significance": {"alpha": 0.05},
+    }
 
 
 def test_combine_reads_null_as_nan_and_refuses_runs_that_are_not_one_record():
@@ -136,8 +157,13 @@ def test_combine_reads_null_as_nan_and_refuses_runs_that_are_not_one_record():
     with pytest.raises(ValueError, match="seeds"):
         combine([_comparison([0.5, 0.6, 0.55]), _comparison([0.5, 0.6], seeds=(0, 1))], [0, 1])
     with pytest.raises(ValueError, match="protocol"):
-        combine([_comparison([0.5, 0.6, 0.55]), _comparison([0.5, 0.6, 0.5], protocol={"fresh_draws": False})],
-                [0, 1])
+        combine(
+            [
+                _comparison([0.5, 0.6, 0.55]),
+                _comparison([0.5, 0.6, 0.5], protocol={"fresh_draws": False}),
+            ],
+            [0, 1],
+        )
     with pytest.raises(ValueError, match="distinct"):
         combine([_comparison([0.5, 0.6, 0.55])] * 2, [0, 0])
 
@@ -156,5 +182,9 @@ def test_one_draw_gives_no_verdict_and_one_run_says_what_it_is_about():
     assert one_draw["verdict"].startswith("undefined: the test needs at least 2 test draws")
     one_run = nested_significance(_runs([[0.5, 0.6, 0.55]], {"b": [0.4, 0.41, 0.42]}), METRIC)
     assert "about that one learned loss" in one_run["verdict_rule"]
-    assert "about that one" not in nested_significance(_runs([[0.5, 0.6], [0.5, 0.7]], {"b": [0.4, 0.4]}),
-                                                       METRIC)["verdict_rule"]
+    assert (
+        "about that one"
+        not in nested_significance(_runs([[0.5, 0.6], [0.5, 0.7]], {"b": [0.4, 0.4]}), METRIC)[
+            "verdict_rule"
+        ]
+    )

@@ -23,8 +23,9 @@ PRED, TARGET = torch.randn(B, 2, generator=g) * 3, torch.randn(B, 2, generator=g
 
 def test_poly_n_at_zero_is_ce_and_poly1_at_one():
     torch.testing.assert_close(PolyN(degree=3)(LOGITS, LABELS), L.ce(LOGITS, LABELS))
-    torch.testing.assert_close(PolyN(degree=1, init_epsilon=[1.0])(LOGITS, LABELS),
-                               L.poly1(LOGITS, LABELS, epsilon=1.0))
+    torch.testing.assert_close(
+        PolyN(degree=1, init_epsilon=[1.0])(LOGITS, LABELS), L.poly1(LOGITS, LABELS, epsilon=1.0)
+    )
     torch.testing.assert_close(PolyN(degree=2)(BIN_Z, BIN_Y), L.bce(BIN_Z, BIN_Y))
 
 
@@ -42,17 +43,25 @@ def test_logit_adjusted_at_init_is_ce():
 def test_learned_smoothing_at_init_is_label_smoothing():
     for per_class in (False, True):
         ls = LearnedSmoothing(init_epsilon=0.1, per_class=per_class, num_classes=C)
-        torch.testing.assert_close(ls(LOGITS, LABELS), L.label_smoothing(LOGITS, LABELS, epsilon=0.1))
+        torch.testing.assert_close(
+            ls(LOGITS, LABELS), L.label_smoothing(LOGITS, LABELS, epsilon=0.1)
+        )
 
 
 def test_adaptive_robust_is_pseudo_huber_at_alpha_1_and_half_mse_near_2():
     r = PRED - TARGET
     ar = AdaptiveRobust(init_alpha=1.0, init_scale=1.5)
-    torch.testing.assert_close(ar(PRED, TARGET), (1.5**2 * (torch.sqrt(1 + (r / 1.5) ** 2) - 1)).mean(-1))
+    torch.testing.assert_close(
+        ar(PRED, TARGET), (1.5**2 * (torch.sqrt(1 + (r / 1.5) ** 2) - 1)).mean(-1)
+    )
     # Huber-like: within 1% of Huber(δ=c) for small residuals
     small = torch.full((3, 1), 0.05)
-    torch.testing.assert_close(ar(small, torch.zeros(3, 1)), L.huber(small, torch.zeros(3, 1), delta=1.5),
-                               rtol=1e-2, atol=0)
+    torch.testing.assert_close(
+        ar(small, torch.zeros(3, 1)),
+        L.huber(small, torch.zeros(3, 1), delta=1.5),
+        rtol=1e-2,
+        atol=0,
+    )
     near2 = AdaptiveRobust(init_alpha=1.99999, alpha_max=1.999995).double()  # converges as b log b
     p, t = PRED.double() / 3, TARGET.double()
     torch.testing.assert_close(near2(p, t), 0.5 * L.mse(p, t), rtol=1e-3, atol=1e-8)
@@ -96,9 +105,18 @@ def test_ml3_shapes_and_context():
         ctx(PRED, TARGET)
 
 
-@pytest.mark.parametrize("name,task", [("ml3", "sine"), ("taylorglo", "digits"), ("poly_n", "digits"),
-                                       ("logit_adjusted", "digits"), ("adaptive_robust", "outliers"),
-                                       ("learned_smoothing", "digits"), ("ml3", "digits")])
+@pytest.mark.parametrize(
+    "name,task",
+    [
+        ("ml3", "sine"),
+        ("taylorglo", "digits"),
+        ("poly_n", "digits"),
+        ("logit_adjusted", "digits"),
+        ("adaptive_robust", "outliers"),
+        ("learned_smoothing", "digits"),
+        ("ml3", "digits"),
+    ],
+)
 def test_configs_instantiate_for_their_task_and_save_load(compose_cfg, tmp_path, name, task):
     cfg = compose_cfg("train", [f"loss={name}", f"task={task}"])
     t = instantiate(cfg.task)
@@ -119,8 +137,15 @@ def test_corrupt_or_foreign_loss_files_are_refused(tmp_path):
     bad.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CorruptLossFile, match="not a readable"):
         load_learned_loss(bad)
-    torch.save({"format": "metaloss.learned_loss/1", "target": "torch.nn.Linear",
-                "init_kwargs": {"in_features": 1, "out_features": 1}, "state_dict": {}}, bad)
+    torch.save(
+        {
+            "format": "metaloss.learned_loss/1",
+            "target": "torch.nn.Linear",
+            "init_kwargs": {"in_features": 1, "out_features": 1},
+            "state_dict": {},
+        },
+        bad,
+    )
     with pytest.raises(CorruptLossFile, match="not trusted"):
         load_learned_loss(bad)
     good = save_learned_loss(PolyN(degree=2), tmp_path / "good.pt")

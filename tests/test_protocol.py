@@ -28,20 +28,32 @@ def test_each_meta_test_seed_draws_its_own_data_from_a_disjoint_seed_stream(comp
         assert d.x_train.shape == pool[0].x_train.shape and d.num_classes == pool[0].num_classes
     assert not torch.equal(draws[0].x_train, draws[1].x_train)
     again = tasks_for_seed_fn(cfg, pool)(1)[0]
-    assert torch.equal(again.x_train, draws[1].x_train) and torch.equal(again.y_train, draws[1].y_train)
-    assert meta_test_draws(3, 1) == range(TEST_TASK_SEEDS, TEST_TASK_SEEDS + 9)  # 3 draws, 3 seeds each
+    assert torch.equal(again.x_train, draws[1].x_train) and torch.equal(
+        again.y_train, draws[1].y_train
+    )
+    assert meta_test_draws(3, 1) == range(
+        TEST_TASK_SEEDS, TEST_TASK_SEEDS + 9
+    )  # 3 draws, 3 seeds each
     # fresh_draws=false: every seed on the training draw (the recorded experiments' protocol)
     same = compose_cfg("meta", ["task=digits", "meta_test.fresh_draws=false"])
     assert tasks_for_seed_fn(same, pool)(2)[0] is pool[0]
 
 
-@pytest.mark.parametrize("overrides, fresh", [(["task.seed=10001"], True), (["task.seed=9997"], True),
-                                              (["task.seed=10001", "meta_test.fresh_draws=false"], False)])
+@pytest.mark.parametrize(
+    "overrides, fresh",
+    [
+        (["task.seed=10001"], True),
+        (["task.seed=9997"], True),
+        (["task.seed=10001", "meta_test.fresh_draws=false"], False),
+    ],
+)
 def test_a_training_draw_that_meets_the_test_draws_is_refused(compose_cfg, overrides, fresh):
     cfg = compose_cfg("meta", ["task=digits", "meta_test.seeds=5", *overrides])
     task = instantiate(cfg.task)
     if fresh and cfg.task.seed >= TEST_TASK_SEEDS:
-        with pytest.raises(ConfigError, match=r"task.seed = 10001 .* meet the meta-test's draws 10000..10014"):
+        with pytest.raises(
+            ConfigError, match=r"task.seed = 10001 .* meet the meta-test's draws 10000..10014"
+        ):
             check_against_task(cfg, task)
     else:
         check_against_task(cfg, task)
@@ -49,7 +61,10 @@ def test_a_training_draw_that_meets_the_test_draws_is_refused(compose_cfg, overr
 
 def test_a_task_family_whose_training_tasks_reach_the_test_draws_is_refused(compose_cfg):
     cfg = compose_cfg("meta", ["task.seed=9990", "meta.train_tasks=20", "meta_test.seeds=2"])
-    with pytest.raises(ConfigError, match=r"training draws' seeds 9990..10011 meet the meta-test's draws 10000..10005"):
+    with pytest.raises(
+        ConfigError,
+        match=r"training draws' seeds 9990..10011 meet the meta-test's draws 10000..10005",
+    ):
         check_against_task(cfg, instantiate(cfg.task))
 
 
@@ -60,12 +75,23 @@ def test_the_long_tail_profile_keeps_class_identity_across_draws(compose_cfg):
     heads, tails = {}, {}
     for profile in ("index", "rank"):
         for seed in (0, 1):
-            cfg = compose_cfg("meta", ["task=mnist1d", "task.imbalance_ratio=100", f"task.seed={seed}",
-                                       f"+task.imbalance_profile={profile}"])
+            cfg = compose_cfg(
+                "meta",
+                [
+                    "task=mnist1d",
+                    "task.imbalance_ratio=100",
+                    f"task.seed={seed}",
+                    f"+task.imbalance_profile={profile}",
+                ],
+            )
             counts = instantiate(cfg.task).class_counts
             heads[profile, seed], tails[profile, seed] = int(counts.argmax()), int(counts.argmin())
-            assert counts.max() / counts.min() == pytest.approx(100, rel=0.25)  # integer tail counts
-    assert heads["index", 0] == heads["index", 1] == 0 and tails["index", 0] == tails["index", 1] == 9
+            assert counts.max() / counts.min() == pytest.approx(
+                100, rel=0.25
+            )  # integer tail counts
+    assert (
+        heads["index", 0] == heads["index", 1] == 0 and tails["index", 0] == tails["index", 1] == 9
+    )
     assert (heads["rank", 0], tails["rank", 0]) != (heads["rank", 1], tails["rank", 1])
 
 
@@ -77,14 +103,35 @@ def test_the_outer_search_follows_seed(compose_cfg, group):
 
 
 def test_the_comparison_records_its_protocol(compose_cfg, tmp_path):
-    cfg = compose_cfg("meta", ["logger=none", "progress=false", "task=digits", "loss=taylorglo", "model.hidden=[8]",
-                               "meta.steps=2", "meta.tasks_per_step=2", "meta.inner_steps=3", "meta.inner_batch=32",
-                               "meta.val_batch=64", "compare=[ce,focal]", "meta_test.seeds=2",
-                               "meta_test.steps=5", "meta_test.batch_size=32"])
+    cfg = compose_cfg(
+        "meta",
+        [
+            "logger=none",
+            "progress=false",
+            "task=digits",
+            "loss=taylorglo",
+            "model.hidden=[8]",
+            "meta.steps=2",
+            "meta.tasks_per_step=2",
+            "meta.inner_steps=3",
+            "meta.inner_batch=32",
+            "meta.val_batch=64",
+            "compare=[ce,focal]",
+            "meta_test.seeds=2",
+            "meta_test.steps=5",
+            "meta_test.batch_size=32",
+        ],
+    )
     meta_app.run(cfg, tmp_path, "taylorglo")
     protocol = json.loads((tmp_path / "comparison.json").read_text())["protocol"]
-    assert protocol == {"meta_training_horizon": 3, "meta_test_steps": 5, "horizon_matched": False,
-                        "horizon_note": None, "fresh_draws": True, "untuned_baselines": ["ce", "focal"]}
+    assert protocol == {
+        "meta_training_horizon": 3,
+        "meta_test_steps": 5,
+        "horizon_matched": False,
+        "horizon_note": None,
+        "fresh_draws": True,
+        "untuned_baselines": ["ce", "focal"],
+    }
 
 
 @pytest.mark.parametrize("task", ["digits", "mnist1d"])  # unstandardised: rows compare across draws
@@ -126,7 +173,9 @@ def test_fresh_draws_of_a_long_tail_ranked_by_frequency_are_refused(compose_cfg)
     must choose: index, or one draw."""
     base = ["task=digits", "task.imbalance_ratio=10"]
     cfg = compose_cfg("meta", base)
-    with pytest.raises(ConfigError, match=r"task.imbalance_profile = 'rank' with meta_test.fresh_draws = true"):
+    with pytest.raises(
+        ConfigError, match=r"task.imbalance_profile = 'rank' with meta_test.fresh_draws = true"
+    ):
         check_against_task(cfg, instantiate(cfg.task))
     for fix in (["+task.imbalance_profile=index"], ["meta_test.fresh_draws=false"]):
         cfg = compose_cfg("meta", base + fix)

@@ -21,10 +21,23 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SCRIPT = ROOT / "scripts" / "record_experiment.py"
 # Each hard case joins this list in the commit that records it (its config, tuned.json and results).
-HARD_CASES: list[str] = ["binary99", "longtail100", "mnist1d_clean", "noise_pair40", "noise_sym40", "outliers_robust", "shapes_tversky"]
+HARD_CASES: list[str] = [
+    "binary99",
+    "longtail100",
+    "mnist1d_clean",
+    "noise_pair40",
+    "noise_sym40",
+    "outliers_robust",
+    "shapes_tversky",
+]
 # every experiment recorded under the protocol of issue 16 (repeated meta-training), hard case or not
-RECORDED = sorted(set(HARD_CASES) | {p.parent.name for p in (ROOT / "experiments").glob("*/nested_comparison.json")})
-REPRODUCED = [n for n in ("outliers_robust", "binary99") if n in HARD_CASES]  # the cheapest meta-tests, rerun in full (slow)
+RECORDED = sorted(
+    set(HARD_CASES)
+    | {p.parent.name for p in (ROOT / "experiments").glob("*/nested_comparison.json")}
+)
+REPRODUCED = [
+    n for n in ("outliers_robust", "binary99") if n in HARD_CASES
+]  # the cheapest meta-tests, rerun in full (slow)
 
 
 def _run_dir(name):
@@ -37,7 +50,9 @@ def _run_dir(name):
 def _recorded(name):
     d = ROOT / "experiments" / name
     if not (_run_dir(name) / "comparison.json").is_file():
-        pytest.fail(f"experiments/{name}/ holds no meta-test: record it with scripts/record_experiment.py {name}")
+        pytest.fail(
+            f"experiments/{name}/ holds no meta-test: record it with scripts/record_experiment.py {name}"
+        )
     return d, json.loads((_run_dir(name) / "comparison.json").read_text())
 
 
@@ -73,7 +88,10 @@ def test_record_is_complete_and_paired(name):
             assert hp["lr"] == tuned["losses"][loss]["lr"], loss
             assert tuned["losses"][loss]["params"].items() <= hp["params"].items(), loss
     record = json.loads((d / "record.json").read_text())
-    assert record["tune"]["tuned_sha256"] == hashlib.sha256((d / "tuned.json").read_bytes()).hexdigest()
+    assert (
+        record["tune"]["tuned_sha256"]
+        == hashlib.sha256((d / "tuned.json").read_bytes()).hexdigest()
+    )
 
 
 @pytest.mark.parametrize("name", [n for n in RECORDED if _nested(n)])
@@ -93,7 +111,9 @@ def test_a_record_of_repeated_meta_training_follows_the_protocol(name):
     assert protocol["horizon_matched"] or protocol["horizon_note"]
     again = combine(runs, seeds)
     assert again["significance"]["verdict"] == nested["significance"]["verdict"]
-    assert again["significance"]["p_value_holm"] == pytest.approx(nested["significance"]["p_value_holm"], rel=1e-9)
+    assert again["significance"]["p_value_holm"] == pytest.approx(
+        nested["significance"]["p_value_holm"], rel=1e-9
+    )
     record = json.loads((d / "record.json").read_text())
     assert [e["seed"] for e in record["meta"]] == seeds
     assert all(f"seed={e['seed']}" in e["command"] for e in record["meta"])
@@ -109,8 +129,14 @@ def test_recorded_tuning_still_fits_the_experiment(compose_cfg, name):
     assert tuned["complete"] is True
     task = instantiate(cfg.task)
     targets = {n: str(load_option("loss", n, cfg).get("_target_")) for n in cfg.compare}
-    tuned_for(tuned, list(cfg.compare), task=task.name, optim=instantiate(cfg.optim).name, targets=targets,
-              setup=setup_record(cfg))
+    tuned_for(
+        tuned,
+        list(cfg.compare),
+        task=task.name,
+        optim=instantiate(cfg.optim).name,
+        targets=targets,
+        setup=setup_record(cfg),
+    )
     assert set(comp["results"]) == {"learned", *cfg.compare}
     assert comp["metric"] == (cfg.meta_test.metric or comp["metric"])
 
@@ -136,8 +162,12 @@ def test_every_record_is_decided_under_the_current_rule():
     """Each experiments/**/comparison.json carries the verdict the current rule (reference
     chosen on validation, Holm over the baselines) gives its own per-seed values, and keeps
     the verdicts it carried before (scripts/reevaluate_records.py)."""
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "reevaluate_records.py"), "--check"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "reevaluate_records.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
 
@@ -161,9 +191,16 @@ def test_readme_quotes_the_recorded_numbers(name):
 
 
 def test_record_script_refuses_an_unknown_experiment(tmp_path):
-    out = subprocess.run([sys.executable, str(SCRIPT), "no_such_experiment", "--dest", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "conf/experiment/no_such_experiment.yaml does not exist" in out.stderr
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "no_such_experiment", "--dest", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        out.returncode != 0
+        and "conf/experiment/no_such_experiment.yaml does not exist" in out.stderr
+    )
 
 
 def test_record_script_without_the_apps_stops_with_a_clear_error(tmp_path):
@@ -172,8 +209,12 @@ def test_record_script_without_the_apps_stops_with_a_clear_error(tmp_path):
     bare = tmp_path / "bin" / "python"
     bare.parent.mkdir()
     bare.symlink_to(Path(sys.executable).resolve())
-    out = subprocess.run([str(bare), str(SCRIPT), "quickstart", "--work", str(tmp_path / "w")],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [str(bare), str(SCRIPT), "quickstart", "--work", str(tmp_path / "w")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1, out.stderr
     assert "metaloss-tune is not installed beside" in out.stderr and "Traceback" not in out.stderr
 
@@ -186,9 +227,23 @@ def test_record_script_refuses_a_second_run_on_the_same_destination(tmp_path):
     rec.mkdir()
     with open(rec / ".record.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        out = subprocess.run([sys.executable, str(SCRIPT), "quickstart", "--dest", str(rec), "--work", str(tmp_path / "w")],
-                             capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and "another record_experiment.py is writing" in out.stderr, out.stderr
+        out = subprocess.run(
+            [
+                sys.executable,
+                str(SCRIPT),
+                "quickstart",
+                "--dest",
+                str(rec),
+                "--work",
+                str(tmp_path / "w"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert out.returncode == 1 and "another record_experiment.py is writing" in out.stderr, (
+        out.stderr
+    )
     assert not (tmp_path / "w").exists()  # refused before any work
 
 
@@ -244,7 +299,9 @@ def test_verify_reruns_with_the_destinations_tuned_json_and_takes_nan_as_nan(tmp
 
     monkeypatch.setattr(mod, "_app", lambda name: name)
     monkeypatch.setattr(mod, "_run", fake_run)
-    args = argparse.Namespace(name="quickstart", overrides=["logger=none"], tolerance=1e-3, meta_seed=0)
+    args = argparse.Namespace(
+        name="quickstart", overrides=["logger=none"], tolerance=1e-3, meta_seed=0
+    )
     assert mod.verify(args, dest, work) == 0
     assert f"meta_test.tuned={dest / 'tuned.json'}" in commands[0]
     # NaN on one side only, or a value moved past the tolerance, is not a reproduction
@@ -257,19 +314,35 @@ def test_verify_reruns_with_the_destinations_tuned_json_and_takes_nan_as_nan(tmp
     assert mod.verify(args, dest, work) == 1
     # an explicit meta_test.tuned would be silently replaced: refused instead
     with pytest.raises(SystemExit, match="own tuned.json"):
-        mod.verify(argparse.Namespace(name="quickstart", overrides=["meta_test.tuned=x.json"], tolerance=1e-3,
-                                      meta_seed=0), dest, work)
+        mod.verify(
+            argparse.Namespace(
+                name="quickstart", overrides=["meta_test.tuned=x.json"], tolerance=1e-3, meta_seed=0
+            ),
+            dest,
+            work,
+        )
     # a record of one run has no meta-seed 1
     with pytest.raises(SystemExit, match="no recorded meta-seed 1"):
-        mod.verify(argparse.Namespace(name="quickstart", overrides=[], tolerance=1e-3, meta_seed=1), dest, work)
+        mod.verify(
+            argparse.Namespace(name="quickstart", overrides=[], tolerance=1e-3, meta_seed=1),
+            dest,
+            work,
+        )
 
 
 def test_per_seed_differences_nan_rules():
     from metaloss.report import per_seed_differences
 
-    rec = {"metric": "m", "results": {"a": {"m": [1.0, None]}, "b": {"m": [1.0, 2.0]}, "c": {"m": [1.0]}}}
+    rec = {
+        "metric": "m",
+        "results": {"a": {"m": [1.0, None]}, "b": {"m": [1.0, 2.0]}, "c": {"m": [1.0]}},
+    }
     again = {"results": {"a": {"m": [1.5, None]}, "b": {"m": [None, 2.0]}}}
-    assert per_seed_differences(rec, again) == {"a": [0.5, 0.0], "b": [math.inf, 0.0], "c": [math.inf]}
+    assert per_seed_differences(rec, again) == {
+        "a": [0.5, 0.0],
+        "b": [math.inf, 0.0],
+        "c": [math.inf],
+    }
 
 
 def test_a_full_disk_while_recording_leaves_the_previous_record_whole(tmp_path, monkeypatch):
@@ -311,8 +384,22 @@ def test_a_record_killed_in_its_meta_stage_gets_its_previous_tuned_json_back(tmp
     rec.mkdir()
     (rec / "tuned.json").write_text("tuned by the killed run")
     (rec / ".tuned.previous.json").write_text("the previous record's file")
-    out = subprocess.run([sys.executable, str(SCRIPT), "quickstart", "--skip-tune", "--dest", str(rec),
-                          "--work", str(tmp_path / "w"), "meta.steps=-1"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "quickstart",
+            "--skip-tune",
+            "--dest",
+            str(rec),
+            "--work",
+            str(tmp_path / "w"),
+            "meta.steps=-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode != 0 and "restored" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     assert (rec / "tuned.json").read_text() == "the previous record's file"
     assert not (rec / ".tuned.previous.json").exists()
@@ -330,9 +417,25 @@ def test_a_record_killed_after_it_landed_keeps_its_new_tuned_json(tmp_path):
     sha = hashlib.sha256((rec / "tuned.json").read_bytes()).hexdigest()
     (rec / "record.json").write_text(json.dumps({"started": "x", "tune": {"tuned_sha256": sha}}))
     (rec / ".tuned.previous.json").write_text("the record before")
-    out = subprocess.run([sys.executable, str(SCRIPT), "quickstart", "--skip-tune", "--dest", str(rec),
-                          "--work", str(tmp_path / "w"), "meta.steps=-1"], capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and "restored" not in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "quickstart",
+            "--skip-tune",
+            "--dest",
+            str(rec),
+            "--work",
+            str(tmp_path / "w"),
+            "meta.steps=-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode != 0 and "restored" not in out.stdout, (
+        out.stdout[-2000:] + out.stderr[-2000:]
+    )
     assert (rec / "tuned.json").read_text() == "tuned by the run whose record landed"
     assert not (rec / ".tuned.previous.json").exists()
 
@@ -347,15 +450,36 @@ def test_record_script_stopped_in_the_meta_stage_keeps_the_previous_tuned_json(t
     rec = tmp_path / "rec"
     rec.mkdir()
     (rec / "tuned.json").write_text("the previous record's file")
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "quickstart", "--dest", str(rec), "--work", str(tmp_path / "w"),
-                             "debug=default", "compare=[mse,mae]", "++tune.n_trials=2", "meta.steps=100000",
-                             "meta_test.horizon_note=debug budget"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "quickstart",
+            "--dest",
+            str(rec),
+            "--work",
+            str(tmp_path / "w"),
+            "debug=default",
+            "compare=[mse,mae]",
+            "++tune.n_trials=2",
+            "meta.steps=100000",
+            "meta_test.horizon_note=debug budget",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
-    while not list((tmp_path / "w").glob("*/meta_seed_0.log")) and time.time() < deadline and proc.poll() is None:
+    while (
+        not list((tmp_path / "w").glob("*/meta_seed_0.log"))
+        and time.time() < deadline
+        and proc.poll() is None
+    ):
         time.sleep(0.5)
     assert proc.poll() is None, proc.communicate()
-    assert (rec / "tuned.json").read_text() != "the previous record's file"  # the new one, for the meta stage
+    assert (
+        rec / "tuned.json"
+    ).read_text() != "the previous record's file"  # the new one, for the meta stage
     time.sleep(3)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -376,9 +500,20 @@ SPREAD = {"outliers_robust": 0.0064, "binary99": 0.0060}
 
 
 def _eval(name, d, out_dir):
-    out = subprocess.run([str(BIN / "metaloss-eval"), f"experiment={name}", f"loss_path={_run_dir(name) / 'learned_loss.pt'}",
-                          "logger=none", "progress=false", f"hydra.run.dir={out_dir}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [
+            str(BIN / "metaloss-eval"),
+            f"experiment={name}",
+            f"loss_path={_run_dir(name) / 'learned_loss.pt'}",
+            "logger=none",
+            "progress=false",
+            f"hydra.run.dir={out_dir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return json.loads((out_dir / "comparison.json").read_text())
 
@@ -401,7 +536,9 @@ def test_the_recorded_meta_test_reproduces(tmp_path, name):
     # the reference baseline (chosen on validation) is the same unless the recorded top two on
     # validation are closer than the tolerance (they may swap on another machine)
     sig = comp["significance"]
-    ranked = sorted(sig["selection_means"].items(), key=lambda kv: kv[1], reverse=sig["higher_is_better"])
+    ranked = sorted(
+        sig["selection_means"].items(), key=lambda kv: kv[1], reverse=sig["higher_is_better"]
+    )
     assert ranked[0][0] == sig["best_baseline"]
     if abs(ranked[0][1] - ranked[1][1]) > tolerance:
         assert first["significance"]["best_baseline"] == sig["best_baseline"]
@@ -411,10 +548,29 @@ def test_the_recorded_meta_test_reproduces(tmp_path, name):
 
 @pytest.mark.slow
 def test_record_script_runs_tune_then_meta_and_copies_the_results(tmp_path):
-    common = ["--work", str(tmp_path / "work"), "debug=default", "compare=[mse,mae,huber]",
-              "meta_test.horizon_note=debug budget"]
-    out = subprocess.run([sys.executable, str(SCRIPT), "quickstart", "--dest", str(tmp_path / "rec"), *common,
-                          "++tune.n_trials=2", "--meta-seeds", "2"], capture_output=True, text=True, timeout=600)
+    common = [
+        "--work",
+        str(tmp_path / "work"),
+        "debug=default",
+        "compare=[mse,mae,huber]",
+        "meta_test.horizon_note=debug budget",
+    ]
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "quickstart",
+            "--dest",
+            str(tmp_path / "rec"),
+            *common,
+            "++tune.n_trials=2",
+            "--meta-seeds",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rec = tmp_path / "rec"
     tuned = json.loads((rec / "tuned.json").read_text())
@@ -429,19 +585,38 @@ def test_record_script_runs_tune_then_meta_and_copies_the_results(tmp_path):
     # two searches (seed=0, seed=1) found different losses, tested on the same draws
     assert runs[0]["results"]["learned"] != runs[1]["results"]["learned"]
     assert runs[0]["results"]["mse"] == runs[1]["results"]["mse"]
-    assert (rec / "meta_seed_0" / "learned_loss.pt").is_file() and (rec / "meta_seed_1" / "comparison.md").is_file()
+    assert (rec / "meta_seed_0" / "learned_loss.pt").is_file() and (
+        rec / "meta_seed_1" / "comparison.md"
+    ).is_file()
     record = json.loads((rec / "record.json").read_text())
     assert record["tune"]["seconds"] > 0 and [e["seed"] for e in record["meta"]] == [0, 1]
-    assert "experiment=quickstart" in record["meta"][0]["command"] and "seed=1" in record["meta"][1]["command"]
+    assert (
+        "experiment=quickstart" in record["meta"][0]["command"]
+        and "seed=1" in record["meta"][1]["command"]
+    )
     # the baselines trained with the tuned values just written, not the config's (debug: none)
-    sources = {loss: hp["source"] for loss, hp in comp["hyperparameters"].items() if loss != "learned"}
+    sources = {
+        loss: hp["source"] for loss, hp in comp["hyperparameters"].items() if loss != "learned"
+    }
     assert sources == dict.fromkeys(["mse", "mae", "huber"], f"tuned ({rec / 'tuned.json'})")
     tuned_lr = {n: e["lr"] for n, e in tuned["losses"].items()}
     assert {n: comp["hyperparameters"][n]["lr"] for n in tuned_lr} == tuned_lr
     # --verify reruns metaloss-meta (meta-seed 1) and finds the record reproduced; a tampered record is caught
-    verify = [sys.executable, str(SCRIPT), "quickstart", "--verify", "--meta-seed", "1", "--dest", str(rec), *common]
+    verify = [
+        sys.executable,
+        str(SCRIPT),
+        "quickstart",
+        "--verify",
+        "--meta-seed",
+        "1",
+        "--dest",
+        str(rec),
+        *common,
+    ]
     ok = subprocess.run(verify, capture_output=True, text=True, timeout=600)
-    assert ok.returncode == 0 and "reproduced: every per-seed" in ok.stdout, ok.stdout[-2000:] + ok.stderr[-2000:]
+    assert ok.returncode == 0 and "reproduced: every per-seed" in ok.stdout, (
+        ok.stdout[-2000:] + ok.stderr[-2000:]
+    )
     second = runs[1]
     second["results"]["mae"][second["metric"]][1] += 0.01
     (rec / "meta_seed_1" / "comparison.json").write_text(json.dumps(second))
@@ -449,15 +624,31 @@ def test_record_script_runs_tune_then_meta_and_copies_the_results(tmp_path):
     assert bad.returncode == 1 and "mae seed 1" in bad.stdout, bad.stdout[-2000:]
     # --skip-tune keeps tuned.json and the record of what tuning it cost (marked reused); the
     # previous record (whose test scores were seen) moves to history/, not away
-    again = subprocess.run([sys.executable, str(SCRIPT), "quickstart", "--skip-tune", "--dest", str(rec), *common,
-                            "--meta-seeds", "2"], capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "quickstart",
+            "--skip-tune",
+            "--dest",
+            str(rec),
+            *common,
+            "--meta-seeds",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     kept = json.loads((rec / "record.json").read_text())
     assert kept["tune"] == {**record["tune"], "reused": True} and kept["meta"][0]["seconds"] > 0
     assert json.loads((rec / "tuned.json").read_text()) == tuned
     (old,) = (rec / "history").iterdir()
     assert json.loads((old / "record.json").read_text()) == record
-    assert json.loads((old / "meta_seed_1" / "comparison.json").read_text()) == second  # as it was read
+    assert (
+        json.loads((old / "meta_seed_1" / "comparison.json").read_text()) == second
+    )  # as it was read
     assert (old / "tuned.json").is_file() and (old / "nested_comparison.json").is_file()
 
 
@@ -473,39 +664,84 @@ def _script_module():
 def test_a_record_needs_fresh_draws_and_a_matched_or_declared_horizon():
     problems = _script_module().protocol_problems
     assert problems({"fresh_draws": True, "horizon_matched": True}, "x") == []
-    assert problems({"fresh_draws": True, "horizon_matched": False, "horizon_note": "why"}, "x") == []
+    assert (
+        problems({"fresh_draws": True, "horizon_matched": False, "horizon_note": "why"}, "x") == []
+    )
     (fixed,) = problems({"fresh_draws": False, "horizon_matched": True}, "x")
     assert "meta_test.fresh_draws" in fixed
-    (horizon,) = problems({"fresh_draws": True, "horizon_matched": False, "meta_training_horizon": 3,
-                           "meta_test_steps": 9}, "x")
-    assert "meta_test.horizon_note" in horizon and "3 inner steps" in horizon and "conf/experiment/x.yaml" in horizon
+    (horizon,) = problems(
+        {
+            "fresh_draws": True,
+            "horizon_matched": False,
+            "meta_training_horizon": 3,
+            "meta_test_steps": 9,
+        },
+        "x",
+    )
+    assert (
+        "meta_test.horizon_note" in horizon
+        and "3 inner steps" in horizon
+        and "conf/experiment/x.yaml" in horizon
+    )
 
 
 def test_record_script_checks_the_protocol_before_any_compute(tmp_path):
     """A horizon mismatch with no stated reason is refused from the composed config, before
     tuning or meta-training starts (no work directory, no destination)."""
-    out = subprocess.run([sys.executable, str(SCRIPT), "quickstart", "--dest", str(tmp_path / "rec"),
-                          "--work", str(tmp_path / "w"), "meta_test.steps=7", "meta_test.horizon_note=null"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "quickstart",
+            "--dest",
+            str(tmp_path / "rec"),
+            "--work",
+            str(tmp_path / "w"),
+            "meta_test.steps=7",
+            "meta_test.horizon_note=null",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1, out.stderr
-    assert "would depart from the protocol" in out.stderr and "meta_test.horizon_note" in out.stderr, out.stderr
+    assert (
+        "would depart from the protocol" in out.stderr and "meta_test.horizon_note" in out.stderr
+    ), out.stderr
     assert not (tmp_path / "w").exists() and not (tmp_path / "rec").exists()
-    plan = _script_module().planned_protocol("quickstart", ["meta_test.steps=7", "meta_test.horizon_note=why"])
-    assert plan["horizon_matched"] is False and plan["horizon_note"] == "why" and plan["fresh_draws"] is True
+    plan = _script_module().planned_protocol(
+        "quickstart", ["meta_test.steps=7", "meta_test.horizon_note=why"]
+    )
+    assert (
+        plan["horizon_matched"] is False
+        and plan["horizon_note"] == "why"
+        and plan["fresh_draws"] is True
+    )
 
 
 def test_the_previous_record_moves_to_history_and_comes_back_if_the_new_one_does_not_land(tmp_path):
     mod = _script_module()
     dest = tmp_path / "rec"
     (dest / "meta_seed_0").mkdir(parents=True)
-    files = {"record.json": json.dumps({"started": "2026-12-01 10:00:00"}), "nested_comparison.json": "{}",
-             "meta_seed_0/comparison.json": "{}", "tuned.json": "tuned", "README.md": "readme"}
+    files = {
+        "record.json": json.dumps({"started": "2026-12-01 10:00:00"}),
+        "nested_comparison.json": "{}",
+        "meta_seed_0/comparison.json": "{}",
+        "tuned.json": "tuned",
+        "README.md": "readme",
+    }
     for name, text in files.items():
         (dest / name).write_text(text)
     archived = mod.archive_previous(dest, keep_tuned=dest / "tuned.json")
     assert archived == dest / "history" / "2026-12-01_10-00-00"
-    assert (archived / "meta_seed_0" / "comparison.json").is_file() and (archived / "tuned.json").read_text() == "tuned"
-    assert not (dest / "record.json").exists() and (dest / "README.md").is_file() and (dest / "tuned.json").is_file()
+    assert (archived / "meta_seed_0" / "comparison.json").is_file() and (
+        archived / "tuned.json"
+    ).read_text() == "tuned"
+    assert (
+        not (dest / "record.json").exists()
+        and (dest / "README.md").is_file()
+        and (dest / "tuned.json").is_file()
+    )
     (dest / "meta_seed_0").mkdir()  # the new record's directory, made before its copy failed
     mod.restore_archive(dest, archived)
     assert {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()} == set(files)
@@ -521,7 +757,11 @@ def test_the_previous_record_moves_to_history_and_comes_back_if_the_new_one_does
 def test_the_readme_tables_are_what_the_records_say():
     """README.md's table of records and each record's section in its experiments/<name>/README.md
     are generated from the record files (scripts/records_table.py): none is typed by hand."""
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "records_table.py"), "--check"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "records_table.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "`outliers_robust`" in (ROOT / "README.md").read_text()

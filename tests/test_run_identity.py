@@ -14,9 +14,18 @@ from metaloss.losses.io import load_learned_loss
 from metaloss.runs import ResumeMismatch, RunDir, RunDirConflict, identity
 
 BIN = Path(sys.executable).parent
-TINY = ["logger=none", "progress=false", "meta.steps=3", "meta.tasks_per_step=2", "meta.inner_steps=2",
-        "model.hidden=[8]", "loss.hidden=[8]", "meta.plot_every=100", "meta.checkpoint_every=1",
-        "meta_test.enabled=false"]
+TINY = [
+    "logger=none",
+    "progress=false",
+    "meta.steps=3",
+    "meta.tasks_per_step=2",
+    "meta.inner_steps=2",
+    "model.hidden=[8]",
+    "loss.hidden=[8]",
+    "meta.plot_every=100",
+    "meta.checkpoint_every=1",
+    "meta_test.enabled=false",
+]
 
 
 def _phi(path):
@@ -27,9 +36,22 @@ def _phi(path):
 def test_multirun_jobs_differing_only_in_experiment_get_their_own_dirs(tmp_path):
     """Used to share one directory: job 2 'resumed' job 1 and saved job 1's φ as its own."""
     sweep = tmp_path / "sweep"
-    proc = subprocess.run([BIN / "metaloss-meta", "-m", "experiment=quickstart,ml3_sine", "meta.steps=2",
-                           "meta_test.enabled=false", "logger=none", "progress=false",
-                           f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            BIN / "metaloss-meta",
+            "-m",
+            "experiment=quickstart,ml3_sine",
+            "meta.steps=2",
+            "meta_test.enabled=false",
+            "logger=none",
+            "progress=false",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p.parent for p in sweep.rglob("run.json"))
     assert len(runs) == 2, runs
@@ -44,8 +66,18 @@ def test_multirun_jobs_differing_only_in_experiment_get_their_own_dirs(tmp_path)
 
 @pytest.mark.slow
 def test_runs_started_in_the_same_second_get_distinct_dirs(tmp_path):
-    cmd = [BIN / "metaloss-train", "task=outliers", "loss=mse", "train.steps=5", "logger=none", "progress=false"]
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    cmd = [
+        BIN / "metaloss-train",
+        "task=outliers",
+        "loss=mse",
+        "train.steps=5",
+        "logger=none",
+        "progress=false",
+    ]
+    procs = [
+        subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=180)
         assert p.returncode == 0, err.decode()[-2000:]
@@ -63,14 +95,18 @@ def test_rerun_into_a_used_directory_with_another_config_is_refused(compose_cfg,
     assert (tmp_path / "learned_loss.pt").read_bytes() == before  # nothing of the owner touched
     # the same config again is the same run: it resumes (here: already complete) and agrees
     meta_app.run(compose_cfg("meta", TINY), tmp_path, "ml3")
-    a, b = torch.load(tmp_path / "learned_loss.pt", weights_only=True), torch.load(
-        __import__("io").BytesIO(before), weights_only=True)
+    a, b = (
+        torch.load(tmp_path / "learned_loss.pt", weights_only=True),
+        torch.load(__import__("io").BytesIO(before), weights_only=True),
+    )
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
 
 
 def test_a_train_run_and_a_meta_run_never_share_a_directory(compose_cfg, tmp_path):
     meta_app.run(compose_cfg("meta", TINY), tmp_path, "ml3")
-    cfg = compose_cfg("train", ["task=sine", "loss=mse", "logger=none", "progress=false", "train.steps=3"])
+    cfg = compose_cfg(
+        "train", ["task=sine", "loss=mse", "logger=none", "progress=false", "train.steps=3"]
+    )
     with pytest.raises(RunDirConflict, match="holds a meta run"):
         train_app.run(cfg, tmp_path, "mse")
 
@@ -84,7 +120,9 @@ def test_a_refused_setup_does_not_claim_the_directory(compose_cfg, tmp_path):
 
 def test_a_directory_in_use_is_refused(compose_cfg, tmp_path):
     cfg = compose_cfg("meta", TINY)
-    with RunDir(tmp_path, "meta", identity(cfg)):  # another process holds it (flock is per open file)
+    with RunDir(
+        tmp_path, "meta", identity(cfg)
+    ):  # another process holds it (flock is per open file)
         with pytest.raises(RunDirConflict, match="in use by pid"):
             meta_app.run(cfg, tmp_path, "ml3")
     meta_app.run(cfg, tmp_path, "ml3")  # released: runs
@@ -111,11 +149,17 @@ def test_checkpoint_of_another_config_is_refused_naming_the_keys(compose_cfg, tm
     part = tmp_path / "part"
     meta_app.run(compose_cfg("meta", TINY + ["meta.steps=2"]), part, "ml3")
     with pytest.raises(ResumeMismatch, match=r"optim.lr: 0.05 -> 0.02"):
-        meta_app.run(compose_cfg("meta", TINY + ["optim.lr=0.02", f"meta.resume_from={part}"]),
-                     tmp_path / "other", "ml3")
+        meta_app.run(
+            compose_cfg("meta", TINY + ["optim.lr=0.02", f"meta.resume_from={part}"]),
+            tmp_path / "other",
+            "ml3",
+        )
     with pytest.raises(ResumeMismatch, match=r"past meta.steps=1"):
-        meta_app.run(compose_cfg("meta", TINY + ["meta.steps=1", f"meta.resume_from={part}"]),
-                     tmp_path / "short", "ml3")
+        meta_app.run(
+            compose_cfg("meta", TINY + ["meta.steps=1", f"meta.resume_from={part}"]),
+            tmp_path / "short",
+            "ml3",
+        )
 
 
 def test_a_changed_meta_learning_rate_is_applied_on_explicit_resume(compose_cfg, tmp_path, caplog):
@@ -134,10 +178,16 @@ def test_a_changed_meta_learning_rate_is_applied_on_explicit_resume(compose_cfg,
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(meta_app.MetaLearner, "step", spy)
         caplog.set_level("WARNING", logger="metaloss")
-        meta_app.run(compose_cfg("meta", TINY + ["meta_optim.lr=0.0005", f"meta.resume_from={part}"]),
-                     tmp_path / "cont", "ml3")
+        meta_app.run(
+            compose_cfg("meta", TINY + ["meta_optim.lr=0.0005", f"meta.resume_from={part}"]),
+            tmp_path / "cont",
+            "ml3",
+        )
     assert seen["lr"] == 0.0005
-    assert "meta_optim.lr: 0.001 -> 0.0005" in caplog.text and "applied from outer step 2" in caplog.text
+    assert (
+        "meta_optim.lr: 0.001 -> 0.0005" in caplog.text
+        and "applied from outer step 2" in caplog.text
+    )
 
 
 @pytest.mark.slow
@@ -146,7 +196,9 @@ def test_a_refused_launch_leaves_the_owners_hydra_record_intact(tmp_path):
     base = [BIN / "metaloss-meta", f"hydra.run.dir={run_dir}", *TINY, "meta.steps=1"]
     assert subprocess.run(base, cwd=tmp_path, capture_output=True, timeout=180).returncode == 0
     record = (run_dir / ".hydra" / "config.yaml").read_text()
-    refused = subprocess.run([*base, "seed=7"], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    refused = subprocess.run(
+        [*base, "seed=7"], cwd=tmp_path, capture_output=True, text=True, timeout=180
+    )
     assert refused.returncode != 0 and "seed: 0 -> 7" in refused.stdout + refused.stderr
     assert (run_dir / ".hydra" / "config.yaml").read_text() == record
 
@@ -154,12 +206,21 @@ def test_a_refused_launch_leaves_the_owners_hydra_record_intact(tmp_path):
 @pytest.mark.slow
 def test_a_launch_refused_while_the_owner_runs_leaves_the_owners_record(tmp_path, wait_for_step):
     run_dir = tmp_path / "run"
-    owner = subprocess.Popen([BIN / "metaloss-meta", f"hydra.run.dir={run_dir}", *TINY, "meta.steps=100000"],
-                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    owner = subprocess.Popen(
+        [BIN / "metaloss-meta", f"hydra.run.dir={run_dir}", *TINY, "meta.steps=100000"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_for_step(run_dir / "checkpoint.pt", 1, owner)
-        refused = subprocess.run([BIN / "metaloss-meta", f"hydra.run.dir={run_dir}", *TINY, "seed=7"],
-                                 cwd=tmp_path, capture_output=True, text=True, timeout=180)
+        refused = subprocess.run(
+            [BIN / "metaloss-meta", f"hydra.run.dir={run_dir}", *TINY, "seed=7"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert refused.returncode != 0 and "in use by pid" in refused.stdout + refused.stderr
     finally:
         owner.terminate()
@@ -168,8 +229,9 @@ def test_a_launch_refused_while_the_owner_runs_leaves_the_owners_record(tmp_path
     assert "seed: 7" not in (run_dir / ".hydra" / "config.yaml").read_text()
 
 
-def test_rerunning_a_command_started_from_resume_from_continues_its_own_checkpoint(compose_cfg, tmp_path,
-                                                                                   monkeypatch):
+def test_rerunning_a_command_started_from_resume_from_continues_its_own_checkpoint(
+    compose_cfg, tmp_path, monkeypatch
+):
     first = tmp_path / "first"
     meta_app.run(compose_cfg("meta", TINY + ["meta.steps=2"]), first, "ml3")
     cont = TINY + ["meta.steps=5", "meta_optim.lr=0.01", f"meta.resume_from={first}"]
@@ -187,9 +249,14 @@ def test_rerunning_a_command_started_from_resume_from_continues_its_own_checkpoi
     with pytest.raises(KeyboardInterrupt):
         meta_app.run(compose_cfg("meta", cont), tmp_path / "second", "ml3")
     monkeypatch.setattr(meta_app.MetaLearner, "step", real)
-    meta_app.run(compose_cfg("meta", TINY + ["meta.steps=4"]), first, "ml3")  # the source moves on meanwhile
+    meta_app.run(
+        compose_cfg("meta", TINY + ["meta.steps=4"]), first, "ml3"
+    )  # the source moves on meanwhile
     meta_app.run(compose_cfg("meta", cont), tmp_path / "second", "ml3")  # the same command again
-    a, b = _phi(tmp_path / "reference" / "learned_loss.pt"), _phi(tmp_path / "second" / "learned_loss.pt")
+    a, b = (
+        _phi(tmp_path / "reference" / "learned_loss.pt"),
+        _phi(tmp_path / "second" / "learned_loss.pt"),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -197,8 +264,15 @@ def test_rerunning_a_command_started_from_resume_from_continues_its_own_checkpoi
 def test_rerunning_a_sweep_with_a_bigger_budget_resumes_its_jobs(tmp_path):
     sweep = tmp_path / "sweep"
     base = [BIN / "metaloss-meta", "-m", *TINY, "seed=0", f"hydra.sweep.dir={sweep}"]
-    assert subprocess.run([*base, "meta.steps=2"], cwd=tmp_path, capture_output=True, timeout=180).returncode == 0
-    again = subprocess.run([*base, "meta.steps=3"], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert (
+        subprocess.run(
+            [*base, "meta.steps=2"], cwd=tmp_path, capture_output=True, timeout=180
+        ).returncode
+        == 0
+    )
+    again = subprocess.run(
+        [*base, "meta.steps=3"], cwd=tmp_path, capture_output=True, text=True, timeout=180
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     jobs = [p for p in sweep.iterdir() if p.is_dir()]
     assert len(jobs) == 1 and "at outer step 2" in again.stdout + again.stderr
@@ -212,9 +286,21 @@ def test_sigterm_to_a_joblib_sweep_reaches_its_jobs(tmp_path):
     import time
 
     sweep = tmp_path / "sweep"
-    proc = subprocess.Popen([BIN / "metaloss-meta", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY,
-                             "meta.steps=100000", "seed=0,1", f"hydra.sweep.dir={sweep}"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            BIN / "metaloss-meta",
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            *TINY,
+            "meta.steps=100000",
+            "seed=0,1",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     t0 = time.time()
     while len(list(sweep.rglob("checkpoint.pt"))) < 2:
         assert proc.poll() is None and time.time() - t0 < 240, "jobs did not start"
@@ -258,5 +344,9 @@ def test_a_run_recorded_before_a_new_setting_existed_still_resumes(compose_cfg, 
         owner["identity"].pop(k)
     (tmp_path / "run.json").write_text(json.dumps(owner))
     meta_app.run(compose_cfg("meta", TINY + ["meta.steps=2"]), tmp_path, "ml3")
-    with pytest.raises(RunDirConflict, match="meta.resume_from="):  # the hint for an applied-only change
-        meta_app.run(compose_cfg("meta", TINY + ["meta.steps=2", "meta_optim.lr=0.01"]), tmp_path, "ml3")
+    with pytest.raises(
+        RunDirConflict, match="meta.resume_from="
+    ):  # the hint for an applied-only change
+        meta_app.run(
+            compose_cfg("meta", TINY + ["meta.steps=2", "meta_optim.lr=0.01"]), tmp_path, "ml3"
+        )

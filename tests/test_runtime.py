@@ -13,27 +13,57 @@ from metaloss.losses.io import load_learned_loss
 from metaloss.runtime import resolve_device
 from metaloss.validate import ConfigError
 
-TINY = ["logger=none", "progress=false", "meta.steps=2", "meta.tasks_per_step=2", "meta.inner_steps=2",
-        "model.hidden=[8]", "loss.hidden=[8]", "meta_test.seeds=2", "meta_test.steps=5",
-        "meta_test.tasks_per_seed=2"]
+TINY = [
+    "logger=none",
+    "progress=false",
+    "meta.steps=2",
+    "meta.tasks_per_step=2",
+    "meta.inner_steps=2",
+    "model.hidden=[8]",
+    "loss.hidden=[8]",
+    "meta_test.seeds=2",
+    "meta_test.steps=5",
+    "meta_test.tasks_per_seed=2",
+]
 
 
 def test_float64_meta_run_then_float32_eval(compose_cfg, tmp_path):
-    out = meta_app.run(compose_cfg("meta", TINY + ["dtype=float64", "device=cpu", "threads=1"]), tmp_path, "ml3")
+    out = meta_app.run(
+        compose_cfg("meta", TINY + ["dtype=float64", "device=cpu", "threads=1"]), tmp_path, "ml3"
+    )
     assert torch.get_num_threads() == 1
     saved = torch.load(tmp_path / "learned_loss.pt", weights_only=True)["state_dict"]
     assert all(v.dtype == torch.float64 and v.device.type == "cpu" for v in saved.values())
     assert len(out["results"]["learned"]["test/mse"]) == 2
-    ecfg = compose_cfg("eval", ["logger=none", "progress=false", "model.hidden=[8]", "meta_test.seeds=2",
-                                "meta_test.steps=5", "dtype=float32", f"loss_path={tmp_path / 'learned_loss.pt'}"])
+    ecfg = compose_cfg(
+        "eval",
+        [
+            "logger=none",
+            "progress=false",
+            "model.hidden=[8]",
+            "meta_test.seeds=2",
+            "meta_test.steps=5",
+            "dtype=float32",
+            f"loss_path={tmp_path / 'learned_loss.pt'}",
+        ],
+    )
     torch.set_default_dtype(torch.float32)
     res = eval_app.run(ecfg, tmp_path / "eval")
     assert all(math.isfinite(v) for v in res["results"]["learned"]["test/mse"])  # ran in float32
 
 
 def test_train_in_float64(compose_cfg, tmp_path):
-    cfg = compose_cfg("train", ["task=outliers", "loss=huber", "logger=none", "progress=false", "train.steps=5",
-                                "dtype=float64"])
+    cfg = compose_cfg(
+        "train",
+        [
+            "task=outliers",
+            "loss=huber",
+            "logger=none",
+            "progress=false",
+            "train.steps=5",
+            "dtype=float64",
+        ],
+    )
     assert train_app.run(cfg, tmp_path, "huber") > 0
 
 

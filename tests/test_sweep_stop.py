@@ -35,7 +35,12 @@ def _session(sid: int) -> list[tuple[int, str]]:
         try:
             fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
             if int(fields[3]) == sid and fields[0] != "Z":
-                out.append((int(entry), Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()))
+                out.append(
+                    (
+                        int(entry),
+                        Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(),
+                    )
+                )
         except (OSError, ValueError, IndexError):
             continue
     return out
@@ -87,11 +92,20 @@ _JOB = textwrap.dedent("""
 """)
 
 
-def _launch_fake(tmp_path: Path, env: dict | None = None, cleanup_s: float = 0.5) -> tuple[subprocess.Popen, Path]:
+def _launch_fake(
+    tmp_path: Path, env: dict | None = None, cleanup_s: float = 0.5
+) -> tuple[subprocess.Popen, Path]:
     out = tmp_path / "job.txt"
     child = _JOB.format(out=str(out), cleanup_s=cleanup_s)
-    proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, child], cwd=tmp_path, start_new_session=True, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, child],
+        cwd=tmp_path,
+        start_new_session=True,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
     deadline = time.time() + 60
     while not out.with_suffix(".ready").exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
@@ -140,10 +154,22 @@ def test_a_second_signal_kills_the_jobs_at_once(tmp_path):
 
 # -- slow: real multiruns of metaloss-meta through both local launchers ---------------------
 
-LAUNCH = {"joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], "local": ["hydra/launcher=local"]}
-META = ["meta.tasks_per_step=2", "meta.inner_steps=2", "model.hidden=[8]", "loss.hidden=[8]",
-        "meta_test.enabled=false", "logger=none", "progress=false", "seed=0,1", "meta.checkpoint_every=1000",
-        "meta.plot_every=100000"]
+LAUNCH = {
+    "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+    "local": ["hydra/launcher=local"],
+}
+META = [
+    "meta.tasks_per_step=2",
+    "meta.inner_steps=2",
+    "model.hidden=[8]",
+    "loss.hidden=[8]",
+    "meta_test.enabled=false",
+    "logger=none",
+    "progress=false",
+    "seed=0,1",
+    "meta.checkpoint_every=1000",
+    "meta.plot_every=100000",
+]
 
 
 def _checkpoints(sweep_root: Path) -> dict[str, int]:
@@ -158,13 +184,19 @@ def _checkpoints(sweep_root: Path) -> dict[str, int]:
 
 def _running(sweep_root: Path) -> set[str]:
     """Jobs whose meta-training loop has started (the line it logs before step 0)."""
-    return {p.parent.name.split("_")[0] for p in sweep_root.glob("multirun/meta/*/*/meta.log")
-            if "meta-training ml3" in p.read_text()}
+    return {
+        p.parent.name.split("_")[0]
+        for p in sweep_root.glob("multirun/meta/*/*/meta.log")
+        if "meta-training ml3" in p.read_text()
+    }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, group", [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)],
-                         ids=["SIGTERM", "SIGINT", "terminal-Ctrl-C"])
+@pytest.mark.parametrize(
+    "sig, group",
+    [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)],
+    ids=["SIGTERM", "SIGINT", "terminal-Ctrl-C"],
+)
 @pytest.mark.parametrize("launcher", ["joblib", "local"])
 def test_stopping_a_sweep_stops_every_job_which_resumes(tmp_path, launcher, sig, group):
     """The checkpoints are *not* periodic here (every 1000 steps): each job's checkpoint on
@@ -173,10 +205,19 @@ def test_stopping_a_sweep_stops_every_job_which_resumes(tmp_path, launcher, sig,
     controllers would otherwise kill their jobs a second later)."""
     env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
     cmd = [str(BIN / "metaloss-meta"), "-m", *LAUNCH[launcher], *META]
-    proc = subprocess.Popen([*cmd, "meta.steps=100000"], cwd=tmp_path, env=env, text=True, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [*cmd, "meta.steps=100000"],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 240
-    while len(_running(tmp_path)) < 2:  # both jobs are in meta-training (its handlers are installed)
+    while (
+        len(_running(tmp_path)) < 2
+    ):  # both jobs are in meta-training (its handlers are installed)
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.05)
     time.sleep(0.5)
@@ -190,20 +231,39 @@ def test_stopping_a_sweep_stops_every_job_which_resumes(tmp_path, launcher, sig,
     _assert_session_ends(proc.pid)
     done = _checkpoints(tmp_path)
     assert set(done) == {"0", "1"}, (done, log[-3000:])  # written at the stop, by each job
-    for job_log in [log, *(p.read_text() for p in tmp_path.glob("multirun/meta/*/.submitit/*/*_log.out"))]:
+    for job_log in [
+        log,
+        *(p.read_text() for p in tmp_path.glob("multirun/meta/*/.submitit/*/*_log.out")),
+    ]:
         assert "Traceback" not in job_log, job_log[-3000:]
 
-    assert log.count("checkpoint saved") + sum(p.read_text().count("checkpoint saved") for p in
-                                               tmp_path.glob("multirun/meta/*/.submitit/*/*_log.out")) == 2
+    assert (
+        log.count("checkpoint saved")
+        + sum(
+            p.read_text().count("checkpoint saved")
+            for p in tmp_path.glob("multirun/meta/*/.submitit/*/*_log.out")
+        )
+        == 2
+    )
     if (launcher, sig, group) != ("joblib", signal.SIGINT, False):
         return  # the rerun is the same for every way of stopping; once is enough
     sweep = next((tmp_path / "multirun" / "meta").iterdir())
     total = max(done.values()) + 2
-    rerun = subprocess.run([*cmd, f"meta.steps={total}", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        [*cmd, f"meta.steps={total}", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    resumed = re.findall(r"resumed from (\S+)/checkpoint\.pt at outer step (\d+)", rerun.stdout + rerun.stderr)
-    assert sorted((Path(d).name.split("_")[0], int(s)) for d, s in resumed) == sorted(done.items()), resumed
+    resumed = re.findall(
+        r"resumed from (\S+)/checkpoint\.pt at outer step (\d+)", rerun.stdout + rerun.stderr
+    )
+    assert sorted((Path(d).name.split("_")[0], int(s)) for d, s in resumed) == sorted(
+        done.items()
+    ), resumed
     for job in ("0", "1"):
         (run_dir,) = sweep.glob(f"{job}_*")
         assert json.loads((run_dir / "run.json").read_text())["identity"]["seed"] == int(job)
@@ -216,9 +276,15 @@ def test_jobs_of_a_killed_launcher_stop_themselves_with_a_checkpoint(tmp_path, l
     """SIGKILL cannot be caught by the launcher; its jobs notice within a second that it is
     gone and stop as on Ctrl-C (checkpoint, then exit) instead of running on unwatched."""
     env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
-    proc = subprocess.Popen([str(BIN / "metaloss-meta"), "-m", *LAUNCH[launcher], *META, "meta.steps=100000"],
-                            cwd=tmp_path, env=env, text=True, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(BIN / "metaloss-meta"), "-m", *LAUNCH[launcher], *META, "meta.steps=100000"],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 240
     while len(_running(tmp_path)) < 2:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]

@@ -8,9 +8,15 @@ from metaloss.config import group_options
 from metaloss.tasks.base import imbalance, label_noise
 from metaloss.train import build_model
 
-EXPECTED_KIND = {"sine": "regression", "outliers": "regression", "diabetes": "regression",
-                 "digits": "classification", "mnist1d": "classification",
-                 "breast_cancer": "binary", "shapes": "segmentation"}
+EXPECTED_KIND = {
+    "sine": "regression",
+    "outliers": "regression",
+    "diabetes": "regression",
+    "digits": "classification",
+    "mnist1d": "classification",
+    "breast_cancer": "binary",
+    "shapes": "segmentation",
+}
 MODEL_FOR = {"regression": "mlp", "classification": "mlp", "binary": "mlp", "segmentation": "unet"}
 
 
@@ -49,7 +55,9 @@ def test_outliers_corrupt_training_targets_only(compose_cfg):
 
 
 def test_binary_imbalance_reaches_the_ratio(compose_cfg):
-    cfg = compose_cfg("train", ["task=mnist1d", "task.positive_classes=[0]", "task.imbalance_ratio=99"])
+    cfg = compose_cfg(
+        "train", ["task=mnist1d", "task.positive_classes=[0]", "task.imbalance_ratio=99"]
+    )
     t = instantiate(cfg.task)
     counts = t.class_counts
     assert t.kind == "binary" and t.out_dim == 1
@@ -91,7 +99,9 @@ def test_models_have_no_batchnorm_running_stats(compose_cfg):
         cfg = compose_cfg("train", [f"model={name}", f"task={task_name}"])
         task = instantiate(cfg.task)
         model = build_model(instantiate(cfg.model), task, seed=0)
-        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        assert not any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()
+        )
         assert not list(model.buffers())
 
 
@@ -116,7 +126,17 @@ def test_task_labels_are_checked_where_data_enters():
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\).*got \[0, 5\]"):
         Task("t", "classification", x, torch.tensor([0, 1, 5, 1]), x, ok, x, ok, num_classes=3)
     with pytest.raises(ValueError, match="labels must lie in"):
-        Task("t", "binary", x, torch.tensor([0, 2, 1, 0]), x, ok.clamp(max=1), x, ok.clamp(max=1), num_classes=2)
+        Task(
+            "t",
+            "binary",
+            x,
+            torch.tensor([0, 2, 1, 0]),
+            x,
+            ok.clamp(max=1),
+            x,
+            ok.clamp(max=1),
+            num_classes=2,
+        )
     with pytest.raises(ValueError, match="integer class indices"):
         Task("t", "classification", x, ok.float(), x, ok, x, ok, num_classes=3)
     m = torch.zeros(4, 1, 2, 2)

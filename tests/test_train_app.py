@@ -28,13 +28,26 @@ def test_every_loss_and_optim_config_instantiates(compose_cfg):
         assert isinstance(opt, torch.optim.Optimizer)
 
 
-@pytest.mark.parametrize("overrides,metric", [
-    (["task=outliers", "loss=huber"], "test/mse"),
-    (["task=digits", "loss=focal", "optim=momentum"], "test/acc"),
-    (["task=breast_cancer", "loss=bce", "optim=nadam"], "test/balanced_acc"),
-    (["task=shapes", "model=unet", "loss=dice", "task.n_train=16", "task.n_val=8",
-      "task.n_test=8", "train.batch_size=8"], "test/dice"),
-])
+@pytest.mark.parametrize(
+    "overrides,metric",
+    [
+        (["task=outliers", "loss=huber"], "test/mse"),
+        (["task=digits", "loss=focal", "optim=momentum"], "test/acc"),
+        (["task=breast_cancer", "loss=bce", "optim=nadam"], "test/balanced_acc"),
+        (
+            [
+                "task=shapes",
+                "model=unet",
+                "loss=dice",
+                "task.n_train=16",
+                "task.n_val=8",
+                "task.n_test=8",
+                "train.batch_size=8",
+            ],
+            "test/dice",
+        ),
+    ],
+)
 def test_train_runs_and_writes_metrics(compose_cfg, tmp_path, overrides, metric):
     cfg = compose_cfg("train", FAST + overrides)
     loss_name = [o for o in overrides if o.startswith("loss=")][0][5:]
@@ -58,12 +71,15 @@ def test_learning_actually_happens(compose_cfg, tmp_path):
     assert acc > 0.85  # digits MLP, 300 Adam steps; chance is 0.1
 
 
-@pytest.mark.parametrize("overrides,needle", [
-    (["task=outliers", "loss=dice"], "Losses for regression tasks: "),
-    (["task=digits", "loss=mse"], "Losses for classification tasks: "),
-    (["task=shapes", "model=unet", "loss=ce"], "Losses for segmentation tasks: "),
-    (["task=digits", "loss=bce"], "bce"),
-])
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["task=outliers", "loss=dice"], "Losses for regression tasks: "),
+        (["task=digits", "loss=mse"], "Losses for classification tasks: "),
+        (["task=shapes", "model=unet", "loss=ce"], "Losses for segmentation tasks: "),
+        (["task=digits", "loss=bce"], "bce"),
+    ],
+)
 def test_loss_that_does_not_fit_fails_before_training(compose_cfg, tmp_path, overrides, needle):
     cfg = compose_cfg("train", FAST + overrides)
     with pytest.raises(LossDoesNotFitTask, match=needle) as err:
@@ -80,8 +96,10 @@ def test_unknown_loss_name_lists_the_choices(compose_cfg):
 
 
 def test_wandb_offline_run_is_written_and_readable(compose_cfg, tmp_path):
-    cfg = compose_cfg("train", ["progress=false", "train.steps=40", "train.eval_every=20",
-                                "task=outliers", "loss=mae"])
+    cfg = compose_cfg(
+        "train",
+        ["progress=false", "train.steps=40", "train.eval_every=20", "task=outliers", "loss=mae"],
+    )
     assert cfg.logger.kind == "wandb" and cfg.logger.mode == "offline"  # the default
     train_app.run(cfg, tmp_path, "mae")
     run = read_run(tmp_path / "wandb")
@@ -89,14 +107,24 @@ def test_wandb_offline_run_is_written_and_readable(compose_cfg, tmp_path):
     steps = [row["_step"] for row in run["history"] if "val/mse" in row]
     assert steps[:2] == [20, 40]
     assert run["summary"]["test/mse"] == pytest.approx(
-        json.loads((tmp_path / "metrics.json").read_text())["metrics"]["test/mse"])
+        json.loads((tmp_path / "metrics.json").read_text())["metrics"]["test/mse"]
+    )
     assert run["config"]["loss"]["_target_"] == "metaloss.losses.fixed.mae"
     assert run["config"]["train"]["steps"] == 40
 
 
 def test_wandb_run_is_finished_when_training_fails(compose_cfg, tmp_path):
-    cfg = compose_cfg("train", ["progress=false", "train.steps=5", "task=outliers", "loss=mse",
-                                "optim=sgd", "optim.lr=1e30"])
+    cfg = compose_cfg(
+        "train",
+        [
+            "progress=false",
+            "train.steps=5",
+            "task=outliers",
+            "loss=mse",
+            "optim=sgd",
+            "optim.lr=1e30",
+        ],
+    )
     from metaloss.train import NonFiniteLoss
 
     with pytest.raises(NonFiniteLoss, match="step"):

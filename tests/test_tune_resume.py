@@ -13,8 +13,19 @@ from pathlib import Path
 import pytest
 
 BIN = Path(sys.executable).parent
-TINY = ["task=digits", "model.hidden=[16]", "optim=sgd", "logger=none", "progress=false", "meta_test.steps=30",
-        "meta_test.batch_size=64", "tune.seeds=1", "compare=[ce,focal]", "tune.n_trials=6", "threads=1"]
+TINY = [
+    "task=digits",
+    "model.hidden=[16]",
+    "optim=sgd",
+    "logger=none",
+    "progress=false",
+    "meta_test.steps=30",
+    "meta_test.batch_size=64",
+    "tune.seeds=1",
+    "compare=[ce,focal]",
+    "tune.n_trials=6",
+    "threads=1",
+]
 
 
 def _tune(run_dir: Path) -> list[str]:
@@ -24,7 +35,9 @@ def _tune(run_dir: Path) -> list[str]:
 @pytest.mark.slow
 def test_a_killed_tune_resumes_and_a_finished_one_is_left_alone(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_tune(run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _tune(run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     tuned = run_dir / "tuned.json"
     deadline = time.monotonic() + 240
     while not tuned.is_file() and proc.poll() is None and time.monotonic() < deadline:
@@ -32,7 +45,9 @@ def test_a_killed_tune_resumes_and_a_finished_one_is_left_alone(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)  # ce is tuned and written; focal is under way
     proc.communicate(timeout=60)
     partial = json.loads(tuned.read_text())
-    assert not partial["complete"] and list(partial["losses"]) == ["ce"], "killed too late to test a resume"
+    assert not partial["complete"] and list(partial["losses"]) == ["ce"], (
+        "killed too late to test a resume"
+    )
 
     again = subprocess.run(_tune(run_dir), capture_output=True, text=True, timeout=600)
     log = again.stdout + again.stderr
@@ -46,6 +61,8 @@ def test_a_killed_tune_resumes_and_a_finished_one_is_left_alone(tmp_path):
     before = tuned.read_bytes()
     third = subprocess.run(_tune(run_dir), capture_output=True, text=True, timeout=600)
     log = third.stdout + third.stderr
-    assert third.returncode == 0 and "is complete" in log and "nothing overwritten" in log, log[-3000:]
+    assert third.returncode == 0 and "is complete" in log and "nothing overwritten" in log, log[
+        -3000:
+    ]
     assert "trial" not in log.split("is complete")[0].split("tuning")[-1]
     assert tuned.read_bytes() == before

@@ -24,9 +24,20 @@ from metaloss.cli import train as train_app
 from metaloss.losses.io import load_learned_loss
 from metaloss.validate import ConfigError, check_config, problems
 
-TINY_META = ["logger=none", "progress=false", "meta.steps=4", "meta.tasks_per_step=2", "meta.inner_steps=2",
-             "meta_test.seeds=2", "meta_test.steps=10", "meta_test.tasks_per_seed=2", "model.hidden=[8]",
-             "loss.hidden=[8]", "meta.plot_every=2", "meta.checkpoint_every=2"]
+TINY_META = [
+    "logger=none",
+    "progress=false",
+    "meta.steps=4",
+    "meta.tasks_per_step=2",
+    "meta.inner_steps=2",
+    "meta_test.seeds=2",
+    "meta_test.steps=10",
+    "meta_test.tasks_per_seed=2",
+    "model.hidden=[8]",
+    "loss.hidden=[8]",
+    "meta.plot_every=2",
+    "meta.checkpoint_every=2",
+]
 TINY_TRAIN = ["logger=none", "progress=false", "train.steps=30", "train.eval_every=10"]
 
 
@@ -34,7 +45,9 @@ def _compose(config_name: str, overrides: list[str], *, hydra_node: bool = False
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config.conf_dir()), version_base="1.3"):
-            return compose(config_name=config_name, overrides=overrides, return_hydra_config=hydra_node)
+            return compose(
+                config_name=config_name, overrides=overrides, return_hydra_config=hydra_node
+            )
     finally:
         GlobalHydra.instance().clear()
 
@@ -67,16 +80,19 @@ def _write(root: Path, files: dict[str, str]) -> None:
 def test_config_sources_follow_hydras_search_path_and_precedence(tmp_path, monkeypatch):
     """group_options / load_option see conf/ plus every hydra.searchpath entry (file:// and
     pkg://), and pick the same config Hydra composes for `<group>=<name>`."""
-    _write(tmp_path, {
-        "a/loss/user_mse.yaml": "_target_: metaloss.losses.fixed.mae\n_partial_: true\n",
-        "a/loss/mse.yaml": "_target_: metaloss.losses.fixed.mae\n_partial_: true\n",  # shadowed by conf/
-        "a/loss/both.yaml": "_target_: metaloss.losses.fixed.mae\n_partial_: true\n",
-        "b/loss/both.yaml": "_target_: metaloss.losses.fixed.huber\n_partial_: true\n",  # a is earlier
-        "a/loss/heavy_focal.yaml": "defaults:\n  - focal\n  - _self_\ngamma: 5.0\n",  # own defaults list
-        "userpkg/__init__.py": "",
-        "userpkg/conf/__init__.py": "",
-        "userpkg/conf/loss/pkg_loss.yaml": "_target_: metaloss.losses.fixed.log_cosh\n_partial_: true\n",
-    })
+    _write(
+        tmp_path,
+        {
+            "a/loss/user_mse.yaml": "_target_: metaloss.losses.fixed.mae\n_partial_: true\n",
+            "a/loss/mse.yaml": "_target_: metaloss.losses.fixed.mae\n_partial_: true\n",  # shadowed by conf/
+            "a/loss/both.yaml": "_target_: metaloss.losses.fixed.mae\n_partial_: true\n",
+            "b/loss/both.yaml": "_target_: metaloss.losses.fixed.huber\n_partial_: true\n",  # a is earlier
+            "a/loss/heavy_focal.yaml": "defaults:\n  - focal\n  - _self_\ngamma: 5.0\n",  # own defaults list
+            "userpkg/__init__.py": "",
+            "userpkg/conf/__init__.py": "",
+            "userpkg/conf/loss/pkg_loss.yaml": "_target_: metaloss.losses.fixed.log_cosh\n_partial_: true\n",
+        },
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     sp = f"hydra.searchpath=[file://{tmp_path / 'a'},file://{tmp_path / 'b'},pkg://userpkg.conf]"
     cfg = _compose("meta", [sp], hydra_node=True)
@@ -86,22 +102,29 @@ def test_config_sources_follow_hydras_search_path_and_precedence(tmp_path, monke
     assert "user_mse" not in config.group_options("loss")  # not without the search path
     for name in ("user_mse", "mse", "both", "heavy_focal", "pkg_loss"):
         hydra_says = _compose("meta", [sp, f"loss={name}"]).loss
-        assert OmegaConf.to_container(config.load_option("loss", name, cfg)) == \
-            OmegaConf.to_container(hydra_says), name
+        assert OmegaConf.to_container(
+            config.load_option("loss", name, cfg)
+        ) == OmegaConf.to_container(hydra_says), name
     assert config.load_option("loss", "mse", cfg)._target_ == "metaloss.losses.fixed.mse"
     assert config.load_option("loss", "heavy_focal", cfg).gamma == 5.0
     with pytest.raises(config.UnknownOption, match="unknown loss 'nope'.*user_mse"):
         config.load_option("loss", "nope", cfg)
     # the validation of a config composed with its Hydra node reads that node's search path
-    check_config(_compose("meta", [sp, "compare=[user_mse,pkg_loss]", "meta.objective=both"], hydra_node=True))
+    check_config(
+        _compose(
+            "meta", [sp, "compare=[user_mse,pkg_loss]", "meta.objective=both"], hydra_node=True
+        )
+    )
 
 
 def test_a_user_loss_is_accepted_in_compare_and_meta_objective(app_cfg, tmp_path, monkeypatch):
     """`compare:` and `meta.objective` name user losses like built-in ones: validated, used as
     the outer objective, trained and reported in the meta-test."""
-    _write(tmp_path, {
-        **_doc_files("user_fixed.py", "my_conf/loss/trimmed_mse.yaml"),
-        "counting.py": '''
+    _write(
+        tmp_path,
+        {
+            **_doc_files("user_fixed.py", "my_conf/loss/trimmed_mse.yaml"),
+            "counting.py": """
             from metaloss.losses.base import fits
 
             CALLS = {"objective": 0}
@@ -111,16 +134,21 @@ def test_a_user_loss_is_accepted_in_compare_and_meta_objective(app_cfg, tmp_path
             def counted_mse(pred, target, **_):
                 CALLS["objective"] += 1
                 return ((pred - target) ** 2).reshape(pred.shape[0], -1).mean(-1)
-        ''',
-        "my_conf/loss/counted_mse.yaml": "_target_: counting.counted_mse\n_partial_: true\n",
-    })
+        """,
+            "my_conf/loss/counted_mse.yaml": "_target_: counting.counted_mse\n_partial_: true\n",
+        },
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     search = f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]"
     bad = app_cfg("meta", TINY_META + [search, "compare=[mse,trimmed_mse,nope]"])
-    with pytest.raises(ConfigError, match=r"compare = .*losses from conf/loss or a loss/ folder.*trimmed_mse"):
+    with pytest.raises(
+        ConfigError, match=r"compare = .*losses from conf/loss or a loss/ folder.*trimmed_mse"
+    ):
         check_config(bad)
 
-    cfg = app_cfg("meta", TINY_META + [search, "compare=[mse,trimmed_mse]", "meta.objective=counted_mse"])
+    cfg = app_cfg(
+        "meta", TINY_META + [search, "compare=[mse,trimmed_mse]", "meta.objective=counted_mse"]
+    )
     assert problems(cfg) == []
     out_dir = tmp_path / "run"
     out = meta_app.run(cfg, out_dir, "ml3")
@@ -137,13 +165,19 @@ def test_the_parametric_loss_list_comes_from_the_catalogue(app_cfg, tmp_path, mo
     """metaloss-meta's "needs a parametric loss" error lists the catalogue's parametric
     losses (a user's among them), and the README's table names exactly the shipped ones."""
     shipped = config.parametric_losses()
-    assert {"ml3", "taylorglo", "poly_n"} <= set(shipped) and "mse" not in shipped and "learned" not in shipped
+    assert (
+        {"ml3", "taylorglo", "poly_n"} <= set(shipped)
+        and "mse" not in shipped
+        and "learned" not in shipped
+    )
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith("| `loss` (parametric)"))
     assert set(re.findall(r"`(\w+)`", row.split("|")[2])) == set(shipped)
 
-    _write(tmp_path, {
-        "user_param.py": '''
+    _write(
+        tmp_path,
+        {
+            "user_param.py": """
             import torch
             from metaloss.losses.base import ParametricLoss
 
@@ -157,12 +191,15 @@ def test_the_parametric_loss_list_comes_from_the_catalogue(app_cfg, tmp_path, mo
 
                 def forward(self, pred, target, **context):
                     return self.log_w.exp() * ((pred - target) ** 2).reshape(pred.shape[0], -1).mean(-1)
-        ''',
-        "my_conf/loss/weighted_mse.yaml": "_target_: user_param.WeightedMSE\n",
-    })
+        """,
+            "my_conf/loss/weighted_mse.yaml": "_target_: user_param.WeightedMSE\n",
+        },
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     overrides = [o for o in TINY_META if not o.startswith("loss.")]
-    cfg = app_cfg("meta", overrides + [f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "loss=mse"])
+    cfg = app_cfg(
+        "meta", overrides + [f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "loss=mse"]
+    )
     assert "weighted_mse" in config.parametric_losses(cfg)
     with pytest.raises(ValueError, match="needs a parametric loss") as err:
         meta_app.run(cfg, tmp_path / "run", "mse")
@@ -191,30 +228,68 @@ def _doc_files(*names: str) -> dict[str, str]:
 TASK_FILES = ("my_tasks.py", "my_conf/task/blobs.yaml", "my_conf/task/waves.yaml")
 
 
-def test_a_task_defined_outside_the_package_trains_with_noise_and_imbalance(app_cfg, tmp_path, monkeypatch):
+def test_a_task_defined_outside_the_package_trains_with_noise_and_imbalance(
+    app_cfg, tmp_path, monkeypatch
+):
     _write(tmp_path, _doc_files(*TASK_FILES))
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = app_cfg("train", TINY_TRAIN + [f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "task=blobs",
-                                         "task.label_noise.rate=0.2", "task.label_noise.kind=pair",
-                                         "task.imbalance_ratio=4", "loss=focal"])
+    cfg = app_cfg(
+        "train",
+        TINY_TRAIN
+        + [
+            f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]",
+            "task=blobs",
+            "task.label_noise.rate=0.2",
+            "task.label_noise.kind=pair",
+            "task.imbalance_ratio=4",
+            "loss=focal",
+        ],
+    )
     task = instantiate(cfg.task)
     counts = task.class_counts
     assert task.info["imbalance_ratio"] == 4.0 and task.info["label_noise"]["kind"] == "pair"
     assert counts.max() / counts.min() > 2  # the training split is long-tailed
-    assert len(task.y_test) == 120 and torch.bincount(task.y_test).min() >= 30  # the test split is not
+    assert (
+        len(task.y_test) == 120 and torch.bincount(task.y_test).min() >= 30
+    )  # the test split is not
     value = train_app.run(cfg, tmp_path / "run", "focal")
     rec = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert rec["task"] == "blobs" and rec["metric"] == "test/acc" and rec["metrics"]["test/acc"] == pytest.approx(value)
-    with pytest.raises(ConfigError, match="task.label_noise.rate = 1.5"):  # the shared task rules apply
-        check_config(app_cfg("train", TINY_TRAIN + [f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]",
-                                                    "task=blobs", "task.label_noise.rate=1.5"]))
+    assert (
+        rec["task"] == "blobs"
+        and rec["metric"] == "test/acc"
+        and rec["metrics"]["test/acc"] == pytest.approx(value)
+    )
+    with pytest.raises(
+        ConfigError, match="task.label_noise.rate = 1.5"
+    ):  # the shared task rules apply
+        check_config(
+            app_cfg(
+                "train",
+                TINY_TRAIN
+                + [
+                    f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]",
+                    "task=blobs",
+                    "task.label_noise.rate=1.5",
+                ],
+            )
+        )
 
 
-def test_a_task_family_defined_outside_the_package_meta_trains_and_meta_tests(app_cfg, tmp_path, monkeypatch):
+def test_a_task_family_defined_outside_the_package_meta_trains_and_meta_tests(
+    app_cfg, tmp_path, monkeypatch
+):
     _write(tmp_path, _doc_files(*TASK_FILES))
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = app_cfg("meta", TINY_META + [f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "task=waves",
-                                       "meta.train_tasks=3", "+meta_test.task_overrides.amplitude=[2.0,3.0]"])
+    cfg = app_cfg(
+        "meta",
+        TINY_META
+        + [
+            f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]",
+            "task=waves",
+            "meta.train_tasks=3",
+            "+meta_test.task_overrides.amplitude=[2.0,3.0]",
+        ],
+    )
     out = meta_app.run(cfg, tmp_path / "run", "ml3")
     comp = json.loads((tmp_path / "run" / "comparison.json").read_text())
     assert comp["task"] == "waves" and set(comp["results"]) == {"learned", "mse", "mae", "huber"}
@@ -225,11 +300,16 @@ def test_a_task_family_defined_outside_the_package_meta_trains_and_meta_tests(ap
 
 
 def test_a_hypergradient_method_defined_outside_the_package_meta_trains_and_resumes_exactly(
-        app_cfg, tmp_path, monkeypatch):
+    app_cfg, tmp_path, monkeypatch
+):
     _write(tmp_path, _doc_files("my_hypergrad.py", "my_conf/hypergrad/spsa.yaml"))
     monkeypatch.syspath_prepend(str(tmp_path))
-    base = TINY_META + [f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "hypergrad=spsa",
-                        "meta_test.enabled=false", "meta.checkpoint_every=1"]
+    base = TINY_META + [
+        f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]",
+        "hypergrad=spsa",
+        "meta_test.enabled=false",
+        "meta.checkpoint_every=1",
+    ]
     whole = tmp_path / "whole"
     meta_app.run(app_cfg("meta", base), whole, "ml3")
     ckpt = torch.load(whole / "checkpoint.pt", weights_only=True)
@@ -244,7 +324,9 @@ def test_a_hypergradient_method_defined_outside_the_package_meta_trains_and_resu
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical resume
 
 
-@pytest.mark.parametrize("app,extra", [("tune", []), ("eval", ["loss_path=x"]), ("meta", ["debug=default"])])
+@pytest.mark.parametrize(
+    "app,extra", [("tune", []), ("eval", ["loss_path=x"]), ("meta", ["debug=default"])]
+)
 def test_run_directories_are_named_by_the_app_not_the_config_file(tmp_path, app, extra):
     """tune and eval extend meta.yaml; a user's own primary config (--config-name) must not move
     the runs out of outputs/<app>/ where metaloss-report and the docs look for them."""
@@ -257,9 +339,21 @@ def test_run_directories_are_named_by_the_app_not_the_config_file(tmp_path, app,
     (tmp_path / "mine.yaml").write_text(f"defaults:\n  - {app}\n  - _self_\n")
     bin_ = Path(sys.executable).parent / f"metaloss-{app}"
     for flags in ([], ["--config-dir", str(tmp_path), "--config-name", "mine"]):
-        out = subprocess.run([str(bin_), "--cfg", "hydra", "--resolve", *flags, *extra,
-                              f"hydra.searchpath=[file://{conf_dir()}]"],
-                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [
+                str(bin_),
+                "--cfg",
+                "hydra",
+                "--resolve",
+                *flags,
+                *extra,
+                f"hydra.searchpath=[file://{conf_dir()}]",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         want = f"outputs/debug/{app}/" if "debug=default" in extra else f"outputs/{app}/"
         assert f"dir: {want}" in out.stdout, out.stdout[:1500]

@@ -59,15 +59,27 @@ META_BAD = [
     ("model.hidden=[0]", "model.hidden = [0]"),
     ("loss.hidden=[-1]", "loss.hidden = [-1]"),
     ("loss=taylorglo loss.init=cubic", "loss.init = 'cubic'"),
-    ("task=mnist1d loss=logit_adjusted task.imbalance_ratio=0.5", "task.imbalance_ratio = 0.5: must be a number >= 1"),
+    (
+        "task=mnist1d loss=logit_adjusted task.imbalance_ratio=0.5",
+        "task.imbalance_ratio = 0.5: must be a number >= 1",
+    ),
     ("task=digits loss=logit_adjusted task.label_noise.rate=1.5", "task.label_noise.rate"),
     ("task=digits loss=logit_adjusted task.label_noise.kind=random", "task.label_noise.kind"),
     ("task=mnist1d loss=logit_adjusted task.positive_classes=[12]", "task.positive_classes"),
-    ("model=convnet model.channels=30 model.groups=4", "model.groups = 4: must divide model.channels"),
+    (
+        "model=convnet model.channels=30 model.groups=4",
+        "model.groups = 4: must divide model.channels",
+    ),
     ("logger.mode=sometimes", "logger.mode"),
-    ("model.hidden=[100000000]", "model.hidden = [100000000]: must be a list of integers in [1, 1000000]"),
+    (
+        "model.hidden=[100000000]",
+        "model.hidden = [100000000]: must be a list of integers in [1, 1000000]",
+    ),
     ("loss.hidden=[100000000]", "loss.hidden"),
-    ("task=digits loss=poly_n loss.degree=100000000", "loss.degree = 100000000: must be an integer in [1, 64]"),
+    (
+        "task=digits loss=poly_n loss.degree=100000000",
+        "loss.degree = 100000000: must be an integer in [1, 64]",
+    ),
     ("hypergrad=es hypergrad.population=10000000", "hypergrad.population"),
     ("task=digits loss=taylorglo loss.center_target=nan", "loss.center_target = nan"),
     ("task=digits loss=poly_n loss.init_epsilon=nan", "loss.init_epsilon"),
@@ -77,8 +89,14 @@ META_BAD = [
     ("+inner_optim=adam", "inner_optim: renamed to optim"),
     ("+inner_optim.lr=0.5", "inner_optim: renamed to optim"),
     ("+foo=1", "foo: not a metaloss setting"),
-    ("task=mnist1d loss=logit_adjusted task.positive_classes=[0,0]", "task.positive_classes = [0, 0]"),
-    ("task=mnist1d loss=logit_adjusted task.positive_classes=[0,1,2,3,4,5,6,7,8,9]", "leave at least one digit"),
+    (
+        "task=mnist1d loss=logit_adjusted task.positive_classes=[0,0]",
+        "task.positive_classes = [0, 0]",
+    ),
+    (
+        "task=mnist1d loss=logit_adjusted task.positive_classes=[0,1,2,3,4,5,6,7,8,9]",
+        "leave at least one digit",
+    ),
 ]
 TRAIN_BAD = [
     ("train.batch_size=-4", "train.batch_size = -4: must be an integer >= 1 or null"),
@@ -106,7 +124,9 @@ def _no_compute(monkeypatch):
 
 
 @pytest.mark.parametrize("override,message", META_BAD)
-def test_meta_settings_are_refused_before_any_compute(compose_cfg, tmp_path, monkeypatch, override, message):
+def test_meta_settings_are_refused_before_any_compute(
+    compose_cfg, tmp_path, monkeypatch, override, message
+):
     cfg = compose_cfg("meta", ([] if "logger" in override else ["logger=none"]) + override.split())
     _no_compute(monkeypatch)
     with pytest.raises(ConfigError) as err:
@@ -116,7 +136,9 @@ def test_meta_settings_are_refused_before_any_compute(compose_cfg, tmp_path, mon
 
 
 @pytest.mark.parametrize("override,message", TRAIN_BAD)
-def test_train_settings_are_refused_before_any_compute(compose_cfg, tmp_path, monkeypatch, override, message):
+def test_train_settings_are_refused_before_any_compute(
+    compose_cfg, tmp_path, monkeypatch, override, message
+):
     cfg = compose_cfg("train", ["logger=none", *override.split()])
     _no_compute(monkeypatch)
     with pytest.raises(ConfigError) as err:
@@ -125,7 +147,9 @@ def test_train_settings_are_refused_before_any_compute(compose_cfg, tmp_path, mo
 
 
 def test_every_problem_is_listed_at_once(compose_cfg):
-    found = problems(compose_cfg("meta", ["meta.steps=0", "meta_test.alpha=2", "meta.clip_grad_norm=-1"]))
+    found = problems(
+        compose_cfg("meta", ["meta.steps=0", "meta_test.alpha=2", "meta.clip_grad_norm=-1"])
+    )
     assert len(found) == 3
 
 
@@ -146,17 +170,36 @@ def test_metric_of_another_task_kind_is_refused_before_training(compose_cfg, tmp
         meta_app.run(mcfg, tmp_path / "m", "ml3")
 
 
-def test_a_setting_the_chosen_component_does_not_take_is_refused(compose_cfg, tmp_path, monkeypatch):
+def test_a_setting_the_chosen_component_does_not_take_is_refused(
+    compose_cfg, tmp_path, monkeypatch
+):
     """mnist1d_ml3 sets meta_optim.lr (Adam) and loss.fit_to (ML3): switching to CMA-ES and TaylorGLO
     kept both, and the run died in a TypeError traceback at construction."""
-    cfg = compose_cfg("meta", ["logger=none", "experiment=mnist1d_ml3", "meta_optim=cmaes", "loss=taylorglo"])
+    cfg = compose_cfg(
+        "meta", ["logger=none", "experiment=mnist1d_ml3", "meta_optim=cmaes", "loss=taylorglo"]
+    )
     _no_compute(monkeypatch)
     with pytest.raises(ConfigError) as err:
         meta_app.run(cfg, tmp_path, "taylorglo")
     assert "meta_optim.lr: not a setting of meta_optim (metaloss.cmaes.CMAES)" in str(err.value)
-    assert "loss.fit_to: not a setting of loss" in str(err.value) and "~loss.fit_to" in str(err.value)
-    assert problems(compose_cfg("meta", ["experiment=mnist1d_ml3", "meta_optim=cmaes", "~meta_optim.lr",
-                                         "loss=taylorglo", "~loss.fit_to"])) == []
+    assert "loss.fit_to: not a setting of loss" in str(err.value) and "~loss.fit_to" in str(
+        err.value
+    )
+    assert (
+        problems(
+            compose_cfg(
+                "meta",
+                [
+                    "experiment=mnist1d_ml3",
+                    "meta_optim=cmaes",
+                    "~meta_optim.lr",
+                    "loss=taylorglo",
+                    "~loss.fit_to",
+                ],
+            )
+        )
+        == []
+    )
     assert any("task.n_trian" in p for p in problems(compose_cfg("meta", ["+task.n_trian=5"])))
 
 
@@ -166,7 +209,9 @@ def test_every_shipped_experiment_is_valid(compose_cfg, name):
     assert problems(compose_cfg(app, [f"experiment={name}"])) == []
 
 
-@pytest.mark.parametrize("group", ["task", "model", "loss", "optim", "meta_optim", "hypergrad", "optim"])
+@pytest.mark.parametrize(
+    "group", ["task", "model", "loss", "optim", "meta_optim", "hypergrad", "optim"]
+)
 def test_every_shipped_option_is_valid(compose_cfg, group):
     app = "train" if group == "optim" else "meta"
     for option in group_options(group):
@@ -178,8 +223,13 @@ def test_every_shipped_option_is_valid(compose_cfg, group):
 @pytest.mark.slow
 def test_negative_batch_size_exits_at_once_instead_of_hanging(tmp_path):
     t0 = time.time()
-    proc = subprocess.run([BIN / "metaloss-train", "train.batch_size=-4", "logger=none"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [BIN / "metaloss-train", "train.batch_size=-4", "logger=none"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "train.batch_size = -4: must be an integer >= 1 or null" in proc.stdout + proc.stderr
     assert time.time() - t0 < 60
@@ -202,17 +252,48 @@ def test_batch_sampler_matches_epochs_of_permutations():
     assert all(torch.equal(a, b) for a, b in zip(first, expect))
 
 
-@pytest.mark.parametrize("app,overrides,message", [
-    ("train", ["task=shapes", "model=mlp", "loss=dice"], "model: mlp does not fit segmentation task 'shapes'"),
-    ("train", ["task=digits", "model=unet", "loss=ce"], "model: unet does not fit classification task 'digits'"),
-    ("train", ["task=mnist1d", "model=cnn1d", "model.kernel=1000"], "kernel (1000) is longer than the input"),
-    ("train", ["task=mnist1d", "model.hidden=[900000,900000]"], "parameters for task 'mnist1d'; the limit"),
-    ("meta", ["task=outliers", "meta_test.fresh_draws=false", "+meta_test.task_overrides.fraction=0.9"],
-     "only fresh test draws"),
-    ("meta", ["task=digits", "loss=logit_adjusted", "loss.num_classes=3"], "loss.num_classes = 3: must be 10"),
-])
-def test_settings_that_do_not_fit_the_task_are_refused_before_training(compose_cfg, tmp_path, monkeypatch, app,
-                                                                       overrides, message):
+@pytest.mark.parametrize(
+    "app,overrides,message",
+    [
+        (
+            "train",
+            ["task=shapes", "model=mlp", "loss=dice"],
+            "model: mlp does not fit segmentation task 'shapes'",
+        ),
+        (
+            "train",
+            ["task=digits", "model=unet", "loss=ce"],
+            "model: unet does not fit classification task 'digits'",
+        ),
+        (
+            "train",
+            ["task=mnist1d", "model=cnn1d", "model.kernel=1000"],
+            "kernel (1000) is longer than the input",
+        ),
+        (
+            "train",
+            ["task=mnist1d", "model.hidden=[900000,900000]"],
+            "parameters for task 'mnist1d'; the limit",
+        ),
+        (
+            "meta",
+            [
+                "task=outliers",
+                "meta_test.fresh_draws=false",
+                "+meta_test.task_overrides.fraction=0.9",
+            ],
+            "only fresh test draws",
+        ),
+        (
+            "meta",
+            ["task=digits", "loss=logit_adjusted", "loss.num_classes=3"],
+            "loss.num_classes = 3: must be 10",
+        ),
+    ],
+)
+def test_settings_that_do_not_fit_the_task_are_refused_before_training(
+    compose_cfg, tmp_path, monkeypatch, app, overrides, message
+):
     monkeypatch.setattr(train_app, "train_model", lambda *a, **k: pytest.fail("trained"))
     monkeypatch.setattr(meta_app, "offline_steps", lambda *a, **k: pytest.fail("meta-trained"))
     cfg = compose_cfg(app, ["logger=none", "progress=false", *overrides])
@@ -230,11 +311,16 @@ def test_a_frozen_learned_loss_is_not_meta_trained(compose_cfg, tmp_path):
     with pytest.raises(ConfigError, match="loss.frozen = true cannot be meta-trained"):
         meta_app.run(cfg, tmp_path / "run", "learned")
     with pytest.raises(ConfigError, match="loss.path = .*must be an existing file"):
-        meta_app.run(compose_cfg("meta", ["logger=none", "loss=learned", f"loss.path={tmp_path}"]), tmp_path / "r2",
-                     "learned")
+        meta_app.run(
+            compose_cfg("meta", ["logger=none", "loss=learned", f"loss.path={tmp_path}"]),
+            tmp_path / "r2",
+            "learned",
+        )
 
 
-def test_meta_test_metric_is_checked_against_what_the_meta_test_records(compose_cfg, tmp_path, monkeypatch):
+def test_meta_test_metric_is_checked_against_what_the_meta_test_records(
+    compose_cfg, tmp_path, monkeypatch
+):
     """`train/mse` is no meta-test record (it used to pass, then fail after meta-training)."""
     from hydra.utils import instantiate as inst
 
@@ -244,4 +330,6 @@ def test_meta_test_metric_is_checked_against_what_the_meta_test_records(compose_
     check_against_task(compose_cfg("meta", ["meta_test.metric=train/loss", "logger=none"]), task)
     monkeypatch.setattr(meta_app, "offline_steps", lambda *a, **k: pytest.fail("meta-trained"))
     with pytest.raises(ConfigError, match="meta_test.metric = 'train/mse'"):
-        meta_app.run(compose_cfg("meta", ["logger=none", "meta_test.metric=train/mse"]), tmp_path, "ml3")
+        meta_app.run(
+            compose_cfg("meta", ["logger=none", "meta_test.metric=train/mse"]), tmp_path, "ml3"
+        )

@@ -66,8 +66,16 @@ def test_explicit_config_wins_over_the_environment(compose_cfg, tmp_path, clean_
     clean_env.setenv("WANDB_PROJECT", "from-env")
     clean_env.setenv("WANDB_ENTITY", "env-team")
     clean_env.setenv("WANDB_DIR", str(tmp_path / "env-root"))
-    cfg = compose_cfg("train", ["logger=wandb", "logger.mode=offline", "logger.project=from-config",
-                                "logger.entity=config-team", f"logger.dir={tmp_path / 'config-root'}"])
+    cfg = compose_cfg(
+        "train",
+        [
+            "logger=wandb",
+            "logger.mode=offline",
+            "logger.project=from-config",
+            "logger.entity=config-team",
+            f"logger.dir={tmp_path / 'config-root'}",
+        ],
+    )
     _log(cfg, tmp_path / "out")
     run = read_run(tmp_path / "config-root" / "wandb")
     assert run["run"]["project"] == "from-config" and run["run"]["entity"] == "config-team"
@@ -95,12 +103,29 @@ def test_a_logger_config_without_the_keys_follows_the_environment(tmp_path, clea
 def test_console_script_honours_the_environment(tmp_path):
     """A real `metaloss-train` run: WANDB_PROJECT / WANDB_DIR from its environment."""
     env = {k: v for k, v in os.environ.items() if k not in ENV}
-    env.update(WANDB_SILENT="true", WANDB_PROJECT="from-env", WANDB_DIR=str(tmp_path / "root"),
-               WANDB_MODE="offline")
+    env.update(
+        WANDB_SILENT="true",
+        WANDB_PROJECT="from-env",
+        WANDB_DIR=str(tmp_path / "root"),
+        WANDB_MODE="offline",
+    )
     run_dir = tmp_path / "run"
-    out = subprocess.run([str(BIN / "metaloss-train"), "task=outliers", "loss=mse", "train.steps=5", "logger=wandb",
-                          "progress=false", f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            str(BIN / "metaloss-train"),
+            "task=outliers",
+            "loss=mse",
+            "train.steps=5",
+            "logger=wandb",
+            "progress=false",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     run = read_run(tmp_path / "root" / "wandb")
     assert run["run"]["project"] == "from-env" and run["finished"]

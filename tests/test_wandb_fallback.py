@@ -27,15 +27,32 @@ def dead_url() -> str:
 
 @pytest.fixture
 def no_stored_credentials(monkeypatch, tmp_path):
-    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE",
-                "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+    for var in (
+        "WANDB_API_KEY",
+        "WANDB_IDENTITY_TOKEN_FILE",
+        "WANDB_MODE",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
 
 
 def config(**logger):
-    return OmegaConf.create({"seed": 0, "logger": {"kind": "wandb", "mode": "online",
-                                                   "project": "fallback-test", "tags": ["t"], **logger}})
+    return OmegaConf.create(
+        {
+            "seed": 0,
+            "logger": {
+                "kind": "wandb",
+                "mode": "online",
+                "project": "fallback-test",
+                "tags": ["t"],
+                **logger,
+            },
+        }
+    )
 
 
 def log_and_read(cfg, out_dir, caplog) -> tuple[dict, float]:
@@ -56,16 +73,22 @@ def assert_everything_logged(run: dict) -> None:
     assert run["config"]["logger"]["mode"] == "online"  # the config as asked for
 
 
-def test_unreachable_server_falls_back_to_offline(tmp_path, monkeypatch, caplog, no_stored_credentials):
+def test_unreachable_server_falls_back_to_offline(
+    tmp_path, monkeypatch, caplog, no_stored_credentials
+):
     monkeypatch.setenv("WANDB_API_KEY", DUMMY_KEY)
     monkeypatch.setenv("WANDB_BASE_URL", dead_url())
     run, ready = log_and_read(config(), tmp_path, caplog)
     assert ready < 30
-    assert "logging this run offline" in caplog.text and "cannot connect to 127.0.0.1" in caplog.text
+    assert (
+        "logging this run offline" in caplog.text and "cannot connect to 127.0.0.1" in caplog.text
+    )
     assert_everything_logged(run)
 
 
-def test_base_url_from_the_logger_config_is_probed(tmp_path, monkeypatch, caplog, no_stored_credentials):
+def test_base_url_from_the_logger_config_is_probed(
+    tmp_path, monkeypatch, caplog, no_stored_credentials
+):
     monkeypatch.setenv("WANDB_API_KEY", DUMMY_KEY)
     monkeypatch.delenv("WANDB_BASE_URL", raising=False)
     url = dead_url()
@@ -74,14 +97,18 @@ def test_base_url_from_the_logger_config_is_probed(tmp_path, monkeypatch, caplog
     assert_everything_logged(run)
 
 
-def test_missing_api_key_falls_back_without_prompting(tmp_path, monkeypatch, caplog, no_stored_credentials):
+def test_missing_api_key_falls_back_without_prompting(
+    tmp_path, monkeypatch, caplog, no_stored_credentials
+):
     monkeypatch.setenv("WANDB_BASE_URL", dead_url())
     run, ready = log_and_read(config(), tmp_path, caplog)
     assert ready < 30 and "no W&B API key" in caplog.text
     assert_everything_logged(run)
 
 
-def test_server_that_never_answers_times_out_into_offline(tmp_path, monkeypatch, caplog, no_stored_credentials):
+def test_server_that_never_answers_times_out_into_offline(
+    tmp_path, monkeypatch, caplog, no_stored_credentials
+):
     """TCP connects (the probe passes) but no HTTP answer: wandb.init's own timeout fires."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
@@ -121,6 +148,7 @@ def test_probe_goes_to_the_proxy_when_one_applies(monkeypatch, no_stored_credent
 
 def test_probe_gives_up_on_a_hanging_connect(monkeypatch):
     """Name resolution ignores socket timeouts; the probe must not wait on it."""
+
     def hang(*_a, **_k):
         time.sleep(3)
         raise OSError("too late")

@@ -32,17 +32,29 @@ from metaloss.wandb_offline import artifact_file, read_run
 
 BIN = Path(sys.executable).parent
 TRAIN = ["progress=false", "train.steps=5", "train.eval_every=5"]
-META = ["progress=false", "meta.steps=2", "meta.tasks_per_step=2", "meta.inner_steps=2", "model.hidden=[8]",
-        "loss.hidden=[8]", "meta.plot_every=1", "meta_test.seeds=2", "meta_test.steps=5",
-        "meta_test.tasks_per_seed=1"]
+META = [
+    "progress=false",
+    "meta.steps=2",
+    "meta.tasks_per_step=2",
+    "meta.inner_steps=2",
+    "model.hidden=[8]",
+    "loss.hidden=[8]",
+    "meta.plot_every=1",
+    "meta_test.seeds=2",
+    "meta_test.steps=5",
+    "meta_test.tasks_per_seed=1",
+]
 
 
 @pytest.fixture(autouse=True)
 def _wandb_dirs(tmp_path_factory, monkeypatch):
     """W&B's staging and cache directories (artifact copies) inside the test's tmp dir."""
     root = tmp_path_factory.mktemp("wandb-home")
-    for var, sub in (("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"),
-                     ("WANDB_ARTIFACT_DIR", "artifacts")):
+    for var, sub in (
+        ("WANDB_DATA_DIR", "data"),
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_ARTIFACT_DIR", "artifacts"),
+    ):
         monkeypatch.setenv(var, str(root / sub))
 
 
@@ -56,12 +68,18 @@ def test_default_group_from_hydra_overrides():
     base = ["task=outliers", "loss=mse", "logger=wandb", "progress=false", "logger.mode=offline"]
     assert group(base + ["seed=0"]) == "loss=mse,task=outliers"
     # seeds and replicate seeds never split a group; settings do; order does not matter
-    assert group(["seed=1", "task.seed=3", "hypergrad.seed=2", "seeds=4"] + base[::-1]) == "loss=mse,task=outliers"
+    assert (
+        group(["seed=1", "task.seed=3", "hypergrad.seed=2", "seeds=4"] + base[::-1])
+        == "loss=mse,task=outliers"
+    )
     assert group(base + ["loss=mae"]) != group(base)
     assert group(base + ["meta_test.seeds=3"]) != group(base)  # the protocol, not a replicate
     # an experiment names the group; the overrides on top of it follow
     assert group(["experiment=quickstart", "seed=2"], "quickstart") == "quickstart"
-    assert group(["+experiment=quickstart", "meta.steps=5", "threads=2"], "quickstart") == "quickstart,meta.steps=5"
+    assert (
+        group(["+experiment=quickstart", "meta.steps=5", "threads=2"], "quickstart")
+        == "quickstart,meta.steps=5"
+    )
     long = group([f"task.x{i}={'v' * 20}" for i in range(10)])
     assert len(long) <= 128 and long != group([f"task.x{i}={'v' * 20}" for i in range(9)])
 
@@ -72,7 +90,9 @@ def test_default_group_from_config_without_hydra(compose_cfg):
 
     g = group(["loss=mse", "seed=0"])
     assert g.startswith("mse-outliers-")
-    assert group(["loss=mse", "seed=1", "progress=false", "logger=none"]) == g  # seeds / logging: same group
+    assert (
+        group(["loss=mse", "seed=1", "progress=false", "logger=none"]) == g
+    )  # seeds / logging: same group
     assert group(["loss=mae", "seed=0"]) != g
     assert group(["loss=mse", "train.steps=7"]) != g
     # no Hydra runtime for an empty ({}, {}) either: still a name from the config
@@ -83,8 +103,14 @@ def test_train_run_records_group_job_type_and_explicit_group_wins(compose_cfg, t
     cfg = compose_cfg("train", TRAIN + ["task=outliers", "loss=mse", "model.hidden=[8]"])
     train_app.run(cfg, tmp_path / "a", "mse")
     run = read_run(tmp_path / "a" / "wandb")["run"]
-    assert run["job_type"] == "train" and run["group"] == default_group(cfg) and run["name"] == "mse-s0"
-    cfg = compose_cfg("train", TRAIN + ["task=outliers", "loss=mse", "model.hidden=[8]", "logger.group=mine"])
+    assert (
+        run["job_type"] == "train"
+        and run["group"] == default_group(cfg)
+        and run["name"] == "mse-s0"
+    )
+    cfg = compose_cfg(
+        "train", TRAIN + ["task=outliers", "loss=mse", "model.hidden=[8]", "logger.group=mine"]
+    )
     train_app.run(cfg, tmp_path / "b", "mse")
     assert read_run(tmp_path / "b" / "wandb")["run"]["group"] == "mine"
 
@@ -94,9 +120,24 @@ def test_multirun_seeds_share_a_group_and_settings_do_not(tmp_path):
     """The console script as a researcher runs it: `-m seed=0,1 loss=mse,mae`, four jobs."""
     sweep = tmp_path / "sweep"
     env = {**os.environ, "WANDB_SILENT": "true"}
-    proc = subprocess.run([BIN / "metaloss-train", "-m", "seed=0,1", "loss=mse,mae", "task=outliers",
-                           "model.hidden=[8]", *TRAIN, "logger=wandb", f"hydra.sweep.dir={sweep}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [
+            BIN / "metaloss-train",
+            "-m",
+            "seed=0,1",
+            "loss=mse,mae",
+            "task=outliers",
+            "model.hidden=[8]",
+            *TRAIN,
+            "logger=wandb",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     runs = {}
     for metrics in sweep.rglob("metrics.json"):
@@ -144,7 +185,9 @@ def test_meta_run_job_type_and_metric_axes(meta_run):
 def test_comparison_table_is_a_wandb_table_with_n_nan(meta_run):
     out, run = meta_run
     row = next(r for r in run["history"] if r.get("meta_test/table/_type") == "table-file")
-    table = json.loads(next((out / "wandb").glob(f"offline-run-*/files/{row['meta_test/table/path']}")).read_text())
+    table = json.loads(
+        next((out / "wandb").glob(f"offline-run-*/files/{row['meta_test/table/path']}")).read_text()
+    )
     assert table["columns"] == ["loss", "metric", "mean", "std", "n", "n_nan"]
     assert {r[0] for r in table["data"]} == {"learned", "mse", "mae", "huber"}
     assert all(r[4] == 2 and r[5] == 0 for r in table["data"])
@@ -166,15 +209,21 @@ def test_learned_loss_is_an_artifact_of_the_offline_run(meta_run):
 def test_last_good_loss_is_an_artifact_when_meta_training_diverges(compose_cfg, tmp_path):
     from metaloss.meta import NonFiniteMetaGradient
 
-    cfg = compose_cfg("meta", META + ["optim.lr=1e30", "meta.max_bad_steps=1", "meta_test.enabled=false"])
+    cfg = compose_cfg(
+        "meta", META + ["optim.lr=1e30", "meta.max_bad_steps=1", "meta_test.enabled=false"]
+    )
     with pytest.raises(NonFiniteMetaGradient):
         meta_app.run(cfg, tmp_path, "ml3")
     run = read_run(tmp_path / "wandb")
     (art,) = [a for a in run["artifacts"] if a["type"] == ARTIFACT_TYPE]
     assert art["name"] == "learned-loss-ml3-sine-last-good"  # never the finished loss's :latest
-    assert art["metadata"]["complete"] is False and art["metadata"]["stopped"].startswith("diverged")
+    assert art["metadata"]["complete"] is False and art["metadata"]["stopped"].startswith(
+        "diverged"
+    )
     assert "learned_loss_last_good.pt" in art["files"]
-    assert load_learned_loss(artifact_file(art, "learned_loss_last_good.pt")).meta["complete"] is False
+    assert (
+        load_learned_loss(artifact_file(art, "learned_loss_last_good.pt")).meta["complete"] is False
+    )
 
 
 # ------------------------------------------------------------------ artifact references
@@ -211,7 +260,9 @@ def _fake_api(monkeypatch, artifact: _FakeArtifact) -> list:
     return calls
 
 
-def test_artifact_reference_loads_through_the_safe_loader(meta_run, monkeypatch, compose_cfg, tmp_path):
+def test_artifact_reference_loads_through_the_safe_loader(
+    meta_run, monkeypatch, compose_cfg, tmp_path
+):
     out, run = meta_run
     (art,) = [a for a in run["artifacts"] if a["type"] == ARTIFACT_TYPE]
     ref = f"wandb-artifact://metaloss/{art['name']}:run-{run['run']['id']}"
@@ -222,8 +273,20 @@ def test_artifact_reference_loads_through_the_safe_loader(meta_run, monkeypatch,
     assert all(torch.equal(v, local.state_dict()[k]) for k, v in loss.state_dict().items())
     assert loss.meta["source"] == ref and loss.meta["complete"] is True
     # metaloss-train loss=learned loss.path=<reference>: the config's _target_ takes the same path
-    tcfg = compose_cfg("train", ["task=sine", "loss=learned", f"loss.path={ref}", "logger=none", "progress=false",
-                                 "train.steps=5", "optim=sgd", "optim.lr=0.001", "model.hidden=[8]"])
+    tcfg = compose_cfg(
+        "train",
+        [
+            "task=sine",
+            "loss=learned",
+            f"loss.path={ref}",
+            "logger=none",
+            "progress=false",
+            "train.steps=5",
+            "optim=sgd",
+            "optim.lr=0.001",
+            "model.hidden=[8]",
+        ],
+    )
     assert 0 < train_app.run(tcfg, tmp_path, "learned") < float("inf")
 
 
@@ -250,13 +313,33 @@ def test_artifact_reference_without_credentials_is_a_clear_error(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
-    env.update(HOME=str(home), WANDB_CONFIG_DIR=str(home / "wandb"), NETRC=str(home / "netrc"),
-               WANDB_DATA_DIR=str(home / "data"), WANDB_CACHE_DIR=str(home / "cache"), WANDB_SILENT="true")
-    proc = subprocess.run([BIN / "metaloss-eval", "loss_path=wandb-artifact://metaloss/learned-loss-ml3-sine:latest",
-                           "logger=none", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
+    env.update(
+        HOME=str(home),
+        WANDB_CONFIG_DIR=str(home / "wandb"),
+        NETRC=str(home / "netrc"),
+        WANDB_DATA_DIR=str(home / "data"),
+        WANDB_CACHE_DIR=str(home / "cache"),
+        WANDB_SILENT="true",
+    )
+    proc = subprocess.run(
+        [
+            BIN / "metaloss-eval",
+            "loss_path=wandb-artifact://metaloss/learned-loss-ml3-sine:latest",
+            "logger=none",
+            "progress=false",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode != 0
-    assert "cannot fetch W&B artifact 'metaloss/learned-loss-ml3-sine:latest'" in proc.stderr, proc.stderr[-3000:]
+    assert "cannot fetch W&B artifact 'metaloss/learned-loss-ml3-sine:latest'" in proc.stderr, (
+        proc.stderr[-3000:]
+    )
     assert "wandb sync" in proc.stderr and "ConfigError" not in proc.stderr
 
 

@@ -28,6 +28,8 @@ from metaloss.tasks.base import DRAW_STRIDE, TEST_TASK_SEEDS
 from metaloss.validate import ConfigError
 
 log = logging.getLogger("metaloss")
+
+
 def fresh_draws(cfg: DictConfig, task) -> bool:
     """Whether each meta-test seed draws its own data: always for a task family (sine);
     for a single data set when ``meta_test.fresh_draws`` (a new train/val split, noise draw
@@ -46,14 +48,16 @@ def tasks_for_seed_fn(cfg: DictConfig, pool: list):
     stride = 1 if pool[0].distribution else DRAW_STRIDE
     overrides = dict(cfg.meta_test.get("task_overrides") or {})  # e.g. a wider test distribution
     x = pool[0].x_train  # fresh test tasks go where the training tasks are
+
     def tasks(seed: int) -> list:
         with canonical_draws():  # the same test tasks in a float32 and a float64 run
-            drawn = [instantiate(cfg.task, **overrides, seed=TEST_TASK_SEEDS + stride * (seed * per + i))
-                     for i in range(per)]
+            drawn = [
+                instantiate(cfg.task, **overrides, seed=TEST_TASK_SEEDS + stride * (seed * per + i))
+                for i in range(per)
+            ]
         return [t.to(x.device, x.dtype) for t in drawn]
 
     return tasks
-
 
 
 def format_verdict(sig: dict) -> str:
@@ -63,22 +67,33 @@ def format_verdict(sig: dict) -> str:
     if not sig:
         return ""
     n = sig["n_seeds"]
-    ours = format_number(sig["learned_mean"]) + (f" ({sig['learned_n_nan']}/{n} NaN)" if sig["learned_n_nan"] else "")
+    ours = format_number(sig["learned_mean"]) + (
+        f" ({sig['learned_n_nan']}/{n} NaN)" if sig["learned_n_nan"] else ""
+    )
     best = sig["best_baseline"] or "none without NaN"
     level = f"{100 * sig['ci_level']:.0f}%"
     pairwise = sig.get("pairwise") or {}
-    head = (f"learned vs reference baseline ({best}), chosen on {sig.get('selected_on', sig['metric'])} before "
-            f"testing, on {sig['metric']}: {ours} vs {format_number(sig['best_baseline_mean'])}; "
-            f"paired difference {format_number(sig['difference'])} [{level} CI {format_number(sig['ci_low'])}, "
-            f"{format_number(sig['ci_high'])}], d_z = {format_number(sig['cohens_dz'], '.2f')}; "
-            f"paired t p = {format_number(sig['p_value'], '.3g')}, Holm-adjusted over {len(pairwise)} baseline(s) "
-            f"p = {format_number(sig.get('p_value_holm', math.nan), '.3g')}, Welch p = {format_number(sig['p_value_welch'], '.3g')} "
-            f"-> {sig['verdict']}" + ("" if sig["verdict"].startswith("undefined") else
-                                      " (paired t-test, Holm-adjusted, decides)"))
+    head = (
+        f"learned vs reference baseline ({best}), chosen on {sig.get('selected_on', sig['metric'])} before "
+        f"testing, on {sig['metric']}: {ours} vs {format_number(sig['best_baseline_mean'])}; "
+        f"paired difference {format_number(sig['difference'])} [{level} CI {format_number(sig['ci_low'])}, "
+        f"{format_number(sig['ci_high'])}], d_z = {format_number(sig['cohens_dz'], '.2f')}; "
+        f"paired t p = {format_number(sig['p_value'], '.3g')}, Holm-adjusted over {len(pairwise)} baseline(s) "
+        f"p = {format_number(sig.get('p_value_holm', math.nan), '.3g')}, Welch p = {format_number(sig['p_value_welch'], '.3g')} "
+        f"-> {sig['verdict']}"
+        + (
+            ""
+            if sig["verdict"].startswith("undefined")
+            else " (paired t-test, Holm-adjusted, decides)"
+        )
+    )
     if len(pairwise) < 2:
         return head
-    rows = [f"  vs {name}: difference {format_number(r['difference'])}, p = {format_number(r['p_value'], '.3g')}, Holm p = "
-            f"{format_number(r['p_value_holm'], '.3g')} -> {r['verdict']}" for name, r in pairwise.items()]
+    rows = [
+        f"  vs {name}: difference {format_number(r['difference'])}, p = {format_number(r['p_value'], '.3g')}, Holm p = "
+        f"{format_number(r['p_value_holm'], '.3g')} -> {r['verdict']}"
+        for name, r in pairwise.items()
+    ]
     return head + "\nevery baseline (paired t-test, Holm-adjusted):\n" + "\n".join(rows)
 
 
@@ -87,11 +102,15 @@ def _plottable(losses: dict[str, Callable], task) -> dict[str, Callable]:
     _, curves, _ = loss_curves(losses, task.kind, task.num_classes, class_counts=task.class_counts)
     keep = {n: losses[n] for n, y in curves.items() if bool(torch.isfinite(y).any())}
     for n in losses.keys() - keep.keys():
-        log.warning("meta-test: %s left out of learned_vs_baselines.png (no finite value to draw)", n)
+        log.warning(
+            "meta-test: %s left out of learned_vs_baselines.png (no finite value to draw)", n
+        )
     return keep
 
 
-def _baseline_settings(cfg: DictConfig, task, inner_opt, lr: float, n_tasks: int | None = None) -> dict[str, dict]:
+def _baseline_settings(
+    cfg: DictConfig, task, inner_opt, lr: float, n_tasks: int | None = None
+) -> dict[str, dict]:
     """Per `compare:` loss: the hyper-parameters and learning rate it is trained with, and
     where they come from. ``meta_test.tuned`` (a tuned.json of metaloss-tune): the tuned
     values (a loss tuned without its lr keeps the meta-test's ``lr``), refused unless the
@@ -101,21 +120,47 @@ def _baseline_settings(cfg: DictConfig, task, inner_opt, lr: float, n_tasks: int
 
     names = list(cfg.compare or DEFAULT_BASELINES[task.kind])
     options = {n: load_option("loss", n, cfg) for n in names}
-    config = {n: {k: v for k, v in cast(dict, OmegaConf.to_container(o, resolve=True)).items()
-                  if k not in ("_target_", "_partial_")} for n, o in options.items()}
+    config = {
+        n: {
+            k: v
+            for k, v in cast(dict, OmegaConf.to_container(o, resolve=True)).items()
+            if k not in ("_target_", "_partial_")
+        }
+        for n, o in options.items()
+    }
     path = cfg.meta_test.get("tuned")
     if path is None:
-        return {n: {"params": config[n], "lr": lr, "source": "config", "overrides": {}, "tuning_steps": None}
-                for n in names}
+        return {
+            n: {
+                "params": config[n],
+                "lr": lr,
+                "source": "config",
+                "overrides": {},
+                "tuning_steps": None,
+            }
+            for n in names
+        }
     record = load_tuned(path)
-    tuned = tuned_for(record, names, task=task.name, optim=inner_opt.name,
-                      targets={n: str(o.get("_target_")) for n, o in options.items()},
-                      setup=setup_record(cfg, n_tasks), test_seeds=int(cfg.meta_test.seeds),
-                      test_metric=str(cfg.meta_test.metric or task.primary_metric))
-    return {n: {"params": {**config[n], **e["params"]}, "lr": lr if e.get("lr") is None else float(e["lr"]),
-                "source": f"tuned ({record['path']})", "overrides": dict(e["params"]),
-                "tuning_steps": e.get("steps_used")}
-            for n, e in tuned.items()}
+    tuned = tuned_for(
+        record,
+        names,
+        task=task.name,
+        optim=inner_opt.name,
+        targets={n: str(o.get("_target_")) for n, o in options.items()},
+        setup=setup_record(cfg, n_tasks),
+        test_seeds=int(cfg.meta_test.seeds),
+        test_metric=str(cfg.meta_test.metric or task.primary_metric),
+    )
+    return {
+        n: {
+            "params": {**config[n], **e["params"]},
+            "lr": lr if e.get("lr") is None else float(e["lr"]),
+            "source": f"tuned ({record['path']})",
+            "overrides": dict(e["params"]),
+            "tuning_steps": e.get("steps_used"),
+        }
+        for n, e in tuned.items()
+    }
 
 
 def check_tuned(cfg: DictConfig, pool: list, inner_opt) -> None:
@@ -135,94 +180,196 @@ def protocol_record(cfg: DictConfig, task, settings: dict[str, dict], inner: int
     steps = int(cfg.meta_test.steps)
     untuned = sorted(n for n, s in settings.items() if s["source"] == "config")
     note = cfg.meta_test.get("horizon_note")
-    out = {"meta_training_horizon": inner, "meta_test_steps": steps,
-           "horizon_matched": None if inner is None else int(inner) == steps, "horizon_note": note,
-           "fresh_draws": fresh_draws(cfg, task), "untuned_baselines": untuned}
+    out = {
+        "meta_training_horizon": inner,
+        "meta_test_steps": steps,
+        "horizon_matched": None if inner is None else int(inner) == steps,
+        "horizon_note": note,
+        "fresh_draws": fresh_draws(cfg, task),
+        "untuned_baselines": untuned,
+    }
     if inner is not None and int(inner) != steps and note:
-        log.info("meta-test: meta-trained with %d inner steps, tested with %d, as declared: %s", int(inner), steps, note)
+        log.info(
+            "meta-test: meta-trained with %d inner steps, tested with %d, as declared: %s",
+            int(inner),
+            steps,
+            note,
+        )
     elif inner is not None and int(inner) != steps:
-        log.warning("meta-test: the loss was meta-trained with %d inner steps but every loss trains %d steps here "
-                    "(a mismatched horizon; set meta_test.steps=%d to match, or state why in meta_test.horizon_note)",
-                    int(inner), steps, int(inner))
+        log.warning(
+            "meta-test: the loss was meta-trained with %d inner steps but every loss trains %d steps here "
+            "(a mismatched horizon; set meta_test.steps=%d to match, or state why in meta_test.horizon_note)",
+            int(inner),
+            steps,
+            int(inner),
+        )
     if not out["fresh_draws"]:
-        log.warning("meta-test: every seed trains on the meta-training draw of %s (meta_test.fresh_draws=false): "
-                    "the seeds measure initialisation and batch order, not the task", task.name)
+        log.warning(
+            "meta-test: every seed trains on the meta-training draw of %s (meta_test.fresh_draws=false): "
+            "the seeds measure initialisation and batch order, not the task",
+            task.name,
+        )
     if untuned:
-        log.warning("meta-test: baselines at their config defaults, not tuned: %s (metaloss-tune, then "
-                    "meta_test.tuned=<tuned.json>)", ", ".join(untuned))
+        log.warning(
+            "meta-test: baselines at their config defaults, not tuned: %s (metaloss-tune, then "
+            "meta_test.tuned=<tuned.json>)",
+            ", ".join(untuned),
+        )
     return out
 
 
-def run_meta_test(cfg: DictConfig, learned, pool: list, inner_opt, out_dir: Path, logger,
-                  meta_training_steps: int | None = None, meta_horizon: int | None = None) -> dict:
+def run_meta_test(
+    cfg: DictConfig,
+    learned,
+    pool: list,
+    inner_opt,
+    out_dir: Path,
+    logger,
+    meta_training_steps: int | None = None,
+    meta_horizon: int | None = None,
+) -> dict:
     """``meta_training_steps``: what meta-training the learned loss cost (metaloss-meta knows it;
     metaloss-eval does not), recorded beside each tuned baseline's tuning compute."""
     task = pool[0]
     lr = cfg.meta_test.lr if cfg.meta_test.lr is not None else inner_opt.hparams["lr"]
     settings = _baseline_settings(cfg, task, inner_opt, lr, len(pool))
     if meta_training_steps is not None:
-        short = {n: s["tuning_steps"] for n, s in settings.items()
-                 if s["tuning_steps"] is not None and s["tuning_steps"] < meta_training_steps}
+        short = {
+            n: s["tuning_steps"]
+            for n, s in settings.items()
+            if s["tuning_steps"] is not None and s["tuning_steps"] < meta_training_steps
+        }
         if short:
-            log.warning("meta-test: baselines tuned with less compute than the learned loss's meta-training "
-                        "(%d inner steps): %s; for a matched budget tune with tune.budget_steps=meta",
-                        meta_training_steps, ", ".join(f"{n} {v}" for n, v in short.items()))
-    baselines = baselines_for(list(settings), task, cfg, {n: s["overrides"] for n, s in settings.items()})
+            log.warning(
+                "meta-test: baselines tuned with less compute than the learned loss's meta-training "
+                "(%d inner steps): %s; for a matched budget tune with tune.budget_steps=meta",
+                meta_training_steps,
+                ", ".join(f"{n} {v}" for n, v in short.items()),
+            )
+    baselines = baselines_for(
+        list(settings), task, cfg, {n: s["overrides"] for n, s in settings.items()}
+    )
     losses = {"learned": learned, **baselines}
     lrs = {"learned": lr, **{n: s["lr"] for n, s in settings.items()}}
     seeds = list(range(int(cfg.meta_test.seeds)))
     metric = cfg.meta_test.metric or task.primary_metric
     # refuse a wrong metric name before minutes of training, not after
     if metric not in train_result_names(task.kind):
-        raise ConfigError(f"meta_test.metric={metric!r} is not a metric of a {task.kind} task; "
-                         f"one of {train_result_names(task.kind)}")
+        raise ConfigError(
+            f"meta_test.metric={metric!r} is not a metric of a {task.kind} task; "
+            f"one of {train_result_names(task.kind)}"
+        )
     if not seeds:
         raise ConfigError(f"meta_test.seeds must be at least 1, got {cfg.meta_test.seeds}")
-    log.info("meta-test: %s on %d seeds, %d steps of %s(%s)", ", ".join(losses), len(seeds),
-             cfg.meta_test.steps, inner_opt.name,
-             f"lr={lr:g}" if len(set(lrs.values())) == 1 else ", ".join(f"{n} lr={v:g}" for n, v in lrs.items()))
+    log.info(
+        "meta-test: %s on %d seeds, %d steps of %s(%s)",
+        ", ".join(losses),
+        len(seeds),
+        cfg.meta_test.steps,
+        inner_opt.name,
+        f"lr={lr:g}"
+        if len(set(lrs.values())) == 1
+        else ", ".join(f"{n} lr={v:g}" for n, v in lrs.items()),
+    )
     # One optimizer per learning rate (tuned baselines may each have their own); without
     # meta_test.tuned every loss shares one, as before.
     tasks_for_seed = tasks_for_seed_fn(cfg, pool)
     results = {}
     for group_lr in dict.fromkeys(lrs.values()):
         group = {n: f for n, f in losses.items() if lrs[n] == group_lr}
-        make_optimizer = functools.partial(inner_opt.torch_equivalent.func, **{**inner_opt.hparams, "lr": group_lr})
+        make_optimizer = functools.partial(
+            inner_opt.torch_equivalent.func, **{**inner_opt.hparams, "lr": group_lr}
+        )
         # the functional twin of the same optimizer (equal to it, tested): all seeds x tasks in one vmap
-        functional = instantiate(cfg.optim, lr=group_lr) if cfg.meta_test.get("vectorise", True) else None
-        results.update(compare_losses(tasks_for_seed, instantiate(cfg.model), group, make_optimizer,
-                                      seeds=seeds, steps=int(cfg.meta_test.steps),
-                                      batch_size=cfg.meta_test.batch_size, progress=cfg.progress,
-                                      vectorised=functional))
+        functional = (
+            instantiate(cfg.optim, lr=group_lr) if cfg.meta_test.get("vectorise", True) else None
+        )
+        results.update(
+            compare_losses(
+                tasks_for_seed,
+                instantiate(cfg.model),
+                group,
+                make_optimizer,
+                seeds=seeds,
+                steps=int(cfg.meta_test.steps),
+                batch_size=cfg.meta_test.batch_size,
+                progress=cfg.progress,
+                vectorised=functional,
+            )
+        )
     results = {n: results[n] for n in losses}
-    hyperparameters = {"learned": {"params": None, "lr": lr, "source": "learned",
-                                   "meta_training_steps": meta_training_steps},
-                       **{n: {k: s[k] for k in ("params", "lr", "source", "tuning_steps")}
-                          for n, s in settings.items()}}
+    hyperparameters = {
+        "learned": {
+            "params": None,
+            "lr": lr,
+            "source": "learned",
+            "meta_training_steps": meta_training_steps,
+        },
+        **{
+            n: {k: s[k] for k in ("params", "lr", "source", "tuning_steps")}
+            for n, s in settings.items()
+        },
+    }
     sig = significance(results, metric, alpha=float(cfg.meta_test.alpha))
     protocol = protocol_record(cfg, task, settings, meta_horizon)
     summary = summarize(results)
     table = format_table(summary)
     verdict = format_verdict(sig)
     # The record first: nothing below (plots, logging) may cost the numbers.
-    write_json(out_dir / "comparison.json", ({
-        "task": task.name, "metric": metric, "seeds": seeds, "results": results, "significance": sig,
-        "hyperparameters": hyperparameters, "protocol": protocol,
-        "null_means": "NaN: the loss diverged on that seed, or the statistic is undefined"}))
+    write_json(
+        out_dir / "comparison.json",
+        (
+            {
+                "task": task.name,
+                "metric": metric,
+                "seeds": seeds,
+                "results": results,
+                "significance": sig,
+                "hyperparameters": hyperparameters,
+                "protocol": protocol,
+                "null_means": "NaN: the loss diverged on that seed, or the statistic is undefined",
+            }
+        ),
+    )
     (out_dir / "comparison.md").write_text(f"{table}\n\n{verdict}\n")
     print(f"\n{table}\n\n{verdict}\n", flush=True)
     plot(summary, out_dir / "comparison.png")
     drawable = _plottable(losses, task)
     if drawable:
-        plot_losses(drawable, task.kind, out_dir / "learned_vs_baselines.png", num_classes=task.num_classes,
-                    class_counts=task.class_counts, title=f"learned loss vs baselines ({task.name})")
+        plot_losses(
+            drawable,
+            task.kind,
+            out_dir / "learned_vs_baselines.png",
+            num_classes=task.num_classes,
+            class_counts=task.class_counts,
+            title=f"learned loss vs baselines ({task.name})",
+        )
     logger.image("meta_test/comparison", out_dir / "comparison.png")
-    rows = [[name, k, s["mean"], s["std"], s["n"], s["n_nan"]] for name, m in summary.items()
-            for k, s in m.items()]
+    rows = [
+        [name, k, s["mean"], s["std"], s["n"], s["n_nan"]]
+        for name, m in summary.items()
+        for k, s in m.items()
+    ]
     logger.table("meta_test/table", ["loss", "metric", "mean", "std", "n", "n_nan"], rows)
-    logger.summary({f"meta_test/{name}/{k}": s["mean"] for name, m in summary.items() for k, s in m.items()})
+    logger.summary(
+        {f"meta_test/{name}/{k}": s["mean"] for name, m in summary.items() for k, s in m.items()}
+    )
     if sig:
-        logger.summary({f"meta_test/{k}": sig[k] for k in ("p_value", "p_value_holm", "p_value_welch", "difference",
-                                                            "ci_low", "ci_high", "cohens_dz", "verdict",
-                                                            "best_baseline", "selected_on")})
+        logger.summary(
+            {
+                f"meta_test/{k}": sig[k]
+                for k in (
+                    "p_value",
+                    "p_value_holm",
+                    "p_value_welch",
+                    "difference",
+                    "ci_low",
+                    "ci_high",
+                    "cohens_dz",
+                    "verdict",
+                    "best_baseline",
+                    "selected_on",
+                )
+            }
+        )
     return {"results": results, "significance": sig}

@@ -36,8 +36,11 @@ def run(cfg: DictConfig, out_dir: Path, given: set[str] | None = None) -> dict:
     own settings of them (``optim.lr=...``) applied over the file's
     (:func:`metaloss.config.setup_from_file`). None: all of them are taken from ``cfg``."""
     check_config(cfg)
-    learned = load_learned_loss(cfg.loss_path, trusted_modules=list(cfg.trusted_modules),
-                                allow_other_task=bool(cfg.allow_other_task))
+    learned = load_learned_loss(
+        cfg.loss_path,
+        trusted_modules=list(cfg.trusted_modules),
+        allow_other_task=bool(cfg.allow_other_task),
+    )
     if given is not None:
         from_file = setup_from_file(cfg, getattr(learned, "meta", {}), given, str(cfg.loss_path))
         if from_file is not cfg:
@@ -55,14 +58,18 @@ def given_keys(overrides: list[str]) -> set[str]:
     return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
 
 
-def _run(cfg: DictConfig, run_dir: RunDir, learned, device: torch.device, dtype: torch.dtype) -> dict:
+def _run(
+    cfg: DictConfig, run_dir: RunDir, learned, device: torch.device, dtype: torch.dtype
+) -> dict:
     out_dir = run_dir.path
     torch.manual_seed(cfg.seed)
     learned = learned.to(device, dtype)
     pool = [t.to(device, dtype) for t in task_pool(cfg)]
     check_loss(learned, pool[0], f"learned ({cfg.loss_path})", cfg)
     check_against_task(cfg, pool[0])
-    check_tuned(cfg, pool, instantiate(cfg.optim))  # a tuned.json for another setup: refused before training
+    check_tuned(
+        cfg, pool, instantiate(cfg.optim)
+    )  # a tuned.json for another setup: refused before training
     run_dir.record(hydra_record(cfg))
     with open_logger(cfg, out_dir, job_type="eval", name=f"eval-{pool[0].name}") as logger:
         return run_meta_test(cfg, learned, pool, instantiate(cfg.optim), out_dir, logger)

@@ -43,8 +43,16 @@ FALLBACK_TAG = "offline-fallback"
 _LOCAL_MODES = frozenset({"offline", "dryrun", "disabled"})  # modes that need no server
 GROUP_MAXLEN = 128  # W&B's limit for group (and artifact) names
 # Overrides that do not change what a run computes: never part of a group name.
-_NOT_SETTINGS = ("logger", "progress", "hydra", "threads", "trusted_modules", "meta.resume_from",
-                 "meta.checkpoint_every", "meta.plot_every")
+_NOT_SETTINGS = (
+    "logger",
+    "progress",
+    "hydra",
+    "threads",
+    "trusted_modules",
+    "meta.resume_from",
+    "meta.checkpoint_every",
+    "meta.plot_every",
+)
 # Seed-like keys: replicates of one setting (seed, seeds=N, task.seed, task.data_seed, hypergrad.seed),
 # but not meta_test.seeds (how many seeds the meta-test uses is part of the protocol).
 _SEED_KEY = re.compile(r"(?:^seeds|(?:^|[._])seed)\Z")
@@ -108,25 +116,40 @@ class WandbLogger(NullLogger):
 
         path = Path(path)
         complete = bool(meta.get("complete", True))
-        name = _slug(f"learned-loss-{meta.get('loss_name') or 'loss'}-{meta.get('task') or 'task'}"
-                     + ("" if complete else "-last-good"))
+        name = _slug(
+            f"learned-loss-{meta.get('loss_name') or 'loss'}-{meta.get('task') or 'task'}"
+            + ("" if complete else "-last-good")
+        )
         alias = f"run-{self.run.id}"  # exactly this run's file, whatever version W&B gives it
         try:
-            art = wandb.Artifact(name, type=LOSS_ARTIFACT_TYPE, metadata=json.loads(json.dumps(meta, default=str)))
+            art = wandb.Artifact(
+                name, type=LOSS_ARTIFACT_TYPE, metadata=json.loads(json.dumps(meta, default=str))
+            )
             art.add_file(str(path), name=path.name)
             png = path.parent / "learned_loss.png"
             if png.is_file():
                 art.add_file(str(png), name=png.name)
-            self.run.log_artifact(art, aliases=["latest", alias])  # the last good φ has its own name
+            self.run.log_artifact(
+                art, aliases=["latest", alias]
+            )  # the last good φ has its own name
         except Exception as e:
-            log.warning("could not log %s as a W&B artifact (%s: %s); the file itself is saved", path,
-                        type(e).__name__, e)
+            log.warning(
+                "could not log %s as a W&B artifact (%s: %s); the file itself is saved",
+                path,
+                type(e).__name__,
+                e,
+            )
             return None
         entity = f"{self.run.entity}/" if getattr(self.run, "entity", "") else ""
         ref = f"wandb-artifact://{entity}{self.run.project}/{name}:{alias}"
-        log.info("%s logged as W&B artifact %s (%s)", path.name, ref,
-                 "upload it with `wandb sync` to use it elsewhere" if getattr(self.run, "offline", True)
-                 else "usable as loss_path")
+        log.info(
+            "%s logged as W&B artifact %s (%s)",
+            path.name,
+            ref,
+            "upload it with `wandb sync` to use it elsewhere"
+            if getattr(self.run, "offline", True)
+            else "usable as loss_path",
+        )
         return ref
 
 
@@ -137,16 +160,20 @@ def open_logger(cfg: DictConfig, out_dir: Path, *, job_type: str, name: str | No
     if lcfg.get("kind", "none") == "none":
         yield NullLogger()
         return
-    run = _init_wandb(lcfg, out_dir, dict(
-        project=_setting(lcfg, "project"),
-        entity=_setting(lcfg, "entity"),
-        group=lcfg.get("group") or default_group(cfg, _hydra_runtime(out_dir)),
-        tags=list(lcfg.get("tags") or []),
-        dir=str(wandb_root(lcfg, out_dir)),
-        name=name,
-        job_type=job_type,
-        config=OmegaConf.to_container(cfg, resolve=True),
-    ))
+    run = _init_wandb(
+        lcfg,
+        out_dir,
+        dict(
+            project=_setting(lcfg, "project"),
+            entity=_setting(lcfg, "entity"),
+            group=lcfg.get("group") or default_group(cfg, _hydra_runtime(out_dir)),
+            tags=list(lcfg.get("tags") or []),
+            dir=str(wandb_root(lcfg, out_dir)),
+            name=name,
+            job_type=job_type,
+            config=OmegaConf.to_container(cfg, resolve=True),
+        ),
+    )
     exit_code = 0
     try:
         _define_metrics(run)
@@ -178,15 +205,21 @@ def default_group(cfg: DictConfig, hydra: tuple[list[str], dict[str, Any]] | Non
     if hydra is not None:
         overrides, choices = hydra
         experiment = choices.get("experiment")
-        kept = sorted(o for o in overrides if _is_setting(_override_key(o)) and _override_key(o) != "experiment")
+        kept = sorted(
+            o
+            for o in overrides
+            if _is_setting(_override_key(o)) and _override_key(o) != "experiment"
+        )
         parts = ([str(experiment)] if experiment else []) + kept
         if parts:
             return _fit(",".join(parts))
     from metaloss.runs import fingerprint, identity
 
     ident = {k: v for k, v in identity(cfg, ignore=_NOT_SETTINGS).items() if _is_setting(k)}
+
     def short(node: str) -> str:
         return str((cfg.get(node) or {}).get("_target_", node)).rsplit(".", 1)[-1]
+
     return _fit(f"{short('loss')}-{short('task')}-{fingerprint(ident)[:8]}")
 
 
@@ -195,15 +228,16 @@ def _override_key(override: str) -> str:
 
 
 def _is_setting(key: str) -> bool:
-    return not _SEED_KEY.search(key) and not any(key == p or key.startswith(p + ".") or key.startswith(p + "/")
-                                                 for p in _NOT_SETTINGS)
+    return not _SEED_KEY.search(key) and not any(
+        key == p or key.startswith(p + ".") or key.startswith(p + "/") for p in _NOT_SETTINGS
+    )
 
 
 def _fit(name: str, limit: int = GROUP_MAXLEN) -> str:
     """``name``, or a prefix of it plus a hash of the whole when it is too long for W&B."""
     if len(name) <= limit:
         return name
-    return f"{name[:limit - 9]}~{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return f"{name[: limit - 9]}~{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def _slug(name: str) -> str:
@@ -241,16 +275,25 @@ def _init_wandb(lcfg, out_dir: Path, init_args: dict):
         # Pass the URL we probed: W&B reads WANDB_BASE_URL only once per process.
         url = {"base_url": base_url} if explicit else {}
         try:
-            return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=timeout, **url, **quiet),
-                              **init_args)
+            return wandb.init(
+                mode=mode,
+                settings=wandb.Settings(init_timeout=timeout, **url, **quiet),
+                **init_args,
+            )
         except Exception as e:  # CommError on timeout, AuthenticationError, UsageError, ...
             first_line = (str(e).strip().splitlines() or [""])[0]
             reason = f"wandb.init failed: {type(e).__name__}: {first_line}"
-    log.warning("W&B %s mode is unavailable (%s); logging this run offline instead. "
-                "Upload it later with `wandb sync %s/wandb/offline-run-*`.",
-                mode, reason, init_args.get("dir", out_dir))
+    log.warning(
+        "W&B %s mode is unavailable (%s); logging this run offline instead. "
+        "Upload it later with `wandb sync %s/wandb/offline-run-*`.",
+        mode,
+        reason,
+        init_args.get("dir", out_dir),
+    )
     tags = [*init_args["tags"], FALLBACK_TAG]
-    return wandb.init(mode="offline", settings=wandb.Settings(**quiet), **{**init_args, "tags": tags})
+    return wandb.init(
+        mode="offline", settings=wandb.Settings(**quiet), **{**init_args, "tags": tags}
+    )
 
 
 # W&B's own environment variables for the settings of conf/logger/wandb.yaml, and metaloss's
@@ -258,8 +301,12 @@ def _init_wandb(lcfg, out_dir: Path, init_args: dict):
 # The YAML reads them with ${oc.env:...}; _setting applies the same precedence to a logger
 # config that lacks the key (one composed in code, or a user's own logger YAML):
 #   explicit config value  >  environment variable  >  default.
-ENV_SETTINGS = {"mode": ("WANDB_MODE", "offline"), "project": ("WANDB_PROJECT", "metaloss"),
-                "entity": ("WANDB_ENTITY", None), "dir": ("WANDB_DIR", None)}
+ENV_SETTINGS = {
+    "mode": ("WANDB_MODE", "offline"),
+    "project": ("WANDB_PROJECT", "metaloss"),
+    "entity": ("WANDB_ENTITY", None),
+    "dir": ("WANDB_DIR", None),
+}
 
 
 def _setting(lcfg, key: str) -> Any:
@@ -281,7 +328,10 @@ def wandb_root(lcfg, out_dir: Path) -> Path:
     return root
 
 
-_MODE_ALIASES = {"dryrun": "offline", "run": "online"}  # what W&B itself takes them for (WANDB_MODE)
+_MODE_ALIASES = {
+    "dryrun": "offline",
+    "run": "online",
+}  # what W&B itself takes them for (WANDB_MODE)
 
 
 def _mode(lcfg) -> str:
@@ -343,7 +393,8 @@ def _has_credentials(base_url: str) -> bool:
 
 def _netrc_password(machine: str) -> str | None:
     path = os.environ.get("NETRC") or next(
-        (p for p in ("~/.netrc", "~/_netrc") if Path(p).expanduser().exists()), None)
+        (p for p in ("~/.netrc", "~/_netrc") if Path(p).expanduser().exists()), None
+    )
     if not path or not machine:
         return None
     try:

@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="metaloss-report", description=__doc__.splitlines()[0])
     ap.add_argument("directory", type=Path, help="a Hydra multirun directory or any run directory")
     ap.add_argument("--split", default="test", help="metric namespace to tabulate (test, val)")
-    ap.add_argument("--out", type=Path, default=None, help="where to write (default: the directory)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="where to write (default: the directory)"
+    )
     args = ap.parse_args(argv)
     try:
         summary = summarize(collect(args.directory), prefix=f"{args.split}/")
@@ -30,8 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(summary)
     print(table)
     (out / "report.md").write_text(table + "\n")
-    (out / "report.json").write_text(json.dumps(jsonable(summary), indent=2))  # strict JSON: NaN as null
-    print(f"\nsaved {out / 'report.md'}, {out / 'report.json'}, {plot(summary, out / 'report.png')}")
+    (out / "report.json").write_text(
+        json.dumps(jsonable(summary), indent=2)
+    )  # strict JSON: NaN as null
+    print(
+        f"\nsaved {out / 'report.md'}, {out / 'report.json'}, {plot(summary, out / 'report.png')}"
+    )
     return 0
 
 

@@ -34,8 +34,14 @@ from contextlib import contextmanager
 
 _HANDLED = (signal.SIGTERM, signal.SIGINT)
 _LAUNCHER_ENV = "METALOSS_LAUNCHER_PID"  # set by console(), inherited by a local sweep's jobs
-_state: dict = {"depth": 0, "pending": None, "active": False, "checkpoint": False, "stopping": False,
-               "raised_at": float("-inf")}
+_state: dict = {
+    "depth": 0,
+    "pending": None,
+    "active": False,
+    "checkpoint": False,
+    "stopping": False,
+    "raised_at": float("-inf"),
+}
 log = logging.getLogger("metaloss")
 
 
@@ -60,7 +66,9 @@ class Interrupted(KeyboardInterrupt):
 def _handler(signum, _frame) -> None:
     if signum == signal.SIGTERM and in_submitit_job():
         _state["checkpoint"] = True  # submitit requeues on the SIGUSR2 that follows
-        log.warning("SIGTERM in a submitit job: checkpointing at the next step, then waiting for requeue")
+        log.warning(
+            "SIGTERM in a submitit job: checkpointing at the next step, then waiting for requeue"
+        )
         return
     now = time.monotonic()
     if now - float(_state["raised_at"]) < _ECHO_S:
@@ -343,8 +351,11 @@ def stop_jobs(timeout: float | None = None) -> list[int]:
                     pass
         # done when no job and no submitit controller is left (resource trackers end with us)
         waiting = [p for p in targets if _alive(p, procs)]
-        waiting += [p for p in _descendants(os.getpid(), procs)
-                    if _alive(p, procs) and _SUBMITIT_CONTROLLER in _cmdline(p)]
+        waiting += [
+            p
+            for p in _descendants(os.getpid(), procs)
+            if _alive(p, procs) and _SUBMITIT_CONTROLLER in _cmdline(p)
+        ]
         if not waiting:  # every job saved its work: the workers waiting to be let go are ended
             for pid in targets:
                 if pid in procs and _process_name(pid) == _DONE_NAME:
@@ -358,7 +369,9 @@ def stop_jobs(timeout: float | None = None) -> list[int]:
         time.sleep(0.05)
 
 
-def _kill_trees(roots: list[int], procs: dict[int, tuple[int, str]], why: str | None = None) -> list[int]:
+def _kill_trees(
+    roots: list[int], procs: dict[int, tuple[int, str]], why: str | None = None
+) -> list[int]:
     killed = []
     for root in roots:
         for pid in [root, *_descendants(root, procs)]:
@@ -368,9 +381,15 @@ def _kill_trees(roots: list[int], procs: dict[int, tuple[int, str]], why: str | 
             except OSError:
                 pass
     if killed:
-        why = why or (f"they did not stop within {_stop_timeout():g} s of the signal ({STOP_TIMEOUT_ENV}=<seconds> "
-                      "waits longer)")
-        log.error("killed %d job process(es): %s; they keep their last periodic checkpoint", len(killed), why)
+        why = why or (
+            f"they did not stop within {_stop_timeout():g} s of the signal ({STOP_TIMEOUT_ENV}=<seconds> "
+            "waits longer)"
+        )
+        log.error(
+            "killed %d job process(es): %s; they keep their last periodic checkpoint",
+            len(killed),
+            why,
+        )
     return killed
 
 
@@ -380,13 +399,22 @@ def _stop_handler(signum, _frame) -> None:
     A second SIGINT/SIGTERM while waiting kills the jobs at once."""
     if _state["stopping"]:
         procs = _processes()
-        _kill_trees([p for p in _descendants(os.getpid(), procs) if p in _job_targets(procs)
-                     or _SUBMITIT_CONTROLLER in _cmdline(p)], procs, f"{signal.Signals(signum).name} again")
+        _kill_trees(
+            [
+                p
+                for p in _descendants(os.getpid(), procs)
+                if p in _job_targets(procs) or _SUBMITIT_CONTROLLER in _cmdline(p)
+            ],
+            procs,
+            f"{signal.Signals(signum).name} again",
+        )
         raise Interrupted(signum)
     _state["stopping"] = True
     if _job_targets(_processes()):
-        log.warning("received %s: stopping the jobs (each saves its checkpoint); a second Ctrl-C kills them",
-                    signal.Signals(signum).name)
+        log.warning(
+            "received %s: stopping the jobs (each saves its checkpoint); a second Ctrl-C kills them",
+            signal.Signals(signum).name,
+        )
     stop_jobs()
     raise Interrupted(signum)
 
@@ -409,12 +437,21 @@ FAILURE_STATUS = 1  # a diagnosed failure of the run (divergence), or a bug (wit
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"  # =1: tracebacks for every error, as in any Hydra app
 # Refused settings and files, wherever they are defined: "module:Class" (imported lazily,
 # only when an exception is being reported).
-_USER_ERRORS = ("metaloss.errors:ConfigError", "metaloss.tune:TunedFileError", "metaloss.runs:ResumeMismatch",
-                "metaloss.runs:RunDirConflict", "metaloss.cli.meta:CorruptCheckpoint",
-                "metaloss.losses.io:CorruptLossFile", "metaloss.losses.io:LossArtifactUnavailable",
-                "metaloss.config:UnknownOption", "metaloss.config:LossDoesNotFitTask",
-                "metaloss.config:LearnedLossOtherTask", "metaloss.losses.base:LossContractError",
-                "metaloss.report:UnreadableResult", "hydra.errors:CompactHydraException")
+_USER_ERRORS = (
+    "metaloss.errors:ConfigError",
+    "metaloss.tune:TunedFileError",
+    "metaloss.runs:ResumeMismatch",
+    "metaloss.runs:RunDirConflict",
+    "metaloss.cli.meta:CorruptCheckpoint",
+    "metaloss.losses.io:CorruptLossFile",
+    "metaloss.losses.io:LossArtifactUnavailable",
+    "metaloss.config:UnknownOption",
+    "metaloss.config:LossDoesNotFitTask",
+    "metaloss.config:LearnedLossOtherTask",
+    "metaloss.losses.base:LossContractError",
+    "metaloss.report:UnreadableResult",
+    "hydra.errors:CompactHydraException",
+)
 # Failures the run diagnosed itself (the message says what to change): no traceback either.
 _DIAGNOSED = ("metaloss.meta:NonFiniteMetaGradient", "metaloss.train:NonFiniteLoss")
 
@@ -444,14 +481,18 @@ def error_message(exc: BaseException) -> str:
     cause = exc.__cause__
     from omegaconf.errors import OmegaConfBaseException
 
-    if isinstance(cause, OmegaConfBaseException) and str(cause).strip():  # Hydra's composition errors
+    if (
+        isinstance(cause, OmegaConfBaseException) and str(cause).strip()
+    ):  # Hydra's composition errors
         text += "\n" + str(cause).strip()
     return text
 
 
 def _report(exc: BaseException) -> None:
     prog = os.path.basename(sys.argv[0]) or "metaloss"
-    sys.stderr.write(f"{prog}: error: {error_message(exc)}\n(set {FULL_ERROR_ENV}=1 for the traceback)\n")
+    sys.stderr.write(
+        f"{prog}: error: {error_message(exc)}\n(set {FULL_ERROR_ENV}=1 for the traceback)\n"
+    )
     sys.stderr.flush()
 
 
@@ -477,7 +518,9 @@ def console(hydra_main) -> None:
 
             deaf_local_controllers()
     _state["full"] = os.environ.get(FULL_ERROR_ENV) == "1"
-    os.environ[FULL_ERROR_ENV] = "1"  # Hydra re-raises errors instead of printing them: reported here
+    os.environ[FULL_ERROR_ENV] = (
+        "1"  # Hydra re-raises errors instead of printing them: reported here
+    )
     try:
         with exit_on_interrupt():
             hydra_main()

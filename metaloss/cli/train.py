@@ -1,7 +1,7 @@
 """`metaloss-train`: train one model with one loss on one task, evaluate on the test split.
 
-    metaloss-train task=mnist1d model=cnn1d loss=focal optim=adam seed=3
-    metaloss-train -m loss=mse,mae,huber seed=0,1,2,3,4 task=outliers
+metaloss-train task=mnist1d model=cnn1d loss=focal optim=adam seed=3
+metaloss-train -m loss=mse,mae,huber seed=0,1,2,3,4 task=outliers
 """
 
 from __future__ import annotations
@@ -28,7 +28,13 @@ from metaloss.validate import check_against_task, check_config
 log = logging.getLogger("metaloss")
 
 
-LOCAL_KEYS = ("progress", "logger", "hydra", "trusted_modules", "threads")  # do not change the result
+LOCAL_KEYS = (
+    "progress",
+    "logger",
+    "hydra",
+    "trusted_modules",
+    "threads",
+)  # do not change the result
 
 
 def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> float:
@@ -40,8 +46,13 @@ def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> float:
         return _run(cfg, run_dir, loss_name, device, dtype)
 
 
-def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, device: torch.device,
-         dtype: torch.dtype) -> float:
+def _run(
+    cfg: DictConfig,
+    run_dir: RunDir,
+    loss_name: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> float:
     out_dir = run_dir.path
     torch.manual_seed(cfg.seed)
     with runtime.canonical_draws():  # the same data in a float32 and a float64 run
@@ -49,7 +60,9 @@ def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, device: torch.
     task = task.to(device, dtype)
     check_against_task(cfg, task)
     metric = cfg.metric or task.primary_metric
-    if cfg.get("loss") is None:  # no loss chosen: the task kind's default, like metrics and objectives
+    if (
+        cfg.get("loss") is None
+    ):  # no loss chosen: the task kind's default, like metrics and objectives
         loss_name = DEFAULT_LOSS[task.kind]
         loss = loss_option(loss_name, task, cfg)
     else:
@@ -57,28 +70,57 @@ def _run(cfg: DictConfig, run_dir: RunDir, loss_name: str | None, device: torch.
             loss = instantiate_loss(cfg.loss, task)
     if isinstance(loss, torch.nn.Module):
         loss = loss.to(device=device, dtype=dtype)
-    check_loss(loss, task, loss_name, cfg)  # fits the task kind (and its trained task); one value per example
+    check_loss(
+        loss, task, loss_name, cfg
+    )  # fits the task kind (and its trained task); one value per example
     if int(cfg.seeds) > 1:
         return _run_seeds(cfg, run_dir, task, loss, loss_name, metric)
     model = build_model(instantiate(cfg.model), task, cfg.seed)
-    make_optimizer = instantiate(cfg.optim).torch_equivalent  # the torch.optim twin of the functional one
+    make_optimizer = instantiate(
+        cfg.optim
+    ).torch_equivalent  # the torch.optim twin of the functional one
     run_dir.record(hydra_record(cfg))
-    log.info("task %s | loss %s | model %d params", task.describe(), loss_name,
-             sum(p.numel() for p in model.parameters()))
+    log.info(
+        "task %s | loss %s | model %d params",
+        task.describe(),
+        loss_name,
+        sum(p.numel() for p in model.parameters()),
+    )
     with open_logger(cfg, out_dir, job_type="train", name=f"{loss_name}-s{cfg.seed}") as logger:
-        metrics = train_model(task, model, loss, make_optimizer, steps=cfg.train.steps,
-                              batch_size=cfg.train.batch_size, seed=cfg.seed,
-                              eval_every=cfg.train.eval_every, log=logger.log,
-                              progress=cfg.progress, desc=f"{loss_name} seed {cfg.seed}")
+        metrics = train_model(
+            task,
+            model,
+            loss,
+            make_optimizer,
+            steps=cfg.train.steps,
+            batch_size=cfg.train.batch_size,
+            seed=cfg.seed,
+            eval_every=cfg.train.eval_every,
+            log=logger.log,
+            progress=cfg.progress,
+            desc=f"{loss_name} seed {cfg.seed}",
+        )
         logger.log(metrics, step=cfg.train.steps)
         logger.summary(metrics)
-    write_json(out_dir / "metrics.json", ({"loss": loss_name, "task": task.name, "seed": cfg.seed,
-                                                   "metric": metric, "metrics": metrics}))
+    write_json(
+        out_dir / "metrics.json",
+        (
+            {
+                "loss": loss_name,
+                "task": task.name,
+                "seed": cfg.seed,
+                "metric": metric,
+                "metrics": metrics,
+            }
+        ),
+    )
     log.info("%s", "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
     return float(metrics[metric])
 
 
-def _run_seeds(cfg: DictConfig, run_dir: RunDir, task, loss, loss_name: str | None, metric: str) -> float:
+def _run_seeds(
+    cfg: DictConfig, run_dir: RunDir, task, loss, loss_name: str | None, metric: str
+) -> float:
     """``seeds=N``: seeds ``seed .. seed+N-1`` trained as one ``vmap`` in this process, with the
     functional optimizer of ``optim`` (equal to its torch.optim twin, tested); one metrics.json entry per seed, each
     the result a single run with that seed gives. A diverged seed is written as null, then the
@@ -87,23 +129,51 @@ def _run_seeds(cfg: DictConfig, run_dir: RunDir, task, loss, loss_name: str | No
     seeds = [int(cfg.seed) + i for i in range(int(cfg.seeds))]
     run_dir.record(hydra_record(cfg))
     log.info("task %s | loss %s | seeds %s as one vmap", task.describe(), loss_name, seeds)
-    results = train_many([task] * len(seeds), seeds, instantiate(cfg.model), loss, functional,
-                         steps=cfg.train.steps, batch_size=cfg.train.batch_size)
+    results = train_many(
+        [task] * len(seeds),
+        seeds,
+        instantiate(cfg.model),
+        loss,
+        functional,
+        steps=cfg.train.steps,
+        batch_size=cfg.train.batch_size,
+    )
     keys = train_result_names(task.kind)
-    runs = [{"seed": s, "metrics": m if m is not None else dict.fromkeys(keys, float("nan"))}
-            for s, m in zip(seeds, results)]
-    with open_logger(cfg, run_dir.path, job_type="train", name=f"{loss_name}-s{seeds[0]}x{len(seeds)}") as logger:
+    runs = [
+        {"seed": s, "metrics": m if m is not None else dict.fromkeys(keys, float("nan"))}
+        for s, m in zip(seeds, results)
+    ]
+    with open_logger(
+        cfg, run_dir.path, job_type="train", name=f"{loss_name}-s{seeds[0]}x{len(seeds)}"
+    ) as logger:
         for r in runs:
             logger.summary({f"seed{r['seed']}/{k}": v for k, v in r["metrics"].items()})
     values = [r["metrics"][metric] for r in runs]
-    write_json(run_dir.path / "metrics.json", ({"loss": loss_name, "task": task.name, "seed": seeds[0],
-                                                        "seeds": seeds, "metric": metric, "runs": runs}))
+    write_json(
+        run_dir.path / "metrics.json",
+        (
+            {
+                "loss": loss_name,
+                "task": task.name,
+                "seed": seeds[0],
+                "seeds": seeds,
+                "metric": metric,
+                "runs": runs,
+            }
+        ),
+    )
     for r in runs:
-        log.info("seed %d: %s", r["seed"], "  ".join(f"{k}={v:.4f}" for k, v in sorted(r["metrics"].items())))
+        log.info(
+            "seed %d: %s",
+            r["seed"],
+            "  ".join(f"{k}={v:.4f}" for k, v in sorted(r["metrics"].items())),
+        )
     diverged = [s for s, m in zip(seeds, results) if m is None]
     if diverged:
-        raise NonFiniteLoss(f"training diverged (NaN/inf loss) for seed(s) {diverged}; their metrics are null in "
-                            f"{run_dir.path / 'metrics.json'}")
+        raise NonFiniteLoss(
+            f"training diverged (NaN/inf loss) for seed(s) {diverged}; their metrics are null in "
+            f"{run_dir.path / 'metrics.json'}"
+        )
     return float(sum(values) / len(values))
 
 

@@ -75,7 +75,9 @@ def tune_metric(cfg: DictConfig, task) -> str:
 
 def _learned_cost(cfg: DictConfig, task) -> int:
     """The learned loss's meta-training cost (CMA-ES's λ needs φ's size: the loss is built to count it)."""
-    return learned_loss_cost(cfg, sum(p.numel() for p in instantiate_loss(cfg.loss, task).parameters()))
+    return learned_loss_cost(
+        cfg, sum(p.numel() for p in instantiate_loss(cfg.loss, task).parameters())
+    )
 
 
 JOURNAL = "optuna.journal"  # the studies of a run, one per loss: Optuna's own storage, so a killed run resumes
@@ -90,14 +92,18 @@ def _finished(cfg: DictConfig, out: Path) -> dict | None:
     try:
         done = load_tuned(out)
     except TunedFileError as e:
-        raise TunedFileError(f"{out} is in the way: {e}. metaloss-tune never overwrites it: move it away, or "
-                             "choose another hydra.run.dir") from e
+        raise TunedFileError(
+            f"{out} is in the way: {e}. metaloss-tune never overwrites it: move it away, or "
+            "choose another hydra.run.dir"
+        ) from e
     if not done.get("complete"):
         return None
     names = [str(n) for n in (cfg.compare or ())]
     if names and set(names) != set(done["losses"]):
-        raise TunedFileError(f"{out} is complete but holds {', '.join(done['losses'])}, not {', '.join(names)}: "
-                             "metaloss-tune never overwrites a complete tuned.json; choose another hydra.run.dir")
+        raise TunedFileError(
+            f"{out} is complete but holds {', '.join(done['losses'])}, not {', '.join(names)}: "
+            "metaloss-tune never overwrites a complete tuned.json; choose another hydra.run.dir"
+        )
     return done
 
 
@@ -114,7 +120,11 @@ def _storage(run_dir: Path):
         data = path.read_bytes()
         if data and not data.endswith(b"\n"):
             keep = data.rfind(b"\n") + 1
-            log.warning("%s: dropping a last record cut short by a killed process (%d bytes)", path, len(data) - keep)
+            log.warning(
+                "%s: dropping a last record cut short by a killed process (%d bytes)",
+                path,
+                len(data) - keep,
+            )
             with open(path, "r+b") as f:
                 f.truncate(keep)
     return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
@@ -125,15 +135,21 @@ def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dt
     out = run_dir.path / "tuned.json"
     done = _finished(cfg, out)
     if done is not None:
-        log.warning("%s is complete (%s): nothing to tune, nothing overwritten. To tune again, choose another "
-                    "hydra.run.dir (or move that file away)", out, ", ".join(done["losses"]))
+        log.warning(
+            "%s is complete (%s): nothing to tune, nothing overwritten. To tune again, choose another "
+            "hydra.run.dir (or move that file away)",
+            out,
+            ", ".join(done["losses"]),
+        )
         return done
     torch.manual_seed(cfg.seed)
     pool = [t.to(device, dtype) for t in task_pool(cfg)]
     task = pool[0]
     check_against_task(cfg, task)
     names = list(cfg.compare or DEFAULT_BASELINES[task.kind])
-    baselines_for(names, task, cfg)  # unknown names and losses that do not fit: refused before training
+    baselines_for(
+        names, task, cfg
+    )  # unknown names and losses that do not fit: refused before training
     metric = tune_metric(cfg, task)
     direction = "maximize" if HIGHER_IS_BETTER[metric.split("/", 1)[1]] else "minimize"
     inner_opt = instantiate(cfg.optim)
@@ -143,77 +159,171 @@ def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dt
     seeds = [TUNE_SEEDS + j for j in range(int(tc.seeds))]
     cost = steps * len(seeds) * len(pool)  # inner steps of one model per trial (see metaloss.tune)
     if tc.budget_steps is not None:
-        budget = (_learned_cost(cfg, task) if tc.budget_steps == "meta"
-                  else int(tc.budget_steps))
+        budget = _learned_cost(cfg, task) if tc.budget_steps == "meta" else int(tc.budget_steps)
         n_trials = trials_for_budget(budget, cost)
     else:
         budget, n_trials = None, int(tc.n_trials)
     factory = instantiate(cfg.model)
     run_dir.record(hydra_record(cfg))
-    log.info("tuning %s on %s: %d trials of %d inner steps each (%d steps x %d seeds x %d tasks)%s, %s %s",
-             ", ".join(names), task.describe(), n_trials, cost, steps, len(seeds), len(pool),
-             f", budget {budget} steps per loss" if budget is not None else "", direction, metric)
+    log.info(
+        "tuning %s on %s: %d trials of %d inner steps each (%d steps x %d seeds x %d tasks)%s, %s %s",
+        ", ".join(names),
+        task.describe(),
+        n_trials,
+        cost,
+        steps,
+        len(seeds),
+        len(pool),
+        f", budget {budget} steps per loss" if budget is not None else "",
+        direction,
+        metric,
+    )
 
     def score(name: str, params: dict, lr: float) -> float:
         loss = loss_option(name, task, cfg, params)
-        make_optimizer = functools.partial(inner_opt.torch_equivalent.func, **{**inner_opt.hparams, "lr": lr})
-        results = compare_losses(lambda seed: pool, factory, {name: loss}, make_optimizer, seeds=seeds,
-                                 steps=steps, batch_size=batch_size, progress=False,
-                                 vectorised=instantiate(cfg.optim, lr=lr))
+        make_optimizer = functools.partial(
+            inner_opt.torch_equivalent.func, **{**inner_opt.hparams, "lr": lr}
+        )
+        results = compare_losses(
+            lambda seed: pool,
+            factory,
+            {name: loss},
+            make_optimizer,
+            seeds=seeds,
+            steps=steps,
+            batch_size=batch_size,
+            progress=False,
+            vectorised=instantiate(cfg.optim, lr=lr),
+        )
         values = results[name][metric]
-        return float(sum(values) / len(values)) if all(math.isfinite(v) for v in values) else math.nan
+        return (
+            float(sum(values) / len(values)) if all(math.isfinite(v) for v in values) else math.nan
+        )
 
-    record = {"format": TUNED_FORMAT, "task": task.name, "optim": inner_opt.name, **setup_record(cfg, len(pool)),
-              "steps": steps, "metric": metric, "direction": direction, "seeds": seeds,
-              "tasks": len(pool), "default_lr": lr0,
-              "sampler": f"TPESampler(seed=metaloss.tune.trial_seed({int(tc.seed)}, i)) for the i-th trial",
-              "budget": {"budget_steps": budget, "cost_per_trial": cost, "n_trials": n_trials,
-                         "steps_used": n_trials * cost},
-              "complete": False, "losses": {}}
+    record = {
+        "format": TUNED_FORMAT,
+        "task": task.name,
+        "optim": inner_opt.name,
+        **setup_record(cfg, len(pool)),
+        "steps": steps,
+        "metric": metric,
+        "direction": direction,
+        "seeds": seeds,
+        "tasks": len(pool),
+        "default_lr": lr0,
+        "sampler": f"TPESampler(seed=metaloss.tune.trial_seed({int(tc.seed)}, i)) for the i-th trial",
+        "budget": {
+            "budget_steps": budget,
+            "cost_per_trial": cost,
+            "n_trials": n_trials,
+            "steps_used": n_trials * cost,
+        },
+        "complete": False,
+        "losses": {},
+    }
     storage = _storage(run_dir.path)
-    with open_logger(cfg, run_dir.path, job_type="tune", name=f"tune-{task.name}-s{cfg.seed}") as logger:
+    with open_logger(
+        cfg, run_dir.path, job_type="tune", name=f"tune-{task.name}-s{cfg.seed}"
+    ) as logger:
         for name in names:
             option = load_option("loss", name, cfg)
             space = space_for(str(option.get("_target_")))
-            defaults = {k: v for k, v in cast(dict, OmegaConf.to_container(option, resolve=True)).items()
-                        if k in space and isinstance(v, int | float)}
+            defaults = {
+                k: v
+                for k, v in cast(dict, OmegaConf.to_container(option, resolve=True)).items()
+                if k in space and isinstance(v, int | float)
+            }
 
             def on_trial(i: int, p: dict, value: float, name: str = name) -> None:
-                log.info("%s trial %d/%d: %s -> %s = %.4f", name, i + 1, n_trials,
-                         ", ".join(f"{k}={v:.4g}" for k, v in p.items()), metric, value)
+                log.info(
+                    "%s trial %d/%d: %s -> %s = %.4f",
+                    name,
+                    i + 1,
+                    n_trials,
+                    ", ".join(f"{k}={v:.4g}" for k, v in p.items()),
+                    metric,
+                    value,
+                )
                 logger.summary({f"tune/{name}/trial{i}/{metric}": value})
 
             lr_space = lr_range(lr0, tc.lr_range) if tc.lr else None
-            result = tune_loss(functools.partial(score, name), space, defaults, lr=lr0, lr_space=lr_space,
-                               n_trials=n_trials, direction=direction, seed=int(tc.seed), on_trial=on_trial,
-                               storage=storage, study_name=name)
+            result = tune_loss(
+                functools.partial(score, name),
+                space,
+                defaults,
+                lr=lr0,
+                lr_space=lr_space,
+                n_trials=n_trials,
+                direction=direction,
+                seed=int(tc.seed),
+                on_trial=on_trial,
+                storage=storage,
+                study_name=name,
+            )
             if result.resumed:
-                log.info("%s: resumed from %s: %d of %d trials were done already", name, run_dir.path / JOURNAL,
-                         min(result.resumed, result.n_trials), result.n_trials)
+                log.info(
+                    "%s: resumed from %s: %d of %d trials were done already",
+                    name,
+                    run_dir.path / JOURNAL,
+                    min(result.resumed, result.n_trials),
+                    result.n_trials,
+                )
             if result.default_outside_range:
-                log.warning("%s: the default (%s) lies outside the range searched; it was evaluated as it is "
-                            "(trial 0, default_val) and the tuned choice is the better of it and the trials", name,
-                            ", ".join(f"{k}={v:.4g}" for k, v in {**defaults, "lr": lr0}.items()))
-            edges = at_edge({**result.params, "lr": result.lr}, {**space, **({"lr": lr_space} if lr_space else {})})
+                log.warning(
+                    "%s: the default (%s) lies outside the range searched; it was evaluated as it is "
+                    "(trial 0, default_val) and the tuned choice is the better of it and the trials",
+                    name,
+                    ", ".join(f"{k}={v:.4g}" for k, v in {**defaults, "lr": lr0}.items()),
+                )
+            edges = at_edge(
+                {**result.params, "lr": result.lr},
+                {**space, **({"lr": lr_space} if lr_space else {})},
+            )
             record["losses"][name] = {
-                "target": str(option.get("_target_")), "params": result.params, "lr": result.lr,
-                "best_val": result.best_val, "default_val": result.default_val,
+                "target": str(option.get("_target_")),
+                "params": result.params,
+                "lr": result.lr,
+                "best_val": result.best_val,
+                "default_val": result.default_val,
                 "default_params": {k: float(v) for k, v in defaults.items()},
-                "default_outside_range": result.default_outside_range, "n_trials": result.n_trials,
-                "n_diverged": result.n_diverged, "steps_used": result.n_trials * cost, "at_edge": edges,
-                "trials": result.trials}
+                "default_outside_range": result.default_outside_range,
+                "n_trials": result.n_trials,
+                "n_diverged": result.n_diverged,
+                "steps_used": result.n_trials * cost,
+                "at_edge": edges,
+                "trials": result.trials,
+            }
             record["complete"] = name == names[-1]
             bad = tuned_problems(jsonable(record))  # never write a file the meta-test would refuse
             if bad:  # (say, a journal edited by hand): nothing written
-                raise TunedFileError(f"{run_dir.path / JOURNAL} gave values that are not a valid tuned.json: "
-                                     + "; ".join(bad))
+                raise TunedFileError(
+                    f"{run_dir.path / JOURNAL} gave values that are not a valid tuned.json: "
+                    + "; ".join(bad)
+                )
             write_json(out, record)  # after every loss: an interruption keeps the finished ones
-            log.info("%s: best %s = %.4f (default %.4f) with %s", name, metric, result.best_val, result.default_val,
-                     ", ".join(f"{k}={v:.4g}" for k, v in {**result.params, "lr": result.lr or lr0}.items()))
-            logger.summary({f"tune/{name}/best_val": result.best_val, f"tune/{name}/default_val": result.default_val})
+            log.info(
+                "%s: best %s = %.4f (default %.4f) with %s",
+                name,
+                metric,
+                result.best_val,
+                result.default_val,
+                ", ".join(
+                    f"{k}={v:.4g}" for k, v in {**result.params, "lr": result.lr or lr0}.items()
+                ),
+            )
+            logger.summary(
+                {
+                    f"tune/{name}/best_val": result.best_val,
+                    f"tune/{name}/default_val": result.default_val,
+                }
+            )
             if edges:
-                log.warning("%s: tuned %s at the edge of the range searched, so the best value may lie outside it%s",
-                            name, ", ".join(edges), " (widen tune.lr_range=[low,high])" if "lr" in edges else "")
+                log.warning(
+                    "%s: tuned %s at the edge of the range searched, so the best value may lie outside it%s",
+                    name,
+                    ", ".join(edges),
+                    " (widen tune.lr_range=[low,high])" if "lr" in edges else "",
+                )
     log.info("tuned baselines written to %s (meta-test with meta_test.tuned=%s)", out, out)
     return record
 

@@ -66,7 +66,7 @@ def meta_params(loss: nn.Module, log_lr: Tensor | None = None) -> Params:
 
 
 def split_meta(meta: Params) -> tuple[Params, Tensor | None]:
-    phi = {k[len(LOSS_PREFIX):]: v for k, v in meta.items() if k.startswith(LOSS_PREFIX)}
+    phi = {k[len(LOSS_PREFIX) :]: v for k, v in meta.items() if k.startswith(LOSS_PREFIX)}
     return phi, meta.get(LR_KEY)
 
 
@@ -74,8 +74,9 @@ def detach(tree: Params) -> Params:
     return {k: v.detach() for k, v in tree.items()}
 
 
-def inner_loss(problem: MetaProblem, theta: Params, phi: Params, x: Tensor, y: Tensor,
-               t: float) -> Tensor:
+def inner_loss(
+    problem: MetaProblem, theta: Params, phi: Params, x: Tensor, y: Tensor, t: float
+) -> Tensor:
     """Mean learned loss of the model at θ on one inner batch."""
     pred = functional_call(problem.model, theta, (x,))
     ctx = loss_context(problem.class_counts, x, t)
@@ -85,8 +86,16 @@ def inner_loss(problem: MetaProblem, theta: Params, phi: Params, x: Tensor, y: T
 grad_theta = torch.func.grad(inner_loss, argnums=1)  # ∇θ of the inner loss, functional
 
 
-def unroll(problem: MetaProblem, meta: Params, theta: Params, x_train: Tensor, y_train: Tensor,
-           *, differentiable_from: int = 0, first_order: bool = False) -> Params:
+def unroll(
+    problem: MetaProblem,
+    meta: Params,
+    theta: Params,
+    x_train: Tensor,
+    y_train: Tensor,
+    *,
+    differentiable_from: int = 0,
+    first_order: bool = False,
+) -> Params:
     """K inner steps from θ0. Steps before ``differentiable_from`` see a detached φ (and
     the trajectory is cut there: truncated backprop); ``first_order`` drops the terms that
     flow through θ's own history (no Hessian-vector products), keeping ∂update/∂φ."""
@@ -105,8 +114,16 @@ def unroll(problem: MetaProblem, meta: Params, theta: Params, x_train: Tensor, y
     return theta
 
 
-def task_objective(problem: MetaProblem, meta: Params, theta0: Params, x_train: Tensor,
-                   y_train: Tensor, x_val: Tensor, y_val: Tensor, **unroll_kw) -> Tensor:
+def task_objective(
+    problem: MetaProblem,
+    meta: Params,
+    theta0: Params,
+    x_train: Tensor,
+    y_train: Tensor,
+    x_val: Tensor,
+    y_val: Tensor,
+    **unroll_kw,
+) -> Tensor:
     theta = unroll(problem, meta, theta0, x_train, y_train, **unroll_kw)
     pred = functional_call(problem.model, theta, (x_val,))
     return problem.objective(pred, y_val, **problem.objective_context).mean()
@@ -114,21 +131,35 @@ def task_objective(problem: MetaProblem, meta: Params, theta0: Params, x_train: 
 
 def batched_objective(problem: MetaProblem, meta: Params, batch: MetaBatch, **unroll_kw) -> Tensor:
     """Mean validation objective over the T tasks, vectorised with ``vmap``."""
+
     def one(theta0, xt, yt, xv, yv):
         return task_objective(problem, meta, theta0, xt, yt, xv, yv, **unroll_kw)
 
-    return torch.vmap(one)(batch.theta0, batch.x_train, batch.y_train, batch.x_val, batch.y_val).mean()
+    return torch.vmap(one)(
+        batch.theta0, batch.x_train, batch.y_train, batch.x_val, batch.y_val
+    ).mean()
 
 
-def functional_hypergrad(problem: MetaProblem, meta: Params, batch: MetaBatch, **unroll_kw) -> HyperGrad:
+def functional_hypergrad(
+    problem: MetaProblem, meta: Params, batch: MetaBatch, **unroll_kw
+) -> HyperGrad:
     """grad(vmap(inner loops)): fully functional, so it can be ``torch.compile``-d."""
     grads, value = torch.func.grad_and_value(
-        lambda m: batched_objective(problem, m, batch, **unroll_kw))(detach(meta))
+        lambda m: batched_objective(problem, m, batch, **unroll_kw)
+    )(detach(meta))
     return HyperGrad(value, grads)
 
 
-def run_steps(problem: MetaProblem, meta: Params, theta: Params, state, x_train: Tensor,
-              y_train: Tensor, start: int, stop: int) -> tuple[Params, object]:
+def run_steps(
+    problem: MetaProblem,
+    meta: Params,
+    theta: Params,
+    state,
+    x_train: Tensor,
+    y_train: Tensor,
+    start: int,
+    stop: int,
+) -> tuple[Params, object]:
     """Inner steps ``start..stop-1`` of :func:`unroll` (all of them live) from a given
     (θ, optimizer state): the unit that checkpointed unrolling recomputes segment by segment.
     ``x_train``/``y_train`` hold all K batches; step k reads batch k and progress k / K."""

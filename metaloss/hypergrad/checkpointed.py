@@ -47,7 +47,9 @@ class Checkpointed:
 
     def __init__(self, segment: int | None = None) -> None:
         if segment is not None and segment < 1:
-            raise ValueError(f"checkpointed hypergradient needs segment >= 1 steps (or null), got {segment}")
+            raise ValueError(
+                f"checkpointed hypergradient needs segment >= 1 steps (or null), got {segment}"
+            )
         self.segment = segment
 
     def __call__(self, problem: MetaProblem, meta: Params, batch: MetaBatch) -> HyperGrad:
@@ -67,6 +69,7 @@ class Checkpointed:
                 th, state = run_steps(problem, m, th, _join(st, rec), x, y, a, b)
                 tensors, recipe["r"] = _split(state)
                 return th, tensors
+
             return torch.vmap(one)(theta, tensors, xs, ys)
 
         # forward sweep: no graph, (θ, state) kept at each segment's start
@@ -82,6 +85,7 @@ class Checkpointed:
             def one(t, x, y):
                 pred = functional_call(problem.model, t, (x,))
                 return problem.objective(pred, y, **problem.objective_context).mean()
+
             return torch.vmap(one)(th, batch.x_val, batch.y_val).mean()
 
         value, pull = torch.func.vjp(objective, theta)[:2]  # (output, pullback)
@@ -89,9 +93,13 @@ class Checkpointed:
         g_state = [torch.zeros_like(t) for t in tensors]
         grads = {k: torch.zeros_like(v) for k, v in meta.items()}
         # reverse sweep: recompute one segment with a graph, pull the adjoint through it
-        for (a, b), (th_a, st_a, rec_a) in zip(reversed(list(zip(bounds[:-1], bounds[1:]))), reversed(starts)):
+        for (a, b), (th_a, st_a, rec_a) in zip(
+            reversed(list(zip(bounds[:-1], bounds[1:]))), reversed(starts)
+        ):
+
             def seg_ab(th, st, m, a=a, b=b, rec=rec_a):
                 return segment(th, st, m, a, b, rec)
+
             pull = torch.func.vjp(seg_ab, th_a, st_a, meta)[1]
             g_theta, g_state, g_meta = pull((g_theta, g_state))
             grads = {k: grads[k] + g_meta[k] for k in grads}

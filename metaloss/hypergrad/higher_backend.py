@@ -40,9 +40,15 @@ class HigherBackend:
                     inner = functional_call(problem.loss, phi, (fmodel(x), y), ctx).mean()
                     override = None if log_lr is None else {"lr": [log_lr.exp()]}
                     diffopt.step(inner, override=override)
-                obj = problem.objective(fmodel(batch.x_val[t]), batch.y_val[t],
-                                        **problem.objective_context).mean() / n_tasks
-            for k, g in zip(keys, torch.autograd.grad(obj, [meta[k] for k in keys], allow_unused=True)):
+                obj = (
+                    problem.objective(
+                        fmodel(batch.x_val[t]), batch.y_val[t], **problem.objective_context
+                    ).mean()
+                    / n_tasks
+                )
+            for k, g in zip(
+                keys, torch.autograd.grad(obj, [meta[k] for k in keys], allow_unused=True)
+            ):
                 if g is not None:
                     grads[k] = grads[k] + g
             total = total + obj.detach()

@@ -67,34 +67,51 @@ class Implicit:
     (CG; for Neumann the norm of the last added term); ``batches``: how many of the last
     inner batches define J."""
 
-    def __init__(self, solver: str = "cg", iterations: int = 20, alpha: float | None = None,
-                 damping: float = 0.0, tolerance: float = 1e-6, batches: int = 1) -> None:
+    def __init__(
+        self,
+        solver: str = "cg",
+        iterations: int = 20,
+        alpha: float | None = None,
+        damping: float = 0.0,
+        tolerance: float = 1e-6,
+        batches: int = 1,
+    ) -> None:
         if solver not in SOLVERS:
             raise ValueError(f"unknown implicit solver {solver!r}; valid: {', '.join(SOLVERS)}")
         if iterations < 1 or batches < 1:
-            raise ValueError(f"implicit hypergradient needs iterations >= 1 and batches >= 1, got {iterations}, {batches}")
+            raise ValueError(
+                f"implicit hypergradient needs iterations >= 1 and batches >= 1, got {iterations}, {batches}"
+            )
         if alpha is not None and alpha <= 0:
             raise ValueError(f"implicit alpha must be > 0 (or null), got {alpha}")
         if damping < 0 or tolerance < 0:
-            raise ValueError(f"implicit damping and tolerance must be >= 0, got {damping}, {tolerance}")
+            raise ValueError(
+                f"implicit damping and tolerance must be >= 0, got {damping}, {tolerance}"
+            )
         self.solver, self.iterations, self.alpha = solver, iterations, alpha
         self.damping, self.tolerance, self.batches = damping, tolerance, batches
         self.last_iterations = 0  # how many solver steps the last call took (diagnostics)
-        self._failure: tuple[str, str, str] | None = None  # why the last estimate is not finite (see diagnosis)
+        self._failure: tuple[str, str, str] | None = (
+            None  # why the last estimate is not finite (see diagnosis)
+        )
 
     def _alpha(self, problem: MetaProblem) -> float:
         if self.alpha is not None:
             return self.alpha
         lr = problem.inner_opt.hparams.get("lr")
         if lr is None:
-            raise ValueError("implicit neumann: set hypergrad.alpha (the inner optimizer has no lr)")
+            raise ValueError(
+                "implicit neumann: set hypergrad.alpha (the inner optimizer has no lr)"
+            )
         return float(lr)
 
     def __call__(self, problem: MetaProblem, meta: Params, batch: MetaBatch) -> HyperGrad:
         if LR_KEY in meta:
-            raise ValueError("hypergrad=implicit cannot meta-learn the inner learning rate (meta.learn_inner_lr=true): "
-                             "the end point of a converged inner run does not depend on it, so its hypergradient "
-                             "is zero. Set meta.learn_inner_lr=false, or use hypergrad=unrolled / checkpointed / es")
+            raise ValueError(
+                "hypergrad=implicit cannot meta-learn the inner learning rate (meta.learn_inner_lr=true): "
+                "the end point of a converged inner run does not depend on it, so its hypergradient "
+                "is zero. Set meta.learn_inner_lr=false, or use hypergrad=unrolled / checkpointed / es"
+            )
         meta = detach(meta)
         phi, _ = split_meta(meta)
         self._failure = None
@@ -106,7 +123,8 @@ class Implicit:
         # 1. the inner run, without a graph: memory independent of K
         with torch.no_grad():
             theta = torch.vmap(lambda th, x, y: unroll(problem, meta, th, x, y))(
-                detach(batch.theta0), batch.x_train, batch.y_train)
+                detach(batch.theta0), batch.x_train, batch.y_train
+            )
 
         def grad_j(th, ph, x, y):  # ∇θ J(θ, φ) on the last batches of one task
             g = [grad_theta(problem, th, ph, x[i], y[i], t) for i, t in enumerate(ts)]
@@ -117,13 +135,16 @@ class Implicit:
             return problem.objective(pred, y, **problem.objective_context).mean()
 
         # 2. v = ∂M_t/∂θ at θ_K per task, and the meta-loss
-        v, values = torch.vmap(torch.func.grad_and_value(objective))(theta, batch.x_val, batch.y_val)
+        v, values = torch.vmap(torch.func.grad_and_value(objective))(
+            theta, batch.x_val, batch.y_val
+        )
 
         damping = self.damping
 
         def hvp(vec: Params) -> Params:  # (H + δI) vec per task, forward-over-reverse
             def one(th, u, x, y):
                 return jvp(lambda t: grad_j(t, phi, x, y), (th,), (u,))[1]
+
             hv = torch.vmap(one)(theta, vec, xj, yj)
             return {k: hv[k] + damping * vec[k] for k in hv} if damping else hv
 
@@ -134,6 +155,7 @@ class Implicit:
         def mixed(th, qt, x, y):
             pull = vjp(lambda ph: grad_j(th, ph, x, y), phi)[1]  # (output, pullback)
             return pull(qt)[0]
+
         per_task = torch.vmap(mixed, in_dims=(0, 0, 0, 0))(theta, q, xj, yj)
         grads = {"loss." + k: -g.mean(0) for k, g in per_task.items()}
         return HyperGrad(values.mean(), {k: grads[k] for k in meta})
@@ -165,7 +187,9 @@ class Implicit:
             acc = {k: acc[k] + term[k] for k in acc}
             self.last_iterations = i + 1
             size = _dot(term, term).sqrt()
-            if bool((size <= self.tolerance * ref).all()) or bool(((size > self.BLOWUP * ref) & sane).any()):
+            if bool((size <= self.tolerance * ref).all()) or bool(
+                ((size > self.BLOWUP * ref) & sane).any()
+            ):
                 break
         size = _dot(term, term).sqrt()
         finite = torch.stack([torch.isfinite(a).flatten(1).all(1) for a in acc.values()]).all(0)
@@ -173,19 +197,33 @@ class Implicit:
         if bool(diverged.any()):
             growth = torch.where(diverged, size / ref.clamp_min(1e-300), torch.zeros_like(size))
             worst = int(growth.argmax())
-            self._failure = self._neumann_advice(int(diverged.sum()), len(ref), float(growth[worst]),
-                                                 float(curvature[worst]), alpha)
+            self._failure = self._neumann_advice(
+                int(diverged.sum()), len(ref), float(growth[worst]), float(curvature[worst]), alpha
+            )
             nan = torch.full_like(ref, float("nan"))
-            acc = {k: torch.where(diverged.reshape(-1, *[1] * (a.ndim - 1)), nan.reshape(-1, *[1] * (a.ndim - 1)), a)
-                   for k, a in acc.items()}
+            acc = {
+                k: torch.where(
+                    diverged.reshape(-1, *[1] * (a.ndim - 1)),
+                    nan.reshape(-1, *[1] * (a.ndim - 1)),
+                    a,
+                )
+                for k, a in acc.items()
+            }
         return {k: alpha * a for k, a in acc.items()}
 
-    def _neumann_advice(self, bad: int, tasks: int, growth: float, lam: float, alpha: float) -> tuple[str, str, str]:
-        a_name = (f"hypergrad.alpha = {alpha:g}" if self.alpha is not None
-                  else f"hypergrad.alpha = null, i.e. the inner lr {alpha:g}")
-        head = (f"the Neumann series (hypergrad.solver = neumann) diverged on {bad} of {tasks} task(s): its "
-                f"{self.last_iterations}th term is {growth:.3g}x the first (it converges only if 0 < α·λ < 2 for "
-                f"every eigenvalue λ of H + δI; {a_name}, hypergrad.damping = {self.damping:g}). ")
+    def _neumann_advice(
+        self, bad: int, tasks: int, growth: float, lam: float, alpha: float
+    ) -> tuple[str, str, str]:
+        a_name = (
+            f"hypergrad.alpha = {alpha:g}"
+            if self.alpha is not None
+            else f"hypergrad.alpha = null, i.e. the inner lr {alpha:g}"
+        )
+        head = (
+            f"the Neumann series (hypergrad.solver = neumann) diverged on {bad} of {tasks} task(s): its "
+            f"{self.last_iterations}th term is {growth:.3g}x the first (it converges only if 0 < α·λ < 2 for "
+            f"every eigenvalue λ of H + δI; {a_name}, hypergrad.damping = {self.damping:g}). "
+        )
         if not (lam == lam) or abs(lam) == float("inf"):
             why = "The series overflowed. "
             fix = "Lower hypergrad.alpha or raise hypergrad.damping"
@@ -193,12 +231,18 @@ class Implicit:
             why = f"The growing direction has curvature λ ≈ {lam:.3g}, so α·λ ≈ {alpha * lam:.3g} > 2. "
             fix = f"Lower hypergrad.alpha below 2/λ ≈ {2 / lam:.3g}"
         else:
-            why = (f"The growing direction has curvature λ ≈ {lam:.3g} <= 0: the learned inner loss is not convex "
-                   "at the end of the inner run. ")
-            fix = (f"Raise hypergrad.damping above {self.damping - lam:.3g} (then keep hypergrad.alpha below "
-                   "2 / (largest curvature + damping))")
-        fix += (", or use hypergrad.solver=cg (it stops at non-positive curvature); changing hypergrad.iterations "
-                "does not fix a diverging series.")
+            why = (
+                f"The growing direction has curvature λ ≈ {lam:.3g} <= 0: the learned inner loss is not convex "
+                "at the end of the inner run. "
+            )
+            fix = (
+                f"Raise hypergrad.damping above {self.damping - lam:.3g} (then keep hypergrad.alpha below "
+                "2 / (largest curvature + damping))"
+            )
+        fix += (
+            ", or use hypergrad.solver=cg (it stops at non-positive curvature); changing hypergrad.iterations "
+            "does not fix a diverging series."
+        )
         return "neumann", (head + why).strip().rstrip("."), fix
 
     def diagnosis(self) -> tuple[str, str, str] | None:
@@ -219,11 +263,15 @@ class Implicit:
             hp = hvp(p)
             curv = _dot(p, hp)
             active = active & (curv > 0)  # non-positive curvature: keep this task's iterate
-            step = torch.where(active, rs / torch.where(active, curv, torch.ones_like(curv)), torch.zeros_like(rs))
+            step = torch.where(
+                active, rs / torch.where(active, curv, torch.ones_like(curv)), torch.zeros_like(rs)
+            )
             x = _axpy(step, p, x)
             r = _axpy(-step, hp, r)
             rs_new = _dot(r, r)
-            beta = torch.where(active, rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)), torch.zeros_like(rs))
+            beta = torch.where(
+                active, rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)), torch.zeros_like(rs)
+            )
             p = _axpy(beta, p, r)
             rs = torch.where(active, rs_new, rs)
             active = active & (rs.sqrt() > stop)

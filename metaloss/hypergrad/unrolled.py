@@ -28,6 +28,8 @@ class Unrolled:
             return functional_hypergrad(problem, meta, batch, **kw)
         fn = self._compiled.get(id(problem))
         if fn is None:
-            fn = torch.compile(lambda m, b: functional_hypergrad(problem, m, b, **kw), dynamic=False)
+            fn = torch.compile(
+                lambda m, b: functional_hypergrad(problem, m, b, **kw), dynamic=False
+            )
             self._compiled = {id(problem): fn}
         return fn(meta, batch)

@@ -82,7 +82,9 @@ class ParametricLoss(nn.Module):
         return loss
 
 
-def loss_context(class_counts: torch.Tensor | None, x: torch.Tensor | None, t: float) -> dict[str, Any]:
+def loss_context(
+    class_counts: torch.Tensor | None, x: torch.Tensor | None, t: float
+) -> dict[str, Any]:
     """The one place the loss context is built: the training split's class counts, the
     inputs ``x`` and the training progress ``t`` in [0, 1] (see the module docstring)."""
     return {"class_counts": class_counts, "x": x, "t": t}
@@ -102,7 +104,9 @@ def _probe_batch(task: Any) -> tuple[Any, Any, Any]:
     other dimension of pred and target, so a result of the wrong shape cannot pass by chance."""
     x_all, y_all = task.x_train, task.y_train
     y_dims = set(y_all.shape[1:])
-    out_dims = set(y_all.shape[1:]) if task.kind in ("regression", "segmentation") else {task.out_dim}
+    out_dims = (
+        set(y_all.shape[1:]) if task.kind in ("regression", "segmentation") else {task.out_dim}
+    )
     b = PROBE_BATCH
     while b in y_dims | out_dims | {task.num_classes}:
         b += 1
@@ -122,26 +126,40 @@ def check_loss_output(loss: Any, task: Any, loss_name: str | None) -> None:
     through :func:`metaloss.config.check_loss` (metaloss-train, metaloss-meta's inner loop and objective,
     the meta-test's baselines and learned loss, tuning), so this runs once per loss, before
     the first step; inside ``vmap`` the per-task shapes are these same shapes."""
-    name = loss_name or getattr(getattr(loss, "func", loss), "__name__", None) or type(loss).__name__
+    name = (
+        loss_name or getattr(getattr(loss, "func", loss), "__name__", None) or type(loss).__name__
+    )
     pred, y, x = _probe_batch(task)
     b = len(y)
     try:
         out = loss(pred, y, **loss_context(task.class_counts, x, 0.0))
     except Exception as e:
-        raise LossContractError(f"loss {name!r} fails on a probe batch of task {task.name!r} (pred "
-                                f"{list(pred.shape)}, target {list(y.shape)}): {type(e).__name__}: {e}") from e
+        raise LossContractError(
+            f"loss {name!r} fails on a probe batch of task {task.name!r} (pred "
+            f"{list(pred.shape)}, target {list(y.shape)}): {type(e).__name__}: {e}"
+        ) from e
     if not isinstance(out, torch.Tensor):
-        raise LossContractError(f"loss {name!r} returned a {type(out).__name__}, not a tensor; the loss "
-                                f"contract: loss(pred, target, **context) -> per-example tensor [B]")
+        raise LossContractError(
+            f"loss {name!r} returned a {type(out).__name__}, not a tensor; the loss "
+            f"contract: loss(pred, target, **context) -> per-example tensor [B]"
+        )
     if tuple(out.shape) != (b,):
-        hint = (" (it reduced over the batch itself: return the per-example values, the caller reduces)"
-                if out.ndim == 0 else " (a broadcasting bug? e.g. pred [B, 1] minus target [B] gives [B, B])"
-                if out.ndim >= 2 and out.shape[0] == b else "")
-        raise LossContractError(f"loss {name!r} returned shape {list(out.shape)} for a batch of {b} examples of "
-                                f"task {task.name!r} (pred {list(pred.shape)}, target {list(y.shape)}); expected "
-                                f"[{b}]: one value per example{hint}")
+        hint = (
+            " (it reduced over the batch itself: return the per-example values, the caller reduces)"
+            if out.ndim == 0
+            else " (a broadcasting bug? e.g. pred [B, 1] minus target [B] gives [B, B])"
+            if out.ndim >= 2 and out.shape[0] == b
+            else ""
+        )
+        raise LossContractError(
+            f"loss {name!r} returned shape {list(out.shape)} for a batch of {b} examples of "
+            f"task {task.name!r} (pred {list(pred.shape)}, target {list(y.shape)}); expected "
+            f"[{b}]: one value per example{hint}"
+        )
     if not out.is_floating_point():
-        raise LossContractError(f"loss {name!r} returned dtype {out.dtype}; a loss returns floating-point values")
+        raise LossContractError(
+            f"loss {name!r} returned dtype {out.dtype}; a loss returns floating-point values"
+        )
 
 
 def binary_as_two_class(logits: torch.Tensor) -> torch.Tensor:

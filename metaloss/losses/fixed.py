@@ -46,33 +46,46 @@ def _shapes(pred: Tensor, target: Tensor) -> str:
 
 def _check_regression(name: str, pred: Tensor, target: Tensor) -> None:
     if pred.ndim == 0 or pred.shape != target.shape:
-        hint = (" (same number of values: reshape one side, e.g. target.view_as(pred))"
-                if pred.ndim > 0 and pred.numel() == target.numel() else "")
-        raise ValueError(f"{name}: pred and target must have the same shape [B, D] (or [B] for "
-                         f"both), {_shapes(pred, target)}{hint}")
+        hint = (
+            " (same number of values: reshape one side, e.g. target.view_as(pred))"
+            if pred.ndim > 0 and pred.numel() == target.numel()
+            else ""
+        )
+        raise ValueError(
+            f"{name}: pred and target must have the same shape [B, D] (or [B] for "
+            f"both), {_shapes(pred, target)}{hint}"
+        )
 
 
 def _check_classification(name: str, pred: Tensor, target: Tensor) -> None:
     if pred.ndim not in (1, 2) or target.ndim != 1 or target.shape[0] != pred.shape[0]:
-        raise ValueError(f"{name}: expects logits [B, C] (or [B] / [B, 1]: one binary logit) and "
-                         f"class indices [B], {_shapes(pred, target)}")
+        raise ValueError(
+            f"{name}: expects logits [B, C] (or [B] / [B, 1]: one binary logit) and "
+            f"class indices [B], {_shapes(pred, target)}"
+        )
     if pred.ndim == 2 and pred.shape[1] > 1 and target.is_floating_point():
-        raise ValueError(f"{name}: targets must be integer class indices [B] for logits "
-                         f"{list(pred.shape)}, got a {target.dtype} target (one-hot or soft labels "
-                         "are not class indices)")
+        raise ValueError(
+            f"{name}: targets must be integer class indices [B] for logits "
+            f"{list(pred.shape)}, got a {target.dtype} target (one-hot or soft labels "
+            "are not class indices)"
+        )
 
 
 def _check_binary(name: str, pred: Tensor, target: Tensor) -> None:
     one_logit = pred.ndim == 1 or (pred.ndim == 2 and pred.shape[1] == 1)
     if not one_logit or not (target.shape == pred.shape[:1] or target.shape == pred.shape):
-        raise ValueError(f"{name}: expects one logit per example ([B] or [B, 1]) and targets "
-                         f"[B] in {{0, 1}}, {_shapes(pred, target)}")
+        raise ValueError(
+            f"{name}: expects one logit per example ([B] or [B, 1]) and targets "
+            f"[B] in {{0, 1}}, {_shapes(pred, target)}"
+        )
 
 
 def _check_segmentation(name: str, pred: Tensor, target: Tensor) -> None:
     if pred.ndim < 2 or pred.shape != target.shape:
-        raise ValueError(f"{name}: expects per-pixel logits and a mask of the same shape "
-                         f"[B, 1, H, W], {_shapes(pred, target)}")
+        raise ValueError(
+            f"{name}: expects per-pixel logits and a mask of the same shape "
+            f"[B, 1, H, W], {_shapes(pred, target)}"
+        )
 
 
 def _per_example(x: Tensor) -> Tensor:
@@ -132,8 +145,9 @@ def quantile(pred: Tensor, target: Tensor, *, tau: float = 0.5, **_: Any) -> Ten
 
 
 @fits("regression")
-def poisson(pred: Tensor, target: Tensor, *, log_input: bool = True, eps: float = 1e-8,
-            **_: Any) -> Tensor:
+def poisson(
+    pred: Tensor, target: Tensor, *, log_input: bool = True, eps: float = 1e-8, **_: Any
+) -> Tensor:
     """Poisson negative log-likelihood without the constant log(y!) term.
 
     With ``log_input`` the prediction is the log-rate. Targets must be counts (>= 0).
@@ -147,8 +161,9 @@ def poisson(pred: Tensor, target: Tensor, *, log_input: bool = True, eps: float 
 # ------------------------------------------------------------------- classification
 
 
-def _class_weights(name: str, pred: Tensor, class_counts: ClassCounts, scheme: str,
-                   beta: float) -> Tensor:
+def _class_weights(
+    name: str, pred: Tensor, class_counts: ClassCounts, scheme: str, beta: float
+) -> Tensor:
     """Per-class weights from training-split counts (inverse/effective normalised to sum to C)."""
     dtype, device = pred.dtype, pred.device
     if class_counts is None:
@@ -160,8 +175,10 @@ def _class_weights(name: str, pred: Tensor, class_counts: ClassCounts, scheme: s
     c = n.numel()
     classes = 2 if is_binary_logit(pred) else pred.shape[-1]
     if n.ndim != 1 or c != classes:
-        raise ValueError(f"{name}: class_counts must hold one count per class ({classes} for "
-                         f"logits {list(pred.shape)}), got shape {list(n.shape)}")
+        raise ValueError(
+            f"{name}: class_counts must hold one count per class ({classes} for "
+            f"logits {list(pred.shape)}), got shape {list(n.shape)}"
+        )
     if scheme == "balanced":  # scikit-learn's "balanced": already averages to 1 per example
         return n.sum() / (c * n)
     if scheme == "inverse":
@@ -177,8 +194,9 @@ def _log_probs(pred: Tensor) -> Tensor:
     return F.log_softmax(binary_as_two_class(pred), dim=-1)
 
 
-def _soft_ce(logp: Tensor, target: Tensor, *, weight: Tensor | None = None,
-             label_smoothing: float = 0.0) -> Tensor:
+def _soft_ce(
+    logp: Tensor, target: Tensor, *, weight: Tensor | None = None, label_smoothing: float = 0.0
+) -> Tensor:
     """-sum_c w_c q_c log p_c with q the (smoothed) one-hot target; PyTorch's formula."""
     c = logp.shape[-1]
     q = one_hot(target, c, logp.dtype)
@@ -212,8 +230,15 @@ def bce(pred: Tensor, target: Tensor, *, pos_weight: float | None = None, **_: A
 
 
 @fits(*CLASSIFICATION)
-def weighted_ce(pred: Tensor, target: Tensor, *, scheme: str = "balanced", beta: float = 0.999,
-                class_counts: ClassCounts = None, **_: Any) -> Tensor:
+def weighted_ce(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    scheme: str = "balanced",
+    beta: float = 0.999,
+    class_counts: ClassCounts = None,
+    **_: Any,
+) -> Tensor:
     """Class-weighted cross-entropy; weights from the training split's class counts.
 
     ``scheme``: ``inverse`` (1/N_c), ``balanced`` (N / (C N_c)) or ``effective``
@@ -233,8 +258,9 @@ def label_smoothing(pred: Tensor, target: Tensor, *, epsilon: float = 0.1, **_: 
 
 
 @fits(*CLASSIFICATION)
-def focal(pred: Tensor, target: Tensor, *, alpha: float | None = None, gamma: float = 2.0,
-          **_: Any) -> Tensor:
+def focal(
+    pred: Tensor, target: Tensor, *, alpha: float | None = None, gamma: float = 2.0, **_: Any
+) -> Tensor:
     """Focal loss (Lin et al., ICCV 2017): -α_t (1 - p_t)^γ log p_t.
 
     For binary tasks ``alpha`` weights the positive class and ``1 - alpha`` the
@@ -253,8 +279,15 @@ def focal(pred: Tensor, target: Tensor, *, alpha: float | None = None, gamma: fl
 
 
 @fits(*CLASSIFICATION)
-def class_balanced_focal(pred: Tensor, target: Tensor, *, beta: float = 0.999, gamma: float = 2.0,
-                         class_counts: ClassCounts = None, **_: Any) -> Tensor:
+def class_balanced_focal(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    beta: float = 0.999,
+    gamma: float = 2.0,
+    class_counts: ClassCounts = None,
+    **_: Any,
+) -> Tensor:
     """Focal loss weighted by the effective number of samples per class (Cui et al. 2019)."""
     _check_classification("class_balanced_focal", pred, target)
     w = _class_weights("class_balanced_focal", pred, class_counts, "effective", beta)
@@ -336,8 +369,15 @@ def iou(pred: Tensor, target: Tensor, *, smooth: float = 1.0, **_: Any) -> Tenso
 
 
 @fits("segmentation")
-def tversky(pred: Tensor, target: Tensor, *, alpha: float = 0.5, beta: float = 0.5,
-            smooth: float = 1.0, **_: Any) -> Tensor:
+def tversky(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    smooth: float = 1.0,
+    **_: Any,
+) -> Tensor:
     """Tversky loss (Salehi et al. 2017): 1 - (TP + s) / (TP + α FP + β FN + s)."""
     _check_segmentation("tversky", pred, target)
     tp, fp, fn = _overlaps(pred, target)
@@ -345,8 +385,16 @@ def tversky(pred: Tensor, target: Tensor, *, alpha: float = 0.5, beta: float = 0
 
 
 @fits("segmentation")
-def focal_tversky(pred: Tensor, target: Tensor, *, alpha: float = 0.7, beta: float = 0.3,
-                  gamma: float = 0.75, smooth: float = 1.0, **_: Any) -> Tensor:
+def focal_tversky(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    alpha: float = 0.7,
+    beta: float = 0.3,
+    gamma: float = 0.75,
+    smooth: float = 1.0,
+    **_: Any,
+) -> Tensor:
     """Focal Tversky loss (Abraham & Khan, ISBI 2019): (1 - TI)^γ.
 
     The base is clamped away from 0 so the gradient stays finite for γ < 1.
@@ -357,8 +405,9 @@ def focal_tversky(pred: Tensor, target: Tensor, *, alpha: float = 0.7, beta: flo
 
 
 @fits("segmentation")
-def bce_dice(pred: Tensor, target: Tensor, *, bce_weight: float = 1.0, smooth: float = 1.0,
-             **_: Any) -> Tensor:
+def bce_dice(
+    pred: Tensor, target: Tensor, *, bce_weight: float = 1.0, smooth: float = 1.0, **_: Any
+) -> Tensor:
     """Pixel-mean binary cross-entropy plus soft Dice."""
     _check_segmentation("bce_dice", pred, target)
     z = pred.reshape(pred.shape[0], -1)
@@ -387,14 +436,17 @@ def _log_class_counts(name: str, pred: Tensor, class_counts: ClassCounts) -> Ten
         n = torch.as_tensor(class_counts, dtype=pred.dtype, device=pred.device)
     classes = 2 if is_binary_logit(pred) else pred.shape[-1]
     if n.ndim != 1 or n.shape[0] != classes:
-        raise ValueError(f"{name}: class_counts must hold one count per class ({classes} for "
-                         f"logits {list(pred.shape)}), got shape {list(n.shape)}")
+        raise ValueError(
+            f"{name}: class_counts must hold one count per class ({classes} for "
+            f"logits {list(pred.shape)}), got shape {list(n.shape)}"
+        )
     return torch.log(n.clamp_min(1.0))
 
 
 @fits(*CLASSIFICATION)
-def logit_adjusted_ce(pred: Tensor, target: Tensor, *, tau: float = 1.0,
-                      class_counts: ClassCounts = None, **_: Any) -> Tensor:
+def logit_adjusted_ce(
+    pred: Tensor, target: Tensor, *, tau: float = 1.0, class_counts: ClassCounts = None, **_: Any
+) -> Tensor:
     """Logit-adjusted loss (Menon, Jayasumana, Rawat, Jain, Veit, Kumar, "Long-tail learning
     via logit adjustment", ICLR 2021): CE(z + τ log π, y), π the training split's class prior.
 
@@ -409,8 +461,9 @@ def logit_adjusted_ce(pred: Tensor, target: Tensor, *, tau: float = 1.0,
 
 
 @fits(*CLASSIFICATION)
-def balanced_softmax(pred: Tensor, target: Tensor, *, class_counts: ClassCounts = None,
-                     **_: Any) -> Tensor:
+def balanced_softmax(
+    pred: Tensor, target: Tensor, *, class_counts: ClassCounts = None, **_: Any
+) -> Tensor:
     """Balanced softmax (Ren, Yu, Sheng, Ma, Zhao, Yi, Li, "Balanced Meta-Softmax for
     Long-Tailed Visual Recognition", NeurIPS 2020): CE(z + log n_c, y), n_c the training
     split's class counts (the logit-adjusted loss with τ = 1). Needs ``class_counts``.
@@ -421,8 +474,15 @@ def balanced_softmax(pred: Tensor, target: Tensor, *, class_counts: ClassCounts 
 
 
 @fits(*CLASSIFICATION)
-def symmetric_ce(pred: Tensor, target: Tensor, *, alpha: float = 0.1, beta: float = 1.0,
-                 log_zero: float = -4.0, **_: Any) -> Tensor:
+def symmetric_ce(
+    pred: Tensor,
+    target: Tensor,
+    *,
+    alpha: float = 0.1,
+    beta: float = 1.0,
+    log_zero: float = -4.0,
+    **_: Any,
+) -> Tensor:
     """Symmetric cross-entropy (Wang, Ma, Chen, Luo, Yi, Bailey, "Symmetric Cross Entropy for
     Robust Learning with Noisy Labels", ICCV 2019): α CE + β RCE.
 

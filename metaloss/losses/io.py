@@ -59,7 +59,14 @@ FILE_KEYS = frozenset({"format", "target", "init_kwargs", "state_dict", "meta"})
 META_KEYS = frozenset({"task", "loss_name", "fingerprint", "steps", "complete", "stopped", "setup"})
 HYDRA_KEYS = frozenset({"_target_", "_partial_", "_args_", "_recursive_", "_convert_"})
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_OTHER_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)  # buffers only
+_OTHER_DTYPES = (
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+)  # buffers only
 _MAX_KWARG_ITEMS = 10_000  # constructors loop over lists (one layer per `hidden` entry)
 _MAX_KWARG_DEPTH = 8
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")  # ASCII only: no look-alike letters
@@ -67,7 +74,9 @@ _PLAIN_SCALARS = (bool, int, float, str, type(None))
 ARTIFACT_SCHEME = "wandb-artifact://"
 ARTIFACT_TYPE = "learned-loss"
 ARTIFACT_TIMEOUT_S = 30
-_ARTIFACT_NAME = re.compile(r"(?:[^/:\s]+/){1,2}[^/:\s]+:[^/:\s]+\Z")  # [entity/]project/name:version
+_ARTIFACT_NAME = re.compile(
+    r"(?:[^/:\s]+/){1,2}[^/:\s]+:[^/:\s]+\Z"
+)  # [entity/]project/name:version
 
 log = logging.getLogger("metaloss")
 
@@ -100,23 +109,35 @@ def save_learned_loss(loss: ParametricLoss, path: str | Path, **meta) -> Path:
     :func:`load_learned_loss` checks it, so a file this writes is one it reads."""
     unknown = sorted(set(meta) - META_KEYS)
     if unknown:
-        raise ValueError(f"save_learned_loss: unknown meta keys {unknown}; valid: {sorted(META_KEYS)}")
-    problems = _value_problems(meta, "meta") + _value_problems(dict(loss.init_kwargs), "init_kwargs")
+        raise ValueError(
+            f"save_learned_loss: unknown meta keys {unknown}; valid: {sorted(META_KEYS)}"
+        )
+    problems = _value_problems(meta, "meta") + _value_problems(
+        dict(loss.init_kwargs), "init_kwargs"
+    )
     if problems:
         raise ValueError(f"save_learned_loss({type(loss).__qualname__}): " + "; ".join(problems))
     cls = type(loss)
-    return atomic_save({
-        "format": FORMAT,
-        "target": f"{cls.__module__}.{cls.__qualname__}",
-        "init_kwargs": dict(loss.init_kwargs),
-        "state_dict": {k: v.detach().cpu() for k, v in loss.state_dict().items()},
-        "meta": meta,
-    }, path)
+    return atomic_save(
+        {
+            "format": FORMAT,
+            "target": f"{cls.__module__}.{cls.__qualname__}",
+            "init_kwargs": dict(loss.init_kwargs),
+            "state_dict": {k: v.detach().cpu() for k, v in loss.state_dict().items()},
+            "meta": meta,
+        },
+        path,
+    )
 
 
-def load_learned_loss(path: str | Path, frozen: bool = True, *,
-                      trusted_modules: Sequence[str] = (),
-                      max_numel: int = MAX_NUMEL, allow_other_task: bool = False) -> ParametricLoss:
+def load_learned_loss(
+    path: str | Path,
+    frozen: bool = True,
+    *,
+    trusted_modules: Sequence[str] = (),
+    max_numel: int = MAX_NUMEL,
+    allow_other_task: bool = False,
+) -> ParametricLoss:
     """Rebuild a saved learned loss; ``frozen`` turns off gradients for its parameters.
 
     ``trusted_modules``: module names or dotted prefixes, besides ``metaloss``, whose loss
@@ -133,9 +154,13 @@ def load_learned_loss(path: str | Path, frozen: bool = True, *,
         raise ValueError(f"allow_other_task must be true or false, got {allow_other_task!r}")
     if is_artifact_ref(path):
         with tempfile.TemporaryDirectory(prefix="metaloss-artifact-") as root:
-            loss = load_learned_loss(fetch_artifact(str(path), Path(root)), frozen,
-                                     trusted_modules=trusted_modules, max_numel=max_numel,
-                                     allow_other_task=allow_other_task)
+            loss = load_learned_loss(
+                fetch_artifact(str(path), Path(root)),
+                frozen,
+                trusted_modules=trusted_modules,
+                max_numel=max_numel,
+                allow_other_task=allow_other_task,
+            )
         loss.meta = {**loss.meta, "source": str(path)}
         loss.source = str(path)
         return loss
@@ -148,14 +173,22 @@ def load_learned_loss(path: str | Path, frozen: bool = True, *,
     _check_arguments(path, cls, init_kwargs)
     module = _check_size_before_building(path, cls, init_kwargs, state_dict, max_numel)
     _check_dtypes(path, cls, state_dict, module)
-    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = [
+        k
+        for k, v in state_dict.items()
+        if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
     if bad:
-        raise CorruptLossFile(f"{path}: parameters {bad} hold NaN/inf values; this loss cannot train anything "
-                              "(a diverged run saves learned_loss_last_good.pt instead)")
+        raise CorruptLossFile(
+            f"{path}: parameters {bad} hold NaN/inf values; this loss cannot train anything "
+            "(a diverged run saves learned_loss_last_good.pt instead)"
+        )
     try:
         loss = cls.from_saved(init_kwargs, state_dict)
     except (RuntimeError, TypeError, ValueError, MemoryError) as e:
-        raise CorruptLossFile(f"{path}: parameters do not match {target}: {type(e).__name__}: {e}") from e
+        raise CorruptLossFile(
+            f"{path}: parameters do not match {target}: {type(e).__name__}: {e}"
+        ) from e
     if frozen:
         loss.requires_grad_(False)
     loss.meta = blob.get("meta", {})
@@ -166,38 +199,53 @@ def load_learned_loss(path: str | Path, frozen: bool = True, *,
 
 # --- W&B artifacts: fetched, then loaded like any file ------------------------------------
 
+
 def fetch_artifact(ref: str, root: Path, timeout: int = ARTIFACT_TIMEOUT_S) -> Path:
     """Download the ``learned-loss`` artifact ``ref`` (``wandb-artifact://...``) into ``root``
     with ``wandb.Api().artifact(name).download()``; return its one ``.pt`` file, unread."""
-    name = ref[len(ARTIFACT_SCHEME):]
+    name = ref[len(ARTIFACT_SCHEME) :]
     if not _ARTIFACT_NAME.match(name):
-        raise ValueError(f"{ref!r} is not an artifact reference of the form "
-                         f"{ARTIFACT_SCHEME}[entity/]project/name:version (e.g. :v3, :latest, :run-<id>)")
+        raise ValueError(
+            f"{ref!r} is not an artifact reference of the form "
+            f"{ARTIFACT_SCHEME}[entity/]project/name:version (e.g. :v3, :latest, :run-<id>)"
+        )
     import wandb  # only for a reference: W&B's public API, over the network
 
     try:
         art = wandb.Api(timeout=timeout).artifact(name, type=ARTIFACT_TYPE)
         folder = Path(art.download(root=str(root / re.sub(r"[^A-Za-z0-9_.-]+", "_", name))))
-    except Exception as e:  # UsageError (no key), CommError (no server), ValueError (wrong type), ...
+    except (
+        Exception
+    ) as e:  # UsageError (no key), CommError (no server), ValueError (wrong type), ...
         first = (str(e).strip().splitlines() or [""])[0]
         raise LossArtifactUnavailable(
             f"cannot fetch W&B artifact {name!r} ({type(e).__name__}: {first}). It needs a W&B server and "
             "an API key; an artifact logged offline exists on the server only after `wandb sync "
             "<run dir>/wandb/offline-run-*`. The same file is <run dir>/learned_loss.pt: pass that path "
-            "instead.") from e
+            "instead."
+        ) from e
     if getattr(art, "type", ARTIFACT_TYPE) != ARTIFACT_TYPE:
-        raise CorruptLossFile(f"W&B artifact {name!r} is of type {art.type!r}, not {ARTIFACT_TYPE!r}")
+        raise CorruptLossFile(
+            f"W&B artifact {name!r} is of type {art.type!r}, not {ARTIFACT_TYPE!r}"
+        )
     files = sorted(folder.rglob("*.pt"))
     if len(files) != 1:
-        raise CorruptLossFile(f"W&B artifact {name!r} holds {len(files)} .pt files "
-                              f"({[f.name for f in files]}); a learned-loss artifact holds exactly one")
+        raise CorruptLossFile(
+            f"W&B artifact {name!r} holds {len(files)} .pt files "
+            f"({[f.name for f in files]}); a learned-loss artifact holds exactly one"
+        )
     if (getattr(art, "metadata", None) or {}).get("complete") is False:
-        log.warning("W&B artifact %s is the last good φ of a run that stopped early (%s), not a finished "
-                    "learned loss", name, art.metadata.get("stopped", "incomplete"))
+        log.warning(
+            "W&B artifact %s is the last good φ of a run that stopped early (%s), not a finished "
+            "learned loss",
+            name,
+            art.metadata.get("stopped", "incomplete"),
+        )
     return files[0]
 
 
 # --- reading -----------------------------------------------------------------------------
+
 
 def max_file_bytes(max_numel: int = MAX_NUMEL) -> int:
     """The most bytes a learned-loss file may unpack to: ``max_numel`` float64 elements, its
@@ -215,29 +263,38 @@ def _check_archive(path: Path, max_numel: int) -> None:
     if not zipfile.is_zipfile(path):
         size = path.stat().st_size
         if size > limit:
-            raise CorruptLossFile(f"{path}: {size:,} bytes, over the limit of {limit:,} bytes for a "
-                                  f"learned-loss file (max_numel={max_numel:,})")
+            raise CorruptLossFile(
+                f"{path}: {size:,} bytes, over the limit of {limit:,} bytes for a "
+                f"learned-loss file (max_numel={max_numel:,})"
+            )
         return
     try:
         with zipfile.ZipFile(path) as archive:
             entries = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CorruptLossFile(f"{path} is not a readable learned-loss file (its zip directory: "
-                              f"{type(e).__name__}: {e})") from e
+        raise CorruptLossFile(
+            f"{path} is not a readable learned-loss file (its zip directory: "
+            f"{type(e).__name__}: {e})"
+        ) from e
     if len(entries) > _MAX_ARCHIVE_ENTRIES:
-        raise CorruptLossFile(f"{path}: {len(entries):,} archive entries, over the limit of "
-                              f"{_MAX_ARCHIVE_ENTRIES:,}")
+        raise CorruptLossFile(
+            f"{path}: {len(entries):,} archive entries, over the limit of {_MAX_ARCHIVE_ENTRIES:,}"
+        )
     total = sum(e.file_size for e in entries)
     if total > limit:
-        raise CorruptLossFile(f"{path}: unpacks to {total:,} bytes ({len(entries)} entries), over the limit of "
-                              f"{limit:,} bytes for a learned-loss file (max_numel={max_numel:,} elements); "
-                              "refused before decompressing anything")
+        raise CorruptLossFile(
+            f"{path}: unpacks to {total:,} bytes ({len(entries)} entries), over the limit of "
+            f"{limit:,} bytes for a learned-loss file (max_numel={max_numel:,} elements); "
+            "refused before decompressing anything"
+        )
     pickles = [e for e in entries if e.filename.endswith(".pkl")]
     big = [e for e in pickles if e.file_size > _MAX_PICKLE_BYTES]
     if big:
-        raise CorruptLossFile(f"{path}: its pickled values {big[0].filename!r} unpack to {big[0].file_size:,} "
-                              f"bytes, over the limit of {_MAX_PICKLE_BYTES:,} (constructor arguments and meta "
-                              "are small)")
+        raise CorruptLossFile(
+            f"{path}: its pickled values {big[0].filename!r} unpack to {big[0].file_size:,} "
+            f"bytes, over the limit of {_MAX_PICKLE_BYTES:,} (constructor arguments and meta "
+            "are small)"
+        )
 
 
 def _read_blob(path: Path, max_numel: int = MAX_NUMEL) -> dict:
@@ -247,20 +304,28 @@ def _read_blob(path: Path, max_numel: int = MAX_NUMEL) -> dict:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated zip archives, foreign objects
-        raise CorruptLossFile(f"{path} is not a readable learned-loss file ({type(e).__name__}: {e})") from e
+        raise CorruptLossFile(
+            f"{path} is not a readable learned-loss file ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise CorruptLossFile(f"{path} is not a metaloss learned-loss file (format {FORMAT!r} expected)")
+        raise CorruptLossFile(
+            f"{path} is not a metaloss learned-loss file (format {FORMAT!r} expected)"
+        )
     unknown = [k for k in blob if k not in FILE_KEYS]
     if unknown:
-        raise CorruptLossFile(f"{path}: unknown key {unknown[0]!r} in the file; a learned-loss file holds "
-                              f"only {sorted(FILE_KEYS)}")
+        raise CorruptLossFile(
+            f"{path}: unknown key {unknown[0]!r} in the file; a learned-loss file holds "
+            f"only {sorted(FILE_KEYS)}"
+        )
     meta = blob.get("meta", {})
     if not isinstance(meta, dict):
         raise CorruptLossFile(f"{path}: meta must be a dict, got {type(meta).__name__}")
     unknown = [k for k in meta if k not in META_KEYS]
     if unknown:
-        raise CorruptLossFile(f"{path}: unknown key {'meta.' + str(unknown[0])!r} in the file; "
-                              f"meta holds only {sorted(META_KEYS)}")
+        raise CorruptLossFile(
+            f"{path}: unknown key {'meta.' + str(unknown[0])!r} in the file; "
+            f"meta holds only {sorted(META_KEYS)}"
+        )
     return blob
 
 
@@ -277,19 +342,25 @@ def _checked_contents(path: Path, blob: dict, max_numel: int) -> tuple[dict, dic
         problems = _value_problems(value, name)
         if problems:
             raise CorruptLossFile(f"{path}: " + "; ".join(problems[:5]))
-    bad = [k for k, v in state_dict.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    bad = [
+        k for k, v in state_dict.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))
+    ]
     if bad:
         raise CorruptLossFile(f"{path}: state_dict entries {bad[:5]} are not named tensors")
     for k, v in state_dict.items():
         why = _unsupported_tensor(v)
         if why:
-            raise CorruptLossFile(f"{path}: state_dict[{k!r}] is {why}; a learned loss holds dense CPU "
-                                  f"tensors of dtype {', '.join(str(d).replace('torch.', '') for d in _FLOAT_DTYPES)} "
-                                  "(integer or bool buffers where its class has them)")
+            raise CorruptLossFile(
+                f"{path}: state_dict[{k!r}] is {why}; a learned loss holds dense CPU "
+                f"tensors of dtype {', '.join(str(d).replace('torch.', '') for d in _FLOAT_DTYPES)} "
+                "(integer or bool buffers where its class has them)"
+            )
     numel = sum(v.numel() for v in state_dict.values())
     if numel > max_numel:
-        raise CorruptLossFile(f"{path}: the saved parameters hold {numel:,} elements, over the "
-                              f"limit of {max_numel:,} (max_numel)")
+        raise CorruptLossFile(
+            f"{path}: the saved parameters hold {numel:,} elements, over the "
+            f"limit of {max_numel:,} (max_numel)"
+        )
     return init_kwargs, state_dict
 
 
@@ -308,7 +379,9 @@ def _value_problems(value: Any, where: str) -> list[str]:
     elif isinstance(value, dict):
         for k, item in value.items():
             if k in HYDRA_KEYS:
-                out.append(f"{where}.{k}: Hydra key {k!r} refused (a file holds values, never what to call)")
+                out.append(
+                    f"{where}.{k}: Hydra key {k!r} refused (a file holds values, never what to call)"
+                )
             else:
                 out += _value_problems(item, f"{where}.{k}")
     return out
@@ -346,8 +419,10 @@ def _count_plain(value: Any, depth: int) -> int:
             raise ValueError("have a dict with non-string keys")
         items = value.values()
     else:
-        raise ValueError(f"hold a {type(value).__name__}; only int, float, str, bool, None "
-                         "and lists, tuples and dicts of them are accepted")
+        raise ValueError(
+            f"hold a {type(value).__name__}; only int, float, str, bool, None "
+            "and lists, tuples and dicts of them are accepted"
+        )
     total = 1
     for item in items:
         total += _count_plain(item, depth + 1)
@@ -358,14 +433,17 @@ def _count_plain(value: Any, depth: int) -> int:
 
 # --- which class: the trust rule ---------------------------------------------------------
 
+
 def _trusted_prefixes(trusted_modules: Sequence[str] | str) -> tuple[str, ...]:
     if isinstance(trusted_modules, str):  # a bare name, not its characters
         trusted_modules = (trusted_modules,)
     names = tuple(trusted_modules)
     for name in names:
         if not (isinstance(name, str) and _is_dotted_name(name)):
-            raise ValueError(f"trusted_modules entries must be module names like 'my_losses' "
-                             f"or 'my_losses.mlp', got {name!r}")
+            raise ValueError(
+                f"trusted_modules entries must be module names like 'my_losses' "
+                f"or 'my_losses.mlp', got {name!r}"
+            )
     return ("metaloss", *names)
 
 
@@ -388,7 +466,8 @@ def _resolve_loss_class(path: Path, target: Any, trusted: tuple[str, ...]) -> ty
             f"trusted: loading it would import (run) that module. Only modules inside "
             f"'metaloss' are imported by default. If you trust this file and its code, allow "
             f"it with the config key `trusted_modules=[{top}]` "
-            f"(or load_learned_loss(..., trusted_modules=[{top!r}]))")
+            f"(or load_learned_loss(..., trusted_modules=[{top!r}]))"
+        )
     try:
         obj = _locate(parts)
     except Exception as e:
@@ -396,8 +475,10 @@ def _resolve_loss_class(path: Path, target: Any, trusted: tuple[str, ...]) -> ty
     if not (isinstance(obj, type) and issubclass(obj, ParametricLoss)):
         raise CorruptLossFile(f"{path}: {target!r} is not a ParametricLoss")
     if not _is_trusted(obj.__module__, trusted):  # reached through an attribute of a trusted module
-        raise UntrustedLossClass(f"{path}: {target!r} is defined in {obj.__module__!r}, "
-                                 "which is not trusted (see trusted_modules)")
+        raise UntrustedLossClass(
+            f"{path}: {target!r} is defined in {obj.__module__!r}, "
+            "which is not trusted (see trusted_modules)"
+        )
     return obj
 
 
@@ -405,8 +486,10 @@ def _target_parts(path: Path, target: Any) -> list[str]:
     """A plain dotted path ``module.Class``; no dunders, which only lead to internals."""
     parts = target.split(".") if isinstance(target, str) else []
     if len(parts) < 2 or not all(_IDENTIFIER.match(p) and not p.startswith("__") for p in parts):
-        raise CorruptLossFile(f"{path}: the loss class {target!r} is not a dotted name "
-                              "like 'package.module.ClassName'")
+        raise CorruptLossFile(
+            f"{path}: the loss class {target!r} is not a dotted name "
+            "like 'package.module.ClassName'"
+        )
     return parts
 
 
@@ -426,13 +509,16 @@ def _locate(parts: list[str]) -> Any:
 
 # --- how big: a shape-only build before the real one -------------------------------------
 
+
 class _Built(Exception):  # a control-flow signal carrying the probe's module
     def __init__(self, module: torch.nn.Module) -> None:
         super().__init__("built")
         self.module = module
 
 
-def _meta_build(cls: type[ParametricLoss], init_kwargs: dict, state_dict: dict) -> torch.nn.Module | None:
+def _meta_build(
+    cls: type[ParametricLoss], init_kwargs: dict, state_dict: dict
+) -> torch.nn.Module | None:
     """The loss as ``cls.from_saved`` builds it, on the meta device (shapes, no memory),
     stopped before it loads the state dict; None if the class cannot be built there.
 
@@ -440,19 +526,28 @@ def _meta_build(cls: type[ParametricLoss], init_kwargs: dict, state_dict: dict) 
     the one construction path (ML3 skips its fitting there), and a shape mismatch is
     reported by us rather than by a failed load we could not tell from a failed build.
     """
+
     def capture(self, *_args, **_kwargs):
         raise _Built(self)
 
-    meta_state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state_dict.items()}
+    meta_state = {
+        k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state_dict.items()
+    }
     try:
-        probe = type(cls.__name__, (cls,), {"load_state_dict": capture, "__module__": cls.__module__})
+        probe = type(
+            cls.__name__, (cls,), {"load_state_dict": capture, "__module__": cls.__module__}
+        )
         with torch.device("meta"):
             built = probe.from_saved(dict(init_kwargs), meta_state)
     except _Built as b:
         return b.module
     except Exception as e:  # e.g. a constructor that reads a tensor value (`float(t)`)
-        log.debug("%s cannot be built on the meta device (%s: %s); checking saved sizes only",
-                  cls.__qualname__, type(e).__name__, e)
+        log.debug(
+            "%s cannot be built on the meta device (%s: %s); checking saved sizes only",
+            cls.__qualname__,
+            type(e).__name__,
+            e,
+        )
         return None
     return built if isinstance(built, torch.nn.Module) else None
 
@@ -464,12 +559,18 @@ def _check_arguments(path: Path, cls: type[ParametricLoss], init_kwargs: dict) -
 
     params = inspect.signature(cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        takes = [n for n, p in params.items() if n != "self" and p.kind in
-                 (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        takes = [
+            n
+            for n, p in params.items()
+            if n != "self"
+            and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        ]
         unknown = [k for k in init_kwargs if k not in takes]
         if unknown:
-            raise CorruptLossFile(f"{path}: unknown key {'init_kwargs.' + unknown[0]!r}: "
-                                  f"{cls.__qualname__} takes {takes}")
+            raise CorruptLossFile(
+                f"{path}: unknown key {'init_kwargs.' + unknown[0]!r}: "
+                f"{cls.__qualname__} takes {takes}"
+            )
     rules = LOSS_RULES.get(cls.__name__, {}) if _is_trusted(cls.__module__, ("metaloss",)) else {}
     problems = []
     for key, check in rules.items():
@@ -482,8 +583,9 @@ def _check_arguments(path: Path, cls: type[ParametricLoss], init_kwargs: dict) -
         raise CorruptLossFile(f"{path}: " + "; ".join(problems))
 
 
-def _check_dtypes(path: Path, cls: type[ParametricLoss], state_dict: dict,
-                  module: torch.nn.Module | None) -> None:
+def _check_dtypes(
+    path: Path, cls: type[ParametricLoss], state_dict: dict, module: torch.nn.Module | None
+) -> None:
     """φ is floating point: a parameter (or any entry the class builds as floats) saved as
     integers or bools would be cast silently by ``load_state_dict``."""
     if module is not None:
@@ -494,13 +596,16 @@ def _check_dtypes(path: Path, cls: type[ParametricLoss], state_dict: dict,
     bad = [k for k in state_dict if k in floats and not state_dict[k].is_floating_point()]
     if bad:
         k = bad[0]
-        raise CorruptLossFile(f"{path}: state_dict[{k!r}] has dtype {str(state_dict[k].dtype).replace('torch.', '')}, "
-                              f"but {cls.__qualname__} holds it as floats (φ is one of "
-                              f"{', '.join(str(d).replace('torch.', '') for d in _FLOAT_DTYPES)})")
+        raise CorruptLossFile(
+            f"{path}: state_dict[{k!r}] has dtype {str(state_dict[k].dtype).replace('torch.', '')}, "
+            f"but {cls.__qualname__} holds it as floats (φ is one of "
+            f"{', '.join(str(d).replace('torch.', '') for d in _FLOAT_DTYPES)})"
+        )
 
 
-def _check_size_before_building(path: Path, cls: type[ParametricLoss], init_kwargs: dict,
-                                state_dict: dict, max_numel: int) -> torch.nn.Module | None:
+def _check_size_before_building(
+    path: Path, cls: type[ParametricLoss], init_kwargs: dict, state_dict: dict, max_numel: int
+) -> torch.nn.Module | None:
     """The meta-device build (None if the class cannot be built there), checked for size
     and for its parameter shapes against the saved ones."""
     module = _meta_build(cls, init_kwargs, state_dict)
@@ -508,20 +613,29 @@ def _check_size_before_building(path: Path, cls: type[ParametricLoss], init_kwar
         return None  # only the saved state dict's size (checked on reading) bounds this class
     numel = sum(t.numel() for t in (*module.parameters(), *module.buffers()))
     if numel > max_numel:
-        raise CorruptLossFile(f"{path}: {cls.__qualname__}(**{_short(init_kwargs)}) would hold "
-                              f"{numel:,} elements, over the limit of {max_numel:,} (max_numel)")
+        raise CorruptLossFile(
+            f"{path}: {cls.__qualname__}(**{_short(init_kwargs)}) would hold "
+            f"{numel:,} elements, over the limit of {max_numel:,} (max_numel)"
+        )
     problems = _state_dict_mismatch(module.state_dict(), state_dict)
     if problems:
-        raise CorruptLossFile(f"{path}: parameters do not match {cls.__qualname__}"
-                              f"(**{_short(init_kwargs)}): " + "; ".join(problems))
+        raise CorruptLossFile(
+            f"{path}: parameters do not match {cls.__qualname__}"
+            f"(**{_short(init_kwargs)}): " + "; ".join(problems)
+        )
     return module
 
 
-def _state_dict_mismatch(expected: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]) -> list[str]:
+def _state_dict_mismatch(
+    expected: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor]
+) -> list[str]:
     missing = [k for k in expected if k not in saved]
     unexpected = [k for k in saved if k not in expected]
-    shapes = [f"{k}: saved {tuple(saved[k].shape)}, class builds {tuple(v.shape)}"
-              for k, v in expected.items() if k in saved and saved[k].shape != v.shape]
+    shapes = [
+        f"{k}: saved {tuple(saved[k].shape)}, class builds {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in saved and saved[k].shape != v.shape
+    ]
     problems = []
     if missing:
         problems.append(f"missing {missing[:5]}")

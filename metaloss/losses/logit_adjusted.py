@@ -28,8 +28,10 @@ class LogitAdjusted(ParametricLoss):
     def forward(self, pred, target, **_):
         logits = binary_as_two_class(pred)
         if logits.shape[-1] != self.scale.shape[0]:
-            raise ValueError(f"LogitAdjusted built for {self.scale.shape[0]} classes got "
-                             f"{logits.shape[-1]} logits")
+            raise ValueError(
+                f"LogitAdjusted built for {self.scale.shape[0]} classes got "
+                f"{logits.shape[-1]} logits"
+            )
         y = one_hot(target, logits.shape[-1], logits.dtype)
         logp = torch.log_softmax(logits * self.scale + self.shift, dim=-1)
         return -(y * logp).sum(-1) * (y * self.log_weight.exp()).sum(-1)

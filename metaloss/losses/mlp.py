@@ -28,15 +28,34 @@ class ML3Loss(ParametricLoss):
 
     kinds = ("regression", "classification", "binary")
 
-    def __init__(self, hidden=(50, 50), use_x: bool = False, x_dim: int | None = None,
-                 use_progress: bool = False, init_scale: float = 1.0, bias: bool = True,
-                 init: str = "default", fit_to: str | None = None, fit_steps: int = 3000) -> None:
-        super().__init__(hidden=list(hidden), use_x=use_x, x_dim=x_dim, use_progress=use_progress,
-                         init_scale=init_scale, bias=bias, init=init, fit_to=fit_to,
-                         fit_steps=fit_steps)
+    def __init__(
+        self,
+        hidden=(50, 50),
+        use_x: bool = False,
+        x_dim: int | None = None,
+        use_progress: bool = False,
+        init_scale: float = 1.0,
+        bias: bool = True,
+        init: str = "default",
+        fit_to: str | None = None,
+        fit_steps: int = 3000,
+    ) -> None:
+        super().__init__(
+            hidden=list(hidden),
+            use_x=use_x,
+            x_dim=x_dim,
+            use_progress=use_progress,
+            init_scale=init_scale,
+            bias=bias,
+            init=init,
+            fit_to=fit_to,
+            fit_steps=fit_steps,
+        )
         if use_x and not x_dim:
-            raise ValueError("ML3Loss(use_x=True) needs x_dim, the number of input features "
-                             "(metaloss fills it in from the task)")
+            raise ValueError(
+                "ML3Loss(use_x=True) needs x_dim, the number of input features "
+                "(metaloss fills it in from the task)"
+            )
         x_dim = x_dim if use_x else None
         if init not in ("default", "xavier"):
             raise ValueError(f"ML3Loss init must be 'default' or 'xavier', got {init!r}")
@@ -73,7 +92,9 @@ class ML3Loss(ParametricLoss):
         g = torch.Generator().manual_seed(0)
         n = 2048
         if target == "ce":
-            a = torch.exp(torch.rand(n, generator=g) * torch.log(torch.tensor(0.005)))  # log-uniform
+            a = torch.exp(
+                torch.rand(n, generator=g) * torch.log(torch.tensor(0.005))
+            )  # log-uniform
             b = (torch.rand(n, generator=g) < 0.5).float()
             ref = -b * torch.log(a)
         elif target == "mse":
@@ -81,8 +102,9 @@ class ML3Loss(ParametricLoss):
             ref = (a - b) ** 2
         else:
             raise ValueError(f"ML3Loss fit_to must be 'ce', 'mse' or None, got {target!r}")
-        feats = self._features(torch.stack([a, b], -1)[:, None, :],
-                               torch.zeros(n, self.x_dim or 0), 0.0)[:, 0]
+        feats = self._features(
+            torch.stack([a, b], -1)[:, None, :], torch.zeros(n, self.x_dim or 0), 0.0
+        )[:, 0]
         opt = torch.optim.Adam(self.net.parameters(), lr=3e-3)
         for _ in range(steps):
             err = F.softplus(self.net(feats)).squeeze(-1) - ref
@@ -98,7 +120,9 @@ class ML3Loss(ParametricLoss):
         extra = []
         if self.x_dim:
             if x is None:
-                raise ValueError("this ML3 loss was built with x_dim; pass x=... in the loss context")
+                raise ValueError(
+                    "this ML3 loss was built with x_dim; pass x=... in the loss context"
+                )
             xf = x.reshape(x.shape[0], -1)
             extra.append(xf[:, None, :].expand(-1, pairs.shape[1], -1))
         if self.use_progress:
@@ -108,8 +132,9 @@ class ML3Loss(ParametricLoss):
 
     def forward(self, pred, target, *, x=None, t=None, **_):
         if target.is_floating_point():  # regression
-            pairs = torch.stack([pred.reshape(pred.shape[0], -1),
-                                 target.reshape(target.shape[0], -1)], dim=-1)
+            pairs = torch.stack(
+                [pred.reshape(pred.shape[0], -1), target.reshape(target.shape[0], -1)], dim=-1
+            )
             return F.softplus(self.net(self._features(pairs, x, t))).squeeze(-1).mean(-1)
         logits = binary_as_two_class(pred)
         p = torch.softmax(logits, dim=-1)

@@ -31,7 +31,9 @@ class PolyN(ParametricLoss):
             raise ValueError(f"init_epsilon has {len(eps)} values for degree {degree}")
         super().__init__(degree=degree, init_epsilon=eps)
         self.epsilon = nn.Parameter(torch.tensor(eps))
-        self.register_buffer("powers", torch.arange(1, degree + 1, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "powers", torch.arange(1, degree + 1, dtype=torch.float32), persistent=False
+        )
 
     def forward(self, pred, target, **_):
         logp = torch.log_softmax(binary_as_two_class(pred), dim=-1)

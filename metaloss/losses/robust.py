@@ -22,12 +22,18 @@ class AdaptiveRobust(ParametricLoss):
 
     kinds = ("regression",)
 
-    def __init__(self, init_alpha: float = 1.0, init_scale: float = 1.0,
-                 alpha_min: float = 0.01, alpha_max: float = 1.99) -> None:
+    def __init__(
+        self,
+        init_alpha: float = 1.0,
+        init_scale: float = 1.0,
+        alpha_min: float = 0.01,
+        alpha_max: float = 1.99,
+    ) -> None:
         if not alpha_min < init_alpha < alpha_max:
             raise ValueError(f"init_alpha must lie in ({alpha_min}, {alpha_max})")
-        super().__init__(init_alpha=init_alpha, init_scale=init_scale, alpha_min=alpha_min,
-                         alpha_max=alpha_max)
+        super().__init__(
+            init_alpha=init_alpha, init_scale=init_scale, alpha_min=alpha_min, alpha_max=alpha_max
+        )
         self.alpha_min, self.alpha_max = alpha_min, alpha_max
         u = (init_alpha - alpha_min) / (alpha_max - alpha_min)
         self.alpha_logit = nn.Parameter(torch.logit(torch.tensor(u)))

@@ -50,19 +50,38 @@ class LearnedTversky(ParametricLoss):
 
     kinds = ("segmentation",)
 
-    def __init__(self, init_alpha: float = 0.5, init_beta: float = 0.5, init_gamma: float = 1.0,
-                 init_w: float = 0.5, scale: float = 2.0, smooth: float = 1.0) -> None:
-        for name, v in (("init_alpha", init_alpha), ("init_beta", init_beta), ("init_gamma", init_gamma),
-                        ("scale", scale)):
+    def __init__(
+        self,
+        init_alpha: float = 0.5,
+        init_beta: float = 0.5,
+        init_gamma: float = 1.0,
+        init_w: float = 0.5,
+        scale: float = 2.0,
+        smooth: float = 1.0,
+    ) -> None:
+        for name, v in (
+            ("init_alpha", init_alpha),
+            ("init_beta", init_beta),
+            ("init_gamma", init_gamma),
+            ("scale", scale),
+        ):
             if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
                 raise ValueError(f"LearnedTversky: {name} must be a number > 0, got {v!r}")
         if not (isinstance(init_w, int | float) and 0 < init_w < 1):
-            raise ValueError(f"LearnedTversky: init_w must be in (0, 1) (a sigmoid never reaches "
-                             f"its ends), got {init_w!r}")
+            raise ValueError(
+                f"LearnedTversky: init_w must be in (0, 1) (a sigmoid never reaches "
+                f"its ends), got {init_w!r}"
+            )
         if not (isinstance(smooth, int | float) and math.isfinite(smooth) and smooth >= 0):
             raise ValueError(f"LearnedTversky: smooth must be a number >= 0, got {smooth!r}")
-        super().__init__(init_alpha=init_alpha, init_beta=init_beta, init_gamma=init_gamma,
-                         init_w=init_w, scale=scale, smooth=smooth)
+        super().__init__(
+            init_alpha=init_alpha,
+            init_beta=init_beta,
+            init_gamma=init_gamma,
+            init_w=init_w,
+            scale=scale,
+            smooth=smooth,
+        )
         self.scale, self.smooth = float(scale), float(smooth)  # fixed constants, not φ
         self.raw_alpha = nn.Parameter(torch.tensor(_softplus_inverse(float(init_alpha))))
         self.raw_beta = nn.Parameter(torch.tensor(_softplus_inverse(float(init_beta))))
@@ -71,8 +90,12 @@ class LearnedTversky(ParametricLoss):
 
     def coefficients(self) -> dict[str, torch.Tensor]:
         """α, β, γ and w as the loss uses them (for logging and reports)."""
-        return {"alpha": F.softplus(self.raw_alpha), "beta": F.softplus(self.raw_beta),
-                "gamma": F.softplus(self.raw_gamma), "w": torch.sigmoid(self.mix_logit)}
+        return {
+            "alpha": F.softplus(self.raw_alpha),
+            "beta": F.softplus(self.raw_beta),
+            "gamma": F.softplus(self.raw_gamma),
+            "w": torch.sigmoid(self.mix_logit),
+        }
 
     def terms(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image (pixel-mean BCE, focal-Tversky region term), each [B]."""

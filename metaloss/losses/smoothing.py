@@ -25,12 +25,18 @@ class LearnedSmoothing(ParametricLoss):
 
     kinds = ("classification", "binary")
 
-    def __init__(self, init_epsilon: float = 0.1, per_class: bool = False, num_classes: int = 2,
-                 eps_max: float = 0.5) -> None:
+    def __init__(
+        self,
+        init_epsilon: float = 0.1,
+        per_class: bool = False,
+        num_classes: int = 2,
+        eps_max: float = 0.5,
+    ) -> None:
         if not 0.0 < init_epsilon < eps_max:
             raise ValueError(f"init_epsilon must lie in (0, {eps_max})")
-        super().__init__(init_epsilon=init_epsilon, per_class=per_class, num_classes=num_classes,
-                         eps_max=eps_max)
+        super().__init__(
+            init_epsilon=init_epsilon, per_class=per_class, num_classes=num_classes, eps_max=eps_max
+        )
         self.eps_max = eps_max
         shape = (num_classes,) if per_class else ()
         u = init_epsilon / eps_max

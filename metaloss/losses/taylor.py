@@ -16,8 +16,14 @@ COEFFICIENTS = ("c_p", "c_pp", "c_ppp", "c_tp", "c_tpp", "c_ttp")
 
 def ce_taylor_coefficients(t0: float, p0: float) -> dict[str, float]:
     """Coefficients of the 3rd-order expansion of -t log p around (t0, p0), p-dependent terms."""
-    return {"c_p": -t0 / p0, "c_pp": t0 / p0**2, "c_ppp": -2 * t0 / p0**3,
-            "c_tp": -1 / p0, "c_tpp": 1 / p0**2, "c_ttp": 0.0}
+    return {
+        "c_p": -t0 / p0,
+        "c_pp": t0 / p0**2,
+        "c_ppp": -2 * t0 / p0**3,
+        "c_tp": -1 / p0,
+        "c_tpp": 1 / p0**2,
+        "c_ttp": 0.0,
+    }
 
 
 class TaylorGLO(ParametricLoss):
@@ -36,7 +42,9 @@ class TaylorGLO(ParametricLoss):
 
     kinds = ("classification", "binary", "regression")
 
-    def __init__(self, init: str = "ce", center_target: float = 1.0, center_pred: float = 0.5) -> None:
+    def __init__(
+        self, init: str = "ce", center_target: float = 1.0, center_pred: float = 0.5
+    ) -> None:
         super().__init__(init=init, center_target=center_target, center_pred=center_pred)
         if init == "ce":
             coefs = ce_taylor_coefficients(center_target, center_pred)
@@ -54,12 +62,20 @@ class TaylorGLO(ParametricLoss):
 
     def polynomial(self, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         dt, dp = t - self.center_target, p - self.center_pred
-        return (self.c_p * dp + 0.5 * self.c_pp * dp**2 + self.c_ppp * dp**3 / 6
-                + self.c_tp * dt * dp + 0.5 * self.c_tpp * dt * dp**2 + 0.5 * self.c_ttp * dt**2 * dp)
+        return (
+            self.c_p * dp
+            + 0.5 * self.c_pp * dp**2
+            + self.c_ppp * dp**3 / 6
+            + self.c_tp * dt * dp
+            + 0.5 * self.c_tpp * dt * dp**2
+            + 0.5 * self.c_ttp * dt**2 * dp
+        )
 
     def forward(self, pred, target, **_):
         if target.is_floating_point():
-            f = self.polynomial(target.reshape(target.shape[0], -1), pred.reshape(pred.shape[0], -1))
+            f = self.polynomial(
+                target.reshape(target.shape[0], -1), pred.reshape(pred.shape[0], -1)
+            )
             return f.mean(-1)
         logits = binary_as_two_class(pred)
         p = torch.softmax(logits, dim=-1)

@@ -21,8 +21,13 @@ def _activation(name: str) -> nn.Module:
     return _ACTIVATIONS[name]()
 
 
-def mlp(*, in_shape: Sequence[int], out_dim: int, hidden: Sequence[int] = (64, 64),
-        activation: str = "relu") -> nn.Module:
+def mlp(
+    *,
+    in_shape: Sequence[int],
+    out_dim: int,
+    hidden: Sequence[int] = (64, 64),
+    activation: str = "relu",
+) -> nn.Module:
     """Flatten, then Linear/activation layers; ``hidden=[]`` is a linear (logistic) model."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(in_shape)
@@ -38,8 +43,9 @@ class _Unsqueeze(nn.Module):
         return x[:, None, :] if x.ndim == 2 else x
 
 
-def cnn1d(*, in_shape: Sequence[int], out_dim: int, channels: int = 32, kernel: int = 5,
-          depth: int = 3) -> nn.Module:
+def cnn1d(
+    *, in_shape: Sequence[int], out_dim: int, channels: int = 32, kernel: int = 5, depth: int = 3
+) -> nn.Module:
     """1-D convnet for sequences like MNIST-1D (Greydanus 2020 uses 3 strided conv layers)."""
     if len(in_shape) not in (1, 2):
         raise ValueError(f"cnn1d expects [L] or [C, L] inputs, got {list(in_shape)}")
@@ -57,24 +63,35 @@ def cnn1d(*, in_shape: Sequence[int], out_dim: int, channels: int = 32, kernel: 
     return nn.Sequential(*layers)
 
 
-def convnet(*, in_shape: Sequence[int], out_dim: int, channels: int = 16, depth: int = 2,
-            groups: int = 4) -> nn.Module:
+def convnet(
+    *, in_shape: Sequence[int], out_dim: int, channels: int = 16, depth: int = 2, groups: int = 4
+) -> nn.Module:
     """Small 2-D convnet with GroupNorm for image classification (e.g. 8x8 digits)."""
     if len(in_shape) != 3:
         raise ValueError(f"convnet expects [C, H, W] inputs, got {list(in_shape)}")
     c_in = in_shape[0]
     layers: list[nn.Module] = []
     for _ in range(depth):
-        layers += [nn.Conv2d(c_in, channels, 3, padding=1), nn.GroupNorm(groups, channels),
-                   nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
+        layers += [
+            nn.Conv2d(c_in, channels, 3, padding=1),
+            nn.GroupNorm(groups, channels),
+            nn.ReLU(),
+            nn.MaxPool2d(2, ceil_mode=True),
+        ]
         c_in = channels
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, out_dim)]
     return nn.Sequential(*layers)
 
 
 def _block(c_in: int, c_out: int, groups: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(groups, c_out), nn.ReLU(),
-                         nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(groups, c_out), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1),
+        nn.GroupNorm(groups, c_out),
+        nn.ReLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1),
+        nn.GroupNorm(groups, c_out),
+        nn.ReLU(),
+    )
 
 
 class UNet(nn.Module):
@@ -104,5 +121,7 @@ class UNet(nn.Module):
 def unet(*, in_shape: Sequence[int], out_dim: int, base: int = 8, groups: int = 4) -> nn.Module:
     """Small U-Net for segmentation; H and W must be divisible by 4."""
     if len(in_shape) != 3 or in_shape[1] % 4 or in_shape[2] % 4:
-        raise ValueError(f"unet expects [C, H, W] inputs with H, W divisible by 4, got {list(in_shape)}")
+        raise ValueError(
+            f"unet expects [C, H, W] inputs with H, W divisible by 4, got {list(in_shape)}"
+        )
     return UNet(in_shape[0], out_dim, base, groups)

@@ -38,7 +38,9 @@ class Task:
         for split in ("train", "val", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if len(x) != len(y) or len(x) == 0:
-                raise ValueError(f"task {self.name}: {split} split has {len(x)} inputs, {len(y)} targets")
+                raise ValueError(
+                    f"task {self.name}: {split} split has {len(x)} inputs, {len(y)} targets"
+                )
             self._check_targets(split, y)
 
     def _check_targets(self, split: str, y: Tensor) -> None:
@@ -47,10 +49,14 @@ class Task:
         if self.kind in ("classification", "binary"):
             n = 2 if self.kind == "binary" else self.num_classes
             if y.is_floating_point() or y.dtype == torch.bool:
-                raise ValueError(f"task {self.name}: {split} labels must be integer class indices, got {y.dtype}")
+                raise ValueError(
+                    f"task {self.name}: {split} labels must be integer class indices, got {y.dtype}"
+                )
             if n is None or (len(y) and (int(y.min()) < 0 or int(y.max()) >= n)):
-                raise ValueError(f"task {self.name}: {split} labels must lie in [0, {n}) "
-                                 f"(num_classes={self.num_classes}), got [{int(y.min())}, {int(y.max())}]")
+                raise ValueError(
+                    f"task {self.name}: {split} labels must lie in [0, {n}) "
+                    f"(num_classes={self.num_classes}), got [{int(y.min())}, {int(y.max())}]"
+                )
         elif self.kind == "segmentation" and not bool(((y == 0) | (y == 1)).all()):
             raise ValueError(f"task {self.name}: {split} masks must hold only 0 and 1")
 
@@ -85,10 +91,18 @@ class Task:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Task:
         """The same task with its tensors on ``device``; inputs (and float targets, i.e.
         regression values and masks) cast to ``dtype``. Class labels stay integers."""
-        def move(t: Tensor) -> Tensor:
-            return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
 
-        tensors = {f"{a}_{s}": move(getattr(self, f"{a}_{s}")) for a in ("x", "y") for s in ("train", "val", "test")}
+        def move(t: Tensor) -> Tensor:
+            return t.to(
+                device=device,
+                dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype,
+            )
+
+        tensors = {
+            f"{a}_{s}": move(getattr(self, f"{a}_{s}"))
+            for a in ("x", "y")
+            for s in ("train", "val", "test")
+        }
         return dataclasses.replace(self, **tensors)
 
     def split(self, name: str) -> tuple[Tensor, Tensor]:
@@ -145,8 +159,16 @@ def standardize(train: Tensor, *others: Tensor) -> list[Tensor]:
 IMBALANCE_PROFILES = ("index", "rank")
 
 
-def imbalance(x: Tensor, y: Tensor, *, ratio: float, num_classes: int, seed: int,
-              binary: bool, profile: str = "rank") -> tuple[Tensor, Tensor]:
+def imbalance(
+    x: Tensor,
+    y: Tensor,
+    *,
+    ratio: float,
+    num_classes: int,
+    seed: int,
+    binary: bool,
+    profile: str = "rank",
+) -> tuple[Tensor, Tensor]:
     """Subsample the training split to a long-tailed class profile.
 
     Binary: keep every majority example and ``n_major / ratio`` minority ones. Multi-class:
@@ -170,12 +192,17 @@ def imbalance(x: Tensor, y: Tensor, *, ratio: float, num_classes: int, seed: int
         keep_n = counts.clone()
         keep_n[1 - major] = max(1, int(counts[major].item() / ratio))
     else:
-        order = (torch.arange(num_classes) if profile == "index"
-                 else torch.argsort(counts, descending=True, stable=True))
+        order = (
+            torch.arange(num_classes)
+            if profile == "index"
+            else torch.argsort(counts, descending=True, stable=True)
+        )
         n_max = counts.max().item()
         keep_n = counts.clone()
         for rank, c in enumerate(order.tolist()):
-            keep_n[c] = max(1, min(int(counts[c]), int(n_max * ratio ** (-rank / (num_classes - 1)))))
+            keep_n[c] = max(
+                1, min(int(counts[c]), int(n_max * ratio ** (-rank / (num_classes - 1))))
+            )
     keep = []
     for c in range(num_classes):
         members = torch.nonzero(y.long() == c).flatten()
@@ -202,21 +229,53 @@ def label_noise(y: Tensor, *, rate: float, kind: str, num_classes: int, seed: in
     return torch.where(flip, new, y)
 
 
-def finish_classification(name: str, kind: str, train, val, test, *, num_classes: int,
-                          seed: int, label_noise_cfg=None, imbalance_ratio=None,
-                          imbalance_profile: str = "rank", info=None) -> Task:
+def finish_classification(
+    name: str,
+    kind: str,
+    train,
+    val,
+    test,
+    *,
+    num_classes: int,
+    seed: int,
+    label_noise_cfg=None,
+    imbalance_ratio=None,
+    imbalance_profile: str = "rank",
+    info=None,
+) -> Task:
     """Apply the training-split-only corruptions shared by every classification task."""
     (xtr, ytr), (xva, yva), (xte, yte) = train, val, test
     info = dict(info or {})
     if imbalance_ratio:
-        xtr, ytr = imbalance(xtr, ytr, ratio=float(imbalance_ratio), num_classes=num_classes,
-                             seed=seed + 1, binary=(kind == "binary"), profile=imbalance_profile)
+        xtr, ytr = imbalance(
+            xtr,
+            ytr,
+            ratio=float(imbalance_ratio),
+            num_classes=num_classes,
+            seed=seed + 1,
+            binary=(kind == "binary"),
+            profile=imbalance_profile,
+        )
         info["imbalance_ratio"] = float(imbalance_ratio)
         info["imbalance_profile"] = imbalance_profile
     if label_noise_cfg and float(label_noise_cfg.get("rate", 0.0)) > 0:
-        ytr = label_noise(ytr, rate=float(label_noise_cfg["rate"]),
-                          kind=str(label_noise_cfg.get("kind", "symmetric")),
-                          num_classes=num_classes, seed=seed + 2)
+        ytr = label_noise(
+            ytr,
+            rate=float(label_noise_cfg["rate"]),
+            kind=str(label_noise_cfg.get("kind", "symmetric")),
+            num_classes=num_classes,
+            seed=seed + 2,
+        )
         info["label_noise"] = dict(label_noise_cfg)
-    return Task(name, kind, xtr, ytr.long(), xva, yva.long(), xte, yte.long(),
-                num_classes=num_classes, info=info)
+    return Task(
+        name,
+        kind,
+        xtr,
+        ytr.long(),
+        xva,
+        yva.long(),
+        xte,
+        yte.long(),
+        num_classes=num_classes,
+        info=info,
+    )
