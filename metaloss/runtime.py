@@ -18,8 +18,10 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
+from hydra.utils import instantiate
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -73,3 +75,17 @@ def setup(cfg) -> tuple[torch.device, torch.dtype]:
     dtype = DTYPES[cfg.get("dtype") or "float32"]
     torch.set_default_dtype(dtype)
     return resolve_device(cfg.get("device") or "auto"), dtype
+
+
+def task_pool(cfg: Any) -> list:
+    """The tasks a run trains on, as ``cfg.task`` describes them: one data set, or the
+    ``meta.train_tasks`` members of a task family (seeds ``task.seed``, ``+1``, ...); made
+    the same in a float32 and a float64 run."""
+    with canonical_draws():
+        first = instantiate(cfg.task)
+        if not first.distribution:
+            return [first]
+        base = int(cfg.task.seed)
+        return [first] + [
+            instantiate(cfg.task, seed=base + i) for i in range(1, int(cfg.meta.train_tasks))
+        ]

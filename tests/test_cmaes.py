@@ -8,6 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from metaloss.checkpoint import CorruptCheckpoint
 from metaloss.cli import meta as meta_app
 from metaloss.cmaes import CMAES, OBJECTIVES
 from metaloss.config import instantiate_loss
@@ -224,12 +225,12 @@ def test_the_checkpoint_holds_only_tensors_and_a_tampered_one_is_refused(compose
 
     evil = dict(ckpt, learner=dict(ckpt["learner"], extra=Boom()))
     torch.save(evil, path)
-    with pytest.raises(meta_app.CorruptCheckpoint, match="cannot read"):
+    with pytest.raises(CorruptCheckpoint, match="cannot read"):
         meta_app.run(compose_cfg("meta", TINY + ["meta.steps=3"]), tmp_path, "taylorglo")
 
     ckpt["learner"]["fitness"][1, 0] += 0.25  # another history than the stored mean's
     torch.save(ckpt, path)
-    with pytest.raises(meta_app.CorruptCheckpoint, match="did not reproduce"):
+    with pytest.raises(CorruptCheckpoint, match="did not reproduce"):
         meta_app.run(compose_cfg("meta", TINY + ["meta.steps=3"]), tmp_path, "taylorglo")
 
 

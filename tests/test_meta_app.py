@@ -7,6 +7,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from metaloss.checkpoint import CorruptCheckpoint
 from metaloss.cli import eval as eval_app
 from metaloss.cli import meta as meta_app
 from metaloss.cli import train as train_app
@@ -115,7 +116,7 @@ def test_resume_equals_uninterrupted(compose_cfg, tmp_path):
 
 def test_corrupt_checkpoint_is_a_clear_error(compose_cfg, tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"\x00garbage")
-    with pytest.raises(meta_app.CorruptCheckpoint, match="cannot read checkpoint"):
+    with pytest.raises(CorruptCheckpoint, match="cannot read checkpoint"):
         meta_app.run(compose_cfg("meta", TINY + ["meta_test.enabled=false"]), tmp_path, "ml3")
     with pytest.raises(ConfigError, match="meta.resume_from = .*nope.*existing file"):
         meta_app.run(
@@ -136,7 +137,7 @@ def test_a_checkpoint_that_unpacks_to_more_than_it_holds_is_refused_before_loadi
         z.writestr("archive/data.pkl", b"x")
         z.writestr("archive/data/0", bytes(200 * 2**20))
     with pytest.raises(
-        meta_app.CorruptCheckpoint, match="unpack to 209,715,201 bytes from .* uncompressed"
+        CorruptCheckpoint, match="unpack to 209,715,201 bytes from .* uncompressed"
     ):
         meta_app.run(compose_cfg("meta", TINY + ["meta_test.enabled=false"]), tmp_path, "ml3")
 

@@ -145,12 +145,12 @@ def test_recorded_tuning_still_fits_the_experiment(compose_cfg, name):
 def test_every_baseline_got_the_learned_loss_compute(compose_cfg, name):
     """Fair budget: each baseline's tuning used the inner training steps that meta-training the
     learned loss costs under the experiment as it stands (every CMA-ES candidate counted)."""
-    from metaloss.cli.meta import task_pool
-    from metaloss.cli.tune import _learned_cost
+    from metaloss.runtime import task_pool
+    from metaloss.cli.tune import learned_cost
 
     cfg = compose_cfg("tune", [f"experiment={name}"])
     tuned = load_tuned(ROOT / "experiments" / name / "tuned.json")
-    cost = _learned_cost(cfg, task_pool(cfg)[0])
+    cost = learned_cost(cfg, task_pool(cfg)[0])
     per_trial = tuned["budget"]["cost_per_trial"]
     assert per_trial == int(cfg.meta_test.steps) * int(cfg.tune.seeds) * tuned["tasks"]
     for loss, entry in tuned["losses"].items():

@@ -99,7 +99,7 @@ def test_learned_loss_loads_on_cpu_whatever_it_was_saved_from(tmp_path):
 def test_a_seed_draws_the_same_data_and_weights_in_float32_and_float64(compose_cfg, tmp_path):
     """A float64 draw consumes the generator differently: data and initial weights are drawn
     in float32 and cast, so the two dtypes train on the same tasks from the same start."""
-    from metaloss.cli.meta import task_pool
+    from metaloss.runtime import task_pool
     from metaloss.train import build_model
 
     firsts = {}

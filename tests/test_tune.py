@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from metaloss.cli import tune as tune_app
 from metaloss.cli.comparison import run_meta_test
 from metaloss.cli.logger import NullLogger
-from metaloss.cli.meta import task_pool
+from metaloss.runtime import task_pool
 from metaloss.losses.fixed import ce
 from metaloss.tune import (
     SEARCH_SPACES,
@@ -255,21 +255,21 @@ def test_a_file_tuned_on_other_data_or_another_model_size_is_refused(compose_cfg
 
 
 def test_matched_budget_counts_every_candidate_of_es_and_cmaes(compose_cfg):
-    from metaloss.cli.tune import _learned_cost
+    from metaloss.cli.tune import learned_cost
 
     meta = {"steps": 10, "tasks_per_step": 2, "inner_steps": 5}
     cfg = compose_cfg("tune", TINY + ["loss=taylorglo"])
     task = task_pool(cfg)[0]
     one = meta_training_steps(cfg.meta)
-    assert _learned_cost(cfg, task) == one  # a hypergradient: one inner run per task
+    assert learned_cost(cfg, task) == one  # a hypergradient: one inner run per task
     es = compose_cfg("tune", TINY + ["loss=taylorglo", "hypergrad=es", "hypergrad.population=6"])
-    assert _learned_cost(es, task) == 12 * one  # antithetic: 2P runs
+    assert learned_cost(es, task) == 12 * one  # antithetic: 2P runs
     cma = compose_cfg("tune", TINY + ["loss=taylorglo", "meta_optim=cmaes"])
     assert (
-        _learned_cost(cma, task) == 10 * one
+        learned_cost(cma, task) == 10 * one
     )  # cma's default λ for TaylorGLO's 8 parameters: 4 + ⌊3 ln 8⌋
     assert (
-        _learned_cost(
+        learned_cost(
             compose_cfg(
                 "tune", TINY + ["loss=taylorglo", "meta_optim=cmaes", "meta_optim.popsize=7"]
             ),

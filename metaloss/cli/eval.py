@@ -10,23 +10,22 @@ records (its meta-training run's); a task other than the recorded one is refused
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Any
 
-import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from metaloss import runtime
+from metaloss.cli.app import hydra_command, output_dir, run_command
 from metaloss.cli.comparison import check_tuned, run_meta_test
 from metaloss.cli.logger import open_logger
-from metaloss.cli.meta import task_pool
-from metaloss.cli.signals import console, exit_on_interrupt, interruptible
-from metaloss.cli.train import LOCAL_KEYS
-from metaloss.config import check_loss, conf_dir, setup_from_file
+from metaloss.config import check_loss, setup_from_file
 from metaloss.losses.io import load_learned_loss
-from metaloss.runs import RunDir, hydra_record, identity
+from metaloss.runs import RunDir, hydra_record
+from metaloss.runtime import task_pool
 from metaloss.validate import check_against_task, check_config
 
 
@@ -41,14 +40,9 @@ def run(cfg: DictConfig, out_dir: Path, given: set[str] | None = None) -> dict:
         trusted_modules=list(cfg.trusted_modules),
         allow_other_task=bool(cfg.allow_other_task),
     )
-    if given is not None:
-        from_file = setup_from_file(cfg, getattr(learned, "meta", {}), given, str(cfg.loss_path))
-        if from_file is not cfg:
-            cfg = from_file
-            check_config(cfg)  # the file's values pass the same rules as the command line's
-    device, dtype = runtime.setup(cfg)
-    with RunDir(out_dir, "eval", identity(cfg, ignore=LOCAL_KEYS)) as run_dir, interruptible():
-        return _run(cfg, run_dir, learned, device, dtype)
+    if given is not None:  # the file's values pass the same rules as the command line's
+        cfg = setup_from_file(cfg, getattr(learned, "meta", {}), given, str(cfg.loss_path))
+    return run_command(cfg, out_dir, "eval", functools.partial(_work, learned=learned))
 
 
 def given_keys(overrides: list[str]) -> set[str]:
@@ -58,8 +52,8 @@ def given_keys(overrides: list[str]) -> set[str]:
     return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
 
 
-def _run(
-    cfg: DictConfig, run_dir: RunDir, learned, device: torch.device, dtype: torch.dtype
+def _work(
+    cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dtype, learned: Any
 ) -> dict:
     out_dir = run_dir.path
     torch.manual_seed(cfg.seed)
@@ -67,26 +61,18 @@ def _run(
     pool = [t.to(device, dtype) for t in task_pool(cfg)]
     check_loss(learned, pool[0], f"learned ({cfg.loss_path})", cfg)
     check_against_task(cfg, pool[0])
-    check_tuned(
-        cfg, pool, instantiate(cfg.optim)
-    )  # a tuned.json for another setup: refused before training
+    check_tuned(cfg, pool, instantiate(cfg.optim))  # another setup's tuned.json: refused now
     run_dir.record(hydra_record(cfg))
     with open_logger(cfg, out_dir, job_type="eval", name=f"eval-{pool[0].name}") as logger:
         return run_meta_test(cfg, learned, pool, instantiate(cfg.optim), out_dir, logger)
 
 
-@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="eval")
-def _hydra_main(cfg: DictConfig) -> float | None:
-    hc = HydraConfig.get()
-    with exit_on_interrupt():
-        out = run(cfg, Path(hc.runtime.output_dir), given_keys(list(hc.overrides.task)))
+def _app(cfg: DictConfig, hc: HydraConfig) -> float | None:
+    out = run(cfg, output_dir(hc), given_keys(list(hc.overrides.task)))
     return (out.get("significance") or {}).get("learned_mean")
 
 
-def main() -> None:
-    """The console script (SIGTERM forwarded to parallel jobs, exit 128 + signal)."""
-    console(_hydra_main)
-
+main = hydra_command("eval", _app)
 
 if __name__ == "__main__":
     main()

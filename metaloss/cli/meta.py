@@ -7,34 +7,32 @@ metaloss-meta task=mnist1d model=mlp loss=taylorglo hypergrad=unrolled optim=sgd
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from metaloss import distributed, runtime
+from metaloss import distributed, keys, runtime
+from metaloss.checkpoint import RunState, resume, save_checkpoint
+from metaloss.cli.app import hydra_command, output_dir, run_command
 from metaloss.cli.comparison import check_tuned, run_meta_test, tasks_for_seed_fn
 from metaloss.cli.logger import NullLogger, open_logger
-from metaloss.cli.signals import (
-    checkpoint_requested,
-    console,
-    critical,
-    exit_on_interrupt,
-    interruptible,
-)
+from metaloss.cli.signals import checkpoint_requested, critical
 from metaloss.cmaes import CMAES
 from metaloss.config import (
     DEFAULT_OBJECTIVE,
     baselines_for,
     check_loss,
-    conf_dir,
     instantiate_loss,
     loss_option,
     parametric_losses,
@@ -52,230 +50,80 @@ from metaloss.meta import (
     online_steps,
 )
 from metaloss.plots import plot_losses
-from metaloss.runs import (
-    VOLATILE,
-    ResumeMismatch,
-    RunDir,
-    atomic_write,
-    describe,
-    differences,
-    fingerprint,
-    hydra_record,
-    identity,
-    split_applied,
-    stored_archive_problem,
-)
+from metaloss.runs import fingerprint, hydra_record, identity, split_applied
+from metaloss.runtime import task_pool
 from metaloss.sampling import sample_meta_batch
 from metaloss.train import build_model
 from metaloss.tune import learned_loss_cost
-from metaloss.validate import ConfigError, check_against_task, check_config
+from metaloss.validate import ConfigError, check_against_task
 
 log = logging.getLogger("metaloss")
-CKPT_FORMAT = "metaloss.checkpoint/2"
 
 
-class CorruptCheckpoint(RuntimeError):
-    """A checkpoint that cannot be read or does not belong to this run's loss."""
+@dataclass
+class MetaRun:
+    """One meta-training run, assembled from its config: what the outer loop drives."""
 
+    cfg: DictConfig
+    pool: list
+    loss: ParametricLoss
+    loss_name: str | None
+    factory: Any
+    inner_opt: Any
+    problem: MetaProblem
+    hypergrad: Any
+    learner: MetaLearner | CMAES
+    baselines: dict
+    make_meta_optimizer: Any
+    gen: torch.Generator
 
-def task_pool(cfg: DictConfig) -> list:
-    with runtime.canonical_draws():  # the same tasks in a float32 and a float64 run
-        first = instantiate(cfg.task)
-        if not first.distribution:
-            return [first]
-        base = int(cfg.task.seed)
-        return [first] + [
-            instantiate(cfg.task, seed=base + i) for i in range(1, int(cfg.meta.train_tasks))
-        ]
+    @property
+    def task(self) -> Any:
+        return self.pool[0]
 
-
-def _load_checkpoint(path: Path) -> dict:
-    problem = stored_archive_problem(path)
-    if problem:
-        raise CorruptCheckpoint(
-            f"{path} is not a checkpoint metaloss wrote: {problem}; delete it or set "
-            "meta.resume_from to another one"
+    def sample_batch(self, gen: torch.Generator, n_tasks: int) -> Any:
+        mc = self.cfg.meta
+        return sample_meta_batch(
+            self.pool,
+            self.factory,
+            n_tasks=n_tasks,
+            inner_steps=mc.inner_steps,
+            inner_batch=mc.inner_batch,
+            val_batch=mc.val_batch,
+            gen=gen,
+            val_from_train=mc.val_from_train,
         )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CorruptCheckpoint(
-            f"cannot read checkpoint {path} ({type(e).__name__}: {e}); delete it or "
-            "set meta.resume_from to another one"
-        ) from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise CorruptCheckpoint(
-            f"{path} is not a metaloss checkpoint of format {CKPT_FORMAT} (older "
-            "checkpoints carry no fingerprint, so they cannot prove which run they belong to)"
-        )
-    return ckpt
-
-
-class RunState:
-    """Everything that evolves during meta-training — φ and the meta-optimizer, the sampling
-    RNG, torch's global RNG, the hypergradient method's own state (ES noise counter) and,
-    online, the base model — captured together at step boundaries."""
-
-    def __init__(
-        self,
-        learner: MetaLearner | CMAES,
-        gen: torch.Generator,
-        hypergrad,
-        online: OnlineState | None,
-        ident: dict,
-    ) -> None:
-        self.learner, self.gen, self.hypergrad, self.online, self.ident = (
-            learner,
-            gen,
-            hypergrad,
-            online,
-            ident,
-        )
-        self.fingerprint = fingerprint(ident)  # once: capture() runs after every step
-
-    def capture(self, step: int) -> dict:
-        return {
-            "format": CKPT_FORMAT,
-            "step": step,
-            "fingerprint": self.fingerprint,
-            "identity": self.ident,
-            "learner": self.learner.state_dict(),
-            "rng": self.gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "hypergrad": self.hypergrad.state_dict()
-            if hasattr(self.hypergrad, "state_dict")
-            else None,
-            "online": None if self.online is None else self.online.state_dict(),
-        }
-
-    def restore(self, ckpt: dict) -> None:
-        self.learner.load_state_dict(ckpt["learner"])
-        self.gen.set_state(ckpt["rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        if hasattr(self.hypergrad, "load_state_dict") and ckpt.get("hypergrad") is not None:
-            self.hypergrad.load_state_dict(ckpt["hypergrad"])
-        if self.online is not None:
-            self.online.load_state_dict(ckpt["online"])
-
-
-def _resume(cfg: DictConfig, out_dir: Path, state: RunState, make_meta_optimizer) -> int:
-    """Continue from ``meta.resume_from`` (a checkpoint or its run dir) or from this run
-    directory's own checkpoint; return the completed outer steps (0: fresh).
-
-    The checkpoint must have been made by a run with the same identity (config minus the
-    keys that may change on resume). An explicit ``meta.resume_from`` may change the meta
-    optimizer's hyper-parameters, clipping and the NaN patience: those are applied from the
-    resumed step on, and logged. Any other difference is refused, naming the keys."""
-    explicit = cfg.meta.resume_from is not None
-    own = out_dir / "checkpoint.pt"
-    resume = Path(cfg.meta.resume_from).expanduser() if explicit else own
-    if resume.is_dir():
-        resume = resume / "checkpoint.pt"
-    if explicit and not resume.is_file():
-        raise FileNotFoundError(f"meta.resume_from: no checkpoint at {resume}")
-    if explicit and own.is_file() and own.resolve() != resume.resolve():
-        # the same command again: this run was started from resume_from before and has
-        # progressed since; its own checkpoint (same identity, checked below) continues it
-        log.info(
-            "%s has its own checkpoint: continuing it rather than starting again from %s",
-            out_dir,
-            resume,
-        )
-        resume = own
-    if not resume.is_file():
-        return 0
-    ckpt = _load_checkpoint(resume)
-    diff = differences(ckpt.get("identity") or {}, state.ident)
-    applied, refused = split_applied(diff)
-    if refused or (applied and not explicit):
-        raise ResumeMismatch(
-            f"checkpoint {resume} was made by a run with another configuration: {describe(refused or applied)}. "
-            + (
-                "Nothing was run. Resume with the settings it was made with, or start a fresh run."
-                if refused
-                else "To continue it with these new settings, pass meta.resume_from=" + str(out_dir)
-            )
-        )
-    step = int(ckpt["step"])
-    if step > cfg.meta.steps:
-        raise ResumeMismatch(
-            f"checkpoint {resume} is at outer step {step}, past meta.steps={cfg.meta.steps}: "
-            f"set meta.steps >= {step} to continue it"
-        )
-    try:
-        state.restore(ckpt)
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        raise CorruptCheckpoint(f"{resume} does not match this loss/optimizer: {e}") from e
-    changed = state.learner.apply_hyperparameters(make_meta_optimizer)
-    if applied:
-        log.warning(
-            "resuming with changed settings, applied from outer step %d on: %s",
-            step,
-            describe(applied),
-        )
-    elif changed:  # identity matched, so this can only be a default changed in the code
-        log.warning("meta-optimizer hyper-parameters applied on resume: %s", changed)
-    log.info("resumed from %s at outer step %d", resume, step)
-    return step
-
-
-def _meta_loop(
-    bar,
-    state: RunState,
-    last: dict,
-    logger,
-    loss,
-    baselines,
-    task,
-    loss_name,
-    out_dir,
-    mc,
-    save_checkpoint,
-    writer: bool = True,
-) -> None:
-    """Drive the outer-step generator: snapshot, log, draw the learned loss, checkpoint.
-    ``last["state"]`` always holds the state after the last *completed* outer step."""
-    for step, metrics in bar:
-        last["state"] = state.capture(step)
-        if metrics:
-            logger.log(metrics, step=step)
-            last.setdefault("objectives", []).append(
-                metrics["meta/val_objective"]
-            )  # for check_progress
-            bar.set_postfix(obj=f"{metrics['meta/val_objective']:.4g}", refresh=False)
-        if writer and (step % mc.plot_every == 0 or step == mc.steps):
-            png = plot_losses(
-                {"learned": loss, **baselines},
-                task.kind,
-                out_dir / "learned_loss.png",
-                num_classes=task.num_classes,
-                class_counts=task.class_counts,
-                title=f"{loss_name} after {step} steps",
-            )
-            logger.image("meta/learned_loss", png, step=step)
-        if step % mc.checkpoint_every == 0 or checkpoint_requested():
-            save_checkpoint(last["state"])
 
 
 def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> dict:
     """The app body: settings checked, run directory claimed, then meta-training and the
     meta-test. Callable without Hydra's launcher (tests compose a config and call it)."""
-    check_config(cfg)
-    device, dtype = runtime.setup(cfg)
-    out_dir = Path(out_dir)
-    # Online, the step budget shapes the run itself (the loss sees progress t = step/steps),
-    # so it is part of the identity; offline, more steps only continue the same trajectory.
-    ident = identity(
-        cfg, ignore=[k for k in VOLATILE if not (k == "meta.steps" and cfg.meta.mode == "online")]
-    )
     explicit = Path(cfg.meta.resume_from).expanduser() if cfg.meta.resume_from is not None else None
     same_dir = (
         explicit is not None
-        and (explicit if explicit.is_dir() else explicit.parent).resolve() == out_dir.resolve()
+        and (explicit if explicit.is_dir() else explicit.parent).resolve()
+        == Path(out_dir).resolve()
     )
     # Resuming into its own directory with a new meta learning rate is allowed; any other
     # change means the directory belongs to another run.
     allow = (lambda diff: not split_applied(diff)[1]) if same_dir else None
+    try:  # only rank 0 owns the directory, logs and writes; the others compute their share
+        return run_command(
+            cfg,
+            Path(out_dir),
+            "meta",
+            functools.partial(_work, loss_name=loss_name),
+            ignore=keys.continuation(online=cfg.meta.mode == "online"),
+            allow=allow,
+            claim=functools.partial(_join, cfg),
+        )
+    finally:
+        distributed.finish()
+
+
+def _join(cfg: DictConfig, device: torch.device) -> bool:
+    """Join the torchrun world (a world of one without torchrun); True on the rank that owns
+    the run directory."""
     world = distributed.init(device)
     if world.size > 1 and not world.is_writer:  # only rank 0 writes the run's log file
         for h in [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]:
@@ -287,72 +135,92 @@ def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> dict:
         )
     if world.size > cfg.meta.tasks_per_step:
         raise ConfigError(
-            f"meta.tasks_per_step = {cfg.meta.tasks_per_step}: must be >= the number of processes "
-            f"({world.size}), each of which runs a share of the tasks"
+            f"meta.tasks_per_step = {cfg.meta.tasks_per_step}: must be >= the number of "
+            f"processes ({world.size}), each of which runs a share of the tasks"
         )
-    try:
-        # only rank 0 owns the directory, logs and writes; the others compute their share
-        with (
-            (
-                RunDir(out_dir, "meta", ident, allow=allow) if world.is_writer else _Reader(out_dir)
-            ) as run_dir,
-            interruptible(),
-        ):
-            return _run(cfg, run_dir, loss_name, ident, device, dtype, world)
-    finally:
-        distributed.finish()
+    return world.is_writer
 
 
-class _Reader:
-    """A non-zero rank's view of the run directory: it may read the checkpoint, never write."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def record(self, hydra_files=None) -> None:
-        pass
-
-    def __enter__(self) -> _Reader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
-def _run(
-    cfg: DictConfig,
-    run_dir: RunDir | _Reader,
-    loss_name: str | None,
-    ident: dict,
-    device: torch.device,
-    dtype: torch.dtype,
-    world: distributed.World,
+def _work(
+    cfg: DictConfig, run_dir: Any, device: torch.device, dtype: torch.dtype, loss_name: str | None
 ) -> dict:
-    out_dir = run_dir.path
-    writer = world.is_writer
+    world = distributed.init(device)  # joined already (_join): this only reads it
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)  # sampling RNG: CPU, the same on every device
     pool = [t.to(device, dtype) for t in task_pool(cfg)]
-    task = pool[0]
-    check_against_task(cfg, task)
+    check_against_task(cfg, pool[0])
+    loss = _parametric_loss(cfg, pool[0], loss_name, device, dtype)
+    run = _assemble(cfg, pool, loss, loss_name, gen, world)
+    if (
+        cfg.meta_test.enabled
+    ):  # fail now, not after meta-training, if the test tasks cannot be built
+        tasks_for_seed_fn(cfg, pool)(0)
+        check_tuned(cfg, pool, run.inner_opt)  # a tuned.json for another setup: refused now
+    mc = cfg.meta
+    online = (
+        OnlineState.fresh(run.problem, run.task, run.factory, mc.inner_batch, gen)
+        if mc.mode == "online"
+        else None
+    )
+    ident = identity(cfg, ignore=keys.continuation(online=mc.mode == "online"))
+    state = RunState(run.learner, gen, run.hypergrad, online, ident)
+    start = resume(cfg, run_dir.path, state, run.make_meta_optimizer)
+    run_dir.record(hydra_record(cfg))
+    meta_info = {
+        "task": run.task.name,
+        "loss_name": loss_name,
+        "fingerprint": fingerprint(ident),
+        "setup": training_setup(cfg),  # metaloss-eval takes task/model/optim from it
+    }
+    log.info(
+        "meta-training %s on %s | %s, %s, K=%d, T=%d, %d steps | %s, %s, %d thread(s)",
+        loss_name,
+        run.task.describe(),
+        "CMA-ES" if isinstance(run.learner, CMAES) else type(run.hypergrad).__name__,
+        run.inner_opt.name,
+        mc.inner_steps,
+        mc.tasks_per_step,
+        mc.steps,
+        device,
+        str(dtype).replace("torch.", ""),
+        torch.get_num_threads(),
+    )
+    return _train_and_test(run, state, start, online, run_dir.path, meta_info, world)
+
+
+def _parametric_loss(
+    cfg: DictConfig, task: Any, loss_name: str | None, device: torch.device, dtype: torch.dtype
+) -> ParametricLoss:
+    """The loss to meta-train, as ``cfg.loss`` says, refused unless it can be."""
     with runtime.canonical_draws():  # a random initial φ (ML3) is the same in either dtype
         loss = instantiate_loss(cfg.loss, task)
     if isinstance(loss, torch.nn.Module):
         loss = loss.to(device=device, dtype=dtype)
     if cfg.loss.get("_target_", "").endswith("load_learned_loss") and cfg.loss.get("frozen", True):
         raise ConfigError(
-            "loss = learned with loss.frozen = true cannot be meta-trained; set loss.frozen=false "
-            "to continue meta-training a saved loss (or use metaloss-eval to test it)"
+            "loss = learned with loss.frozen = true cannot be meta-trained; set "
+            "loss.frozen=false to continue meta-training a saved loss (or use metaloss-eval to "
+            "test it)"
         )
     if not isinstance(loss, ParametricLoss):
         raise ConfigError(
             f"metaloss-meta needs a parametric loss, got {loss_name!r}; choose one of "
-            f"{', '.join(parametric_losses(cfg))} "
-            "(fixed losses go in `compare:`)"
+            f"{', '.join(parametric_losses(cfg))} (fixed losses go in `compare:`)"
         )
-    check_loss(
-        loss, task, loss_name, cfg
-    )  # kind, trained task (a saved loss), one value per example
+    check_loss(loss, task, loss_name, cfg)  # kind, trained task (a saved loss), one value each
+    return loss
+
+
+def _assemble(
+    cfg: DictConfig,
+    pool: list,
+    loss: ParametricLoss,
+    loss_name: str | None,
+    gen: torch.Generator,
+    world: distributed.World,
+) -> MetaRun:
+    """The inner problem, the hypergradient method and the outer learner around ``loss``."""
+    task = pool[0]
     factory = instantiate(cfg.model)
     inner_opt = instantiate(cfg.optim)
     objective = loss_option(cfg.meta.objective or DEFAULT_OBJECTIVE[task.kind], task, cfg)
@@ -376,158 +244,95 @@ def _run(
     if world.size > 1:
         hypergrad = distributed.Sharded(hypergrad, world)
     make_meta_optimizer = instantiate(cfg.meta_optim)
-    learner: MetaLearner | CMAES
-    if (
-        getattr(make_meta_optimizer, "func", None) is CMAES
-    ):  # derivative-free: replaces the gradient learner
-        learner = CMAES.for_run(make_meta_optimizer, loss, cfg, task.kind, world.size)
-    else:
-        learner = MetaLearner(
-            loss,
-            make_meta_optimizer,
-            learn_inner_lr=cfg.meta.learn_inner_lr,
-            inner_lr=inner_opt.hparams["lr"],
-            clip_grad_norm=cfg.meta.clip_grad_norm,
-            max_bad_steps=cfg.meta.max_bad_steps,
-        )
+    learner = _learner(cfg, loss, make_meta_optimizer, inner_opt, task.kind, world)
     baselines = baselines_for(cfg.compare, task, cfg)
-    if (
-        cfg.meta_test.enabled
-    ):  # fail now, not after meta-training, if the test tasks cannot be built
-        tasks_for_seed_fn(cfg, pool)(0)
-        check_tuned(
-            cfg, pool, inner_opt
-        )  # a tuned.json for another setup: refused before meta-training
-    mc = cfg.meta
-    online = (
-        OnlineState.fresh(problem, task, factory, mc.inner_batch, gen)
-        if mc.mode == "online"
-        else None
+    return MetaRun(
+        cfg, pool, loss, loss_name, factory, inner_opt, problem, hypergrad, learner, baselines,
+        make_meta_optimizer, gen,
+    )  # fmt: skip
+
+
+def _learner(
+    cfg: DictConfig,
+    loss: ParametricLoss,
+    make_meta_optimizer: Any,
+    inner_opt: Any,
+    kind: str,
+    world: distributed.World,
+) -> MetaLearner | CMAES:
+    """The outer optimizer: CMA-ES (derivative-free) when ``meta_optim`` names it, else a
+    gradient learner with ``meta_optim`` as its torch optimizer."""
+    if getattr(make_meta_optimizer, "func", None) is CMAES:
+        return CMAES.for_run(make_meta_optimizer, loss, cfg, kind, world.size)
+    return MetaLearner(
+        loss,
+        make_meta_optimizer,
+        learn_inner_lr=cfg.meta.learn_inner_lr,
+        inner_lr=inner_opt.hparams["lr"],
+        clip_grad_norm=cfg.meta.clip_grad_norm,
+        max_bad_steps=cfg.meta.max_bad_steps,
     )
-    state = RunState(learner, gen, hypergrad, online, ident)
-    start = _resume(cfg, out_dir, state, make_meta_optimizer)
-    run_dir.record(hydra_record(cfg))
-    ckpt_path = out_dir / "checkpoint.pt"
 
-    def save_checkpoint(snapshot: dict) -> None:
-        if not writer:
-            return
-        with critical():
-            atomic_write(ckpt_path, lambda tmp: torch.save(snapshot, tmp))
 
-    if mc.mode == "offline":
-
-        def sample():
-            return sample_meta_batch(
-                pool,
-                factory,
-                n_tasks=mc.tasks_per_step,
-                inner_steps=mc.inner_steps,
-                inner_batch=mc.inner_batch,
-                val_batch=mc.val_batch,
-                gen=gen,
-                val_from_train=mc.val_from_train,
-            )
-
-        steps = offline_steps(learner, problem, hypergrad, sample, steps=mc.steps, start=start)
-    else:
-        steps = online_steps(
-            learner,
-            problem,
-            hypergrad,
-            task,
-            online,
+def _outer_steps(run: MetaRun, online: OnlineState | None, start: int) -> Any:
+    """The outer-step generator: offline (fresh tasks each step) or online (one trajectory)."""
+    mc = run.cfg.meta
+    if online is None:
+        return offline_steps(
+            run.learner,
+            run.problem,
+            run.hypergrad,
+            lambda: run.sample_batch(run.gen, mc.tasks_per_step),
             steps=mc.steps,
-            update_every=mc.online_update_every,
-            val_batch=mc.val_batch,
-            gen=gen,
             start=start,
         )
-
-    log.info(
-        "meta-training %s on %s | %s, %s, K=%d, T=%d, %d steps | %s, %s, %d thread(s)",
-        loss_name,
-        task.describe(),
-        "CMA-ES" if isinstance(learner, CMAES) else type(hypergrad).__name__,
-        inner_opt.name,
-        mc.inner_steps,
-        mc.tasks_per_step,
-        mc.steps,
-        device,
-        str(dtype).replace("torch.", ""),
-        torch.get_num_threads(),
+    return online_steps(
+        run.learner,
+        run.problem,
+        run.hypergrad,
+        run.task,
+        online,
+        steps=mc.steps,
+        update_every=mc.online_update_every,
+        val_batch=mc.val_batch,
+        gen=run.gen,
+        start=start,
     )
-    meta_info = {
-        "task": task.name,
-        "loss_name": loss_name,
-        "fingerprint": fingerprint(ident),
-        "setup": training_setup(cfg),
-    }  # metaloss-eval takes task/model/optim from it
+
+
+def _train_and_test(
+    run: MetaRun,
+    state: RunState,
+    start: int,
+    online: OnlineState | None,
+    out_dir: Path,
+    meta_info: dict,
+    world: distributed.World,
+) -> dict:
+    """Meta-train (checkpointing, logging, keeping the last good φ if it diverges), save the
+    learned loss, then meta-test it (rank 0 only)."""
+    cfg, mc = run.cfg, run.cfg.meta
+    writer = world.is_writer
+    save = functools.partial(_save_checkpoint, out_dir / "checkpoint.pt", writer)
     logging_cm = (
-        open_logger(cfg, out_dir, job_type="meta", name=f"{loss_name}-{task.name}-s{cfg.seed}")
+        open_logger(
+            cfg, out_dir, job_type="meta", name=f"{run.loss_name}-{run.task.name}-s{cfg.seed}"
+        )
         if writer
         else nullcontext(NullLogger())
     )
     with logging_cm as logger:
-        bar = tqdm(
-            steps,
-            total=mc.steps - start,
-            desc=f"meta {loss_name}",
-            disable=not (cfg.progress and writer),
-            mininterval=1.0,
-        )
         last = {"state": state.capture(start)}
         t0 = time.perf_counter()
         try:
-            _meta_loop(
-                bar,
-                state,
-                last,
-                logger,
-                loss,
-                baselines,
-                task,
-                loss_name,
-                out_dir,
-                mc,
-                save_checkpoint,
-                writer,
-            )
-            notes = [learner.finish()]  # no step ever finite: NonFiniteMetaGradient, never complete
-        except BaseException as e:  # a NaN streak, Ctrl-C, SIGTERM, ...: keep the work done so far
-            save_checkpoint(last["state"])
-            done = last["state"]["step"]
-            if not writer:
-                raise
-            if isinstance(e, NonFiniteMetaGradient):
-                good = save_learned_loss(
-                    loss,
-                    out_dir / "learned_loss_last_good.pt",
-                    steps=done,
-                    complete=False,
-                    stopped=f"diverged ({e.cause})",
-                    **meta_info,
-                )
-                log.error(
-                    "meta-training diverged after outer step %d: %s The last good φ is in %s "
-                    "(loadable like learned_loss.pt)",
-                    done,
-                    e,
-                    good,
-                )
-                logger.learned_loss(
-                    good,
-                    dict(meta_info, steps=done, complete=False, stopped=f"diverged ({e.cause})"),
-                )
-            log.error(
-                "meta-training stopped after outer step %d; checkpoint saved to %s (resume with "
-                "meta.resume_from=%s)",
-                done,
-                ckpt_path,
-                out_dir,
-            )
+            _meta_loop(run, state, last, logger, out_dir, save, writer, start, online)
+            notes = [run.learner.finish()]  # no step ever finite: NonFiniteMetaGradient
+        except BaseException as e:  # a NaN streak, Ctrl-C, SIGTERM, ...: keep the work done
+            save(last["state"])
+            if writer:
+                _report_stop(e, run, last["state"]["step"], out_dir, meta_info, logger)
             raise
-        save_checkpoint(last["state"])
+        save(last["state"])
         elapsed = time.perf_counter() - t0
         log.info(
             "meta-training: %d outer steps in %.2f s (%.4f s/step)",
@@ -536,74 +341,142 @@ def _run(
             elapsed / max(1, mc.steps - start),
         )
         if not writer:
-            return {"rank": world.rank, "skipped_steps": learner.skipped}
-        notes.append(
-            check_progress(  # an objective that never moved: a warning naming the likely cause
-                last.get("objectives", []),
-                problem,
-                learner.params,
-                lambda: sample_meta_batch(
-                    pool,
-                    factory,
-                    n_tasks=1,
-                    inner_steps=mc.inner_steps,
-                    inner_batch=mc.inner_batch,
-                    val_batch=mc.val_batch,
-                    gen=torch.Generator().manual_seed(cfg.seed),
-                    val_from_train=mc.val_from_train,
-                ),
+            return {"rank": world.rank, "skipped_steps": run.learner.skipped}
+        notes.append(_check_progress(run, last))
+        return _save_and_test(run, out_dir, meta_info, logger, notes)
+
+
+def _save_checkpoint(path: Path, writer: bool, snapshot: dict) -> None:
+    if writer:
+        with critical():  # a signal waits until the checkpoint is whole
+            save_checkpoint(path, snapshot)
+
+
+def _meta_loop(
+    run: MetaRun,
+    state: RunState,
+    last: dict,
+    logger: Any,
+    out_dir: Path,
+    save: Callable[[dict], None],
+    writer: bool,
+    start: int,
+    online: OnlineState | None,
+) -> None:
+    """Drive the outer-step generator: snapshot, log, draw the learned loss, checkpoint.
+    ``last["state"]`` always holds the state after the last *completed* outer step."""
+    mc, task = run.cfg.meta, run.task
+    bar = tqdm(
+        _outer_steps(run, online, start),
+        total=mc.steps - start,
+        desc=f"meta {run.loss_name}",
+        disable=not (run.cfg.progress and writer),
+        mininterval=1.0,
+    )
+    for step, metrics in bar:
+        last["state"] = state.capture(step)
+        if metrics:
+            logger.log(metrics, step=step)
+            objective = metrics["meta/val_objective"]
+            last.setdefault("objectives", []).append(objective)  # for check_progress
+            bar.set_postfix(obj=f"{objective:.4g}", refresh=False)
+        if writer and (step % mc.plot_every == 0 or step == mc.steps):
+            png = plot_losses(
+                {"learned": run.loss, **run.baselines},
+                task.kind,
+                out_dir / "learned_loss.png",
                 num_classes=task.num_classes,
-                outer="cmaes" if isinstance(learner, CMAES) else "gradient",
-                initial=getattr(learner, "initial", None),
+                class_counts=task.class_counts,
+                title=f"{run.loss_name} after {step} steps",
             )
+            logger.image("meta/learned_loss", png, step=step)
+        if step % mc.checkpoint_every == 0 or checkpoint_requested():
+            save(last["state"])
+
+
+def _report_stop(
+    e: BaseException, run: MetaRun, done: int, out_dir: Path, meta_info: dict, logger: Any
+) -> None:
+    """Say where a stopped run left its work; a diverged one also keeps its last good φ."""
+    if isinstance(e, NonFiniteMetaGradient):
+        stopped = f"diverged ({e.cause})"
+        good = save_learned_loss(
+            run.loss,
+            out_dir / "learned_loss_last_good.pt",
+            steps=done,
+            complete=False,
+            stopped=stopped,
+            **meta_info,
         )
-        learned_path = save_learned_loss(
-            loss, out_dir / "learned_loss.pt", steps=mc.steps, complete=True, **meta_info
+        log.error(
+            "meta-training diverged after outer step %d: %s The last good φ is in %s "
+            "(loadable like learned_loss.pt)",
+            done,
+            e,
+            good,
         )
-        log.info(
-            "learned loss saved to %s (metaloss-eval loss_path=%s)", learned_path, learned_path
+        logger.learned_loss(good, dict(meta_info, steps=done, complete=False, stopped=stopped))
+    log.error(
+        "meta-training stopped after outer step %d; checkpoint saved to %s (resume with "
+        "meta.resume_from=%s)",
+        done,
+        out_dir / "checkpoint.pt",
+        out_dir,
+    )
+
+
+def _check_progress(run: MetaRun, last: dict) -> str | None:
+    """A warning naming the likely cause when the objective never moved."""
+    return check_progress(
+        last.get("objectives", []),
+        run.problem,
+        run.learner.params,
+        lambda: run.sample_batch(torch.Generator().manual_seed(run.cfg.seed), 1),
+        num_classes=run.task.num_classes,
+        outer="cmaes" if isinstance(run.learner, CMAES) else "gradient",
+        initial=getattr(run.learner, "initial", None),
+    )
+
+
+def _save_and_test(run: MetaRun, out_dir: Path, meta_info: dict, logger: Any, notes: list) -> dict:
+    """Save the learned loss, then meta-test it when ``meta_test.enabled``."""
+    cfg, mc = run.cfg, run.cfg.meta
+    learned_path = save_learned_loss(
+        run.loss, out_dir / "learned_loss.pt", steps=mc.steps, complete=True, **meta_info
+    )
+    log.info("learned loss saved to %s (metaloss-eval loss_path=%s)", learned_path, learned_path)
+    logger.learned_loss(learned_path, dict(meta_info, steps=mc.steps, complete=True))
+    result = {
+        "learned_loss": str(learned_path),
+        "skipped_steps": run.learner.skipped,
+        "warnings": [n for n in notes if n],
+    }
+    if cfg.meta_test.enabled:
+        frozen = run.loss.requires_grad_(False)
+        cost = learned_loss_cost(cfg, sum(p.numel() for p in run.loss.parameters()))
+        # the horizon φ was trained for: K inner steps offline, the whole run online
+        horizon = int(mc.inner_steps) if mc.mode == "offline" else int(mc.steps)
+        result.update(
+            run_meta_test(
+                cfg,
+                frozen,
+                run.pool,
+                run.inner_opt,
+                out_dir,
+                logger,
+                meta_training_steps=cost,
+                meta_horizon=horizon,
+            )  # fmt: skip
         )
-        logger.learned_loss(learned_path, dict(meta_info, steps=mc.steps, complete=True))
-        result = {
-            "learned_loss": str(learned_path),
-            "skipped_steps": learner.skipped,
-            "warnings": [n for n in notes if n],
-        }
-        if cfg.meta_test.enabled:
-            frozen = loss.requires_grad_(False)
-            cost = learned_loss_cost(cfg, sum(p.numel() for p in loss.parameters()))
-            horizon = (
-                int(mc.inner_steps) if mc.mode == "offline" else int(mc.steps)
-            )  # online: the whole run
-            result.update(
-                run_meta_test(
-                    cfg,
-                    frozen,
-                    pool,
-                    inner_opt,
-                    out_dir,
-                    logger,
-                    meta_training_steps=cost,
-                    meta_horizon=horizon,
-                )
-            )
     return result
 
 
-@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="meta")
-def _hydra_main(cfg: DictConfig) -> float | None:
-    hc = HydraConfig.get()
-    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
-    with exit_on_interrupt():
-        out = run(cfg, Path(hc.runtime.output_dir), hc.runtime.choices.get("loss"))
-    sig = out.get("significance") or {}
-    return sig.get("learned_mean")
+def _app(cfg: DictConfig, hc: HydraConfig) -> float | None:
+    out = run(cfg, output_dir(hc), hc.runtime.choices.get("loss"))
+    return (out.get("significance") or {}).get("learned_mean")
 
 
-def main() -> None:
-    """The console script (SIGTERM forwarded to parallel jobs, exit 128 + signal)."""
-    console(_hydra_main)
-
+main = hydra_command("meta", _app)
 
 if __name__ == "__main__":
     main()

@@ -12,24 +12,21 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
-import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from metaloss import runtime
+from metaloss.cli.app import hydra_command, output_dir, run_command
 from metaloss.cli.logger import open_logger, write_json
-from metaloss.cli.meta import task_pool
-from metaloss.cli.signals import console, exit_on_interrupt, interruptible
-from metaloss.cli.train import LOCAL_KEYS
 from metaloss.config import (
     DEFAULT_BASELINES,
     baselines_for,
-    conf_dir,
     instantiate_loss,
     load_option,
     loss_option,
@@ -37,7 +34,8 @@ from metaloss.config import (
 from metaloss.metatest import compare_losses
 from metaloss.metrics import HIGHER_IS_BETTER
 from metaloss.report import jsonable
-from metaloss.runs import RunDir, hydra_record, identity
+from metaloss.runs import RunDir, hydra_record
+from metaloss.runtime import task_pool
 from metaloss.tune import (
     TUNE_SEEDS,
     TUNED_FORMAT,
@@ -52,7 +50,7 @@ from metaloss.tune import (
     tune_loss,
     tuned_problems,
 )
-from metaloss.validate import check_against_task, check_config
+from metaloss.validate import check_against_task
 
 log = logging.getLogger("metaloss")
 
@@ -60,10 +58,7 @@ log = logging.getLogger("metaloss")
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     """The app body, callable without Hydra's launcher. Settings are checked and the run
     directory claimed before any data is made."""
-    check_config(cfg)
-    device, dtype = runtime.setup(cfg)
-    with RunDir(out_dir, "tune", identity(cfg, ignore=LOCAL_KEYS)) as run_dir, interruptible():
-        return _run(cfg, run_dir, device, dtype)
+    return run_command(cfg, out_dir, "tune", _work)
 
 
 def tune_metric(cfg: DictConfig, task) -> str:
@@ -73,7 +68,7 @@ def tune_metric(cfg: DictConfig, task) -> str:
     return "val/" + str(cfg.meta_test.metric or task.primary_metric).split("/", 1)[1]
 
 
-def _learned_cost(cfg: DictConfig, task) -> int:
+def learned_cost(cfg: DictConfig, task: Any) -> int:
     """The learned loss's meta-training cost (CMA-ES's λ needs φ's size: the loss is built to count it)."""
     return learned_loss_cost(
         cfg, sum(p.numel() for p in instantiate_loss(cfg.loss, task).parameters())
@@ -130,14 +125,54 @@ def _storage(run_dir: Path):
     return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
 
 
-def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dtype) -> dict:
-    tc = cfg.tune
+@dataclass(frozen=True)
+class Plan:
+    """What a tuning run does, decided from the config before any trial."""
+
+    names: list[str]  # the baselines, tuned one after another
+    metric: str  # the validation metric tuned on (:func:`tune_metric`)
+    direction: str  # "maximize" or "minimize"
+    lr0: float  # the inner learning rate a baseline has untuned
+    steps: int  # inner steps of one trial's training
+    batch_size: Any
+    seeds: list[int]
+    cost: int  # inner steps of one model per trial (see metaloss.tune)
+    budget: int | None  # tune.budget_steps, resolved
+    n_trials: int
+
+
+def _plan(cfg: DictConfig, pool: list, names: list[str], inner_opt: Any) -> Plan:
+    tc, task = cfg.tune, pool[0]
+    metric = tune_metric(cfg, task)
+    steps = int(tc.steps if tc.steps is not None else cfg.meta_test.steps)
+    seeds = [TUNE_SEEDS + j for j in range(int(tc.seeds))]
+    cost = steps * len(seeds) * len(pool)
+    if tc.budget_steps is not None:
+        budget = learned_cost(cfg, task) if tc.budget_steps == "meta" else int(tc.budget_steps)
+        n_trials = trials_for_budget(budget, cost)
+    else:
+        budget, n_trials = None, int(tc.n_trials)
+    return Plan(
+        names=names,
+        metric=metric,
+        direction="maximize" if HIGHER_IS_BETTER[metric.split("/", 1)[1]] else "minimize",
+        lr0=float(cfg.meta_test.lr if cfg.meta_test.lr is not None else inner_opt.hparams["lr"]),
+        steps=steps,
+        batch_size=cfg.meta_test.batch_size,
+        seeds=seeds,
+        cost=cost,
+        budget=budget,
+        n_trials=n_trials,
+    )
+
+
+def _work(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dtype) -> dict:
     out = run_dir.path / "tuned.json"
     done = _finished(cfg, out)
     if done is not None:
         log.warning(
-            "%s is complete (%s): nothing to tune, nothing overwritten. To tune again, choose another "
-            "hydra.run.dir (or move that file away)",
+            "%s is complete (%s): nothing to tune, nothing overwritten. To tune again, choose "
+            "another hydra.run.dir (or move that file away)",
             out,
             ", ".join(done["losses"]),
         )
@@ -147,199 +182,202 @@ def _run(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.dt
     task = pool[0]
     check_against_task(cfg, task)
     names = list(cfg.compare or DEFAULT_BASELINES[task.kind])
-    baselines_for(
-        names, task, cfg
-    )  # unknown names and losses that do not fit: refused before training
-    metric = tune_metric(cfg, task)
-    direction = "maximize" if HIGHER_IS_BETTER[metric.split("/", 1)[1]] else "minimize"
+    baselines_for(names, task, cfg)  # unknown names and losses that do not fit: refused now
     inner_opt = instantiate(cfg.optim)
-    lr0 = float(cfg.meta_test.lr if cfg.meta_test.lr is not None else inner_opt.hparams["lr"])
-    steps = int(tc.steps if tc.steps is not None else cfg.meta_test.steps)
-    batch_size = cfg.meta_test.batch_size
-    seeds = [TUNE_SEEDS + j for j in range(int(tc.seeds))]
-    cost = steps * len(seeds) * len(pool)  # inner steps of one model per trial (see metaloss.tune)
-    if tc.budget_steps is not None:
-        budget = _learned_cost(cfg, task) if tc.budget_steps == "meta" else int(tc.budget_steps)
-        n_trials = trials_for_budget(budget, cost)
-    else:
-        budget, n_trials = None, int(tc.n_trials)
+    plan = _plan(cfg, pool, names, inner_opt)
     factory = instantiate(cfg.model)
     run_dir.record(hydra_record(cfg))
     log.info(
-        "tuning %s on %s: %d trials of %d inner steps each (%d steps x %d seeds x %d tasks)%s, %s %s",
-        ", ".join(names),
+        "tuning %s on %s: %d trials of %d inner steps each (%d steps x %d seeds x %d tasks)%s, "
+        "%s %s",
+        ", ".join(plan.names),
         task.describe(),
-        n_trials,
-        cost,
-        steps,
-        len(seeds),
+        plan.n_trials,
+        plan.cost,
+        plan.steps,
+        len(plan.seeds),
         len(pool),
-        f", budget {budget} steps per loss" if budget is not None else "",
-        direction,
-        metric,
+        f", budget {plan.budget} steps per loss" if plan.budget is not None else "",
+        plan.direction,
+        plan.metric,
     )
-
-    def score(name: str, params: dict, lr: float) -> float:
-        loss = loss_option(name, task, cfg, params)
-        make_optimizer = functools.partial(
-            inner_opt.torch_equivalent.func, **{**inner_opt.hparams, "lr": lr}
-        )
-        results = compare_losses(
-            lambda seed: pool,
-            factory,
-            {name: loss},
-            make_optimizer,
-            seeds=seeds,
-            steps=steps,
-            batch_size=batch_size,
-            progress=False,
-            vectorised=instantiate(cfg.optim, lr=lr),
-        )
-        values = results[name][metric]
-        return (
-            float(sum(values) / len(values)) if all(math.isfinite(v) for v in values) else math.nan
-        )
-
-    record = {
-        "format": TUNED_FORMAT,
-        "task": task.name,
-        "optim": inner_opt.name,
-        **setup_record(cfg, len(pool)),
-        "steps": steps,
-        "metric": metric,
-        "direction": direction,
-        "seeds": seeds,
-        "tasks": len(pool),
-        "default_lr": lr0,
-        "sampler": f"TPESampler(seed=metaloss.tune.trial_seed({int(tc.seed)}, i)) for the i-th trial",
-        "budget": {
-            "budget_steps": budget,
-            "cost_per_trial": cost,
-            "n_trials": n_trials,
-            "steps_used": n_trials * cost,
-        },
-        "complete": False,
-        "losses": {},
-    }
+    score = functools.partial(_score, cfg, plan, pool, factory, inner_opt)
+    record = _record_head(cfg, plan, task, inner_opt, len(pool))
     storage = _storage(run_dir.path)
-    with open_logger(
-        cfg, run_dir.path, job_type="tune", name=f"tune-{task.name}-s{cfg.seed}"
-    ) as logger:
-        for name in names:
-            option = load_option("loss", name, cfg)
-            space = space_for(str(option.get("_target_")))
-            defaults = {
-                k: v
-                for k, v in cast(dict, OmegaConf.to_container(option, resolve=True)).items()
-                if k in space and isinstance(v, int | float)
-            }
-
-            def on_trial(i: int, p: dict, value: float, name: str = name) -> None:
-                log.info(
-                    "%s trial %d/%d: %s -> %s = %.4f",
-                    name,
-                    i + 1,
-                    n_trials,
-                    ", ".join(f"{k}={v:.4g}" for k, v in p.items()),
-                    metric,
-                    value,
-                )
-                logger.summary({f"tune/{name}/trial{i}/{metric}": value})
-
-            lr_space = lr_range(lr0, tc.lr_range) if tc.lr else None
-            result = tune_loss(
-                functools.partial(score, name),
-                space,
-                defaults,
-                lr=lr0,
-                lr_space=lr_space,
-                n_trials=n_trials,
-                direction=direction,
-                seed=int(tc.seed),
-                on_trial=on_trial,
-                storage=storage,
-                study_name=name,
-            )
-            if result.resumed:
-                log.info(
-                    "%s: resumed from %s: %d of %d trials were done already",
-                    name,
-                    run_dir.path / JOURNAL,
-                    min(result.resumed, result.n_trials),
-                    result.n_trials,
-                )
-            if result.default_outside_range:
-                log.warning(
-                    "%s: the default (%s) lies outside the range searched; it was evaluated as it is "
-                    "(trial 0, default_val) and the tuned choice is the better of it and the trials",
-                    name,
-                    ", ".join(f"{k}={v:.4g}" for k, v in {**defaults, "lr": lr0}.items()),
-                )
-            edges = at_edge(
-                {**result.params, "lr": result.lr},
-                {**space, **({"lr": lr_space} if lr_space else {})},
-            )
-            record["losses"][name] = {
-                "target": str(option.get("_target_")),
-                "params": result.params,
-                "lr": result.lr,
-                "best_val": result.best_val,
-                "default_val": result.default_val,
-                "default_params": {k: float(v) for k, v in defaults.items()},
-                "default_outside_range": result.default_outside_range,
-                "n_trials": result.n_trials,
-                "n_diverged": result.n_diverged,
-                "steps_used": result.n_trials * cost,
-                "at_edge": edges,
-                "trials": result.trials,
-            }
-            record["complete"] = name == names[-1]
-            bad = tuned_problems(jsonable(record))  # never write a file the meta-test would refuse
+    name = f"tune-{task.name}-s{cfg.seed}"
+    with open_logger(cfg, run_dir.path, job_type="tune", name=name) as logger:
+        for loss_name in plan.names:
+            entry = _tune_one(cfg, plan, loss_name, score, storage, logger, run_dir.path)
+            record["losses"][loss_name] = entry
+            record["complete"] = loss_name == plan.names[-1]
+            bad = tuned_problems(jsonable(record))  # never write a file the meta-test refuses
             if bad:  # (say, a journal edited by hand): nothing written
                 raise TunedFileError(
                     f"{run_dir.path / JOURNAL} gave values that are not a valid tuned.json: "
                     + "; ".join(bad)
                 )
             write_json(out, record)  # after every loss: an interruption keeps the finished ones
-            log.info(
-                "%s: best %s = %.4f (default %.4f) with %s",
-                name,
-                metric,
-                result.best_val,
-                result.default_val,
-                ", ".join(
-                    f"{k}={v:.4g}" for k, v in {**result.params, "lr": result.lr or lr0}.items()
-                ),
-            )
-            logger.summary(
-                {
-                    f"tune/{name}/best_val": result.best_val,
-                    f"tune/{name}/default_val": result.default_val,
-                }
-            )
-            if edges:
-                log.warning(
-                    "%s: tuned %s at the edge of the range searched, so the best value may lie outside it%s",
-                    name,
-                    ", ".join(edges),
-                    " (widen tune.lr_range=[low,high])" if "lr" in edges else "",
-                )
+            _log_result(plan, loss_name, entry, logger)
     log.info("tuned baselines written to %s (meta-test with meta_test.tuned=%s)", out, out)
     return record
 
 
-@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="tune")
-def _hydra_main(cfg: DictConfig) -> float | None:
-    with exit_on_interrupt():
-        out = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+def _score(
+    cfg: DictConfig, plan: Plan, pool: list, factory: Any, inner_opt: Any,
+    name: str, params: dict, lr: float,
+) -> float:  # fmt: skip
+    """One trial: the mean validation metric of ``name`` with ``params`` at inner lr ``lr``
+    over the plan's seeds (NaN if any seed diverged)."""
+    loss = loss_option(name, pool[0], cfg, params)
+    make_optimizer = functools.partial(
+        inner_opt.torch_equivalent.func, **{**inner_opt.hparams, "lr": lr}
+    )
+    results = compare_losses(
+        lambda seed: pool,
+        factory,
+        {name: loss},
+        make_optimizer,
+        seeds=plan.seeds,
+        steps=plan.steps,
+        batch_size=plan.batch_size,
+        progress=False,
+        vectorised=instantiate(cfg.optim, lr=lr),
+    )
+    values = results[name][plan.metric]
+    return float(sum(values) / len(values)) if all(math.isfinite(v) for v in values) else math.nan
+
+
+def _record_head(cfg: DictConfig, plan: Plan, task: Any, inner_opt: Any, n_tasks: int) -> dict:
+    """tuned.json before any loss is tuned: what was tuned, how, and at what budget."""
+    return {
+        "format": TUNED_FORMAT,
+        "task": task.name,
+        "optim": inner_opt.name,
+        **setup_record(cfg, n_tasks),
+        "steps": plan.steps,
+        "metric": plan.metric,
+        "direction": plan.direction,
+        "seeds": plan.seeds,
+        "tasks": n_tasks,
+        "default_lr": plan.lr0,
+        "sampler": f"TPESampler(seed=metaloss.tune.trial_seed({int(cfg.tune.seed)}, i)) for the "
+        "i-th trial",
+        "budget": {
+            "budget_steps": plan.budget,
+            "cost_per_trial": plan.cost,
+            "n_trials": plan.n_trials,
+            "steps_used": plan.n_trials * plan.cost,
+        },
+        "complete": False,
+        "losses": {},
+    }
+
+
+def _tune_one(
+    cfg: DictConfig,
+    plan: Plan,
+    name: str,
+    score: Callable[..., float],
+    storage: Any,
+    logger: Any,
+    run_path: Path,
+) -> dict:
+    """Tune one baseline (its Optuna study in the run's journal); its tuned.json entry."""
+    tc = cfg.tune
+    option = load_option("loss", name, cfg)
+    space = space_for(str(option.get("_target_")))
+    defaults = {
+        k: v
+        for k, v in cast(dict, OmegaConf.to_container(option, resolve=True)).items()
+        if k in space and isinstance(v, int | float)
+    }
+
+    def on_trial(i: int, p: dict, value: float) -> None:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in p.items())
+        log.info(
+            "%s trial %d/%d: %s -> %s = %.4f", name, i + 1, plan.n_trials, shown, plan.metric, value
+        )
+        logger.summary({f"tune/{name}/trial{i}/{plan.metric}": value})
+
+    lr_space = lr_range(plan.lr0, tc.lr_range) if tc.lr else None
+    result = tune_loss(
+        functools.partial(score, name),
+        space,
+        defaults,
+        lr=plan.lr0,
+        lr_space=lr_space,
+        n_trials=plan.n_trials,
+        direction=plan.direction,
+        seed=int(tc.seed),
+        on_trial=on_trial,
+        storage=storage,
+        study_name=name,
+    )
+    if result.resumed:
+        log.info(
+            "%s: resumed from %s: %d of %d trials were done already",
+            name,
+            run_path / JOURNAL,
+            min(result.resumed, result.n_trials),
+            result.n_trials,
+        )
+    if result.default_outside_range:
+        log.warning(
+            "%s: the default (%s) lies outside the range searched; it was evaluated as it is "
+            "(trial 0, default_val) and the tuned choice is the better of it and the trials",
+            name,
+            ", ".join(f"{k}={v:.4g}" for k, v in {**defaults, "lr": plan.lr0}.items()),
+        )
+    searched = {**space, **({"lr": lr_space} if lr_space else {})}
+    return {
+        "target": str(option.get("_target_")),
+        "params": result.params,
+        "lr": result.lr,
+        "best_val": result.best_val,
+        "default_val": result.default_val,
+        "default_params": {k: float(v) for k, v in defaults.items()},
+        "default_outside_range": result.default_outside_range,
+        "n_trials": result.n_trials,
+        "n_diverged": result.n_diverged,
+        "steps_used": result.n_trials * plan.cost,
+        "at_edge": at_edge({**result.params, "lr": result.lr}, searched),
+        "trials": result.trials,
+    }
+
+
+def _log_result(plan: Plan, name: str, entry: dict, logger: Any) -> None:
+    chosen = {**entry["params"], "lr": entry["lr"] or plan.lr0}
+    log.info(
+        "%s: best %s = %.4f (default %.4f) with %s",
+        name,
+        plan.metric,
+        entry["best_val"],
+        entry["default_val"],
+        ", ".join(f"{k}={v:.4g}" for k, v in chosen.items()),
+    )
+    logger.summary(
+        {
+            f"tune/{name}/best_val": entry["best_val"],
+            f"tune/{name}/default_val": entry["default_val"],
+        }
+    )
+    if entry["at_edge"]:
+        log.warning(
+            "%s: tuned %s at the edge of the range searched, so the best value may lie outside "
+            "it%s",
+            name,
+            ", ".join(entry["at_edge"]),
+            " (widen tune.lr_range=[low,high])" if "lr" in entry["at_edge"] else "",
+        )
+
+
+def _app(cfg: DictConfig, hc: HydraConfig) -> float | None:
+    out = run(cfg, output_dir(hc))
     vals = [e["best_val"] for e in out["losses"].values()]
     return max(vals) if out["direction"] == "maximize" else min(vals)
 
 
-def main() -> None:
-    """The console script (SIGTERM forwarded to parallel jobs, exit 128 + signal)."""
-    console(_hydra_main)
-
+main = hydra_command("tune", _app)
 
 if __name__ == "__main__":
     main()
