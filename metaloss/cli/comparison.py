@@ -11,7 +11,7 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from hydra.utils import instantiate
@@ -108,6 +108,12 @@ def _plottable(losses: dict[str, Callable], task) -> dict[str, Callable]:
     return keep
 
 
+def _config_params(option: DictConfig) -> dict:
+    """A loss option's own settings, as its config gives them."""
+    values = cast(dict, OmegaConf.to_container(option, resolve=True))
+    return {k: v for k, v in values.items() if k not in ("_target_", "_partial_")}
+
+
 def _baseline_settings(
     cfg: DictConfig, task, inner_opt, lr: float, n_tasks: int | None = None
 ) -> dict[str, dict]:
@@ -120,14 +126,7 @@ def _baseline_settings(
 
     names = list(cfg.compare or DEFAULT_BASELINES[task.kind])
     options = {n: load_option("loss", n, cfg) for n in names}
-    config = {
-        n: {
-            k: v
-            for k, v in cast(dict, OmegaConf.to_container(o, resolve=True)).items()
-            if k not in ("_target_", "_partial_")
-        }
-        for n, o in options.items()
-    }
+    config = {n: _config_params(o) for n, o in options.items()}
     path = cfg.meta_test.get("tuned")
     if path is None:
         return {
@@ -234,26 +233,40 @@ def run_meta_test(
     lr = cfg.meta_test.lr if cfg.meta_test.lr is not None else inner_opt.hparams["lr"]
     settings = _baseline_settings(cfg, task, inner_opt, lr, len(pool))
     if meta_training_steps is not None:
-        short = {
-            n: s["tuning_steps"]
-            for n, s in settings.items()
-            if s["tuning_steps"] is not None and s["tuning_steps"] < meta_training_steps
-        }
-        if short:
-            log.warning(
-                "meta-test: baselines tuned with less compute than the learned loss's meta-training "
-                "(%d inner steps): %s; for a matched budget tune with tune.budget_steps=meta",
-                meta_training_steps,
-                ", ".join(f"{n} {v}" for n, v in short.items()),
-            )
-    baselines = baselines_for(
-        list(settings), task, cfg, {n: s["overrides"] for n, s in settings.items()}
-    )
-    losses = {"learned": learned, **baselines}
+        _warn_short_tuning(settings, meta_training_steps)
+    overrides = {n: s["overrides"] for n, s in settings.items()}
+    losses = {"learned": learned, **baselines_for(list(settings), task, cfg, overrides)}
     lrs = {"learned": lr, **{n: s["lr"] for n, s in settings.items()}}
+    seeds, metric = _check_test_settings(cfg, task)
+    _log_plan(cfg, losses, lrs, inner_opt, len(seeds))
+    results = _train_all(cfg, pool, losses, lrs, inner_opt, seeds)
+    hyperparameters = {
+        "learned": {"params": None, "lr": lr, "source": "learned"},
+        **{n: {k: s[k] for k in _SETTING_KEYS} for n, s in settings.items()},
+    }
+    hyperparameters["learned"]["meta_training_steps"] = meta_training_steps
+    sig = significance(results, metric, alpha=float(cfg.meta_test.alpha))
+    record = {
+        "task": task.name,
+        "metric": metric,
+        "seeds": seeds,
+        "results": results,
+        "significance": sig,
+        "hyperparameters": hyperparameters,
+        "protocol": protocol_record(cfg, task, settings, meta_horizon),
+        "null_means": "NaN: the loss diverged on that seed, or the statistic is undefined",
+    }
+    _write_comparison(record, losses, task, out_dir, logger)
+    return {"results": results, "significance": sig}
+
+
+_SETTING_KEYS = ("params", "lr", "source", "tuning_steps")  # a baseline's, as recorded
+
+
+def _check_test_settings(cfg: DictConfig, task: Any) -> tuple[list[int], str]:
+    """The test seeds and metric, refused before minutes of training rather than after."""
     seeds = list(range(int(cfg.meta_test.seeds)))
     metric = cfg.meta_test.metric or task.primary_metric
-    # refuse a wrong metric name before minutes of training, not after
     if metric not in train_result_names(task.kind):
         raise ConfigError(
             f"meta_test.metric={metric!r} is not a metric of a {task.kind} task; "
@@ -261,18 +274,46 @@ def run_meta_test(
         )
     if not seeds:
         raise ConfigError(f"meta_test.seeds must be at least 1, got {cfg.meta_test.seeds}")
+    return seeds, metric
+
+
+def _log_plan(cfg: DictConfig, losses: dict, lrs: dict, inner_opt: Any, n_seeds: int) -> None:
+    shown = (
+        f"lr={next(iter(lrs.values())):g}"
+        if len(set(lrs.values())) == 1
+        else ", ".join(f"{n} lr={v:g}" for n, v in lrs.items())
+    )
     log.info(
         "meta-test: %s on %d seeds, %d steps of %s(%s)",
         ", ".join(losses),
-        len(seeds),
+        n_seeds,
         cfg.meta_test.steps,
         inner_opt.name,
-        f"lr={lr:g}"
-        if len(set(lrs.values())) == 1
-        else ", ".join(f"{n} lr={v:g}" for n, v in lrs.items()),
+        shown,
     )
-    # One optimizer per learning rate (tuned baselines may each have their own); without
-    # meta_test.tuned every loss shares one, as before.
+
+
+def _warn_short_tuning(settings: dict[str, dict], meta_training_steps: int) -> None:
+    short = {
+        n: s["tuning_steps"]
+        for n, s in settings.items()
+        if s["tuning_steps"] is not None and s["tuning_steps"] < meta_training_steps
+    }
+    if short:
+        log.warning(
+            "meta-test: baselines tuned with less compute than the learned loss's "
+            "meta-training (%d inner steps): %s; for a matched budget tune with "
+            "tune.budget_steps=meta",
+            meta_training_steps,
+            ", ".join(f"{n} {v}" for n, v in short.items()),
+        )
+
+
+def _train_all(
+    cfg: DictConfig, pool: list, losses: dict, lrs: dict, inner_opt: Any, seeds: list[int]
+) -> dict:
+    """Every loss on every seed. One optimizer per learning rate (tuned baselines may each
+    have their own); without meta_test.tuned every loss shares one."""
     tasks_for_seed = tasks_for_seed_fn(cfg, pool)
     results = {}
     for group_lr in dict.fromkeys(lrs.values()):
@@ -280,7 +321,7 @@ def run_meta_test(
         make_optimizer = functools.partial(
             inner_opt.torch_equivalent.func, **{**inner_opt.hparams, "lr": group_lr}
         )
-        # the functional twin of the same optimizer (equal to it, tested): all seeds x tasks in one vmap
+        # the functional twin of the same optimizer (equal to it, tested): seeds x tasks in one vmap
         functional = (
             instantiate(cfg.optim, lr=group_lr) if cfg.meta_test.get("vectorise", True) else None
         )
@@ -297,40 +338,29 @@ def run_meta_test(
                 vectorised=functional,
             )
         )
-    results = {n: results[n] for n in losses}
-    hyperparameters = {
-        "learned": {
-            "params": None,
-            "lr": lr,
-            "source": "learned",
-            "meta_training_steps": meta_training_steps,
-        },
-        **{
-            n: {k: s[k] for k in ("params", "lr", "source", "tuning_steps")}
-            for n, s in settings.items()
-        },
-    }
-    sig = significance(results, metric, alpha=float(cfg.meta_test.alpha))
-    protocol = protocol_record(cfg, task, settings, meta_horizon)
-    summary = summarize(results)
-    table = format_table(summary)
-    verdict = format_verdict(sig)
-    # The record first: nothing below (plots, logging) may cost the numbers.
-    write_json(
-        out_dir / "comparison.json",
-        (
-            {
-                "task": task.name,
-                "metric": metric,
-                "seeds": seeds,
-                "results": results,
-                "significance": sig,
-                "hyperparameters": hyperparameters,
-                "protocol": protocol,
-                "null_means": "NaN: the loss diverged on that seed, or the statistic is undefined",
-            }
-        ),
-    )
+    return {n: results[n] for n in losses}
+
+
+_SUMMARY_KEYS = (
+    "p_value",
+    "p_value_holm",
+    "p_value_welch",
+    "difference",
+    "ci_low",
+    "ci_high",
+    "cohens_dz",
+    "verdict",
+    "best_baseline",
+    "selected_on",
+)
+
+
+def _write_comparison(record: dict, losses: dict, task: Any, out_dir: Path, logger: Any) -> None:
+    """comparison.json first (nothing after it, plots or logging, may cost the numbers), then
+    comparison.md, the plots and the logger's table and summary."""
+    summary = summarize(record["results"])
+    table, verdict = format_table(summary), format_verdict(record["significance"])
+    write_json(out_dir / "comparison.json", record)
     (out_dir / "comparison.md").write_text(f"{table}\n\n{verdict}\n")
     print(f"\n{table}\n\n{verdict}\n", flush=True)
     plot(summary, out_dir / "comparison.png")
@@ -354,22 +384,5 @@ def run_meta_test(
     logger.summary(
         {f"meta_test/{name}/{k}": s["mean"] for name, m in summary.items() for k, s in m.items()}
     )
-    if sig:
-        logger.summary(
-            {
-                f"meta_test/{k}": sig[k]
-                for k in (
-                    "p_value",
-                    "p_value_holm",
-                    "p_value_welch",
-                    "difference",
-                    "ci_low",
-                    "ci_high",
-                    "cohens_dz",
-                    "verdict",
-                    "best_baseline",
-                    "selected_on",
-                )
-            }
-        )
-    return {"results": results, "significance": sig}
+    if sig := record["significance"]:
+        logger.summary({f"meta_test/{k}": sig[k] for k in _SUMMARY_KEYS})

@@ -187,20 +187,7 @@ def _work(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.d
     plan = _plan(cfg, pool, names, inner_opt)
     factory = instantiate(cfg.model)
     run_dir.record(hydra_record(cfg))
-    log.info(
-        "tuning %s on %s: %d trials of %d inner steps each (%d steps x %d seeds x %d tasks)%s, "
-        "%s %s",
-        ", ".join(plan.names),
-        task.describe(),
-        plan.n_trials,
-        plan.cost,
-        plan.steps,
-        len(plan.seeds),
-        len(pool),
-        f", budget {plan.budget} steps per loss" if plan.budget is not None else "",
-        plan.direction,
-        plan.metric,
-    )
+    _log_plan(plan, task, len(pool))
     score = functools.partial(_score, cfg, plan, pool, factory, inner_opt)
     record = _record_head(cfg, plan, task, inner_opt, len(pool))
     storage = _storage(run_dir.path)
@@ -220,6 +207,23 @@ def _work(cfg: DictConfig, run_dir: RunDir, device: torch.device, dtype: torch.d
             _log_result(plan, loss_name, entry, logger)
     log.info("tuned baselines written to %s (meta-test with meta_test.tuned=%s)", out, out)
     return record
+
+
+def _log_plan(plan: Plan, task: Any, n_tasks: int) -> None:
+    log.info(
+        "tuning %s on %s: %d trials of %d inner steps each (%d steps x %d seeds x %d tasks)%s, "
+        "%s %s",
+        ", ".join(plan.names),
+        task.describe(),
+        plan.n_trials,
+        plan.cost,
+        plan.steps,
+        len(plan.seeds),
+        n_tasks,
+        f", budget {plan.budget} steps per loss" if plan.budget is not None else "",
+        plan.direction,
+        plan.metric,
+    )
 
 
 def _score(
@@ -313,6 +317,31 @@ def _tune_one(
         storage=storage,
         study_name=name,
     )
+    _log_study(name, result, run_path, {**defaults, "lr": plan.lr0})
+    searched = {**space, **({"lr": lr_space} if lr_space else {})}
+    return _entry(str(option.get("_target_")), result, defaults, plan.cost, searched)
+
+
+def _entry(target: str, result: Any, defaults: dict, cost: int, searched: dict) -> dict:
+    """A tuned baseline as tuned.json records it."""
+    return {
+        "target": target,
+        "params": result.params,
+        "lr": result.lr,
+        "best_val": result.best_val,
+        "default_val": result.default_val,
+        "default_params": {k: float(v) for k, v in defaults.items()},
+        "default_outside_range": result.default_outside_range,
+        "n_trials": result.n_trials,
+        "n_diverged": result.n_diverged,
+        "steps_used": result.n_trials * cost,
+        "at_edge": at_edge({**result.params, "lr": result.lr}, searched),
+        "trials": result.trials,
+    }
+
+
+def _log_study(name: str, result: Any, run_path: Path, defaults: dict) -> None:
+    """What a study's result says besides its values: resumed, or a default outside the range."""
     if result.resumed:
         log.info(
             "%s: resumed from %s: %d of %d trials were done already",
@@ -326,23 +355,8 @@ def _tune_one(
             "%s: the default (%s) lies outside the range searched; it was evaluated as it is "
             "(trial 0, default_val) and the tuned choice is the better of it and the trials",
             name,
-            ", ".join(f"{k}={v:.4g}" for k, v in {**defaults, "lr": plan.lr0}.items()),
+            ", ".join(f"{k}={v:.4g}" for k, v in defaults.items()),
         )
-    searched = {**space, **({"lr": lr_space} if lr_space else {})}
-    return {
-        "target": str(option.get("_target_")),
-        "params": result.params,
-        "lr": result.lr,
-        "best_val": result.best_val,
-        "default_val": result.default_val,
-        "default_params": {k: float(v) for k, v in defaults.items()},
-        "default_outside_range": result.default_outside_range,
-        "n_trials": result.n_trials,
-        "n_diverged": result.n_diverged,
-        "steps_used": result.n_trials * plan.cost,
-        "at_edge": at_edge({**result.params, "lr": result.lr}, searched),
-        "trials": result.trials,
-    }
 
 
 def _log_result(plan: Plan, name: str, entry: dict, logger: Any) -> None:
