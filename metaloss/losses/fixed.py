@@ -80,7 +80,8 @@ def _check_binary(name: str, pred: Tensor, target: Tensor) -> None:
         )
 
 
-def _check_segmentation(name: str, pred: Tensor, target: Tensor) -> None:
+def check_segmentation(name: str, pred: Tensor, target: Tensor) -> None:
+    """Per-pixel logits and a mask of one shape (also the learned segmentation loss's check)."""
     if pred.ndim < 2 or pred.shape != target.shape:
         raise ValueError(
             f"{name}: expects per-pixel logits and a mask of the same shape "
@@ -344,8 +345,8 @@ def gce(pred: Tensor, target: Tensor, *, q: float = 0.7, **_: Any) -> Tensor:
 # --------------------------------------------------------------------- segmentation
 
 
-def _overlaps(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Soft TP, FP, FN per image from pixel logits."""
+def overlaps(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Soft TP, FP, FN per image from pixel logits (also the learned segmentation loss's)."""
     p = torch.sigmoid(pred.reshape(pred.shape[0], -1))
     t = target.reshape(p.shape).to(p.dtype)
     tp = (p * t).sum(-1)
@@ -355,16 +356,16 @@ def _overlaps(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 @fits("segmentation")
 def dice(pred: Tensor, target: Tensor, *, smooth: float = 1.0, **_: Any) -> Tensor:
     """Soft Dice loss (Milletari et al., V-Net 2016): 1 - (2TP + s) / (2TP + FP + FN + s)."""
-    _check_segmentation("dice", pred, target)
-    tp, fp, fn = _overlaps(pred, target)
+    check_segmentation("dice", pred, target)
+    tp, fp, fn = overlaps(pred, target)
     return 1.0 - (2.0 * tp + smooth) / (2.0 * tp + fp + fn + smooth)
 
 
 @fits("segmentation")
 def iou(pred: Tensor, target: Tensor, *, smooth: float = 1.0, **_: Any) -> Tensor:
     """Soft Jaccard loss (Rahman & Wang 2016): 1 - (TP + s) / (TP + FP + FN + s)."""
-    _check_segmentation("iou", pred, target)
-    tp, fp, fn = _overlaps(pred, target)
+    check_segmentation("iou", pred, target)
+    tp, fp, fn = overlaps(pred, target)
     return 1.0 - (tp + smooth) / (tp + fp + fn + smooth)
 
 
@@ -379,8 +380,8 @@ def tversky(
     **_: Any,
 ) -> Tensor:
     """Tversky loss (Salehi et al. 2017): 1 - (TP + s) / (TP + α FP + β FN + s)."""
-    _check_segmentation("tversky", pred, target)
-    tp, fp, fn = _overlaps(pred, target)
+    check_segmentation("tversky", pred, target)
+    tp, fp, fn = overlaps(pred, target)
     return 1.0 - (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
 
 
@@ -399,7 +400,7 @@ def focal_tversky(
 
     The base is clamped away from 0 so the gradient stays finite for γ < 1.
     """
-    _check_segmentation("focal_tversky", pred, target)
+    check_segmentation("focal_tversky", pred, target)
     t = tversky(pred, target, alpha=alpha, beta=beta, smooth=smooth)
     return t.clamp_min(1e-6) ** gamma
 
@@ -409,7 +410,7 @@ def bce_dice(
     pred: Tensor, target: Tensor, *, bce_weight: float = 1.0, smooth: float = 1.0, **_: Any
 ) -> Tensor:
     """Pixel-mean binary cross-entropy plus soft Dice."""
-    _check_segmentation("bce_dice", pred, target)
+    check_segmentation("bce_dice", pred, target)
     z = pred.reshape(pred.shape[0], -1)
     t = target.reshape(z.shape).to(z.dtype)
     pix = (t * F.softplus(-z) + (1.0 - t) * F.softplus(z)).mean(-1)

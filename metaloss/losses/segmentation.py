@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaloss.losses.base import ParametricLoss
-from metaloss.losses.fixed import _check_segmentation, _overlaps
+from metaloss.losses.fixed import check_segmentation, overlaps
 
 EPS = 1e-6  # the focal exponent's base is clamped here (for γ < 1) in the gradient only
 
@@ -99,12 +99,12 @@ class LearnedTversky(ParametricLoss):
 
     def terms(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image (pixel-mean BCE, focal-Tversky region term), each [B]."""
-        _check_segmentation("LearnedTversky", pred, target)
+        check_segmentation("LearnedTversky", pred, target)
         c = self.coefficients()
         z = pred.reshape(pred.shape[0], -1)
         t = target.reshape(z.shape).to(z.dtype)
         bce = (t * F.softplus(-z) + (1.0 - t) * F.softplus(z)).mean(-1)
-        tp, fp, fn = _overlaps(pred, target)
+        tp, fp, fn = overlaps(pred, target)
         num = 2.0 * tp + self.smooth
         # ti <= 1 in floating point too (x / y <= 1 for x <= y), so the base is >= 0
         base = 1.0 - num / (num + 2.0 * c["alpha"] * fp + 2.0 * c["beta"] * fn)
