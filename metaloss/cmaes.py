@@ -56,9 +56,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from metaloss.errors import ConfigError
 from metaloss.hypergrad.base import MetaBatch, MetaProblem, batched_objective, meta_params
+from metaloss.meta import NonFiniteMetaGradient, check_finite_phi, finish_run, objective_or_nan
 from metaloss.metrics import nan_where_diverged, zero_one_error
 
 log = logging.getLogger("metaloss")
@@ -171,17 +174,18 @@ def population_size(popsize: int | None, n_params: int) -> int:
 
 class CMAES:
     """CMA-ES over the loss's φ, with :class:`metaloss.meta.MetaLearner`'s interface
-        (``step(problem, hypergrad, batch) -> metrics``, ``state_dict``, ``load_state_dict``,
-        ``apply_hyperparameters``, ``params``, ``skipped``, ``updates``).
+    (``step(problem, hypergrad, batch) -> metrics``, ``state_dict``, ``load_state_dict``,
+    ``apply_hyperparameters``, ``params``, ``skipped``, ``updates``).
 
-        ``sigma0``: initial step size (φ's own units, for every coordinate); ``popsize``: λ,
-        None = cma's default 4 + ⌊3 ln n⌋ (10 for TaylorGLO's 8 parameters); ``seed``: the
-        candidate sampling RNG (0 is a seed like any other here, not "time" as in cma);
-        ``objective``: a name in :data:`OBJECTIVES`, or None = the task kind's true metric
-        (``error`` / ``iou_loss``; regression, or a set ``meta.objective``: the run's own
-        objective); ``chunk``: candidates per ``vmap`` call (None: all λ); ``max_bad_steps``: generations
-    in a row with no finite candidate before the run stops (``meta.max_bad_steps``).
-        Built by Hydra as a partial (``conf/meta_optim/cmaes.yaml``), then called with the loss.
+    ``sigma0``: initial step size (φ's own units, for every coordinate); ``popsize``: λ,
+    None = cma's default 4 + ⌊3 ln n⌋ (10 for TaylorGLO's 8 parameters); ``seed``: the
+    candidate sampling RNG (0 is a seed like any other here, not "time" as in cma);
+    ``objective``: a name in :data:`OBJECTIVES`, or None = the task kind's true metric
+    (``error`` / ``iou_loss``; regression, or a set ``meta.objective``: the run's own
+    objective); ``chunk``: candidates per ``vmap`` call (None: all λ); ``max_bad_steps``:
+    generations in a row with no finite candidate before the run stops
+    (``meta.max_bad_steps``).
+    Built by Hydra as a partial (``conf/meta_optim/cmaes.yaml``), then called with the loss.
     """
 
     def __init__(
@@ -218,8 +222,6 @@ class CMAES:
         self.params = dict(meta_params(loss))
         if not self.params:
             raise ValueError("CMA-ES needs a loss with parameters to evolve")
-        from metaloss.meta import check_finite_phi
-
         check_finite_phi(self.params)
         self.shapes = {k: p.shape for k, p in self.params.items()}
         self.sigma0, self.popsize, self.seed, self.objective, self.chunk = (
@@ -246,12 +248,11 @@ class CMAES:
         cls, make: Callable, loss: nn.Module, cfg: Any, task_kind: str, world_size: int = 1
     ) -> CMAES:
         """Build from the run's composed config, refusing what makes no sense (ConfigError)."""
-        from metaloss.errors import ConfigError
-
         found = config_problems({"meta": _plain(cfg.meta), "meta_optim": _plain(cfg.meta_optim)})
         if world_size > 1:
             found.append(
-                f"meta_optim=cmaes runs in one process; launch it without torchrun ({world_size} processes)"
+                f"meta_optim=cmaes runs in one process; launch it without torchrun ({world_size} "
+                "processes)"
             )
         if found:
             raise ConfigError("invalid settings (nothing was run):\n  " + "\n  ".join(found))
@@ -269,7 +270,8 @@ class CMAES:
             raise ConfigError(f"meta_optim=cmaes: {e}") from e
         if learner.x0.size > 100:
             log.warning(
-                "meta_optim=cmaes on %d loss parameters: CMA-ES adapts a full %d x %d covariance and "
+                "meta_optim=cmaes on %d loss parameters: CMA-ES adapts a full %d x %d covariance "
+                "and "
                 "needs many more candidates as φ grows; it is meant for small φ (TaylorGLO: 8)",
                 learner.x0.size,
                 learner.x0.size,
@@ -301,7 +303,7 @@ class CMAES:
             np.random.set_state(outer)
 
     def _start(self, x0: np.ndarray) -> None:
-        import cma
+        import cma  # here, not at the top: ~2 s to import, and only a CMA-ES run needs it
 
         self._np_state = np.random.RandomState(self.seed).get_state()
         opts = {
@@ -411,8 +413,6 @@ class CMAES:
                 self.bad_steps,
             )
             if self.bad_steps >= self.max_bad_steps:
-                from metaloss.meta import NonFiniteMetaGradient
-
                 cause, advice = self.diagnose(problem, batch)
                 raise NonFiniteMetaGradient(
                     f"{self.bad_steps} consecutive CMA-ES generations had no candidate "
@@ -464,12 +464,10 @@ class CMAES:
         current mean. Initial not finite: the inner training diverges whatever φ (inner lr).
         Mean finite: the candidates around it are spread too far (σ). Mean not finite but the
         initial φ finite: CMA-ES moved its mean into an unstable region (σ too)."""
-        from metaloss.meta import _objective_or_nan
-
         ref = next(iter(self.params.values()))
 
         def at(x: np.ndarray) -> float:
-            return _objective_or_nan(
+            return objective_or_nan(
                 problem,
                 {
                     k: v.to(device=ref.device, dtype=ref.dtype)
@@ -485,17 +483,21 @@ class CMAES:
         )
         if not math.isfinite(at_init):
             return "inner", (
-                "The inner training diverges even with the initial φ: likely cause the INNER learning "
+                "The inner training diverges even with the initial φ: likely cause the INNER "
+                "learning "
                 "rate. Lower optim.lr or meta.inner_steps."
             )
         if math.isfinite(at_mean):
             return "sigma", (
-                f"CMA-ES's mean φ trains finitely on this batch (objective {at_mean:.4g}) but every "
-                f"candidate sampled around it diverged: {sigma}, too wide for the stable region. Lower "
+                f"CMA-ES's mean φ trains finitely on this batch (objective {at_mean:.4g}) but "
+                "every "
+                f"candidate sampled around it diverged: {sigma}, too wide for the stable region. "
+                "Lower "
                 "meta_optim.sigma0."
             )
         return "meta", (
-            f"With the initial φ this batch trains finitely (objective {at_init:.4g}) but CMA-ES's mean "
+            f"With the initial φ this batch trains finitely (objective {at_init:.4g}) but CMA-ES's "
+            "mean "
             f"does not: the search moved into an unstable region after {self.updates} generations; "
             f"{sigma}. Lower meta_optim.sigma0 (or optim.lr)."
         )
@@ -503,8 +505,6 @@ class CMAES:
     def finish(self) -> str | None:
         """After the last generation: no generation ever told (every candidate of every step
         diverged) is a failure, never a complete result (:func:`metaloss.meta.finish_run`)."""
-        from metaloss.meta import finish_run
-
         return finish_run(self)
 
     # -- the MetaLearner interface for resume
@@ -561,7 +561,7 @@ class CMAES:
         rows = fitness.tolist()
         for row in rows:
             self._ask_tell(_constant(row))
-        import cma
+        import cma  # for its version only (imported here for the same reason as in _start)
 
         for name, want, got in (
             ("mean", state["mean"], torch.as_tensor(self.mean)),
@@ -585,7 +585,5 @@ def _constant(row: list[float]) -> Callable[[np.ndarray], list[float]]:
 
 
 def _plain(cfg: Any) -> dict:
-    from omegaconf import DictConfig, OmegaConf
-
     out = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     return dict(out) if isinstance(out, dict) else {}

@@ -14,6 +14,7 @@ plot and checkpoint (no I/O in here):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +23,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
+from metaloss.errors import ConfigError
 from metaloss.hypergrad.base import (
     LOSS_PREFIX,
     LR_KEY,
@@ -156,13 +159,13 @@ class MetaLearner:
         re-run this batch's inner loops with the *initial* φ: finite there (after successful
         updates) means the meta-updates moved φ somewhere unstable (meta learning rate); not
         finite means the inner training itself diverges (inner learning rate)."""
-        at_init = _objective_or_nan(problem, self.initial, batch)
+        at_init = objective_or_nan(problem, self.initial, batch)
         note = method_diagnosis(hypergrad)
         if note is not None:
             at_now = (
                 at_init
                 if self.updates == 0
-                else _objective_or_nan(problem, detach(self.params), batch)
+                else objective_or_nan(problem, detach(self.params), batch)
             )
             if math.isfinite(at_now):
                 return note[0], (
@@ -172,7 +175,8 @@ class MetaLearner:
         if self.updates > 0 and math.isfinite(at_init):
             return "meta", (
                 f"With the initial φ this batch trains finitely (objective {at_init:.4g}), so the "
-                f"{self.updates} meta-updates moved φ into an unstable region: likely cause the META "
+                f"{self.updates} meta-updates moved φ into an unstable region: likely cause the "
+                "META "
                 "learning rate. Lower meta_optim.lr (continue from the last good φ with "
                 "meta.resume_from=<run dir> meta_optim.lr=<smaller>) or lower meta.clip_grad_norm."
             )
@@ -234,11 +238,10 @@ def check_finite_phi(params: Params) -> None:
     the divergence diagnosis would wrongly blame a learning rate."""
     bad = [k for k, v in params.items() if not bool(torch.isfinite(v.detach()).all())]
     if bad:
-        from metaloss.errors import ConfigError
-
         raise ConfigError(
             f"the loss's initial meta-parameters {bad} hold NaN/inf values: nothing can be "
-            "meta-trained from them (check the loss's initialisation or the file it was loaded from)"
+            "meta-trained from them (check the loss's initialisation or the file it was loaded "
+            "from)"
         )
 
 
@@ -256,7 +259,10 @@ def method_diagnosis(hypergrad: Any) -> tuple[str, str, str] | None:
         return None
 
 
-def _objective_or_nan(problem: MetaProblem | None, meta: Params, batch: MetaBatch | None) -> float:
+def objective_or_nan(problem: MetaProblem | None, meta: Params, batch: MetaBatch | None) -> float:
+    """The objective of ``meta`` on ``batch`` (mean over its tasks), NaN when there is none or it
+    cannot be computed: for the divergence diagnoses here and in :mod:`metaloss.cmaes`, which
+    must never hide the failure they explain."""
     if problem is None or batch is None:
         return float("nan")
     try:
@@ -280,12 +286,15 @@ def finish_run(learner: Any) -> str | None:
     if learner.updates == 0:
         cause, advice = learner.diagnose(problem, batch, hypergrad)
         raise NonFiniteMetaGradient(
-            f"every one of the {learner.bad_steps} outer steps gave NaN/inf meta-losses or hypergradients "
-            f"(meta.max_bad_steps = {learner.max_bad_steps} was not reached, but no step produced a φ). {advice}",
+            f"every one of the {learner.bad_steps} outer steps gave NaN/inf meta-losses or "
+            "hypergradients "
+            f"(meta.max_bad_steps = {learner.max_bad_steps} was not reached, but no step produced "
+            f"a φ). {advice}",
             cause,
         )
     msg = (
-        f"meta-training ended on {learner.bad_steps} skipped outer step(s) in a row (NaN/inf); the learned "
+        f"meta-training ended on {learner.bad_steps} skipped outer step(s) in a row (NaN/inf); the "
+        "learned "
         f"loss is the last good step's φ ({learner.updates} good steps in all)"
     )
     log.warning(msg)
@@ -344,10 +353,6 @@ def explain_stall(
     model), would K steps with the *objective itself* as the inner loss (same optimizer and
     lr), how far θ moves, and how large the learned loss's gradient w.r.t. the predictions is
     next to the objective's. Names the settings to change."""
-    import dataclasses
-
-    from torch.func import functional_call
-
     phi, lr = split_meta(detach(meta))
     theta0 = {k: v[0] for k, v in batch.theta0.items()}
     xt, yt, xv, yv = batch.x_train[0], batch.y_train[0], batch.x_val[0], batch.y_val[0]
@@ -384,18 +389,21 @@ def explain_stall(
     )
     budget = f"optim.lr (now {inner_lr:g}) or meta.inner_steps (now {k})"
     chance = (
-        f"; chance level for {num_classes} classes is ln {num_classes} = {math.log(num_classes):.4f}"
+        f"; chance level for {num_classes} classes is ln {num_classes} = "
+        f"{math.log(num_classes):.4f}"
         if num_classes and abs(untrained - math.log(num_classes)) < 0.02 * math.log(num_classes)
         else ""
     )
     if rel(trained, untrained) > STALL_TOLERANCE:
         step = "meta_optim.sigma0" if outer == "cmaes" else "meta_optim.lr"
         return (
-            f"The inner training does change the objective ({untrained:.4g} untrained -> {trained:.4g} after K={k} "
+            f"The inner training does change the objective ({untrained:.4g} untrained -> "
+            f"{trained:.4g} after K={k} "
             f"steps) but the meta-updates do not move it: raise {step} or meta.steps."
         )
     out = (
-        f"Likely cause: the inner models do not learn. After K={k} inner steps the validation objective is "
+        f"Likely cause: the inner models do not learn. After K={k} inner steps the validation "
+        "objective is "
         f"{trained:.4g}, the same as the untrained models' ({untrained:.4g}{chance}); θ moved "
         f"{100 * moved:.3g}% of its norm."
     )
@@ -407,25 +415,31 @@ def explain_stall(
     )
     if rel(ref, untrained) <= STALL_TOLERANCE:
         out += (
-            f" The inner budget is too small for ANY loss: even the objective itself as the inner loss gives "
-            f"{ref:.4g} after the same K={k} steps (φ would have to find far larger gradients on its own); "
+            " The inner budget is too small for ANY loss: even the objective itself as the inner "
+            "loss gives "
+            f"{ref:.4g} after the same K={k} steps (φ would have to find far larger gradients on "
+            "its own); "
             f"raise {budget}."
         )
         if flat:
             out += (
-                f" The learned loss is also nearly flat in the predictions (its gradient w.r.t. them is "
+                " The learned loss is also nearly flat in the predictions (its gradient w.r.t. "
+                "them is "
                 f"{100 * ratio:.3g}% of the objective's): start φ from {fit} too."
             )
         return out
     if flat:
         return out + (
             f" The learned loss is nearly flat in the predictions: its gradient w.r.t. them is "
-            f"{100 * ratio:.3g}% of the objective's (K steps with the objective itself as the loss reach "
+            f"{100 * ratio:.3g}% of the objective's (K steps with the objective itself as the loss "
+            "reach "
             f"{ref:.4g}), so the hypergradient is tiny too. Start φ from {fit}, or raise {budget}."
         )
     return out + (
-        f" With the objective itself as the inner loss the same K steps reach {ref:.4g}: the learned loss "
-        f"(gradient {100 * ratio:.3g}% of the objective's) does not train the models. Start φ from {fit}, "
+        f" With the objective itself as the inner loss the same K steps reach {ref:.4g}: the "
+        "learned loss "
+        f"(gradient {100 * ratio:.3g}% of the objective's) does not train the models. Start φ from "
+        f"{fit}, "
         f"or raise {budget}."
     )
 
@@ -457,14 +471,17 @@ def check_progress(
         start, end, n = found
         w = max(1, n // 3)
         msg = (
-            f"meta-training did not move the objective: meta/val_objective averaged {start:.5g} over the first "
-            f"{w} and {end:.5g} over the last {w} of {n} outer steps (a {100 * abs(end - start) / abs(start):.2g}% "
+            f"meta-training did not move the objective: meta/val_objective averaged {start:.5g} "
+            "over the first "
+            f"{w} and {end:.5g} over the last {w} of {n} outer steps (a "
+            f"{100 * abs(end - start) / abs(start):.2g}% "
             f"change, under {100 * STALL_TOLERANCE:g}%), so φ is no better than its start"
             + (" (it did not change at all: every hypergradient was zero)." if unchanged else ".")
         )
     else:
         msg = (
-            f"meta-training did not change φ: after {len(objectives)} outer steps every meta-parameter equals its "
+            f"meta-training did not change φ: after {len(objectives)} outer steps every "
+            "meta-parameter equals its "
             "start (every hypergradient was zero), so the learned loss is the initial one."
         )
     try:
