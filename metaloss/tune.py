@@ -33,8 +33,8 @@ what meta-training the learned loss costs in the same unit: offline
 ``meta.steps + ceil(meta.steps / meta.online_update_every) × meta.inner_steps × candidates``,
 where ``candidates`` is 1 for a hypergradient, 2P for ES and λ for CMA-ES (every candidate
 φ is a whole inner run). The hypergradient's own backward passes are not counted, so a
-matched budget slightly favours the learned loss, never the baselines. Every loss gets the whole budget (the learned loss
-got its meta-training).
+matched budget slightly favours the learned loss, never the baselines. Every loss gets the
+whole budget (the learned loss got its meta-training).
 
 Reproducibility: the sampler is ``TPESampler(seed=tune.seed)``, one fresh study per loss, so
 a loss's result does not depend on which other losses are tuned or in what order.
@@ -48,6 +48,23 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from metaloss.cmaes import is_cmaes_target, population_size
+from metaloss.runs import MAX_NESTING, nesting_depth
+from metaloss.schema import (
+    LOSS_RULES,
+    boolean,
+    int_list,
+    integer,
+    mapping,
+    one_of,
+    positive,
+    real,
+    strings,
+)
 
 TUNED_FORMAT = "metaloss-tuned/1"
 TUNE_SEEDS = (
@@ -65,7 +82,7 @@ class Range:
     log: bool = False
 
 
-# One table per loss, keyed like validate.LOSS_RULES by the last part of the option's
+# One table per loss, keyed like schema.LOSS_RULES by the last part of the option's
 # `_target_`; every range lies inside that rule's valid values (tested). Losses not listed
 # (ce, mse, mae, weighted_ce, ...) have no continuous hyper-parameter worth searching: only
 # their learning rate is tuned.
@@ -137,8 +154,6 @@ def candidates_per_step(meta_optim: Mapping, hypergrad: Mapping, n_params: int) 
     """Inner runs per task per outer step: CMA-ES evaluates λ candidates (``popsize``, else
     cma's default 4 + ⌊3 ln n⌋ for n parameters), ES its 2P antithetic candidates, a
     hypergradient one run (whose backward pass is not counted)."""
-    from metaloss.cmaes import is_cmaes_target, population_size
-
     if is_cmaes_target(meta_optim.get("_target_")):
         return population_size(meta_optim.get("popsize"), n_params)
     if str(hypergrad.get("_target_", "")).rsplit(".", 1)[-1] == "EvolutionStrategies":
@@ -149,7 +164,6 @@ def candidates_per_step(meta_optim: Mapping, hypergrad: Mapping, n_params: int) 
 def learned_loss_cost(cfg: Any, n_params: int) -> int:
     """What meta-training the learned loss of this run costs, in inner steps of one model
     (:func:`meta_training_steps` with every candidate counted); ``n_params``: φ's size."""
-    from omegaconf import OmegaConf
 
     def plain(node: Any) -> Mapping:
         if OmegaConf.is_config(node):
@@ -168,8 +182,6 @@ def setup_record(cfg: Any, tasks: int | None = None) -> dict[str, Any]:
     model (and its sizes), the meta-test's training budget (steps, batch size) and the data
     — the whole task config, so values tuned on clean labels are refused for 40% label noise
     or another imbalance — and, when given, ``tasks``: how many tasks it trained on."""
-    from omegaconf import OmegaConf
-
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     assert isinstance(optim, dict)
     lr = cfg.meta_test.lr if cfg.meta_test.lr is not None else optim.get("lr")
@@ -195,7 +207,8 @@ def trials_for_budget(budget_steps: int, cost_per_trial: int) -> int:
     n = int(budget_steps) // int(cost_per_trial)
     if n < 1:
         raise ValueError(
-            f"tune.budget_steps = {budget_steps} pays for no trial: one trial costs {cost_per_trial} "
+            f"tune.budget_steps = {budget_steps} pays for no trial: one trial costs "
+            f"{cost_per_trial} "
             "inner steps (steps x seeds x tasks); raise the budget or lower tune.seeds / the steps"
         )
     return n
@@ -218,8 +231,6 @@ def trial_seed(seed: int, i: int) -> int:
     """The sampler's seed for the ``i``-th trial of a study: a fresh ``TPESampler`` per trial,
     so the trials depend only on ``tune.seed`` and the finished trials before them — a study
     resumed from its storage draws exactly what an uninterrupted one would have."""
-    import numpy as np
-
     return int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1)[0])
 
 
@@ -256,7 +267,7 @@ def tune_loss(
     tuning resumes, and a finished one costs no training at all."""
     try:
         import optuna
-    except ImportError as e:  # an optional extra: the meta-test reads tuned.json without it
+    except ImportError as e:  # imported here: an optional extra; reading tuned.json needs none
         raise ImportError("metaloss-tune needs Optuna: pip install 'metaloss[tune]'") from e
     from optuna.distributions import BaseDistribution, FloatDistribution
     from optuna.trial import TrialState
@@ -366,7 +377,8 @@ def tune_loss(
                 or "no parameters"
             )
             raise TunedFileError(
-                f"study {study_name!r} in the storage holds trial {t.number} with params {t.params} "
+                f"study {study_name!r} in the storage holds trial {t.number} with params "
+                f"{t.params} "
                 f"and value {t.value}, not a trial of this search ({searched}): the storage was "
                 "edited or made by other settings; move it away to start over"
             )
@@ -412,7 +424,7 @@ def tune_loss(
 # ``model_config`` / ``task_config`` / ``optim_config`` are only compared, key by key, with
 # the run's own config (any `_target_` in them can only equal the run's own). A loss's
 # hyper-parameter must be one that metaloss-tune searches for that function (SEARCH_SPACES)
-# and a valid value by the loss's own rule (metaloss.validate.LOSS_RULES: the single table of
+# and a valid value by the loss's own rule (metaloss.schema.LOSS_RULES: the single table of
 # valid values).
 
 
@@ -429,8 +441,6 @@ def _val_metric(v: Any) -> str | None:
 
 
 def _top_level_schema() -> dict[str, Callable[[Any], str | None]]:
-    from metaloss.validate import boolean, int_list, integer, mapping, one_of, positive
-
     return {
         "format": one_of(TUNED_FORMAT),
         "task": _text,
@@ -455,8 +465,6 @@ def _top_level_schema() -> dict[str, Callable[[Any], str | None]]:
 
 
 def _budget_schema() -> dict[str, Callable[[Any], str | None]]:
-    from metaloss.validate import integer
-
     return {
         "budget_steps": integer(1, optional=True),
         "cost_per_trial": integer(1),
@@ -466,8 +474,6 @@ def _budget_schema() -> dict[str, Callable[[Any], str | None]]:
 
 
 def _entry_schema() -> dict[str, Callable[[Any], str | None]]:
-    from metaloss.validate import boolean, integer, mapping, positive, real, strings
-
     return {
         "target": _text,
         "params": mapping(),
@@ -524,9 +530,7 @@ def _check_keys(
 def loss_param_problems(target: str, params: Any, where: str) -> list[str]:
     """A loss's tuned hyper-parameters: names that metaloss-tune searches for ``target``
     (:data:`SEARCH_SPACES`), finite real numbers (no bool), valid by the loss's own rule
-    (:data:`metaloss.validate.LOSS_RULES`)."""
-    from metaloss.validate import LOSS_RULES, real
-
+    (:data:`metaloss.schema.LOSS_RULES`)."""
     if not isinstance(params, dict):
         return [f"{where} = {_show(params)}: must be a mapping {{hyper-parameter: number}}"]
     fn = str(target).rsplit(".", 1)[-1]
@@ -558,8 +562,6 @@ def tuned_problems(data: Any) -> list[str]:
     out = _check_keys(data, _top_level_schema(), "", REQUIRED_TOP_LEVEL)
     if isinstance(data.get("budget"), dict):
         out += _check_keys(data["budget"], _budget_schema(), "budget")
-    from metaloss.validate import mapping, positive, real
-
     for name, entry in (
         (data.get("losses") or {}).items() if isinstance(data.get("losses"), dict) else ()
     ):
@@ -617,8 +619,6 @@ def load_tuned(path: str | Path) -> dict[str, Any]:
             else ""
         )
         raise TunedFileError(f"cannot read tuned baselines from {p}: {e}{hint}") from e
-    from metaloss.runs import MAX_NESTING, nesting_depth
-
     if nesting_depth(data) > MAX_NESTING:
         raise TunedFileError(
             f"{p} is nested deeper than {MAX_NESTING} levels, which no tuned.json is"

@@ -9,232 +9,61 @@ the key, the value and the valid range.
 Rules are keyed by dotted config paths (``fnmatch`` patterns, so ``*optim.lr`` covers
 ``optim``, ``optim`` and ``meta_optim``); a rule for a key that the composed
 config does not have is skipped. Loss hyper-parameters are checked per loss function
-(``LOSS_RULES``), since ``epsilon`` means different things for label smoothing and Poly-1.
+(``LOSS_RULES``, in :mod:`metaloss.schema` with the plain value checkers, which
+:mod:`metaloss.tune` shares), since ``epsilon`` means different things for label smoothing
+and Poly-1.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import math
-import numbers
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+import inspect
+from collections.abc import Iterator
+from typing import Any, cast
 
+import torch
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from metaloss.errors import ConfigError  # noqa: F401  (re-exported: metaloss.validate.ConfigError)
-from metaloss.metrics import HIGHER_IS_BETTER
+from metaloss.cmaes import KINDS as cmaes_kinds
+from metaloss.cmaes import config_problems as cmaes_problems
+from metaloss.config import group_options, using_searchpath
+from metaloss.errors import ConfigError  # also metaloss.validate.ConfigError, for the apps
+from metaloss.hypergrad.es import KINDS as es_kinds
+from metaloss.metrics import HIGHER_IS_BETTER, metric_names, train_result_names
 from metaloss.runtime import DEVICE_PATTERN
-
-Check = Callable[[Any], "str | None"]  # None: valid; else what a valid value looks like
-
+from metaloss.schema import (
+    LOSS_RULES,
+    Check,
+    boolean,
+    classes,
+    existing_path,
+    int_list,
+    integer,
+    interval,
+    is_int,
+    is_real,
+    learned_loss_source,
+    mapping,
+    one_of,
+    positive,
+    real,
+    strings,
+    text,
+    unit_pair,
+)
+from metaloss.tasks.base import meta_test_draws
+from metaloss.tune import TunedFileError, load_tuned
 
 # ---------------------------------------------------------------- value checkers
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
-
-
-def integer(lo: int | None = None, hi: int | None = None, *, optional: bool = False) -> Check:
-    def check(v):
-        if v is None and optional:
-            return None
-        if not _is_int(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
-            rng = (
-                (f">= {lo}" if hi is None else f"in [{lo}, {hi}]") if lo is not None else f"<= {hi}"
-            )
-            return f"an integer {rng}" + (" or null" if optional else "")
-        return None
-
-    return check
-
-
-def real(
-    lo: float | None = None,
-    hi: float | None = None,
-    *,
-    lo_open: bool = False,
-    hi_open: bool = False,
-    optional: bool = False,
-) -> Check:
-    def check(v):
-        if v is None and optional:
-            return None
-        bad = not _is_real(v)
-        if not bad and lo is not None:
-            bad = v <= lo if lo_open else v < lo
-        if not bad and hi is not None:
-            bad = v >= hi if hi_open else v > hi
-        if bad:
-            if lo is not None and hi is not None:
-                rng = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-            elif lo is not None:
-                rng = f"{'>' if lo_open else '>='} {lo}"
-            elif hi is not None:
-                rng = f"{'<' if hi_open else '<='} {hi}"
-            else:
-                rng = "(finite)"
-            return f"a number {rng}" + (" or null" if optional else "")
-        return None
-
-    return check
-
-
-def positive(*, optional: bool = False) -> Check:
-    return real(0, lo_open=True, optional=optional)
-
-
-def boolean() -> Check:
-    return lambda v: None if isinstance(v, bool) else "true or false"
-
-
-def one_of(*choices: Any, optional: bool = False) -> Check:
-    def check(v):
-        if (v is None and optional) or v in choices:
-            return None
-        return "one of " + ", ".join(map(str, choices)) + (" or null" if optional else "")
-
-    return check
-
-
-def int_list(
-    lo: int = 1, *, optional: bool = False, nonempty: bool = False, hi: int | None = None
-) -> Check:
-    def check(v):
-        if v is None and optional:
-            return None
-        ok = isinstance(v, list | tuple) and all(
-            _is_int(x) and x >= lo and (hi is None or x <= hi) for x in v
-        )
-        if not ok or (nonempty and not v):
-            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-            return f"a {'non-empty ' if nonempty else ''}list of integers {rng}" + (
-                " or null" if optional else ""
-            )
-        return None
-
-    return check
-
-
-def interval(*, strict: bool = False, lo: float | None = None, lo_open: bool = False) -> Check:
-    """A ``[low, high]`` pair with low <= high (low < high if ``strict``)."""
-
-    def check(v):
-        ok = (
-            isinstance(v, list | tuple)
-            and len(v) == 2
-            and all(_is_real(x) for x in v)
-            and (v[0] < v[1] if strict else v[0] <= v[1])
-        )
-        if ok and lo is not None:
-            ok = v[0] > lo if lo_open else v[0] >= lo
-        if not ok:
-            bound = "" if lo is None else f", both {'>' if lo_open else '>='} {lo}"
-            return f"a pair [low, high] with low {'<' if strict else '<='} high{bound}"
-        return None
-
-    return check
-
-
-def unit_pair() -> Check:
-    """Adam-style ``betas``: two numbers in [0, 1)."""
-
-    def check(v):
-        if (
-            isinstance(v, list | tuple)
-            and len(v) == 2
-            and all(_is_real(x) and 0 <= x < 1 for x in v)
-        ):
-            return None
-        return "a pair of numbers in [0, 1)"
-
-    return check
-
-
-def text(optional: bool = False) -> Check:
-    return lambda v: (
-        None
-        if isinstance(v, str) or (v is None and optional)
-        else ("a string" + (" or null" if optional else ""))
-    )
-
-
-def existing_path(optional: bool = False, *, file: bool = False) -> Check:
-    def check(v):
-        if v is None and optional:
-            return None
-        p = Path(v).expanduser() if isinstance(v, str) else None
-        if p is None or not (p.is_file() if file else p.exists()):
-            return ("an existing file" if file else "an existing file or directory") + (
-                " or null" if optional else ""
-            )
-        return None
-
-    return check
-
-
-def learned_loss_source() -> Check:
-    """A learned-loss file, or a W&B artifact reference (fetched and checked on loading)."""
-    is_file = existing_path(file=True)
-    return lambda v: (
-        None
-        if isinstance(v, str) and v.startswith("wandb-artifact://")
-        else (
-            is_file(v)
-            and "an existing file or a wandb-artifact://[entity/]project/name:version reference"
-        )
-    )
-
-
-def reals(optional: bool = False) -> Check:
-    def check(v):
-        if (v is None and optional) or (
-            isinstance(v, list | tuple) and all(_is_real(x) for x in v)
-        ):
-            return None
-        return "a list of finite numbers" + (" or null" if optional else "")
-
-    return check
-
-
-def strings(optional: bool = False) -> Check:
-    def check(v):
-        if (v is None and optional) or (
-            isinstance(v, list | tuple) and all(isinstance(x, str) for x in v)
-        ):
-            return None
-        return "a list of strings" + (" or null" if optional else "")
-
-    return check
-
-
-def classes() -> Check:
-    """``positive_classes`` of a 10-class task: distinct digits that leave a negative class."""
-    inner = int_list(0, hi=9, optional=True, nonempty=True)
-
-    def check(v):
-        msg = inner(v)
-        if msg:
-            return msg
-        if v is not None and (len(set(v)) != len(v) or len(v) >= 10):
-            return "distinct digits in [0, 9] that leave at least one digit for the negative class"
-        return None
-
-    return check
+# The plain ones (integer, real, one_of, ...) are metaloss.schema's; these need the run's
+# config sources, the metrics, or tuned.json.
 
 
 def _named_losses() -> list[str]:
     """Losses a name alone can build (``learned`` needs a file path: use loss=learned): the
     ``loss`` options of every config source of the run (conf/ and ``hydra.searchpath``, see
     :func:`metaloss.config.searchpath`; :func:`problems` sets the checked config's)."""
-    from metaloss.config import group_options
-
     return [n for n in group_options("loss") if n != "learned"]
 
 
@@ -288,8 +117,6 @@ def tuned_file() -> Check:
     def check(v):
         if v is None:
             return None
-        from metaloss.tune import TunedFileError, load_tuned
-
         if not isinstance(v, str):
             return "null or the path of a tuned.json written by metaloss-tune"
         try:
@@ -303,9 +130,12 @@ def tuned_file() -> Check:
 
 def budget_steps() -> Check:
     def check(v):
-        if v is None or v == "meta" or (_is_int(v) and v >= 1):
+        if v is None or v == "meta" or (is_int(v) and v >= 1):
             return None
-        return "null, an integer >= 1 (inner training steps per loss) or meta (the learned loss's meta-training cost)"
+        return (
+            "null, an integer >= 1 (inner training steps per loss) or meta (the learned loss's "
+            "meta-training cost)"
+        )
 
     return check
 
@@ -320,10 +150,6 @@ def val_metric() -> Check:
             + ", ".join(HIGHER_IS_BETTER)
         )
     )
-
-
-def mapping() -> Check:
-    return lambda v: None if isinstance(v, dict) else "a mapping {key: value}"
 
 
 # ---------------------------------------------------------------- the rules
@@ -472,76 +298,6 @@ RULES: dict[str, Check] = {
     "logger.dir": text(optional=True),
 }
 
-# Loss hyper-parameters, by the loss function's / class's name (the last part of _target_).
-LOSS_RULES: dict[str, dict[str, Check]] = {
-    "huber": {"delta": positive()},
-    "smooth_l1": {"beta": positive()},
-    "quantile": {"tau": real(0, 1, lo_open=True, hi_open=True)},
-    "poisson": {"eps": positive(), "log_input": boolean()},
-    "bce": {"pos_weight": positive(optional=True)},
-    "weighted_ce": {
-        "scheme": one_of("inverse", "balanced", "effective"),
-        "beta": real(0, 1, hi_open=True),
-    },
-    "label_smoothing": {"epsilon": real(0, 1, hi_open=True)},
-    "focal": {"gamma": real(0), "alpha": real(0, 1, optional=True)},
-    "class_balanced_focal": {"gamma": real(0), "beta": real(0, 1, hi_open=True)},
-    "poly1": {"epsilon": real(-1)},
-    "hinge": {"margin": positive()},
-    "squared_hinge": {"margin": positive()},
-    "gce": {"q": real(0, 1, lo_open=True)},
-    "dice": {"smooth": real(0)},
-    "iou": {"smooth": real(0)},
-    "tversky": {"alpha": real(0), "beta": real(0), "smooth": real(0)},
-    "focal_tversky": {"alpha": real(0), "beta": real(0), "gamma": positive(), "smooth": real(0)},
-    "bce_dice": {"bce_weight": real(0), "smooth": real(0)},
-    "ML3Loss": {
-        "hidden": int_list(1, nonempty=True, hi=4096),
-        "num_classes": integer(1, 100_000, optional=True),
-        "fit_to": one_of("ce", "mse", optional=True),
-        "fit_steps": integer(1),
-        "init": one_of("default", "xavier"),
-        "init_scale": positive(),
-        "bias": boolean(),
-        "use_x": boolean(),
-        "use_progress": boolean(),
-    },
-    "TaylorGLO": {
-        "init": one_of("ce", "mse", "brier", "zeros"),
-        "center_target": real(),
-        "center_pred": real(),
-    },
-    "PolyN": {"degree": integer(1, 64), "init_epsilon": reals(optional=True)},
-    "LogitAdjusted": {"num_classes": integer(2, 100_000, optional=True)},
-    "AdaptiveRobust": {
-        "init_alpha": real(0, 2, lo_open=True, hi_open=True),
-        "init_scale": positive(),
-        "alpha_min": positive(),
-    },
-    "LearnedSmoothing": {
-        "init_epsilon": real(0, 1, lo_open=True, hi_open=True),
-        "eps_max": real(0, 1, lo_open=True, hi_open=True),
-        "per_class": boolean(),
-        "num_classes": integer(2, 100_000, optional=True),
-    },
-    "logit_adjusted_ce": {"tau": real(0)},
-    "symmetric_ce": {"alpha": real(0), "beta": real(0), "log_zero": real(hi=0, hi_open=True)},
-    "LearnedTversky": {
-        "init_alpha": positive(),
-        "init_beta": positive(),
-        "init_gamma": positive(),
-        "init_w": real(0, 1, lo_open=True, hi_open=True),
-        "scale": positive(),
-        "smooth": real(0),
-    },
-    "load_learned_loss": {
-        "path": learned_loss_source(),
-        "frozen": boolean(),
-        "allow_other_task": boolean(),
-    },
-}
-
-
 # ---------------------------------------------------------------- the check
 
 
@@ -599,29 +355,31 @@ RENAMED = {"inner_optim": "optim (one optimizer group for every app)"}
 
 def problems(cfg: DictConfig | dict) -> list[str]:
     """Every invalid setting of a composed config, as readable lines (empty: all valid)."""
-    from metaloss.config import using_searchpath
-
     out = []
     with using_searchpath(cfg):  # loss names are checked against the run's config sources
         if (
             isinstance(cfg, DictConfig) and "hydra" in cfg
         ):  # checked as the app sees it: no hydra node
-            cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-        container = (
+            keep: list[Any] = [k for k in cfg if k != "hydra"]
+            cfg = OmegaConf.masked_copy(cfg, keep)
+        container = cast(
+            dict,
             OmegaConf.to_container(cfg, resolve=True)
             if isinstance(cfg, DictConfig | ListConfig)
-            else cfg
+            else cfg,
         )
         container = {k: v for k, v in container.items() if k != "hydra"}
         for key in container:
             if key in RENAMED:
                 out.append(
-                    f"{key}: renamed to {RENAMED[key]}; use {key.replace(key, RENAMED[key].split()[0])}=... "
+                    f"{key}: renamed to {RENAMED[key]}; use "
+                    f"{key.replace(key, RENAMED[key].split()[0])}=... "
                     "(a `+` override of the old name would be silently ignored)"
                 )
             elif key not in KNOWN_TOP_LEVEL:
                 out.append(
-                    f"{key}: not a metaloss setting (added with `+`?); it would be silently ignored. "
+                    f"{key}: not a metaloss setting (added with `+`?); it would be silently "
+                    "ignored. "
                     f"Settings: {', '.join(sorted(KNOWN_TOP_LEVEL - {'hydra'}))}"
                 )
         for key, value in _flatten(container):
@@ -645,10 +403,6 @@ def _unknown_arguments(c: dict) -> list[str]:
     ``meta_optim=cmaes`` under an experiment that set ``meta_optim.lr`` for Adam used to fail
     with a TypeError traceback at construction; a misspelt key of a ``**kwargs`` target is
     not caught here (nothing can tell it from a real one)."""
-    import inspect
-
-    from hydra.utils import get_object
-
     out = []
     for where in COMPONENTS:
         node = c.get(where)
@@ -671,7 +425,8 @@ def _unknown_arguments(c: dict) -> list[str]:
                 )
                 out.append(
                     f"{where}.{key}: not a setting of {where} ({node['_target_']}); it takes: "
-                    f"{valid or 'nothing'} (left over from another {where} choice? remove it with ~{where}.{key})"
+                    f"{valid or 'nothing'} (left over from another {where} choice? remove it with "
+                    f"~{where}.{key})"
                 )
     return out
 
@@ -681,32 +436,32 @@ def _cross_checks(c: dict) -> list[str]:
     out = []
     meta, hg = c.get("meta") or {}, c.get("hypergrad") or {}
     k, inner = hg.get("k"), meta.get("inner_steps")
-    if _is_int(k) and _is_int(inner) and k > inner:
+    if is_int(k) and is_int(inner) and k > inner:
         out.append(
             f"hypergrad.k = {k}: must be <= meta.inner_steps ({inner}): truncation cannot "
             "keep more steps than the inner loop has"
         )
     nb = hg.get("batches")
-    if _is_int(nb) and _is_int(inner) and nb > inner:
+    if is_int(nb) and is_int(inner) and nb > inner:
         out.append(f"hypergrad.batches = {nb}: must be <= meta.inner_steps ({inner})")
     if _target_name(hg) == "Implicit" and meta.get("learn_inner_lr") is True:
         out.append(
-            "meta.learn_inner_lr = true: hypergrad=implicit cannot meta-learn the inner learning rate (the "
-            "end point of a converged inner run does not depend on it: its hypergradient is always zero); set "
+            "meta.learn_inner_lr = true: hypergrad=implicit cannot meta-learn the inner learning "
+            "rate (the "
+            "end point of a converged inner run does not depend on it: its hypergradient is always "
+            "zero); set "
             "meta.learn_inner_lr=false, or use hypergrad=unrolled, checkpointed, truncated or es"
         )
-    from metaloss.cmaes import config_problems as cmaes_problems  # lazy: cmaes imports torch code
-
     out += cmaes_problems(c)
     task = c.get("task") or {}
     vf, tf = task.get("val_frac"), task.get("test_frac")
-    if _is_real(vf) and _is_real(tf) and vf + tf >= 1:
+    if is_real(vf) and is_real(tf) and vf + tf >= 1:
         out.append(
             f"task.val_frac + task.test_frac = {vf + tf}: must be < 1 (nothing left to train on)"
         )
     model = c.get("model") or {}
     ch, groups = model.get("channels", model.get("base")), model.get("groups")
-    if _is_int(ch) and _is_int(groups) and groups > 0 and ch % groups:
+    if is_int(ch) and is_int(groups) and groups > 0 and ch % groups:
         key = "model.channels" if "channels" in model else "model.base"
         out.append(f"model.groups = {groups}: must divide {key} ({ch}) for GroupNorm")
     tune = c.get("tune")
@@ -714,7 +469,8 @@ def _cross_checks(c: dict) -> list[str]:
         tune.get("budget_steps") is None
     ):
         out.append(
-            f"tune.n_trials = {tune.get('n_trials')!r}, tune.budget_steps = {tune.get('budget_steps')!r}: "
+            f"tune.n_trials = {tune.get('n_trials')!r}, tune.budget_steps = "
+            f"{tune.get('budget_steps')!r}: "
             "give exactly one (set tune.n_trials=null when giving tune.budget_steps)"
         )
     overrides = (c.get("meta_test") or {}).get("task_overrides")
@@ -739,13 +495,10 @@ def _objective_problems(cfg: Any, kind: str, name: str) -> list[str]:
     """A true-metric objective of ES (``hypergrad.objective``) or CMA-ES
     (``meta_optim.objective``) that means nothing for this task kind (an error rate on a
     regression task): refused, naming the key, its value and what is valid for the kind."""
-    from metaloss.cmaes import KINDS
-    from metaloss.hypergrad.es import KINDS as es_kinds
-
     out = []
     for key, node, kinds in (
         ("hypergrad.objective", cfg.get("hypergrad") or {}, es_kinds),
-        ("meta_optim.objective", cfg.get("meta_optim") or {}, KINDS),
+        ("meta_optim.objective", cfg.get("meta_optim") or {}, cmaes_kinds),
     ):
         value = (
             node.get("objective")
@@ -767,8 +520,6 @@ def _seed_stream_problems(cfg: DictConfig, task: Any, fresh: bool) -> list[str]:
     """Meta-training (and tuning) draw task seeds ``task.seed ..`` (``meta.train_tasks`` of a
     family), the meta-test ``10000 ..`` (metaloss.tasks.base.TEST_TASK_SEEDS): the two
     streams must not meet, or the learned loss would be tested on data it was trained on."""
-    from metaloss.tasks.base import meta_test_draws
-
     if not fresh:
         return []
     seed = int(cfg.task.get("seed", 0) or 0)
@@ -778,8 +529,10 @@ def _seed_stream_problems(cfg: DictConfig, task: Any, fresh: bool) -> list[str]:
     test = meta_test_draws(int(cfg.meta_test.seeds), int(cfg.meta_test.tasks_per_seed))
     if train.start < test.stop and test.start < train.stop:
         return [
-            f"task.seed = {seed} (with {n_train} training task(s)): the training draws' seeds {train.start}.."
-            f"{train.stop - 1} meet the meta-test's draws {test.start}..{test.stop - 1}; use a task.seed "
+            f"task.seed = {seed} (with {n_train} training task(s)): the training draws' seeds "
+            f"{train.start}.."
+            f"{train.stop - 1} meet the meta-test's draws {test.start}..{test.stop - 1}; use a "
+            "task.seed "
             f"below {test.start - n_train - 1} (or above {test.stop - 1})"
         ]
     return []
@@ -802,16 +555,12 @@ def check_against_task(cfg: DictConfig, task: Any) -> None:
     made and before any training: the model is built shape-only on the ``meta`` device (no
     memory) and run on two examples, so a model that does not fit the task, or is too big,
     is refused with its reason instead of failing deep inside training."""
-    import torch
-    from hydra.utils import instantiate
-
-    from metaloss.metrics import metric_names, train_result_names
-
     found = []
     mt = cfg.get("meta_test")
     if mt is not None:
         metric = mt.get("metric")
-        # exactly what the meta-test records (train/loss, val/*, test/*), checked before meta-training
+        # exactly what the meta-test records (train/loss, val/*, test/*), checked before
+        # meta-training
         if metric is not None and metric not in train_result_names(task.kind):
             found.append(
                 f"meta_test.metric = {metric!r}: must be one of "
@@ -820,8 +569,10 @@ def check_against_task(cfg: DictConfig, task: Any) -> None:
         fresh = task.distribution or bool(mt.get("fresh_draws", False))
         if mt.get("task_overrides") and not fresh:
             found.append(
-                f"meta_test.task_overrides = {dict(mt.task_overrides)}: only fresh test draws (a task "
-                f"family, or meta_test.fresh_draws=true) can be overridden; {task.name!r} is a single "
+                f"meta_test.task_overrides = {dict(mt.task_overrides)}: only fresh test draws (a "
+                "task "
+                f"family, or meta_test.fresh_draws=true) can be overridden; {task.name!r} is a "
+                "single "
                 "task tested on its own draw, so nothing would be overridden"
             )
         found += _seed_stream_problems(cfg, task, fresh)
@@ -833,9 +584,12 @@ def check_against_task(cfg: DictConfig, task: Any) -> None:
             and profile == "rank"
         ):
             found.append(
-                "task.imbalance_profile = 'rank' with meta_test.fresh_draws = true: each draw would rank the "
-                "classes anew, so head and tail (and a learned loss's per-class parameters) would move "
-                "between draws; set task.imbalance_profile=index (class 0 the head on every draw, Cui et "
+                "task.imbalance_profile = 'rank' with meta_test.fresh_draws = true: each draw "
+                "would rank the "
+                "classes anew, so head and tail (and a learned loss's per-class parameters) would "
+                "move "
+                "between draws; set task.imbalance_profile=index (class 0 the head on every draw, "
+                "Cui et "
                 "al. 2019) or meta_test.fresh_draws=false"
             )
     tune = cfg.get("tune")
@@ -845,7 +599,8 @@ def check_against_task(cfg: DictConfig, task: Any) -> None:
         and tune.metric not in metric_names(task.kind, "val")
     ):
         found.append(
-            f"tune.metric = {tune.metric!r}: must be one of {', '.join(metric_names(task.kind, 'val'))} "
+            f"tune.metric = {tune.metric!r}: must be one of "
+            f"{', '.join(metric_names(task.kind, 'val'))} "
             f"for {task.kind} task {task.name!r}"
         )
     if (
@@ -862,7 +617,8 @@ def check_against_task(cfg: DictConfig, task: Any) -> None:
     expected = task.num_classes or 2
     if n_cls is not None and task.kind in ("classification", "binary") and n_cls != expected:
         found.append(
-            f"loss.num_classes = {n_cls}: must be {expected} (the classes of task {task.name!r}) or null"
+            f"loss.num_classes = {n_cls}: must be {expected} (the classes of task {task.name!r}) "
+            "or null"
         )
     model_name = str(cfg.model.get("_target_", "model")).rsplit(".", 1)[-1]
     try:
@@ -871,7 +627,8 @@ def check_against_task(cfg: DictConfig, task: Any) -> None:
         n_params = sum(p.numel() for p in model.parameters())
         if n_params > MAX_MODEL_PARAMS:
             found.append(
-                f"model: {model_name} has {n_params:,} parameters for task {task.name!r}; the limit is "
+                f"model: {model_name} has {n_params:,} parameters for task {task.name!r}; the "
+                "limit is "
                 f"{MAX_MODEL_PARAMS:,} (shrink model.hidden / channels / depth)"
             )
         else:
@@ -886,7 +643,8 @@ def check_against_task(cfg: DictConfig, task: Any) -> None:
                 )
     except (ValueError, RuntimeError, TypeError) as e:
         found.append(
-            f"model: {model_name} cannot be built for task {task.name!r} (inputs {list(task.in_shape)}): "
+            f"model: {model_name} cannot be built for task {task.name!r} (inputs "
+            f"{list(task.in_shape)}): "
             f"{str(e).splitlines()[0][:300]}"
         )
     if found:
