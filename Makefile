@@ -31,9 +31,11 @@ test-slow: setup
 test-all: test test-slow
 
 # Static checks, run by .ci/run beside the tests: ruff (rules in pyproject's [tool.ruff]) and
+# import-linter (the package's layers: pyproject's [tool.importlinter]); `make typecheck`:
 # mypy over metaloss/ (scope and the modules not yet clean in pyproject's [tool.mypy]).
 lint: setup
 	$(VENV)/bin/ruff check metaloss tests scripts
+	$(VENV)/bin/lint-imports
 
 typecheck: setup
 	$(VENV)/bin/mypy
