@@ -97,7 +97,8 @@ def artifact_file(artifact: dict, path: str) -> Path:
     entry = artifact["files"].get(path)
     if entry is None:
         raise KeyError(
-            f"artifact {artifact['name']!r} has no file {path!r}; it has {sorted(artifact['files'])}"
+            f"artifact {artifact['name']!r} has no file {path!r}; "
+            f"it has {sorted(artifact['files'])}"
         )
     local = Path(entry["local_path"])
     if not local.is_file():
@@ -132,7 +133,8 @@ def _parse(raw: bytes) -> dict:
         "artifacts": [],
     }
     for data in _records(raw):
-        rec = pb.Record()
+        # wandb_internal_pb2 builds its message classes at import time (no stubs).
+        rec = pb.Record()  # type: ignore[attr-defined]
         try:
             rec.ParseFromString(data)
         except DecodeError as e:  # a record still being written

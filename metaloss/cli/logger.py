@@ -28,7 +28,7 @@ import threading
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict
 from urllib.parse import urlsplit
 
 from omegaconf import DictConfig, OmegaConf
@@ -53,8 +53,9 @@ _NOT_SETTINGS = (
     "meta.checkpoint_every",
     "meta.plot_every",
 )
-# Seed-like keys: replicates of one setting (seed, seeds=N, task.seed, task.data_seed, hypergrad.seed),
-# but not meta_test.seeds (how many seeds the meta-test uses is part of the protocol).
+# Seed-like keys: replicates of one setting (seed, seeds=N, task.seed, task.data_seed,
+# hypergrad.seed), but not meta_test.seeds (how many seeds the meta-test uses is part of the
+# protocol).
 _SEED_KEY = re.compile(r"(?:^seeds|(?:^|[._])seed)\Z")
 # step axis per key prefix: define_metric plots these against the outer step, not W&B's _step
 _STEP_AXES = {"meta/": "meta/step", "meta_test/": "meta/step"}
@@ -260,23 +261,42 @@ def _hydra_runtime(out_dir: Path) -> tuple[list[str], dict[str, Any]] | None:
         return None
 
 
+class _Quiet(TypedDict):
+    """The ``wandb.Settings`` that keep W&B's own output out of the run's console."""
+
+    silent: bool
+    console: Literal["off"]
+
+
+class _Url(TypedDict, total=False):
+    """``wandb.Settings(base_url=...)``, passed only when the config or environment chose it."""
+
+    base_url: str
+
+
 def _init_wandb(lcfg, out_dir: Path, init_args: dict):
     """``wandb.init`` in the configured mode; online falls back to offline rather than
     failing or hanging the run when the server or the credentials are missing."""
     import wandb
 
-    quiet = dict(silent=True, console="off")
+    quiet: _Quiet = {"silent": True, "console": "off"}
     mode, timeout = _mode(lcfg), _init_timeout(lcfg)
     if mode in _LOCAL_MODES:
-        return wandb.init(mode=mode, settings=wandb.Settings(**quiet), **init_args)
+        # W&B accepts any mode its Settings does ("dryrun" too); its annotation of
+        # init(mode=) lists fewer, and the mode here is a config string it validates.
+        return wandb.init(
+            mode=mode,  # type: ignore[arg-type]
+            settings=wandb.Settings(**quiet),
+            **init_args,
+        )
     base_url, explicit = _base_url(lcfg)
     reason = _why_not_online(base_url, timeout)
     if reason is None:
         # Pass the URL we probed: W&B reads WANDB_BASE_URL only once per process.
-        url = {"base_url": base_url} if explicit else {}
+        url: _Url = {"base_url": base_url} if explicit else {}
         try:
             return wandb.init(
-                mode=mode,
+                mode=mode,  # type: ignore[arg-type]  # a config string W&B validates (above)
                 settings=wandb.Settings(init_timeout=timeout, **url, **quiet),
                 **init_args,
             )
