@@ -156,8 +156,9 @@ def split_applied(diff: dict[str, tuple[Any, Any]]) -> tuple[dict, dict]:
 # ---------------------------------------------------------------- files
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a unique temporary file beside ``path``, fsync, then rename."""
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` on a unique temporary file beside ``path``, fsync, then rename
+    (what ``write`` returns is ignored)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -195,8 +196,8 @@ def stored_archive_problem(path: Path) -> str | None:
     on_disk = path.stat().st_size
     if declared > on_disk + 2**20:
         return (
-            f"its entries unpack to {declared:,} bytes from {on_disk:,} on disk, but torch.save stores them "
-            "uncompressed: refused before decompressing anything"
+            f"its entries unpack to {declared:,} bytes from {on_disk:,} on disk, but torch.save "
+            "stores them uncompressed: refused before decompressing anything"
         )
     return None
 
@@ -226,12 +227,12 @@ def replace_all(files: dict[Path, Path]) -> None:
     try:
         for dest, src in files.items():
             dest = Path(dest)
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
             os.fchmod(fd, 0o666 & ~_UMASK)
             os.close(fd)
-            staged.append((Path(tmp), dest))
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb") as f:
+            staged.append((Path(tmp_name), dest))
+            shutil.copyfile(src, tmp_name)
+            with open(tmp_name, "rb") as f:
                 os.fsync(f.fileno())
     except BaseException:
         for tmp, _ in staged:
@@ -282,7 +283,8 @@ class RunDir:
             self._lock.seek(0)
             holder = self._lock.read().strip() or "another process"
             self._lock.close()
-            self._restore_owner_record()  # Hydra already wrote this launch's .hydra/ over the owner's
+            # Hydra already wrote this launch's .hydra/ over the owner's
+            self._restore_owner_record()
             raise RunDirConflict(
                 f"run directory {self.path} is in use by {holder}; two runs never "
                 "share a directory: wait for it, or choose another hydra.run.dir"
@@ -328,7 +330,8 @@ class RunDir:
                     "unique per run)"
                 )
                 raise RunDirConflict(
-                    f"{self.path} belongs to another run (fingerprint {owner.get('fingerprint')}); this "
+                    f"{self.path} belongs to another run "
+                    f"(fingerprint {owner.get('fingerprint')}); this "
                     f"config differs in: {describe(diff)}. {hint}"
                 )
         self.app, self.ident = app, ident
