@@ -21,7 +21,7 @@ refuse a loss that does not fit its task before any training.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -37,7 +37,8 @@ def fits(*kinds: str) -> Callable:
         raise ValueError(f"unknown task kinds {sorted(unknown)}; valid: {TASK_KINDS}")
 
     def mark(fn: Callable) -> Callable:
-        fn.kinds = frozenset(kinds)
+        # a function attribute (``Callable`` does not declare it: hence setattr)
+        setattr(fn, "kinds", frozenset(kinds))  # noqa: B010
         return fn
 
     return mark
@@ -55,6 +56,9 @@ def loss_kinds(loss: Any) -> frozenset[str]:
     return frozenset(kinds)
 
 
+_L = TypeVar("_L", bound="ParametricLoss")
+
+
 class ParametricLoss(nn.Module):
     """Base class of meta-learned losses: ``parameters()`` are the meta-parameters φ.
 
@@ -66,6 +70,11 @@ class ParametricLoss(nn.Module):
     """
 
     kinds: tuple[str, ...] = ()
+    # Set only on a loss that :func:`metaloss.losses.io.load_learned_loss` rebuilt from a file
+    # (absent otherwise: code that takes any loss reads them with ``getattr(loss, name, default)``).
+    meta: dict[str, Any]
+    source: str
+    allow_other_task: bool
 
     def __init__(self, **init_kwargs: Any) -> None:
         super().__init__()
@@ -75,7 +84,7 @@ class ParametricLoss(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def from_saved(cls, init_kwargs: dict, state_dict: dict) -> ParametricLoss:
+    def from_saved(cls: type[_L], init_kwargs: dict, state_dict: dict) -> _L:
         """Rebuild from a saved file; subclasses skip expensive initialisation here."""
         loss = cls(**init_kwargs)
         loss.load_state_dict(state_dict)
@@ -123,9 +132,9 @@ def check_loss_output(loss: Any, task: Any, loss_name: str | None) -> None:
     expected and actual shapes, unless it returns one value per example (``[B]``): a
     broadcasting bug (``[B, B]``) or a loss that reduces itself (a scalar) would otherwise be
     averaged into a plausible, wrong training signal. Every training path builds its losses
-    through :func:`metaloss.config.check_loss` (metaloss-train, metaloss-meta's inner loop and objective,
-    the meta-test's baselines and learned loss, tuning), so this runs once per loss, before
-    the first step; inside ``vmap`` the per-task shapes are these same shapes."""
+    through :func:`metaloss.config.check_loss` (metaloss-train, metaloss-meta's inner loop and
+    objective, the meta-test's baselines and learned loss, tuning), so this runs once per loss,
+    before the first step; inside ``vmap`` the per-task shapes are these same shapes."""
     name = (
         loss_name or getattr(getattr(loss, "func", loss), "__name__", None) or type(loss).__name__
     )

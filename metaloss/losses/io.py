@@ -38,7 +38,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -219,10 +219,10 @@ def fetch_artifact(ref: str, root: Path, timeout: int = ARTIFACT_TIMEOUT_S) -> P
     ) as e:  # UsageError (no key), CommError (no server), ValueError (wrong type), ...
         first = (str(e).strip().splitlines() or [""])[0]
         raise LossArtifactUnavailable(
-            f"cannot fetch W&B artifact {name!r} ({type(e).__name__}: {first}). It needs a W&B server and "
-            "an API key; an artifact logged offline exists on the server only after `wandb sync "
-            "<run dir>/wandb/offline-run-*`. The same file is <run dir>/learned_loss.pt: pass that path "
-            "instead."
+            f"cannot fetch W&B artifact {name!r} ({type(e).__name__}: {first}). It needs a W&B "
+            "server and an API key; an artifact logged offline exists on the server only after "
+            "`wandb sync <run dir>/wandb/offline-run-*`. The same file is "
+            "<run dir>/learned_loss.pt: pass that path instead."
         ) from e
     if getattr(art, "type", ARTIFACT_TYPE) != ARTIFACT_TYPE:
         raise CorruptLossFile(
@@ -351,8 +351,8 @@ def _checked_contents(path: Path, blob: dict, max_numel: int) -> tuple[dict, dic
         why = _unsupported_tensor(v)
         if why:
             raise CorruptLossFile(
-                f"{path}: state_dict[{k!r}] is {why}; a learned loss holds dense CPU "
-                f"tensors of dtype {', '.join(str(d).replace('torch.', '') for d in _FLOAT_DTYPES)} "
+                f"{path}: state_dict[{k!r}] is {why}; a learned loss holds dense CPU tensors of "
+                f"dtype {', '.join(str(d).replace('torch.', '') for d in _FLOAT_DTYPES)} "
                 "(integer or bool buffers where its class has them)"
             )
     numel = sum(v.numel() for v in state_dict.values())
@@ -380,7 +380,8 @@ def _value_problems(value: Any, where: str) -> list[str]:
         for k, item in value.items():
             if k in HYDRA_KEYS:
                 out.append(
-                    f"{where}.{k}: Hydra key {k!r} refused (a file holds values, never what to call)"
+                    f"{where}.{k}: Hydra key {k!r} refused "
+                    "(a file holds values, never what to call)"
                 )
             else:
                 out += _value_problems(item, f"{where}.{k}")
@@ -534,8 +535,9 @@ def _meta_build(
         k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state_dict.items()
     }
     try:
-        probe = type(
-            cls.__name__, (cls,), {"load_state_dict": capture, "__module__": cls.__module__}
+        probe = cast(
+            type[ParametricLoss],  # a subclass of cls
+            type(cls.__name__, (cls,), {"load_state_dict": capture, "__module__": cls.__module__}),
         )
         with torch.device("meta"):
             built = probe.from_saved(dict(init_kwargs), meta_state)
@@ -597,7 +599,8 @@ def _check_dtypes(
     if bad:
         k = bad[0]
         raise CorruptLossFile(
-            f"{path}: state_dict[{k!r}] has dtype {str(state_dict[k].dtype).replace('torch.', '')}, "
+            f"{path}: state_dict[{k!r}] has dtype "
+            f"{str(state_dict[k].dtype).replace('torch.', '')}, "
             f"but {cls.__qualname__} holds it as floats (φ is one of "
             f"{', '.join(str(d).replace('torch.', '') for d in _FLOAT_DTYPES)})"
         )

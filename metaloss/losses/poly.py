@@ -21,6 +21,7 @@ class PolyN(ParametricLoss):
     """
 
     kinds = ("classification", "binary")
+    powers: torch.Tensor  # a buffer: 1..degree
 
     def __init__(self, degree: int = 3, init_epsilon=None) -> None:
         if not isinstance(degree, int) or not 1 <= degree <= MAX_DEGREE:

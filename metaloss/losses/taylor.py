@@ -27,10 +27,10 @@ def ce_taylor_coefficients(t0: float, p0: float) -> dict[str, float]:
 
 
 class TaylorGLO(ParametricLoss):
-    """f(t, p) = c_p δp + ½ c_pp δp² + ⅙ c_ppp δp³ + c_tp δt δp + ½ c_tpp δt δp² + ½ c_ttp δt² δp
-    with δt = t - center_target, δp = p - center_pred: the eight parameters of TaylorGLO
-    (a centre and the six coefficients of the terms that depend on the prediction; terms in
-    t alone do not change gradients and are dropped).
+    """f(t, p) = c_p δp + ½ c_pp δp² + ⅙ c_ppp δp³ + c_tp δt δp + ½ c_tpp δt δp²
+    + ½ c_ttp δt² δp with δt = t - center_target, δp = p - center_pred: the eight parameters
+    of TaylorGLO (a centre and the six coefficients of the terms that depend on the
+    prediction; terms in t alone do not change gradients and are dropped).
 
     Classification: t is the one-hot target, p the softmax probability, summed over classes.
     Regression: t = y, p = ŷ, averaged over output dimensions.
@@ -41,6 +41,15 @@ class TaylorGLO(ParametricLoss):
     """
 
     kinds = ("classification", "binary", "regression")
+    # the parameters (set in __init__, the coefficients through setattr)
+    center_target: nn.Parameter
+    center_pred: nn.Parameter
+    c_p: nn.Parameter
+    c_pp: nn.Parameter
+    c_ppp: nn.Parameter
+    c_tp: nn.Parameter
+    c_tpp: nn.Parameter
+    c_ttp: nn.Parameter
 
     def __init__(
         self, init: str = "ce", center_target: float = 1.0, center_pred: float = 0.5
