@@ -59,7 +59,7 @@ class HyperGrad(NamedTuple):
 
 def meta_params(loss: nn.Module, log_lr: Tensor | None = None) -> Params:
     """The flat meta-parameter dict of a loss module (and a learned inner log-lr)."""
-    meta = {LOSS_PREFIX + n: p for n, p in loss.named_parameters()}
+    meta: Params = {LOSS_PREFIX + n: p for n, p in loss.named_parameters()}
     if log_lr is not None:
         meta[LR_KEY] = log_lr
     return meta

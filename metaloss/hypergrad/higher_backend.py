@@ -46,10 +46,10 @@ class HigherBackend:
                     ).mean()
                     / n_tasks
                 )
-            for k, g in zip(
+            for key, g in zip(
                 keys, torch.autograd.grad(obj, [meta[k] for k in keys], allow_unused=True)
             ):
                 if g is not None:
-                    grads[k] = grads[k] + g
+                    grads[key] = grads[key] + g
             total = total + obj.detach()
         return HyperGrad(total, grads)

@@ -6,6 +6,8 @@ The ML3 hypergradient (Bechtle et al., ICPR 2021) and MAML's second-order unroll
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from metaloss.hypergrad.base import HyperGrad, MetaBatch, MetaProblem, Params, functional_hypergrad
@@ -17,7 +19,8 @@ class Unrolled:
 
     def __init__(self, compile: bool = False) -> None:
         self.compile = compile
-        self._compiled = {}
+        # at most one entry: id(problem) -> its compiled hypergradient
+        self._compiled: dict[int, Callable[[Params, MetaBatch], HyperGrad]] = {}
 
     def _kwargs(self, problem: MetaProblem) -> dict:
         return {}
