@@ -12,6 +12,7 @@ loss turns NaN/inf is reported as diverged (None), like ``NonFiniteLoss`` in the
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch.func import functional_call, grad_and_value, vmap
@@ -76,7 +77,8 @@ def train_many(
     template = build_model(factory, first, 0)
     theta = stacked_init(factory, first, seeds)
     counts = [t.class_counts for t in tasks]
-    counts_b = None if counts[0] is None else _stack(counts)
+    # the members share one kind (checked above), so either every count is None or none is
+    counts_b = None if counts[0] is None else _stack(cast(list[torch.Tensor], counts))
     samplers = [
         BatchSampler(len(t.x_train), batch_size, torch.Generator().manual_seed(int(s)))
         for t, s in zip(tasks, seeds)
@@ -107,6 +109,7 @@ def train_many(
         theta, state = inner_opt.update(grads, state, theta)
         v = value.double().cpu()
         running = v if running is None else 0.95 * running + 0.05 * v
+    assert running is not None  # steps >= 1 (checked above)
     out: list[dict[str, float] | None] = []
     for b, task in enumerate(tasks):
         if diverged[b]:

@@ -69,6 +69,7 @@ class Task:
         if self.kind == "regression":
             return int(self.y_train.shape[1])
         if self.kind == "classification":
+            assert self.num_classes is not None  # __post_init__ refuses a task without it
             return int(self.num_classes)
         return 1  # binary: one logit; segmentation: one logit per pixel
 
@@ -98,12 +99,15 @@ class Task:
                 dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype,
             )
 
-        tensors = {
-            f"{a}_{s}": move(getattr(self, f"{a}_{s}"))
-            for a in ("x", "y")
-            for s in ("train", "val", "test")
-        }
-        return dataclasses.replace(self, **tensors)
+        return dataclasses.replace(
+            self,
+            x_train=move(self.x_train),
+            x_val=move(self.x_val),
+            x_test=move(self.x_test),
+            y_train=move(self.y_train),
+            y_val=move(self.y_val),
+            y_test=move(self.y_test),
+        )
 
     def split(self, name: str) -> tuple[Tensor, Tensor]:
         return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
@@ -203,11 +207,11 @@ def imbalance(
             keep_n[c] = max(
                 1, min(int(counts[c]), int(n_max * ratio ** (-rank / (num_classes - 1))))
             )
-    keep = []
+    kept: list[Tensor] = []
     for c in range(num_classes):
         members = torch.nonzero(y.long() == c).flatten()
-        keep.append(members[torch.randperm(len(members), generator=g)[: int(keep_n[c])]])
-    keep = torch.cat(keep).sort().values
+        kept.append(members[torch.randperm(len(members), generator=g)[: int(keep_n[c])]])
+    keep = torch.cat(kept).sort().values
     return x[keep], y[keep]
 
 
