@@ -258,12 +258,12 @@ def welch(a: Sequence[float], b: Sequence[float]) -> float:
     NaN or a side has fewer than 2 values. Both sides constant: 0 if the means differ, else 1."""
     from scipy import stats
 
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 2 or len(b) < 2 or not np.isfinite(a).all() or not np.isfinite(b).all():
+    xa, xb = np.asarray(a, float), np.asarray(b, float)
+    if len(xa) < 2 or len(xb) < 2 or not np.isfinite(xa).all() or not np.isfinite(xb).all():
         return float("nan")
-    if a.std() == 0 and b.std() == 0:
-        return 0.0 if a.mean() != b.mean() else 1.0
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    if xa.std() == 0 and xb.std() == 0:
+        return 0.0 if xa.mean() != xb.mean() else 1.0
+    return float(stats.ttest_ind(xa, xb, equal_var=False).pvalue)
 
 
 def paired(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
@@ -334,7 +334,7 @@ def holm(p_values: dict[str, float]) -> dict[str, float]:
     """Holm's step-down adjustment (Holm, Scand. J. Statist. 1979) of a family of p-values:
     the i-th smallest of k is multiplied by k - i (i from 0), made monotone, capped at 1.
     Rejecting where the adjusted p < alpha controls the family-wise error rate at alpha."""
-    order = sorted(p_values, key=p_values.get)
+    order = sorted(p_values, key=p_values.__getitem__)
     out, running, k = {}, 0.0, len(order)
     for i, name in enumerate(order):
         running = max(running, min(1.0, (k - i) * p_values[name]))
@@ -369,9 +369,10 @@ def significance(
     results have it (a hand-made result without it is selected on ``metric`` itself, and
     ``selected_on`` and the rule say so), among baselines whose values are all finite (a
     baseline that diverged on a seed is never the reference; one finite on ``metric`` but not
-    on ``select_on`` stays in the family of comparisons, listed as ``unselectable_baselines``). Picking the baseline with the best *test*
-    mean and then testing it uncorrected made "significantly worse" come out about three
-    times its nominal rate under the null (issue 16).
+    on ``select_on`` stays in the family of comparisons, listed as
+    ``unselectable_baselines``). Picking the baseline with the best *test* mean and then
+    testing it uncorrected made "significantly worse" come out about three times its nominal
+    rate under the null (issue 16).
 
     Every finite baseline is compared with the learned loss by a paired t-test (seed i of
     every loss shares data and initialisation); the p-values are Holm-adjusted over those k
@@ -410,7 +411,7 @@ def significance(
     selection = {
         name: _finite_mean(results[name][select_on]) for name in family if name not in unselectable
     }
-    best = (max if higher else min)(selection, key=selection.get) if selection else None
+    best = (max if higher else min)(selection, key=selection.__getitem__) if selection else None
     theirs = baselines[best] if best else []
     level = 1 - alpha  # the interval excludes 0 exactly when the two-sided p < alpha
     stats_ = paired(ours, theirs, confidence=level) if best else paired([], [])
@@ -420,16 +421,16 @@ def significance(
         if not _n_bad(ours) and n >= 2
         else {}
     )
-    pairwise = {
-        name: {
-            "difference": _finite_mean(ours) - _finite_mean(baselines[name]),
+    pairwise: dict[str, dict[str, float | str]] = {}
+    for name in family:
+        difference = _finite_mean(ours) - _finite_mean(baselines[name])
+        p_holm = adjusted.get(name, float("nan"))
+        pairwise[name] = {
+            "difference": difference,
             "p_value": raw[name],
-            "p_value_holm": adjusted.get(name, float("nan")),
+            "p_value_holm": p_holm,
+            "verdict": direction(p_holm, difference, higher, alpha),
         }
-        for name in family
-    }
-    for row in pairwise.values():
-        row["verdict"] = direction(row["p_value_holm"], row["difference"], higher, alpha)
     sig = {
         "metric": metric,
         "higher_is_better": higher,
@@ -492,8 +493,9 @@ def _verdict(sig: dict, n_baselines: int) -> str:
     if sig["best_baseline"] is None:
         if sig.get("unselectable_baselines"):
             return (
-                f"undefined: no baseline has finite {sig['selected_on']} values on every seed to be chosen as "
-                f"the reference ({', '.join(sig['unselectable_baselines'])} diverged there)"
+                f"undefined: no baseline has finite {sig['selected_on']} values on every seed "
+                f"to be chosen as the reference ({', '.join(sig['unselectable_baselines'])} "
+                "diverged there)"
             )
         which = ", ".join(f"{k} {v}/{n}" for k, v in sig["diverged_baselines"].items())
         return f"undefined: every baseline diverged on some seed ({which})"

@@ -95,7 +95,8 @@ def _code_keys(node: Any, where: str) -> list[str]:
 def _metrics_problems(metrics: Any, where: str, per_seed: bool) -> list[str]:
     if not isinstance(metrics, dict):
         return [
-            f"{where} = {metrics!r:.80}: must be a mapping {{metric: {'[values]' if per_seed else 'value'}}}"
+            f"{where} = {metrics!r:.80}: must be a mapping "
+            f"{{metric: {'[values]' if per_seed else 'value'}}}"
         ]
     out = []
     for k, v in metrics.items():
@@ -269,7 +270,7 @@ def format_table(summary: dict) -> str:
     for k in metrics:
         higher = HIGHER_IS_BETTER.get(k.split("/")[-1], True)
         means = {g: s[k]["mean"] for g, s in summary.items() if k in s and _complete(s[k])}
-        best[k] = (max if higher else min)(means, key=means.get) if means else None
+        best[k] = (max if higher else min)(means, key=means.__getitem__) if means else None
     head = "| run | n | " + " | ".join(metrics) + " |"
     lines = [head, "|" + "---|" * (len(metrics) + 2)]
     for g, s in summary.items():
