@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.object_type import ObjectType
 from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from metaloss.losses.base import ParametricLoss, check_loss_output, loss_kinds
 from metaloss.runs import register_resolvers
@@ -74,7 +74,10 @@ def searchpath(cfg: Any = None) -> tuple[str, ...]:
     if active is not None:
         return active
     if HydraConfig.initialized():
-        return tuple(str(p) for p in (HydraConfig.get().get("searchpath") or ()))
+        # HydraConfig.get() is annotated as the HydraConf dataclass; it returns the DictConfig
+        # node ``hydra`` of the app's config
+        hydra_cfg = cast(DictConfig, HydraConfig.get())
+        return tuple(str(p) for p in (hydra_cfg.get("searchpath") or ()))
     return ()
 
 
@@ -82,9 +85,10 @@ def searchpath(cfg: Any = None) -> tuple[str, ...]:
 def using_searchpath(cfg: Any) -> Iterator[tuple[str, ...]]:
     """Within the block, lookups without a ``cfg`` use ``cfg``'s search path (validation
     checks see single values, not the config they belong to)."""
-    token = _ACTIVE_SEARCHPATH.set(searchpath(cfg))
+    paths = searchpath(cfg)
+    token = _ACTIVE_SEARCHPATH.set(paths)
     try:
-        yield _ACTIVE_SEARCHPATH.get()
+        yield paths
     finally:
         _ACTIVE_SEARCHPATH.reset(token)
 
@@ -124,8 +128,11 @@ def load_option(group: str, name: str, cfg: Any = None) -> DictConfig:
             f"{', '.join(group_options(group, cfg))}"
         )
     loaded = repo.load_config(path)
+    assert loaded is not None  # the repository has it (config_exists above)
     if not any(not d.is_self() for d in loaded.defaults_list or ()):
-        return loaded.config
+        # Hydra types a loaded config as any Container; an option of the groups looked up here
+        # (loss, task, model, optim) is a mapping, loaded as a DictConfig
+        return cast(DictConfig, loaded.config)
     composed = ConfigLoaderImpl(config_search_path=sp).load_configuration(
         config_name=None, overrides=[f"+{group}={name}"], run_mode=RunMode.RUN, from_shell=False
     )
@@ -197,7 +204,7 @@ def training_setup(cfg: Any) -> dict[str, Any]:
         node = cfg.get(group)
         if node is None:
             continue
-        values = dict(OmegaConf.to_container(node, resolve=True))
+        values = _plain_dict(node)
         target = values.pop("_target_", None)
         values.pop("_partial_", None)
         rec = {"option": choices.get(group), "target": target, "config": values}
@@ -208,13 +215,18 @@ def training_setup(cfg: Any) -> dict[str, Any]:
                 rec["option"] = None
         out[group] = rec
     overrides = OmegaConf.select(cfg, "meta_test.task_overrides")
-    out["task_overrides"] = (
-        dict(OmegaConf.to_container(overrides, resolve=True)) if overrides else {}
-    )
+    out["task_overrides"] = _plain_dict(overrides) if overrides else {}
     return out
 
 
 SETUP_GROUPS = ("task", "model", "optim")
+
+
+def _plain_dict(node: Any) -> dict[str, Any]:
+    """``dict`` of a config mapping's resolved values. ``OmegaConf.to_container`` is annotated
+    with every kind of container; for a mapping node it returns a dict (``dict()`` refuses
+    what is not a mapping, as it always did here)."""
+    return dict(cast(Mapping[str, Any], OmegaConf.to_container(node, resolve=True)))
 
 
 _UNSET = object()
@@ -227,7 +239,8 @@ def _show(v: Any) -> str:
 def _differences(recorded: Mapping[str, Any], current: Mapping[str, Any], prefix: str) -> list[str]:
     keys = list(dict.fromkeys([*recorded, *current]))
     return [
-        f"{prefix}.{k}: file {_show(recorded.get(k, _UNSET))}, this run {_show(current.get(k, _UNSET))}"
+        f"{prefix}.{k}: file {_show(recorded.get(k, _UNSET))}, "
+        f"this run {_show(current.get(k, _UNSET))}"
         for k in keys
         if recorded.get(k, _UNSET) != current.get(k, _UNSET)
     ]
@@ -238,11 +251,7 @@ def _recorded_overrides(group: str, rec: Mapping[str, Any], cfg: Any) -> str:
     values that differ from that option's defaults."""
     config, name = dict(rec.get("config") or {}), rec.get("option")
     try:
-        defaults = (
-            dict(OmegaConf.to_container(load_option(group, name, cfg), resolve=True))
-            if name
-            else {}
-        )
+        defaults = _plain_dict(load_option(group, name, cfg)) if name else {}
     except Exception:  # noqa: BLE001 - an option this run's sources lack: every value
         defaults = {}
     parts = [f"{group}={name}"] if name else []
@@ -267,13 +276,14 @@ def check_trained_task(loss: Any, task: Any, cfg: Any = None, loss_name: str | N
     recorded = (meta.get("setup") or {}).get("task")
     current = cfg.get("task") if cfg is not None else None
     if recorded is not None and current is not None:
-        now = dict(OmegaConf.to_container(current, resolve=True))
+        now = _plain_dict(current)
         target = now.pop("_target_", None)
         now.pop("_partial_", None)
         trained = recorded.get("option") or meta.get("task") or recorded.get("target")
         if recorded.get("target") != target:
             diffs = [
-                f"task {trained!r} ({recorded.get('target')}) vs this run's {task.name!r} ({target})"
+                f"task {trained!r} ({recorded.get('target')}) "
+                f"vs this run's {task.name!r} ({target})"
             ]
             fix = _recorded_overrides("task", recorded, cfg)
         else:
@@ -284,7 +294,10 @@ def check_trained_task(loss: Any, task: Any, cfg: Any = None, loss_name: str | N
                 for k in dict.fromkeys([*rec_config, *now])
                 if rec_config.get(k, _UNSET) != now.get(k, _UNSET)
             )
-        fix = f"pass the task it was trained on ({fix}; metaloss-eval takes it from the file when task is unset)"
+        fix = (
+            f"pass the task it was trained on ({fix}; metaloss-eval takes it from the file "
+            "when task is unset)"
+        )
     elif meta.get("task") is not None:
         diffs = (
             [f"task name: file {meta['task']!r}, this run {task.name!r}"]
@@ -317,7 +330,8 @@ def check_trained_task(loss: Any, task: Any, cfg: Any = None, loss_name: str | N
         return
     raise LearnedLossOtherTask(
         f"learned loss {source} was meta-trained on another task than this run's {task.name!r}: "
-        f"{'; '.join(diffs[:8])}{'; ...' if len(diffs) > 8 else ''}. To evaluate it where it was trained, {fix}; "
+        f"{'; '.join(diffs[:8])}{'; ...' if len(diffs) > 8 else ''}. "
+        f"To evaluate it where it was trained, {fix}; "
         "to apply it to another task on purpose, set loss.allow_other_task=true (metaloss-eval: "
         "allow_other_task=true)"
     )
@@ -348,10 +362,11 @@ def setup_from_file(
     of them the command line did not choose (``given``: the keys it set; ``task=...`` chooses
     the task, ``experiment`` chooses them all). A value the command line sets inside such a
     group (``optim.lr=5e-4``) is applied over the file's, never a reason to drop it; likewise
-    the recorded ``meta_test.task_overrides`` apply unless the command line sets them. The recorded ``target`` must be that of a config option of this run's
-    sources, and its values keys of that option: the file chooses among configured
-    components and their settings, it never names code. A file that does not record its
-    setup is refused here, asking for ``task=`` on the command line."""
+    the recorded ``meta_test.task_overrides`` apply unless the command line sets them. The
+    recorded ``target`` must be that of a config option of this run's sources, and its values
+    keys of that option: the file chooses among configured components and their settings, it
+    never names code. A file that does not record its setup is refused here, asking for
+    ``task=`` on the command line."""
     if "experiment" in given:
         return cfg
     wanted = [g for g in SETUP_GROUPS if g not in given]
@@ -361,9 +376,10 @@ def setup_from_file(
     setup = meta.get("setup")
     if not isinstance(setup, Mapping) or not isinstance(setup.get("task"), Mapping):
         raise LearnedLossOtherTask(
-            f"{source} does not record the task it was trained on (written before metaloss recorded it; "
-            f"it says only task={meta.get('task')!r}), and the command line sets no task: pass the task "
-            f"explicitly, e.g. task={meta.get('task') or '<name>'} (or experiment=<the experiment it came from>)"
+            f"{source} does not record the task it was trained on (written before metaloss "
+            f"recorded it; it says only task={meta.get('task')!r}), and the command line sets no "
+            f"task: pass the task explicitly, e.g. task={meta.get('task') or '<name>'} "
+            "(or experiment=<the experiment it came from>)"
         )
     command_line, cfg = cfg, cfg.copy()
     with open_dict(cfg):
@@ -375,9 +391,12 @@ def setup_from_file(
             config = rec.get("config") or {}
             unknown = [k for k in config if k not in base]
             if unknown:
+                # the option's keys are the names in its YAML file (OmegaConf types a key as
+                # any DictKeyType: str, int, Enum, ...)
+                keys = cast(list[str], [k for k in base if k != "_target_"])
                 raise LearnedLossOtherTask(
                     f"{source}: unknown key 'meta.setup.{group}.config.{unknown[0]}' for "
-                    f"{group} {rec.get('target')!r} (its keys: {sorted(k for k in base if k != '_target_')})"
+                    f"{group} {rec.get('target')!r} (its keys: {sorted(keys)})"
                 )
             cfg[group] = OmegaConf.merge(base, config)
             for key in inside[group]:  # the command line's own values win over the file's
@@ -430,7 +449,7 @@ def _option_name(group: str, rec: Mapping[str, Any], cfg: Any = None) -> str | N
             continue
         if n == name:
             return n
-        values = OmegaConf.to_container(option, resolve=True)
+        values = cast(dict[str, Any], OmegaConf.to_container(option, resolve=True))  # a DictConfig
         fits = all(k in values for k in config)
         candidates.append((fits, sum(values.get(k, _UNSET) == v for k, v in config.items()), n))
     return max(candidates)[2] if candidates else None
@@ -456,7 +475,7 @@ def loss_option(
     """Instantiate the loss option ``<name>`` of the run's search path for a task (e.g. a
     baseline named in ``compare:``), refusing unknown names and losses that do not fit.
     ``overrides``: hyper-parameters set over the option's (tuned values, metaloss.tune)."""
-    option = load_option("loss", name, cfg)
+    option: DictConfig | ListConfig = load_option("loss", name, cfg)
     if overrides:
         # values over the option's own, never code: a `_target_` (or `_partial_`, `_args_`...)
         # here would make Hydra call whatever a tuned.json names
@@ -469,8 +488,8 @@ def loss_option(
             from metaloss.errors import ConfigError
 
             raise ConfigError(
-                f"loss {name!r}: hyper-parameter overrides may not name code ({', '.join(map(str, code))}); "
-                "only values are set over the loss option's own"
+                f"loss {name!r}: hyper-parameter overrides may not name code "
+                f"({', '.join(map(str, code))}); only values are set over the loss option's own"
             )
         option = OmegaConf.merge(option, dict(overrides))
     loss = instantiate_loss(option, task)
