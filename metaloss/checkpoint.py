@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from metaloss.cmaes import CMAES
-from metaloss.meta import MetaLearner, OnlineState
+from metaloss.meta import OnlineState
+from metaloss.outer import OuterOptimizer
 from metaloss.runs import (
     ResumeMismatch,
     atomic_write,
@@ -64,7 +64,7 @@ class RunState:
 
     def __init__(
         self,
-        learner: MetaLearner | CMAES,
+        learner: OuterOptimizer,
         gen: torch.Generator,
         hypergrad,
         online: OnlineState | None,

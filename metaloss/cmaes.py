@@ -186,7 +186,10 @@ class CMAES:
     generations in a row with no finite candidate before the run stops
     (``meta.max_bad_steps``).
     Built by Hydra as a partial (``conf/meta_optim/cmaes.yaml``), then called with the loss.
+    An :class:`metaloss.outer.OuterOptimizer`.
     """
+
+    outer = "cmaes"
 
     def __init__(
         self,

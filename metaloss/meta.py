@@ -40,6 +40,7 @@ from metaloss.hypergrad.base import (
     unroll,
 )
 from metaloss.losses.base import loss_context
+from metaloss.outer import OuterOptimizer
 from metaloss.sampling import stacked_init
 from metaloss.tasks.base import Task
 from metaloss.train import BatchSampler
@@ -64,7 +65,10 @@ class MetaLearner:
     says so) when it is not finite, clips it and applies it. φ is only ever changed by the
     optimizer, never in place on the meta-graph. After ``max_bad_steps`` non-finite steps
     in a row it stops with :class:`NonFiniteMetaGradient`, naming the likely cause.
+    An :class:`metaloss.outer.OuterOptimizer`.
     """
+
+    outer = "gradient"
 
     def __init__(
         self,
@@ -493,7 +497,7 @@ def check_progress(
 
 
 def offline_steps(
-    learner: MetaLearner,
+    learner: OuterOptimizer,
     problem: MetaProblem,
     hypergrad: Callable,
     sample: Callable[[], MetaBatch],
@@ -552,7 +556,7 @@ class OnlineState:
 
 
 def online_steps(
-    learner: MetaLearner,
+    learner: OuterOptimizer,
     problem: MetaProblem,
     hypergrad: Callable,
     task: Task,

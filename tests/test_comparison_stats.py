@@ -14,11 +14,11 @@ from scipy import stats
 
 from metaloss.cli.comparison import format_verdict, run_meta_test
 from metaloss.cli.logger import NullLogger
-from metaloss.runtime import task_pool
 from metaloss.losses import fixed
 from metaloss.metatest import compare_losses, paired, significance, welch
 from metaloss.metrics import train_result_names
 from metaloss.report import collect, format_table, jsonable, summarize
+from metaloss.runtime import task_pool
 from metaloss.tasks.regression import sine
 
 NAN = float("nan")

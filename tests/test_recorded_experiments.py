@@ -145,8 +145,8 @@ def test_recorded_tuning_still_fits_the_experiment(compose_cfg, name):
 def test_every_baseline_got_the_learned_loss_compute(compose_cfg, name):
     """Fair budget: each baseline's tuning used the inner training steps that meta-training the
     learned loss costs under the experiment as it stands (every CMA-ES candidate counted)."""
-    from metaloss.runtime import task_pool
     from metaloss.cli.tune import learned_cost
+    from metaloss.runtime import task_pool
 
     cfg = compose_cfg("tune", [f"experiment={name}"])
     tuned = load_tuned(ROOT / "experiments" / name / "tuned.json")

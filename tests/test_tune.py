@@ -11,8 +11,8 @@ from hydra.utils import instantiate
 from metaloss.cli import tune as tune_app
 from metaloss.cli.comparison import run_meta_test
 from metaloss.cli.logger import NullLogger
-from metaloss.runtime import task_pool
 from metaloss.losses.fixed import ce
+from metaloss.runtime import task_pool
 from metaloss.tune import (
     SEARCH_SPACES,
     Range,

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import hydra
 import torch
+from hydra.conf import HydraConf
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -88,7 +89,7 @@ class ReadOnlyDir:
 
 
 def hydra_command(
-    config_name: str, app: Callable[[DictConfig, HydraConfig], float | None]
+    config_name: str, app: Callable[[DictConfig, HydraConf], float | None]
 ) -> Callable[[], None]:
     """The console script for ``conf/<config_name>.yaml``: Hydra composes the config (step 1)
     and ``app(cfg, hydra_config)`` runs it, usually through :func:`run_command`; its return
@@ -119,6 +120,6 @@ def _module_of(fn: Callable[..., Any]) -> str:
     return spec.name if spec is not None else name
 
 
-def output_dir(hc: HydraConfig | Any) -> Path:
+def output_dir(hc: HydraConf) -> Path:
     """The run directory Hydra chose for this job."""
     return Path(hc.runtime.output_dir)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.core.hydra_config import HydraConfig
+from hydra.conf import HydraConf
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -67,7 +67,7 @@ def _work(
         return run_meta_test(cfg, learned, pool, instantiate(cfg.optim), out_dir, logger)
 
 
-def _app(cfg: DictConfig, hc: HydraConfig) -> float | None:
+def _app(cfg: DictConfig, hc: HydraConf) -> float | None:
     out = run(cfg, output_dir(hc), given_keys(list(hc.overrides.task)))
     return (out.get("significance") or {}).get("learned_mean")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.core.hydra_config import HydraConfig
+from hydra.conf import HydraConf
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
@@ -28,7 +28,6 @@ from metaloss.cli.app import hydra_command, output_dir, run_command
 from metaloss.cli.comparison import check_tuned, run_meta_test, tasks_for_seed_fn
 from metaloss.cli.logger import NullLogger, open_logger
 from metaloss.cli.signals import checkpoint_requested, critical
-from metaloss.cmaes import CMAES
 from metaloss.config import (
     DEFAULT_OBJECTIVE,
     baselines_for,
@@ -49,6 +48,7 @@ from metaloss.meta import (
     offline_steps,
     online_steps,
 )
+from metaloss.outer import OuterOptimizer, build_outer
 from metaloss.plots import plot_losses
 from metaloss.runs import fingerprint, hydra_record, identity, split_applied
 from metaloss.runtime import task_pool
@@ -72,7 +72,7 @@ class MetaRun:
     inner_opt: Any
     problem: MetaProblem
     hypergrad: Any
-    learner: MetaLearner | CMAES
+    learner: OuterOptimizer
     baselines: dict
     make_meta_optimizer: Any
     gen: torch.Generator
@@ -176,7 +176,7 @@ def _work(
         "meta-training %s on %s | %s, %s, K=%d, T=%d, %d steps | %s, %s, %d thread(s)",
         loss_name,
         run.task.describe(),
-        "CMA-ES" if isinstance(run.learner, CMAES) else type(run.hypergrad).__name__,
+        _method(run),
         run.inner_opt.name,
         mc.inner_steps,
         mc.tasks_per_step,
@@ -186,6 +186,13 @@ def _work(
         torch.get_num_threads(),
     )
     return _train_and_test(run, state, start, online, run_dir.path, meta_info, world)
+
+
+def _method(run: MetaRun) -> str:
+    """What searches φ, for the log: the hypergradient method, or a derivative-free search."""
+    if run.learner.outer == "gradient":
+        return type(run.hypergrad).__name__
+    return {"cmaes": "CMA-ES"}.get(run.learner.outer, run.learner.outer)
 
 
 def _parametric_loss(
@@ -259,18 +266,23 @@ def _learner(
     inner_opt: Any,
     kind: str,
     world: distributed.World,
-) -> MetaLearner | CMAES:
-    """The outer optimizer: CMA-ES (derivative-free) when ``meta_optim`` names it, else a
-    gradient learner with ``meta_optim`` as its torch optimizer."""
-    if getattr(make_meta_optimizer, "func", None) is CMAES:
-        return CMAES.for_run(make_meta_optimizer, loss, cfg, kind, world.size)
-    return MetaLearner(
-        loss,
+) -> OuterOptimizer:
+    """The outer optimizer ``meta_optim`` names (:func:`metaloss.outer.build_outer`): one that
+    builds itself from the run (CMA-ES), else the gradient learner with that torch optimizer."""
+    return build_outer(
         make_meta_optimizer,
-        learn_inner_lr=cfg.meta.learn_inner_lr,
-        inner_lr=inner_opt.hparams["lr"],
-        clip_grad_norm=cfg.meta.clip_grad_norm,
-        max_bad_steps=cfg.meta.max_bad_steps,
+        loss,
+        cfg,
+        kind,
+        world.size,
+        gradient=lambda: MetaLearner(
+            loss,
+            make_meta_optimizer,
+            learn_inner_lr=cfg.meta.learn_inner_lr,
+            inner_lr=inner_opt.hparams["lr"],
+            clip_grad_norm=cfg.meta.clip_grad_norm,
+            max_bad_steps=cfg.meta.max_bad_steps,
+        ),
     )
 
 
@@ -433,7 +445,7 @@ def _check_progress(run: MetaRun, last: dict) -> str | None:
         run.learner.params,
         lambda: run.sample_batch(torch.Generator().manual_seed(run.cfg.seed), 1),
         num_classes=run.task.num_classes,
-        outer="cmaes" if isinstance(run.learner, CMAES) else "gradient",
+        outer=run.learner.outer,
         initial=getattr(run.learner, "initial", None),
     )
 
@@ -471,7 +483,7 @@ def _save_and_test(run: MetaRun, out_dir: Path, meta_info: dict, logger: Any, no
     return result
 
 
-def _app(cfg: DictConfig, hc: HydraConfig) -> float | None:
+def _app(cfg: DictConfig, hc: HydraConf) -> float | None:
     out = run(cfg, output_dir(hc), hc.runtime.choices.get("loss"))
     return (out.get("significance") or {}).get("learned_mean")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.core.hydra_config import HydraConfig
+from hydra.conf import HydraConf
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -117,7 +117,7 @@ def _run_seeds(
         batch_size=cfg.train.batch_size,
     )
     keys = train_result_names(task.kind)
-    runs = [
+    runs: list[dict[str, Any]] = [
         {"seed": s, "metrics": m if m is not None else dict.fromkeys(keys, float("nan"))}
         for s, m in zip(seeds, results)
     ]
@@ -141,7 +141,7 @@ def _run_seeds(
     return float(sum(values) / len(values))
 
 
-def _app(cfg: DictConfig, hc: HydraConfig) -> float:
+def _app(cfg: DictConfig, hc: HydraConf) -> float:
     return run(cfg, output_dir(hc), hc.runtime.choices.get("loss"))
 
 

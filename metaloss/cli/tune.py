@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from hydra.core.hydra_config import HydraConfig
+from hydra.conf import HydraConf
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -385,7 +385,7 @@ def _log_result(plan: Plan, name: str, entry: dict, logger: Any) -> None:
         )
 
 
-def _app(cfg: DictConfig, hc: HydraConfig) -> float | None:
+def _app(cfg: DictConfig, hc: HydraConf) -> float | None:
     out = run(cfg, output_dir(hc))
     vals = [e["best_val"] for e in out["losses"].values()]
     return max(vals) if out["direction"] == "maximize" else min(vals)
