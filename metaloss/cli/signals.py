@@ -202,7 +202,8 @@ _DONE_NAME = "metaloss-done"
 
 
 def _set_process_name(name: str) -> None:
-    """The calling thread's name in /proc/<pid>/comm (Linux prctl PR_SET_NAME; elsewhere a no-op)."""
+    """The calling thread's name in /proc/<pid>/comm (Linux prctl PR_SET_NAME; elsewhere a
+    no-op)."""
     try:
         import ctypes
 
@@ -318,7 +319,8 @@ def _job_targets(procs: dict[int, tuple[int, str]]) -> dict[int, int]:
         if _SUBMITIT_CONTROLLER in cmd:
             for job, (jppid, jstate) in procs.items():
                 if jppid == pid and jstate != "Z":
-                    # a job still starting ignores SIGINT (metaloss.cli.launchers): nothing to save yet
+                    # a job still starting ignores SIGINT (metaloss.cli.launchers): nothing to
+                    # save yet
                     targets[job] = signal.SIGKILL if _ignores(job, signal.SIGINT) else signal.SIGINT
         elif _LOKY_WORKER in cmd:
             targets[pid] = signal.SIGTERM
@@ -382,8 +384,8 @@ def _kill_trees(
                 pass
     if killed:
         why = why or (
-            f"they did not stop within {_stop_timeout():g} s of the signal ({STOP_TIMEOUT_ENV}=<seconds> "
-            "waits longer)"
+            f"they did not stop within {_stop_timeout():g} s of the signal "
+            f"({STOP_TIMEOUT_ENV}=<seconds> waits longer)"
         )
         log.error(
             "killed %d job process(es): %s; they keep their last periodic checkpoint",
@@ -412,7 +414,8 @@ def _stop_handler(signum, _frame) -> None:
     _state["stopping"] = True
     if _job_targets(_processes()):
         log.warning(
-            "received %s: stopping the jobs (each saves its checkpoint); a second Ctrl-C kills them",
+            "received %s: stopping the jobs (each saves its checkpoint); "
+            "a second Ctrl-C kills them",
             signal.Signals(signum).name,
         )
     stop_jobs()
