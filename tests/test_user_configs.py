@@ -5,6 +5,7 @@ sys.path and on `hydra.searchpath`, then the real app's `run(...)`."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import textwrap
@@ -22,6 +23,7 @@ from metaloss import config
 from metaloss.cli import meta as meta_app
 from metaloss.cli import train as train_app
 from metaloss.losses.io import load_learned_loss
+from metaloss.outer import build_outer
 from metaloss.validate import ConfigError, check_config, problems
 
 TINY_META = [
@@ -322,6 +324,43 @@ def test_a_hypergradient_method_defined_outside_the_package_meta_trains_and_resu
     b = load_learned_loss(split / "learned_loss.pt").state_dict()
     assert any(not torch.equal(halfway[k], b[k]) for k in b)  # SPSA moved φ
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical resume
+
+
+def test_an_outer_optimizer_defined_outside_the_package_meta_trains_and_resumes_exactly(
+    app_cfg, tmp_path, monkeypatch
+):
+    _write(tmp_path, _doc_files("my_outer.py", "my_conf/meta_optim/random_search.yaml"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = TINY_META + [
+        f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]",
+        "meta_optim=random_search",
+        "meta_optim.sigma=0.05",
+        "meta.checkpoint_every=1",
+    ]
+    whole = tmp_path / "whole"
+    out = meta_app.run(app_cfg("meta", base), whole, "ml3")
+    assert json.loads((whole / "comparison.json").read_text())["results"]["learned"]  # tested
+    assert out["skipped_steps"] == 0
+    still = tmp_path / "still"  # sigma = 0: every trial is φ itself, so φ stays at its start
+    meta_app.run(
+        app_cfg("meta", base + ["meta_optim.sigma=0", "meta_test.enabled=false"]), still, "ml3"
+    )
+    start = load_learned_loss(still / "learned_loss.pt").state_dict()
+    a = load_learned_loss(whole / "learned_loss.pt").state_dict()
+    assert any(not torch.equal(start[k], a[k]) for k in a)  # the search moved φ
+    split = tmp_path / "split"
+    meta_app.run(app_cfg("meta", base + ["meta.steps=2", "meta_test.enabled=false"]), split, "ml3")
+    meta_app.run(app_cfg("meta", base + ["meta_test.enabled=false"]), split, "ml3")
+    b = load_learned_loss(split / "learned_loss.pt").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical resume
+    with pytest.raises(TypeError, match="not an outer optimizer"):  # the protocol is checked
+        build_outer(functools.partial(_NotAnOuter.for_run), None, None, "regression", 1, dict)
+
+
+class _NotAnOuter:
+    @classmethod
+    def for_run(cls, make, loss, cfg, task_kind, world_size):
+        return object()
 
 
 @pytest.mark.parametrize(

@@ -445,7 +445,7 @@ _USER_ERRORS = (
     "metaloss.tune:TunedFileError",
     "metaloss.runs:ResumeMismatch",
     "metaloss.runs:RunDirConflict",
-    "metaloss.cli.meta:CorruptCheckpoint",
+    "metaloss.checkpoint:CorruptCheckpoint",
     "metaloss.losses.io:CorruptLossFile",
     "metaloss.losses.io:LossArtifactUnavailable",
     "metaloss.config:UnknownOption",

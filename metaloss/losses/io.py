@@ -17,7 +17,7 @@ and the state dict. A file is data from somewhere else, so loading trusts none o
   ``format, target, init_kwargs, state_dict, meta`` and, in ``meta``, :data:`META_KEYS`
   (anything else is refused, naming the file and the key); numbers are finite; no Hydra
   keys (``_target_``, ``_partial_``, ...) or ``${...}`` interpolations anywhere; constructor
-  arguments are ones the class's constructor takes, in the ranges metaloss.validate
+  arguments are ones the class's constructor takes, in the ranges metaloss.schema
   declares for it. Tensors are dense CPU tensors of a real dtype (not meta, sparse,
   quantized or complex), floating point wherever the class holds floats.
 
@@ -44,6 +44,7 @@ import torch
 
 from metaloss.losses.base import ParametricLoss
 from metaloss.runs import atomic_write
+from metaloss.schema import LOSS_RULES  # the loss settings' schema, owned in one place
 
 FORMAT = "metaloss.learned_loss/1"
 MAX_NUMEL = 50_000_000  # elements in all parameters and buffers: 200 MB of float32
@@ -555,9 +556,8 @@ def _meta_build(
 
 
 def _check_arguments(path: Path, cls: type[ParametricLoss], init_kwargs: dict) -> None:
-    """Constructor arguments the class takes, in the ranges ``metaloss.validate`` declares for
+    """Constructor arguments the class takes, in the ranges ``metaloss.schema`` declares for
     it (the same rules as ``loss.<key>=...`` on the command line), before any build."""
-    from metaloss.validate import LOSS_RULES  # the loss settings' schema, owned in one place
 
     params = inspect.signature(cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
