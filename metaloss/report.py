@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import yaml
 
+from metaloss import keys
 from metaloss.metrics import HIGHER_IS_BETTER
 from metaloss.runs import MAX_NESTING, nesting_depth
 
 # Overrides that never define a group: the seed (a group's members differ in it) and what
-# only changes logging. Matched on the whole key: `seeds=3` (a 3-seed run) is a setting.
-IGNORED_KEYS = ("seed", "logger", "progress", "threads")
-IGNORED_PREFIXES = ("hydra.", "logger.")
+# only changes how a run is run or shown. Matched on the whole key or a dotted prefix: `seeds=3`
+# (a 3-seed run) is a setting.
+IGNORED = keys.REPORT_IGNORED  # the one table, metaloss.keys
 
 
 def _seed(run_dir: Path) -> str | None:
@@ -44,7 +45,7 @@ def _overrides(run_dir: Path) -> list[str]:
     out = []
     for o in yaml.safe_load(f.read_text()) or []:
         key = o.lstrip("+~").split("=", 1)[0]
-        if key not in IGNORED_KEYS and not key.startswith(IGNORED_PREFIXES):
+        if not any(key == k or key.startswith(k + ".") for k in IGNORED):
             out.append(o)
     return out
 

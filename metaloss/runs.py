@@ -33,24 +33,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from metaloss import keys
+
 log = logging.getLogger("metaloss")
 
-# Keys that may change when a run is continued: they do not change what φ becomes.
-VOLATILE = (
-    "meta.steps",
-    "meta.resume_from",
-    "meta.checkpoint_every",
-    "meta.plot_every",
-    "progress",
-    "logger",
-    "meta_test",
-    "compare",
-    "trusted_modules",
-    "hydra",
-    "metric",
-    "loss_path",
-    "threads",
-)
+# Keys that may change when a run is continued (they do not change what φ becomes): the one
+# table, metaloss.keys.
+VOLATILE = keys.VOLATILE
 # Keys that an explicit ``meta.resume_from`` may change: they are applied from the resumed
 # step on (and logged). Anything else that differs is refused.
 APPLIED_ON_RESUME = (

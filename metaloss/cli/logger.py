@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 from omegaconf import DictConfig, OmegaConf
 
+from metaloss import keys
 from metaloss.runs import atomic_write_text
 
 log = logging.getLogger("metaloss")
@@ -43,16 +44,7 @@ FALLBACK_TAG = "offline-fallback"
 _LOCAL_MODES = frozenset({"offline", "dryrun", "disabled"})  # modes that need no server
 GROUP_MAXLEN = 128  # W&B's limit for group (and artifact) names
 # Overrides that do not change what a run computes: never part of a group name.
-_NOT_SETTINGS = (
-    "logger",
-    "progress",
-    "hydra",
-    "threads",
-    "trusted_modules",
-    "meta.resume_from",
-    "meta.checkpoint_every",
-    "meta.plot_every",
-)
+_NOT_SETTINGS = keys.NOT_SETTINGS  # the one table, metaloss.keys
 # Seed-like keys: replicates of one setting (seed, seeds=N, task.seed, task.data_seed,
 # hypergrad.seed), but not meta_test.seeds (how many seeds the meta-test uses is part of the
 # protocol).
