@@ -301,17 +301,21 @@ def test_a_task_family_defined_outside_the_package_meta_trains_and_meta_tests(
     assert len(set(fresh)) == 3  # distribution=True: another seed, another task of the family
 
 
+def _meta_with_doc_files(tmp_path, monkeypatch, files, overrides: list[str]) -> list[str]:
+    """The documented files written to ``tmp_path`` and importable; metaloss-meta overrides
+    that find their configs and checkpoint every outer step."""
+    _write(tmp_path, _doc_files(*files))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    search = f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]"
+    return [*TINY_META, search, *overrides, "meta.checkpoint_every=1"]
+
+
 def test_a_hypergradient_method_defined_outside_the_package_meta_trains_and_resumes_exactly(
     app_cfg, tmp_path, monkeypatch
 ):
-    _write(tmp_path, _doc_files("my_hypergrad.py", "my_conf/hypergrad/spsa.yaml"))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    base = TINY_META + [
-        f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]",
-        "hypergrad=spsa",
-        "meta_test.enabled=false",
-        "meta.checkpoint_every=1",
-    ]
+    files = ("my_hypergrad.py", "my_conf/hypergrad/spsa.yaml")
+    base = _meta_with_doc_files(tmp_path, monkeypatch, files, ["hypergrad=spsa"])
+    base.append("meta_test.enabled=false")
     whole = tmp_path / "whole"
     meta_app.run(app_cfg("meta", base), whole, "ml3")
     ckpt = torch.load(whole / "checkpoint.pt", weights_only=True)
@@ -329,14 +333,9 @@ def test_a_hypergradient_method_defined_outside_the_package_meta_trains_and_resu
 def test_an_outer_optimizer_defined_outside_the_package_meta_trains_and_resumes_exactly(
     app_cfg, tmp_path, monkeypatch
 ):
-    _write(tmp_path, _doc_files("my_outer.py", "my_conf/meta_optim/random_search.yaml"))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    base = TINY_META + [
-        f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]",
-        "meta_optim=random_search",
-        "meta_optim.sigma=0.05",
-        "meta.checkpoint_every=1",
-    ]
+    files = ("my_outer.py", "my_conf/meta_optim/random_search.yaml")
+    chosen = ["meta_optim=random_search", "meta_optim.sigma=0.05"]
+    base = _meta_with_doc_files(tmp_path, monkeypatch, files, chosen)
     whole = tmp_path / "whole"
     out = meta_app.run(app_cfg("meta", base), whole, "ml3")
     assert json.loads((whole / "comparison.json").read_text())["results"]["learned"]  # tested
