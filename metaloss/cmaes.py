@@ -59,6 +59,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from metaloss import kinds
 from metaloss.errors import ConfigError
 from metaloss.hypergrad.base import MetaBatch, MetaProblem, batched_objective, meta_params
 from metaloss.meta import NonFiniteMetaGradient, check_finite_phi, finish_run, objective_or_nan
@@ -130,7 +131,7 @@ KINDS = {
     "macro_f1_loss": ("classification", "binary"),
     "iou_loss": ("segmentation",),
 }
-DEFAULT_FOR_KIND = {"classification": "error", "binary": "error", "segmentation": "iou_loss"}
+DEFAULT_FOR_KIND = kinds.ByKind("search_objective")  # metaloss.kinds: None = the run's own
 
 
 def config_problems(cfg: Any) -> list[str]:

@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from metaloss import kinds
 from metaloss.losses.base import ParametricLoss, check_loss_output, loss_kinds
 from metaloss.runs import register_resolvers
 
@@ -503,14 +504,12 @@ def loss_option(
 
 # The loss a task kind gets when none is chosen: metaloss-train's default loss and
 # metaloss-meta's default validation objective (one table, so they never disagree).
-DEFAULT_LOSS = {"regression": "mse", "classification": "ce", "binary": "ce", "segmentation": "dice"}
+# Per task kind, from the kinds registry (metaloss.kinds): the loss metaloss-train uses
+# without loss=, the validation objective without meta.objective, the meta-test's baselines
+# without compare:.
+DEFAULT_LOSS = kinds.ByKind("default_loss")
 DEFAULT_OBJECTIVE = DEFAULT_LOSS
-DEFAULT_BASELINES = {
-    "regression": ["mse", "mae", "huber"],
-    "classification": ["ce", "focal", "label_smoothing", "poly1"],
-    "binary": ["ce", "weighted_ce", "focal"],
-    "segmentation": ["dice", "iou", "bce_dice"],
-}
+DEFAULT_BASELINES = kinds.ByKind("baselines")
 
 
 def baselines_for(

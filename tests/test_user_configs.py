@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import sys
 import textwrap
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from metaloss import config
+from metaloss import config, kinds
 from metaloss.cli import meta as meta_app
 from metaloss.cli import train as train_app
 from metaloss.losses.io import load_learned_loss
@@ -299,6 +300,53 @@ def test_a_task_family_defined_outside_the_package_meta_trains_and_meta_tests(
     assert out["significance"]["metric"] == "test/mse"
     fresh = [instantiate(cfg.task, seed=s).info["amplitude"] for s in (0, 1, 2)]
     assert len(set(fresh)) == 3  # distribution=True: another seed, another task of the family
+
+
+ORDINAL_FILES = (
+    "my_ordinal.py",
+    "my_conf/task/ratings.yaml",
+    "my_conf/loss/ordinal_ce.yaml",
+    "my_conf/loss/expected_distance.yaml",
+    "my_conf/loss/ordinal_mix.yaml",
+)
+
+
+@pytest.fixture
+def registry_restored():
+    """The kinds registry as it was after the test (a test's kind, and its module, go)."""
+    known, directions = dict(kinds.KINDS), dict(kinds.HIGHER_IS_BETTER)
+    yield
+    kinds.KINDS.clear()
+    kinds.KINDS.update(known)
+    kinds.HIGHER_IS_BETTER.clear()
+    kinds.HIGHER_IS_BETTER.update(directions)
+    sys.modules.pop("my_ordinal", None)
+
+
+def test_a_task_kind_defined_outside_the_package_trains_meta_trains_and_is_scored_by_its_metrics(
+    app_cfg, tmp_path, monkeypatch, registry_restored
+):
+    _write(tmp_path, _doc_files(*ORDINAL_FILES))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    search = f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]"
+    value = train_app.run(app_cfg("train", TINY_TRAIN + [search, "task=ratings"]), tmp_path / "t")
+    rec = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert rec["loss"] == "ordinal_ce" and rec["metric"] == "test/mae"  # the kind's defaults
+    assert set(rec["metrics"]) == {"train/loss", "val/acc", "val/mae", "test/acc", "test/mae"}
+    assert rec["metrics"]["test/mae"] == pytest.approx(value) and value < 1.5
+    tiny = [o for o in TINY_META if not o.startswith("loss.")]  # ML3's sizes
+    meta = [*tiny, search, "task=ratings", "loss=ordinal_mix"]
+    out = meta_app.run(app_cfg("meta", meta), tmp_path / "m", "ordinal_mix")
+    comp = json.loads((tmp_path / "m" / "comparison.json").read_text())
+    assert set(comp["results"]) == {"learned", "ordinal_ce", "expected_distance"}
+    assert comp["metric"] == "test/mae" and out["significance"]["metric"] == "test/mae"
+    assert kinds.HIGHER_IS_BETTER["mae"] is False  # the verdict's direction: lower is better
+    with pytest.raises(ValueError, match="labels must lie in"):  # the kind checks its targets
+        kinds.get("ordinal").check_targets(
+            instantiate(app_cfg("train", TINY_TRAIN + [search, "task=ratings"]).task),
+            "train",
+            torch.tensor([0, 7]),
+        )
 
 
 def _meta_with_doc_files(tmp_path, monkeypatch, files, overrides: list[str]) -> list[str]:

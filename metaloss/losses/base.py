@@ -26,7 +26,9 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-TASK_KINDS = ("regression", "classification", "binary", "segmentation")
+from metaloss import kinds
+
+TASK_KINDS = kinds.KINDS  # the kinds registry (metaloss.kinds): a kind registered there fits
 CLASSIFICATION = ("classification", "binary")
 
 
@@ -34,7 +36,7 @@ def fits(*kinds: str) -> Callable:
     """Decorator recording the task kinds a fixed loss function supports."""
     unknown = set(kinds) - set(TASK_KINDS)
     if unknown:
-        raise ValueError(f"unknown task kinds {sorted(unknown)}; valid: {TASK_KINDS}")
+        raise ValueError(f"unknown task kinds {sorted(unknown)}; valid: {sorted(TASK_KINDS)}")
 
     def mark(fn: Callable) -> Callable:
         # a function attribute (``Callable`` does not declare it: hence setattr)
@@ -113,15 +115,14 @@ def _probe_batch(task: Any) -> tuple[Any, Any, Any]:
     other dimension of pred and target, so a result of the wrong shape cannot pass by chance."""
     x_all, y_all = task.x_train, task.y_train
     y_dims = set(y_all.shape[1:])
-    out_dims = (
-        set(y_all.shape[1:]) if task.kind in ("regression", "segmentation") else {task.out_dim}
-    )
+    by_class = kinds.get(task.kind).class_indices  # else targets are shaped like predictions
+    out_dims = {task.out_dim} if by_class else set(y_all.shape[1:])
     b = PROBE_BATCH
     while b in y_dims | out_dims | {task.num_classes}:
         b += 1
     idx = torch.arange(b) % len(x_all)
     x, y = x_all[idx.to(x_all.device)], y_all[idx.to(y_all.device)]
-    shape = tuple(y.shape) if task.kind in ("regression", "segmentation") else (b, task.out_dim)
+    shape = (b, task.out_dim) if by_class else tuple(y.shape)
     dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     pred = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype).to(x.device)
     return pred, y, x

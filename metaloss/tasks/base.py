@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from metaloss.losses.base import TASK_KINDS
+from metaloss import kinds
 
 
 @dataclass
@@ -33,8 +33,7 @@ class Task:
     info: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.kind not in TASK_KINDS:
-            raise ValueError(f"task kind {self.kind!r} is not one of {TASK_KINDS}")
+        kinds.get(self.kind)  # a registered kind (metaloss.kinds), else ValueError
         for split in ("train", "val", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if len(x) != len(y) or len(x) == 0:
@@ -44,21 +43,9 @@ class Task:
             self._check_targets(split, y)
 
     def _check_targets(self, split: str, y: Tensor) -> None:
-        """Labels are checked once here, where data enters: a class index out of range would
-        otherwise give a silently wrong loss (a one-hot row of zeros), not an error."""
-        if self.kind in ("classification", "binary"):
-            n = 2 if self.kind == "binary" else self.num_classes
-            if y.is_floating_point() or y.dtype == torch.bool:
-                raise ValueError(
-                    f"task {self.name}: {split} labels must be integer class indices, got {y.dtype}"
-                )
-            if n is None or (len(y) and (int(y.min()) < 0 or int(y.max()) >= n)):
-                raise ValueError(
-                    f"task {self.name}: {split} labels must lie in [0, {n}) "
-                    f"(num_classes={self.num_classes}), got [{int(y.min())}, {int(y.max())}]"
-                )
-        elif self.kind == "segmentation" and not bool(((y == 0) | (y == 1)).all()):
-            raise ValueError(f"task {self.name}: {split} masks must hold only 0 and 1")
+        check = kinds.get(self.kind).check_targets
+        if check is not None:
+            check(self, split, y)
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -66,28 +53,18 @@ class Task:
 
     @property
     def out_dim(self) -> int:
-        if self.kind == "regression":
-            return int(self.y_train.shape[1])
-        if self.kind == "classification":
-            assert self.num_classes is not None  # __post_init__ refuses a task without it
-            return int(self.num_classes)
-        return 1  # binary: one logit; segmentation: one logit per pixel
+        return kinds.get(self.kind).out_dim(self)
 
     @property
     def class_counts(self) -> Tensor | None:
-        """Per-class counts in the training split (classification and binary tasks)."""
-        if self.kind not in ("classification", "binary"):
+        """Per-class counts in the training split (kinds whose targets are class indices)."""
+        if not kinds.get(self.kind).class_indices:
             return None
         return torch.bincount(self.y_train.long(), minlength=self.num_classes or 2)
 
     @property
     def primary_metric(self) -> str:
-        return {
-            "regression": "test/mse",
-            "classification": "test/acc",
-            "binary": "test/balanced_acc",
-            "segmentation": "test/dice",
-        }[self.kind]
+        return f"test/{kinds.get(self.kind).primary}"
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Task:
         """The same task with its tensors on ``device``; inputs (and float targets, i.e.
