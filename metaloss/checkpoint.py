@@ -135,7 +135,8 @@ def resume(cfg: DictConfig, out_dir: Path, state: RunState, make_meta_optimizer:
     applied, refused = split_applied(diff)
     if refused or (applied and not explicit):
         raise ResumeMismatch(
-            f"checkpoint {resume} was made by a run with another configuration: {describe(refused or applied)}. "
+            f"checkpoint {resume} was made by a run with another configuration: "
+            f"{describe(refused or applied)}. "
             + (
                 "Nothing was run. Resume with the settings it was made with, or start a fresh run."
                 if refused

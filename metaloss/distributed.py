@@ -1,4 +1,4 @@
-"""Meta-batches across processes: a data-parallel outer loop with ``torch.distributed``.
+r"""Meta-batches across processes: a data-parallel outer loop with ``torch.distributed``.
 
 Launched with ``torchrun`` (gloo on CPU, NCCL on GPU), every rank draws the *same*
 meta-batch (same seed, same CPU generator), runs the inner loops of its contiguous share
@@ -6,7 +6,8 @@ of the T tasks, and the hypergradients are all-reduced, weighted by each rank's 
 every rank applies the same update and holds the same φ; only rank 0 logs and writes.
 The result equals a single process's up to floating-point summation order.
 
-    torchrun --standalone --nproc_per_node=4 $(which metaloss-meta) experiment=... meta.tasks_per_step=32
+    torchrun --standalone --nproc_per_node=4 $(which metaloss-meta) \
+        experiment=... meta.tasks_per_step=32
 """
 
 from __future__ import annotations

@@ -14,12 +14,14 @@ METRICS_BY_KIND = kinds.ByKind("metrics")
 
 
 def metric_names(kind: str, prefix: str = "test") -> list[str]:
-    """The keys ``evaluate(kind, ..., prefix=prefix)`` returns, e.g. ``["test/mse", "test/mae"]``."""
+    """The keys ``evaluate(kind, ..., prefix=prefix)`` returns, e.g.
+    ``["test/mse", "test/mae"]``."""
     return [f"{prefix}/{m}" for m in kinds.get(kind).metrics]
 
 
 def train_result_names(kind: str) -> list[str]:
-    """The keys `metaloss.train.train_model` returns: final train loss, then val and test metrics."""
+    """The keys `metaloss.train.train_model` returns: final train loss, then val and test
+    metrics."""
     return ["train/loss", *metric_names(kind, "val"), *metric_names(kind, "test")]
 
 

@@ -287,7 +287,10 @@ def _verdict(sig: dict, n_baselines: int) -> str:
             "undefined: no baseline has finite values on every draw to be chosen as the reference"
         )
     if n < 2:
-        return f"undefined: the test needs at least 2 test draws, got {n} (the draw-to-draw spread is unknown)"
+        return (
+            f"undefined: the test needs at least 2 test draws, got {n} "
+            "(the draw-to-draw spread is unknown)"
+        )
     p = sig["p_value_holm"]
     if math.isnan(p):
         return "undefined: the test is undefined on these values"
@@ -338,7 +341,8 @@ def combine(
             for b in runs[0]
             if b != "learned"
         },
-        "runs": runs,  # every run's own values, baselines included: what the verdict is decided from
+        # every run's own values, baselines included: what the verdict is decided from
+        "runs": runs,
         "hyperparameters": [c.get("hyperparameters") for c in comparisons],
         "significance": {**sig, "meta_seeds": list(meta_seeds)},
         "null_means": "NaN: the loss diverged on that draw, or the statistic is undefined",
@@ -389,22 +393,28 @@ def format_nested(record: dict) -> str:
 def format_nested_verdict(sig: dict) -> str:
     level = f"{100 * sig['ci_level']:.0f}%"
     head = (
-        f"search ({sig['n_meta_seeds']} meta-training runs × {sig['n_seeds']} test draws) vs reference "
-        f"baseline ({sig['best_baseline'] or 'none without NaN'}), chosen on {sig['selected_on']} before "
-        f"testing, on {sig['metric']}: {format_number(sig['learned_mean'])} vs {format_number(sig['best_baseline_mean'])}; "
-        f"difference {format_number(sig['difference'])} [{level} CI {format_number(sig['ci_low'])}, {format_number(sig['ci_high'])}], "
-        f"between-runs sd {format_number(sig['learned_between_runs_sd'])}; p = {format_number(sig['p_value'], '.3g')} "
-        f"(df {format_number(sig['df'], '.1f')}), Holm-adjusted over {len(sig['pairwise'])} baseline(s) "
+        f"search ({sig['n_meta_seeds']} meta-training runs × {sig['n_seeds']} test draws) "
+        f"vs reference baseline ({sig['best_baseline'] or 'none without NaN'}), "
+        f"chosen on {sig['selected_on']} before testing, on {sig['metric']}: "
+        f"{format_number(sig['learned_mean'])} vs {format_number(sig['best_baseline_mean'])}; "
+        f"difference {format_number(sig['difference'])} "
+        f"[{level} CI {format_number(sig['ci_low'])}, {format_number(sig['ci_high'])}], "
+        f"between-runs sd {format_number(sig['learned_between_runs_sd'])}; "
+        f"p = {format_number(sig['p_value'], '.3g')} "
+        f"(df {format_number(sig['df'], '.1f')}), "
+        f"Holm-adjusted over {len(sig['pairwise'])} baseline(s) "
         f"p = {format_number(sig['p_value_holm'], '.3g')} -> {sig['verdict']}"
     )
     rows = [
-        f"  vs {b}: difference {format_number(r['difference'])}, p = {format_number(r['p_value'], '.3g')}, Holm p = "
+        f"  vs {b}: difference {format_number(r['difference'])}, "
+        f"p = {format_number(r['p_value'], '.3g')}, Holm p = "
         f"{format_number(r['p_value_holm'], '.3g')} -> {r['verdict']}"
         for b, r in sig["pairwise"].items()
     ]
     seeds = sig.get("meta_seeds") or list(range(len(sig["per_run"])))
     runs = [
-        f"  meta-seed {m}: learned {format_number(r['learned_mean'])}, vs {r['best_baseline']} Holm p = "
+        f"  meta-seed {m}: learned {format_number(r['learned_mean'])}, "
+        f"vs {r['best_baseline']} Holm p = "
         f"{format_number(r['p_value_holm'], '.3g')} -> {r['verdict']}"
         for m, r in zip(seeds, sig["per_run"])
     ]

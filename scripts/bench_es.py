@@ -97,7 +97,8 @@ def main() -> None:
             }
             mem = "" if label not in peaks else f"  peak {peaks[label]:8.1f} MiB"
             print(
-                f"{name:30s} {label:12s} {secs[label] * 1e3:9.1f} ms{mem}  max|Δĝ|/max|ĝ| vs loop {dev:.1e}",
+                f"{name:30s} {label:12s} {secs[label] * 1e3:9.1f} ms{mem}  "
+                f"max|Δĝ|/max|ĝ| vs loop {dev:.1e}",
                 flush=True,
             )
         loop = res["loop"]["seconds"]

@@ -10,7 +10,7 @@ Each measurement runs in its own subprocess, so peak memory is not polluted by t
 CUDA max allocated, or on the CPU the growth of the peak resident set (VmHWM) over the
 set-up's resident size, warm-up call included.
 
-    python scripts/bench_horizon.py                        # K = 10, 100, 1000 (a few minutes on 2 cores)
+    python scripts/bench_horizon.py  # K = 10, 100, 1000 (a few minutes on 2 cores)
     python scripts/bench_horizon.py --ks 10,100 --only implicit,plain --tasks 2
 
 The last line printed is one JSON object.

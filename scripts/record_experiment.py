@@ -1,9 +1,12 @@
 """Record a hard-case experiment into experiments/<name>/: tune its baselines, meta-train and
 meta-test the learned loss, and copy the results beside the config that made them.
 
-    python scripts/record_experiment.py noise_sym40              # tune, then meta-train + meta-test
-    python scripts/record_experiment.py noise_sym40 --skip-tune  # reuse experiments/<name>/tuned.json
-    python scripts/record_experiment.py noise_sym40 --verify     # rerun metaloss-meta, compare with the record
+    # tune, then meta-train + meta-test
+    python scripts/record_experiment.py noise_sym40
+    # reuse experiments/<name>/tuned.json
+    python scripts/record_experiment.py noise_sym40 --skip-tune
+    # rerun metaloss-meta, compare with the record
+    python scripts/record_experiment.py noise_sym40 --verify
 
 Both steps are the apps themselves (``metaloss-tune experiment=<name>`` and
 ``metaloss-meta experiment=<name>``), run as subprocesses from the repository root, so what
@@ -27,13 +30,13 @@ a second is refused). record.json's ``tune.tuned_sha256`` ties the tuning entry 
 
 ``--verify`` reruns ``metaloss-meta experiment=<name> seed=<--meta-seed, default 0>`` (meta-training
 and meta-test, with the destination's tuned.json, ``--dest`` included) into the work directory,
-copies nothing, and
-compares every loss's per-seed values on the experiment's metric with the record (a seed that
-diverged in both counts as equal; NaN on one side only is a difference): exit 0 if none differs by more
-than ``--tolerance``, else exit 1 with the differences. The default 1e-3 suits the machine that
-recorded (it reproduces bit for bit); on another CPU per-seed values move further (up to 0.006
-for outliers_robust and binary99's meta-tests under the portable kernels: measure an
-experiment's spread with ``scripts/repro_spread.py`` and pass about twice it).
+copies nothing, and compares every loss's per-seed values on the experiment's metric with the
+record (a seed that diverged in both counts as equal; NaN on one side only is a difference):
+exit 0 if none differs by more than ``--tolerance``, else exit 1 with the differences. The
+default 1e-3 suits the machine that recorded (it reproduces bit for bit); on another CPU
+per-seed values move further (up to 0.006 for outliers_robust and binary99's meta-tests under
+the portable kernels: measure an experiment's spread with ``scripts/repro_spread.py`` and pass
+about twice it).
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ def _kept_tune_record(dest: Path) -> dict | None:
 
 
 def _landed_with(dest: Path, tuned: Path) -> bool:
-    """Whether dest's record is the one made with this tuned.json (its record.json names its sha256)."""
+    """Whether dest's record is the one made with this tuned.json (its record.json names its
+    sha256)."""
     try:
         entry = json.loads((dest / "record.json").read_text()).get("tune") or {}
         return tuned.is_file() and entry.get("tuned_sha256") == _sha256(tuned)
@@ -128,8 +132,8 @@ def verify(args: argparse.Namespace, dest: Path, work: Path) -> int:
 
     if any(o.lstrip("+").startswith("meta_test.tuned=") for o in args.overrides):
         sys.exit(
-            "--verify reruns with the record's own tuned.json (the destination's); drop meta_test.tuned= "
-            "from the overrides"
+            "--verify reruns with the record's own tuned.json (the destination's); "
+            "drop meta_test.tuned= from the overrides"
         )
     if not (dest / "tuned.json").is_file():
         sys.exit(f"--verify: {dest / 'tuned.json'} does not exist; record {args.name} first")
@@ -160,7 +164,8 @@ def verify(args: argparse.Namespace, dest: Path, work: Path) -> int:
         for seed, d in enumerate(diffs):
             if d > args.tolerance:  # NaN on one side only is inf: a difference
                 bad.append(
-                    f"{loss} seed {seed}: {recorded['results'][loss][metric][seed]} recorded, {new[seed]} now"
+                    f"{loss} seed {seed}: {recorded['results'][loss][metric][seed]} recorded, "
+                    f"{new[seed]} now"
                 )
             worst = max(worst, d)
     print((work / "verify" / "comparison.md").read_text())
@@ -206,7 +211,8 @@ def main() -> None:
         "--meta-seeds",
         type=int,
         default=3,
-        help="meta-training runs (seed=0..N-1), each meta-tested on the same fresh draws (default 3)",
+        help="meta-training runs (seed=0..N-1), each meta-tested on the same fresh draws "
+        "(default 3)",
     )
     ap.add_argument(
         "--meta-seed", type=int, default=0, help="--verify: which meta-training run to rerun"
@@ -399,7 +405,8 @@ def protocol_problems(protocol: dict, name: str) -> list[str]:
         )
     if protocol.get("horizon_matched") is False and not protocol.get("horizon_note"):
         found.append(
-            f"the loss was meta-trained for {protocol.get('meta_training_horizon')} inner steps and is "
+            f"the loss was meta-trained for {protocol.get('meta_training_horizon')} "
+            "inner steps and is "
             f"tested for {protocol.get('meta_test_steps')}: match them, or state why in "
             f"meta_test.horizon_note (conf/experiment/{name}.yaml)"
         )

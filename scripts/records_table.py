@@ -39,7 +39,8 @@ def row(name: str, rec: dict) -> str:
     runs = ", ".join(format_number(m) for m in sig["learned_run_means"])
     alone = [r["verdict"] for r in sig["per_run"]]
     counts = (
-        f"{alone.count('significantly better')} better, {alone.count('significantly worse')} worse, "
+        f"{alone.count('significantly better')} better, "
+        f"{alone.count('significantly worse')} worse, "
         f"{sum(v == 'no significant difference' for v in alone)} no diff."
     )
     others = ", ".join(
@@ -50,17 +51,22 @@ def row(name: str, rec: dict) -> str:
     metric = rec["metric"]
     return (
         f"| `{name}` | {metric} | {len(sig['learned_run_means'])} × {sig['n_seeds']} | "
-        f"{format_number(sig['learned_mean'])} ({runs}) | {format_number(sig['best_baseline_mean'])} ({sig['best_baseline']}) | "
-        f"{format_number(sig['difference'])} [{format_number(sig['ci_low'])}, {format_number(sig['ci_high'])}] ({sig['ci_level']:.0%}) | "
-        f"{format_number(sig['p_value_holm'], '.3g')} | {_short(sig['verdict'])} | {counts} | {others} |"
+        f"{format_number(sig['learned_mean'])} ({runs}) | "
+        f"{format_number(sig['best_baseline_mean'])} ({sig['best_baseline']}) | "
+        f"{format_number(sig['difference'])} "
+        f"[{format_number(sig['ci_low'])}, {format_number(sig['ci_high'])}] "
+        f"({sig['ci_level']:.0%}) | "
+        f"{format_number(sig['p_value_holm'], '.3g')} | {_short(sig['verdict'])} | "
+        f"{counts} | {others} |"
     )
 
 
 def table(root: Path = ROOT / "experiments") -> str:
     recs = sorted(root.glob("*/nested_comparison.json"))
     head = (
-        "| experiment | metric | runs × draws | learned: all runs (each run) | reference tuned baseline "
-        "(chosen on validation) | difference [CI] | p (Holm) | verdict | runs alone | vs the other baselines |"
+        "| experiment | metric | runs × draws | learned: all runs (each run) "
+        "| reference tuned baseline (chosen on validation) | difference [CI] | p (Holm) "
+        "| verdict | runs alone | vs the other baselines |"
     )
     lines = [head, "|" + "---|" * 10]
     lines += [row(f.parent.name, json.loads(f.read_text())) for f in recs]
@@ -101,14 +107,19 @@ def section(d: Path) -> str:
         f"python scripts/record_experiment.py {name} --meta-seeds {m}"
         + (" --skip-tune" if tune.get("reused") else "")
         + "   # tune, then:",
-        f"metaloss-meta experiment={name} seed=<m> meta_test.tuned=experiments/{name}/tuned.json   # m = 0 .. {m - 1}",
+        (
+            f"metaloss-meta experiment={name} seed=<m> "
+            f"meta_test.tuned=experiments/{name}/tuned.json   # m = 0 .. {m - 1}"
+        ),
         "```",
         "",
-        f"- {m} meta-training runs (`meta_seed_<m>/`: each learned loss, its comparison and plots), each "
+        f"- {m} meta-training runs (`meta_seed_<m>/`: each learned loss, "
+        "its comparison and plots), each "
         f"meta-tested on the same {len(rec['seeds'])} test seeds; every seed draws its own data "
         f"(fresh draws: {protocol['fresh_draws']}).",
         f"- Horizon: {horizon}.",
-        f"- Baselines tuned on the validation split ({tuned.get('sampler')}, {'/'.join(map(str, trials))} trials "
+        f"- Baselines tuned on the validation split ({tuned.get('sampler')}, "
+        f"{'/'.join(map(str, trials))} trials "
         f"per baseline x {len(tuned.get('seeds', []))} seeds x {tuned.get('steps')} steps"
         + (f", {budget.get('steps_used')} inner steps each" if budget.get("steps_used") else "")
         + f"; the learned loss trains at its config's inner lr, {learned_lr:g}). Tuning took "
@@ -166,7 +177,8 @@ def main() -> None:
     if args.check:
         if stale:
             sys.exit(
-                f"not what the records say: {', '.join(stale)}; run python scripts/records_table.py --write"
+                f"not what the records say: {', '.join(stale)}; "
+                "run python scripts/records_table.py --write"
             )
         return
     for p in stale:

@@ -1,7 +1,8 @@
 """Re-decide recorded comparisons under the current verdict rule, from their own per-seed values.
 
-    python scripts/reevaluate_records.py            # every comparison.json and nested_comparison.json
-                                                    # under experiments/ (not history/: kept as read)
+    python scripts/reevaluate_records.py            # every comparison.json and
+                                                    # nested_comparison.json under experiments/
+                                                    # (not history/: kept as read)
     python scripts/reevaluate_records.py --check    # exit 1 if any record is not up to date
 
 A comparison.json keeps every loss's per-seed validation and test values, so a change of the
@@ -143,7 +144,8 @@ def main() -> None:
         old, new = changed
         name = path.parent.relative_to(ROOT) if path.is_relative_to(ROOT) else path.parent
         print(
-            f"{name}: {old.get('best_baseline')} p={_p(old.get('p_value'))} -> {old.get('verdict')}  ==>  "
+            f"{name}: {old.get('best_baseline')} p={_p(old.get('p_value'))} "
+            f"-> {old.get('verdict')}  ==>  "
             f"{new['best_baseline']} (chosen on {new['selected_on']}) p={_p(new['p_value'])}, "
             f"Holm p={_p(new['p_value_holm'])} -> {new['verdict']}"
         )

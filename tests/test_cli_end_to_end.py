@@ -170,7 +170,8 @@ def test_eval_refuses_another_task_unless_told_and_old_files_without_a_task(comp
     )
     assert proc.returncode != 0 and not (tmp_path / "a" / "comparison.json").exists()
     assert re.search(
-        r"l.pt was meta-trained on another task than this run's 'digits': task.seed: file 0, this run 3.*"
+        r"l.pt was meta-trained on another task than this run's 'digits': "
+        r"task.seed: file 0, this run 3.*"
         r"task.seed=0.*allow_other_task=true",
         proc.stderr,
     ), proc.stderr[-2000:]

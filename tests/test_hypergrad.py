@@ -129,7 +129,8 @@ def test_first_order_exact_for_one_step_and_approximate_after():
 
 @pytest.mark.slow
 def test_compiled_step_matches_eager():
-    """Opt-in torch.compile of the fully functional grad(vmap(grad)) step (compiles ~1 min on CPU)."""
+    """Opt-in torch.compile of the fully functional grad(vmap(grad)) step (compiles ~1 min on
+    CPU)."""
     problem, batch = _problem(ML3Loss(hidden=(8,)), OPTS["sgd"], k=2)
     problem.model.float()
     problem.loss.float()

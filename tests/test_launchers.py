@@ -116,7 +116,8 @@ def _first_checkpoint(proc: subprocess.Popen, cwd: Path) -> tuple[Path, int]:
             return ready[0], pid
         time.sleep(0.02)
     raise AssertionError(
-        f"job 0 never wrote a checkpoint:\n{proc.communicate()[0][-3000:] if proc.poll() is not None else ''}"
+        "job 0 never wrote a checkpoint:\n"
+        f"{proc.communicate()[0][-3000:] if proc.poll() is not None else ''}"
     )
 
 

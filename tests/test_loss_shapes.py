@@ -178,7 +178,7 @@ def test_gradients_flow_through_the_checks_under_vmap():
     torch.testing.assert_close(g, expected)
 
 
-# ------------------------------------------------------------------ the contract, enforced where losses are built
+# ---------------------------------------------------- the contract, enforced where losses are built
 # (issue 15, item 5): a user loss that returns [B, B] or a scalar is refused before the first
 # step, naming the loss and both shapes, in metaloss-train (one model and seeds=N under vmap),
 # metaloss-meta (the learned loss and the outer objective), the meta-test's baselines

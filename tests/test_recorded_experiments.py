@@ -30,7 +30,8 @@ HARD_CASES: list[str] = [
     "outliers_robust",
     "shapes_tversky",
 ]
-# every experiment recorded under the protocol of issue 16 (repeated meta-training), hard case or not
+# every experiment recorded under the protocol of issue 16 (repeated meta-training), hard case or
+# not
 RECORDED = sorted(
     set(HARD_CASES)
     | {p.parent.name for p in (ROOT / "experiments").glob("*/nested_comparison.json")}
@@ -51,7 +52,8 @@ def _recorded(name):
     d = ROOT / "experiments" / name
     if not (_run_dir(name) / "comparison.json").is_file():
         pytest.fail(
-            f"experiments/{name}/ holds no meta-test: record it with scripts/record_experiment.py {name}"
+            f"experiments/{name}/ holds no meta-test: "
+            f"record it with scripts/record_experiment.py {name}"
         )
     return d, json.loads((_run_dir(name) / "comparison.json").read_text())
 
@@ -601,7 +603,8 @@ def test_record_script_runs_tune_then_meta_and_copies_the_results(tmp_path):
     assert sources == dict.fromkeys(["mse", "mae", "huber"], f"tuned ({rec / 'tuned.json'})")
     tuned_lr = {n: e["lr"] for n, e in tuned["losses"].items()}
     assert {n: comp["hyperparameters"][n]["lr"] for n in tuned_lr} == tuned_lr
-    # --verify reruns metaloss-meta (meta-seed 1) and finds the record reproduced; a tampered record is caught
+    # --verify reruns metaloss-meta (meta-seed 1) and finds the record reproduced; a tampered record
+    # is caught
     verify = [
         sys.executable,
         str(SCRIPT),

@@ -61,7 +61,8 @@ def _assert_session_ends(sid: int, grace: float = 10.0) -> None:
 
 # -- fast: a console script whose job is a plain child process ----------------------------
 
-_LAUNCHER = textwrap.dedent("""
+_LAUNCHER = textwrap.dedent(
+    """
     import subprocess, sys, time
     from metaloss.cli.signals import console
 
@@ -70,11 +71,13 @@ _LAUNCHER = textwrap.dedent("""
         # the launcher stops the jobs it knows: this child carries a loky worker's marker
         subprocess.Popen([sys.executable, "-c", child, "loky.backend.popen_loky_posix"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])  # no job: left alone
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])"""
+    """  # no job: left alone
         while True:
             time.sleep(0.05)
     console(main)
-""")
+"""
+)
 
 _JOB = textwrap.dedent("""
     import pathlib, signal, sys, time

@@ -25,7 +25,8 @@ from metaloss.tune import (
 )
 from metaloss.validate import LOSS_RULES, ConfigError, check_config
 
-# digits, a 16-unit MLP, plain SGD: a trial is 30 full-batch-free steps on 1-2 seeds (well under a second)
+# digits, a 16-unit MLP, plain SGD: a trial is 30 full-batch-free steps on 1-2 seeds (well under a
+# second)
 TINY = [
     "task=digits",
     "model.hidden=[16]",
@@ -167,7 +168,8 @@ def test_budget_accounting(compose_cfg, tmp_path):
     assert (
         not (tmp_path / "c" / "tuned.json").exists() and not (tmp_path / "c" / "run.json").exists()
     )
-    # budget_steps=meta: the learned loss's meta-training cost, 2 x 2 x 15 = 60 = two trials of 30 x 1
+    # budget_steps=meta: the learned loss's meta-training cost, 2 x 2 x 15 = 60 = two trials of
+    # 30 x 1
     _, m = _tune(
         compose_cfg,
         tmp_path / "d",
@@ -495,7 +497,7 @@ def test_a_target_in_tuned_params_is_never_called(compose_cfg, tmp_path):
         loss_option("huber", task_pool(cfg)[0], cfg, {"_target_": "builtins.open"})
 
 
-# ---------------------------------------------------------------- the fit check, before meta-training
+# -------------------------------------------------------------- the fit check, before meta-training
 
 
 def _tuned_tiny(compose_cfg, tmp_path, extra=()):
@@ -584,7 +586,7 @@ def test_meta_and_eval_refuse_a_mismatching_tuned_file_before_any_training(
         eval_app.run(cfg, tmp_path / "eval")
 
 
-# ---------------------------------------------------------------- resume, never destroy (issue 15, item 3)
+# --------------------------------------------------------- resume, never destroy (issue 15, item 3)
 
 
 def _journal(path):

@@ -87,13 +87,18 @@ def test_config_sources_follow_hydras_search_path_and_precedence(tmp_path, monke
         tmp_path,
         {
             "a/loss/user_mse.yaml": "_target_: metaloss.losses.fixed.mae\n_partial_: true\n",
-            "a/loss/mse.yaml": "_target_: metaloss.losses.fixed.mae\n_partial_: true\n",  # shadowed by conf/
+            # shadowed by conf/
+            "a/loss/mse.yaml": "_target_: metaloss.losses.fixed.mae\n_partial_: true\n",
             "a/loss/both.yaml": "_target_: metaloss.losses.fixed.mae\n_partial_: true\n",
-            "b/loss/both.yaml": "_target_: metaloss.losses.fixed.huber\n_partial_: true\n",  # a is earlier
-            "a/loss/heavy_focal.yaml": "defaults:\n  - focal\n  - _self_\ngamma: 5.0\n",  # own defaults list
+            # a is earlier
+            "b/loss/both.yaml": "_target_: metaloss.losses.fixed.huber\n_partial_: true\n",
+            # own defaults list
+            "a/loss/heavy_focal.yaml": "defaults:\n  - focal\n  - _self_\ngamma: 5.0\n",
             "userpkg/__init__.py": "",
             "userpkg/conf/__init__.py": "",
-            "userpkg/conf/loss/pkg_loss.yaml": "_target_: metaloss.losses.fixed.log_cosh\n_partial_: true\n",
+            "userpkg/conf/loss/pkg_loss.yaml": (
+                "_target_: metaloss.losses.fixed.log_cosh\n_partial_: true\n"
+            ),
         },
     )
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -193,7 +198,8 @@ def test_the_parametric_loss_list_comes_from_the_catalogue(app_cfg, tmp_path, mo
                     self.log_w = torch.nn.Parameter(torch.zeros(()))
 
                 def forward(self, pred, target, **context):
-                    return self.log_w.exp() * ((pred - target) ** 2).reshape(pred.shape[0], -1).mean(-1)
+                    return self.log_w.exp() * ((pred - target) ** 2).reshape("""
+            """pred.shape[0], -1).mean(-1)
         """,
             "my_conf/loss/weighted_mse.yaml": "_target_: user_param.WeightedMSE\n",
         },

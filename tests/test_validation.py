@@ -173,8 +173,8 @@ def test_metric_of_another_task_kind_is_refused_before_training(compose_cfg, tmp
 def test_a_setting_the_chosen_component_does_not_take_is_refused(
     compose_cfg, tmp_path, monkeypatch
 ):
-    """mnist1d_ml3 sets meta_optim.lr (Adam) and loss.fit_to (ML3): switching to CMA-ES and TaylorGLO
-    kept both, and the run died in a TypeError traceback at construction."""
+    """mnist1d_ml3 sets meta_optim.lr (Adam) and loss.fit_to (ML3): switching to CMA-ES and
+    TaylorGLO kept both, and the run died in a TypeError traceback at construction."""
     cfg = compose_cfg(
         "meta", ["logger=none", "experiment=mnist1d_ml3", "meta_optim=cmaes", "loss=taylorglo"]
     )

@@ -74,12 +74,16 @@ def format_verdict(sig: dict) -> str:
     level = f"{100 * sig['ci_level']:.0f}%"
     pairwise = sig.get("pairwise") or {}
     head = (
-        f"learned vs reference baseline ({best}), chosen on {sig.get('selected_on', sig['metric'])} before "
+        f"learned vs reference baseline ({best}), chosen on "
+        f"{sig.get('selected_on', sig['metric'])} before "
         f"testing, on {sig['metric']}: {ours} vs {format_number(sig['best_baseline_mean'])}; "
-        f"paired difference {format_number(sig['difference'])} [{level} CI {format_number(sig['ci_low'])}, "
+        f"paired difference {format_number(sig['difference'])} "
+        f"[{level} CI {format_number(sig['ci_low'])}, "
         f"{format_number(sig['ci_high'])}], d_z = {format_number(sig['cohens_dz'], '.2f')}; "
-        f"paired t p = {format_number(sig['p_value'], '.3g')}, Holm-adjusted over {len(pairwise)} baseline(s) "
-        f"p = {format_number(sig.get('p_value_holm', math.nan), '.3g')}, Welch p = {format_number(sig['p_value_welch'], '.3g')} "
+        f"paired t p = {format_number(sig['p_value'], '.3g')}, "
+        f"Holm-adjusted over {len(pairwise)} baseline(s) "
+        f"p = {format_number(sig.get('p_value_holm', math.nan), '.3g')}, "
+        f"Welch p = {format_number(sig['p_value_welch'], '.3g')} "
         f"-> {sig['verdict']}"
         + (
             ""
@@ -90,7 +94,8 @@ def format_verdict(sig: dict) -> str:
     if len(pairwise) < 2:
         return head
     rows = [
-        f"  vs {name}: difference {format_number(r['difference'])}, p = {format_number(r['p_value'], '.3g')}, Holm p = "
+        f"  vs {name}: difference {format_number(r['difference'])}, "
+        f"p = {format_number(r['p_value'], '.3g')}, Holm p = "
         f"{format_number(r['p_value_holm'], '.3g')} -> {r['verdict']}"
         for name, r in pairwise.items()
     ]
@@ -196,15 +201,18 @@ def protocol_record(cfg: DictConfig, task, settings: dict[str, dict], inner: int
         )
     elif inner is not None and int(inner) != steps:
         log.warning(
-            "meta-test: the loss was meta-trained with %d inner steps but every loss trains %d steps here "
-            "(a mismatched horizon; set meta_test.steps=%d to match, or state why in meta_test.horizon_note)",
+            "meta-test: the loss was meta-trained with %d inner steps "
+            "but every loss trains %d steps here "
+            "(a mismatched horizon; set meta_test.steps=%d to match, "
+            "or state why in meta_test.horizon_note)",
             int(inner),
             steps,
             int(inner),
         )
     if not out["fresh_draws"]:
         log.warning(
-            "meta-test: every seed trains on the meta-training draw of %s (meta_test.fresh_draws=false): "
+            "meta-test: every seed trains on the meta-training draw of %s "
+            "(meta_test.fresh_draws=false): "
             "the seeds measure initialisation and batch order, not the task",
             task.name,
         )

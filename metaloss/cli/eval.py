@@ -1,6 +1,6 @@
 """`metaloss-eval`: meta-test a saved learned loss against baselines, without meta-training.
 
-    metaloss-eval loss_path=outputs/meta/<date>/learned_loss.pt      # task, model, optim: the file's
+    metaloss-eval loss_path=outputs/meta/<date>/learned_loss.pt  # task, model, optim: the file's
     metaloss-eval experiment=ml3_sine loss_path=outputs/meta/<date>/learned_loss.pt
 
 The task, model and inner optimizer the command line does not set are the ones the file

@@ -69,13 +69,15 @@ def tune_metric(cfg: DictConfig, task) -> str:
 
 
 def learned_cost(cfg: DictConfig, task: Any) -> int:
-    """The learned loss's meta-training cost (CMA-ES's λ needs φ's size: the loss is built to count it)."""
+    """The learned loss's meta-training cost (CMA-ES's λ needs φ's size: the loss is built to
+    count it)."""
     return learned_loss_cost(
         cfg, sum(p.numel() for p in instantiate_loss(cfg.loss, task).parameters())
     )
 
 
-JOURNAL = "optuna.journal"  # the studies of a run, one per loss: Optuna's own storage, so a killed run resumes
+# the studies of a run, one per loss: Optuna's own storage, so a killed run resumes
+JOURNAL = "optuna.journal"
 
 
 def _finished(cfg: DictConfig, out: Path) -> dict | None:

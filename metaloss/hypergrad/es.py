@@ -99,7 +99,8 @@ class EvolutionStrategies:
         self._failure = None
         if not bool(finite.any()):
             self._failure = (
-                f"every one of the {len(values)} ES candidates φ ± σε (hypergrad.sigma = {self.sigma:g}, "
+                f"every one of the {len(values)} ES candidates φ ± σε "
+                f"(hypergrad.sigma = {self.sigma:g}, "
                 f"hypergrad.population = {p}) diverged, so there is no estimate"
             )
         if bool(finite.any()) and not bool(finite.all()):
@@ -144,7 +145,8 @@ class EvolutionStrategies:
                 self._no_vmap.add(key)
                 warnings.warn(
                     f"ES: loss {key[0]} with objective {key[1]} cannot run under vmap over "
-                    f"candidates ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                    f"candidates ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0] if str(err) else ''}); "
                     "falling back to a loop over candidates",
                     RuntimeWarning,
                     stacklevel=3,

@@ -80,7 +80,8 @@ class Implicit:
             raise ValueError(f"unknown implicit solver {solver!r}; valid: {', '.join(SOLVERS)}")
         if iterations < 1 or batches < 1:
             raise ValueError(
-                f"implicit hypergradient needs iterations >= 1 and batches >= 1, got {iterations}, {batches}"
+                "implicit hypergradient needs iterations >= 1 and batches >= 1, "
+                f"got {iterations}, {batches}"
             )
         if alpha is not None and alpha <= 0:
             raise ValueError(f"implicit alpha must be > 0 (or null), got {alpha}")
@@ -108,9 +109,10 @@ class Implicit:
     def __call__(self, problem: MetaProblem, meta: Params, batch: MetaBatch) -> HyperGrad:
         if LR_KEY in meta:
             raise ValueError(
-                "hypergrad=implicit cannot meta-learn the inner learning rate (meta.learn_inner_lr=true): "
-                "the end point of a converged inner run does not depend on it, so its hypergradient "
-                "is zero. Set meta.learn_inner_lr=false, or use hypergrad=unrolled / checkpointed / es"
+                "hypergrad=implicit cannot meta-learn the inner learning rate "
+                "(meta.learn_inner_lr=true): the end point of a converged inner run does not "
+                "depend on it, so its hypergradient is zero. Set meta.learn_inner_lr=false, "
+                "or use hypergrad=unrolled / checkpointed / es"
             )
         meta = detach(meta)
         phi, _ = split_meta(meta)
@@ -220,27 +222,34 @@ class Implicit:
             else f"hypergrad.alpha = null, i.e. the inner lr {alpha:g}"
         )
         head = (
-            f"the Neumann series (hypergrad.solver = neumann) diverged on {bad} of {tasks} task(s): its "
-            f"{self.last_iterations}th term is {growth:.3g}x the first (it converges only if 0 < α·λ < 2 for "
+            f"the Neumann series (hypergrad.solver = neumann) diverged on {bad} of {tasks} "
+            f"task(s): its {self.last_iterations}th term is {growth:.3g}x the first "
+            "(it converges only if 0 < α·λ < 2 for "
             f"every eigenvalue λ of H + δI; {a_name}, hypergrad.damping = {self.damping:g}). "
         )
         if not (lam == lam) or abs(lam) == float("inf"):
             why = "The series overflowed. "
             fix = "Lower hypergrad.alpha or raise hypergrad.damping"
         elif lam > 0:
-            why = f"The growing direction has curvature λ ≈ {lam:.3g}, so α·λ ≈ {alpha * lam:.3g} > 2. "
+            why = (
+                f"The growing direction has curvature λ ≈ {lam:.3g}, "
+                f"so α·λ ≈ {alpha * lam:.3g} > 2. "
+            )
             fix = f"Lower hypergrad.alpha below 2/λ ≈ {2 / lam:.3g}"
         else:
             why = (
-                f"The growing direction has curvature λ ≈ {lam:.3g} <= 0: the learned inner loss is not convex "
+                f"The growing direction has curvature λ ≈ {lam:.3g} <= 0: "
+                "the learned inner loss is not convex "
                 "at the end of the inner run. "
             )
             fix = (
-                f"Raise hypergrad.damping above {self.damping - lam:.3g} (then keep hypergrad.alpha below "
+                f"Raise hypergrad.damping above {self.damping - lam:.3g} "
+                "(then keep hypergrad.alpha below "
                 "2 / (largest curvature + damping))"
             )
         fix += (
-            ", or use hypergrad.solver=cg (it stops at non-positive curvature); changing hypergrad.iterations "
+            ", or use hypergrad.solver=cg (it stops at non-positive curvature); "
+            "changing hypergrad.iterations "
             "does not fix a diverging series."
         )
         return "neumann", (head + why).strip().rstrip("."), fix
