@@ -30,11 +30,12 @@ test-slow: setup
 
 test-all: test test-slow
 
-# Static checks, run by .ci/run beside the tests: ruff (rules in pyproject's [tool.ruff]) and
-# import-linter (the package's layers: pyproject's [tool.importlinter]); `make typecheck`:
+# Static checks, run by .ci/run beside the tests: ruff (rules in pyproject's [tool.ruff], and
+# the formatting `ruff format` gives: run it before committing), import-linter (the package's layers: pyproject's [tool.importlinter]); `make typecheck`:
 # mypy over every module of metaloss/, none ignored (settings in pyproject's [tool.mypy]).
 lint: setup
 	$(VENV)/bin/ruff check metaloss tests scripts
+	$(VENV)/bin/ruff format --check metaloss tests scripts
 	$(VENV)/bin/lint-imports
 
 typecheck: setup

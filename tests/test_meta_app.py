@@ -136,9 +136,7 @@ def test_a_checkpoint_that_unpacks_to_more_than_it_holds_is_refused_before_loadi
     with zipfile.ZipFile(tmp_path / "checkpoint.pt", "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("archive/data.pkl", b"x")
         z.writestr("archive/data/0", bytes(200 * 2**20))
-    with pytest.raises(
-        CorruptCheckpoint, match="unpack to 209,715,201 bytes from .* uncompressed"
-    ):
+    with pytest.raises(CorruptCheckpoint, match="unpack to 209,715,201 bytes from .* uncompressed"):
         meta_app.run(compose_cfg("meta", TINY + ["meta_test.enabled=false"]), tmp_path, "ml3")
 
 
