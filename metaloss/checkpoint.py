@@ -2,8 +2,8 @@
 step boundaries, and continuing a run from its checkpoint (:func:`resume`) only when the
 checkpoint belongs to it (the same run identity, :mod:`metaloss.keys`).
 
-The engine layer: the CLI writes checkpoints (inside its signal guard) and calls
-:func:`resume`; nothing here knows about the command line.
+The orchestration layer (below the CLI): the CLI writes checkpoints (inside its signal
+guard) and calls :func:`resume`; nothing here knows about the command line.
 """
 
 from __future__ import annotations

@@ -44,10 +44,12 @@ def init(device: torch.device) -> World:
     process (no torchrun) is a world of one."""
     if not launched():
         return World()
-    if not dist.is_initialized():
+    joined = not dist.is_initialized()
+    if joined:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     world = World(dist.get_rank(), dist.get_world_size())
-    log.info("rank %d of %d (%s)", world.rank, world.size, dist.get_backend())
+    if joined:  # said once, however often a run asks which world it is in
+        log.info("rank %d of %d (%s)", world.rank, world.size, dist.get_backend())
     return world
 
 

@@ -60,7 +60,7 @@ class TaskKind:
 
 KINDS: dict[str, TaskKind] = {}
 # whether a larger value of a metric is better: every registered kind's, and the training loss
-HIGHER_IS_BETTER: dict[str, bool] = {"loss": False}
+HIGHER_IS_BETTER: dict[str, bool] = {}
 
 
 def register(kind: TaskKind) -> TaskKind:
@@ -252,4 +252,7 @@ SEGMENTATION = register(
         check_targets=check_binary_mask,
         search_objective="iou_loss",
     )
+)
+HIGHER_IS_BETTER["loss"] = (
+    False  # the training loss (train/loss), after the built-in kinds' metrics
 )

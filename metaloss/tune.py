@@ -42,6 +42,7 @@ a loss's result does not depend on which other losses are tuned or in what order
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -53,6 +54,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from metaloss.cmaes import is_cmaes_target, population_size
+from metaloss.metatest import compare_losses
 from metaloss.runs import MAX_NESTING, nesting_depth
 from metaloss.schema import (
     LOSS_RULES,
@@ -426,6 +428,74 @@ def tune_loss(
 # hyper-parameter must be one that metaloss-tune searches for that function (SEARCH_SPACES)
 # and a valid value by the loss's own rule (metaloss.schema.LOSS_RULES: the single table of
 # valid values).
+
+
+def validation_score(
+    name: str,
+    loss: Any,
+    pool: list,
+    factory: Any,
+    inner_opt: Any,
+    functional: Any,
+    *,
+    lr: float,
+    seeds: list[int],
+    steps: int,
+    batch_size: Any,
+    metric: str,
+) -> float:
+    """One tuning trial: ``loss`` trained at inner lr ``lr`` (``inner_opt``'s torch twin;
+    ``functional``: the functional optimizer at that lr, all seeds in one ``vmap``) from each
+    of ``seeds`` on every task of ``pool``; the mean of the validation ``metric`` (NaN if any
+    seed diverged). Baselines (metaloss-tune) and the learned loss (:func:`tune_learned_lr`)
+    are scored by this one function."""
+    make_optimizer = functools.partial(
+        inner_opt.torch_equivalent.func, **{**inner_opt.hparams, "lr": lr}
+    )
+    results = compare_losses(
+        lambda seed: pool,
+        factory,
+        {name: loss},
+        make_optimizer,
+        seeds=seeds,
+        steps=steps,
+        batch_size=batch_size,
+        progress=False,
+        vectorised=functional,
+    )
+    values = results[name][metric]
+    return float(sum(values) / len(values)) if all(math.isfinite(v) for v in values) else math.nan
+
+
+def tune_learned_lr(
+    score: Callable[[float], float], record: Mapping[str, Any], lr0: float, lr_span: Any, seed: int
+) -> dict[str, Any]:
+    """The learned loss's inner lr tuned as each baseline of ``record`` (a tuned.json) was:
+    the same Optuna study (seeded TPE, trial 0 at the default ``lr0``), the same number of
+    trials, and ``score(lr)`` training on the same seeds, steps and validation metric. Fair in
+    both directions: the baselines' tuning no longer buys them an edge the learned loss lacks.
+    ``lr_span``: ``tune.lr_range`` (None: [lr0 / 10, lr0 * 10])."""
+    n_trials = int(record["budget"]["n_trials"])
+    result = tune_loss(
+        lambda params, lr: score(lr),
+        {},
+        {},
+        lr=lr0,
+        lr_space=lr_range(lr0, lr_span),
+        n_trials=n_trials,
+        direction=str(record["direction"]),
+        seed=seed,
+        study_name="learned",
+    )
+    return {
+        "lr": float(result.lr if result.lr is not None else lr0),
+        "default_lr": lr0,
+        "best_val": result.best_val,
+        "default_val": result.default_val,
+        "n_trials": result.n_trials,
+        "n_diverged": result.n_diverged,
+        "tuning_steps": result.n_trials * int(record["budget"]["cost_per_trial"]),
+    }
 
 
 def _text(v: Any) -> str | None:

@@ -206,6 +206,7 @@ RULES: dict[str, Check] = {
     "meta_test.fresh_draws": boolean(),
     "meta_test.horizon_note": text(optional=True),
     "meta_test.tuned": tuned_file(),
+    "meta_test.tune_learned_lr": boolean(),
     # metaloss-tune
     "tune.n_trials": integer(1, 100_000, optional=True),
     "tune.budget_steps": budget_steps(),
@@ -453,6 +454,12 @@ def _cross_checks(c: dict) -> list[str]:
             "meta.learn_inner_lr=false, or use hypergrad=unrolled, checkpointed, truncated or es"
         )
     out += cmaes_problems(c)
+    mt = c.get("meta_test") or {}
+    if mt.get("tune_learned_lr") is True and mt.get("tuned") is None:
+        out.append(
+            "meta_test.tune_learned_lr = true needs meta_test.tuned: the learned loss's lr is "
+            "tuned with the budget, seeds and metric the baselines' tuned.json records"
+        )
     task = c.get("task") or {}
     vf, tf = task.get("val_frac"), task.get("test_frac")
     if is_real(vf) and is_real(tf) and vf + tf >= 1:

@@ -6,8 +6,10 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 
+import metaloss.tune
 from metaloss.cli import tune as tune_app
 from metaloss.cli.comparison import run_meta_test
 from metaloss.cli.logger import NullLogger
@@ -666,7 +668,7 @@ def test_a_default_lr_outside_the_range_is_evaluated_as_it_is(compose_cfg, tmp_p
 def test_tune_metric_is_checked_against_the_task_kind_before_any_training(
     compose_cfg, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(tune_app, "compare_losses", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(metaloss.tune, "compare_losses", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(
         ConfigError, match=r"tune\.metric = 'val/mse': must be one of val/acc.*classification"
     ):
@@ -682,7 +684,7 @@ def test_metaloss_tune_resumes_where_it_stopped_and_never_overwrites_a_complete_
 
     settings = ["compare=[ce,focal]", "tune.n_trials=3"]
     _, ref = _tune(compose_cfg, tmp_path / "ref", settings)
-    real, calls = tune_app.compare_losses, []
+    real, calls = metaloss.tune.compare_losses, []
 
     def counted(*a, **k):
         calls.append(1)
@@ -690,7 +692,7 @@ def test_metaloss_tune_resumes_where_it_stopped_and_never_overwrites_a_complete_
             raise KeyboardInterrupt  # Ctrl-C / a killed process half way through focal's trials
         return real(*a, **k)
 
-    monkeypatch.setattr(tune_app, "compare_losses", counted)
+    monkeypatch.setattr(metaloss.tune, "compare_losses", counted)
     stop_at = 5  # ce's 3 trials, focal's first, then stopped
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
@@ -777,3 +779,64 @@ def test_a_storage_holding_an_edited_default_is_refused(tmp_path):
     study.set_user_attr("default", {"params": {"gamma": 2.0}, "lr": 1000.0, "value": 99.0})
     with pytest.raises(TunedFileError, match=r"study 'focal' in the storage holds a default trial"):
         tune_loss(lambda p, lr: -p["gamma"] - lr, space, {"gamma": 2.0}, n_trials=3, **kw)
+
+
+# ------------------------------------------------ the learned loss's lr, fair in both directions
+
+
+def test_the_learned_losss_lr_is_tuned_with_the_baselines_budget_and_its_default_kept(
+    compose_cfg, tmp_path
+):
+    _tune(compose_cfg, tmp_path / "t", ["compare=[ce,focal]", "tune.n_trials=3"])
+    record = json.loads((tmp_path / "t" / "tuned.json").read_text())
+    base = TINY[:7] + ["compare=[ce,focal]", "meta_test.seeds=2"]
+    cfg = compose_cfg(
+        "meta", base + [f"meta_test.tuned={tmp_path / 't'}", "meta_test.tune_learned_lr=true"]
+    )
+    pool, out = task_pool(cfg), tmp_path / "m"
+    out.mkdir()
+    run_meta_test(cfg, ce, pool, instantiate(cfg.optim), out, NullLogger())
+    comp = json.loads((out / "comparison.json").read_text())
+    own = comp["hyperparameters"]["learned"]
+    focal = comp["hyperparameters"]["focal"]
+    # the same machinery and budget as each baseline: trials, inner steps spent, the default lr
+    assert own["n_trials"] == record["losses"]["focal"]["n_trials"] == 3
+    assert own["tuning_steps"] == focal["tuning_steps"] and own["default_lr"] == 0.05
+    assert 0.005 <= own["lr"] <= 0.5 and "tuned like the baselines" in own["source"]
+    # the same loss (ce) tuned the same way lands on the lr and validation value ce's own tuning
+    # found: one scorer, one study
+    assert own["best_val"] == pytest.approx(record["losses"]["ce"]["best_val"])
+    assert own["lr"] != own["default_lr"]  # 30 steps at 0.05 barely train: tuning moves it
+    kept = comp["learned_at_default_lr"]  # the untuned learned loss stays in the record
+    assert kept["lr"] == 0.05 and len(kept["results"]["test/acc"]) == 2
+    assert "at its default inner lr (0.05, untuned)" in (out / "comparison.md").read_text()
+    with pytest.raises(ConfigError, match="tune_learned_lr = true needs meta_test.tuned"):
+        check_config(compose_cfg("meta", base + ["meta_test.tune_learned_lr=true"]))
+
+
+def test_a_meta_learned_inner_lr_is_saved_with_the_loss_and_trained_with(compose_cfg, tmp_path):
+    from metaloss.cli import eval as eval_app
+    from metaloss.cli import meta as meta_app
+    from metaloss.losses.io import CorruptLossFile, load_learned_loss
+
+    over = ["logger=none", "progress=false", "meta.steps=3", "meta.tasks_per_step=2"]
+    over += ["meta.inner_steps=2", "meta_test.seeds=2", "meta.learn_inner_lr=true"]
+    over += ["model.hidden=[8]", "loss.hidden=[8]", "meta_optim.lr=0.05"]
+    meta_app.run(compose_cfg("meta", over), tmp_path / "m", "ml3")
+    saved = load_learned_loss(tmp_path / "m" / "learned_loss.pt")
+    lr = saved.meta["inner_lr"]
+    assert lr > 0 and lr != pytest.approx(0.05, rel=1e-6)  # moved from optim.lr by meta-training
+    comp = json.loads((tmp_path / "m" / "comparison.json").read_text())
+    learned = comp["hyperparameters"]["learned"]
+    assert learned["lr"] == lr and learned["source"].startswith("meta-learned")
+    assert comp["hyperparameters"]["mse"]["lr"] == 0.05  # the baselines keep the meta-test's lr
+    eval_cfg = ["logger=none", "progress=false", f"loss_path={tmp_path / 'm' / 'learned_loss.pt'}"]
+    eval_app.run(compose_cfg("eval", eval_cfg + ["meta_test.seeds=2"]), tmp_path / "e", set())
+    again = json.loads((tmp_path / "e" / "comparison.json").read_text())
+    assert again["hyperparameters"]["learned"]["lr"] == lr  # metaloss-eval trains with it too
+    blob = torch.load(tmp_path / "m" / "learned_loss.pt", weights_only=True)
+    for bad in (0.0, -0.1, True):  # a hand-edited file: refused, naming the key
+        blob["meta"]["inner_lr"] = bad
+        torch.save(blob, tmp_path / "bad.pt")
+        with pytest.raises(CorruptLossFile, match="meta.inner_lr"):
+            load_learned_loss(tmp_path / "bad.pt")

@@ -333,3 +333,12 @@ def test_meta_test_metric_is_checked_against_what_the_meta_test_records(
         meta_app.run(
             compose_cfg("meta", ["logger=none", "meta_test.metric=train/mse"]), tmp_path, "ml3"
         )
+
+
+@pytest.mark.parametrize("value", ["5", "[a,b]"])
+def test_a_resume_from_that_is_not_a_path_is_refused_as_a_setting(compose_cfg, tmp_path, value):
+    """The settings are checked before anything reads them as a path (no TypeError)."""
+    cfg = compose_cfg("meta", ["logger=none", f"meta.resume_from={value}"])
+    with pytest.raises(ConfigError, match="meta.resume_from"):
+        meta_app.run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "run.json").exists()

@@ -25,6 +25,13 @@ from metaloss.plots import loss_curves, plot_losses
 from metaloss.report import format_table, plot, summarize
 from metaloss.runtime import canonical_draws
 from metaloss.tasks.base import DRAW_STRIDE, TEST_TASK_SEEDS
+from metaloss.tune import (
+    load_tuned,
+    setup_record,
+    tune_learned_lr,
+    tuned_for,
+    validation_score,
+)
 from metaloss.validate import ConfigError
 
 log = logging.getLogger("metaloss")
@@ -127,8 +134,6 @@ def _baseline_settings(
     values (a loss tuned without its lr keeps the meta-test's ``lr``), refused unless the
     file fits this run (metaloss.tune.tuned_for; ``n_tasks``: the run's task pool); else the
     loss's config."""
-    from metaloss.tune import load_tuned, setup_record, tuned_for
-
     names = list(cfg.compare or DEFAULT_BASELINES[task.kind])
     options = {n: load_option("loss", n, cfg) for n in names}
     config = {n: _config_params(o) for n, o in options.items()}
@@ -234,9 +239,13 @@ def run_meta_test(
     logger,
     meta_training_steps: int | None = None,
     meta_horizon: int | None = None,
+    learned_lr: float | None = None,
 ) -> dict:
     """``meta_training_steps``: what meta-training the learned loss cost (metaloss-meta knows it;
-    metaloss-eval does not), recorded beside each tuned baseline's tuning compute."""
+    metaloss-eval does not), recorded beside each tuned baseline's tuning compute.
+    ``learned_lr``: the loss's meta-learned inner lr (``meta.learn_inner_lr``), which it
+    trains with; else the meta-test's lr, or with ``meta_test.tune_learned_lr`` an lr tuned
+    exactly as each baseline's was (:func:`learned_setting`)."""
     task = pool[0]
     lr = cfg.meta_test.lr if cfg.meta_test.lr is not None else inner_opt.hparams["lr"]
     settings = _baseline_settings(cfg, task, inner_opt, lr, len(pool))
@@ -244,15 +253,17 @@ def run_meta_test(
         _warn_short_tuning(settings, meta_training_steps)
     overrides = {n: s["overrides"] for n, s in settings.items()}
     losses = {"learned": learned, **baselines_for(list(settings), task, cfg, overrides)}
-    lrs = {"learned": lr, **{n: s["lr"] for n, s in settings.items()}}
     seeds, metric = _check_test_settings(cfg, task)
+    own = learned_setting(cfg, pool, learned, inner_opt, lr if learned_lr is None else learned_lr)
+    if learned_lr is not None:
+        own["source"] = "meta-learned (meta.learn_inner_lr)" + own["source"][len("learned") :]
+    lrs = {"learned": own["lr"], **{n: s["lr"] for n, s in settings.items()}}
     _log_plan(cfg, losses, lrs, inner_opt, len(seeds))
     results = _train_all(cfg, pool, losses, lrs, inner_opt, seeds)
     hyperparameters = {
-        "learned": {"params": None, "lr": lr, "source": "learned"},
+        "learned": {"params": None, **own, "meta_training_steps": meta_training_steps},
         **{n: {k: s[k] for k in _SETTING_KEYS} for n, s in settings.items()},
     }
-    hyperparameters["learned"]["meta_training_steps"] = meta_training_steps
     sig = significance(results, metric, alpha=float(cfg.meta_test.alpha))
     record = {
         "task": task.name,
@@ -264,11 +275,62 @@ def run_meta_test(
         "protocol": protocol_record(cfg, task, settings, meta_horizon),
         "null_means": "NaN: the loss diverged on that seed, or the statistic is undefined",
     }
+    if own["lr"] != own.get("default_lr", own["lr"]):  # tuned: the default lr's results too
+        at_default = {"learned": own["default_lr"]}
+        trained = _train_all(cfg, pool, {"learned": learned}, at_default, inner_opt, seeds)
+        record["learned_at_default_lr"] = {"lr": own["default_lr"], "results": trained["learned"]}
     _write_comparison(record, losses, task, out_dir, logger)
     return {"results": results, "significance": sig}
 
 
 _SETTING_KEYS = ("params", "lr", "source", "tuning_steps")  # a baseline's, as recorded
+
+
+def learned_setting(
+    cfg: DictConfig, pool: list, learned: Any, inner_opt: Any, lr0: float
+) -> dict[str, Any]:
+    """The inner lr the learned loss trains with in the meta-test, and where it comes from:
+    ``lr0`` (the meta-test's lr, or the loss's meta-learned one); with
+    ``meta_test.tune_learned_lr`` the lr :func:`metaloss.tune.tune_learned_lr` picks on the
+    validation split with the machinery and budget the baselines' tuned.json records (its
+    trials, seeds, steps and metric), starting from ``lr0`` — fair in both directions."""
+    if not cfg.meta_test.get("tune_learned_lr", False):
+        return {"lr": lr0, "source": "learned"}
+    path = str(cfg.meta_test.tuned)  # required with tune_learned_lr (metaloss.validate)
+    record = load_tuned(path)
+    factory = instantiate(cfg.model)
+
+    def score(lr: float) -> float:
+        return validation_score(
+            "learned",
+            learned,
+            pool,
+            factory,
+            inner_opt,
+            instantiate(cfg.optim, lr=lr),
+            lr=lr,
+            seeds=[int(x) for x in record["seeds"]],
+            steps=int(record["steps"]),
+            batch_size=record.get("batch_size"),
+            metric=str(record["metric"]),
+        )
+
+    tune_cfg = cfg.get("tune") or {}
+    entry = tune_learned_lr(
+        score, record, lr0, tune_cfg.get("lr_range"), int(tune_cfg.get("seed", 0))
+    )
+    log.info(
+        "meta-test: the learned loss's inner lr tuned like the baselines (%d trials, %s): %.4g "
+        "(default %.4g; %s %.4f vs %.4f)",
+        entry["n_trials"],
+        path,
+        entry["lr"],
+        lr0,
+        record["metric"],
+        entry["best_val"],
+        entry["default_val"],
+    )
+    return {"source": f"learned, lr tuned like the baselines ({path})", **entry}
 
 
 def _check_test_settings(cfg: DictConfig, task: Any) -> tuple[list[int], str]:
@@ -298,6 +360,16 @@ def _log_plan(cfg: DictConfig, losses: dict, lrs: dict, inner_opt: Any, n_seeds:
         cfg.meta_test.steps,
         inner_opt.name,
         shown,
+    )
+
+
+def _default_lr_line(default: dict, metric: str) -> str:
+    values = [v for v in default["results"][metric] if math.isfinite(v)]
+    mean = sum(values) / len(values) if values else math.nan
+    return (
+        f"The learned loss at its default inner lr ({default['lr']:.4g}, untuned): {metric} "
+        f"{format_number(mean)} over {len(values)} of {len(default['results'][metric])} seeds "
+        "(comparison.json: learned_at_default_lr); the verdict above is at its tuned lr."
     )
 
 
@@ -392,5 +464,11 @@ def _write_comparison(record: dict, losses: dict, task: Any, out_dir: Path, logg
     logger.summary(
         {f"meta_test/{name}/{k}": s["mean"] for name, m in summary.items() for k, s in m.items()}
     )
+    if "learned_at_default_lr" in record:  # the learned loss untuned, for the record
+        default = record["learned_at_default_lr"]
+        line = _default_lr_line(default, record["metric"])
+        with open(out_dir / "comparison.md", "a") as f:
+            f.write(line + "\n")
+        print(line, flush=True)
     if sig := record["significance"]:
         logger.summary({f"meta_test/{k}": sig[k] for k in _SUMMARY_KEYS})

@@ -64,7 +64,10 @@ def _work(
     check_tuned(cfg, pool, instantiate(cfg.optim))  # another setup's tuned.json: refused now
     run_dir.record(hydra_record(cfg))
     with open_logger(cfg, out_dir, job_type="eval", name=f"eval-{pool[0].name}") as logger:
-        return run_meta_test(cfg, learned, pool, instantiate(cfg.optim), out_dir, logger)
+        learned_lr = (getattr(learned, "meta", None) or {}).get("inner_lr")  # meta-learned
+        return run_meta_test(
+            cfg, learned, pool, instantiate(cfg.optim), out_dir, logger, learned_lr=learned_lr
+        )
 
 
 def _app(cfg: DictConfig, hc: HydraConf) -> float | None:

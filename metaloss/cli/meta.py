@@ -98,15 +98,13 @@ class MetaRun:
 def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> dict:
     """The app body: settings checked, run directory claimed, then meta-training and the
     meta-test. Callable without Hydra's launcher (tests compose a config and call it)."""
-    explicit = Path(cfg.meta.resume_from).expanduser() if cfg.meta.resume_from is not None else None
-    same_dir = (
-        explicit is not None
-        and (explicit if explicit.is_dir() else explicit.parent).resolve()
-        == Path(out_dir).resolve()
-    )
+
     # Resuming into its own directory with a new meta learning rate is allowed; any other
-    # change means the directory belongs to another run.
-    allow = (lambda diff: not split_applied(diff)[1]) if same_dir else None
+    # change means the directory belongs to another run. (Read when a difference is found,
+    # after run_command has checked the settings.)
+    def allow(diff: dict) -> bool:
+        return _resumes_here(cfg, Path(out_dir)) and not split_applied(diff)[1]
+
     try:  # only rank 0 owns the directory, logs and writes; the others compute their share
         return run_command(
             cfg,
@@ -119,6 +117,14 @@ def run(cfg: DictConfig, out_dir: Path, loss_name: str | None = None) -> dict:
         )
     finally:
         distributed.finish()
+
+
+def _resumes_here(cfg: DictConfig, out_dir: Path) -> bool:
+    """``meta.resume_from`` names this run directory (or a checkpoint in it)."""
+    if cfg.meta.resume_from is None:
+        return False
+    explicit = Path(cfg.meta.resume_from).expanduser()
+    return (explicit if explicit.is_dir() else explicit.parent).resolve() == out_dir.resolve()
 
 
 def _join(cfg: DictConfig, device: torch.device) -> bool:
@@ -453,6 +459,10 @@ def _check_progress(run: MetaRun, last: dict) -> str | None:
 def _save_and_test(run: MetaRun, out_dir: Path, meta_info: dict, logger: Any, notes: list) -> dict:
     """Save the learned loss, then meta-test it when ``meta_test.enabled``."""
     cfg, mc = run.cfg, run.cfg.meta
+    log_lr = getattr(run.learner, "log_lr", None)  # meta.learn_inner_lr: saved, and tested with
+    learned_lr = None if log_lr is None else float(log_lr.detach().exp())
+    if learned_lr is not None:
+        meta_info = dict(meta_info, inner_lr=learned_lr)
     learned_path = save_learned_loss(
         run.loss, out_dir / "learned_loss.pt", steps=mc.steps, complete=True, **meta_info
     )
@@ -478,6 +488,7 @@ def _save_and_test(run: MetaRun, out_dir: Path, meta_info: dict, logger: Any, no
                 logger,
                 meta_training_steps=cost,
                 meta_horizon=horizon,
+                learned_lr=learned_lr,
             )  # fmt: skip
         )
     return result

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,6 @@ from metaloss.config import (
     load_option,
     loss_option,
 )
-from metaloss.metatest import compare_losses
 from metaloss.metrics import HIGHER_IS_BETTER
 from metaloss.report import jsonable
 from metaloss.runs import RunDir, hydra_record
@@ -49,6 +47,7 @@ from metaloss.tune import (
     trials_for_budget,
     tune_loss,
     tuned_problems,
+    validation_score,
 )
 from metaloss.validate import check_against_task
 
@@ -232,25 +231,20 @@ def _score(
     cfg: DictConfig, plan: Plan, pool: list, factory: Any, inner_opt: Any,
     name: str, params: dict, lr: float,
 ) -> float:  # fmt: skip
-    """One trial: the mean validation metric of ``name`` with ``params`` at inner lr ``lr``
-    over the plan's seeds (NaN if any seed diverged)."""
-    loss = loss_option(name, pool[0], cfg, params)
-    make_optimizer = functools.partial(
-        inner_opt.torch_equivalent.func, **{**inner_opt.hparams, "lr": lr}
-    )
-    results = compare_losses(
-        lambda seed: pool,
+    """One trial: ``name`` with ``params`` at inner lr ``lr`` (:func:`validation_score`)."""
+    return validation_score(
+        name,
+        loss_option(name, pool[0], cfg, params),
+        pool,
         factory,
-        {name: loss},
-        make_optimizer,
+        inner_opt,
+        instantiate(cfg.optim, lr=lr),
+        lr=lr,
         seeds=plan.seeds,
         steps=plan.steps,
         batch_size=plan.batch_size,
-        progress=False,
-        vectorised=instantiate(cfg.optim, lr=lr),
+        metric=plan.metric,
     )
-    values = results[name][plan.metric]
-    return float(sum(values) / len(values)) if all(math.isfinite(v) for v in values) else math.nan
 
 
 def _record_head(cfg: DictConfig, plan: Plan, task: Any, inner_opt: Any, n_tasks: int) -> dict:

@@ -57,7 +57,9 @@ FILE_KEYS = frozenset({"format", "target", "init_kwargs", "state_dict", "meta"})
 # the training task's name, the loss option, the run fingerprint, outer steps done, whether
 # the run finished (else why it stopped), and the training setup (metaloss.config.training_setup:
 # task / model / optimizer configs as values, which metaloss-eval takes when not given).
-META_KEYS = frozenset({"task", "loss_name", "fingerprint", "steps", "complete", "stopped", "setup"})
+META_KEYS = frozenset(
+    {"task", "loss_name", "fingerprint", "steps", "complete", "stopped", "setup", "inner_lr"}
+)
 HYDRA_KEYS = frozenset({"_target_", "_partial_", "_args_", "_recursive_", "_convert_"})
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _OTHER_DTYPES = (
@@ -113,8 +115,10 @@ def save_learned_loss(loss: ParametricLoss, path: str | Path, **meta) -> Path:
         raise ValueError(
             f"save_learned_loss: unknown meta keys {unknown}; valid: {sorted(META_KEYS)}"
         )
-    problems = _value_problems(meta, "meta") + _value_problems(
-        dict(loss.init_kwargs), "init_kwargs"
+    problems = (
+        _value_problems(meta, "meta")
+        + _inner_lr_problems(meta)
+        + _value_problems(dict(loss.init_kwargs), "init_kwargs")
     )
     if problems:
         raise ValueError(f"save_learned_loss({type(loss).__qualname__}): " + "; ".join(problems))
@@ -341,6 +345,8 @@ def _checked_contents(path: Path, blob: dict, max_numel: int) -> tuple[dict, dic
         except ValueError as e:
             raise CorruptLossFile(f"{path}: {name} {e}") from None
         problems = _value_problems(value, name)
+        if name == "meta" and isinstance(value, dict):
+            problems += _inner_lr_problems(value)
         if problems:
             raise CorruptLossFile(f"{path}: " + "; ".join(problems[:5]))
     bad = [
@@ -363,6 +369,15 @@ def _checked_contents(path: Path, blob: dict, max_numel: int) -> tuple[dict, dic
             f"limit of {max_numel:,} (max_numel)"
         )
     return init_kwargs, state_dict
+
+
+def _inner_lr_problems(meta: dict) -> list[str]:
+    """``meta.inner_lr`` (a meta-learned inner learning rate, meta.learn_inner_lr): the
+    meta-test trains the loss with it, so it must be a finite number > 0."""
+    lr = meta.get("inner_lr")
+    if lr is None or (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
+        return []
+    return [f"meta.inner_lr = {lr!r}: must be a number > 0 (the loss's meta-learned inner lr)"]
 
 
 def _value_problems(value: Any, where: str) -> list[str]:
