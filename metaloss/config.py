@@ -25,10 +25,25 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from metaloss import kinds
 from metaloss.losses.base import ParametricLoss, check_loss_output, loss_kinds
 from metaloss.runs import register_resolvers
+from metaloss.tune import load_tuned
 
 log = logging.getLogger("metaloss")
 
 register_resolvers()  # ${metaloss.uid:} / ${metaloss.slug:} in the run directories of conf/*.yaml
+
+
+def tuned_params(path: Any, name: Any) -> dict[str, Any]:
+    """``${metaloss.tuned_params:<tuned.json or null>,<loss name>}``: that loss's tuned
+    hyper-parameters in the file, checked as every tuned.json is (a warm start's base,
+    ``conf/loss/residual.yaml``); ``{}`` without a file, or for a loss the file did not tune."""
+    if path is None or str(path) in ("", "None", "null"):
+        return {}
+    entry = load_tuned(path)["losses"].get(str(name))
+    return dict(entry["params"]) if entry else {}
+
+
+if not OmegaConf.has_resolver("metaloss.tuned_params"):
+    OmegaConf.register_new_resolver("metaloss.tuned_params", tuned_params)
 
 
 def conf_dir() -> Path:

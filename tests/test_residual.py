@@ -1,0 +1,92 @@
+"""Warm starts (metaloss.residual): a family searched as a residual on a named baseline is that
+baseline exactly at the start, reads the baseline's tuned values from a tuned.json, moves
+only by meta-training, and saves and reloads like any learned loss."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from metaloss.cli import meta as meta_app
+from metaloss.cli import tune as tune_app
+from metaloss.config import instantiate_loss
+from metaloss.losses.base import loss_context
+from metaloss.losses.fixed import logit_adjusted_ce
+from metaloss.losses.io import CorruptLossFile, load_learned_loss
+from metaloss.residual import Residual
+from metaloss.runtime import task_pool
+
+TINY = ["logger=none", "progress=false", "task=digits", "model.hidden=[16]", "optim=sgd"]
+META = ["meta.steps=3", "meta.tasks_per_step=2", "meta.inner_steps=3", "meta_test.seeds=2"]
+
+
+def _batch(task, n=6):
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(n, task.num_classes, generator=g)
+    target = torch.randint(0, task.num_classes, (n,), generator=g)
+    return pred, target, loss_context(task.class_counts, None, 0.5)
+
+
+@pytest.mark.parametrize("family", ["taylorglo", "ml3"])
+def test_at_the_start_it_is_the_base_at_its_tuned_values(compose_cfg, tmp_path, family):
+    tune_app.run(
+        compose_cfg(
+            "tune",
+            TINY
+            + ["compare=[logit_adjusted_ce]", "tune.n_trials=2", "tune.seeds=1"]
+            + ["meta_test.steps=20", "tune.lr=false"],
+        ),
+        tmp_path / "t",
+    )
+    path, tau = tmp_path / "t" / "tuned.json", 0.37  # a tuned value other than the default (1)
+    record = json.loads(path.read_text())
+    record["losses"]["logit_adjusted_ce"]["params"]["tau"] = tau
+    path.write_text(json.dumps(record))
+    cfg = compose_cfg(
+        "meta",
+        TINY
+        + ["loss=residual", "loss.base=logit_adjusted_ce", f"loss.family={family}"]
+        + [f"meta_test.tuned={tmp_path / 't'}", "meta_test.steps=20"],
+    )
+    task = task_pool(cfg)[0]
+    loss = instantiate_loss(cfg.loss, task)
+    assert loss.init_kwargs["base_params"] == {"tau": tau}  # read from the file
+    pred, target, ctx = _batch(task)
+    expected = logit_adjusted_ce(pred, target, tau=tau, **ctx)
+    assert torch.allclose(loss(pred, target, **ctx), expected, atol=1e-6)
+    # φ is the family's; the start is kept apart and does not move with it
+    with torch.no_grad():
+        for p in loss.family_loss.parameters():
+            p.add_(0.1)
+    assert not torch.allclose(loss(pred, target, **ctx), expected, atol=1e-4)
+    assert all(not b.requires_grad for b in loss.start().values())
+
+
+def test_meta_training_moves_it_and_the_saved_loss_reloads_and_is_checked(compose_cfg, tmp_path):
+    cfg = compose_cfg("meta", TINY + META + ["loss=residual", "compare=[ce]"])
+    meta_app.run(cfg, tmp_path / "m", "residual")
+    loaded = load_learned_loss(tmp_path / "m" / "learned_loss.pt")
+    assert isinstance(loaded, Residual) and loaded.init_kwargs["base"] == "ce"
+    moved = {k: v for k, v in loaded.family_loss.state_dict().items()}
+    start = loaded.start()
+    assert any(not torch.equal(moved[k], start[k]) for k in start)  # the search moved φ
+    comp = json.loads((tmp_path / "m" / "comparison.json").read_text())
+    assert set(comp["results"]) == {"learned", "ce"}
+    blob = torch.load(tmp_path / "m" / "learned_loss.pt", weights_only=True)
+    for bad, message in [
+        ({"_target_": "os.system"}, "Hydra key"),  # a file never names code
+        ({"tau": -3.0}, "tau"),  # nor a value out of the base's range
+    ]:
+        blob["init_kwargs"]["base_params"] = bad
+        torch.save(blob, tmp_path / "bad.pt")
+        with pytest.raises((CorruptLossFile, ValueError), match=message):
+            load_learned_loss(tmp_path / "bad.pt")
+
+
+def test_a_base_and_family_with_no_kind_in_common_are_refused():
+    with pytest.raises(ValueError, match="fit no task kind in common"):
+        Residual(base="dice", family="taylorglo")
+    with pytest.raises(ValueError, match="must be a parametric loss"):
+        Residual(base="ce", family="focal")
