@@ -88,6 +88,10 @@ def test_built_wheel_carries_the_configs(tmp_path):
     wheel = next(tmp_path.glob("metaloss-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "metaloss/conf/train.yaml" in names and "metaloss/conf/loss/focal.yaml" in names
+    assert "metaloss/py.typed" in names  # type checkers read the package's annotations (PEP 561)
+    import metaloss  # the version is written once (metaloss/__init__.py), the wheel takes it
+
+    assert wheel.name.startswith(f"metaloss-{metaloss.__version__}-")
     # Installed from that wheel (no source tree beside it), the package finds its configs.
     target = tmp_path / "site"
     _run(
