@@ -78,6 +78,9 @@ class RunState:
             ident,
         )
         self.fingerprint = fingerprint(ident)  # once: capture() runs after every step
+        # φ kept for held-out selection (metaloss.selection), by outer step: never changed
+        # once taken, so a capture shares them
+        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
 
     def capture(self, step: int) -> dict:
         return {
@@ -92,6 +95,7 @@ class RunState:
             if hasattr(self.hypergrad, "state_dict")
             else None,
             "online": None if self.online is None else self.online.state_dict(),
+            "snapshots": dict(self.snapshots),
         }
 
     def restore(self, ckpt: dict) -> None:
@@ -102,6 +106,7 @@ class RunState:
             self.hypergrad.load_state_dict(ckpt["hypergrad"])
         if self.online is not None:
             self.online.load_state_dict(ckpt["online"])
+        self.snapshots = {int(k): v for k, v in (ckpt.get("snapshots") or {}).items()}
 
 
 def resume(cfg: DictConfig, out_dir: Path, state: RunState, make_meta_optimizer: Any) -> int:

@@ -382,11 +382,17 @@ class CMAES:
 
     # -- one outer step
 
+    def fitness_problem(self, problem: MetaProblem) -> MetaProblem:
+        """``problem`` with the objective CMA-ES ranks candidates by (a true metric when
+        ``objective`` names one); held-out selection (metaloss.selection) scores by it too."""
+        if self.objective is None:
+            return problem
+        return dataclasses.replace(problem, objective=OBJECTIVES[self.objective])
+
     def step(self, problem: MetaProblem, hypergrad: Any, batch: MetaBatch) -> dict[str, float]:
         """Ask λ candidates, score each on the batch's T tasks, tell; φ := CMA's mean.
         ``hypergrad`` is ignored (CMA-ES needs no hypergradient)."""
-        if self.objective is not None:
-            problem = dataclasses.replace(problem, objective=OBJECTIVES[self.objective])
+        problem = self.fitness_problem(problem)
         seen: dict[str, Any] = {}
 
         def evaluate(cands: np.ndarray) -> list[float]:

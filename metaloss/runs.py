@@ -99,6 +99,9 @@ NEW_KEY_DEFAULTS: dict[str, Any] = {
     "hypergrad.vectorize": True,
     "loss.allow_other_task": False,
     "allow_other_task": False,
+    "meta.selection.frac": 0.0,
+    "meta.selection.every": 10,
+    "meta.selection.seeds": 5,
 }
 
 

@@ -183,6 +183,9 @@ RULES: dict[str, Check] = {
     "meta.inner_batch": integer(1, optional=True),
     "meta.val_batch": integer(1, optional=True),
     "meta.val_from_train": boolean(),
+    "meta.selection.frac": real(0, 1, hi_open=True),
+    "meta.selection.every": integer(1),
+    "meta.selection.seeds": integer(1, 10_000),
     "meta.train_tasks": integer(1, 100_000),
     "meta.objective": loss_name(optional=True),
     "meta.clip_grad_norm": positive(optional=True),
@@ -454,6 +457,19 @@ def _cross_checks(c: dict) -> list[str]:
             "meta.learn_inner_lr=false, or use hypergrad=unrolled, checkpointed, truncated or es"
         )
     out += cmaes_problems(c)
+    sel = meta.get("selection") or {}
+    if is_real(sel.get("frac")) and sel["frac"] > 0:
+        if meta.get("mode") == "online":
+            out.append(
+                "meta.selection.frac > 0 with meta.mode = 'online': selection compares φ kept "
+                "along one run's trajectory on fresh models, which online mode does not train; "
+                "set meta.selection.frac=0"
+            )
+        if meta.get("val_from_train") is True:
+            out.append(
+                "meta.selection.frac > 0 with meta.val_from_train = true: the outer objective "
+                "reads no validation split to hold rows out of; set one of them off"
+            )
     mt = c.get("meta_test") or {}
     if mt.get("tune_learned_lr") is True and mt.get("tuned") is None:
         out.append(

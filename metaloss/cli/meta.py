@@ -22,11 +22,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from metaloss import distributed, keys, runtime
+from metaloss import distributed, keys, runtime, selection
 from metaloss.checkpoint import RunState, resume, save_checkpoint
 from metaloss.cli.app import hydra_command, output_dir, run_command
 from metaloss.cli.comparison import check_tuned, run_meta_test, tasks_for_seed_fn
-from metaloss.cli.logger import NullLogger, open_logger
+from metaloss.cli.logger import NullLogger, open_logger, write_json
 from metaloss.cli.signals import checkpoint_requested, critical
 from metaloss.config import (
     DEFAULT_OBJECTIVE,
@@ -76,6 +76,8 @@ class MetaRun:
     baselines: dict
     make_meta_optimizer: Any
     gen: torch.Generator
+    fit_pool: list  # the tasks the outer objective reads (without the held-out selection rows)
+    select_pool: list | None  # their held-out selection splits (meta.selection.frac > 0)
 
     @property
     def task(self) -> Any:
@@ -84,7 +86,7 @@ class MetaRun:
     def sample_batch(self, gen: torch.Generator, n_tasks: int) -> Any:
         mc = self.cfg.meta
         return sample_meta_batch(
-            self.pool,
+            self.fit_pool,
             self.factory,
             n_tasks=n_tasks,
             inner_steps=mc.inner_steps,
@@ -259,9 +261,13 @@ def _assemble(
     make_meta_optimizer = instantiate(cfg.meta_optim)
     learner = _learner(cfg, loss, make_meta_optimizer, inner_opt, task.kind, world)
     baselines = baselines_for(cfg.compare, task, cfg)
+    frac = float(cfg.meta.selection.frac)
+    split = [selection.split_validation(t, frac) for t in pool] if frac > 0 else None
     return MetaRun(
         cfg, pool, loss, loss_name, factory, inner_opt, problem, hypergrad, learner, baselines,
         make_meta_optimizer, gen,
+        fit_pool=[f for f, _ in split] if split else pool,
+        select_pool=[s for _, s in split] if split else None,
     )  # fmt: skip
 
 
@@ -361,7 +367,8 @@ def _train_and_test(
         if not writer:
             return {"rank": world.rank, "skipped_steps": run.learner.skipped}
         notes.append(_check_progress(run, last))
-        return _save_and_test(run, out_dir, meta_info, logger, notes)
+        chosen = _select(run, state, last, out_dir, logger)
+        return {**_save_and_test(run, out_dir, meta_info, logger, notes), **chosen}
 
 
 def _save_checkpoint(path: Path, writer: bool, snapshot: dict) -> None:
@@ -391,12 +398,16 @@ def _meta_loop(
         disable=not (run.cfg.progress and writer),
         mininterval=1.0,
     )
+    every = int(mc.selection.every)
     for step, metrics in bar:
+        if run.select_pool is not None and (step % every == 0 or step == mc.steps):
+            state.snapshots[step] = {k: v.detach().clone() for k, v in run.learner.params.items()}
         last["state"] = state.capture(step)
         if metrics:
             logger.log(metrics, step=step)
             objective = metrics["meta/val_objective"]
             last.setdefault("objectives", []).append(objective)  # for check_progress
+            last.setdefault("fitness", {})[step] = objective  # for selection.json
             bar.set_postfix(obj=f"{objective:.4g}", refresh=False)
         if writer and (step % mc.plot_every == 0 or step == mc.steps):
             png = plot_losses(
@@ -441,6 +452,48 @@ def _report_stop(
         out_dir / "checkpoint.pt",
         out_dir,
     )
+
+
+def _select(run: MetaRun, state: RunState, last: dict, out_dir: Path, logger: Any) -> dict:
+    """``meta.selection.frac > 0``: score every kept φ on the held-out selection split and
+    make the best the learned loss (:mod:`metaloss.selection`); selection.json records each
+    one's fitness beside its selection score. Nothing to do otherwise."""
+    if run.select_pool is None:
+        return {}
+    sel = run.cfg.meta.selection
+    fitness = getattr(run.learner, "fitness_problem", lambda p: p)(run.problem)
+    scores = selection.score(
+        fitness,
+        state.snapshots,
+        run.select_pool,
+        run.factory,
+        seeds=int(sel.seeds),
+        inner_steps=int(run.cfg.meta.inner_steps),
+        inner_batch=run.cfg.meta.inner_batch,
+    )
+    best = selection.choose(scores)
+    if best is not None:
+        with torch.no_grad():
+            for k, p in run.learner.params.items():
+                p.copy_(state.snapshots[best][k])
+    seen = last.get("fitness", {})
+    record = {
+        "frac": float(sel.frac),
+        "seeds": int(sel.seeds),
+        "chosen_step": best,
+        "candidates": [
+            {"step": s, "fitness": seen.get(s), "selection": v} for s, v in scores.items()
+        ],
+    }
+    write_json(out_dir / "selection.json", record)
+    log.info(
+        "selection: φ of outer step %s chosen on the held-out split (%s); fitness %s",
+        best,
+        ", ".join(f"step {s}: {v:.4g}" for s, v in scores.items()),
+        ", ".join(f"step {s}: {seen[s]:.4g}" for s in scores if s in seen),
+    )
+    logger.summary({"selection/chosen_step": best})
+    return {"selection": record}
 
 
 def _check_progress(run: MetaRun, last: dict) -> str | None:
