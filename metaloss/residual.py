@@ -19,6 +19,7 @@ It composes loss options by name (the config catalogue), so it lives beside
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch.func import functional_call
 
 from metaloss.config import load_option
 from metaloss.losses.base import ParametricLoss, loss_kinds
+from metaloss.schema import LOSS_RULES
 from metaloss.tune import loss_param_problems
 
 
@@ -41,16 +43,44 @@ def _plain_values(params: Mapping[str, Any] | None, where: str) -> dict[str, Any
     return out
 
 
-def _build(name: str, params: dict[str, Any], num_classes: int | None) -> Any:
-    """The loss option ``name`` (the running app's search path) with ``params`` over its own."""
-    option = OmegaConf.merge(load_option("loss", name), params)
+_NAME = re.compile(r"\w+")  # an option name of the loss group, never a path to another group
+
+
+def _option(name: str, role: str) -> tuple[DictConfig, Any]:
+    """The loss option ``name`` and the object its ``_target_`` names, refused unless ``name``
+    is a plain option name."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"loss.{role} = {name!r}: must be the name of a loss option")
+    option = load_option("loss", name)
     assert isinstance(option, DictConfig)  # a loss option is a mapping
-    target = get_object(str(option.get("_target_")))
+    return option, get_object(str(option.get("_target_")))
+
+
+def _family_param_problems(cls: type, params: dict[str, Any]) -> list[str]:
+    """``loss.family_params``: constructor arguments of the family class, in the ranges
+    metaloss.schema declares for it (the rules of ``loss.<key>=...`` on the command line)."""
+    takes = inspect.signature(cls).parameters
+    out = [
+        f"loss.family_params.{k}: {cls.__name__} takes no such argument ({', '.join(takes)})"
+        for k in params
+        if k not in takes
+    ]
+    for k, check in LOSS_RULES.get(cls.__name__, {}).items():
+        if k in params and (msg := check(params[k])):
+            out.append(f"loss.family_params.{k} = {params[k]!r}: must be {msg}")
+    return out
+
+
+def _build(option: DictConfig, params: dict[str, Any], num_classes: int | None) -> Any:
+    """``option`` with ``params`` over its own (``num_classes`` filled in if it takes it)."""
+    merged = OmegaConf.merge(option, params)
+    assert isinstance(merged, DictConfig)
+    target = get_object(str(merged.get("_target_")))
     extra: dict[str, Any] = {}
     takes = inspect.signature(target).parameters if isinstance(target, type) else {}
-    if "num_classes" in takes and option.get("num_classes") is None and num_classes is not None:
+    if "num_classes" in takes and merged.get("num_classes") is None and num_classes is not None:
         extra["num_classes"] = num_classes
-    return instantiate(option, **extra)
+    return instantiate(merged, **extra)
 
 
 class Residual(ParametricLoss):
@@ -75,16 +105,20 @@ class Residual(ParametricLoss):
             family_params=family_values,
             num_classes=num_classes,
         )
-        target = str(load_option("loss", base).get("_target_"))
-        problems = loss_param_problems(target, base_values, "loss.base_params")
-        if problems:  # the tuned.json rules: searched hyper-parameters, in their valid ranges
-            raise ValueError("; ".join(problems))
-        self.base_loss = _build(base, base_values, num_classes)
-        if isinstance(self.base_loss, torch.nn.Module) and any(self.base_loss.parameters()):
-            raise ValueError(f"loss.base = {base!r}: must be a fixed loss (no parameters)")
-        family_loss = _build(family, family_values, num_classes)
-        if not isinstance(family_loss, ParametricLoss):
+        # Names and values only: a file (or a command line) picks among the installed loss
+        # options and sets their numbers, never code, paths or nested files
+        base_option, base_target = _option(base, "base")
+        if isinstance(base_target, type) or not base_option.get("_partial_", False):
+            raise ValueError(f"loss.base = {base!r}: must be a fixed loss (a loss function)")
+        problems = loss_param_problems(str(base_option._target_), base_values, "loss.base_params")
+        family_option, family_target = _option(family, "family")
+        if not (isinstance(family_target, type) and issubclass(family_target, ParametricLoss)):
             raise ValueError(f"loss.family = {family!r}: must be a parametric loss")
+        problems += _family_param_problems(family_target, family_values)
+        if problems:  # tuned.json's rules for the base, the family's own for the family
+            raise ValueError("; ".join(problems))
+        self.base_loss = _build(base_option, base_values, num_classes)
+        family_loss = _build(family_option, family_values, num_classes)
         self.family_loss = family_loss
         self.kinds = tuple(k for k in family_loss.kinds if k in loss_kinds(self.base_loss))
         if not self.kinds:
@@ -102,4 +136,4 @@ class Residual(ParametricLoss):
     def forward(self, pred: torch.Tensor, target: torch.Tensor, **context: Any) -> torch.Tensor:
         moved = self.family_loss(pred, target, **context)
         start = functional_call(self.family_loss, self.start(), (pred, target), context)
-        return self.base_loss(pred, target, **context) + moved - start
+        return self.base_loss(pred, target, **context) + (moved - start)  # exact at φ = φ₀

@@ -75,13 +75,21 @@ def test_meta_training_moves_it_and_the_saved_loss_reloads_and_is_checked(compos
     comp = json.loads((tmp_path / "m" / "comparison.json").read_text())
     assert set(comp["results"]) == {"learned", "ce"}
     blob = torch.load(tmp_path / "m" / "learned_loss.pt", weights_only=True)
+    good = dict(blob["init_kwargs"])
     for bad, message in [
-        ({"_target_": "os.system"}, "Hydra key"),  # a file never names code
-        ({"tau": -3.0}, "tau"),  # nor a value out of the base's range
+        ({"base_params": {"_target_": "os.system"}}, "Hydra key"),  # a file never names code
+        ({"base_params": {"tau": -3.0}}, "tau"),  # nor a value out of the base's range
+        # nor a nested file whose loading would import a module of its choosing
+        (
+            {"family": "learned", "family_params": {"path": "x.pt", "trusted_modules": ["os"]}},
+            "must be a parametric loss",
+        ),
+        ({"base": "../model/mlp"}, "must be the name of a loss option"),  # nor another group
+        ({"family_params": {"init": "bogus"}}, "family_params.init"),  # the family's own rules
     ]:
-        blob["init_kwargs"]["base_params"] = bad
+        blob["init_kwargs"] = {**good, **bad}
         torch.save(blob, tmp_path / "bad.pt")
-        with pytest.raises((CorruptLossFile, ValueError), match=message):
+        with pytest.raises(CorruptLossFile, match=message):
             load_learned_loss(tmp_path / "bad.pt")
 
 
