@@ -6,9 +6,12 @@ validation split is held out as a *selection split*: the outer objective never r
 search keeps φ every ``meta.selection.every`` outer steps; at the end each kept φ trains
 ``meta.selection.seeds`` models from the same fresh initialisations and inner batches (common
 random numbers) and is scored on the whole selection split by the search's own objective. The
-best becomes the learned loss, and ``selection.json`` records, for every kept φ, its fitness
-(the logged validation objective of its step) beside its selection score: the gap between
-the two is the search's overfitting to its validation draws. The test split is not read.
+best becomes the learned loss. The start φ₀ (step 0) is a candidate too, so a warm start
+(metaloss.residual) can end exactly where it began if nothing the search found holds up.
+``selection.json`` records, for every kept φ, its selection score beside the search's logged
+validation objective of that step (``logged_objective``: for a gradient learner the value
+before that step's update, for CMA-ES the population's mean — a trace of the search, not the
+kept φ's own fitness). The test split is not read.
 (Held-out selection of the final candidate is the remedy for fitness overfitting that the
 evolutionary-loss literature recommends: Gonzalez & Miikkulainen 2021, TaylorGLO; Raymond et
 al. 2023, EvoMAL, select their final loss on separate validation data.)
@@ -33,17 +36,35 @@ SELECTION_SEED = 31_337  # which validation rows are held out, and the selection
 
 def split_validation(task: Task, frac: float) -> tuple[Task, Task]:
     """``task`` twice: with the validation rows the search may read, and with the held-out
-    selection rows as its validation split (a fixed random ``frac`` of them, at least one)."""
+    selection rows as its validation split: a fixed random ``frac`` of them (at least one),
+    stratified by class for kinds whose targets are classes, so a rare class is held out in
+    proportion rather than by chance."""
     n = len(task.x_val)
-    k = min(n - 1, max(1, round(frac * n)))
     if n < 2:
         raise ValueError(
             f"meta.selection.frac = {frac}: task {task.name} has {n} validation example(s), "
             "too few to hold any out"
         )
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(SELECTION_SEED))
-    order = order.to(task.x_val.device)
-    held, kept = order[:k], order[k:]
+    gen = torch.Generator().manual_seed(SELECTION_SEED)
+    y = task.y_val.detach().cpu()
+    strata = (
+        [torch.nonzero(y == c).flatten() for c in torch.unique(y)]
+        if task.class_counts is not None
+        else [torch.arange(n)]
+    )
+    held_rows = []
+    for rows in strata:
+        rows = rows[torch.randperm(len(rows), generator=gen)]
+        held_rows.append(rows[: round(frac * len(rows))])
+    held = torch.cat(held_rows)
+    if len(held) == 0:  # every stratum rounded to none: hold out one row
+        held = torch.randperm(n, generator=gen)[:1]
+    if len(held) == n:  # every row held out: keep one for the search
+        held = held[1:]
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[held] = False
+    held, kept = held.sort().values, torch.nonzero(mask).flatten()
+    held, kept = held.to(task.x_val.device), kept.to(task.x_val.device)
     fit = dataclasses.replace(task, x_val=task.x_val[kept], y_val=task.y_val[kept])
     select = dataclasses.replace(task, x_val=task.x_val[held], y_val=task.y_val[held])
     return fit, select

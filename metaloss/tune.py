@@ -61,6 +61,7 @@ from metaloss.schema import (
     boolean,
     int_list,
     integer,
+    interval,
     mapping,
     one_of,
     positive,
@@ -467,6 +468,25 @@ def validation_score(
     return float(sum(values) / len(values)) if all(math.isfinite(v) for v in values) else math.nan
 
 
+def learned_tuning_problems(record: Mapping[str, Any]) -> list[str]:
+    """Why the learned loss's lr cannot be tuned as the baselines of ``record`` were: the
+    budget, direction, seeds, steps and metric it must copy are missing, or the baselines'
+    own lr was not tuned (``tune.lr=false``: tuning the learned loss's alone would be unfair
+    to them)."""
+    budget = record.get("budget") or {}
+    missing = [k for k in ("n_trials", "cost_per_trial") if k not in budget]
+    missing += [k for k in ("direction", "seeds", "steps", "metric") if k not in record]
+    out = [f"{record.get('path', 'tuned.json')} has no {', '.join(missing)}"] if missing else []
+    entries = (record.get("losses") or {}).values()
+    if (
+        "lr_range" in budget
+        and budget["lr_range"] is None
+        or (entries and all(e.get("lr") is None for e in entries))
+    ):
+        out.append("its baselines were tuned without their lr (tune.lr=false)")
+    return out
+
+
 def tune_learned_lr(
     score: Callable[[float], float], record: Mapping[str, Any], lr0: float, lr_span: Any, seed: int
 ) -> dict[str, Any]:
@@ -474,17 +494,21 @@ def tune_learned_lr(
     the same Optuna study (seeded TPE, trial 0 at the default ``lr0``), the same number of
     trials, and ``score(lr)`` training on the same seeds, steps and validation metric. Fair in
     both directions: the baselines' tuning no longer buys them an edge the learned loss lacks.
-    ``lr_span``: ``tune.lr_range`` (None: [lr0 / 10, lr0 * 10])."""
-    n_trials = int(record["budget"]["n_trials"])
+    The lr range and sampler seed are the tuned.json's (``budget.lr_range``,
+    ``budget.sampler_seed``); a file from before they were recorded falls back to ``lr_span``
+    (``tune.lr_range``; None: [lr0 / 10, lr0 * 10]) and ``seed`` (``tune.seed``)."""
+    budget = record["budget"]
+    n_trials = int(budget["n_trials"])
+    span = budget.get("lr_range", lr_span)  # as the baselines were searched, when recorded
     result = tune_loss(
         lambda params, lr: score(lr),
         {},
         {},
         lr=lr0,
-        lr_space=lr_range(lr0, lr_span),
+        lr_space=lr_range(lr0, span),
         n_trials=n_trials,
         direction=str(record["direction"]),
-        seed=seed,
+        seed=int(budget.get("sampler_seed", seed)),
         study_name="learned",
     )
     return {
@@ -540,7 +564,17 @@ def _budget_schema() -> dict[str, Callable[[Any], str | None]]:
         "cost_per_trial": integer(1),
         "n_trials": integer(1),
         "steps_used": integer(0),
+        # how each baseline's lr was searched (None: not tuned), and the sampler's seed: the
+        # learned loss's lr is then searched the same way (meta_test.tune_learned_lr)
+        "lr_range": _optional_lr_range,
+        "sampler_seed": integer(0, optional=True),
     }
+
+
+def _optional_lr_range(v: Any) -> str | None:
+    if v is None:
+        return None
+    return interval(strict=True, lo=0.0, lo_open=True)(v)
 
 
 def _entry_schema() -> dict[str, Callable[[Any], str | None]]:

@@ -38,7 +38,9 @@ def test_the_selection_rows_are_held_out_of_what_the_search_reads(compose_cfg):
     fit_rows = {tuple(r.flatten().tolist()) for r in fit.x_val}
     held_rows = {tuple(r.flatten().tolist()) for r in held.x_val}
     assert not fit_rows & held_rows and fit_rows | held_rows == rows  # disjoint, covering
-    assert len(held.x_val) == round(0.3 * len(task.x_val))
+    n_classes = len(torch.unique(task.y_val))
+    assert abs(len(held.x_val) - 0.3 * len(task.x_val)) <= n_classes  # per-class rounding
+    assert set(held.y_val.tolist()) == set(task.y_val.tolist())  # stratified: every class held
     assert torch.equal(fit.x_train, task.x_train) and torch.equal(held.x_test, task.x_test)
     again, _ = selection.split_validation(task, 0.3)
     assert torch.equal(again.x_val, fit.x_val)  # fixed: a resumed run holds out the same rows
@@ -61,15 +63,15 @@ def test_the_learned_loss_is_the_chosen_phi_and_a_resumed_run_chooses_the_same(
         return real(tasks, *a, **k)
 
     monkeypatch.setattr(meta_app, "sample_meta_batch", spy)
-    n_val = len(task_pool(compose_cfg("meta", BASE))[0].x_val)
+    task = task_pool(compose_cfg("meta", BASE))[0]
+    n_fit = len(selection.split_validation(task, 0.3)[0].x_val)
     whole = tmp_path / "whole"
     out = meta_app.run(compose_cfg("meta", BASE + ["meta.steps=6"]), whole, "taylorglo")
-    assert seen and set(seen) == {n_val - round(0.3 * n_val)}  # never the held-out rows
+    assert seen and set(seen) == {n_fit} and n_fit < len(task.x_val)  # never the held-out rows
     record = json.loads((whole / "selection.json").read_text())
-    assert [c["step"] for c in record["candidates"]] == [2, 4, 6]
-    assert all(
-        math.isfinite(c["fitness"]) and math.isfinite(c["selection"]) for c in record["candidates"]
-    )
+    assert [c["step"] for c in record["candidates"]] == [0, 2, 4, 6]  # φ₀ is one
+    assert all(math.isfinite(c["selection"]) for c in record["candidates"])
+    assert [c["logged_objective"] is None for c in record["candidates"]] == [True] + [False] * 3
     best = min(record["candidates"], key=lambda c: (c["selection"], -c["step"]))
     assert record["chosen_step"] == best["step"] == out["selection"]["chosen_step"]
     kept = torch.load(whole / "checkpoint.pt", weights_only=True)["snapshots"][best["step"]]

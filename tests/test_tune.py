@@ -151,6 +151,8 @@ def test_budget_accounting(compose_cfg, tmp_path):
         "cost_per_trial": cost,
         "n_trials": 1,
         "steps_used": cost,
+        "lr_range": [0.005, 0.5],  # how the lr was searched: [lr / 10, lr * 10] around 0.05
+        "sampler_seed": 0,
     }
     assert out["losses"]["ce"]["n_trials"] * cost <= 100
     assert trials_for_budget(1000, 60) == 16 and 16 * 60 <= 1000
@@ -840,3 +842,21 @@ def test_a_meta_learned_inner_lr_is_saved_with_the_loss_and_trained_with(compose
         torch.save(blob, tmp_path / "bad.pt")
         with pytest.raises(CorruptLossFile, match="meta.inner_lr"):
             load_learned_loss(tmp_path / "bad.pt")
+
+
+def test_the_learned_lr_is_not_tuned_where_the_baselines_lr_was_not(compose_cfg, tmp_path):
+    """Baselines tuned with tune.lr=false: tuning the learned loss's lr alone would be unfair
+    to them, so it is refused before any training; so is a file that lacks the budget."""
+    from metaloss.cli.comparison import check_tuned
+
+    _tune(compose_cfg, tmp_path / "t", ["compare=[ce]", "tune.n_trials=1", "tune.lr=false"])
+    base = TINY[:7] + ["compare=[ce]", "meta_test.tune_learned_lr=true"]
+    cfg = compose_cfg("meta", base + [f"meta_test.tuned={tmp_path / 't'}"])
+    with pytest.raises(ConfigError, match="tuned without their lr"):
+        check_tuned(cfg, task_pool(cfg), instantiate(cfg.optim))
+    path = tmp_path / "t" / "tuned.json"
+    record = json.loads(path.read_text())
+    del record["budget"]
+    path.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="has no n_trials, cost_per_trial"):
+        check_tuned(cfg, task_pool(cfg), instantiate(cfg.optim))

@@ -26,6 +26,7 @@ from metaloss.report import format_table, plot, summarize
 from metaloss.runtime import canonical_draws
 from metaloss.tasks.base import DRAW_STRIDE, TEST_TASK_SEEDS
 from metaloss.tune import (
+    learned_tuning_problems,
     load_tuned,
     setup_record,
     tune_learned_lr,
@@ -178,6 +179,13 @@ def check_tuned(cfg: DictConfig, pool: list, inner_opt) -> None:
     if cfg.meta_test.get("tuned") is not None:
         lr = cfg.meta_test.lr if cfg.meta_test.lr is not None else inner_opt.hparams["lr"]
         _baseline_settings(cfg, pool[0], inner_opt, lr, len(pool))
+        if cfg.meta_test.get("tune_learned_lr", False):
+            problems = learned_tuning_problems(load_tuned(str(cfg.meta_test.tuned)))
+            if problems:
+                raise ConfigError(
+                    "meta_test.tune_learned_lr = true: the learned loss's lr cannot be tuned "
+                    "as the baselines' was: " + "; ".join(problems)
+                )
 
 
 def protocol_record(cfg: DictConfig, task, settings: dict[str, dict], inner: int | None) -> dict:
@@ -249,12 +257,12 @@ def run_meta_test(
     task = pool[0]
     lr = cfg.meta_test.lr if cfg.meta_test.lr is not None else inner_opt.hparams["lr"]
     settings = _baseline_settings(cfg, task, inner_opt, lr, len(pool))
-    if meta_training_steps is not None:
-        _warn_short_tuning(settings, meta_training_steps)
     overrides = {n: s["overrides"] for n, s in settings.items()}
     losses = {"learned": learned, **baselines_for(list(settings), task, cfg, overrides)}
     seeds, metric = _check_test_settings(cfg, task)
     own = learned_setting(cfg, pool, learned, inner_opt, lr if learned_lr is None else learned_lr)
+    if meta_training_steps is not None:  # the learned loss's compute: its search, its lr tuning
+        _warn_short_tuning(settings, meta_training_steps + int(own.get("tuning_steps") or 0))
     if learned_lr is not None:
         own["source"] = "meta-learned (meta.learn_inner_lr)" + own["source"][len("learned") :]
     lrs = {"learned": own["lr"], **{n: s["lr"] for n, s in settings.items()}}

@@ -391,6 +391,8 @@ def _meta_loop(
     """Drive the outer-step generator: snapshot, log, draw the learned loss, checkpoint.
     ``last["state"]`` always holds the state after the last *completed* outer step."""
     mc, task = run.cfg.meta, run.task
+    if run.select_pool is not None and start == 0:  # φ₀ is a candidate too
+        state.snapshots[0] = {k: v.detach().clone() for k, v in run.learner.params.items()}
     bar = tqdm(
         _outer_steps(run, online, start),
         total=mc.steps - start,
@@ -482,12 +484,12 @@ def _select(run: MetaRun, state: RunState, last: dict, out_dir: Path, logger: An
         "seeds": int(sel.seeds),
         "chosen_step": best,
         "candidates": [
-            {"step": s, "fitness": seen.get(s), "selection": v} for s, v in scores.items()
+            {"step": s, "logged_objective": seen.get(s), "selection": v} for s, v in scores.items()
         ],
     }
     write_json(out_dir / "selection.json", record)
     log.info(
-        "selection: φ of outer step %s chosen on the held-out split (%s); fitness %s",
+        "selection: φ of outer step %s chosen on the held-out split (%s); logged objective %s",
         best,
         ", ".join(f"step {s}: {v:.4g}" for s, v in scores.items()),
         ", ".join(f"step {s}: {seen[s]:.4g}" for s in scores if s in seen),

@@ -267,10 +267,20 @@ def _record_head(cfg: DictConfig, plan: Plan, task: Any, inner_opt: Any, n_tasks
             "cost_per_trial": plan.cost,
             "n_trials": plan.n_trials,
             "steps_used": plan.n_trials * plan.cost,
+            "lr_range": _searched_lrs(cfg, plan.lr0),
+            "sampler_seed": int(cfg.tune.seed),
         },
         "complete": False,
         "losses": {},
     }
+
+
+def _searched_lrs(cfg: DictConfig, lr0: float) -> list[float] | None:
+    """The lr range every baseline's study searches, as tuned.json records it (None: no lr)."""
+    if not cfg.tune.lr:
+        return None
+    span = lr_range(lr0, cfg.tune.lr_range)
+    return [span.low, span.high]
 
 
 def _tune_one(
