@@ -112,6 +112,7 @@ RESULTS = [
     "learned_vs_baselines.png",
     "learned_loss.pt",
     "learned_loss.png",
+    "selection.json",  # with meta.selection.frac > 0: each candidate's held-out score
 ]
 
 
