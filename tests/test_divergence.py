@@ -37,6 +37,15 @@ def test_inner_divergence_is_named_and_the_last_good_loss_is_kept(compose_cfg, t
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 1
 
 
+def test_the_last_good_loss_keeps_its_meta_learned_inner_lr(compose_cfg, tmp_path):
+    """metaloss-eval tests a kept φ with the inner lr it was learned with, not the default."""
+    cfg = compose_cfg("meta", TINY + ["optim.lr=1e30", "meta.learn_inner_lr=true"])
+    with pytest.raises(NonFiniteMetaGradient):
+        meta_app.run(cfg, tmp_path, "ml3")
+    good = load_learned_loss(tmp_path / "learned_loss_last_good.pt")
+    assert good.meta["inner_lr"] == pytest.approx(1e30, rel=1e-4)
+
+
 def test_meta_divergence_is_named(compose_cfg):
     """φ reaches an unstable region after good updates; with the initial φ the same batch
     still trains finitely, so the meta learning rate is blamed."""

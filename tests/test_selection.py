@@ -75,7 +75,9 @@ def test_the_learned_loss_is_the_chosen_phi_and_a_resumed_run_chooses_the_same(
     best = min(record["candidates"], key=lambda c: (c["selection"], -c["step"]))
     assert record["chosen_step"] == best["step"] == out["selection"]["chosen_step"]
     kept = torch.load(whole / "checkpoint.pt", weights_only=True)["snapshots"][best["step"]]
-    saved = load_learned_loss(whole / "learned_loss.pt").state_dict()
+    loaded = load_learned_loss(whole / "learned_loss.pt")
+    assert loaded.meta["steps"] == best["step"]  # the kept φ's own outer steps, not meta.steps
+    saved = loaded.state_dict()
     assert all(torch.equal(saved[k.removeprefix("loss.")], v) for k, v in kept.items())
     split = tmp_path / "split"
     meta_app.run(compose_cfg("meta", BASE + ["meta.steps=4"]), split, "taylorglo")

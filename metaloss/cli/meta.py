@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -368,7 +369,9 @@ def _train_and_test(
             return {"rank": world.rank, "skipped_steps": run.learner.skipped}
         notes.append(_check_progress(run, last))
         chosen = _select(run, state, last, out_dir, logger)
-        return {**_save_and_test(run, out_dir, meta_info, logger, notes), **chosen}
+        step = (chosen.get("selection") or {}).get("chosen_step")  # the kept φ's own step
+        steps = mc.steps if step is None else int(step)
+        return {**_save_and_test(run, out_dir, meta_info, logger, notes, steps), **chosen}
 
 
 def _save_checkpoint(path: Path, writer: bool, snapshot: dict) -> None:
@@ -431,6 +434,9 @@ def _report_stop(
     """Say where a stopped run left its work; a diverged one also keeps its last good φ."""
     if isinstance(e, NonFiniteMetaGradient):
         stopped = f"diverged ({e.cause})"
+        lr = _learned_lr(run)  # the last good φ's own inner lr, too (if it is a usable one)
+        if lr is not None and math.isfinite(lr) and lr > 0:
+            meta_info = dict(meta_info, inner_lr=lr)
         good = save_learned_loss(
             run.loss,
             out_dir / "learned_loss_last_good.pt",
@@ -511,18 +517,26 @@ def _check_progress(run: MetaRun, last: dict) -> str | None:
     )
 
 
-def _save_and_test(run: MetaRun, out_dir: Path, meta_info: dict, logger: Any, notes: list) -> dict:
-    """Save the learned loss, then meta-test it when ``meta_test.enabled``."""
+def _learned_lr(run: MetaRun) -> float | None:
+    """The inner lr meta-learned with φ (``meta.learn_inner_lr``), else None."""
+    log_lr = getattr(run.learner, "log_lr", None)
+    return None if log_lr is None else float(log_lr.detach().exp())
+
+
+def _save_and_test(
+    run: MetaRun, out_dir: Path, meta_info: dict, logger: Any, notes: list, steps: int
+) -> dict:
+    """Save the learned loss (``steps``: the outer steps its φ had; fewer than meta.steps
+    when held-out selection kept an earlier φ), then meta-test it when ``meta_test.enabled``."""
     cfg, mc = run.cfg, run.cfg.meta
-    log_lr = getattr(run.learner, "log_lr", None)  # meta.learn_inner_lr: saved, and tested with
-    learned_lr = None if log_lr is None else float(log_lr.detach().exp())
+    learned_lr = _learned_lr(run)  # saved with φ, and tested with
     if learned_lr is not None:
         meta_info = dict(meta_info, inner_lr=learned_lr)
     learned_path = save_learned_loss(
-        run.loss, out_dir / "learned_loss.pt", steps=mc.steps, complete=True, **meta_info
+        run.loss, out_dir / "learned_loss.pt", steps=steps, complete=True, **meta_info
     )
     log.info("learned loss saved to %s (metaloss-eval loss_path=%s)", learned_path, learned_path)
-    logger.learned_loss(learned_path, dict(meta_info, steps=mc.steps, complete=True))
+    logger.learned_loss(learned_path, dict(meta_info, steps=steps, complete=True))
     result = {
         "learned_loss": str(learned_path),
         "skipped_steps": run.learner.skipped,
