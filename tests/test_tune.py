@@ -811,7 +811,7 @@ def test_the_learned_losss_lr_is_tuned_with_the_baselines_budget_and_its_default
     assert own["lr"] != own["default_lr"]  # 30 steps at 0.05 barely train: tuning moves it
     kept = comp["learned_at_default_lr"]  # the untuned learned loss stays in the record
     assert kept["lr"] == 0.05 and len(kept["results"]["test/acc"]) == 2
-    assert "at its default inner lr (0.05, untuned)" in (out / "comparison.md").read_text()
+    assert "at its default inner lr (0.05, before tuning)" in (out / "comparison.md").read_text()
     with pytest.raises(ConfigError, match="tune_learned_lr = true needs meta_test.tuned"):
         check_config(compose_cfg("meta", base + ["meta_test.tune_learned_lr=true"]))
 

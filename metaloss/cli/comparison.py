@@ -260,11 +260,11 @@ def run_meta_test(
     overrides = {n: s["overrides"] for n, s in settings.items()}
     losses = {"learned": learned, **baselines_for(list(settings), task, cfg, overrides)}
     seeds, metric = _check_test_settings(cfg, task)
-    own = learned_setting(cfg, pool, learned, inner_opt, lr if learned_lr is None else learned_lr)
+    origin = "learned" if learned_lr is None else "meta-learned (meta.learn_inner_lr)"
+    lr0 = lr if learned_lr is None else learned_lr
+    own = learned_setting(cfg, pool, learned, inner_opt, lr0, origin)
     if meta_training_steps is not None:  # the learned loss's compute: its search, its lr tuning
         _warn_short_tuning(settings, meta_training_steps + int(own.get("tuning_steps") or 0))
-    if learned_lr is not None:
-        own["source"] = "meta-learned (meta.learn_inner_lr)" + own["source"][len("learned") :]
     lrs = {"learned": own["lr"], **{n: s["lr"] for n, s in settings.items()}}
     _log_plan(cfg, losses, lrs, inner_opt, len(seeds))
     results = _train_all(cfg, pool, losses, lrs, inner_opt, seeds)
@@ -295,15 +295,16 @@ _SETTING_KEYS = ("params", "lr", "source", "tuning_steps")  # a baseline's, as r
 
 
 def learned_setting(
-    cfg: DictConfig, pool: list, learned: Any, inner_opt: Any, lr0: float
+    cfg: DictConfig, pool: list, learned: Any, inner_opt: Any, lr0: float, origin: str = "learned"
 ) -> dict[str, Any]:
     """The inner lr the learned loss trains with in the meta-test, and where it comes from:
     ``lr0`` (the meta-test's lr, or the loss's meta-learned one); with
     ``meta_test.tune_learned_lr`` the lr :func:`metaloss.tune.tune_learned_lr` picks on the
     validation split with the machinery and budget the baselines' tuned.json records (its
-    trials, seeds, steps and metric), starting from ``lr0`` — fair in both directions."""
+    trials, seeds, steps and metric), starting from ``lr0`` — fair in both directions.
+    ``origin``: where ``lr0`` comes from, the record's ``source``."""
     if not cfg.meta_test.get("tune_learned_lr", False):
-        return {"lr": lr0, "source": "learned"}
+        return {"lr": lr0, "source": origin}
     path = str(cfg.meta_test.tuned)  # required with tune_learned_lr (metaloss.validate)
     record = load_tuned(path)
     factory = instantiate(cfg.model)
@@ -338,7 +339,7 @@ def learned_setting(
         entry["best_val"],
         entry["default_val"],
     )
-    return {"source": f"learned, lr tuned like the baselines ({path})", **entry}
+    return {"source": f"{origin}, lr tuned like the baselines ({path})", **entry}
 
 
 def _check_test_settings(cfg: DictConfig, task: Any) -> tuple[list[int], str]:
@@ -375,7 +376,7 @@ def _default_lr_line(default: dict, metric: str) -> str:
     values = [v for v in default["results"][metric] if math.isfinite(v)]
     mean = sum(values) / len(values) if values else math.nan
     return (
-        f"The learned loss at its default inner lr ({default['lr']:.4g}, untuned): {metric} "
+        f"The learned loss at its default inner lr ({default['lr']:.4g}, before tuning): {metric} "
         f"{format_number(mean)} over {len(values)} of {len(default['results'][metric])} seeds "
         "(comparison.json: learned_at_default_lr); the verdict above is at its tuned lr."
     )
