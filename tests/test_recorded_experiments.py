@@ -379,6 +379,18 @@ def test_a_full_disk_while_recording_leaves_the_previous_record_whole(tmp_path, 
     assert {p.name: p.read_text() for p in dest.iterdir()} == {n: f"new {n}" for n in names}
 
 
+def _skip_tune_run_that_fails(rec, work):
+    """record_experiment.py --skip-tune into ``rec`` with a meta stage that is refused
+    (meta.steps=-1): what a record run killed in its meta stage leaves behind is then cleaned up."""
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "quickstart", "--skip-tune", "--dest", str(rec)]
+        + ["--work", str(work), "meta.steps=-1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_a_record_killed_in_its_meta_stage_gets_its_previous_tuned_json_back(tmp_path):
     """SIGKILL leaves no handler to put the previous tuned.json back: the next run does it first
     (it is kept as .tuned.previous.json), instead of deleting that only copy."""
@@ -386,22 +398,7 @@ def test_a_record_killed_in_its_meta_stage_gets_its_previous_tuned_json_back(tmp
     rec.mkdir()
     (rec / "tuned.json").write_text("tuned by the killed run")
     (rec / ".tuned.previous.json").write_text("the previous record's file")
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "quickstart",
-            "--skip-tune",
-            "--dest",
-            str(rec),
-            "--work",
-            str(tmp_path / "w"),
-            "meta.steps=-1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = _skip_tune_run_that_fails(rec, tmp_path / "w")
     assert out.returncode != 0 and "restored" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
     assert (rec / "tuned.json").read_text() == "the previous record's file"
     assert not (rec / ".tuned.previous.json").exists()
@@ -419,22 +416,7 @@ def test_a_record_killed_after_it_landed_keeps_its_new_tuned_json(tmp_path):
     sha = hashlib.sha256((rec / "tuned.json").read_bytes()).hexdigest()
     (rec / "record.json").write_text(json.dumps({"started": "x", "tune": {"tuned_sha256": sha}}))
     (rec / ".tuned.previous.json").write_text("the record before")
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "quickstart",
-            "--skip-tune",
-            "--dest",
-            str(rec),
-            "--work",
-            str(tmp_path / "w"),
-            "meta.steps=-1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = _skip_tune_run_that_fails(rec, tmp_path / "w")
     assert out.returncode != 0 and "restored" not in out.stdout, (
         out.stdout[-2000:] + out.stderr[-2000:]
     )
