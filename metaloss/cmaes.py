@@ -140,22 +140,29 @@ def config_problems(cfg: Any) -> list[str]:
     mo = cfg.get("meta_optim") or {}
     if not is_cmaes_target(mo.get("_target_")):
         return []
-    meta, out = cfg.get("meta") or {}, []
+    return population_search_problems(cfg, "cmaes", "evolves the loss's φ only")
+
+
+def population_search_problems(cfg: Any, name: str, what: str) -> list[str]:
+    """What a derivative-free population search (``meta_optim=<name>``: CMA-ES, the GP)
+    cannot do: meta-learn the inner lr, run online, or rank by two objectives."""
+    meta, mo, out = cfg.get("meta") or {}, cfg.get("meta_optim") or {}, []
     if meta.get("learn_inner_lr") is True:
         out.append(
-            "meta.learn_inner_lr = true: meta_optim=cmaes evolves the loss's φ only; set "
-            "meta.learn_inner_lr=false (tune optim.lr separately)"
+            f"meta.learn_inner_lr = true: meta_optim={name} {what}; set "
+            "meta.learn_inner_lr=false (tune the inner lr separately, e.g. with "
+            "meta_test.tune_learned_lr)"
         )
     if meta.get("mode", "offline") != "offline":
         out.append(
-            f"meta.mode = {meta.get('mode')!r}: meta_optim=cmaes needs meta.mode=offline (each "
-            "candidate is trained from fresh initialisations, as in TaylorGLO)"
+            f"meta.mode = {meta.get('mode')!r}: meta_optim={name} needs meta.mode=offline (each "
+            "candidate is trained from fresh initialisations, as in TaylorGLO and EvoMAL)"
         )
     if mo.get("objective") is not None and meta.get("objective") is not None:
         out.append(
             f"meta.objective = {meta.get('objective')!r} and meta_optim.objective = "
-            f"{mo.get('objective')!r}: CMA-ES optimises one; set meta.objective=null (or "
-            "meta_optim.objective=null to use meta.objective)"
+            f"{mo.get('objective')!r}: meta_optim={name} optimises one; set "
+            "meta.objective=null (or meta_optim.objective=null to use meta.objective)"
         )
     return out
 

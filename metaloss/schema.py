@@ -263,6 +263,11 @@ LOSS_RULES: dict[str, dict[str, Check]] = {
         "center_target": real(),
         "center_pred": real(),
     },
+    "SymbolicLoss": {
+        "expression": text(),
+        "max_nodes": integer(1, 1023),
+        "max_constants": integer(0, 256),
+    },
     "PolyN": {"degree": integer(1, 64), "init_epsilon": reals(optional=True)},
     "LogitAdjusted": {"num_classes": integer(2, 100_000, optional=True)},
     "AdaptiveRobust": {

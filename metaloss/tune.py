@@ -54,6 +54,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from metaloss.cmaes import is_cmaes_target, population_size
+from metaloss.gp import is_gp_target
 from metaloss.metatest import compare_losses
 from metaloss.runs import MAX_NESTING, nesting_depth
 from metaloss.schema import (
@@ -173,9 +174,13 @@ def learned_loss_cost(cfg: Any, n_params: int) -> int:
             return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
         return dict(node)
 
-    return meta_training_steps(
-        plain(cfg.meta), candidates_per_step(plain(cfg.meta_optim), plain(cfg.hypergrad), n_params)
-    )
+    meta, meta_optim, hypergrad = plain(cfg.meta), plain(cfg.meta_optim), plain(cfg.hypergrad)
+    if is_gp_target(meta_optim.get("_target_")):  # P trees per generation, then refinement
+        gens = min(int(meta_optim.get("generations", 0)), int(meta["steps"]))
+        search = meta_training_steps({**meta, "steps": gens}, int(meta_optim["popsize"]))
+        refine = {**meta, "steps": int(meta["steps"]) - gens}
+        return search + meta_training_steps(refine, candidates_per_step({}, hypergrad, n_params))
+    return meta_training_steps(meta, candidates_per_step(meta_optim, hypergrad, n_params))
 
 
 def setup_record(cfg: Any, tasks: int | None = None) -> dict[str, Any]:

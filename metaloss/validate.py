@@ -28,8 +28,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from metaloss.cmaes import KINDS as cmaes_kinds
 from metaloss.cmaes import config_problems as cmaes_problems
 from metaloss.config import group_options, using_searchpath
-from metaloss.errors import ConfigError  # also metaloss.validate.ConfigError, for the apps
+from metaloss.errors import ConfigError
+from metaloss.gp import config_problems as gp_problems
 from metaloss.hypergrad.es import KINDS as es_kinds
+from metaloss.losses.symbolic import ExpressionError
+from metaloss.losses.symbolic import (
+    parse as parse_expression,
+)  # also metaloss.validate.ConfigError, for the apps
 from metaloss.metrics import HIGHER_IS_BETTER, metric_names, train_result_names
 from metaloss.runtime import DEVICE_PATTERN
 from metaloss.schema import (
@@ -240,6 +245,15 @@ RULES: dict[str, Check] = {
         "error", "balanced_error", "macro_f1_loss", "iou_loss", optional=True
     ),
     "meta_optim.chunk": integer(1, optional=True),
+    # meta_optim=gp (metaloss.gp; cross-checks in metaloss.gp.config_problems)
+    "meta_optim.generations": integer(1),
+    "meta_optim.tournament": integer(1, 100_000),
+    "meta_optim.crossover": real(0, 1),
+    "meta_optim.mutation": real(0, 1),
+    "meta_optim.elites": integer(0, 100_000),
+    "meta_optim.init_depth": integer(1, 64),
+    "meta_optim.max_depth": integer(1, 64),
+    "meta_optim.refine_lr": positive(),
     # hypergradient methods
     "hypergrad.k": integer(1),
     "hypergrad.population": integer(1, 100_000),
@@ -325,6 +339,11 @@ def _loss_problems(node: Any, where: str) -> list[str]:
             msg = check(node[key])
             if msg:
                 out.append(f"{where}.{key} = {node[key]!r}: must be {msg}")
+    if rules is LOSS_RULES.get("SymbolicLoss") and isinstance(node.get("expression"), str):
+        try:  # the expression is parsed (never evaluated) before anything runs
+            parse_expression(node["expression"], max_nodes=int(node.get("max_nodes", 1023)))
+        except (ExpressionError, TypeError, ValueError) as e:
+            out.append(f"{where}.expression: {e}")
     return out
 
 
@@ -457,6 +476,7 @@ def _cross_checks(c: dict) -> list[str]:
             "meta.learn_inner_lr=false, or use hypergrad=unrolled, checkpointed, truncated or es"
         )
     out += cmaes_problems(c)
+    out += gp_problems(c)
     sel = meta.get("selection") or {}
     if is_real(sel.get("frac")) and sel["frac"] > 0:
         if meta.get("mode") == "online":
@@ -525,7 +545,7 @@ def _objective_problems(cfg: Any, kind: str, name: str) -> list[str]:
     ):
         value = (
             node.get("objective")
-            if _target_name(node) in ("EvolutionStrategies", "CMAES")
+            if _target_name(node) in ("EvolutionStrategies", "CMAES", "GeneticProgramming")
             else None
         )
         if value is None or value not in kinds or kind in kinds[value]:

@@ -48,3 +48,24 @@ def test_metatest_bench_prints_ratios_as_last_line():
     assert out.returncode == 0, out.stderr[-3000:]
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last["ratios"]["mnist1d"]["speedup"] > 0
+
+
+SEARCH = Path(__file__).resolve().parents[1] / "scripts" / "bench_search.py"
+
+
+@pytest.mark.slow
+def test_search_bench_agrees_with_one_at_a_time_and_prints_its_speedup_last():
+    out = subprocess.run(
+        [sys.executable, str(SEARCH), "--pop", "4", "--seeds", "2", "--steps", "3"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1].startswith("speedup: ") and float(lines[-1].split()[1]) > 0
+    assert sum(line.startswith("fitness: max") for line in lines) == 2
+    for line in lines:
+        if line.startswith("fitness: max"):
+            assert float(line.split("= ")[1].split(";")[0]) < 1e-6, line
+            assert line.endswith("same diverged trees: True"), line

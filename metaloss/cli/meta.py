@@ -410,6 +410,8 @@ def _meta_loop(
         last["state"] = state.capture(step)
         if metrics:
             logger.log(metrics, step=step)
+            for key, (columns, rows) in getattr(run.learner, "tables", dict)().items():
+                logger.table(key, columns, rows)  # e.g. the GP's best trees per generation
             objective = metrics["meta/val_objective"]
             last.setdefault("objectives", []).append(objective)  # for check_progress
             last.setdefault("fitness", {})[step] = objective  # for selection.json
