@@ -19,6 +19,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -58,9 +59,32 @@ from metaloss.schema import (
     unit_pair,
 )
 from metaloss.tasks.base import meta_test_draws
+from metaloss.tasks.tabular import KINDS as TABULAR_KINDS
+from metaloss.tasks.tabular import SKLEARN as SKLEARN_SETS
 from metaloss.tune import TunedFileError, load_tuned
 
 # ---------------------------------------------------------------- value checkers
+
+
+def tabular_source() -> Check:
+    """``sklearn:<bundled name>`` or an existing .csv / .npz file (read later, when the task
+    is built, which checks its contents)."""
+
+    def check(v: Any) -> str | None:
+        if isinstance(v, str) and v.startswith("sklearn:"):
+            return (
+                None
+                if v[8:] in SKLEARN_SETS
+                else "one of " + ", ".join(f"sklearn:{n}" for n in SKLEARN_SETS)
+            )
+        ok = isinstance(v, str) and v.lower().endswith((".csv", ".npz"))
+        if ok and Path(v).expanduser().is_file():
+            return None
+        return "sklearn:<name> or an existing .csv / .npz file"
+
+    return check
+
+
 # The plain ones (integer, real, one_of, ...) are metaloss.schema's; these need the run's
 # config sources, the metrics, or tuned.json.
 
@@ -294,6 +318,12 @@ RULES: dict[str, Check] = {
     "task.size": integer(8, 1024),
     "task.max_shapes": integer(1, 100),
     "task.radius": interval(lo=0, lo_open=True),
+    # task=tabular (metaloss.tasks.tabular: the file's contents are checked when it is read)
+    "task.source": tabular_source(),
+    "task.kind": one_of(*TABULAR_KINDS),
+    "task.target": text(optional=True),
+    "task.standardize_x": boolean(),
+    "task.standardize_y": boolean(),
     # models
     "model.hidden": int_list(1, hi=1_000_000),
     "model.activation": one_of("relu", "tanh", "gelu", "silu"),
