@@ -154,7 +154,10 @@ def _read(
         raise TabularDataError(f"task.source = {source!r}: no such file (nor sklearn:<name>)")
     if path.stat().st_size > MAX_FILE_BYTES:
         raise TabularDataError(f"{path}: larger than {MAX_FILE_BYTES // 2**30} GiB")
-    info = {"source": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    info: dict[str, Any] = {
+        "source": str(path),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
     suffix = path.suffix.lower()
     if suffix == ".csv":
         x, y, classes = _read_csv(path, target, regression)
