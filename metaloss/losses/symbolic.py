@@ -405,18 +405,19 @@ def to_sympy(tokens: Sequence[Token]) -> Any:
 
 
 def pretty(tokens: Sequence[Token]) -> str:
-    """The tree simplified by sympy, as one line (the prefix form if sympy cannot)."""
+    """The tree as sympy writes it, one line: sympy's automatic canonical form (like terms
+    combined, constants folded, ``2.0*f + 3.0*f`` as ``5.0*f``), read as plain algebra (the
+    protected operators as their plain forms: ``div(y, mul(f, y))`` prints as ``1/f``, though
+    ``div(0, 0)`` is 1 here). Not ``sympy.simplify``: on some trees of 31 nodes it takes
+    minutes, and a search prints every generation's best."""
     return _pretty(to_text(tokens))
 
 
 @functools.lru_cache(maxsize=4096)
 def _pretty(text: str) -> str:
-    import sympy
-
-    tokens = parse(text)
     try:
-        return str(sympy.simplify(to_sympy(tokens)))
-    except Exception:  # sympy gives up on some Min/Max/sign combinations: print unsimplified
+        return str(to_sympy(parse(text)))
+    except Exception:  # sympy refuses some Min/Max/sign combinations: print the prefix form
         return text
 
 
