@@ -231,7 +231,7 @@ class CMAES:
         self.loss = loss
         self.log_lr = None  # the interface of MetaLearner: no learned inner learning rate here
         self.params = dict(meta_params(loss))
-        if not self.params:
+        if not self.params or not sum(p.numel() for p in self.params.values()):
             raise ValueError("CMA-ES needs a loss with parameters to evolve")
         check_finite_phi(self.params)
         self.shapes = {k: p.shape for k, p in self.params.items()}

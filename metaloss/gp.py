@@ -67,6 +67,7 @@ log = logging.getLogger("metaloss")
 STATE_KIND = "gp/replay-1"
 CONSTANT_CHOICES = (-2.0, -1.0, -0.5, 0.5, 1.0, 2.0)  # ephemeral constants of new leaves
 MAX_TRIES = 100  # draws of a valid offspring before its parent is copied instead
+INIT_TRIES = 1000  # draws per tree of the first generation before the settings are refused
 
 
 def is_gp_target(target: Any) -> bool:
@@ -80,6 +81,20 @@ def config_problems(cfg: Any) -> list[str]:
     if not is_gp_target(mo.get("_target_")):
         return []
     out = population_search_problems(cfg, "gp", "searches the loss only")
+    pop = mo.get("popsize")
+    if pop is None or isinstance(pop, bool) or not isinstance(pop, int):
+        out.append(f"meta_optim.popsize = {pop!r}: meta_optim=gp needs a number of trees (>= 2)")
+    else:
+        for key, limit, rel in (("tournament", pop, "<="), ("elites", pop - 1, "<=")):
+            v = mo.get(key)
+            if isinstance(v, int) and not isinstance(v, bool) and v > limit:
+                out.append(
+                    f"meta_optim.{key} = {v}: must be {rel} {limit} (meta_optim.popsize = {pop}"
+                    + (", one tree must be bred)" if key == "elites" else ")")
+                )
+    init, deepest = mo.get("init_depth"), mo.get("max_depth")
+    if isinstance(init, int) and isinstance(deepest, int) and init > deepest:
+        out.append(f"meta_optim.init_depth = {init}: must be <= meta_optim.max_depth ({deepest})")
     if str(loss.get("_target_", "")).rsplit(".", 1)[-1] != "SymbolicLoss":
         out.append(
             f"meta_optim=gp searches expression trees: it needs loss=symbolic, not "
@@ -243,6 +258,11 @@ class GeneticProgramming:
         reason = sym.shape_problem(loss.tokens(), task_kind)
         if reason is not None:
             raise ValueError(f"the starting expression {loss.expression()} is no loss: {reason}")
+        if sym.depth(loss.tokens()) > max_depth:
+            raise ValueError(
+                f"the starting expression {loss.expression()} is {sym.depth(loss.tokens())} deep, "
+                f"more than max_depth = {max_depth}"
+            )
         self.loss = loss
         self.log_lr = None  # no meta-learned inner lr
         self.params = {
@@ -265,6 +285,7 @@ class GeneticProgramming:
         self.table: list[list[Any]] = []  # per generation: its best trees (the W&B table)
         self.history: list[list[float]] = []  # fitness of every generation: the replayable state
         self.skipped_gp = 0  # generations skipped before the refinement began
+        self.refine_stopped = ""  # why the refinement stopped early ("": it did not)
         self._init_population()
 
     @classmethod
@@ -340,18 +361,26 @@ class GeneticProgramming:
         )
 
     def _init_population(self) -> None:
-        """The loss's starting tree plus ramped half-and-half trees of depth 1..init_depth."""
+        """The loss's starting tree plus ramped half-and-half trees of depth 1..init_depth;
+        a ValueError naming the settings if they leave too few valid trees to draw."""
         self.rng = np.random.Generator(np.random.PCG64(self.seed))
         pop = [list(self.start)]
-        i = 0
+        tries = 0
         while len(pop) < self.popsize:
-            depth = 1 + i % self.init_depth
-            for _ in range(MAX_TRIES):
-                tree = self._random_tree(depth, full=bool(i % 2))
-                if self._valid(tree):
-                    pop.append(tree)
-                    break
-            i += 1
+            i = tries
+            tries += 1
+            if tries > INIT_TRIES * self.popsize:
+                raise ValueError(
+                    f"could draw only {len(pop)} of {self.popsize} trees that fit the limits "
+                    f"(init_depth = {self.init_depth}, max_depth = {self.max_depth}, "
+                    f"loss.max_nodes = {self.max_nodes}, loss.max_constants = "
+                    f"{self.max_constants}) and pass the shape checks for {self.task_kind} in "
+                    f"{INIT_TRIES * self.popsize} draws: "
+                    "raise meta_optim.init_depth or the limits"
+                )
+            tree = self._random_tree(1 + i % self.init_depth, full=bool(i % 2))
+            if self._valid(tree):
+                pop.append(tree)
         self.population = pop
 
     def _pick(self, order: np.ndarray) -> list[sym.Token]:
@@ -490,12 +519,25 @@ class GeneticProgramming:
         return {"meta/gp_trees": (cols, [list(r) for r in self.table])}
 
     def _refine(self, problem: MetaProblem, hypergrad: Any, batch: MetaBatch) -> dict[str, float]:
-        """EvoMAL's second stage: a gradient step on the best tree's constants."""
+        """EvoMAL's second stage: a gradient step on the best tree's constants. A tree without
+        constants has nothing to refine; a refinement that diverges (``meta.max_bad_steps``
+        non-finite steps in a row) stops, and φ stays the last good one: the search's result
+        is kept either way (:meth:`finish` says so)."""
+        if self.refine_stopped:
+            return {}
         if self.refiner is None:
+            if sym.n_constants(self.loss.tokens()) == 0:
+                self.refine_stopped = "the best tree has no constants to refine"
+                log.info("GP: %s; the remaining outer steps do nothing", self.refine_stopped)
+                return {}
             self.refiner = self._make_refiner()
-        out = self.refiner.step(problem, hypergrad, batch)
+        try:
+            out = self.refiner.step(problem, hypergrad, batch)
+        except NonFiniteMetaGradient as e:
+            self.refine_stopped = f"the refinement diverged ({e})"
+            log.warning("GP: %s; φ stays the last good one", self.refine_stopped)
+            return {}
         self.skipped = self.skipped_gp + self.refiner.skipped
-        self.bad_steps = self.refiner.bad_steps
         return out
 
     def _make_refiner(self) -> MetaLearner:
@@ -516,15 +558,22 @@ class GeneticProgramming:
         )
 
     def finish(self) -> str | None:
-        if self.refiner is not None:
-            return self.refiner.finish()
+        """No generation with a finite tree is a failure; otherwise the search's best tree is
+        a result, refined or not (a refinement that failed or ended on skipped steps is said)."""
         if self.updates == 0:
             raise NonFiniteMetaGradient(
                 "no GP generation had a tree with a finite objective: no loss was found. "
                 + self.diagnose(None, None)[1],
                 "inner",
             )
-        if self.bad_steps:
+        if self.refine_stopped and self.refiner is not None:
+            return f"GP: {self.refine_stopped}; φ is the last good one"
+        if self.refiner is not None and self.refiner.bad_steps:
+            return (
+                f"the last {self.refiner.bad_steps} refinement step(s) were not finite; φ is the "
+                "last good one"
+            )
+        if self.refiner is None and self.bad_steps:
             return (
                 f"the last {self.bad_steps} GP generation(s) had no finite tree; φ is the last "
                 "good generation's best"
@@ -557,6 +606,7 @@ class GeneticProgramming:
                     "diverged": self.diverged,
                     "bad_steps": self.bad_steps,
                 },
+                "refine_stopped": self.refine_stopped,
             }
         )
 
@@ -572,7 +622,7 @@ class GeneticProgramming:
                 f"GP fitness table of shape {tuple(fitness.shape)} does not fit popsize "
                 f"{self.popsize}"
             )
-        self.history, self.table = [], []
+        self.history, self.table, self.refiner, self.refine_stopped = [], [], None, ""
         self.skipped = self.bad_steps = self.updates = self.diverged = self.generation = 0
         self._init_population()
         for row in fitness.numpy():
@@ -594,6 +644,7 @@ class GeneticProgramming:
         self.skipped = int(counters.get("skipped", 0))
         self.diverged = int(counters.get("diverged", 0))
         self.bad_steps = int(counters.get("bad_steps", 0))
+        self.refine_stopped = str(state.get("refine_stopped") or "")
 
 
 def _plain(node: Any) -> dict:

@@ -29,13 +29,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from metaloss.cmaes import KINDS as cmaes_kinds
 from metaloss.cmaes import config_problems as cmaes_problems
 from metaloss.config import group_options, using_searchpath
-from metaloss.errors import ConfigError
+from metaloss.errors import ConfigError  # also metaloss.validate.ConfigError, for the apps
 from metaloss.gp import config_problems as gp_problems
 from metaloss.hypergrad.es import KINDS as es_kinds
-from metaloss.losses.symbolic import ExpressionError
-from metaloss.losses.symbolic import (
-    parse as parse_expression,
-)  # also metaloss.validate.ConfigError, for the apps
+from metaloss.losses.symbolic import ExpressionError, shape_problem
+from metaloss.losses.symbolic import parse as parse_expression
 from metaloss.metrics import HIGHER_IS_BETTER, metric_names, train_result_names
 from metaloss.runtime import DEVICE_PATTERN
 from metaloss.schema import (
@@ -371,9 +369,18 @@ def _loss_problems(node: Any, where: str) -> list[str]:
                 out.append(f"{where}.{key} = {node[key]!r}: must be {msg}")
     if rules is LOSS_RULES.get("SymbolicLoss") and isinstance(node.get("expression"), str):
         try:  # the expression is parsed (never evaluated) before anything runs
-            parse_expression(node["expression"], max_nodes=int(node.get("max_nodes", 1023)))
+            tokens = parse_expression(
+                node["expression"], max_nodes=int(node.get("max_nodes", 1023))
+            )
         except (ExpressionError, TypeError, ValueError) as e:
             out.append(f"{where}.expression: {e}")
+            return out
+        k, cap = sum(isinstance(t, float) for t in tokens), node.get("max_constants", 8)
+        if is_int(cap) and k > cap:
+            out.append(
+                f"{where}.max_constants = {cap}: the expression has {k} constants; raise it to "
+                f">= {k}"
+            )
     return out
 
 
@@ -564,6 +571,31 @@ def _target_name(node: Any) -> str:
     return target.rsplit(".", 1)[-1] if isinstance(target, str) else ""
 
 
+def _symbolic_problems(cfg: Any, kind: str) -> list[str]:
+    """A symbolic loss whose expression is no loss for this task kind (constant, not finite,
+    rewarding the wrong answer: metaloss.losses.symbolic.shape_problem), refused before
+    training; and CMA-ES on a symbolic loss with unused constant slots (it would evolve them)."""
+    loss = cfg.get("loss") or {}
+    if _target_name(loss) != "SymbolicLoss" or not isinstance(loss.get("expression"), str):
+        return []
+    try:
+        tokens = parse_expression(loss["expression"])
+    except (ExpressionError, RecursionError):
+        return []  # said by the settings check
+    out = []
+    reason = shape_problem(tokens, kind)
+    if reason is not None:
+        out.append(f"loss.expression = {loss['expression']!r}: is no loss for {kind}: {reason}")
+    k = sum(isinstance(t, float) for t in tokens)
+    if _target_name(cfg.get("meta_optim") or {}) == "CMAES" and loss.get("max_constants") != k:
+        out.append(
+            f"loss.max_constants = {loss.get('max_constants')}: with meta_optim=cmaes it must be "
+            f"the expression's {k} constant(s) (CMA-ES would evolve unused slots too)"
+            + ("; an expression without constants has nothing to evolve" if k == 0 else "")
+        )
+    return out
+
+
 def _objective_problems(cfg: Any, kind: str, name: str) -> list[str]:
     """A true-metric objective of ES (``hypergrad.objective``) or CMA-ES
     (``meta_optim.objective``) that means nothing for this task kind (an error rate on a
@@ -686,6 +718,7 @@ def check_against_task(cfg: DictConfig, task: Any) -> None:
             f"for {task.kind} task {task.name!r}"
         )
     found += _objective_problems(cfg, task.kind, task.name)
+    found += _symbolic_problems(cfg, task.kind)
     n_cls = (cfg.get("loss") or {}).get("num_classes")
     expected = task.num_classes or 2
     if n_cls is not None and task.kind in ("classification", "binary") and n_cls != expected:

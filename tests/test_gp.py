@@ -4,10 +4,10 @@ replay, and settings refused before anything runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
-import sympy
 import torch
 from hydra.utils import instantiate
 
@@ -17,6 +17,7 @@ from metaloss.cmaes import OBJECTIVES
 from metaloss.config import instantiate_loss
 from metaloss.gp import GeneticProgramming, population_objective, sequential_objective
 from metaloss.hypergrad.base import MetaProblem
+from metaloss.losses import fixed
 from metaloss.losses import symbolic as sym
 from metaloss.losses.io import load_learned_loss
 from metaloss.sampling import sample_meta_batch
@@ -92,9 +93,23 @@ def test_a_generation_draws_only_trees_that_pass_the_shape_checks_and_fit_the_li
     assert gp.population[0] in [list(t) for t in gp.population]  # elitism keeps one
 
 
-def test_the_search_recovers_squared_error_on_clean_gaussian_regression(compose_cfg, tmp_path):
+def _gradient_in_f(tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual f - y, ∂loss/∂f) on a grid of targets and residuals."""
+    fn, c = sym.compile_tokens(tokens)
+    y = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)[:, None].expand(3, 41)
+    r = torch.linspace(-2, 2, 41, dtype=torch.float64).expand(3, 41)
+    f = (y + r).requires_grad_(True)
+    (g,) = torch.autograd.grad(fn(y, f, c).sum(), f)
+    return r.reshape(-1), g.reshape(-1)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_search_recovers_squared_error_on_clean_gaussian_regression(
+    compose_cfg, tmp_path, seed
+):
     """From absolute error, on regression with Gaussian noise (MSE's own setting), the search
-    ends at a tree that simplifies to c·(f − y)² (c > 0)."""
+    ends at squared error up to terms that do not change its gradient: ∂loss/∂f = c (f − y)
+    with c > 0 (seed 0 finds (f − y)², seed 1 (f − y)² − sign(|f − y|)²)."""
     cfg = compose_cfg(
         "meta",
         [
@@ -105,25 +120,27 @@ def test_the_search_recovers_squared_error_on_clean_gaussian_regression(compose_
             "loss=symbolic",
             "loss.expression='abs(sub(f, y))'",
             "meta_optim=gp",
-            "meta_optim.popsize=16",
-            "meta_optim.generations=8",
+            "meta_optim.popsize=24",
+            "meta_optim.generations=12",
             "optim=sgd",
             "optim.lr=0.05",
-            "meta.steps=8",
-            "meta.tasks_per_step=4",
+            "meta.steps=12",
+            "meta.tasks_per_step=8",
             "meta.inner_steps=30",
             "meta.inner_batch=32",
             "meta_test.enabled=false",
             "logger=none",
             "progress=false",
+            f"seed={seed}",
         ],
     )
     meta_app.run(cfg, tmp_path, "symbolic")
-    found = load_learned_loss(tmp_path / "learned_loss.pt")
-    expr = sym.to_sympy(found.tokens())
-    f, y = sympy.symbols("f y", real=True)
-    ratio = sympy.simplify(expr / (f - y) ** 2)
-    assert ratio.is_number and float(ratio) > 0, f"found {sym.pretty(found.tokens())}"
+    found = load_learned_loss(tmp_path / "learned_loss.pt").tokens()
+    r, g = _gradient_in_f(found)
+    scale = float((g * r).sum() / (r * r).sum())  # least squares g ≈ scale · r
+    assert scale > 0, sym.pretty(found)
+    assert torch.allclose(g, scale * r, atol=1e-6 * scale), sym.pretty(found)
+    assert sym.to_text(found) != "abs(sub(f, y))"
 
 
 def test_metaloss_meta_with_gp_logs_the_trees_and_refines_the_best_ones_constants(
@@ -135,9 +152,62 @@ def test_metaloss_meta_with_gp_logs_the_trees_and_refines_the_best_ones_constant
     learner = ckpt["learner"]
     assert ckpt["step"] == 5 and learner["fitness"].shape == (3, 4)
     assert ((learner["fitness"] >= 0) & (learner["fitness"] <= 1)).all()  # true error rates
-    assert learner["refiner"]["counters"]["updates"] == 2
     found = load_learned_loss(tmp_path / "learned_loss.pt")
     assert sym.shape_problem(found.tokens(), "classification") is None
+    if sym.n_constants(found.tokens()):  # refined, else nothing to refine (and said so)
+        assert learner["refiner"]["counters"]["updates"] == 2
+    else:
+        assert learner["refiner"] is None and "no constants" in learner["refine_stopped"]
+
+
+def _gp_after_one_generation(compose_cfg, trees):
+    """A GP whose first generation is ``trees``, told its fitness on a real problem."""
+    loss, problem, batch = _problem(compose_cfg, ["optim.lr=0.5"], 3, OBJECTIVES["error"])
+    gp = GeneticProgramming(
+        loss, popsize=len(trees), generations=1, seed=0, refine_lr=0.05, tournament=2
+    )
+    gp.population = [sym.parse(t) for t in trees]
+    gp.step(problem, None, batch)
+    return gp, problem, batch
+
+
+def test_after_the_generations_the_best_trees_constants_are_refined_by_hypergradients(
+    compose_cfg,
+):
+    from metaloss.hypergrad.unrolled import Unrolled
+
+    trees = ["mul(-1.0, mul(y, log(f)))", "mul(-0.5, mul(y, log(f)))", "mul(-2.0, mul(y, f))"]
+    gp, problem, batch = _gp_after_one_generation(compose_cfg, trees)
+    before = gp.loss.tokens()
+    assert sym.to_text(before) in trees
+    problem = dataclasses.replace(problem, objective=fixed.ce)
+    metrics = [gp.step(problem, Unrolled(), batch) for _ in range(3)]
+    assert all("meta/grad_norm" in m for m in metrics)
+    assert gp.refiner is not None and gp.refiner.updates == 3
+    after = gp.loss.tokens()
+    assert [t for t in after if isinstance(t, str)] == [t for t in before if isinstance(t, str)]
+    assert [t for t in after if isinstance(t, float)] != [t for t in before if isinstance(t, float)]
+    assert gp.finish() is None
+
+
+def test_a_refinement_that_diverges_keeps_the_searchs_best_tree(compose_cfg, monkeypatch):
+    """The search found a tree; the refinement's hypergradients are never finite: φ stays the
+    search's best tree and finish() says so (the run used to fail with no learned loss)."""
+    from metaloss.meta import MetaLearner, NonFiniteMetaGradient
+
+    gp, problem, batch = _gp_after_one_generation(
+        compose_cfg, ["mul(-1.0, mul(y, log(f)))", "mul(-2.0, mul(y, f))"]
+    )
+    best = gp.loss.tokens()
+
+    def never_finite(self, *a, **k):
+        raise NonFiniteMetaGradient("20 consecutive outer steps gave NaN", "meta")
+
+    monkeypatch.setattr(MetaLearner, "step", never_finite)
+    assert gp.step(problem, None, batch) == {} and gp.step(problem, None, batch) == {}
+    assert gp.loss.tokens() == best
+    assert "the refinement diverged" in gp.finish()
+    assert gp.state_dict()["refine_stopped"] == gp.refine_stopped  # resumed runs stay stopped
 
 
 def test_the_tree_table_reaches_wandb(compose_cfg, tmp_path):
@@ -194,9 +264,14 @@ def test_a_checkpoint_whose_replay_does_not_reproduce_its_population_is_refused(
         (["meta.learn_inner_lr=true"], "learn_inner_lr"),
         (["meta.mode=online"], "meta.mode"),
         (["meta_optim.generations=0"], "meta_optim.generations"),
+        (["meta_optim.popsize=null"], "meta_optim.popsize = None: meta_optim=gp needs"),
+        (["meta_optim.popsize=3"], "meta_optim.tournament = 4: must be <= 3"),
+        (["meta_optim.elites=4"], "meta_optim.elites = 4: must be <= 3"),
+        (["meta_optim.init_depth=7"], "meta_optim.init_depth = 7: must be <= meta_optim.max_depth"),
+        (["loss.max_constants=0"], "loss.max_constants = 0: the expression has 1 constants"),
         (["meta_optim.crossover=1.5"], "meta_optim.crossover"),
         (["meta_optim.objective=iou_loss"], "segmentation"),
-        (["loss.expression='mul(f, y)'"], "is no loss: not lower at the target"),
+        (["loss.expression='mul(f, y)'"], "is no loss for classification: not lower"),
     ],
 )
 def test_settings_that_make_no_sense_are_refused(compose_cfg, tmp_path, extra, match):
@@ -204,6 +279,25 @@ def test_settings_that_make_no_sense_are_refused(compose_cfg, tmp_path, extra, m
     with pytest.raises(ConfigError, match=match):
         meta_app.run(compose_cfg("meta", base + ["meta.steps=3", *extra]), tmp_path, "symbolic")
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_settings_that_leave_too_few_valid_trees_stop_with_the_settings_named():
+    """Regression: no tree of depth 1 is a regression loss (sub(f, y) is not lower at the
+    target); drawing the first generation used to loop forever."""
+    with pytest.raises(ValueError, match="could draw only 1 of 4 trees.*init_depth = 1"):
+        GeneticProgramming(
+            sym.SymbolicLoss("square(sub(f, y))"), popsize=4, init_depth=1, task_kind="regression"
+        )
+
+
+def test_a_hand_edited_program_in_a_checkpoint_is_refused_on_resume(compose_cfg, tmp_path):
+    meta_app.run(compose_cfg("meta", TINY + ["meta.steps=2"]), tmp_path, "symbolic")
+    path = tmp_path / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["learner"]["loss"]["program"][0] = 99.0  # not a node code
+    torch.save(ckpt, path)
+    with pytest.raises(CorruptCheckpoint, match="program code 99.0 is not a node code"):
+        meta_app.run(compose_cfg("meta", TINY + ["meta.steps=3"]), tmp_path, "symbolic")
 
 
 @pytest.mark.slow

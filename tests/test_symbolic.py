@@ -151,3 +151,33 @@ def test_the_gradient_learner_refines_a_trees_constants_through_the_engine(compo
     assert [t for t in tokens if isinstance(t, str)] == ["mul", "mul", "y", "log", "add", "f"]
     consts = np.array([t for t in tokens if isinstance(t, float)])
     assert not np.allclose(consts, [-1.0, 0.5])  # refined
+
+
+def test_a_tree_deeper_than_the_limit_is_refused_not_a_recursion_error():
+    deep = "abs(" * 1000 + "sub(f, y)" + ")" * 1000
+    with pytest.raises(sym.ExpressionError, match="nested deeper than 64"):
+        sym.parse(deep)
+    chain = torch.tensor([float(sym.CODES.index("abs"))] * 200 + [1.0])  # abs(abs(...(f)))
+    with pytest.raises(sym.ExpressionError, match="nested deeper than 64"):
+        sym.structure(chain)
+
+
+@pytest.mark.parametrize(
+    "app, extra, match",
+    [
+        ("train", ["loss.expression='mul(y, f)'"], "is no loss for classification: not lower"),
+        ("meta", ["loss.expression='mul(y, 2.0)'"], "does not depend on the prediction"),
+        ("meta", ["meta_optim=cmaes"], "loss.max_constants = 8: with meta_optim=cmaes"),
+    ],
+)
+def test_an_expression_that_is_no_loss_for_the_task_is_refused_before_training(
+    compose_cfg, tmp_path, app, extra, match
+):
+    from metaloss.validate import check_against_task
+
+    cfg = compose_cfg(app, ["loss=symbolic", "task=digits", *extra])
+    check_config(cfg)
+    from hydra.utils import instantiate
+
+    with pytest.raises(ConfigError, match=match):
+        check_against_task(cfg, instantiate(cfg.task))

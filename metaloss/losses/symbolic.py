@@ -72,6 +72,7 @@ CODES: tuple[str, ...] = (*TERMINALS, "const", *PRIMITIVES)
 CONST = CODES.index("const")
 PAD = -1
 MAX_NODES = 1023  # the largest tree a loss may hold (the loader's size check)
+MAX_DEPTH = 64  # the deepest tree (parsing, printing and compiling recurse once per level)
 MAX_CONSTANTS = 256
 
 DEFAULT_EXPRESSION = "square(sub(f, y))"
@@ -113,8 +114,10 @@ def parse(text: str, *, max_nodes: int = MAX_NODES) -> list[Token]:
             raise ExpressionError(f"expected {kind!r} but found {got!r} in expression {text!r}")
         pos += 1
 
-    def node() -> None:
+    def node(level: int = 0) -> None:
         nonlocal pos
+        if level > MAX_DEPTH:
+            raise ExpressionError(f"expression {text[:60]!r}... is nested deeper than {MAX_DEPTH}")
         if pos >= len(lexemes):
             raise ExpressionError(f"expression {text!r} ends where an operand was expected")
         kind, value = lexemes[pos]
@@ -142,7 +145,7 @@ def parse(text: str, *, max_nodes: int = MAX_NODES) -> list[Token]:
         for i in range(PRIMITIVES[value][0]):
             if i:
                 expect(",")
-            node()
+            node(level + 1)
         expect(")")
 
     node()
@@ -259,6 +262,8 @@ def structure(program: Tensor) -> tuple[int, ...]:
         need += (PRIMITIVES[name][0] if name in PRIMITIVES else 0) - 1
     if need:
         raise ExpressionError(f"program ends with {need} operand(s) missing")
+    if depth([CODES[c] if c != CONST else 0.0 for c in codes[:n]]) > MAX_DEPTH:
+        raise ExpressionError(f"program is nested deeper than {MAX_DEPTH}")
     return tuple(codes[:n])
 
 
@@ -424,6 +429,11 @@ def _pretty(text: str) -> str:
 # ---------------------------------------------------------------- the loss module
 
 
+def _check_loaded_program(module: nn.Module, _keys: Any) -> None:
+    program = module.get_buffer("program")
+    structure(program)  # raises ExpressionError on a program that is not one tree
+
+
 class SymbolicLoss(ParametricLoss):
     """A loss given by an expression tree (EvoMAL's representation; see the module docstring):
     ``loss(pred, target) = Σ_classes tree(y, f)`` (mean over dimensions for regression).
@@ -453,6 +463,9 @@ class SymbolicLoss(ParametricLoss):
         self.constants = nn.Parameter(torch.tensor(constants))
         self._expression = to_text(tokens)
         self._compiled: dict[tuple[int, ...], Fn] = {}
+        # a loaded state (a checkpoint, a file) must hold one well-formed tree: refused here,
+        # naming the problem, rather than when the loss is next called or saved
+        self.register_load_state_dict_post_hook(_check_loaded_program)
 
     # the constructor arguments that rebuild this loss: the expression of the *current* tree
     @property
