@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -90,7 +91,7 @@ def tabular(
             "task.label_noise / task.imbalance_ratio apply to classes: not to a regression task"
         )
     x, y, info = _read(source, target, regression)
-    name = Path(source.split(":", 1)[-1]).stem if not source.startswith("sklearn:") else source[8:]
+    name = source[len("sklearn:") :] if source.startswith("sklearn:") else Path(source).stem
     if regression:
         y = y.float().reshape(len(y), -1)
     else:
@@ -154,31 +155,28 @@ def _read(
         raise TabularDataError(f"task.source = {source!r}: no such file (nor sklearn:<name>)")
     if path.stat().st_size > MAX_FILE_BYTES:
         raise TabularDataError(f"{path}: larger than {MAX_FILE_BYTES // 2**30} GiB")
-    info: dict[str, Any] = {
-        "source": str(path),
-        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-    }
+    data = path.read_bytes()  # read once: hashed, then parsed from memory
+    info: dict[str, Any] = {"source": str(path), "sha256": hashlib.sha256(data).hexdigest()}
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        x, y, classes = _read_csv(path, target, regression)
+        x, y, classes = _read_csv(path, data, target, regression)
         if classes is not None:
             info["classes"] = classes
         return x, y, info
     if suffix == ".npz":
         if target is not None:
             raise TabularDataError(f"task.target = {target!r}: an NPZ file holds x and y only")
-        return (*_read_npz(path, regression), info)
+        return (*_read_npz(path, data, regression), info)
     raise TabularDataError(f"{path}: a .csv or .npz file is expected (or sklearn:<name>)")
 
 
 def _read_csv(
-    path: Path, target: str | None, regression: bool
+    path: Path, data: bytes, target: str | None, regression: bool
 ) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
-    with path.open(newline="", encoding="utf-8") as fh:
-        try:
-            rows = list(csv.reader(fh))
-        except (csv.Error, UnicodeDecodeError) as e:
-            raise TabularDataError(f"{path}: not a readable CSV file ({e})") from e
+    try:
+        rows = list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise TabularDataError(f"{path}: not a readable CSV file ({e})") from e
     rows = [r for r in rows if any(cell.strip() for cell in r)]
     if len(rows) < 2:
         raise TabularDataError(f"{path}: needs a header row and at least one data row")
@@ -235,16 +233,16 @@ def _number(cell: str, path: Path, line: int, column: str) -> float:
     return v
 
 
-def _read_npz(path: Path, regression: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_npz(path: Path, data: bytes, regression: bool) -> tuple[torch.Tensor, torch.Tensor]:
     try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = {"x", "y"} - set(data.files)
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            missing = {"x", "y"} - set(arrays.files)
             if missing:
                 raise TabularDataError(
                     f"{path}: an NPZ task needs arrays x and y; missing {sorted(missing)} "
-                    f"(it has {sorted(data.files)})"
+                    f"(it has {sorted(arrays.files)})"
                 )
-            xs, ys = data["x"], data["y"]
+            xs, ys = arrays["x"], arrays["y"]
     except TabularDataError:
         raise
     except (ValueError, OSError) as e:  # pickled objects, a corrupt archive
