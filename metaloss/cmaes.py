@@ -259,7 +259,9 @@ class CMAES:
         cls, make: Callable, loss: nn.Module, cfg: Any, task_kind: str, world_size: int = 1
     ) -> CMAES:
         """Build from the run's composed config, refusing what makes no sense (ConfigError)."""
-        found = config_problems({"meta": _plain(cfg.meta), "meta_optim": _plain(cfg.meta_optim)})
+        found = config_problems(
+            {"meta": plain_dict(cfg.meta), "meta_optim": plain_dict(cfg.meta_optim)}
+        )
         if world_size > 1:
             found.append(
                 f"meta_optim=cmaes runs in one process; launch it without torchrun ({world_size} "
@@ -601,6 +603,8 @@ def _constant(row: list[float]) -> Callable[[np.ndarray], list[float]]:
     return lambda _cands: row
 
 
-def _plain(cfg: Any) -> dict:
+def plain_dict(cfg: Any) -> dict:
+    """A config node as a plain dict (resolved), {} for anything else: what the outer
+    optimizers' ``config_problems`` read."""
     out = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     return dict(out) if isinstance(out, dict) else {}

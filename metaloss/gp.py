@@ -52,11 +52,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metaloss.cmaes import DEFAULT_FOR_KIND, KINDS, OBJECTIVES, population_search_problems
+from metaloss.cmaes import (
+    DEFAULT_FOR_KIND,
+    KINDS,
+    OBJECTIVES,
+    plain_dict,
+    population_search_problems,
+)
 from metaloss.errors import ConfigError
 from metaloss.hypergrad.base import LOSS_PREFIX, MetaBatch, MetaProblem, task_objective
 from metaloss.losses import symbolic as sym
@@ -293,7 +298,7 @@ class GeneticProgramming:
         cls, make: Callable, loss: nn.Module, cfg: Any, task_kind: str, world_size: int = 1
     ) -> GeneticProgramming:
         """Build from the run's composed config, refusing what makes no sense (ConfigError)."""
-        plain = {k: _plain(cfg.get(k)) for k in ("meta", "meta_optim", "loss")}
+        plain = {k: plain_dict(cfg.get(k)) for k in ("meta", "meta_optim", "loss")}
         found = config_problems(plain)
         if world_size > 1:
             found.append(
@@ -645,8 +650,3 @@ class GeneticProgramming:
         self.diverged = int(counters.get("diverged", 0))
         self.bad_steps = int(counters.get("bad_steps", 0))
         self.refine_stopped = str(state.get("refine_stopped") or "")
-
-
-def _plain(node: Any) -> dict:
-    out = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-    return dict(out) if isinstance(out, dict) else {}
