@@ -181,3 +181,22 @@ def test_an_expression_that_is_no_loss_for_the_task_is_refused_before_training(
 
     with pytest.raises(ConfigError, match=match):
         check_against_task(cfg, instantiate(cfg.task))
+
+
+def test_a_tree_written_in_place_or_passed_functionally_is_the_one_computed():
+    """forward remembers the last program it checked: an in-place write (a search setting φ)
+    and a program passed through functional_call (held-out selection) must still be used."""
+    from torch.func import functional_call
+
+    from metaloss.losses.base import one_hot
+
+    loss = sym.SymbolicLoss(sym.CROSS_ENTROPY)
+    x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    ce = loss(x, y)
+    loss.set_tokens(sym.parse("square(sub(f, y))"))
+    brier = ((torch.softmax(x, -1) - one_hot(y, 3, x.dtype)) ** 2).sum(-1)
+    assert torch.allclose(loss(x, y), brier)
+    other = sym.SymbolicLoss(sym.CROSS_ENTROPY)
+    phi = {"program": other.program, "constants": other.constants.detach()}
+    assert torch.allclose(functional_call(loss, phi, (x, y)), ce)
+    assert torch.allclose(loss(x, y), brier)

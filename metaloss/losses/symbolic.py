@@ -463,6 +463,7 @@ class SymbolicLoss(ParametricLoss):
         self.constants = nn.Parameter(torch.tensor(constants))
         self._expression = to_text(tokens)
         self._compiled: dict[tuple[int, ...], Fn] = {}
+        self._last: tuple[tuple, Fn] | None = None  # (program's storage and version, its tree)
         # a loaded state (a checkpoint, a file) must hold one well-formed tree: refused here,
         # naming the problem, rather than when the loss is next called or saved
         self.register_load_state_dict_post_hook(_check_loaded_program)
@@ -504,12 +505,28 @@ class SymbolicLoss(ParametricLoss):
         return to_text(self.tokens())
 
     def forward(self, pred: Tensor, target: Tensor, **_: Any) -> Tensor:
-        codes = structure(self.program)
+        fn = self._function(self.program)
+        y, f, regression = loss_inputs(pred, target)
+        return reduce(fn(y, f, self.constants.to(f.dtype)), regression)
+
+    def _function(self, program: Tensor) -> Fn:
+        """The compiled tree of ``program`` (this module's buffer, or the one functional_call
+        passes). Called every inner step: the program read and checked last is remembered by
+        its storage and version (an in-place write bumps the version), so an unchanged program
+        is not read from the tensor and checked again."""
+        try:
+            key: tuple | None = (program.data_ptr(), program._version)
+        except RuntimeError:  # no storage (e.g. under vmap): read it every time
+            key = None
+        if key is not None and self._last is not None and self._last[0] == key:
+            return self._last[1]
+        codes = structure(program)
         fn = self._compiled.get(codes)
         if fn is None:
             fn = self._compiled.setdefault(codes, compile_codes(codes))
-        y, f, regression = loss_inputs(pred, target)
-        return reduce(fn(y, f, self.constants.to(f.dtype)), regression)
+        if key is not None:
+            self._last = (key, fn)
+        return fn
 
     @classmethod
     def from_saved(cls, init_kwargs: dict, state_dict: dict) -> SymbolicLoss:
