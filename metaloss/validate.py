@@ -248,6 +248,28 @@ RULES: dict[str, Check] = {
     "tune.lr_range": lambda v: None if v is None else interval(strict=True, lo=0, lo_open=True)(v),
     # metaloss-eval
     "loss_path": learned_loss_source(),
+    # metaloss-fewshot
+    "maml.steps": integer(1, 1000),
+    "maml.inner_lr": positive(),
+    "maml.first_order": boolean(),
+    "fewshot.meta_steps": integer(1),
+    "fewshot.meta_batch": integer(1, 100_000),
+    "fewshot.lr": positive(),
+    "fewshot.val_every": integer(1),
+    "fewshot.val_episodes": integer(1, 1_000_000),
+    "fewshot.test_episodes": integer(2, 1_000_000),
+    "fewshot.eval_seed": integer(0),
+    "episodes.way": integer(2),
+    "episodes.shot": integer(1),
+    "episodes.query": integer(1),
+    "episodes.per_class": integer(2),
+    "episodes.data_seed": integer(0),
+    "fewshot_loss.loss": loss_name(),
+    "fewshot_loss.hidden": integer(1),
+    "fewshot_loss.adapter_hidden": integer(1),
+    "fewshot_loss.query": boolean(),
+    "fewshot_loss.adaptive": boolean(),
+    "fewshot_loss.residual": boolean(),
     # optimizers: optim (torch.optim), optim (functional), meta_optim (torch.optim)
     "*optim.lr": positive(),
     "*optim.weight_decay": real(0),
@@ -409,6 +431,10 @@ KNOWN_TOP_LEVEL = {
     "logger",
     "hydra",
     "tune",
+    "episodes",  # metaloss-fewshot
+    "fewshot_loss",
+    "maml",
+    "fewshot",
 }
 RENAMED = {"inner_optim": "optim (one optimizer group for every app)"}
 
@@ -455,7 +481,7 @@ def problems(cfg: DictConfig | dict) -> list[str]:
     return out
 
 
-COMPONENTS = ("task", "model", "loss", "optim", "meta_optim", "hypergrad")
+COMPONENTS = ("task", "model", "loss", "optim", "meta_optim", "hypergrad", "episodes")
 
 
 def _unknown_arguments(c: dict) -> list[str]:

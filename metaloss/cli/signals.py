@@ -456,7 +456,11 @@ _USER_ERRORS = (
     "hydra.errors:CompactHydraException",
 )
 # Failures the run diagnosed itself (the message says what to change): no traceback either.
-_DIAGNOSED = ("metaloss.meta:NonFiniteMetaGradient", "metaloss.train:NonFiniteLoss")
+_DIAGNOSED = (
+    "metaloss.meta:NonFiniteMetaGradient",
+    "metaloss.train:NonFiniteLoss",
+    "metaloss.fewshot.train:MetaTrainingDiverged",
+)
 
 
 def _types(names: tuple[str, ...]) -> tuple[type, ...]:

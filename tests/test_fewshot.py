@@ -1,0 +1,312 @@
+"""Few-shot learning: episodes, MAML's inner loop with learned losses (ML3-style, MeTAL), its
+meta-gradients against a per-episode autograd loop and finite differences, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from metaloss.cli.fewshot import run
+from metaloss.fewshot.losses import MeTAL, PerExample
+from metaloss.fewshot.maml import (
+    FewShotProblem,
+    adapt,
+    batched_scores,
+    hidden_layers,
+    initial_meta,
+    loop_objective,
+    mean_ci,
+    meta_gradient,
+)
+from metaloss.fewshot.train import MetaTrainingDiverged, meta_train
+from metaloss.losses.fixed import ce, mse
+from metaloss.losses.mlp import ML3Loss
+from metaloss.models import mlp
+from metaloss.tasks.episodes import EpisodeBatch, fewshot_mnist1d, sinusoid
+from metaloss.wandb_offline import read_run
+
+
+@pytest.fixture(scope="module")
+def episodes():
+    return fewshot_mnist1d(way=3, shot=2, query=4, classes=(8, 4, 5), per_class=10)
+
+
+def _problem(kind: str, loss_name: str, steps: int = 2, first_order: bool = False, **kw):
+    torch.manual_seed(0)
+    if kind == "classification":
+        model = mlp(in_shape=(40,), out_dim=3, hidden=[8, 6])
+        out_dim = 3
+    else:
+        model = mlp(in_shape=(1,), out_dim=1, hidden=[8, 6])
+        out_dim = 1
+    if loss_name == "fixed":
+        loss = PerExample(ce if kind == "classification" else mse, kind=kind)
+    elif loss_name == "ml3":
+        loss = PerExample(ML3Loss(hidden=(6,)), kind=kind)
+    else:
+        loss = MeTAL(
+            out_dim=out_dim, layers=hidden_layers(model), steps=steps, kind=kind, hidden=5, **kw
+        )
+    problem = FewShotProblem(model, loss, kind, steps=steps, inner_lr=0.3, first_order=first_order)
+    meta = initial_meta(model, loss)
+    gen = torch.Generator().manual_seed(1)  # off MeTAL's zero start: every φ gets a gradient
+    meta = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in meta.items()}
+    return problem, meta
+
+
+def test_episodes_are_seeded_disjoint_and_relabelled(episodes):
+    a = episodes.sample("train", 5, seed=3)
+    b = episodes.sample("train", 5, seed=3)
+    c = episodes.sample("train", 5, seed=4)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(a.x_support, c.x_support)
+    assert a.x_support.shape == (5, 3 * 2, 40) and a.x_query.shape == (5, 3 * 4, 40)
+    assert a.y_support[0].tolist() == [0, 0, 1, 1, 2, 2]
+    # the three pools hold different classes: no example of one pool appears in another
+    pools = episodes.pools
+    flat = {s: p.reshape(-1, 40) for s, p in pools.items()}
+    assert pools["train"].shape[0] == 8 and pools["val"].shape[0] == 4
+    for s, t in (("train", "val"), ("train", "test"), ("val", "test")):
+        assert torch.cdist(flat[s], flat[t]).min() > 1e-3
+    # an episode's support and query never share an example
+    for xs, xq in zip(a.x_support, a.x_query):
+        assert torch.cdist(xs, xq).min() > 1e-6
+    # the data set itself is the same on every call (offline, from data_seed)
+    again = fewshot_mnist1d(way=3, shot=2, query=4, classes=(8, 4, 5), per_class=10)
+    assert again.info["sha256"] == episodes.info["sha256"]
+
+
+def test_episode_settings_are_refused_with_their_range():
+    with pytest.raises(ValueError, match=r"episodes.way = 6: the val split has only 4 classes"):
+        fewshot_mnist1d(way=6, shot=1, query=2, classes=(8, 4, 5), per_class=10)
+    with pytest.raises(ValueError, match=r"shot \+ episodes.query = 12"):
+        fewshot_mnist1d(way=2, shot=2, query=10, classes=(8, 4, 5), per_class=10)
+    with pytest.raises(ValueError, match="episode split 'dev'"):
+        sinusoid().sample("dev", 2, 0)
+
+
+def test_sinusoid_episodes_follow_maml_ranges():
+    b = sinusoid(shot=5, query=7).sample("train", 200, seed=0)
+    assert b.x_support.shape == (200, 5, 1) and b.y_query.shape == (200, 7, 1)
+    x = torch.cat([b.x_support, b.x_query], 1)
+    assert x.min() >= -5 and x.max() <= 5
+    amp = torch.cat([b.y_support, b.y_query], 1).abs().amax((1, 2))
+    assert amp.max() <= 5.0 and amp.max() > 3.0
+
+
+@pytest.mark.parametrize("loss_name", ["fixed", "ml3", "metal"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_vmapped_meta_gradient_equals_the_per_episode_loop(episodes, loss_name, first_order):
+    torch.set_default_dtype(torch.float64)
+    problem, meta = _problem("classification", loss_name, first_order=first_order)
+    meta = {k: v.double() for k, v in meta.items()}
+    problem.model.double(), problem.loss.double()
+    batch = episodes.sample("train", 3, seed=0).to("cpu", torch.float64)
+    grads, value, _ = meta_gradient(problem, meta, batch)
+    leaves = {k: v.clone().requires_grad_() for k, v in meta.items()}
+    reference = loop_objective(problem, leaves, batch)
+    reference.backward()
+    assert value.item() == pytest.approx(reference.item(), rel=1e-12)
+    for k in meta:
+        ref = leaves[k].grad if leaves[k].grad is not None else torch.zeros_like(meta[k])
+        torch.testing.assert_close(grads[k], ref, rtol=1e-9, atol=1e-12, msg=k)
+    if loss_name != "fixed":  # a learned loss's φ gets a gradient
+        assert any(grads[k].abs().sum() > 0 for k in grads if k.startswith("loss/"))
+
+
+@pytest.mark.parametrize("kind", ["classification", "regression"])
+def test_metal_meta_gradient_matches_finite_differences(episodes, kind):
+    """The oracle: central differences of the mean query loss along a random direction of
+    all meta-parameters (θ0 and φ: support and query networks and the adapter)."""
+    torch.set_default_dtype(torch.float64)
+    problem, meta = _problem(kind, "metal", steps=3)
+    meta = {k: v.double() for k, v in meta.items()}
+    source = episodes if kind == "classification" else sinusoid(shot=4, query=5)
+    batch = source.sample("train", 2, seed=1).to("cpu", torch.float64)
+    grads, _, _ = meta_gradient(problem, meta, batch)
+    gen = torch.Generator().manual_seed(2)
+    direction = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in meta.items()}
+    eps = 1e-6
+
+    def value(sign):
+        moved = {k: v + sign * eps * direction[k] for k, v in meta.items()}
+        return batched_scores(problem, moved, batch)[0].mean().item()
+
+    numeric = (value(1) - value(-1)) / (2 * eps)
+    analytic = sum((grads[k] * direction[k]).sum().item() for k in meta)
+    assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-9)
+    phi_part = sum((grads[k] * direction[k]).sum().item() for k in meta if k.startswith("loss/"))
+    assert abs(phi_part) > 1e-8  # the loss's parameters do reach the query loss
+
+
+def test_metal_starts_exactly_at_maml(episodes):
+    """Residual MeTAL at its initial φ adapts exactly as MAML's cross-entropy does."""
+    torch.manual_seed(0)
+    model = mlp(in_shape=(40,), out_dim=3, hidden=[8, 6])
+    metal = MeTAL(out_dim=3, layers=hidden_layers(model), steps=2)
+    maml = PerExample(ce)
+    batch = episodes.sample("train", 1, seed=0)
+    xs, ys, xq, _ = (t[0] for t in batch)
+    thetas = []
+    for loss in (maml, metal):
+        problem = FewShotProblem(model, loss, "classification", steps=2, inner_lr=0.3)
+        thetas.append(adapt(problem, initial_meta(model, loss), xs, ys, xq))
+    for k in thetas[0]:
+        torch.testing.assert_close(thetas[0][k], thetas[1][k], rtol=0, atol=0)
+
+
+def test_query_labels_never_reach_the_inner_loop(episodes):
+    problem, meta = _problem("classification", "metal")
+    batch = episodes.sample("train", 2, seed=0)
+    shuffled = EpisodeBatch(batch.x_support, batch.y_support, batch.x_query, batch.y_query.flip(1))
+    for b in (batch, shuffled):
+        theta = adapt(problem, meta, *(t[0] for t in b[:3]))
+        if b is batch:
+            first = theta
+    for k in first:
+        assert torch.equal(first[k], theta[k])
+    # but the query inputs do (the query network adapts on them) ...
+    other = adapt(problem, meta, batch.x_support[0], batch.y_support[0], batch.x_query[1])
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+    # ... unless it is switched off
+    problem, meta = _problem("classification", "metal", query=False)
+    a = adapt(problem, meta, batch.x_support[0], batch.y_support[0], batch.x_query[0])
+    b = adapt(problem, meta, batch.x_support[0], batch.y_support[0], batch.x_query[1])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_meta_training_keeps_the_best_on_meta_validation_and_stops_on_divergence(episodes):
+    problem, meta = _problem("classification", "fixed")
+    result = meta_train(
+        problem,
+        episodes,
+        meta,
+        steps=6,
+        meta_batch=2,
+        lr=1e-2,
+        seed=0,
+        val_every=2,
+        val_episodes=10,
+    )
+    assert [s for s, _ in result.val] == [0, 2, 4, 6]
+    best = max(result.val, key=lambda sv: sv[1])
+    assert result.best_val == best[1] and result.best_step == best[0]
+    problem.inner_lr = 1e6  # the inner loop explodes
+    with pytest.raises(MetaTrainingDiverged, match="maml.inner_lr"):
+        meta_train(
+            problem,
+            episodes,
+            meta,
+            steps=2,
+            meta_batch=2,
+            lr=1e-2,
+            seed=0,
+            val_every=1,
+            val_episodes=4,
+        )
+
+
+def test_mean_ci_is_the_normal_interval():
+    values = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    mean, half = mean_ci(values)
+    assert mean == pytest.approx(0.5)
+    assert half == pytest.approx(1.959964 * values.double().std().item() / 2)
+
+
+TINY = [
+    "episodes.classes=[8,4,5]",
+    "episodes.per_class=10",
+    "episodes.way=3",
+    "episodes.shot=1",
+    "episodes.query=3",
+    "model.hidden=[8]",
+    "maml.steps=2",
+    "fewshot.meta_steps=4",
+    "fewshot.meta_batch=2",
+    "fewshot.val_every=2",
+    "fewshot.val_episodes=5",
+    "fewshot.test_episodes=12",
+    "progress=false",
+]
+
+
+@pytest.mark.parametrize("loss", ["ce", "ml3", "metal", "metal_noquery"])
+def test_fewshot_app_runs_each_ablation_row(compose_cfg, tmp_path, loss):
+    cfg = compose_cfg("fewshot", [*TINY, f"fewshot_loss={loss}", "logger=none"])
+    out = run(cfg, tmp_path)
+    assert out["test_episodes"] == 12 and len(out["per_episode"]) == 12
+    assert 0 <= out["mean"] <= 1 and out["ci95"] > 0
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["mean"] == out["mean"]
+    meta = torch.load(tmp_path / "meta.pt", weights_only=True)
+    assert any(k.startswith("theta0/") for k in meta)
+    assert any(k.startswith("loss/") for k in meta) == (loss != "ce")
+
+
+def test_fewshot_app_logs_to_wandb_offline(compose_cfg, tmp_path):
+    cfg = compose_cfg(
+        "fewshot", [*TINY, "fewshot_loss=metal", "logger=wandb", "logger.mode=offline"]
+    )
+    out = run(cfg, tmp_path)
+    rec = read_run(tmp_path)
+    assert rec["summary"]["test/acc"] == pytest.approx(out["mean"])
+    assert [r["meta/val_score"] for r in rec["history"] if "meta/val_score" in r]
+
+
+def test_sinusoid_regression_runs_and_reports_mse(compose_cfg, tmp_path):
+    cfg = compose_cfg(
+        "fewshot",
+        [
+            "episodes=sinusoid",
+            "fewshot_loss=metal",
+            "maml.inner_lr=0.01",
+            "maml.steps=2",
+            "model.hidden=[8]",
+            "fewshot.meta_steps=3",
+            "fewshot.meta_batch=2",
+            "fewshot.val_every=3",
+            "fewshot.val_episodes=4",
+            "fewshot.test_episodes=6",
+            "logger=none",
+            "progress=false",
+        ],
+    )
+    out = run(cfg, tmp_path)
+    assert out["metric"] == "test/mse" and out["mean"] > 0
+
+
+def _cli(args, tmp_path):
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "metaloss.cli.fewshot",
+            *args,
+            "logger=none",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_refuses_bad_settings_before_compute_and_fails_on_divergence(tmp_path):
+    bad = _cli([*TINY, "maml.steps=0", "fewshot.meta_batch=-1"], tmp_path)
+    assert bad.returncode == 2
+    assert "maml.steps = 0" in bad.stderr and "fewshot.meta_batch = -1" in bad.stderr
+    assert not (tmp_path / "run" / "result.json").exists()
+    wrong = _cli(["episodes=sinusoid", "fewshot_loss=ce", "progress=false"], tmp_path / "b")
+    assert wrong.returncode == 2 and "the episodes (sinusoid) are regression" in wrong.stderr
+    diverged = _cli([*TINY, "maml.inner_lr=1e30"], tmp_path / "c")
+    assert diverged.returncode == 1, diverged.stderr
+    assert "maml.inner_lr" in diverged.stderr
+    assert not (tmp_path / "c" / "run" / "result.json").exists()
+    ok = _cli(TINY, tmp_path / "d")
+    assert ok.returncode == 0, ok.stderr
+    assert f"results: {Path(tmp_path / 'd' / 'run' / 'result.json')}" in ok.stdout
