@@ -310,3 +310,12 @@ def test_cli_refuses_bad_settings_before_compute_and_fails_on_divergence(tmp_pat
     ok = _cli(TINY, tmp_path / "d")
     assert ok.returncode == 0, ok.stderr
     assert f"results: {Path(tmp_path / 'd' / 'run' / 'result.json')}" in ok.stdout
+
+
+@pytest.mark.parametrize("debug", ["default", "fast_dev_run"])
+def test_debug_shortens_a_fewshot_run(compose_cfg, tmp_path, debug):
+    cfg = compose_cfg("fewshot", [f"debug={debug}", "fewshot_loss=metal", "progress=false"])
+    assert cfg.logger.kind == "none" and cfg.fewshot.meta_steps <= 2
+    assert compose_cfg("fewshot").fewshot.meta_steps > 100  # without debug= nothing changes
+    out = run(cfg, tmp_path)
+    assert out["test_episodes"] == cfg.fewshot.test_episodes
