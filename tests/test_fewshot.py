@@ -319,3 +319,53 @@ def test_debug_shortens_a_fewshot_run(compose_cfg, tmp_path, debug):
     assert compose_cfg("fewshot").fewshot.meta_steps > 100  # without debug= nothing changes
     out = run(cfg, tmp_path)
     assert out["test_episodes"] == cfg.fewshot.test_episodes
+
+
+def test_fewshot_record_pairs_rows_on_the_same_episodes(compose_cfg, tmp_path):
+    """scripts/fewshot_record.py: a hand computation of the paired difference and its test."""
+    from metaloss.metatest import paired
+
+    outs = {}
+    for loss in ("ce", "metal"):
+        cfg = compose_cfg("fewshot", [*TINY, f"fewshot_loss={loss}", "logger=none"])
+        outs[loss] = run(cfg, tmp_path / "sweep" / loss, label=loss)
+    script = Path(__file__).resolve().parent.parent / "scripts" / "fewshot_record.py"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(tmp_path / "sweep"),
+            "--name",
+            "t",
+            "--out",
+            str(tmp_path / "rec"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "rec" / "results.json").read_text())["rows"]
+    metal = next(r for r in rows if r["loss"] == "metal")
+    a, b = outs["metal"]["per_episode"], outs["ce"]["per_episode"]
+    d = [x - y for x, y in zip(a, b)]
+    assert metal["difference"] == pytest.approx(sum(d) / len(d))
+    assert metal["p_holm"] == pytest.approx(paired(a, b)["p_value"])  # one comparison: Holm = p
+    assert "| 3-way 1-shot | `ce` (reference) |" in (tmp_path / "rec" / "results.md").read_text()
+    # a directory without results is refused, naming it
+    (tmp_path / "empty").mkdir()
+    bad = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(tmp_path / "empty"),
+            "--name",
+            "t",
+            "--out",
+            str(tmp_path / "rec2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode != 0 and "no result.json under" in bad.stderr

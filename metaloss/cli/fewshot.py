@@ -140,6 +140,9 @@ def _work(
             "train_history": result.train,
             "seed": int(cfg.seed),
             "episodes_info": getattr(episodes, "info", {}),
+            "config": {
+                k: _plain(cfg[k]) for k in ("episodes", "model", "fewshot_loss", "maml", "fewshot")
+            },
         }
         best = {k: v.cpu() for k, v in result.meta.items()}
         atomic_write(out / "meta.pt", lambda path: torch.save(best, path))

@@ -1,0 +1,132 @@
+"""Collect `metaloss-fewshot` runs into a recorded comparison: one row per (episodes, inner
+loss), mean ± 95% CI over the meta-test episodes, and each loss against a reference loss
+(MAML's cross-entropy by default) on the *same* episodes: a paired t-test over episodes with
+Holm's adjustment over the rows of a setting (metaloss.metatest.paired / holm).
+
+    python scripts/fewshot_record.py multirun/fewshot/<date> --name fewshot_5way
+    python scripts/fewshot_record.py DIR ... --name fewshot_5way --readme   # also README's table
+
+Writes experiments/<name>/results.json (every run's result.json, as recorded) and
+experiments/<name>/results.md (the table); with --readme, replaces the table between
+<!-- fewshot:start --> and <!-- fewshot:end --> in README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from metaloss.metatest import holm, paired
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- fewshot:start -->", "<!-- fewshot:end -->"
+
+
+def setting(r: dict) -> str:
+    e = r["episodes"]
+    if e["name"] == "sinusoid":
+        return f"sinusoid {e['shot']}-shot"
+    return f"{e['way']}-way {e['shot']}-shot"
+
+
+def collect(dirs: list[Path]) -> list[dict]:
+    runs = []
+    for d in dirs:
+        found = sorted(d.rglob("result.json"))
+        if not found:
+            sys.exit(f"fewshot_record: no result.json under {d}")
+        for f in found:
+            try:
+                r = json.loads(f.read_text())
+                r["_source"] = str(f)
+                setting(r), r["loss"], r["per_episode"], r["mean"]
+            except (ValueError, KeyError, TypeError) as err:
+                sys.exit(f"fewshot_record: {f} is not a metaloss-fewshot result ({err!r})")
+            runs.append(r)
+    return runs
+
+
+def table(runs: list[dict], reference: str, alpha: float = 0.05) -> tuple[str, list[dict]]:
+    rows, lines = [], []
+    lines.append(
+        "| setting | inner loss | meta-test (mean ± 95% CI) | vs "
+        f"`{reference}` on the same episodes [95% CI] | p (Holm) | verdict |"
+    )
+    lines.append("|---|---|---|---|---|---|")
+    by_setting: dict[str, list[dict]] = {}
+    for r in runs:
+        by_setting.setdefault(setting(r), []).append(r)
+    for name, group in by_setting.items():
+        keys = [(r["loss"], r["seed"]) for r in group]
+        if len(set(keys)) != len(keys):
+            sys.exit(f"fewshot_record: {name} has two runs of the same loss and seed: {keys}")
+        ref = [r for r in group if r["loss"] == reference]
+        if len(ref) != 1:
+            sys.exit(f"fewshot_record: {name} needs exactly one `{reference}` run, has {len(ref)}")
+        ref_values = ref[0]["per_episode"]
+        higher = group[0]["metric"] == "test/acc"
+        stats = {}
+        for r in group:
+            if r is ref[0]:
+                continue
+            if len(r["per_episode"]) != len(ref_values):
+                sys.exit(
+                    f"fewshot_record: {r['_source']}: other meta-test episodes than the reference"
+                )
+            stats[r["loss"]] = paired(r["per_episode"], ref_values)
+        adjusted = holm({k: v["p_value"] for k, v in stats.items() if not math.isnan(v["p_value"])})
+        scale = 100 if higher else 1
+        unit = "%" if higher else ""
+        for r in sorted(group, key=lambda r: (r is not ref[0], r["loss"])):
+            cell = f"{scale * r['mean']:.2f} ± {scale * r['ci95']:.2f}{unit}"
+            row = {"setting": name, "loss": r["loss"], "mean": r["mean"], "ci95": r["ci95"]}
+            if r is ref[0]:
+                lines.append(f"| {name} | `{r['loss']}` (reference) | {cell} | | | |")
+            else:
+                s = stats[r["loss"]]
+                p = adjusted.get(r["loss"], float("nan"))
+                d = s["mean_difference"]
+                verdict = (
+                    "no difference"
+                    if not p < alpha
+                    else ("**better**" if (d > 0) == higher else "worse")
+                )
+                lo, hi = scale * s["ci_low"], scale * s["ci_high"]
+                lines.append(
+                    f"| {name} | `{r['loss']}` | {cell} | {scale * d:+.2f} [{lo:+.2f}, {hi:+.2f}] "
+                    f"| {p:.3g} | {verdict} |"
+                )
+                row.update(difference=d, ci=[s["ci_low"], s["ci_high"]], p_holm=p, verdict=verdict)
+            rows.append(row)
+    return "\n".join(lines), rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dirs", nargs="+", type=Path)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--reference", default="ce")
+    ap.add_argument("--readme", action="store_true")
+    ap.add_argument("--out", type=Path, default=None, help="default: experiments/<name>")
+    args = ap.parse_args()
+    runs = collect(args.dirs)
+    text, rows = table(runs, args.reference)
+    out = args.out or ROOT / "experiments" / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "runs": runs}, indent=1))
+    (out / "results.md").write_text(text + "\n")
+    print(text)
+    if args.readme:
+        readme = ROOT / "README.md"
+        s = readme.read_text()
+        if START not in s or END not in s:
+            sys.exit(f"fewshot_record: README.md has no {START} ... {END} block")
+        head, rest = s.split(START, 1)
+        readme.write_text(head + START + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+
+
+if __name__ == "__main__":
+    main()
