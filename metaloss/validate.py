@@ -259,6 +259,7 @@ RULES: dict[str, Check] = {
     "fewshot.val_episodes": integer(1, 1_000_000),
     "fewshot.test_episodes": integer(2, 1_000_000),
     "fewshot.eval_seed": integer(0),
+    "fewshot.compile": boolean(),
     "episodes.way": integer(2),
     "episodes.shot": integer(1),
     "episodes.query": integer(1),

@@ -13,6 +13,8 @@ ways on the same episodes and meta-parameters:
 Both give the same meta-gradient (the largest difference is printed). Each is timed
 ``--repeats`` times, interleaved, after a warm-up; medians are compared. The last line is
 ``speedup: <x>`` = loop time / vmap time for ``--loss`` (MeTAL by default; ``ce`` is MAML).
+``--compile`` also times the vmapped step through ``torch.compile`` (``fewshot.compile=true``),
+after its compilation (minutes, printed), and prints its ratio to the loop above the last line.
 
     python scripts/bench_fewshot.py                 # meta-batch 8, MeTAL, 5-way 1-shot
     python scripts/bench_fewshot.py --loss ce --meta-batch 32 --shot 5
@@ -29,6 +31,7 @@ import torch
 from metaloss.fewshot.losses import MeTAL, PerExample
 from metaloss.fewshot.maml import (
     FewShotProblem,
+    compiled_meta_gradient,
     hidden_layers,
     initial_meta,
     loop_objective,
@@ -47,6 +50,11 @@ def main() -> None:
     ap.add_argument("--loss", choices=["metal", "ce"], default="metal")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the vmapped step through torch.compile (fewshot.compile; minutes)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,6 +85,12 @@ def main() -> None:
         f"{args.steps} inner steps, MLP 40-64-64-5, threads {torch.get_num_threads()}"
     )
     ways = {"vmap": vmap_way, "loop": loop_way}
+    if args.compile:
+        compiled = compiled_meta_gradient(problem)
+        t0 = time.perf_counter()
+        compiled(meta, batch)
+        print(f"torch.compile: {time.perf_counter() - t0:.1f} s to compile (once per run)")
+        ways["compiled"] = lambda: compiled(meta, batch)[0]
     for fn in ways.values():  # warm-up: vmap's first call, the allocator
         fn()
     times: dict[str, list[float]] = {name: [] for name in ways}
@@ -91,8 +105,11 @@ def main() -> None:
         print(
             f"{name:<5} {t * 1e3:8.1f} ms per meta-step   ({args.meta_batch / t:7.1f} episodes/s)"
         )
-    diff = max(float((grads["vmap"][k] - grads["loop"][k]).abs().max()) for k in meta)
-    print(f"meta-gradient: max |vmap - loop| = {diff:.3g}")
+    for name in [n for n in ways if n != "vmap"]:
+        diff = max(float((grads["vmap"][k] - grads[name][k]).abs().max()) for k in meta)
+        print(f"meta-gradient: max |vmap - {name}| = {diff:.3g}")
+    if args.compile:
+        print(f"speedup of compiled vs loop: {med['loop'] / med['compiled']:.2f}")
     print(f"speedup: {med['loop'] / med['vmap']:.2f}")
 
 

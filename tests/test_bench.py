@@ -69,3 +69,34 @@ def test_search_bench_agrees_with_one_at_a_time_and_prints_its_speedup_last():
         if line.startswith("fitness: max"):
             assert float(line.split("= ")[1].split(";")[0]) < 1e-6, line
             assert line.endswith("same diverged trees: True"), line
+
+
+FEWSHOT = Path(__file__).resolve().parents[1] / "scripts" / "bench_fewshot.py"
+
+
+@pytest.mark.parametrize("loss", ["metal", "ce"])
+def test_fewshot_bench_agrees_with_the_loop_and_prints_its_speedup_last(loss):
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(FEWSHOT),
+            "--meta-batch",
+            "2",
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--loss",
+            loss,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1].startswith("speedup: ") and float(lines[-1].split()[1]) > 0
+    diff = next(line for line in lines if line.startswith("meta-gradient: max |vmap - loop|"))
+    assert float(diff.split("= ")[1]) < 1e-4, diff

@@ -369,3 +369,18 @@ def test_fewshot_record_pairs_rows_on_the_same_episodes(compose_cfg, tmp_path):
         timeout=120,
     )
     assert bad.returncode != 0 and "no result.json under" in bad.stderr
+
+
+@pytest.mark.slow
+def test_compiled_meta_gradient_equals_eager(episodes):
+    """fewshot.compile=true: the same meta-gradient through torch.compile (~1-2 min to
+    compile on 2 cores even at this size)."""
+    from metaloss.fewshot.maml import compiled_meta_gradient
+
+    problem, meta = _problem("classification", "metal", steps=1)
+    batch = episodes.sample("train", 2, seed=0)
+    compiled = compiled_meta_gradient(problem)(meta, batch)
+    eager = meta_gradient(problem, meta, batch)
+    assert compiled[1].item() == pytest.approx(eager[1].item(), rel=1e-5)
+    for k in meta:
+        torch.testing.assert_close(compiled[0][k], eager[0][k], rtol=1e-4, atol=1e-6, msg=k)

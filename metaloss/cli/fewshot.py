@@ -115,6 +115,7 @@ def _work(
                 val_episodes=int(fs.val_episodes),
                 log=lambda metrics, step: logger.log(metrics, step=step),
                 progress=lambda i: bar.update(1),
+                compile=bool(fs.compile),
             )
         finally:
             bar.close()

@@ -138,6 +138,17 @@ def meta_gradient(
     return grads, value.detach(), acc.detach()
 
 
+def compiled_meta_gradient(problem: FewShotProblem):
+    """:func:`meta_gradient` for this problem through ``torch.compile`` (``fewshot.compile``):
+    one compilation (minutes on a CPU) for a meta-step several times faster at small models,
+    where eager ``vmap`` is bound by per-operation overhead (scripts/bench_fewshot.py)."""
+
+    def step(meta: Params, batch: EpisodeBatch):
+        return meta_gradient(problem, meta, batch)
+
+    return torch.compile(step)
+
+
 def loop_objective(problem: FewShotProblem, meta: Params, batch: EpisodeBatch) -> Tensor:
     """The mean query loss one episode at a time with ``torch.autograd.grad(create_graph=True)``:
     the per-task loop of MAML's reference code, differentiable by ``.backward()`` in the

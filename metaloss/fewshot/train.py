@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from metaloss.fewshot.maml import FewShotProblem, Params, evaluate, mean_ci, meta_gradient
+from metaloss.fewshot.maml import (
+    FewShotProblem,
+    Params,
+    compiled_meta_gradient,
+    evaluate,
+    mean_ci,
+    meta_gradient,
+)
 
 STREAM = 1_000_000  # meta-batch i of seed s: episode seed s * STREAM + i
 
@@ -68,13 +75,18 @@ def meta_train(
     val_episodes: int,
     log: Callable[[dict, int], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    compile: bool = False,
 ) -> FewShotResult:
-    """``steps`` Adam steps on the meta-parameters; the best on meta-validation is returned.
+    """``steps`` Adam steps on the meta-parameters; the best on meta-validation is returned
+    (``compile``: the meta-gradient through ``torch.compile``).
     A non-finite meta-loss or meta-gradient raises :class:`MetaTrainingDiverged` (never a silent
     result)."""
     params = {k: v.detach().clone().requires_grad_() for k, v in meta.items()}
     opt = torch.optim.Adam(params.values(), lr=lr)
     better = higher_is_better(problem.kind)
+    step_fn = (
+        compiled_meta_gradient(problem) if compile else lambda m, b: meta_gradient(problem, m, b)
+    )
 
     def score(at: int) -> float:
         losses, values = evaluate(problem, params, episodes, split="val", n=val_episodes, seed=seed)
@@ -86,7 +98,7 @@ def meta_train(
     result.val.append((0, best_val))
     for i in range(1, steps + 1):
         batch = episodes.sample("train", meta_batch, seed * STREAM + i)
-        grads, value, acc = meta_gradient(problem, params, batch)
+        grads, value, acc = step_fn(params, batch)
         bad = [k for k, g in grads.items() if not torch.isfinite(g).all()]
         if not torch.isfinite(value) or bad:
             raise MetaTrainingDiverged(
