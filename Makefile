@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.metaloss-installed
 
-.PHONY: setup run test test-slow test-all lint typecheck clean
+.PHONY: setup run test test-slow test-all lint typecheck docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,11 @@ test-slow: setup
 	WANDB_SILENT=true $(PY) -m pytest -q -m slow --durations=15
 
 test-all: test test-slow
+
+# The documentation site (mkdocs.yml, docs/): strict, so a broken link, a missing page or a
+# docstring mkdocstrings cannot read fails the build (.ci/run runs it).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet -d site
 
 # Static checks, run by .ci/run beside the tests: ruff (rules in pyproject's [tool.ruff], and
 # the formatting `ruff format` gives: run it before committing), import-linter (the package's layers: pyproject's [tool.importlinter]); `make typecheck`:

@@ -1,7 +1,8 @@
-"""The README's table of recorded experiments, generated from the records themselves.
+"""The tables of recorded experiments, generated from the records themselves.
 
-    python scripts/records_table.py            # print the table
-    python scripts/records_table.py --write    # put it into README.md between its markers, and each
+    python scripts/records_table.py            # print the full table
+    python scripts/records_table.py --write    # the full table into docs/results.md, the short one
+                                               # into README.md (between their markers), and each
                                                # record's section into experiments/<name>/README.md
     python scripts/records_table.py --check    # exit 1 if any of them is not what the records say
 
@@ -24,6 +25,10 @@ from metaloss.metatest import format_number
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- records:begin (scripts/records_table.py --write) -->", "<!-- records:end -->"
+SHORT_BEGIN, SHORT_END = (
+    "<!-- records-short:begin (scripts/records_table.py --write) -->",
+    "<!-- records-short:end -->",
+)
 
 
 def _short(verdict: str) -> str:
@@ -59,6 +64,29 @@ def row(name: str, rec: dict) -> str:
         f"{format_number(sig['p_value_holm'], '.3g')} | {_short(sig['verdict'])} | "
         f"{counts} | {others} |"
     )
+
+
+def short_row(name: str, rec: dict) -> str:
+    sig = rec["significance"]
+    return (
+        f"| `{name}` | {rec['metric']} | {format_number(sig['learned_mean'])} | "
+        f"{format_number(sig['best_baseline_mean'])} ({sig['best_baseline']}) | "
+        f"{format_number(sig['difference'])} "
+        f"[{format_number(sig['ci_low'])}, {format_number(sig['ci_high'])}] | "
+        f"{format_number(sig['p_value_holm'], '.3g')} | {_short(sig['verdict'])} |"
+    )
+
+
+def short_table(root: Path = ROOT / "experiments") -> str:
+    """README's table: the verdict columns of :func:`table`."""
+    recs = sorted(root.glob("*/nested_comparison.json"))
+    head = (
+        "| experiment | metric | learned | reference tuned baseline | difference [95% CI] "
+        "| p (Holm) | verdict |"
+    )
+    lines = [head, "|" + "---|" * 7]
+    lines += [short_row(f.parent.name, json.loads(f.read_text())) for f in recs]
+    return "\n".join(lines)
 
 
 def table(root: Path = ROOT / "experiments") -> str:
@@ -153,19 +181,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--write", action="store_true", help="write the table into README.md")
     ap.add_argument(
-        "--check", action="store_true", help="exit 1 if README.md's table differs from the records"
+        "--write", action="store_true", help="write the tables into docs/results.md and README.md"
+    )
+    ap.add_argument(
+        "--check", action="store_true", help="exit 1 if a table differs from the records"
     )
     args = ap.parse_args()
     text = table()
     if not (args.write or args.check):
         print(text)
         return
-    readme = ROOT / "README.md"
-    if BEGIN not in readme.read_text() or END not in readme.read_text():
-        sys.exit(f"README.md has no {BEGIN} ... {END} markers")
-    wanted = {readme: _replace_between(readme.read_text(), BEGIN, END, text, "README.md")}
+    wanted = {}
+    for page_path, (begin, end, body) in {
+        ROOT / "docs" / "results.md": (BEGIN, END, text),
+        ROOT / "README.md": (SHORT_BEGIN, SHORT_END, short_table()),
+    }.items():
+        content = page_path.read_text()
+        if begin not in content or end not in content:
+            sys.exit(f"{page_path.relative_to(ROOT)} has no {begin} ... {end} markers")
+        wanted[page_path] = _replace_between(content, begin, end, body, page_path.name)
     for f in sorted((ROOT / "experiments").glob("*/nested_comparison.json")):
         page = f.parent / "README.md"
         if not page.is_file():

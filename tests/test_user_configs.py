@@ -171,15 +171,15 @@ def test_a_user_loss_is_accepted_in_compare_and_meta_objective(app_cfg, tmp_path
 
 def test_the_parametric_loss_list_comes_from_the_catalogue(app_cfg, tmp_path, monkeypatch):
     """metaloss-meta's "needs a parametric loss" error lists the catalogue's parametric
-    losses (a user's among them), and the README's table names exactly the shipped ones."""
+    losses (a user's among them), and the guide's table (docs/meta.md) names exactly the shipped ones."""
     shipped = config.parametric_losses()
     assert (
         {"ml3", "taylorglo", "poly_n"} <= set(shipped)
         and "mse" not in shipped
         and "learned" not in shipped
     )
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    row = next(line for line in readme.splitlines() if line.startswith("| `loss` (parametric)"))
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "meta.md").read_text()
+    row = next(line for line in guide.splitlines() if line.startswith("| `loss` (parametric)"))
     assert set(re.findall(r"`(\w+)`", row.split("|")[2])) == set(shipped)
 
     _write(
