@@ -252,7 +252,7 @@ RULES: dict[str, Check] = {
     "maml.steps": integer(1, 1000),
     "maml.inner_lr": positive(),
     "maml.first_order": boolean(),
-    "fewshot.meta_steps": integer(1),
+    "fewshot.meta_steps": integer(1, 999_999),  # meta-batch streams of two seeds never meet
     "fewshot.meta_batch": integer(1, 100_000),
     "fewshot.lr": positive(),
     "fewshot.val_every": integer(1),
@@ -264,6 +264,7 @@ RULES: dict[str, Check] = {
     "episodes.shot": integer(1),
     "episodes.query": integer(1),
     "episodes.per_class": integer(2),
+    "episodes.classes": int_list(2, nonempty=True),
     "episodes.data_seed": integer(0),
     "fewshot_loss.loss": loss_name(),
     "fewshot_loss.hidden": integer(1),
@@ -482,7 +483,18 @@ def problems(cfg: DictConfig | dict) -> list[str]:
     return out
 
 
-COMPONENTS = ("task", "model", "loss", "optim", "meta_optim", "hypergrad", "episodes")
+COMPONENTS = (
+    "task",
+    "model",
+    "loss",
+    "optim",
+    "meta_optim",
+    "hypergrad",
+    "episodes",
+    "fewshot_loss",
+)
+# keys of a component that its app reads before building it (not arguments of the target)
+APP_READS = {"fewshot_loss": {"loss_params"}}
 
 
 def _unknown_arguments(c: dict) -> list[str]:
@@ -503,6 +515,8 @@ def _unknown_arguments(c: dict) -> list[str]:
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             continue
         for key in node:
+            if key in APP_READS.get(where, ()):
+                continue
             if not str(key).startswith("_") and key not in params:
                 valid = ", ".join(
                     n

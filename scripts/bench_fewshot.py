@@ -56,6 +56,11 @@ def main() -> None:
         help="also time the vmapped step through torch.compile (fewshot.compile; minutes)",
     )
     args = ap.parse_args()
+    for key in ("meta_batch", "shot", "steps", "repeats"):
+        if getattr(args, key) < 1:
+            ap.error(f"--{key.replace('_', '-')} = {getattr(args, key)}: must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads = {args.threads}: must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

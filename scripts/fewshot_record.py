@@ -19,6 +19,8 @@ import math
 import sys
 from pathlib import Path
 
+import yaml
+
 from metaloss.metatest import holm, paired
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +34,38 @@ def setting(r: dict) -> str:
     return f"{e['way']}-way {e['shot']}-shot"
 
 
+def _problems(r: object) -> list[str]:
+    """What makes ``r`` not a metaloss-fewshot result (empty: it is one)."""
+    if not isinstance(r, dict):
+        return ["not a mapping"]
+    out = []
+    need = {"loss": str, "seed": int, "metric": str, "mean": (int, float), "ci95": (int, float)}
+    need |= {"per_episode": list, "episodes": dict, "config": dict, "test_episodes": int}
+    for key, kind in need.items():
+        if not isinstance(r.get(key), kind) or isinstance(r.get(key), bool):
+            out.append(f"{key}: missing or not a {getattr(kind, '__name__', 'number')}")
+    if out:
+        return out
+    values = r["per_episode"]
+    if r["metric"] not in ("test/acc", "test/mse"):
+        out.append(f"metric = {r['metric']!r}: test/acc or test/mse")
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    if not values or not numbers or not all(math.isfinite(v) for v in values):
+        out.append("per_episode: must be a non-empty list of finite numbers")
+    elif r["metric"] == "test/acc" and not all(0 <= v <= 1 for v in values):
+        out.append("per_episode: accuracies must lie in [0, 1]")
+    elif r["metric"] == "test/mse" and min(values) < 0:
+        out.append("per_episode: squared errors must be >= 0")
+    elif len(values) != r["test_episodes"]:
+        out.append(f"per_episode has {len(values)} values, test_episodes = {r['test_episodes']}")
+    elif abs(sum(values) / len(values) - r["mean"]) > 1e-9:
+        out.append(f"mean = {r['mean']} is not the mean of per_episode")
+    for key in ("episodes", "model", "maml", "fewshot"):
+        if not isinstance(r["config"].get(key), dict):
+            out.append(f"config.{key}: missing")
+    return out
+
+
 def collect(dirs: list[Path]) -> list[dict]:
     runs = []
     for d in dirs:
@@ -41,12 +75,37 @@ def collect(dirs: list[Path]) -> list[dict]:
         for f in found:
             try:
                 r = json.loads(f.read_text())
-                r["_source"] = str(f)
-                setting(r), r["loss"], r["per_episode"], r["mean"]
-            except (ValueError, KeyError, TypeError) as err:
-                sys.exit(f"fewshot_record: {f} is not a metaloss-fewshot result ({err!r})")
+            except ValueError as err:
+                sys.exit(f"fewshot_record: {f} is not JSON ({err})")
+            hydra_cfg = f.parent / ".hydra" / "config.yaml"
+            if isinstance(r, dict) and "config" not in r and hydra_cfg.is_file():
+                # results written before result.json carried its settings: the run's own
+                # Hydra record of them (read as data: yaml.safe_load)
+                full = yaml.safe_load(hydra_cfg.read_text()) or {}
+                keys = ("episodes", "model", "fewshot_loss", "maml", "fewshot")
+                r["config"] = {k: full.get(k) for k in keys}
+            problems = _problems(r)
+            if problems:
+                sys.exit(
+                    f"fewshot_record: {f} is not a metaloss-fewshot result (nothing was "
+                    "written):\n  " + "\n  ".join(problems)
+                )
+            r["_source"] = str(f)
             runs.append(r)
     return runs
+
+
+# what rows compared episode by episode must share: the same meta-test episodes (data, way,
+# shot, query, eval seed, number), model, inner loop and meta-training budget
+SHARED = ("metric", "episodes_info", "config.episodes", "config.model", "config.maml")
+SHARED_FEWSHOT = ("meta_steps", "meta_batch", "lr", "val_every", "val_episodes", "test_episodes")
+
+
+def _shared(r: dict) -> dict:
+    out = {k: r.get(k) if "." not in k else r["config"].get(k.split(".")[1]) for k in SHARED}
+    fs = r["config"]["fewshot"]
+    out["config.fewshot"] = {k: fs.get(k) for k in (*SHARED_FEWSHOT, "eval_seed")}
+    return out
 
 
 def table(runs: list[dict], reference: str, alpha: float = 0.05) -> tuple[str, list[dict]]:
@@ -66,6 +125,15 @@ def table(runs: list[dict], reference: str, alpha: float = 0.05) -> tuple[str, l
         ref = [r for r in group if r["loss"] == reference]
         if len(ref) != 1:
             sys.exit(f"fewshot_record: {name} needs exactly one `{reference}` run, has {len(ref)}")
+        want = _shared(ref[0])
+        for r in group:
+            differ = [k for k, v in _shared(r).items() if v != want[k]]
+            if differ:
+                sys.exit(
+                    f"fewshot_record: {r['_source']} and {ref[0]['_source']} differ in "
+                    f"{', '.join(differ)}: not the same meta-test episodes and set-up, so they "
+                    "cannot be compared episode by episode (nothing was written)"
+                )
         ref_values = ref[0]["per_episode"]
         higher = group[0]["metric"] == "test/acc"
         stats = {}

@@ -384,3 +384,134 @@ def test_compiled_meta_gradient_equals_eager(episodes):
     assert compiled[1].item() == pytest.approx(eager[1].item(), rel=1e-5)
     for k in meta:
         torch.testing.assert_close(compiled[0][k], eager[0][k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_labels_carry_the_command_lines_loss_settings():
+    from metaloss.cli.fewshot import run_label
+
+    assert run_label("ce", ["seed=1", "fewshot_loss.loss=focal"]) == "ce[loss=focal]"
+    assert run_label("metal", ["fewshot_loss.residual=false", "+fewshot_loss.hidden=8"]) == (
+        "metal[hidden=8,residual=false]"
+    )
+    assert run_label("metal_noquery", ["episodes.shot=5"]) == "metal_noquery"
+
+
+def test_validation_episodes_come_from_the_eval_seed(episodes):
+    class Recording:
+        kind = episodes.kind
+
+        def __init__(self):
+            self.asked = []
+
+        def sample(self, split, n, seed):
+            self.asked.append((split, seed))
+            return episodes.sample(split, n, seed)
+
+    problem, meta = _problem("classification", "fixed")
+    for seed, eval_seed in ((0, 0), (1, 0), (0, 5)):
+        source = Recording()
+        meta_train(
+            problem,
+            source,
+            meta,
+            steps=2,
+            meta_batch=2,
+            lr=1e-3,
+            seed=seed,
+            val_every=1,
+            val_episodes=6,
+            eval_seed=eval_seed,
+        )
+        assert {s for split, s in source.asked if split == "val"} == {eval_seed}
+        assert {s for split, s in source.asked if split == "train"} == {
+            seed * 1_000_000 + 1,
+            seed * 1_000_000 + 2,
+        }
+
+
+def test_an_interrupted_run_saves_the_best_so_far_and_says_so(compose_cfg, tmp_path, monkeypatch):
+    import metaloss.cli.fewshot as app
+
+    class Bar:
+        def __init__(self, *a, **k):
+            self.n = 0
+
+        def update(self, k):
+            self.n += k
+            if self.n == 3:
+                raise KeyboardInterrupt
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(app, "tqdm", Bar)
+    cfg = compose_cfg("fewshot", [*TINY, "fewshot_loss=metal", "logger=none"])
+    with pytest.raises(KeyboardInterrupt) as stop:
+        run(cfg, tmp_path)
+    assert len(stop.value.result.train) == 3
+    saved = torch.load(tmp_path / "meta_interrupted.pt", weights_only=True)
+    assert set(saved) == set(stop.value.result.meta)
+    assert not (tmp_path / "result.json").exists() and not (tmp_path / "meta.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["fewshot_loss.loss=class_balanced_focal"], "cannot score an episode's support set"),
+        (["+fewshot_loss.bogus=1"], "fewshot_loss.bogus: not a setting"),
+        (["fewshot_loss=metal", "+fewshot_loss.bogus=1"], "fewshot_loss.bogus: not a setting"),
+        (["fewshot_loss=ml3", "fewshot_loss.loss_params.fit_to=mse"], "fit_to = 'mse'"),
+        (["fewshot_loss=ml3", "+fewshot_loss.loss_params.nope=1"], "fewshot_loss.loss = 'ml3'"),
+        (["episodes.classes=[8.7,4,5]"], "episodes.classes"),
+        (["fewshot.meta_steps=1000000"], "fewshot.meta_steps"),
+    ],
+)
+def test_settings_an_episode_cannot_use_are_refused_before_training(
+    compose_cfg, tmp_path, overrides, message
+):
+    from metaloss.errors import ConfigError
+
+    cfg = compose_cfg("fewshot", [*TINY, "logger=none", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        run(cfg, tmp_path)
+    assert not (tmp_path / "result.json").exists()
+
+
+def test_fewshot_record_refuses_runs_it_cannot_pair_and_tampered_files(compose_cfg, tmp_path):
+    script = Path(__file__).resolve().parent.parent / "scripts" / "fewshot_record.py"
+
+    def record(where):
+        return subprocess.run(
+            [sys.executable, str(script), str(where), "--name", "t", "--out", str(tmp_path / "o")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    for loss, extra in (("ce", []), ("metal", ["fewshot.eval_seed=5"])):
+        cfg = compose_cfg("fewshot", [*TINY, f"fewshot_loss={loss}", "logger=none", *extra])
+        run(cfg, tmp_path / "a" / loss, label=loss)
+    out = record(tmp_path / "a")
+    assert out.returncode != 0 and "differ in config.fewshot" in out.stderr
+    assert not (tmp_path / "o").exists()
+    f = tmp_path / "a" / "metal" / "result.json"
+    for edit, message in (
+        (lambda r: r["per_episode"].__setitem__(0, 5.0), "accuracies must lie in [0, 1]"),
+        (lambda r: r.__setitem__("mean", 0.99), "is not the mean of per_episode"),
+        (lambda r: r.pop("ci95"), "ci95: missing"),
+    ):
+        r = json.loads(f.read_text())
+        edit(r)
+        f.write_text(json.dumps(r))
+        out = record(tmp_path / "a")
+        assert out.returncode != 0 and message in out.stderr, out.stderr
+        run(
+            compose_cfg("fewshot", [*TINY, "fewshot_loss=metal", "logger=none"]),
+            tmp_path / "b",
+            label="metal",
+        )  # a clean copy to edit next
+        f.write_text((tmp_path / "b" / "result.json").read_text())
+        (tmp_path / "b" / "run.json").unlink(missing_ok=True)
+        import shutil
+
+        shutil.rmtree(tmp_path / "b")

@@ -171,7 +171,8 @@ def test_a_user_loss_is_accepted_in_compare_and_meta_objective(app_cfg, tmp_path
 
 def test_the_parametric_loss_list_comes_from_the_catalogue(app_cfg, tmp_path, monkeypatch):
     """metaloss-meta's "needs a parametric loss" error lists the catalogue's parametric
-    losses (a user's among them), and the guide's table (docs/meta.md) names exactly the shipped ones."""
+    losses (a user's among them), and the guide's table (docs/meta.md) names exactly the
+    shipped ones."""
     shipped = config.parametric_losses()
     assert (
         {"ml3", "taylorglo", "poly_n"} <= set(shipped)

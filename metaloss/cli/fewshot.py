@@ -48,12 +48,23 @@ def build_inner_loss(cfg: DictConfig, episodes: Any, model: torch.nn.Module) -> 
         if not isinstance(name, str):
             raise ConfigError(f"fewshot_loss.loss = {name!r}: must name a loss option (conf/loss)")
         option = OmegaConf.merge(load_option("loss", name), node.get("loss_params") or {})
-        built = instantiate(option)
+        fit_to = option.get("fit_to")
+        wanted = "ce" if kind == "classification" else "mse"
+        if fit_to not in (None, wanted):
+            raise ConfigError(
+                f"fewshot_loss.loss_params.fit_to = {fit_to!r}: {kind} episodes start a learned "
+                f"loss at {wanted!r} (fewshot_loss=ml3 for classification, ml3_mse for regression)"
+            )
+        try:
+            built = instantiate(option)
+        except Exception as err:  # a setting the loss does not take, or a value it refuses
+            raise ConfigError(f"fewshot_loss.loss = {name!r} with {dict(option)}: {err}") from err
         if kind not in loss_kinds(built):
             raise ConfigError(
                 f"fewshot_loss.loss = {name!r} is a loss for {', '.join(loss_kinds(built))} "
                 f"tasks; the episodes ({episodes.name}) are {kind}"
             )
+        _try_on_an_episode(built, name, episodes)
         rest = OmegaConf.masked_copy(node, [k for k in node if k not in ("loss", "loss_params")])
         made = instantiate(rest, loss=built, kind=kind)
         return made() if isinstance(made, functools.partial) else made
@@ -65,6 +76,25 @@ def build_inner_loss(cfg: DictConfig, episodes: Any, model: torch.nn.Module) -> 
         kind=kind,
     )
     return made() if isinstance(made, functools.partial) else made
+
+
+def _try_on_an_episode(loss: Any, name: str, episodes: Any) -> None:
+    """Run the loss once on an episode's support set with chance outputs, before any training:
+    a loss that needs what a few-shot episode does not have (class counts, inputs) is refused
+    here, naming the setting, not deep in the first meta-step."""
+    batch = episodes.sample("train", 1, 0)
+    y = batch.y_support[0]
+    out = torch.zeros(len(y), episodes.out_dim)
+    try:
+        value = loss(out, y)
+        ok = isinstance(value, torch.Tensor) and value.shape == (len(y),)
+    except Exception as err:
+        raise ConfigError(
+            f"fewshot_loss.loss = {name!r} cannot score an episode's support set ({err}); "
+            "use a loss that needs only (prediction, target)"
+        ) from err
+    if not ok:
+        raise ConfigError(f"fewshot_loss.loss = {name!r}: must return one value per example")
 
 
 def run(cfg: DictConfig, out_dir: Path, label: str | None = None) -> dict:
@@ -113,10 +143,24 @@ def _work(
                 seed=int(cfg.seed),
                 val_every=int(fs.val_every),
                 val_episodes=int(fs.val_episodes),
+                eval_seed=int(fs.eval_seed),
                 log=lambda metrics, step: logger.log(metrics, step=step),
                 progress=lambda i: bar.update(1),
                 compile=bool(fs.compile),
             )
+        except KeyboardInterrupt as stop:
+            partial = getattr(stop, "result", None)
+            if partial is not None:  # what was found so far, never called a result
+                _save_meta(out / "meta_interrupted.pt", partial.meta)
+                log.warning(
+                    "interrupted at meta-step %d: the best meta-parameters so far (meta-val "
+                    "%.4f at step %d) are in %s; no meta-test was run",
+                    len(partial.train),
+                    partial.best_val,
+                    partial.best_step,
+                    out / "meta_interrupted.pt",
+                )
+            raise
         finally:
             bar.close()
         test = meta_test(
@@ -145,8 +189,7 @@ def _work(
                 k: _plain(cfg[k]) for k in ("episodes", "model", "fewshot_loss", "maml", "fewshot")
             },
         }
-        best = {k: v.cpu() for k, v in result.meta.items()}
-        atomic_write(out / "meta.pt", lambda path: torch.save(best, path))
+        _save_meta(out / "meta.pt", result.meta)
         atomic_write_text(out / "result.json", json.dumps(summary, indent=1))
         logger.summary({metric: test["mean"], f"{metric}_ci95": test["ci95"]})
     pct = 100 if episodes.kind == "classification" else 1
@@ -156,6 +199,11 @@ def _work(
         f"results: {out / 'result.json'}"
     )
     return summary
+
+
+def _save_meta(path: Path, meta: dict[str, torch.Tensor]) -> None:
+    best = {k: v.detach().cpu() for k, v in meta.items()}
+    atomic_write(path, lambda tmp: torch.save(best, tmp))
 
 
 def _plain(node: Any) -> dict:
@@ -180,8 +228,23 @@ class _OnDevice:
         return self.episodes.sample(split, n, seed).to(self.device, self.dtype)
 
 
+def run_label(choice: str | None, overrides: list[str]) -> str | None:
+    """The inner loss's name in results: the ``fewshot_loss`` option chosen, with the command
+    line's own ``fewshot_loss.*`` settings (``ce[loss=focal]``, ``metal[residual=false]``), so
+    two different losses never share a label."""
+    if choice is None:
+        return None
+    own = sorted(
+        o.lstrip("+~").split(".", 1)[1]
+        for o in overrides
+        if o.lstrip("+~").startswith("fewshot_loss.")
+    )
+    return f"{choice}[{','.join(own)}]" if own else choice
+
+
 def _app(cfg: DictConfig, hc: HydraConf) -> float | None:
-    return float(run(cfg, output_dir(hc), hc.runtime.choices.get("fewshot_loss"))["mean"])
+    label = run_label(hc.runtime.choices.get("fewshot_loss"), list(hc.overrides.task))
+    return float(run(cfg, output_dir(hc), label)["mean"])
 
 
 main = hydra_command("fewshot", _app)

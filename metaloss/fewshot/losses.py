@@ -107,7 +107,8 @@ def _affine_mlp(net: nn.ParameterDict, step: int, x: Tensor, mod: Tensor) -> Ten
 
 
 class MeTAL(InnerLoss):
-    """Task-adaptive learned loss (Baik et al., ICCV 2021), as the paper describes it:
+    """Task-adaptive learned loss (Baik et al., ICCV 2021), built from the paper's description
+    (docs/fewshot.md lists where it differs from the authors' implementation):
 
     * per inner step j, a **support loss network** over the labelled support set's task state
       — per example: the task loss (cross-entropy), the layer-wise means of the model's
@@ -122,10 +123,9 @@ class MeTAL(InnerLoss):
     The inner loss is ``base + support net + query net`` with ``residual=True`` (default): the
     networks' output layers and the adapter's start at zero, so φ at its start is exactly
     MAML's cross-entropy and the meta-training moves it only as far as the query objective says
-    (metaloss's warm-start convention, as :mod:`metaloss.residual`). ``residual=False`` drops
-    the base term: the learned networks alone, as in the paper (then they need training to be
-    useful at all). Regression episodes work alike (squared error and targets for cross-entropy
-    and one-hot labels).
+    (as :mod:`metaloss.residual` does for warm starts). ``residual=False`` drops the base term:
+    the learned networks alone (then they need training to be useful at all). Regression
+    episodes work alike (squared error and targets for cross-entropy and one-hot labels).
     """
 
     def __init__(

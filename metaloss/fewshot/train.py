@@ -73,12 +73,15 @@ def meta_train(
     seed: int,
     val_every: int,
     val_episodes: int,
+    eval_seed: int = 0,
     log: Callable[[dict, int], None] | None = None,
     progress: Callable[[int], None] | None = None,
     compile: bool = False,
 ) -> FewShotResult:
-    """``steps`` Adam steps on the meta-parameters; the best on meta-validation is returned
-    (``compile``: the meta-gradient through ``torch.compile``).
+    """``steps`` Adam steps on the meta-parameters; the best on meta-validation (its episodes
+    drawn from ``eval_seed``, the same for every loss) is returned (``compile``: the
+    meta-gradient through ``torch.compile``). Interrupted (Ctrl-C, SIGTERM), the
+    ``KeyboardInterrupt`` carries the best so far as ``.result``.
     A non-finite meta-loss or meta-gradient raises :class:`MetaTrainingDiverged` (never a silent
     result)."""
     params = {k: v.detach().clone().requires_grad_() for k, v in meta.items()}
@@ -89,39 +92,45 @@ def meta_train(
     )
 
     def score(at: int) -> float:
-        losses, values = evaluate(problem, params, episodes, split="val", n=val_episodes, seed=seed)
+        losses, values = evaluate(
+            problem, params, episodes, split="val", n=val_episodes, seed=eval_seed
+        )
         check_finite(losses, f"meta-validation at meta-step {at}")
         return float(values.mean())
 
     best_val = score(0)
     result = FewShotResult({k: v.detach().clone() for k, v in params.items()}, 0, best_val)
     result.val.append((0, best_val))
-    for i in range(1, steps + 1):
-        batch = episodes.sample("train", meta_batch, seed * STREAM + i)
-        grads, value, acc = step_fn(params, batch)
-        bad = [k for k, g in grads.items() if not torch.isfinite(g).all()]
-        if not torch.isfinite(value) or bad:
-            raise MetaTrainingDiverged(
-                f"meta-step {i}: query loss {float(value)}; non-finite meta-gradient of "
-                f"{bad[:3]} (lower fewshot.lr or maml.inner_lr)"
-            )
-        opt.zero_grad(set_to_none=True)
-        for k, p in params.items():
-            p.grad = grads[k]
-        opt.step()
-        result.train.append((i, float(value), float(acc)))
-        if log is not None:
-            log({"meta/query_loss": float(value), "meta/query_score": float(acc)}, i)
-        if i % val_every == 0 or i == steps:
-            v = score(i)
-            result.val.append((i, v))
+    try:
+        for i in range(1, steps + 1):
+            batch = episodes.sample("train", meta_batch, seed * STREAM + i)
+            grads, value, acc = step_fn(params, batch)
+            bad = [k for k, g in grads.items() if not torch.isfinite(g).all()]
+            if not torch.isfinite(value) or bad:
+                raise MetaTrainingDiverged(
+                    f"meta-step {i}: query loss {float(value)}; non-finite meta-gradient of "
+                    f"{bad[:3]} (lower fewshot.lr or maml.inner_lr)"
+                )
+            opt.zero_grad(set_to_none=True)
+            for k, p in params.items():
+                p.grad = grads[k]
+            opt.step()
+            result.train.append((i, float(value), float(acc)))
             if log is not None:
-                log({"meta/val_score": v}, i)
-            if (v > result.best_val) if better else (v < result.best_val):
-                result.meta = {k: p.detach().clone() for k, p in params.items()}
-                result.best_step, result.best_val = i, v
-        if progress is not None:
-            progress(i)
+                log({"meta/query_loss": float(value), "meta/query_score": float(acc)}, i)
+            if i % val_every == 0 or i == steps:
+                v = score(i)
+                result.val.append((i, v))
+                if log is not None:
+                    log({"meta/val_score": v}, i)
+                if (v > result.best_val) if better else (v < result.best_val):
+                    result.meta = {k: p.detach().clone() for k, p in params.items()}
+                    result.best_step, result.best_val = i, v
+            if progress is not None:
+                progress(i)
+    except KeyboardInterrupt as stop:  # Ctrl-C / SIGTERM: the caller can save what was found
+        stop.result = result  # type: ignore[attr-defined]
+        raise
     return result
 
 
