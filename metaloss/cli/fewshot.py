@@ -48,6 +48,7 @@ def build_inner_loss(cfg: DictConfig, episodes: Any, model: torch.nn.Module) -> 
         if not isinstance(name, str):
             raise ConfigError(f"fewshot_loss.loss = {name!r}: must name a loss option (conf/loss)")
         option = OmegaConf.merge(load_option("loss", name), node.get("loss_params") or {})
+        assert isinstance(option, DictConfig)  # a loss option merged with a mapping
         fit_to = option.get("fit_to")
         wanted = "ce" if kind == "classification" else "mse"
         if fit_to not in (None, wanted):
