@@ -283,7 +283,7 @@ def format_table(summary: dict) -> str:
                 continue
             cell = _cell(s[k])
             cells.append(f"**{cell}**" if best[k] == g else cell)
-        lines.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
+        lines.append(f"| {escape_markdown(g)} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -358,3 +358,252 @@ def per_seed_differences(
                 diffs.append(abs(a - b))
         out[loss] = diffs
     return out
+
+
+# ---------------------------------------------------------------- the tidy table
+#
+# One row per value: (group, loss, meta_seed, seed, metric, value, status). ``group`` is the
+# label :func:`collect` gives a run's settings that vary, ``loss`` the loss (a meta-test's
+# losses, or a metaloss-train run's), ``meta_seed`` the ``seed=`` a meta-training run was
+# launched with (None for metaloss-train runs), ``seed`` the test seed (a meta-test's draw, or
+# the run's seed), ``status`` ``ok``, ``diverged`` (the value is NaN) or ``failed`` (a run
+# directory with no result file at all: the run died before writing one). Every view below is
+# a group-by of this table; none reads the files again.
+
+TIDY_COLUMNS = ["group", "loss", "meta_seed", "seed", "metric", "value", "status"]
+
+
+def _run_dirs_without_results(root: Path) -> list[Path]:
+    """Hydra run directories (a ``.hydra/config.yaml``) under ``root`` holding no result file:
+    runs that failed or were killed before writing one."""
+    out = []
+    for cfg in sorted(root.rglob(".hydra/config.yaml")):
+        run = cfg.parent.parent
+        if not any((run / n).is_file() for n in ("metrics.json", "comparison.json")):
+            out.append(run)
+    return out
+
+
+def tidy(root: str | Path):
+    """The tidy table of every result under ``root`` (see the comment above): a pandas
+    ``DataFrame`` with :data:`TIDY_COLUMNS`. Malformed files are refused as by
+    :func:`collect` (naming the file), before anything is returned."""
+    import pandas as pd
+
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"no such directory: {root}")
+    rows: list[dict] = []
+    train = [(f, _read(f), _overrides(f.parent)) for f in sorted(root.rglob("metrics.json"))]
+    comps = [(f, _read(f), _overrides(f.parent)) for f in sorted(root.rglob("comparison.json"))]
+    failed = _run_dirs_without_results(root)
+    all_overrides = [o for _, _, o in train + comps] + [_overrides(d) for d in failed]
+    common = set.intersection(*(set(o) for o in all_overrides)) if all_overrides else set()
+
+    def group_of(overrides: list[str], fallback: str) -> str:
+        varying = [o for o in overrides if o not in common or o.startswith("debug=")]
+        varying = [o for o in varying if not o.lstrip("+~").startswith("loss=")]
+        return ",".join(varying) or fallback
+
+    def loss_of(overrides: list[str], rec: dict | None) -> str:
+        for o in overrides:
+            if o.lstrip("+~").startswith("loss="):
+                return o.split("=", 1)[1]
+        return str((rec or {}).get("loss") or "?")
+
+    def status(v: float) -> str:
+        return "ok" if math.isfinite(v) else "diverged"
+
+    for f, rec, overrides in train:
+        seed = _seed(f.parent)
+        entries = rec["runs"] if "runs" in rec else [{"metrics": rec["metrics"]}]
+        for i, r in enumerate(entries):
+            for k, v in r["metrics"].items():
+                value = _number(v)
+                rows.append(
+                    dict(
+                        group=group_of(overrides, "-"),
+                        loss=loss_of(overrides, rec),
+                        meta_seed=None,
+                        seed=r.get("seed", i if "runs" in rec else seed),
+                        metric=k,
+                        value=value,
+                        status=status(value),
+                    )
+                )
+    for f, rec, overrides in comps:
+        meta_seed = _seed(f.parent)
+        seeds = rec.get("seeds") or []
+        for loss, metrics in rec["results"].items():
+            for k, values in metrics.items():
+                for i, v in enumerate(values):
+                    value = _number(v)
+                    rows.append(
+                        dict(
+                            group=group_of(
+                                [o for o in overrides if not o.startswith("seed=")], "-"
+                            ),
+                            loss=loss,
+                            meta_seed=meta_seed,
+                            seed=seeds[i] if i < len(seeds) else i,
+                            metric=k,
+                            value=value,
+                            status=status(value),
+                        )
+                    )
+    for d in failed:
+        overrides = _overrides(d)
+        rows.append(
+            dict(
+                group=group_of([o for o in overrides if not o.startswith("seed=")], "-"),
+                loss=loss_of(overrides, None),
+                meta_seed=None,
+                seed=_seed(d),
+                metric=None,
+                value=float("nan"),
+                status="failed",
+            )
+        )
+    if not rows:
+        raise FileNotFoundError(f"no metrics.json or comparison.json under {root}")
+    return pd.DataFrame(rows, columns=TIDY_COLUMNS)
+
+
+def splits(table) -> list[str]:
+    """The metric namespaces present (``test``, ``val``, ``train``), for ``--split``."""
+    names = table["metric"].dropna().astype(str)
+    return sorted({m.split("/", 1)[0] for m in names if "/" in m})
+
+
+def per_meta_seed(table, split: str = "test"):
+    """One row per (group, loss, meta-seed, metric): mean and std over the test seeds, ``n``
+    values, how many diverged. metaloss-train runs (no meta-seed) form one row per loss."""
+    t = table[table["metric"].astype(str).str.startswith(f"{split}/")].copy()
+    t["meta_seed"] = t["meta_seed"].fillna("-")
+    g = t.groupby(["group", "loss", "meta_seed", "metric"], sort=False)["value"]
+    out = g.agg(
+        mean="mean",
+        std="std",
+        n="size",
+        n_diverged=lambda v: int((~v.map(math.isfinite)).sum()),
+    )
+    return out.reset_index()
+
+
+def pooled(table, split: str = "test"):
+    """One row per (group, loss, metric) that respects the nesting: the mean of the
+    meta-seeds' means, and the std **across meta-seeds** (n = the number of meta-training runs:
+    test seeds within a run share its learned loss, so they are not independent units). A run
+    with a diverged seed counts in ``n`` and ``n_diverged`` but not in the mean.
+    A row of metaloss-train runs (no meta-seed) pools its seeds directly. ``failed``: runs
+    under the group and loss that left no result; ``short``: fewer values than the most any
+    row of the group has (some seeds missing)."""
+    pms = per_meta_seed(table, split)
+    rows = []
+    failed = table[table["status"] == "failed"].groupby(["group", "loss"]).size()
+    for (group, loss, metric), sub in pms.groupby(["group", "loss", "metric"], sort=False):
+        nested = sub["meta_seed"].nunique() > 1 or sub["meta_seed"].iloc[0] != "-"
+        # a run with a diverged seed has no mean (NaN), as in :func:`collect`: it is counted,
+        # never averaged over the seeds that happened to survive
+        means = sub["mean"].where(sub["n_diverged"] == 0).dropna()
+        rows.append(
+            dict(
+                group=group,
+                loss=loss,
+                metric=metric,
+                mean=float(means.mean()) if nested else float(sub["mean"].iloc[0]),
+                std=float(means.std())
+                if nested and len(means) > 1
+                else (0.0 if nested and len(means) else float(sub["std"].iloc[0])),
+                n=int(len(sub)) if nested else int(sub["n"].iloc[0]),
+                unit="meta-seeds" if nested else "seeds",
+                n_diverged=int(sub["n_diverged"].sum()),
+                failed=int(failed.get((group, loss), 0)),
+            )
+        )
+    import pandas as pd
+
+    out = pd.DataFrame(rows)
+    if len(out):
+        most = out.groupby(["group", "metric"])["n"].transform("max")
+        out["short"] = out["n"] < most
+    return out
+
+
+def escape_markdown(text: str) -> str:
+    """A table cell: ``|`` would start a new column, so it is escaped."""
+    return str(text).replace("|", "\\|")
+
+
+_LATEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "|": r"\textbar{}",
+}
+
+
+def escape_latex(text: str) -> str:
+    """A LaTeX table cell: each special character replaced in one pass."""
+    return "".join(_LATEX.get(c, c) for c in str(text))
+
+
+def _pooled_cell(r) -> str:
+    text = "NaN" if not math.isfinite(r["mean"]) else f"{r['mean']:.4f} ± {r['std']:.4f}"
+    notes = [f"n={r['n']} {r['unit']}"]
+    if r["n_diverged"]:
+        notes.append(f"{r['n_diverged']} diverged")
+    if r["failed"]:
+        notes.append(f"{r['failed']} failed")
+    if r.get("short"):
+        notes.append("fewer seeds than planned")
+    return f"{text} ({', '.join(notes)})"
+
+
+def pooled_markdown(pool) -> str:
+    """The pooled view as markdown: rows (group, loss), columns metrics; labels escaped."""
+    if not len(pool):
+        return ""
+    metrics = list(dict.fromkeys(pool["metric"]))
+    lines = ["| group | loss | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 2)]
+    for (group, loss), sub in pool.groupby(["group", "loss"], sort=False):
+        cells = {r["metric"]: _pooled_cell(r) for _, r in sub.iterrows()}
+        lines.append(
+            f"| {escape_markdown(group)} | {escape_markdown(loss)} | "
+            + " | ".join(escape_markdown(cells.get(m, "")) for m in metrics)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def pooled_latex(pool) -> str:
+    """The pooled view as a booktabs LaTeX table (mean ± std, n), every label escaped."""
+    metrics = list(dict.fromkeys(pool["metric"]))
+    head = " & ".join(["group", "loss", *(escape_latex(m) for m in metrics)])
+    lines = [
+        r"\begin{tabular}{ll" + "r" * len(metrics) + "}",
+        r"\toprule",
+        head + r" \\",
+        r"\midrule",
+    ]
+    for (group, loss), sub in pool.groupby(["group", "loss"], sort=False):
+        cells = {}
+        for _, r in sub.iterrows():
+            mean = "NaN" if not math.isfinite(r["mean"]) else f"{r['mean']:.4f}"
+            std = "" if not math.isfinite(r["std"]) else rf" $\pm$ {r['std']:.4f}"
+            cells[r["metric"]] = f"{mean}{std} (n={r['n']})"
+        lines.append(
+            " & ".join(
+                [escape_latex(group), escape_latex(loss)] + [cells.get(m, "") for m in metrics]
+            )
+            + r" \\"
+        )
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines)
