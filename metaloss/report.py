@@ -155,6 +155,47 @@ def _read(f: Path) -> dict:
     return rec
 
 
+def _read_fewshot(f: Path) -> dict:
+    """A `metaloss-fewshot` result.json as a meta-test record: its inner loss's meta-test
+    scores, one per episode (``{"results": {loss: {metric: [per episode]}}}``), refused unless
+    it holds what such a file holds (naming the file and the key)."""
+    try:
+        rec = json.loads(f.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise UnreadableResult(f"{f}: not readable JSON ({e})") from e
+    if nesting_depth(rec) > MAX_NESTING:
+        raise UnreadableResult(f"{f}: nested deeper than {MAX_NESTING} levels")
+    if not isinstance(rec, dict) or not all(k in rec for k in ("loss", "metric", "per_episode")):
+        raise UnreadableResult(
+            f"{f}: not a metaloss-fewshot result.json (loss, metric, per_episode)"
+        )
+    # only loss, metric and per_episode are read (the run's settings beside them are not)
+    found = []
+    if not isinstance(rec["loss"], str) or not isinstance(rec["metric"], str):
+        found.append("loss and metric: must be names")
+    else:
+        found += _metrics_problems({rec["metric"]: rec["per_episode"]}, "", per_seed=True)
+    if found:
+        raise UnreadableResult(
+            f"{f}: not a valid metaloss-fewshot result.json (nothing was reported):\n  "
+            + "\n  ".join(found)
+        )
+    n = len(rec["per_episode"])
+    return {"results": {rec["loss"]: {rec["metric"]: rec["per_episode"]}}, "seeds": list(range(n))}
+
+
+def _comparisons(root: Path) -> list[tuple[Path, dict, list[str]]]:
+    """Every meta-test under ``root``: comparison.json files, and metaloss-fewshot result.json
+    files (their episodes are the test seeds)."""
+    out = [(f, _read(f), _overrides(f.parent)) for f in sorted(root.rglob("comparison.json"))]
+    out += [
+        (f, _read_fewshot(f), _overrides(f.parent))
+        for f in sorted(root.rglob("result.json"))
+        if (f.parent / "meta.pt").is_file() or (f.parent / ".hydra").is_dir()
+    ]
+    return out
+
+
 def collect(root: str | Path) -> dict[str, dict[str, list[float]]]:
     """``{group: {metric: [value per seed/run]}}`` from every result file under ``root``.
 
@@ -187,7 +228,7 @@ def collect(root: str | Path) -> dict[str, dict[str, list[float]]]:
                 groups[label][k].append(_number(v))
     # Meta-tests of different runs (another loss family, task, lr...) are kept apart: a row
     # is "<overrides that vary> | <loss>", as for metrics.json runs.
-    comps = [(f, _read(f), _overrides(f.parent)) for f in sorted(root.rglob("comparison.json"))]
+    comps = _comparisons(root)
     common = set.intersection(*(set(o) for _, _, o in comps)) if comps else set()
     varying_of = {}
     for f, _, overrides in comps:
@@ -223,7 +264,7 @@ def collect(root: str | Path) -> dict[str, dict[str, list[float]]]:
                 runs_[0] if len(runs_) == 1 else [float(np.mean(r)) for r in runs_]
             )
     if not groups:
-        raise FileNotFoundError(f"no metrics.json or comparison.json under {root}")
+        raise FileNotFoundError(f"no metrics.json, comparison.json or result.json under {root}")
     return {g: dict(m) for g, m in groups.items()}
 
 
@@ -379,7 +420,7 @@ def _run_dirs_without_results(root: Path) -> list[Path]:
     out = []
     for cfg in sorted(root.rglob(".hydra/config.yaml")):
         run = cfg.parent.parent
-        if not any((run / n).is_file() for n in ("metrics.json", "comparison.json")):
+        if not any((run / n).is_file() for n in ("metrics.json", "comparison.json", "result.json")):
             out.append(run)
     return out
 
@@ -395,7 +436,7 @@ def tidy(root: str | Path):
         raise FileNotFoundError(f"no such directory: {root}")
     rows: list[dict] = []
     train = [(f, _read(f), _overrides(f.parent)) for f in sorted(root.rglob("metrics.json"))]
-    comps = [(f, _read(f), _overrides(f.parent)) for f in sorted(root.rglob("comparison.json"))]
+    comps = _comparisons(root)
     failed = _run_dirs_without_results(root)
     all_overrides = [o for _, _, o in train + comps] + [_overrides(d) for d in failed]
     common = set.intersection(*(set(o) for o in all_overrides)) if all_overrides else set()
@@ -407,7 +448,7 @@ def tidy(root: str | Path):
 
     def loss_of(overrides: list[str], rec: dict | None) -> str:
         for o in overrides:
-            if o.lstrip("+~").startswith("loss="):
+            if o.lstrip("+~").startswith(("loss=", "fewshot_loss=")):
                 return o.split("=", 1)[1]
         return str((rec or {}).get("loss") or "?")
 
@@ -465,7 +506,7 @@ def tidy(root: str | Path):
             )
         )
     if not rows:
-        raise FileNotFoundError(f"no metrics.json or comparison.json under {root}")
+        raise FileNotFoundError(f"no metrics.json, comparison.json or result.json under {root}")
     return pd.DataFrame(rows, columns=TIDY_COLUMNS)
 
 

@@ -352,6 +352,12 @@ def test_fewshot_record_pairs_rows_on_the_same_episodes(compose_cfg, tmp_path):
     assert metal["difference"] == pytest.approx(sum(d) / len(d))
     assert metal["p_holm"] == pytest.approx(paired(a, b)["p_value"])  # one comparison: Holm = p
     assert "| 3-way 1-shot | `ce` (reference) |" in (tmp_path / "rec" / "results.md").read_text()
+    # metaloss-report reads the same runs: one value per meta-test episode
+    from metaloss.report import collect, tidy
+
+    groups = collect(tmp_path / "sweep")
+    assert [groups[k]["test/acc"] for k in groups if k.endswith("metal")] == [a]
+    assert set(tidy(tmp_path / "sweep")["loss"]) == {"ce", "metal"}
     # a directory without results is refused, naming it
     (tmp_path / "empty").mkdir()
     bad = subprocess.run(

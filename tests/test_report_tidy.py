@@ -98,7 +98,10 @@ def test_the_cli_writes_every_view_escaped_and_refuses_a_bad_split_before_writin
     for line in md.splitlines():
         if line.startswith("|"):  # every row has as many columns as its header
             assert line.replace("\\|", "").count("|") in {7, 4, 5}, line
-    assert "Per meta-training run" in md and "1 failed run(s) left no result" in md
+    assert (
+        "Per meta-training run" in md
+        and "1 run(s) left no result (failed, killed or still running)" in md
+    )
     csv = (sweep / "report.csv").read_text().splitlines()
     assert csv[0] == "group,loss,meta_seed,seed,metric,value,status" and len(csv) == 1 + 12 + 2 + 1
     tex = (sweep / "report.tex").read_text()

@@ -76,9 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         text += "\n\nPer meta-training run:\n\n" + "\n".join(lines)
     failed = table[table["status"] == "failed"]
     if len(failed):
-        text += f"\n\n{len(failed)} failed run(s) left no result: " + ", ".join(
-            f"{escape_markdown(r['group'])} / {escape_markdown(r['loss'])} (seed {r['seed']})"
-            for _, r in failed.iterrows()
+        text += (
+            f"\n\n{len(failed)} run(s) left no result (failed, killed or still running): "
+            + ", ".join(
+                f"{escape_markdown(r['group'])} / {escape_markdown(r['loss'])} (seed {r['seed']})"
+                for _, r in failed.iterrows()
+            )
         )
     print(text)
     out.mkdir(parents=True, exist_ok=True)
