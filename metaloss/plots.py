@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,6 +80,40 @@ def loss_curves(
     return x, curves, label
 
 
+def _gradients(
+    losses: dict[str, Callable], kind: str, num_classes: int | None, class_counts, n: int = 200
+) -> dict[str, torch.Tensor]:
+    """Each loss's derivative along the grid of :func:`loss_curves`, with respect to the
+    prediction (regression), the true class's logit (classification) or the logit (binary):
+    what the inner optimizer actually follows. Segmentation: none (a whole image per point)."""
+    if kind == "segmentation":
+        return {}
+    out = {}
+    for name, fn in losses.items():
+        _, curves, _ = loss_curves({name: _Grad(fn)}, kind, num_classes, n, class_counts)
+        if name in curves:
+            out[name] = curves[name]
+    return out
+
+
+class _Grad:
+    """A loss wrapped to return, instead of its values, d loss / d (the plotted coordinate):
+    the prediction (regression, binary logit) or the true class's logit."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+    def __call__(self, pred, target, **ctx):  # ctx carries its own `t` (training progress)
+        with torch.enable_grad():
+            pred = pred.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.fn(pred, target, **ctx).sum(), pred, allow_unused=True)
+        if g is None:
+            return torch.zeros(len(pred))
+        if pred.ndim == 2 and pred.shape[1] > 1 and not target.is_floating_point():
+            return g.gather(1, target.view(-1, 1)).squeeze(1)
+        return g.reshape(len(pred), -1)[:, 0]
+
+
 def plot_losses(
     losses: dict[str, Callable],
     kind: str,
@@ -90,44 +123,56 @@ def plot_losses(
     class_counts: torch.Tensor | None = None,
     title: str = "",
 ) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The losses' shapes on shared axes: each loss scaled to [0, 1] over the grid (shape, not
+    scale: a learned loss's scale would swamp the baselines), and beside it the derivative the
+    inner optimizer follows, scaled by its largest magnitude. The learned loss is drawn thick
+    in the learned colour of :mod:`metaloss.figures`. Writes ``path`` (PNG) and a PDF beside it."""
+    from metaloss.figures import BASELINE, LEARNED, save, style
 
     x, raw, label = loss_curves(losses, kind, num_classes, class_counts=class_counts)
-    # Constants do not change gradients: draw every curve with its minimum at 0.
-    curves = {
-        name: y - y[torch.isfinite(y)].min()
-        if bool(torch.isfinite(y).any())
-        else y  # all-NaN: nothing to shift
-        for name, y in raw.items()
-    }
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for name, y in curves.items():
-        learned = name == "learned"
-        ax.plot(
-            x,
-            y,
-            lw=2.5 if learned else 1.2,
-            ls="-" if learned else "--",
-            label=name,
-            color="black" if learned else None,
+    grads = _gradients({n: losses[n] for n in raw}, kind, num_classes, class_counts)
+
+    def scaled(y: torch.Tensor, signed: bool) -> torch.Tensor:
+        ok = y[torch.isfinite(y)]
+        if not len(ok):
+            return y
+        if signed:
+            top = ok.abs().max()
+            return y / top if top > 0 else y
+        lo, hi = ok.min(), ok.max()
+        return (y - lo) / (hi - lo) if hi > lo else y - lo
+
+    panels = [("loss, scaled to [0, 1]", {n: scaled(y, False) for n, y in raw.items()})]
+    if grads:
+        panels.append(
+            (
+                "d loss / d "
+                + ("prediction" if kind == "regression" else "true-class logit")
+                + ", scaled",
+                {n: scaled(y, True) for n, y in grads.items()},
+            )
         )
-    finite = (
-        torch.cat([y[torch.isfinite(y)] for y in curves.values()]) if curves else torch.zeros(0)
-    )
-    if len(finite):
-        hi = float(torch.quantile(finite, 0.95))
-        ax.set_ylim(
-            min(0.0, float(finite.min())) - 0.05, hi * 1.2 if hi > 0 and math.isfinite(hi) else None
-        )
-    ax.set_xlabel(label)
-    ax.set_ylabel("per-example loss (shifted to min 0)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    with style() as plt:
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
+        cycle = ["#7f8c8d", "#95a5a6", "#5d6d7e", "#aab7b8", "#34495e", "#85929e", "#2e4053"]
+        for ax, (ylabel, curves) in zip(axes.flat, panels):
+            for i, (name, y) in enumerate(curves.items()):
+                learned = name == "learned"
+                ax.plot(
+                    x,
+                    y,
+                    lw=2.4 if learned else 1.1,
+                    ls="-" if learned else ("--", "-.", ":")[i % 3],
+                    color=LEARNED if learned else cycle[i % len(cycle)] or BASELINE,
+                    label=name,
+                    zorder=3 if learned else 2,
+                )
+            ax.set_xlabel(label)
+            ax.set_ylabel(ylabel)
+        axes.flat[0].legend(loc="best", frameon=False)
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        save(fig, path)
+        plt.close(fig)
+    return Path(path)

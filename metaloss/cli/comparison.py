@@ -19,10 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from metaloss.cli.logger import write_json
 from metaloss.config import DEFAULT_BASELINES, baselines_for, load_option
+from metaloss.figures import comparison_figure
 from metaloss.metatest import compare_losses, format_number, significance
 from metaloss.metrics import train_result_names
 from metaloss.plots import loss_curves, plot_losses
-from metaloss.report import format_table, plot, summarize
+from metaloss.report import format_table, summarize
 from metaloss.runtime import canonical_draws
 from metaloss.tasks.base import DRAW_STRIDE, TEST_TASK_SEEDS
 from metaloss.tune import (
@@ -452,7 +453,12 @@ def _write_comparison(record: dict, losses: dict, task: Any, out_dir: Path, logg
     write_json(out_dir / "comparison.json", record)
     (out_dir / "comparison.md").write_text(f"{table}\n\n{verdict}\n")
     print(f"\n{table}\n\n{verdict}\n", flush=True)
-    plot(summary, out_dir / "comparison.png")
+    comparison_figure(
+        record["results"],
+        out_dir / "comparison.png",
+        significance=record.get("significance"),
+        title=f"meta-test on {task.name}",
+    )
     drawable = _plottable(losses, task)
     if drawable:
         plot_losses(
