@@ -46,7 +46,12 @@ RC: dict[str, Any] = {
 @contextmanager
 def style() -> Iterator[Any]:
     """``with style() as plt:`` — matplotlib (Agg) in metaloss's style, for this block only."""
+    import logging
+
     import matplotlib
+
+    # PDF font subsetting logs every table it prunes at INFO, which Hydra's log shows
+    logging.getLogger("fontTools").setLevel(logging.WARNING)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

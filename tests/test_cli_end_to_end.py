@@ -282,3 +282,29 @@ def test_eval_applies_command_line_values_over_the_files_setup(compose_cfg, tmp_
     chosen = [f"loss_path={f}", "optim=sgd"]
     cfg = setup_from_file(compose_cfg("eval", chosen), meta, given_keys(chosen), str(f))
     assert cfg.optim._target_.endswith(".sgd")
+
+
+def test_a_command_ends_by_saying_where_its_outputs_are(tmp_path):
+    """Every command's last line names its run directory; log lines are written around the
+    progress bars (through tqdm), never inside a bar's line."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "metaloss.cli.train",
+            "debug=default",
+            "progress=true",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == f"metaloss-train: outputs in {(tmp_path / 'run').resolve()}"
+    for segment in (out.stdout + out.stderr).replace("\r", "\n").splitlines():
+        assert not ("%|" in segment and "][metaloss][" in segment), segment

@@ -309,7 +309,8 @@ def test_cli_refuses_bad_settings_before_compute_and_fails_on_divergence(tmp_pat
     assert not (tmp_path / "c" / "run" / "result.json").exists()
     ok = _cli(TINY, tmp_path / "d")
     assert ok.returncode == 0, ok.stderr
-    assert f"results: {Path(tmp_path / 'd' / 'run' / 'result.json')}" in ok.stdout
+    assert f"results: {tmp_path / 'd' / 'run' / 'result.json'}" in ok.stdout
+    assert ok.stdout.strip().splitlines()[-1].startswith("metaloss-fewshot: outputs in ")
 
 
 @pytest.mark.parametrize("debug", ["default", "fast_dev_run"])

@@ -10,7 +10,8 @@ the same way for every command, in this order:
    (:class:`metaloss.runs.RunDir`): a directory of another configuration is refused;
 5. signals — SIGTERM / Ctrl-C become :class:`~metaloss.cli.signals.Interrupted` while the
    work runs, so it can save what it has (:func:`~metaloss.cli.signals.interruptible`);
-6. the work itself;
+6. the work itself, log lines routed around progress bars; it ends by printing where its
+   outputs are;
 7. exit — a refused setting prints its message and exits 2, a diagnosed failure 1, a signal
    128 + its number (:func:`~metaloss.cli.signals.console`).
 
@@ -30,6 +31,7 @@ import torch
 from hydra.conf import HydraConf
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metaloss import runtime
 from metaloss.cli.signals import console, exit_on_interrupt, interruptible
@@ -67,8 +69,12 @@ def run_command(
         if owner
         else ReadOnlyDir(Path(out_dir))
     )
-    with held as run_dir, interruptible():
-        return work(cfg, run_dir, device, dtype)
+    # log lines go through tqdm while a bar is drawn, so they never land inside a bar's line
+    with held as run_dir, interruptible(), logging_redirect_tqdm():
+        result = work(cfg, run_dir, device, dtype)
+    if owner:  # every command ends by saying where its outputs are
+        print(f"metaloss-{kind}: outputs in {Path(out_dir).resolve()}", flush=True)
+    return result
 
 
 class ReadOnlyDir:
