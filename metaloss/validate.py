@@ -255,6 +255,7 @@ RULES: dict[str, Check] = {
     "fewshot.meta_steps": integer(1, 999_999),  # meta-batch streams of two seeds never meet
     "fewshot.meta_batch": integer(1, 100_000),
     "fewshot.lr": positive(),
+    "fewshot.clip_grad_norm": positive(optional=True),
     "fewshot.val_every": integer(1),
     "fewshot.val_episodes": integer(1, 1_000_000),
     "fewshot.test_episodes": integer(2, 1_000_000),

@@ -145,6 +145,7 @@ def _work(
                 val_every=int(fs.val_every),
                 val_episodes=int(fs.val_episodes),
                 eval_seed=int(fs.eval_seed),
+                clip_grad_norm=None if fs.clip_grad_norm is None else float(fs.clip_grad_norm),
                 log=lambda metrics, step: logger.log(metrics, step=step),
                 progress=lambda i: bar.update(1),
                 compile=bool(fs.compile),

@@ -74,6 +74,7 @@ def meta_train(
     val_every: int,
     val_episodes: int,
     eval_seed: int = 0,
+    clip_grad_norm: float | None = 10.0,
     log: Callable[[dict, int], None] | None = None,
     progress: Callable[[int], None] | None = None,
     compile: bool = False,
@@ -81,7 +82,8 @@ def meta_train(
     """``steps`` Adam steps on the meta-parameters; the best on meta-validation (its episodes
     drawn from ``eval_seed``, the same for every loss) is returned (``compile``: the
     meta-gradient through ``torch.compile``). Interrupted (Ctrl-C, SIGTERM), the
-    ``KeyboardInterrupt`` carries the best so far as ``.result``.
+    ``KeyboardInterrupt`` carries the best so far as ``.result``. The meta-gradient's norm
+    is clipped to ``clip_grad_norm`` (None: not clipped).
     A non-finite meta-loss or meta-gradient raises :class:`MetaTrainingDiverged` (never a silent
     result)."""
     params = {k: v.detach().clone().requires_grad_() for k, v in meta.items()}
@@ -114,6 +116,8 @@ def meta_train(
             opt.zero_grad(set_to_none=True)
             for k, p in params.items():
                 p.grad = grads[k]
+            if clip_grad_norm is not None:  # as the main engine's meta.clip_grad_norm
+                torch.nn.utils.clip_grad_norm_(list(params.values()), clip_grad_norm)
             opt.step()
             result.train.append((i, float(value), float(acc)))
             if log is not None:
