@@ -25,6 +25,8 @@ import numpy as np
 LEARNED = "#c0392b"  # the learned loss, in every figure
 BASELINE = "#34495e"
 REFERENCE = "#2874a6"  # the reference tuned baseline
+# baselines drawn as lines: distinct, none of them the learned loss's red
+BASELINES = ["#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 RC: dict[str, Any] = {
     "font.size": 9,
     "axes.titlesize": 10,

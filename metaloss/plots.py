@@ -127,7 +127,7 @@ def plot_losses(
     scale: a learned loss's scale would swamp the baselines), and beside it the derivative the
     inner optimizer follows, scaled by its largest magnitude. The learned loss is drawn thick
     in the learned colour of :mod:`metaloss.figures`. Writes ``path`` (PNG) and a PDF beside it."""
-    from metaloss.figures import BASELINE, LEARNED, save, style
+    from metaloss.figures import BASELINES, LEARNED, save, style
 
     x, raw, label = loss_curves(losses, kind, num_classes, class_counts=class_counts)
     grads = _gradients({n: losses[n] for n in raw}, kind, num_classes, class_counts)
@@ -154,7 +154,6 @@ def plot_losses(
         )
     with style() as plt:
         fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
-        cycle = ["#7f8c8d", "#95a5a6", "#5d6d7e", "#aab7b8", "#34495e", "#85929e", "#2e4053"]
         for ax, (ylabel, curves) in zip(axes.flat, panels):
             for i, (name, y) in enumerate(curves.items()):
                 learned = name == "learned"
@@ -162,8 +161,8 @@ def plot_losses(
                     x,
                     y,
                     lw=2.4 if learned else 1.1,
-                    ls="-" if learned else ("--", "-.", ":")[i % 3],
-                    color=LEARNED if learned else cycle[i % len(cycle)] or BASELINE,
+                    ls="-" if learned else ("--", "-.", ":", (0, (5, 1, 1, 1)))[i % 4],
+                    color=LEARNED if learned else BASELINES[i % len(BASELINES)],
                     label=name,
                     zorder=3 if learned else 2,
                 )
