@@ -1,10 +1,11 @@
 """Collect `metaloss-fewshot` runs into a recorded comparison: one row per (episodes, inner
 loss), mean ± 95% CI over the meta-test episodes, and each loss against a reference loss
-(MAML's cross-entropy by default) on the *same* episodes: a paired t-test over episodes with
-Holm's adjustment over the rows of a setting (metaloss.metatest.paired / holm).
+(MAML: cross-entropy, or squared error for regression episodes, by default) on the *same*
+episodes: a paired t-test over episodes with Holm's adjustment over the rows of a setting
+(metaloss.metatest.paired / holm).
 
-    python scripts/fewshot_record.py multirun/fewshot/<date> --name fewshot_5way
-    python scripts/fewshot_record.py DIR ... --name fewshot_5way --readme   # also README's table
+    python scripts/fewshot_record.py multirun/fewshot/<date> --name fewshot
+    python scripts/fewshot_record.py DIR ... --name fewshot --readme   # also README's table
 
 Writes experiments/<name>/results.json (every run's result.json, as recorded) and
 experiments/<name>/results.md (the table); with --readme, replaces the table between
@@ -108,11 +109,11 @@ def _shared(r: dict) -> dict:
     return out
 
 
-def table(runs: list[dict], reference: str, alpha: float = 0.05) -> tuple[str, list[dict]]:
+def table(runs: list[dict], references: list[str], alpha: float = 0.05) -> tuple[str, list[dict]]:
     rows, lines = [], []
     lines.append(
-        "| setting | inner loss | meta-test (mean ± 95% CI) | vs "
-        f"`{reference}` on the same episodes [95% CI] | p (Holm) | verdict |"
+        "| setting | inner loss | meta-test (mean ± 95% CI) | vs the reference (MAML) on the "
+        "same episodes [95% CI] | p (Holm) | verdict |"
     )
     lines.append("|---|---|---|---|---|---|")
     by_setting: dict[str, list[dict]] = {}
@@ -122,9 +123,14 @@ def table(runs: list[dict], reference: str, alpha: float = 0.05) -> tuple[str, l
         keys = [(r["loss"], r["seed"]) for r in group]
         if len(set(keys)) != len(keys):
             sys.exit(f"fewshot_record: {name} has two runs of the same loss and seed: {keys}")
+        present = [x for x in references if any(r["loss"] == x for r in group)]
+        reference = present[0] if present else references[0]
         ref = [r for r in group if r["loss"] == reference]
         if len(ref) != 1:
-            sys.exit(f"fewshot_record: {name} needs exactly one `{reference}` run, has {len(ref)}")
+            sys.exit(
+                f"fewshot_record: {name} needs exactly one run of one of {references} "
+                f"(the reference), has {len(ref)} of {reference!r}"
+            )
         want = _shared(ref[0])
         for r in group:
             differ = [k for k, v in _shared(r).items() if v != want[k]]
@@ -149,7 +155,8 @@ def table(runs: list[dict], reference: str, alpha: float = 0.05) -> tuple[str, l
         scale = 100 if higher else 1
         unit = "%" if higher else ""
         for r in sorted(group, key=lambda r: (r is not ref[0], r["loss"])):
-            cell = f"{scale * r['mean']:.2f} ± {scale * r['ci95']:.2f}{unit}"
+            digits = 2 if higher else 3
+            cell = f"{scale * r['mean']:.{digits}f} ± {scale * r['ci95']:.{digits}f}{unit}"
             row = {"setting": name, "loss": r["loss"], "mean": r["mean"], "ci95": r["ci95"]}
             if r is ref[0]:
                 lines.append(f"| {name} | `{r['loss']}` (reference) | {cell} | | | |")
@@ -164,7 +171,8 @@ def table(runs: list[dict], reference: str, alpha: float = 0.05) -> tuple[str, l
                 )
                 lo, hi = scale * s["ci_low"], scale * s["ci_high"]
                 lines.append(
-                    f"| {name} | `{r['loss']}` | {cell} | {scale * d:+.2f} [{lo:+.2f}, {hi:+.2f}] "
+                    f"| {name} | `{r['loss']}` | {cell} | {scale * d:+.{digits}f} "
+                    f"[{lo:+.{digits}f}, {hi:+.{digits}f}] "
                     f"| {p:.3g} | {verdict} |"
                 )
                 row.update(difference=d, ci=[s["ci_low"], s["ci_high"]], p_holm=p, verdict=verdict)
@@ -176,15 +184,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", type=Path)
     ap.add_argument("--name", required=True)
-    ap.add_argument("--reference", default="ce")
+    ap.add_argument(
+        "--reference",
+        action="append",
+        default=None,
+        help="the reference loss; repeat for several (the first present in a setting is used; "
+        "default: ce, then mse)",
+    )
     ap.add_argument("--readme", action="store_true")
     ap.add_argument("--out", type=Path, default=None, help="default: experiments/<name>")
     args = ap.parse_args()
     runs = collect(args.dirs)
-    text, rows = table(runs, args.reference)
+    text, rows = table(runs, args.reference or ["ce", "mse"])
     out = args.out or ROOT / "experiments" / args.name
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "runs": runs}, indent=1))
+    kept = [{k: v for k, v in r.items() if k != "train_history"} for r in runs]  # size
+    (out / "results.json").write_text(json.dumps({"rows": rows, "runs": kept}))
     (out / "results.md").write_text(text + "\n")
     print(text)
     if args.readme:
