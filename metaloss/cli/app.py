@@ -30,6 +30,7 @@ import hydra
 import torch
 from hydra.conf import HydraConf
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -73,8 +74,20 @@ def run_command(
     with held as run_dir, interruptible(), logging_redirect_tqdm():
         result = work(cfg, run_dir, device, dtype)
     if owner:  # every command ends by saying where its outputs are
-        print(f"metaloss-{kind}: outputs in {Path(out_dir).resolve()}", flush=True)
+        print(where_outputs_are(kind, Path(out_dir)), flush=True)
     return result
+
+
+def where_outputs_are(kind: str, out_dir: Path) -> str:
+    """``metaloss-<kind>: outputs in <run dir>``, with the sweep's directory in a multirun and
+    the offline W&B run directory when one was written (``wandb sync`` it to upload)."""
+    line = f"metaloss-{kind}: outputs in {out_dir.resolve()}"
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        line += f" (sweep {Path(HydraConfig.get().sweep.dir).resolve()})"
+    runs = sorted(out_dir.glob("**/offline-run-*"))
+    if runs:
+        line += f"; W&B run {runs[-1].resolve()}"
+    return line
 
 
 class ReadOnlyDir:
