@@ -126,71 +126,19 @@ def _work(
         first_order=bool(cfg.maml.first_order),
     )
     run_dir.record(hydra_record(cfg))
-    fs = cfg.fewshot
-    steps = int(fs.meta_steps)
     label = label or _label(cfg)
+    source = _OnDevice(episodes, device, dtype)
     with open_logger(cfg, out, job_type="fewshot", name=f"fewshot-{label}") as logger:
-        bar = tqdm(
-            total=steps, desc=f"meta-train {label}", disable=not cfg.progress, mininterval=1.0
-        )
-        try:
-            result = meta_train(
-                problem,
-                _OnDevice(episodes, device, dtype),
-                initial_meta(model, loss),
-                steps=steps,
-                meta_batch=int(fs.meta_batch),
-                lr=float(fs.lr),
-                seed=int(cfg.seed),
-                val_every=int(fs.val_every),
-                val_episodes=int(fs.val_episodes),
-                eval_seed=int(fs.eval_seed),
-                clip_grad_norm=None if fs.clip_grad_norm is None else float(fs.clip_grad_norm),
-                log=lambda metrics, step: logger.log(metrics, step=step),
-                progress=lambda i: bar.update(1),
-                compile=bool(fs.compile),
-            )
-        except KeyboardInterrupt as stop:
-            partial = getattr(stop, "result", None)
-            if partial is not None:  # what was found so far, never called a result
-                _save_meta(out / "meta_interrupted.pt", partial.meta)
-                log.warning(
-                    "interrupted at meta-step %d: the best meta-parameters so far (meta-val "
-                    "%.4f at step %d) are in %s; no meta-test was run",
-                    len(partial.train),
-                    partial.best_val,
-                    partial.best_step,
-                    out / "meta_interrupted.pt",
-                )
-            raise
-        finally:
-            bar.close()
+        result = _meta_train(cfg, problem, source, initial_meta(model, loss), label, logger, out)
         test = meta_test(
             problem,
             result.meta,
-            _OnDevice(episodes, device, dtype),
-            n=int(fs.test_episodes),
-            seed=int(fs.eval_seed),
+            source,
+            n=int(cfg.fewshot.test_episodes),
+            seed=int(cfg.fewshot.eval_seed),
         )
-        metric = "test/acc" if episodes.kind == "classification" else "test/mse"
-        summary = {
-            "loss": label,
-            "episodes": {"name": episodes.name, **_plain(cfg.episodes)},
-            "metric": metric,
-            "mean": test["mean"],
-            "ci95": test["ci95"],
-            "test_episodes": test["episodes"],
-            "best_step": result.best_step,
-            "best_val": result.best_val,
-            "per_episode": test["per_episode"],
-            "val_history": result.val,
-            "train_history": result.train,
-            "seed": int(cfg.seed),
-            "episodes_info": getattr(episodes, "info", {}),
-            "config": {
-                k: _plain(cfg[k]) for k in ("episodes", "model", "fewshot_loss", "maml", "fewshot")
-            },
-        }
+        summary = _summary(cfg, label, episodes, result, test)
+        metric = summary["metric"]
         _save_meta(out / "meta.pt", result.meta)
         atomic_write_text(out / "result.json", json.dumps(summary, indent=1))
         logger.summary({metric: test["mean"], f"{metric}_ci95": test["ci95"]})
@@ -201,6 +149,68 @@ def _work(
         f"results: {out / 'result.json'}"
     )
     return summary
+
+
+def _meta_train(cfg, problem, source, meta, label: str, logger, out: Path):
+    """Meta-training with a progress bar and the logger; interrupted, the best meta-parameters
+    so far are saved to meta_interrupted.pt (never called a result) before the signal goes on."""
+    fs = cfg.fewshot
+    steps = int(fs.meta_steps)
+    bar = tqdm(total=steps, desc=f"meta-train {label}", disable=not cfg.progress, mininterval=1.0)
+    try:
+        return meta_train(
+            problem,
+            source,
+            meta,
+            steps=steps,
+            meta_batch=int(fs.meta_batch),
+            lr=float(fs.lr),
+            seed=int(cfg.seed),
+            val_every=int(fs.val_every),
+            val_episodes=int(fs.val_episodes),
+            eval_seed=int(fs.eval_seed),
+            clip_grad_norm=None if fs.clip_grad_norm is None else float(fs.clip_grad_norm),
+            log=lambda metrics, step: logger.log(metrics, step=step),
+            progress=lambda i: bar.update(1),
+            compile=bool(fs.compile),
+        )
+    except KeyboardInterrupt as stop:
+        partial = getattr(stop, "result", None)
+        if partial is not None:
+            _save_meta(out / "meta_interrupted.pt", partial.meta)
+            log.warning(
+                "interrupted at meta-step %d: the best meta-parameters so far (meta-val "
+                "%.4f at step %d) are in %s; no meta-test was run",
+                len(partial.train),
+                partial.best_val,
+                partial.best_step,
+                out / "meta_interrupted.pt",
+            )
+        raise
+    finally:
+        bar.close()
+
+
+def _summary(cfg: DictConfig, label: str, episodes: Any, result: Any, test: dict) -> dict:
+    """result.json: the meta-test, the meta-training history and the run's settings."""
+    return {
+        "loss": label,
+        "episodes": {"name": episodes.name, **_plain(cfg.episodes)},
+        "metric": "test/acc" if episodes.kind == "classification" else "test/mse",
+        "mean": test["mean"],
+        "ci95": test["ci95"],
+        "test_episodes": test["episodes"],
+        "best_step": result.best_step,
+        "best_val": result.best_val,
+        "per_episode": test["per_episode"],
+        "val_history": result.val,
+        "train_history": result.train,
+        "seed": int(cfg.seed),
+        "episodes_info": getattr(episodes, "info", {}),
+        "config": {
+            k: _plain(cfg[k]) for k in ("episodes", "model", "fewshot_loss", "maml", "fewshot")
+        },
+    }
 
 
 def _save_meta(path: Path, meta: dict[str, torch.Tensor]) -> None:
