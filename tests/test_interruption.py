@@ -121,3 +121,39 @@ def test_sigterm_handler_is_removed_after_the_run(compose_cfg, tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     meta_app.run(compose_cfg("meta", TINY + ["meta.steps=1"]), tmp_path, "ml3")
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_stop_swallowed_by_a_weakref_callback_is_raised_again():
+    """Python ignores an exception raised inside a weakref callback, and a signal handler
+    may run there: the stop must still end the run, not vanish (a run once ignored SIGTERM
+    this way). The callback sends SIGTERM to itself, so the handler fires inside it."""
+    import gc
+    import os
+    import time
+    import weakref
+
+    from metaloss.cli.signals import Interrupted, interruptible
+
+    class Owner:
+        pass
+
+    hook_before = sys.unraisablehook
+    inside = []
+
+    def callback(_ref):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # bytecodes: the handler runs here, in the callback
+            inside.append(1)
+
+    with pytest.raises(Interrupted, match="SIGTERM"):
+        with interruptible():
+            owner = Owner()
+            ref = weakref.ref(owner, callback)
+            del owner  # the callback runs now and swallows the first Interrupted
+            gc.collect()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+    assert len(inside) < 1000  # the handler did fire inside the callback
+    assert ref() is None
+    assert sys.unraisablehook is hook_before  # restored

@@ -29,8 +29,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 _HANDLED = (signal.SIGTERM, signal.SIGINT)
 _LAUNCHER_ENV = "METALOSS_LAUNCHER_PID"  # set by console(), inherited by a local sweep's jobs
@@ -93,6 +94,8 @@ def interruptible() -> Iterator[None]:
         yield
         return
     previous = {s: signal.signal(s, _handler) for s in _HANDLED}
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _resend_if_swallowed(previous_hook)
     _state["active"] = True
     stop_watch = _watch_launcher()
     try:
@@ -100,8 +103,37 @@ def interruptible() -> Iterator[None]:
     finally:
         stop_watch.set()
         _state["active"] = False
+        sys.unraisablehook = previous_hook
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _resend_if_swallowed(previous: Callable[[Any], object]) -> Callable[[Any], None]:
+    """An unraisable-exception hook that sends a swallowed stop again.
+
+    Python runs a signal handler between any two bytecodes of the main thread, also inside
+    a weakref callback, a ``__del__`` or a GC callback; an exception raised there is
+    *ignored* (printed as "Exception ignored in ...") and the run would carry on as if the
+    SIGTERM had never come: seen as a run that ignored ``kill`` about 1 time in 12, its
+    handler having fired inside ``WeakKeyDictionary``'s callback. The stop is sent again,
+    to be raised outside the callback: from a helper thread a moment later, since a signal
+    sent from inside this hook would fire inside it, where an exception is ignored too."""
+
+    def hook(unraisable: Any) -> None:
+        stop = unraisable.exc_value
+        if not isinstance(stop, Interrupted):
+            previous(unraisable)
+            return
+        _state["raised_at"] = float("-inf")  # not an echo: the first one never arrived
+        main = threading.main_thread().ident or 0
+
+        def resend() -> None:
+            time.sleep(0.02)
+            signal.pthread_kill(main, stop.signum)
+
+        threading.Thread(target=resend, name="metaloss-resend-stop", daemon=True).start()
+
+    return hook
 
 
 def _launcher_pid() -> int | None:
