@@ -17,7 +17,8 @@ tell, and set the loss's φ to CMA's mean (``xfavorite``). No hypergradient is c
 
 Objectives (each per task, from the trained model's validation predictions; lower is better):
 ``error`` 1 - accuracy, ``balanced_error`` 1 - mean per-class recall, ``macro_f1_loss``
-1 - macro-F1, ``iou_loss`` 1 - mean per-image IoU of the thresholded mask; NaN for a model
+1 - macro-F1, ``iou_loss`` 1 - mean per-image IoU of the thresholded mask, ``recall_error``
+1 - Recall@1 of embeddings (retrieval within the validation split); NaN for a model
 whose predictions are not finite (so a diverged candidate ranks last). A generation in which
 *no* candidate is finite is not told at all (there is nothing to rank): φ stays at the last
 good mean, the step counts as skipped, and after ``meta.max_bad_steps`` such generations in
@@ -63,7 +64,7 @@ from metaloss import kinds
 from metaloss.errors import ConfigError
 from metaloss.hypergrad.base import MetaBatch, MetaProblem, batched_objective, meta_params
 from metaloss.meta import NonFiniteMetaGradient, check_finite_phi, finish_run, objective_or_nan
-from metaloss.metrics import nan_where_diverged, zero_one_error
+from metaloss.metrics import nan_where_diverged, recall_error, zero_one_error
 
 log = logging.getLogger("metaloss")
 
@@ -124,12 +125,14 @@ OBJECTIVES: dict[str, Callable[..., Tensor]] = {
     "balanced_error": balanced_error,
     "macro_f1_loss": macro_f1_loss,
     "iou_loss": iou_loss,
+    "recall_error": recall_error,
 }
 KINDS = {
     "error": ("classification", "binary"),
     "balanced_error": ("classification", "binary"),
     "macro_f1_loss": ("classification", "binary"),
     "iou_loss": ("segmentation",),
+    "recall_error": ("embedding",),
 }
 DEFAULT_FOR_KIND = kinds.ByKind("search_objective")  # metaloss.kinds: None = the run's own
 

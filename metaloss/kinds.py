@@ -2,10 +2,11 @@
 defaults every command uses for it — one :class:`TaskKind` per kind, in one registry.
 
 The engine (inner loops, hypergradients, the meta-test) is kind-agnostic: it trains a model
-with a loss ``loss(pred, target) -> [B]`` and asks the task's kind for everything else. Four
-kinds ship (regression, classification, binary, segmentation); a new one (few-shot episodes,
-embeddings, ...) is a :class:`TaskKind` passed to :func:`register`, with losses that declare
-it (``@fits("<kind>")``, ``kinds = ("<kind>",)``): docs/extending.md, "Adding a task kind".
+with a loss ``loss(pred, target) -> [B]`` and asks the task's kind for everything else. Five
+kinds ship (regression, classification, binary, segmentation, embedding); a new one
+(two-player games, environments, ...) is a :class:`TaskKind` passed to :func:`register`,
+with losses that declare it (``@fits("<kind>")``, ``kinds = ("<kind>",)``):
+docs/extending.md, "Adding a task kind".
 """
 
 from __future__ import annotations
@@ -169,6 +170,29 @@ def score_segmentation(out: Tensor, y: Tensor, **_: Any) -> dict[str, float]:
     return {"dice": dice.mean().item(), "iou": iou.mean().item()}
 
 
+def score_embedding(out: Tensor, y: Tensor, **_: Any) -> dict[str, float]:
+    """Retrieval within the split, each example a query against all the others (itself
+    excluded), by cosine similarity of the embeddings ``out`` ``[N, D]``: Recall@1 (the
+    fraction whose nearest neighbour shares its class; pytorch-metric-learning's
+    ``precision_at_1``) and MAP@R (Musgrave et al., "A Metric Learning Reality Check", ECCV
+    2020). Computed with pytorch-metric-learning's ``AccuracyCalculator``, the library the
+    field reports these with (a torch k-NN: no faiss needed)."""
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r"),
+        k="max_bin_count",
+        knn_func=CustomKNN(CosineSimilarity()),
+    )
+    acc = calc.get_accuracy(out.reshape(out.shape[0], -1), y.reshape(-1).long())
+    return {
+        "recall_at_1": float(acc["precision_at_1"]),
+        "map_at_r": float(acc["mean_average_precision_at_r"]),
+    }
+
+
 # --------------------------------------------------------------------- target checks
 
 
@@ -185,6 +209,18 @@ def check_class_indices(task: Any, split: str, y: Tensor) -> None:
             f"task {task.name}: {split} labels must lie in [0, {n}) "
             f"(num_classes={task.num_classes}), got [{int(y.min())}, {int(y.max())}]"
         )
+
+
+def check_class_labels(task: Any, split: str, y: Tensor) -> None:
+    """Embedding tasks: integer class labels >= 0, one per example. The held-out splits hold
+    classes the training split never saw, so they are not checked against ``num_classes``."""
+    if y.is_floating_point() or y.dtype == torch.bool or y.ndim != 1:
+        raise ValueError(
+            f"task {task.name}: {split} labels must be a 1-D integer tensor, got {y.dtype} "
+            f"{list(y.shape)}"
+        )
+    if len(y) and int(y.min()) < 0:
+        raise ValueError(f"task {task.name}: {split} labels must be >= 0, got {int(y.min())}")
 
 
 def check_binary_mask(task: Any, split: str, y: Tensor) -> None:
@@ -251,6 +287,21 @@ SEGMENTATION = register(
         baselines=("dice", "iou", "bce_dice"),
         check_targets=check_binary_mask,
         search_objective="iou_loss",
+    )
+)
+EMBEDDING = register(
+    TaskKind(
+        "embedding",
+        metrics=("recall_at_1", "map_at_r"),
+        higher_is_better=(True, True),
+        primary="recall_at_1",
+        evaluate=score_embedding,
+        out_dim=lambda task: int(task.info["embed_dim"]),
+        default_loss="multi_similarity",
+        baselines=("contrastive", "triplet", "multi_similarity", "prototype"),
+        class_indices=True,
+        check_targets=check_class_labels,
+        search_objective="recall_error",
     )
 )
 HIGHER_IS_BETTER["loss"] = (

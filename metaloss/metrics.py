@@ -76,6 +76,21 @@ def zero_one_error(pred: Tensor, target: Tensor, **_) -> Tensor:
     return nan_where_diverged(pred, (guess != target.reshape(guess.shape).long()).to(pred.dtype))
 
 
+def recall_error(pred: Tensor, target: Tensor, **_) -> Tensor:
+    """Per-example retrieval error of embeddings ``pred`` ``[N, D]``: 1 where the nearest
+    other example by cosine similarity has another class (so the mean is 1 - Recall@1, as
+    :func:`metaloss.kinds.score_embedding` computes it); NaN for a non-finite embedding.
+    vmap-safe: a true-metric objective for CMA-ES on embedding tasks. A query whose class has
+    no other example counts as an error here, where pytorch-metric-learning leaves it out;
+    embedding tasks have two or more examples per class, so the two agree on them."""
+    e = torch.nn.functional.normalize(pred.reshape(pred.shape[0], -1), dim=-1)
+    sim = e @ e.transpose(-1, -2)
+    eye = torch.eye(sim.shape[-1], dtype=torch.bool, device=pred.device)
+    nearest = torch.where(eye, torch.full_like(sim, -torch.inf), sim).argmax(-1)
+    y = target.reshape(-1).long()
+    return nan_where_diverged(pred, (y[nearest] != y).to(pred.dtype))
+
+
 # Whether a larger value is better, for tables and sweepers: every registered kind's metrics
 # (metaloss.kinds), and the training loss.
 HIGHER_IS_BETTER = kinds.HIGHER_IS_BETTER

@@ -247,6 +247,16 @@ LOSS_RULES: dict[str, dict[str, Check]] = {
     "tversky": {"alpha": real(0), "beta": real(0), "smooth": real(0)},
     "focal_tversky": {"alpha": real(0), "beta": real(0), "gamma": positive(), "smooth": real(0)},
     "bce_dice": {"bce_weight": real(0), "smooth": real(0)},
+    "contrastive": {"pos_margin": real(0, 2), "neg_margin": real(0, 2)},
+    "triplet": {"margin": real(0, 2), "mining": one_of("all", "batch_hard")},
+    "multi_similarity": {"alpha": positive(), "beta": positive(), "base": real(-1, 1)},
+    "prototype": {"temperature": positive()},
+    "LearnedPairLoss": {
+        "alpha": positive(),
+        "beta": positive(),
+        "lam_pos": real(-1, 1),
+        "lam_neg": real(-1, 1),
+    },
     "ML3Loss": {
         "hidden": int_list(1, nonempty=True, hi=4096),
         "num_classes": integer(1, 100_000, optional=True),

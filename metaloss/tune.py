@@ -106,6 +106,14 @@ SEARCH_SPACES: dict[str, dict[str, Range]] = {
     "bce_dice": {"bce_weight": Range(0.1, 10.0, log=True)},
     "hinge": {"margin": Range(0.1, 10.0, log=True)},
     "squared_hinge": {"margin": Range(0.1, 10.0, log=True)},
+    "contrastive": {"pos_margin": Range(0.0, 0.5), "neg_margin": Range(0.5, 1.5)},
+    "triplet": {"margin": Range(0.01, 0.5, log=True)},
+    "multi_similarity": {
+        "alpha": Range(0.5, 10.0, log=True),
+        "beta": Range(5.0, 100.0, log=True),
+        "base": Range(0.0, 0.8),
+    },
+    "prototype": {"temperature": Range(0.02, 0.5, log=True)},
 }
 
 

@@ -289,7 +289,7 @@ RULES: dict[str, Check] = {
     "meta_optim.popsize": integer(2, 100_000, optional=True),
     "meta_optim.seed": integer(0, 2**32 - 1),
     "meta_optim.objective": one_of(
-        "error", "balanced_error", "macro_f1_loss", "iou_loss", optional=True
+        "error", "balanced_error", "macro_f1_loss", "iou_loss", "recall_error", optional=True
     ),
     "meta_optim.chunk": integer(1, optional=True),
     # meta_optim=gp (metaloss.gp; cross-checks in metaloss.gp.config_problems)

@@ -120,26 +120,12 @@ def _templates(n: int, rng: np.random.Generator) -> np.ndarray:
     return smooth / np.abs(smooth).max(axis=1, keepdims=True)
 
 
-def fewshot_mnist1d(
-    *,
-    way: int = 5,
-    shot: int = 1,
-    query: int = 15,
-    classes: tuple[int, int, int] | list[int] = (64, 16, 20),
-    per_class: int = 40,
-    data_seed: int = 0,
-) -> ClassEpisodes:
-    """Procedural MNIST-1D few-shot classes (module docstring): ``classes`` = the sizes of the
-    disjoint meta-train / meta-val / meta-test class pools, ``per_class`` examples each, all
-    drawn from ``data_seed``. Inputs are standardised with the meta-train pool's statistics."""
+def procedural_classes(total: int, per_class: int, data_seed: int) -> tuple[Tensor, str]:
+    """``total`` procedural MNIST-1D classes (module docstring), ``per_class`` examples each:
+    ``[total, per_class, 40]`` raw (unstandardised) signals and the SHA-256 prefix of their
+    bytes. Deterministic in ``data_seed``; NumPy's global generator is left as it was."""
     from mnist1d.data import get_dataset_args, get_templates, make_dataset
 
-    sizes = [int(c) for c in classes]
-    if len(sizes) != 3 or min(sizes) < 2:
-        raise ValueError(f"episodes.classes = {list(classes)}: three pool sizes, each >= 2")
-    if not isinstance(per_class, int) or per_class < 2:
-        raise ValueError(f"episodes.per_class = {per_class!r}: must be an integer >= 2")
-    total = sum(sizes)
     rng = np.random.default_rng(data_seed)
     reference = get_templates()
     templates = {"x": _templates(total, rng), "t": reference["t"], "y": np.arange(total)}
@@ -155,11 +141,31 @@ def fewshot_mnist1d(
     y = torch.tensor(data["y"])
     order = torch.argsort(y, stable=True)
     by_class = x[order].reshape(total, per_class, -1)
+    return by_class, hashlib.sha256(by_class.numpy().tobytes()).hexdigest()[:16]
+
+
+def fewshot_mnist1d(
+    *,
+    way: int = 5,
+    shot: int = 1,
+    query: int = 15,
+    classes: tuple[int, int, int] | list[int] = (64, 16, 20),
+    per_class: int = 40,
+    data_seed: int = 0,
+) -> ClassEpisodes:
+    """Procedural MNIST-1D few-shot classes (module docstring): ``classes`` = the sizes of the
+    disjoint meta-train / meta-val / meta-test class pools, ``per_class`` examples each, all
+    drawn from ``data_seed``. Inputs are standardised with the meta-train pool's statistics."""
+    sizes = [int(c) for c in classes]
+    if len(sizes) != 3 or min(sizes) < 2:
+        raise ValueError(f"episodes.classes = {list(classes)}: three pool sizes, each >= 2")
+    if not isinstance(per_class, int) or per_class < 2:
+        raise ValueError(f"episodes.per_class = {per_class!r}: must be an integer >= 2")
+    by_class, digest = procedural_classes(sum(sizes), per_class, data_seed)
     bounds = np.cumsum([0, *sizes])
     pools = {s: by_class[bounds[i] : bounds[i + 1]] for i, s in enumerate(SPLITS)}
     mean, std = pools["train"].mean(), pools["train"].std()
     pools = {s: (p - mean) / std for s, p in pools.items()}
-    digest = hashlib.sha256(by_class.numpy().tobytes()).hexdigest()[:16]
     info = {"classes": sizes, "per_class": per_class, "data_seed": data_seed, "sha256": digest}
     return ClassEpisodes("fewshot_mnist1d", pools, way, shot, query, info)
 
