@@ -442,8 +442,9 @@ KNOWN_TOP_LEVEL = {
 RENAMED = {"inner_optim": "optim (one optimizer group for every app)"}
 
 
-def problems(cfg: DictConfig | dict) -> list[str]:
-    """Every invalid setting of a composed config, as readable lines (empty: all valid)."""
+def problems(cfg: DictConfig | dict, app: str | None = None) -> list[str]:
+    """Every invalid setting of a composed config, as readable lines (empty: all valid).
+    ``app``: as :func:`check_config`'s."""
     out = []
     with using_searchpath(cfg):  # loss names are checked against the run's config sources
         if (
@@ -480,7 +481,7 @@ def problems(cfg: DictConfig | dict) -> list[str]:
                     break
         out += _loss_problems(container.get("loss"), "loss")
         out += _unknown_arguments(container)
-        out += _cross_checks(container)
+        out += _cross_checks(container, app)
     return out
 
 
@@ -533,7 +534,7 @@ def _unknown_arguments(c: dict) -> list[str]:
     return out
 
 
-def _cross_checks(c: dict) -> list[str]:
+def _cross_checks(c: dict, app: str | None = None) -> list[str]:
     """Rules that relate two settings."""
     out = []
     meta, hg = c.get("meta") or {}, c.get("hypergrad") or {}
@@ -570,7 +571,8 @@ def _cross_checks(c: dict) -> list[str]:
                 "reads no validation split to hold rows out of; set one of them off"
             )
     mt = c.get("meta_test") or {}
-    if mt.get("tune_learned_lr") is True and mt.get("tuned") is None:
+    # metaloss-tune writes the tuned.json this needs (its command sets meta_test.tuned=null)
+    if mt.get("tune_learned_lr") is True and mt.get("tuned") is None and app != "tune":
         out.append(
             "meta_test.tune_learned_lr = true needs meta_test.tuned: the learned loss's lr is "
             "tuned with the budget, seeds and metric the baselines' tuned.json records"
@@ -685,9 +687,11 @@ def _seed_stream_problems(cfg: DictConfig, task: Any, fresh: bool) -> list[str]:
     return []
 
 
-def check_config(cfg: DictConfig | dict) -> None:
-    """Raise :class:`ConfigError` listing every invalid setting; return quietly otherwise."""
-    found = problems(cfg)
+def check_config(cfg: DictConfig | dict, app: str | None = None) -> None:
+    """Raise :class:`ConfigError` listing every invalid setting; return quietly otherwise.
+    ``app``: the command the config is for (``"tune"`` skips the meta-test's own cross-checks:
+    metaloss-tune reads meta_test's budget but never runs a meta-test)."""
+    found = problems(cfg, app)
     if found:
         raise ConfigError(
             "invalid settings (nothing was run):\n  " + "\n  ".join(dict.fromkeys(found))

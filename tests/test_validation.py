@@ -343,3 +343,17 @@ def test_a_resume_from_that_is_not_a_path_is_refused_as_a_setting(compose_cfg, t
     with pytest.raises(ConfigError, match="meta.resume_from"):
         meta_app.run(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_tune_learned_lr_needs_a_tuned_file_except_in_the_tune_app_that_writes_it(compose_cfg):
+    """metaloss-tune runs with meta_test.tuned=null (it writes the file): an experiment whose
+    meta-test tunes the learned loss's lr must still be tunable (scripts/record_experiment.py
+    once failed on exactly this), while metaloss-meta refuses the same settings."""
+    overrides = [
+        "experiment=metric_mnist1d",
+        "meta_test.tuned=null",
+        "meta_test.tune_learned_lr=true",
+    ]
+    meta_problems = problems(compose_cfg("meta", overrides))
+    assert any("tune_learned_lr = true needs meta_test.tuned" in p for p in meta_problems)
+    assert problems(compose_cfg("tune", overrides), "tune") == []

@@ -62,7 +62,7 @@ def run_command(
     ``work`` with Ctrl-C / SIGTERM turned into an exception it can clean up after.
     ``claim(device)`` False: this process only reads the directory (a torchrun rank other
     than 0), through a :class:`ReadOnlyDir`."""
-    check_config(cfg)
+    check_config(cfg, kind)
     device, dtype = runtime.setup(cfg)
     owner = claim is None or claim(device)
     held = (
