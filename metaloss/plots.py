@@ -24,6 +24,8 @@ def loss_curves(
     With the training split's ``class_counts`` (classification), the true class is the
     rarest one and the losses that need counts (weighted CE, logit adjustment, balanced
     softmax) get them: they are drawn where they differ most from CE, not left out."""
+    if kind == "embedding":
+        return _pair_curves(losses, n)
     if kind == "regression":
         x = torch.linspace(-3, 3, n)
         pred, target, label = x[:, None], torch.zeros(n, 1), "prediction ŷ (target y = 0)"
@@ -80,13 +82,36 @@ def loss_curves(
     return x, curves, label
 
 
+def _pair_curves(
+    losses: dict[str, Callable], n: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], str]:
+    """Embedding losses along the anchor-positive cosine similarity s: a batch of three, the
+    anchor, a positive at similarity s and a negative orthogonal to both; the anchor's value.
+    (A pair loss is a function of the whole batch, so each grid point is its own batch.)"""
+    x = torch.linspace(-0.99, 0.99, n)
+    target = torch.tensor([0, 0, 1])
+    curves = {}
+    for name, fn in losses.items():
+        ref = next(fn.parameters(), None) if isinstance(fn, torch.nn.Module) else None
+        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+        values = []
+        for s in x.tolist():
+            pred = torch.tensor(
+                [[1.0, 0.0, 0.0], [s, (1 - s * s) ** 0.5, 0.0], [0.0, 0.0, 1.0]], dtype=dtype
+            )
+            values.append(fn(pred, target, **loss_context(None, None, 1.0))[0])
+        curves[name] = torch.stack(values).detach().float().cpu()
+    return x, curves, "cosine similarity of the anchor to its positive (negative at 0)"
+
+
 def _gradients(
     losses: dict[str, Callable], kind: str, num_classes: int | None, class_counts, n: int = 200
 ) -> dict[str, torch.Tensor]:
     """Each loss's derivative along the grid of :func:`loss_curves`, with respect to the
-    prediction (regression), the true class's logit (classification) or the logit (binary):
-    what the inner optimizer actually follows. Segmentation: none (a whole image per point)."""
-    if kind == "segmentation":
+        prediction (regression), the true class's logit (classification) or the logit (binary):
+        what the inner optimizer actually follows. Segmentation and embedding: none (a whole image,
+    a whole batch per point)."""
+    if kind in ("segmentation", "embedding"):
         return {}
     out = {}
     for name, fn in losses.items():

@@ -221,3 +221,24 @@ def test_metaloss_meta_learns_a_pair_loss_and_tests_it_against_the_baselines(
     assert "test/recall_at_1" in text
     for name in ("learned", "contrastive", "triplet", "multi_similarity", "prototype"):
         assert f"| {name} |" in text
+
+
+def test_loss_shapes_of_pair_losses_are_drawn_along_the_positive_similarity(tmp_path):
+    """The learned-loss pictures (metaloss.plots) of an embedding task: each loss along the
+    anchor-positive similarity, every one of them falling as the positive comes closer."""
+    from metaloss.plots import loss_curves, plot_losses
+
+    losses = {
+        "learned": M.LearnedPairLoss(),
+        "contrastive": M.contrastive,
+        "multi_similarity": M.multi_similarity,
+        "prototype": M.prototype,
+    }
+    x, curves, label = loss_curves(losses, "embedding", n=50)
+    assert "positive" in label and set(curves) == set(losses)
+    for name, y in curves.items():
+        assert y.shape == (50,) and torch.isfinite(y).all(), name
+        assert y[0] > y[-1] and (y[1:] <= y[:-1] + 1e-6).all(), name
+    torch.testing.assert_close(curves["learned"], curves["multi_similarity"], atol=1e-5, rtol=0)
+    png = plot_losses(losses, "embedding", tmp_path / "shapes.png")
+    assert png.stat().st_size > 0 and png.with_suffix(".pdf").is_file()
