@@ -222,17 +222,40 @@ def test_the_parametric_loss_list_comes_from_the_catalogue(app_cfg, tmp_path, mo
 DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 
 
-def _from_doc(name: str) -> str:
-    """The fenced block of docs/extending.md that starts with the comment ``# <name>``: the
-    tests write the documented files verbatim, so the doc cannot drift from what is tested."""
-    blocks = re.findall(r"```(?:python|yaml)\n(.*?)```", DOC.read_text(), flags=re.S)
+def _from_doc(name: str, doc: Path | None = None) -> str:
+    """The fenced block of docs/extending.md (or ``doc``) that starts with the comment
+    ``# <name>``: the tests write the documented files verbatim, so the doc cannot drift from
+    what is tested."""
+    doc = doc or DOC
+    blocks = re.findall(r"```(?:python|yaml)\n(.*?)```", doc.read_text(), flags=re.S)
     found = [b for b in blocks if b.split("\n", 1)[0].split()[1:2] == [name]]
-    assert len(found) == 1, f"docs/extending.md has {len(found)} blocks for {name}"
+    assert len(found) == 1, f"{doc.name} has {len(found)} blocks for {name}"
     return found[0]
 
 
-def _doc_files(*names: str) -> dict[str, str]:
-    return {n: _from_doc(n) for n in names}
+def _doc_files(*names: str, doc: Path | None = None) -> dict[str, str]:
+    return {n: _from_doc(n, doc) for n in names}
+
+
+def test_a_user_embedding_loss_is_one_function_and_one_yaml(app_cfg, tmp_path, monkeypatch):
+    """docs/metric.md's recipe as written: a pair loss from outside the package trains an
+    embedding task and is compared with the built-in pair losses."""
+    _write(
+        tmp_path,
+        _doc_files(
+            "my_metric_losses.py",
+            "my_conf/loss/cosine_margin.yaml",
+            doc=DOC.with_name("metric.md"),
+        ),
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tiny_task = ["task=embedding_mnist1d", "task.classes=[8,4,4]", "task.per_class=10"]
+    search = f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]"
+    cfg = app_cfg("train", TINY_TRAIN + [search, *tiny_task, "loss=cosine_margin"])
+    train_app.run(cfg, tmp_path / "run", "cosine_margin")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    assert 0 <= metrics["test/recall_at_1"] <= 1
+    assert "cosine_margin" in config.losses_for("embedding", cfg)
 
 
 TASK_FILES = ("my_tasks.py", "my_conf/task/blobs.yaml", "my_conf/task/waves.yaml")
