@@ -361,6 +361,16 @@ class CMAES:
         self.updates += 1
         self._set_phi(self.mean)
 
+    def generation(self, evaluate: Callable[[np.ndarray], list[float]]) -> None:
+        """One ask / evaluate / tell outside the supervised engine (e.g. :mod:`metaloss.rl`):
+        ``evaluate(candidates [λ, n]) -> λ fitness values`` (lower is better, NaN: diverged);
+        φ is then set to the new mean. A generation of NaN only is asked, not told."""
+        self._ask_tell(evaluate)
+
+    def set_candidate(self, x: np.ndarray) -> None:
+        """Set the loss's φ to the flat candidate ``x`` (one row of what ``evaluate`` gets)."""
+        self._set_phi(x)
+
     @property
     def mean(self) -> np.ndarray:
         return np.asarray(self.es.result.xfavorite, dtype=np.float64)
