@@ -83,6 +83,22 @@ def table(record: dict, seeds: int) -> list[str]:
     return lines
 
 
+def write_readme(record: dict) -> None:
+    """Put :func:`table` of ``record`` between README.md's ``<!-- rl:start -->`` and
+    ``<!-- rl:end -->`` markers (refused for a --quick record or a README without them)."""
+    if record.get("quick"):
+        raise SystemExit("rl_record --readme: a --quick run is not a record")
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- rl:start -->\n", "<!-- rl:end -->"
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise SystemExit(f"rl_record --readme: {readme} needs one {start.strip()} ... {end} block")
+    seeds = len(record["results"]["learned"]["test/return"])
+    block = "\n".join(table(record, seeds)) + "\n"
+    head, rest = text.split(start)
+    readme.write_text(head + start + block + end + rest.split(end, 1)[1])
+
+
 def main() -> None:
     import torch
 
@@ -99,7 +115,15 @@ def main() -> None:
     ap.add_argument("--tune-seeds", type=int, default=5)
     ap.add_argument("--test-seeds", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="a tiny smoke run (not a record)")
+    ap.add_argument(
+        "--readme",
+        action="store_true",
+        help="only rewrite README.md's rl block from --out's results.json (no training)",
+    )
     args = ap.parse_args()
+    if args.readme:
+        write_readme(json.loads((args.out / "results.json").read_text()))
+        return
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     budget = Budget(updates=10, episodes=8, max_steps=500, eval_episodes=32)

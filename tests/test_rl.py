@@ -117,3 +117,11 @@ def test_the_record_script_runs_end_to_end(tmp_path):
     assert rec["significance"]["selected_on"] == "val/return"
     assert rec["search"]["training_runs"] == rec["tuning"]["reinforce"]["runs"]
     assert (out / "learning_curves.png").stat().st_size > 0
+    # a smoke run never reaches README's results
+    refused = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "rl_record.py"), "--readme", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode != 0 and "a --quick run is not a record" in refused.stderr
