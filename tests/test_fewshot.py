@@ -17,10 +17,10 @@ from metaloss.fewshot.maml import (
     FewShotProblem,
     adapt,
     batched_scores,
+    episode_mean_ci,
     hidden_layers,
     initial_meta,
     loop_objective,
-    mean_ci,
     meta_gradient,
 )
 from metaloss.fewshot.train import MetaTrainingDiverged, meta_train
@@ -213,7 +213,7 @@ def test_meta_training_keeps_the_best_on_meta_validation_and_stops_on_divergence
 
 def test_mean_ci_is_the_normal_interval():
     values = torch.tensor([0.2, 0.4, 0.6, 0.8])
-    mean, half = mean_ci(values)
+    mean, half = episode_mean_ci(values)
     assert mean == pytest.approx(0.5)
     assert half == pytest.approx(1.959964 * values.double().std().item() / 2)
 

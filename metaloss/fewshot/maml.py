@@ -201,9 +201,10 @@ def evaluate(
     return torch.cat(losses), torch.cat(scores)
 
 
-def mean_ci(values: Tensor, z: float = 1.959964) -> tuple[float, float]:
+def episode_mean_ci(values: Tensor, z: float = 1.959964) -> tuple[float, float]:
     """Mean and the half-width of its normal 95% confidence interval (z · sd / √n), the way
-    the few-shot literature reports episode accuracies."""
+    the few-shot literature reports accuracies over hundreds of episodes. (Over a handful of
+    seeds, :func:`metaloss.figures.mean_ci` gives the Student-t interval instead.)"""
     v = values.double()
     half = z * v.std(unbiased=True).item() / math.sqrt(len(v)) if len(v) > 1 else math.nan
     return v.mean().item(), half

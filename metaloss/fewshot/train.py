@@ -22,8 +22,8 @@ from metaloss.fewshot.maml import (
     FewShotProblem,
     Params,
     compiled_meta_gradient,
+    episode_mean_ci,
     evaluate,
-    mean_ci,
     meta_gradient,
 )
 
@@ -144,5 +144,5 @@ def meta_test(
     """Mean score over ``n`` meta-test episodes with its 95% confidence interval."""
     losses, values = evaluate(problem, meta, episodes, split="test", n=n, seed=seed)
     check_finite(losses, "meta-test")
-    mean, half = mean_ci(values)
+    mean, half = episode_mean_ci(values)
     return {"mean": mean, "ci95": half, "episodes": n, "per_episode": values.tolist()}
