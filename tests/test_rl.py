@@ -125,3 +125,22 @@ def test_the_record_script_runs_end_to_end(tmp_path):
         timeout=120,
     )
     assert refused.returncode != 0 and "a --quick run is not a record" in refused.stderr
+
+
+def test_readme_rl_block_is_generated_from_the_record():
+    """README's policy-gradient table is rl_record.py's table of experiments/rl_cartpole (not
+    typed), and the record is a full one (10 test seeds, both lrs tuned with the search's runs)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rl_record", ROOT / "scripts" / "rl_record.py")
+    assert spec is not None and spec.loader is not None
+    rl_record = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rl_record)
+    rec = json.loads((ROOT / "experiments" / "rl_cartpole" / "results.json").read_text())
+    assert rec["quick"] is False
+    assert all(len(v["test/return"]) == 10 for v in rec["results"].values())
+    runs = rec["search"]["training_runs"]
+    assert rec["tuning"]["reinforce"]["runs"] == runs == rec["tuning"]["learned"]["runs"]
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- rl:start -->\n")[1].split("<!-- rl:end -->")[0]
+    assert block == "\n".join(rl_record.table(rec, 10)) + "\n"
