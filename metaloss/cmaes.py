@@ -364,8 +364,18 @@ class CMAES:
     def generation(self, evaluate: Callable[[np.ndarray], list[float]]) -> None:
         """One ask / evaluate / tell outside the supervised engine (e.g. :mod:`metaloss.rl`):
         ``evaluate(candidates [λ, n]) -> λ fitness values`` (lower is better, NaN: diverged);
-        φ is then set to the new mean. A generation of NaN only is asked, not told."""
-        self._ask_tell(evaluate)
+        φ is then set to the new mean. A diverged candidate ranks last (NaN is told as the worst
+        finite value + 1, as :meth:`step` does); a generation of NaN only is asked, not told."""
+
+        def ranked(cands: np.ndarray) -> list[float]:
+            values = [float(v) for v in evaluate(cands)]
+            finite = [v for v in values if math.isfinite(v)]
+            if not finite:
+                return [float("nan")] * len(values)
+            worst = max(finite) + 1
+            return [v if math.isfinite(v) else worst for v in values]
+
+        self._ask_tell(ranked)
 
     def set_candidate(self, x: np.ndarray) -> None:
         """Set the loss's φ to the flat candidate ``x`` (one row of what ``evaluate`` gets)."""

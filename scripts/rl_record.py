@@ -74,8 +74,11 @@ def table(record: dict, seeds: int) -> list[str]:
         lines.append(f"| {label} | {lr:.4g} | {np.mean(v):.1f} ± {np.std(v, ddof=1):.1f} |")
     sig = record["significance"]
     pw = sig["pairwise"]["reinforce"]
+    runs = record["search"]["training_runs"]
     lines += [
         "",
+        f"Compute in training runs: REINFORCE's lr tuning {tuning['reinforce']['runs']}; the "
+        f"learned loss's search {runs} + its lr tuning {tuning['learned']['runs']}.",
         f"learned vs reinforce: difference {pw['difference']:+.1f} "
         f"[95% CI {sig['ci_low']:+.1f}, {sig['ci_high']:+.1f}], paired t p = {pw['p_value']:.3g} "
         f"-> {sig['verdict']} ({seeds} seeds)",
@@ -210,8 +213,12 @@ def main() -> None:
     with style() as plt:
         fig, ax = plt.subplots(figsize=(4.6, 3.2))
         for name, color in (("learned", "C3"), ("reinforce", "C0")):
-            c = np.asarray(curves[name])
-            m, s = c.mean(0), c.std(0, ddof=1) / np.sqrt(len(c))
+            # a diverged run stopped early: its missing updates are NaN, left out of the mean
+            c = np.full((len(curves[name]), budget.updates), np.nan)
+            for i, row in enumerate(curves[name]):
+                c[i, : len(row)] = row
+            m = np.nanmean(c, 0)
+            s = np.nanstd(c, 0, ddof=1) / np.sqrt(np.isfinite(c).sum(0).clip(min=1))
             x = np.arange(1, c.shape[1] + 1)
             ax.plot(x, m, color=color, label=f"{name} (lr {record['tuning'][name]['lr']:.3g})")
             ax.fill_between(x, m - 1.96 * s, m + 1.96 * s, color=color, alpha=0.2, lw=0)

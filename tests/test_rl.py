@@ -144,3 +144,56 @@ def test_readme_rl_block_is_generated_from_the_record():
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- rl:start -->\n")[1].split("<!-- rl:end -->")[0]
     assert block == "\n".join(rl_record.table(rec, 10)) + "\n"
+
+
+def test_the_baseline_leaves_the_episode_out_and_a_lone_survivor_keeps_its_signal():
+    """Advantages: return-to-go minus the mean of the *other* running episodes at that step
+    (then scaled). With one episode still running, its steps keep their return as signal (the
+    baseline of all running episodes would zero them)."""
+    from metaloss.rl.train import advantages
+
+    mask = torch.tensor([[True, True, True], [True, False, False], [True, True, False]])
+    rewards = torch.ones(3, 3)
+    ep = Episodes(torch.zeros(3, 3, 4), torch.zeros(3, 3, dtype=torch.long), rewards, mask)
+    g = ep.returns_to_go(1.0)  # [[3,2,1],[1,0,0],[2,1,0]]
+    raw = torch.tensor(
+        [[3 - 1.5, 2 - 1, 1 - 0], [1 - 2.5, 0, 0], [2 - 2, 1 - 2, 0]]
+    )  # others' means: t0 (1+2)/2, (3+2)/2, (3+1)/2; t1 1 and 2; t2 none
+    a = advantages(ep, 1.0)
+    scale = (raw**2).sum().div(mask.sum()).sqrt()
+    torch.testing.assert_close(a, raw / scale)
+    assert a[0, 2] > 0  # the lone survivor's last step is signal, not zero
+    assert torch.equal(g, torch.tensor([[3.0, 2, 1], [1, 0, 0], [2, 1, 0]]))
+    with pytest.raises(ValueError, match="rl.episodes"):
+        Budget(episodes=1)
+
+
+def test_a_generation_with_diverged_candidates_ranks_them_last():
+    """CMAES.generation tells NaN as worse than every finite value: the mean then moves as if
+    the diverged candidates were the worst (here: toward smaller x0, whatever NaN hides)."""
+    import numpy as np
+
+    from metaloss.cmaes import CMAES
+
+    class Phi(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.x = torch.nn.Parameter(torch.zeros(3))
+
+    def run(hide_best: bool) -> float:
+        phi = Phi()
+        es = CMAES(phi, sigma0=1.0, popsize=8, seed=0)
+        for _ in range(10):
+
+            def f(c: np.ndarray) -> list[float]:
+                v = c[:, 0].tolist()
+                order = np.argsort(v)
+                for i in order[:3] if hide_best else []:
+                    v[i] = float("nan")
+                return v
+
+            es.generation(f)
+        return float(phi.x[0])
+
+    assert run(hide_best=False) < -3  # minimising x0
+    assert run(hide_best=True) > run(hide_best=False)  # NaN never counts as good

@@ -23,8 +23,10 @@ class LearnedPolicyLoss(nn.Module):
     """A learned policy loss in ML3's manner (Bechtle et al., "Meta Learning via Learned Loss",
     ICPR 2021, whose policy-learning experiments feed the loss network the log-probability, the
     return and the time step): ``-log π · A + g_φ(log π, A, t)`` with ``g_φ`` a small tanh MLP
-    whose output layer starts at zero, so φ₀ is exactly :func:`reinforce` (a warm start; the
-    policy gradient it gives is REINFORCE's weighted by a learned ``1 - ∂g/∂log π``)."""
+    whose output layer starts at zero, so φ₀ is exactly :func:`reinforce` (a warm start). Its
+    policy gradient is ``-(A - ∂g/∂log π) ∇ log π``: the advantage shifted by a learned,
+    state-dependent term — biased as a gradient estimate in general, which the search may
+    trade for lower variance."""
 
     def __init__(self, hidden: int = 8, seed: int = 0) -> None:
         super().__init__()
@@ -33,7 +35,7 @@ class LearnedPolicyLoss(nn.Module):
         with torch.random.fork_rng():  # φ₀ is a function of ``seed``, not of the global RNG
             torch.manual_seed(seed)
             first = nn.Linear(3, hidden)
-        out = nn.Linear(hidden, 1)
+            out = nn.Linear(hidden, 1)
         nn.init.zeros_(out.weight)
         nn.init.zeros_(out.bias)
         self.net = nn.Sequential(first, nn.Tanh(), out)

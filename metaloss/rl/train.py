@@ -1,10 +1,11 @@
 """Training a policy with a policy loss, and searching a learned policy loss with CMA-ES.
 
-Seed streams (disjoint, as everywhere in metaloss): a training run with seed ``s`` initialises
-its policy from ``s`` and collects update ``u``'s episodes with reset seed
-``s * 100_003 + u``; its final return is measured on ``eval_episodes`` fresh episodes with reset
-seeds ``EVAL_SEEDS + s``. The meta-test trains seeds ``0 ..``, tuning ``TUNE_SEEDS ..`` and the
-search's fitness ``SEARCH_SEEDS ..``, so no search or tuning run shares a seed with a test run.
+Seed streams: a training run with seed ``s`` initialises its policy from ``s``; update ``u``'s
+episodes, the evaluation episodes and the validation episodes take their reset and action seeds
+from ``numpy.random.SeedSequence([stream, s, u])`` with streams 0, 1 and 2, so they never share
+a seed by construction (a plain offset would: ``s * K + u`` meets ``EVAL + s'`` for some s). The
+meta-test trains seeds ``0 ..``, tuning ``TUNE_SEEDS ..`` and the search's fitness
+``SEARCH_SEEDS ..``, so no search or tuning run shares an initialisation with a test run.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ from metaloss.rl.env import Episodes, collect
 
 log = logging.getLogger("metaloss")
 
-EVAL_SEEDS = 1_000_000
-VAL_SEEDS = 2_000_000
+TRAIN_STREAM, EVAL_STREAM, VAL_STREAM = 0, 1, 2
 TUNE_SEEDS = 20_000
 SEARCH_SEEDS = 50_000
 OBS_DIM, N_ACTIONS = 4, 2  # CartPole
@@ -50,6 +50,11 @@ class Budget:
             v = getattr(self, key)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"rl.{key} = {v!r}: must be an integer >= 1")
+        if self.episodes < 2:
+            raise ValueError(
+                f"rl.episodes = {self.episodes}: must be >= 2 (the baseline of an episode is the "
+                "mean of the others)"
+            )
         if not 0 < self.gamma <= 1:
             raise ValueError(f"rl.gamma = {self.gamma!r}: must be in (0, 1]")
 
@@ -65,11 +70,21 @@ def make_policy(hidden: int, seed: int) -> nn.Module:
         return nn.Sequential(nn.Linear(OBS_DIM, hidden), nn.Tanh(), nn.Linear(hidden, N_ACTIONS))
 
 
+def stream_seed(stream: int, seed: int, step: int = 0) -> int:
+    """A 31-bit seed of ``(stream, seed, step)`` (NumPy's SeedSequence: distinct tuples give
+    independent seeds)."""
+    return int(np.random.SeedSequence([stream, seed, step]).generate_state(1)[0] >> 1)
+
+
 def advantages(ep: Episodes, gamma: float) -> Tensor:
-    """Return-to-go minus the time step's mean over the episodes still running, divided by
-    the spread of those differences over all steps (the baseline of :func:`reinforce`)."""
+    """Return-to-go minus a leave-one-out baseline — the mean return-to-go at that time step of
+    the *other* episodes still running, so an episode's own return never lowers its own
+    advantage (a step no other episode reached gets no baseline: its return-to-go itself) —
+    divided by the spread of the result over all steps (the baseline of :func:`reinforce`)."""
     g, m = ep.returns_to_go(gamma), ep.mask.to(torch.float32)
-    baseline = (g * m).sum(0) / m.sum(0).clamp_min(1)
+    total, alive = (g * m).sum(0), m.sum(0)
+    others = (alive - m).clamp_min(1)
+    baseline = torch.where(alive - m > 0, (total - g * m) / others, torch.zeros_like(g))
     a = (g - baseline) * m
     std = ((a**2).sum() / m.sum().clamp_min(1)).sqrt().clamp_min(1e-6)
     return a / std
@@ -80,7 +95,7 @@ def train_policy(
 ) -> dict[str, object]:
     """Train a fresh policy with ``loss``; returns ``{"return": the trained policy's mean return
     over ``eval_episodes`` evaluation episodes (NaN if the loss diverged), "val_return": the
-    same over another set of episodes (seeds ``VAL_SEEDS + seed``: what a choice between losses
+    same over another set of episodes (the validation stream: what a choice between losses
     may read before the test), "curve": mean return of each update's episodes}``."""
     if not (isinstance(lr, float | int) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"rl lr = {lr!r}: must be a finite number > 0")
@@ -88,7 +103,13 @@ def train_policy(
     opt = torch.optim.Adam(policy.parameters(), lr=float(lr))
     curve: list[float] = []
     for u in range(budget.updates):
-        ep = collect(policy, budget.env, budget.episodes, budget.max_steps, seed * 100_003 + u)
+        ep = collect(
+            policy,
+            budget.env,
+            budget.episodes,
+            budget.max_steps,
+            stream_seed(TRAIN_STREAM, seed, u),
+        )
         curve.append(float(ep.returns.mean()))
         logits = policy(ep.obs)
         logp = torch.log_softmax(logits, -1).gather(-1, ep.actions[..., None]).squeeze(-1)
@@ -102,10 +123,12 @@ def train_policy(
         opt.step()
 
     def score(stream: int) -> float:
-        ep = collect(policy, budget.env, budget.eval_episodes, budget.max_steps, stream + seed)
+        ep = collect(
+            policy, budget.env, budget.eval_episodes, budget.max_steps, stream_seed(stream, seed)
+        )
         return float(ep.returns.mean())
 
-    return {"return": score(EVAL_SEEDS), "val_return": score(VAL_SEEDS), "curve": curve}
+    return {"return": score(EVAL_STREAM), "val_return": score(VAL_STREAM), "curve": curve}
 
 
 def mean_return(loss: Callable[..., Tensor], budget: Budget, lr: float, seeds: list[int]) -> float:
