@@ -94,12 +94,19 @@ def _pair_curves(
     for name, fn in losses.items():
         ref = next(fn.parameters(), None) if isinstance(fn, torch.nn.Module) else None
         dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+        device = ref.device if ref is not None else torch.device("cpu")
         values = []
-        for s in x.tolist():
-            pred = torch.tensor(
-                [[1.0, 0.0, 0.0], [s, (1 - s * s) ** 0.5, 0.0], [0.0, 0.0, 1.0]], dtype=dtype
-            )
-            values.append(fn(pred, target, **loss_context(None, None, 1.0))[0])
+        try:
+            for s in x.tolist():
+                pred = torch.tensor(
+                    [[1.0, 0.0, 0.0], [s, (1 - s * s) ** 0.5, 0.0], [0.0, 0.0, 1.0]],
+                    dtype=dtype,
+                    device=device,
+                )
+                ctx = loss_context(None, None, 1.0)
+                values.append(fn(pred, target.to(device), **ctx)[0])
+        except (ValueError, TypeError):
+            continue  # a loss that cannot take this three-example batch is left out
         curves[name] = torch.stack(values).detach().float().cpu()
     return x, curves, "cosine similarity of the anchor to its positive (negative at 0)"
 

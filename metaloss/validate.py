@@ -707,6 +707,14 @@ def check_against_task(cfg: DictConfig, task: Any) -> None:
     memory) and run on two examples, so a model that does not fit the task, or is too big,
     is refused with its reason instead of failing deep inside training."""
     found = []
+    val_batch = OmegaConf.select(cfg, "meta.val_batch")
+    if task.kind == "embedding" and val_batch is not None:
+        found.append(
+            f"meta.val_batch = {val_batch}: validation batches are drawn with replacement, and on "
+            "an embedding task a repeated row is its own nearest neighbour (a free correct "
+            "retrieval, a free positive pair): the objective would flatter every loss; set "
+            "meta.val_batch=null (the whole validation split)"
+        )
     mt = cfg.get("meta_test")
     if mt is not None:
         metric = mt.get("metric")

@@ -134,15 +134,59 @@ def test_learned_pair_loss_starts_as_multi_similarity_and_its_coefficients_move_
         M.LearnedPairLoss(beta=0.0)
 
 
-@pytest.mark.parametrize("fn", [M.contrastive, M.triplet, M.multi_similarity, M.prototype])
-def test_losses_run_under_vmap_and_give_finite_gradients(fn):
+LOSSES = {
+    "contrastive": M.contrastive,
+    "triplet": M.triplet,
+    "batch_hard": lambda p, t: M.triplet(p, t, mining="batch_hard"),
+    "multi_similarity": M.multi_similarity,
+    "prototype": M.prototype,
+    "learned_pair": M.LearnedPairLoss(),
+}
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_losses_run_under_vmap_and_give_finite_gradients(name):
     """The engine vmaps the loss over tasks and seeds and differentiates it; an anchor alone
-    in its class (no positive, no proxy) must not give NaN gradients."""
+    in its class (no positive, no proxy) must not give NaN gradients, nor must a batch of one
+    class, of two examples or of one."""
+    fn = LOSSES[name]
     e, y = _batch()
     stacked = torch.stack([e, 2 * e]).float().requires_grad_(True)
     out = torch.vmap(lambda x: fn(x, y).mean())(stacked)
     (g,) = torch.autograd.grad(out.sum(), stacked)
     assert out.shape == (2,) and torch.isfinite(g).all() and g.abs().sum() > 0
+    for yy in (torch.zeros(6, dtype=torch.long), torch.tensor([0, 1]), torch.tensor([0])):
+        x = torch.randn(len(yy), 8, generator=torch.Generator().manual_seed(1))
+        x.requires_grad_(True)
+        (g,) = torch.autograd.grad(fn(x, yy).sum(), x, allow_unused=True)
+        assert g is None or torch.isfinite(g).all(), yy
+
+
+@pytest.mark.parametrize(
+    "call, setting",
+    [
+        (lambda e, y: M.multi_similarity(e, y, alpha=0.0), "loss.alpha"),
+        (lambda e, y: M.prototype(e, y, temperature=-0.1), "loss.temperature"),
+        (lambda e, y: M.triplet(e, y, margin=-1.0), "loss.margin"),
+        (lambda e, y: M.contrastive(e, y, pos_margin=0.9, neg_margin=0.5), "loss.pos_margin"),
+    ],
+)
+def test_settings_that_would_train_nothing_are_refused(call, setting):
+    e, y = _batch()
+    with pytest.raises(ValueError, match=setting):
+        call(e, y)
+
+
+def test_a_validation_batch_is_refused_on_embedding_tasks(compose_cfg):
+    """Validation rows are drawn with replacement: a repeated row would be its own nearest
+    neighbour, a free correct retrieval."""
+    from hydra.utils import instantiate
+
+    from metaloss.validate import check_against_task
+
+    cfg = compose_cfg("meta", [*TINY_TASK, "loss=learned_pair", "meta.val_batch=16"])
+    with pytest.raises(Exception, match="meta.val_batch = 16"):
+        check_against_task(cfg, instantiate(cfg.task))
 
 
 def test_recall_error_is_one_minus_recall_at_1_of_pytorch_metric_learning():
@@ -168,7 +212,12 @@ def test_embedding_task_holds_out_classes_and_fresh_draws_keep_the_test_classes(
         assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
         assert t.out_dim == 32 and t.num_classes == 32
     assert a.info["test_classes"] == b.info["test_classes"]
-    assert torch.equal(a.x_test.sum(0) != 0, b.x_test.sum(0) != 0)
+    assert torch.equal(a.y_test, b.y_test)
+    # the same test examples (standardised with each draw's own training statistics: compare
+    # their correlation, which standardisation keeps)
+    za = (a.x_test - a.x_test.mean()) / a.x_test.std()
+    zb = (b.x_test - b.x_test.mean()) / b.x_test.std()
+    assert torch.corrcoef(torch.stack([za.flatten(), zb.flatten()]))[0, 1] > 0.99
     assert not torch.equal(a.x_train, b.x_train)  # another split of the non-test classes
     with pytest.raises(ValueError, match="task.classes"):
         embedding_mnist1d(classes=[32, 16])
@@ -216,7 +265,17 @@ def test_metaloss_meta_learns_a_pair_loss_and_tests_it_against_the_baselines(
     )
     out = meta_app.run(cfg, tmp_path, "learned_pair")
     assert (tmp_path / "learned_loss.pt").is_file()
-    assert out["test/recall_at_1"] == out["test/recall_at_1"]  # the learned loss's, not NaN
+    comp = json.loads((tmp_path / "comparison.json").read_text())
+    assert set(comp["results"]) == {
+        "learned",
+        "contrastive",
+        "triplet",
+        "multi_similarity",
+        "prototype",
+    }
+    learned = comp["results"]["learned"]["test/recall_at_1"]
+    assert len(learned) == 2 and all(0 <= v <= 1 for v in learned)  # finite, in range
+    assert out["significance"]["metric"] == "test/recall_at_1"
     text = (tmp_path / "comparison.md").read_text()
     assert "test/recall_at_1" in text
     for name in ("learned", "contrastive", "triplet", "multi_similarity", "prototype"):

@@ -6,7 +6,10 @@ pair-based family, for the ``embedding`` task kind (:mod:`metaloss.tasks.embeddi
 anchor's terms over the other examples of the batch (its positives share its class, its
 negatives do not), averaged over its pairs, so the caller's mean over the batch is the
 usual loss and the engine's contract (``loss(pred, target) -> [B]``) holds unchanged. An
-anchor without a positive in the batch contributes its negative terms only.
+anchor without a positive in the batch contributes its negative terms (contrastive,
+multi-similarity) or nothing (triplet, prototype), and still counts in the caller's mean.
+The forms are pytorch-metric-learning's (non-squared distances, two margins), each docstring
+saying where it departs from the cited paper.
 
 Why not pytorch-metric-learning's loss classes, the library the field uses: they select pairs
 with data-dependent shapes (``torch.where`` on the label matrix, miners returning index
@@ -47,6 +50,15 @@ def distance(sim: Tensor) -> Tensor:
     return (2 - 2 * sim).clamp_min(1e-12).sqrt()
 
 
+def _check(name: str, value: float, low: float, high: float, *, open_low: bool = False) -> None:
+    """Refuse a setting outside its valid range (a loss identically 0 or infinite would train
+    nothing, silently)."""
+    ok = low < value <= high if open_low else low <= value <= high
+    if not ok:
+        bracket = "(" if open_low else "["
+        raise ValueError(f"loss.{name} = {value!r}: must be in {bracket}{low}, {high}]")
+
+
 def masked_mean(v: Tensor, mask: Tensor) -> Tensor:
     m = mask.to(v.dtype)
     return (v * m).sum(-1) / m.sum(-1).clamp_min(1)
@@ -62,10 +74,14 @@ def _log1p_sum_exp(z: Tensor, mask: Tensor) -> Tensor:
 def contrastive(
     pred: Tensor, target: Tensor, pos_margin: float = 0.0, neg_margin: float = 1.0, **_: Any
 ) -> Tensor:
-    """Contrastive loss (Hadsell, Chopra & LeCun, CVPR 2006), in pytorch-metric-learning's
-    margins form: positives pulled within ``pos_margin``, negatives pushed past ``neg_margin``
-    (Euclidean distance of the normalised embeddings); per anchor, each term's mean over its
-    pairs."""
+    """Contrastive loss (Hadsell, Chopra & LeCun, CVPR 2006) in pytorch-metric-learning's form:
+    positives pulled within ``pos_margin``, negatives pushed past ``neg_margin`` (Euclidean
+    distance of the normalised embeddings, not squared as in the paper, which has one margin);
+    per anchor, each term's mean over its pairs."""
+    _check("pos_margin", pos_margin, 0.0, 2.0)
+    _check("neg_margin", neg_margin, 0.0, 2.0)
+    if pos_margin >= neg_margin:
+        raise ValueError(f"loss.pos_margin = {pos_margin} must be < loss.neg_margin = {neg_margin}")
     sim, pos, neg = pair_masks(pred, target)
     d = distance(sim)
     return masked_mean(F.relu(d - pos_margin), pos) + masked_mean(F.relu(neg_margin - d), neg)
@@ -76,9 +92,11 @@ def triplet(
     pred: Tensor, target: Tensor, margin: float = 0.05, mining: str = "all", **_: Any
 ) -> Tensor:
     """Triplet margin loss (Weinberger & Saul, JMLR 2009; Schroff et al., FaceNet, CVPR 2015):
-    ``relu(d(a, p) - d(a, n) + margin)``. ``mining="all"``: the mean over every (positive,
-    negative) of the anchor; ``"batch_hard"``: its hardest positive and hardest negative only
-    (Hermans, Beyer & Leibe, "In Defense of the Triplet Loss", 2017)."""
+    ``relu(d(a, p) - d(a, n) + margin)`` with non-squared distances (FaceNet squares them).
+    ``mining="all"``: the mean over every (positive, negative) of the anchor; ``"batch_hard"``:
+    its hardest positive and hardest negative only (Hermans, Beyer & Leibe, "In Defense of the
+    Triplet Loss", 2017; there on P×K batches, here on whatever batch the sampler draws)."""
+    _check("margin", margin, 0.0, 2.0)
     if mining not in MINING:
         raise ValueError(f"loss.mining must be one of {MINING}, got {mining!r}")
     sim, pos, neg = pair_masks(pred, target)
@@ -117,8 +135,12 @@ def multi_similarity(
     base: float = 0.5,
     **_: Any,
 ) -> Tensor:
-    """Multi-similarity loss (Wang et al., CVPR 2019), over all pairs (no miner):
+    """Multi-similarity loss (Wang et al., CVPR 2019), over all pairs — without the paper's
+    ε-mining step (pytorch-metric-learning's loss without its miner):
     ``1/α log(1 + Σ_p exp(-α (s_p - base))) + 1/β log(1 + Σ_n exp(β (s_n - base)))``."""
+    _check("alpha", alpha, 0.0, 1e4, open_low=True)
+    _check("beta", beta, 0.0, 1e4, open_low=True)
+    _check("base", base, -1.0, 1.0)
     sim, pos, neg = pair_masks(pred, target)
     return (
         _log1p_sum_exp(-alpha * (sim - base), pos) / alpha
@@ -128,12 +150,14 @@ def multi_similarity(
 
 @fits("embedding")
 def prototype(pred: Tensor, target: Tensor, temperature: float = 0.1, **_: Any) -> Tensor:
-    """A proxy loss with the batch's class means as proxies (prototypical networks, Snell et
-    al., NeurIPS 2017, with cosine similarity): cross-entropy of the anchor over the classes of
-    the batch, the logit of class k being the anchor's mean similarity to k's members (itself
-    excluded) over ``temperature``. ProxyNCA's and Proxy-Anchor's proxies are *learned*
+    """A proxy loss with the batch's class means as proxies (after prototypical networks, Snell
+    et al., NeurIPS 2017, which use squared Euclidean distance to the class mean): cross-entropy
+    of the anchor over the classes of the batch, the logit of class k being the anchor's mean
+    cosine similarity to k's members (itself excluded) — its dot product with their unnormalised
+    mean — over ``temperature``. ProxyNCA's and Proxy-Anchor's proxies are *learned*
     vectors; the loss contract keeps trainable state out of fixed losses, hence batch means.
     An anchor alone in its class has no proxy of its own and contributes 0."""
+    _check("temperature", temperature, 0.0, 1e4, open_low=True)
     sim, pos, neg = pair_masks(pred, target)
     same = pos | torch.eye(len(pos), dtype=torch.bool, device=pos.device)
     others = ~torch.eye(len(pos), dtype=torch.bool, device=pos.device)  # l != i
