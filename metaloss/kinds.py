@@ -304,6 +304,9 @@ EMBEDDING = register(
         search_objective="recall_error",
     )
 )
+# the measures of the families with loops of their own (metaloss.gan, metaloss.rl), so that
+# the shared statistics (metaloss.metatest.significance) and figures rank them the right way
+HIGHER_IS_BETTER.update({"frechet": False, "modes": True, "high_quality": True, "return": True})
 HIGHER_IS_BETTER["loss"] = (
     False  # the training loss (train/loss), after the built-in kinds' metrics
 )
