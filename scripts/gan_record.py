@@ -96,7 +96,20 @@ def main() -> None:
     ap.add_argument("--tune-seeds", type=int, default=2)
     ap.add_argument("--test-seeds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="a tiny smoke run (not a record)")
+    ap.add_argument(
+        "--readme",
+        action="store_true",
+        help="only rewrite README.md's gan block from --out's results.json (no training)",
+    )
     args = ap.parse_args()
+    if args.readme:
+        from readme_block import replace_block  # scripts/ (this script's directory)
+
+        record = json.loads((args.out / "results.json").read_text())
+        if record.get("quick"):
+            raise SystemExit("gan_record --readme: a --quick run is not a record")
+        replace_block("gan", table(record), "gan_record --readme")
+        return
     torch.set_num_threads(1)
     budget = Budget()
     if args.quick:

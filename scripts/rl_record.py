@@ -89,17 +89,12 @@ def table(record: dict, seeds: int) -> list[str]:
 def write_readme(record: dict) -> None:
     """Put :func:`table` of ``record`` between README.md's ``<!-- rl:start -->`` and
     ``<!-- rl:end -->`` markers (refused for a --quick record or a README without them)."""
+    from readme_block import replace_block  # scripts/ (this script's directory)
+
     if record.get("quick"):
         raise SystemExit("rl_record --readme: a --quick run is not a record")
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    start, end = "<!-- rl:start -->\n", "<!-- rl:end -->"
-    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
-        raise SystemExit(f"rl_record --readme: {readme} needs one {start.strip()} ... {end} block")
     seeds = len(record["results"]["learned"]["test/return"])
-    block = "\n".join(table(record, seeds)) + "\n"
-    head, rest = text.split(start)
-    readme.write_text(head + start + block + end + rest.split(end, 1)[1])
+    replace_block("rl", table(record, seeds), "rl_record --readme")
 
 
 def main() -> None:
