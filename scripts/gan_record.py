@@ -81,6 +81,44 @@ def table(record: dict) -> list[str]:
     return lines
 
 
+def samples_figure(out: Path) -> None:
+    """samples.png / .pdf: the generated points of every loss on test seed 0 (retrained at the
+    lr results.json records; the learned loss from learned_gan_loss.pt) over the ring's modes."""
+    import torch
+
+    from metaloss.figures import save, style
+    from metaloss.gan.losses import FIXED, LearnedGANLoss
+    from metaloss.gan.train import Budget, ring_means, train_gan
+
+    record = json.loads((out / "results.json").read_text())
+    budget = Budget(**record["budget"])
+    learned = LearnedGANLoss()
+    learned.load_state_dict(
+        torch.load(out / "learned_gan_loss.pt", weights_only=True)["state_dict"]
+    )
+    losses = {"learned": learned, **FIXED}
+    means = ring_means()
+    with style() as plt:
+        fig, axes = plt.subplots(1, len(losses), figsize=(2.2 * len(losses), 2.5), squeeze=False)
+        for ax, (name, loss) in zip(axes.flat, losses.items()):
+            pts: list = []
+            m = train_gan(loss, budget, lr=record["tuning"][name]["lr"], seed=0, points=pts)
+            xy = pts[0][:1000]
+            ax.scatter(
+                xy[:, 0], xy[:, 1], s=2, alpha=0.5, lw=0, color="C3" if name == "learned" else "C0"
+            )
+            ax.scatter(means[:, 0], means[:, 1], s=18, marker="x", color="k", lw=1)
+            ax.set_title(f"{name}\n{m['modes']:.0f} modes, FD {m['frechet']:.3f}", fontsize=8)
+            ax.set_xlim(-3, 3)
+            ax.set_ylim(-3, 3)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_aspect("equal")
+        fig.tight_layout()
+        for path in save(fig, out / "samples.png"):
+            print(path)
+
+
 def main() -> None:
     import torch
 
@@ -97,11 +135,19 @@ def main() -> None:
     ap.add_argument("--test-seeds", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="a tiny smoke run (not a record)")
     ap.add_argument(
+        "--figure",
+        action="store_true",
+        help="only draw samples.png: each loss retrained on test seed 0 at its recorded lr",
+    )
+    ap.add_argument(
         "--readme",
         action="store_true",
         help="only rewrite README.md's gan block from --out's results.json (no training)",
     )
     args = ap.parse_args()
+    if args.figure:
+        samples_figure(args.out)
+        return
     if args.readme:
         from readme_block import replace_block  # scripts/ (this script's directory)
 

@@ -156,3 +156,17 @@ def test_the_gan_record_script_runs_end_to_end(tmp_path):
     assert rec["significance"]["selected_on"] == "val/frechet"
     assert rec["significance"]["higher_is_better"] is False
     assert rec["search"]["training_runs"] == rec["tuning"]["hinge"]["runs"]
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gan_record.py"), "--figure", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    assert (out / "samples.png").stat().st_size > 0 and (out / "samples.pdf").is_file()
+    refused = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gan_record.py"), "--readme", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode != 0 and "a --quick run is not a record" in refused.stderr

@@ -106,11 +106,14 @@ def measures(points: Tensor, real: Tensor) -> dict[str, float]:
     }
 
 
-def train_gan(loss: Any, budget: Budget, *, lr: float, seed: int) -> dict[str, float]:
+def train_gan(
+    loss: Any, budget: Budget, *, lr: float, seed: int, points: list | None = None
+) -> dict[str, float]:
     """Train a generator and a discriminator with ``loss`` (a :class:`metaloss.gan.losses.
     GANLoss` or :class:`~metaloss.gan.losses.LearnedGANLoss`), one Adam (β = 0.5, 0.999) per
     player at ``lr``; returns the test measures (``modes``, ``high_quality``, ``frechet``) and
-    their ``val_`` twins on other noise."""
+    their ``val_`` twins on other noise. ``points``: a list that receives the generated test
+    points (for a figure)."""
     if not (isinstance(lr, float | int) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"gan lr = {lr!r}: must be a finite number > 0")
     gen, disc = players(budget, seed)
@@ -145,6 +148,8 @@ def train_gan(loss: Any, budget: Budget, *, lr: float, seed: int) -> dict[str, f
             gz = torch.Generator().manual_seed(stream + seed)
             pts = gen(noise(budget.samples, gz))
             real = sample_ring(budget.samples, gz)
+            if points is not None and not prefix:
+                points.append(pts)
             out.update({prefix + k: v for k, v in measures(pts, real).items()})
     return out
 
