@@ -127,12 +127,14 @@ def test_two_players_two_optimizers_and_d_steps_per_generator_step():
         Budget(steps=0)
 
 
+@pytest.mark.slow
 def test_wgan_gp_and_a_diverging_loss_run_through_the_loop():
     assert math.isfinite(train_gan(FIXED["wgan_gp"], TINY, lr=1e-3, seed=1)["frechet"])
     broken = GANLoss("broken", lambda r, f: r * math.inf, lambda f: f)
     assert all(math.isnan(v) for v in train_gan(broken, TINY, lr=1e-3, seed=1).values())
 
 
+@pytest.mark.slow
 def test_cma_es_moves_the_learned_gan_loss():
     loss = LearnedGANLoss()
     before = torch.cat([p.detach().clone() for p in loss.parameters()])
@@ -170,3 +172,22 @@ def test_the_gan_record_script_runs_end_to_end(tmp_path):
         timeout=120,
     )
     assert refused.returncode != 0 and "a --quick run is not a record" in refused.stderr
+
+
+def test_readme_gan_block_is_generated_from_the_record():
+    """README's GAN table is gan_record.py's table of experiments/gan_ring (not typed), and the
+    record is a full one (5 test seeds per loss, every lr tuned with the search's runs)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gan_record", ROOT / "scripts" / "gan_record.py")
+    assert spec is not None and spec.loader is not None
+    gan_record = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gan_record)
+    rec = json.loads((ROOT / "experiments" / "gan_ring" / "results.json").read_text())
+    assert rec["quick"] is False and set(rec["results"]) == {"learned", *FIXED}
+    assert all(len(v["test/frechet"]) == 5 for v in rec["results"].values())
+    runs = rec["search"]["training_runs"]
+    assert all(t["runs"] == runs for t in rec["tuning"].values())
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- gan:start -->\n")[1].split("<!-- gan:end -->")[0]
+    assert block == "\n".join(gan_record.table(rec)) + "\n"

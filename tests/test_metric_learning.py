@@ -204,6 +204,7 @@ def test_recall_error_is_one_minus_recall_at_1_of_pytorch_metric_learning():
     assert all(v != v for v in nan.values())  # a diverged model has no metric
 
 
+@pytest.mark.slow
 def test_embedding_task_holds_out_classes_and_fresh_draws_keep_the_test_classes():
     a, b = embedding_mnist1d(seed=0), embedding_mnist1d(seed=1)
     for t in (a, b):
@@ -237,6 +238,7 @@ def test_metaloss_train_runs_each_fixed_loss_from_config(compose_cfg, tmp_path, 
     assert 0 <= result["test/recall_at_1"] <= 1 and 0 <= result["val/map_at_r"] <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "search",
     [

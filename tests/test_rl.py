@@ -90,6 +90,7 @@ def test_a_diverging_loss_scores_nan_not_a_return():
     assert out["return"] != out["return"] and out["val_return"] != out["val_return"]
 
 
+@pytest.mark.slow
 def test_cma_es_search_moves_the_learned_loss_and_reports_each_generation():
     loss = LearnedPolicyLoss(hidden=4)
     before = torch.cat([p.detach().flatten().clone() for p in loss.parameters()])
