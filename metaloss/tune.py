@@ -106,12 +106,13 @@ SEARCH_SPACES: dict[str, dict[str, Range]] = {
     "bce_dice": {"bce_weight": Range(0.1, 10.0, log=True)},
     "hinge": {"margin": Range(0.1, 10.0, log=True)},
     "squared_hinge": {"margin": Range(0.1, 10.0, log=True)},
-    "contrastive": {"pos_margin": Range(0.0, 0.5), "neg_margin": Range(0.5, 1.5)},
-    "triplet": {"margin": Range(0.01, 0.5, log=True)},
+    # pos_margin stays below every neg_margin (the loss refuses pos_margin >= neg_margin)
+    "contrastive": {"pos_margin": Range(0.0, 0.7), "neg_margin": Range(0.75, 1.5)},
+    "triplet": {"margin": Range(0.001, 0.5, log=True)},
     "multi_similarity": {
         "alpha": Range(0.5, 10.0, log=True),
-        "beta": Range(5.0, 100.0, log=True),
-        "base": Range(0.0, 0.8),
+        "beta": Range(5.0, 300.0, log=True),
+        "base": Range(0.0, 0.95),
     },
     "prototype": {"temperature": Range(0.02, 0.5, log=True)},
 }
