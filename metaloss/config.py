@@ -365,10 +365,12 @@ def check_loss(loss: Any, task: Any, loss_name: str | None, cfg: Any = None) -> 
     """The one gate every loss passes before training uses it: it fits the task kind
     (:func:`check_loss_fits`), a learned loss fits the task it was trained on
     (:func:`check_trained_task`), and it returns one value per example
-    (:func:`check_loss_output`)."""
+    (:func:`check_loss_output`; not on a task with a loop of its own, which calls its losses
+    its own way: :attr:`metaloss.kinds.TaskKind.own_loop`)."""
     check_loss_fits(loss, task.kind, task.name, loss_name)
     check_trained_task(loss, task, cfg, loss_name)
-    check_loss_output(loss, task, loss_name)
+    if not kinds.get(task.kind).own_loop:  # a loop of its own calls its losses its own way
+        check_loss_output(loss, task, loss_name)
 
 
 def setup_from_file(
@@ -510,8 +512,8 @@ def loss_option(
         option = OmegaConf.merge(option, dict(overrides))
     loss = instantiate_loss(option, task)
     check_loss_fits(loss, task.kind, task.name, name)
-    if isinstance(loss, torch.nn.Module):  # a loss with parameters goes where the task's data is
-        x = task.x_train
+    if isinstance(loss, torch.nn.Module) and hasattr(task, "x_train"):
+        x = task.x_train  # a loss with parameters goes where the task's data is
         loss = loss.to(device=x.device, dtype=x.dtype if x.is_floating_point() else None)
     check_loss(loss, task, name, cfg)
     return loss

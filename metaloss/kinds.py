@@ -3,10 +3,10 @@ defaults every command uses for it — one :class:`TaskKind` per kind, in one re
 
 The engine (inner loops, hypergradients, the meta-test) is kind-agnostic: it trains a model
 with a loss ``loss(pred, target) -> [B]`` and asks the task's kind for everything else. Five
-kinds ship (regression, classification, binary, segmentation, embedding); a new one
-(two-player games, environments, ...) is a :class:`TaskKind` passed to :func:`register`,
-with losses that declare it (``@fits("<kind>")``, ``kinds = ("<kind>",)``):
-docs/extending.md, "Adding a task kind".
+kinds ship (regression, classification, binary, segmentation, embedding), and two whose tasks
+train with a loop of their own (``gan``: two players; ``policy``: an environment). A new one
+is a :class:`TaskKind` passed to :func:`register`, with losses that declare it
+(``@fits("<kind>")``, ``kinds = ("<kind>",)``): docs/extending.md, "Adding a task kind".
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ class TaskKind:
     predictions; ``default_loss``: ``metaloss-train`` without ``loss=`` and the validation
     objective of meta-training without ``meta.objective``; ``baselines``: the meta-test's
     ``compare:`` when none is given; ``search_objective``: the true-metric objective CMA-ES
-    uses by default (``None``: the run's own objective)."""
+    uses by default (``None``: the run's own objective); ``own_loop``: the task trains with a
+    loop of its own (two players, an environment: :mod:`metaloss.gan`, :mod:`metaloss.rl`),
+    whose tasks have ``train(loss, lr=, seed=)`` and ``search(...)``; ``evaluate`` and
+    ``out_dim`` are then never called."""
 
     name: str
     metrics: tuple[str, ...]
@@ -49,6 +52,7 @@ class TaskKind:
     class_indices: bool = False
     check_targets: Callable[[Any, str, Tensor], None] | None = None
     search_objective: str | None = None
+    own_loop: bool = False
 
     def __post_init__(self) -> None:
         if len(self.higher_is_better) != len(self.metrics):
@@ -304,9 +308,53 @@ EMBEDDING = register(
         search_objective="recall_error",
     )
 )
-# the measures of the families with loops of their own (metaloss.gan, metaloss.rl), so that
-# the shared statistics (metaloss.metatest.significance) and figures rank them the right way
-HIGHER_IS_BETTER.update({"frechet": False, "modes": True, "high_quality": True, "return": True})
+
+
+def _own_loop(name: str) -> Callable[..., Any]:
+    def refuse(*_: Any, **__: Any) -> Any:
+        raise TypeError(
+            f"{name} tasks train with a loop of their own and score themselves (task.train); "
+            "a model's outputs on them are never scored here"
+        )
+
+    return refuse
+
+
+# The families with loops of their own: their tasks train and measure themselves
+# (metaloss.gan.task, metaloss.rl.task); registered here so their losses can declare the kind
+# and the shared statistics (metaloss.metatest.significance) rank their measures the right way.
+GAN = register(
+    TaskKind(
+        "gan",
+        metrics=("frechet", "modes", "high_quality"),
+        higher_is_better=(False, True, True),
+        primary="frechet",
+        evaluate=_own_loop("gan"),
+        out_dim=_own_loop("gan"),
+        default_loss="gan_non_saturating",
+        baselines=(
+            "gan_minimax",
+            "gan_non_saturating",
+            "gan_hinge",
+            "gan_least_squares",
+            "gan_wgan_gp",
+        ),
+        own_loop=True,
+    )
+)
+POLICY = register(
+    TaskKind(
+        "policy",
+        metrics=("return",),
+        higher_is_better=(True,),
+        primary="return",
+        evaluate=_own_loop("policy"),
+        out_dim=_own_loop("policy"),
+        default_loss="reinforce",
+        baselines=("reinforce",),
+        own_loop=True,
+    )
+)
 HIGHER_IS_BETTER["loss"] = (
     False  # the training loss (train/loss), after the built-in kinds' metrics
 )

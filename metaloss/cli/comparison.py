@@ -17,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from metaloss import kinds
 from metaloss.cli.logger import write_json
 from metaloss.config import DEFAULT_BASELINES, baselines_for, load_option
 from metaloss.figures import comparison_figure
@@ -288,7 +289,7 @@ def run_meta_test(
         at_default = {"learned": own["default_lr"]}
         trained = _train_all(cfg, pool, {"learned": learned}, at_default, inner_opt, seeds)
         record["learned_at_default_lr"] = {"lr": own["default_lr"], "results": trained["learned"]}
-    _write_comparison(record, losses, task, out_dir, logger)
+    write_comparison(record, losses, task, out_dir, logger)
     return {"results": results, "significance": sig}
 
 
@@ -445,7 +446,7 @@ _SUMMARY_KEYS = (
 )
 
 
-def _write_comparison(record: dict, losses: dict, task: Any, out_dir: Path, logger: Any) -> None:
+def write_comparison(record: dict, losses: dict, task: Any, out_dir: Path, logger: Any) -> None:
     """comparison.json first (nothing after it, plots or logging, may cost the numbers), then
     comparison.md, the plots and the logger's table and summary."""
     summary = summarize(record["results"])
@@ -459,7 +460,8 @@ def _write_comparison(record: dict, losses: dict, task: Any, out_dir: Path, logg
         significance=record.get("significance"),
         title=f"meta-test on {task.name}",
     )
-    drawable = _plottable(losses, task)
+    # a task with a loop of its own calls its losses its own way: no shape to draw
+    drawable = {} if kinds.get(task.kind).own_loop else _plottable(losses, task)
     if drawable:
         plot_losses(
             drawable,

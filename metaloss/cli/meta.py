@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from metaloss import distributed, keys, runtime, selection
 from metaloss.checkpoint import RunState, resume, save_checkpoint
+from metaloss.cli import own_loop
 from metaloss.cli.app import hydra_command, output_dir, run_command
 from metaloss.cli.comparison import check_tuned, run_meta_test, tasks_for_seed_fn
 from metaloss.cli.logger import NullLogger, open_logger, write_json
@@ -153,6 +154,8 @@ def _join(cfg: DictConfig, device: torch.device) -> bool:
 def _work(
     cfg: DictConfig, run_dir: Any, device: torch.device, dtype: torch.dtype, loss_name: str | None
 ) -> dict:
+    if own_loop.is_own_loop(cfg.task):  # GANs, policy gradients: CMA-ES over the task's loop
+        return own_loop.meta(cfg, run_dir, instantiate(cfg.task), loss_name)
     world = distributed.init(device)  # joined already (_join): this only reads it
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)  # sampling RNG: CPU, the same on every device

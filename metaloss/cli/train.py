@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from metaloss import runtime
+from metaloss.cli import own_loop
 from metaloss.cli.app import hydra_command, output_dir, run_command
 from metaloss.cli.logger import open_logger, write_json
 from metaloss.config import DEFAULT_LOSS, check_loss, instantiate_loss, loss_option
@@ -42,6 +43,8 @@ def _work(
     dtype: torch.dtype,
     loss_name: str | None,
 ) -> float:
+    if own_loop.is_own_loop(cfg.task):  # GANs, policy gradients: the task's loop trains
+        return own_loop.train(cfg, run_dir, instantiate(cfg.task), loss_name)
     torch.manual_seed(cfg.seed)
     with runtime.canonical_draws():  # the same data in a float32 and a float64 run
         task = instantiate(cfg.task)

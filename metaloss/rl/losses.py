@@ -2,7 +2,11 @@
 of the action taken, ``adv`` the normalised advantage (return-to-go minus the time step's mean
 over the batch's episodes, divided by their spread) and ``t`` the step's fraction of the
 episode limit, all ``[n, T]``. The trainer masks the steps after termination, sums over steps
-and averages over episodes."""
+and averages over episodes.
+
+A new fixed loss is one such function, decorated ``@fits("policy")``, and one YAML in
+``conf/loss/`` naming it (``_partial_: true``): ``metaloss-train task=cartpole loss=my_loss``
+(docs/rl.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaloss.losses.base import ParametricLoss, fits
 
+
+@fits("policy")
 def reinforce(logp: Tensor, adv: Tensor, t: Tensor, **_: Any) -> Tensor:
     """REINFORCE with a baseline (Williams, "Simple statistical gradient-following algorithms
     for connectionist reinforcement learning", Machine Learning 1992): ``-log π(a|s) · A``,
@@ -19,7 +26,7 @@ def reinforce(logp: Tensor, adv: Tensor, t: Tensor, **_: Any) -> Tensor:
     return -logp * adv
 
 
-class LearnedPolicyLoss(nn.Module):
+class LearnedPolicyLoss(ParametricLoss):
     """A learned policy loss in ML3's manner (Bechtle et al., "Meta Learning via Learned Loss",
     ICPR 2021, whose policy-learning experiments feed the loss network the log-probability, the
     return and the time step): ``-log π · A + g_φ(log π, A, t)`` with ``g_φ`` a small tanh MLP
@@ -28,8 +35,10 @@ class LearnedPolicyLoss(nn.Module):
     state-dependent term — biased as a gradient estimate in general, which the search may
     trade for lower variance."""
 
+    kinds = ("policy",)
+
     def __init__(self, hidden: int = 8, seed: int = 0) -> None:
-        super().__init__()
+        super().__init__(hidden=hidden, seed=seed)
         if not isinstance(hidden, int) or hidden < 1:
             raise ValueError(f"rl.loss_hidden = {hidden!r}: must be an integer >= 1")
         with torch.random.fork_rng():  # φ₀ is a function of ``seed``, not of the global RNG
@@ -40,6 +49,7 @@ class LearnedPolicyLoss(nn.Module):
         nn.init.zeros_(out.bias)
         self.net = nn.Sequential(first, nn.Tanh(), out)
 
-    def forward(self, logp: Tensor, adv: Tensor, t: Tensor, **_: Any) -> Tensor:
+    # the policy-loss contract (logp, adv, t), not the supervised (pred, target)
+    def forward(self, logp: Tensor, adv: Tensor, t: Tensor, **_: Any) -> Tensor:  # type: ignore[override]
         features = torch.stack([logp, adv, t], dim=-1)
         return -logp * adv + self.net(features).squeeze(-1)
