@@ -64,6 +64,19 @@ def canonical_draws() -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one CPU thread inside, the caller's count restored after: for a small network
+    that must come out the same whatever the run's ``threads`` (a matmul's rounding can depend
+    on how it is split), and that is fastest on one thread anyway."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def setup(cfg) -> tuple[torch.device, torch.dtype]:
     """Apply the run's ``threads`` and ``dtype`` and return ``(device, dtype)``.
 

@@ -4,6 +4,7 @@ on the validation Fréchet distance), on the ring of 8 Gaussians; every loss at 
 tuned with the same number of training runs the search uses.
 
     python scripts/gan_record.py                        # writes experiments/gan_ring/
+    python scripts/gan_record.py --data mnist1d         # writes experiments/gan_mnist1d/
     python scripts/gan_record.py --quick --out /tmp/g   # a smoke run in seconds
 
 Protocol: each fixed loss's lr (shared by both players' Adam) is tuned with Optuna's TPE (seed
@@ -28,6 +29,17 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("frechet", "modes", "high_quality")
+TITLES = {"ring": "GAN, ring of 8 Gaussians", "mnist1d": "GAN, MNIST-1D"}
+
+
+def _budgets() -> dict:
+    from metaloss.gan.train import Budget
+
+    # the task configs' budgets (conf/task/gan_ring.yaml, gan_mnist1d.yaml)
+    return {
+        "ring": Budget(),
+        "mnist1d": Budget(steps=1000, hidden=128, samples=1000, data="mnist1d"),
+    }
 
 
 def tune_lr(loss, budget, runs: int, seeds: int, default: float, label: str) -> dict:
@@ -83,7 +95,8 @@ def table(record: dict) -> list[str]:
 
 def samples_figure(out: Path) -> None:
     """samples.png / .pdf: the generated points of every loss on test seed 0 (retrained at the
-    lr results.json records; the learned loss from learned_gan_loss.pt) over the ring's modes."""
+    lr results.json records; the learned loss from learned_gan_loss.pt) over the ring's modes;
+    on MNIST-1D, eight generated signals of each loss beside eight real ones."""
     import torch
 
     from metaloss.figures import save, style
@@ -97,6 +110,9 @@ def samples_figure(out: Path) -> None:
         torch.load(out / "learned_gan_loss.pt", weights_only=True)["state_dict"]
     )
     losses = {"learned": learned, **FIXED}
+    if budget.data != "ring":
+        _signals_figure(out, budget, losses, record)
+        return
     means = ring_means()
     with style() as plt:
         fig, axes = plt.subplots(1, len(losses), figsize=(2.2 * len(losses), 2.5), squeeze=False)
@@ -119,6 +135,32 @@ def samples_figure(out: Path) -> None:
             print(path)
 
 
+def _signals_figure(out: Path, budget, losses: dict, record: dict) -> None:
+    import torch
+
+    from metaloss.figures import save, style
+    from metaloss.gan.train import real_data, train_gan
+
+    g = torch.Generator().manual_seed(0)
+    panels = {"real (test)": (real_data(budget.data).reference(8, g, "test"), "")}
+    for name, loss in losses.items():
+        pts: list = []
+        m = train_gan(loss, budget, lr=record["tuning"][name]["lr"], seed=0, points=pts)
+        panels[name] = (pts[0][:8], f"\n{m['modes']:.0f} classes, FD {m['frechet']:.1f}")
+    with style() as plt:
+        fig, axes = plt.subplots(1, len(panels), figsize=(1.9 * len(panels), 3.2), squeeze=False)
+        for ax, (name, (signals, note)) in zip(axes.flat, panels.items()):
+            color = "C3" if name == "learned" else "k" if name.startswith("real") else "C0"
+            for i, sig in enumerate(signals):
+                ax.plot(sig.numpy() - 4.0 * i, color=color, lw=0.8)
+            ax.set_title(name + note, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.tight_layout()
+        for path in save(fig, out / "samples.png"):
+            print(path)
+
+
 def main() -> None:
     import torch
 
@@ -128,7 +170,8 @@ def main() -> None:
     from metaloss.metatest import significance
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "experiments" / "gan_ring")
+    ap.add_argument("--data", choices=["ring", "mnist1d"], default="ring")
+    ap.add_argument("--out", type=Path, default=None, help="default: experiments/gan_<data>")
     ap.add_argument("--generations", type=int, default=3)
     ap.add_argument("--popsize", type=int, default=8)
     ap.add_argument("--tune-seeds", type=int, default=2)
@@ -145,6 +188,8 @@ def main() -> None:
         help="only rewrite README.md's gan block from --out's results.json (no training)",
     )
     args = ap.parse_args()
+    if args.out is None:
+        args.out = ROOT / "experiments" / f"gan_{args.data}"
     if args.figure:
         samples_figure(args.out)
         return
@@ -157,9 +202,9 @@ def main() -> None:
         replace_block("gan", table(record), "gan_record --readme")
         return
     torch.set_num_threads(1)
-    budget = Budget()
+    budget = _budgets()[args.data]
     if args.quick:
-        budget = Budget(steps=5, batch=16, hidden=8, samples=64)
+        budget = Budget(steps=5, batch=16, hidden=8, samples=64, data=args.data)
         args.generations, args.popsize, args.tune_seeds, args.test_seeds = 1, 2, 1, 2
     runs = args.generations * args.popsize  # one seed per candidate
     t0 = time.perf_counter()
@@ -214,7 +259,7 @@ def main() -> None:
         {k: {m: v for m, v in r.items() if m.startswith("test/")} for k, r in results.items()},
         args.out / "comparison.png",
         significance=sig,
-        title="GAN, ring of 8 Gaussians",
+        title=TITLES[budget.data],
     )
     lines = table(record)
     (args.out / "results.md").write_text("\n".join(lines) + "\n")

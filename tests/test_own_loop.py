@@ -23,7 +23,7 @@ from metaloss.cli import meta as meta_app
 from metaloss.cli import train as train_app
 from metaloss.config import LossDoesNotFitTask
 from metaloss.errors import ConfigError
-from metaloss.gan.losses import hinge
+from metaloss.gan.losses import FIXED, hinge
 from metaloss.gan.train import Budget as GANBudget
 from metaloss.gan.train import train_gan
 from metaloss.losses.io import load_learned_loss
@@ -249,3 +249,20 @@ def test_the_console_scripts_with_debug_run_in_seconds(tmp_path):
         timeout=120,
     )
     assert refused.returncode == 2 and "does not read train.steps=3" in refused.stderr
+
+
+def test_gan_mnist1d_from_config(app_cfg, tmp_path):
+    """task=gan_mnist1d is the GAN task on MNIST-1D signals, measured on the classifier's
+    features (metaloss.gan.mnist1d)."""
+    tiny = ["task=gan_mnist1d", "task.steps=3", "task.batch=16", "task.hidden=8", "task.samples=64"]
+    cfg = app_cfg("train", QUIET + tiny + ["loss=gan_least_squares"])
+    train_app.run(cfg, tmp_path, "gan_least_squares")
+    rec = json.loads((tmp_path / "metrics.json").read_text())
+    assert rec["task"] == "gan_mnist1d" and 0 <= rec["metrics"]["test/modes"] <= 10
+    direct = train_gan(
+        FIXED["least_squares"],
+        GANBudget(steps=3, batch=16, hidden=8, samples=64, data="mnist1d"),
+        lr=1e-3,
+        seed=0,
+    )
+    assert rec["metrics"]["test/frechet"] == pytest.approx(direct["frechet"], rel=1e-9)

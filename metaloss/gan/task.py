@@ -1,6 +1,7 @@
-"""The ring of 8 Gaussians as a task of kind ``gan``: ``metaloss-train task=gan_ring
-loss=gan_hinge`` trains a generator and a discriminator with a GAN loss, ``metaloss-meta
-task=gan_ring loss=learned_gan meta_optim=cmaes`` searches a learned one (docs/gan.md). The
+"""GANs as tasks of kind ``gan``, on the ring of 8 Gaussians (``task=gan_ring``) or MNIST-1D
+(``task=gan_mnist1d``): ``metaloss-train task=gan_ring loss=gan_hinge`` trains a generator and a
+discriminator with a GAN loss, ``metaloss-meta task=gan_ring loss=learned_gan meta_optim=cmaes``
+searches a learned one (docs/gan.md). The
 task holds the training budget (its config's values); the two players' Adam optimizers are its
 own (:func:`metaloss.gan.train.train_gan`), at the run's ``optim.lr``."""
 
@@ -14,13 +15,12 @@ from metaloss.tasks.own_loop import OwnLoopTask
 MEASURES = ("frechet", "modes", "high_quality")
 
 
-class RingGAN(OwnLoopTask):
+class GAN(OwnLoopTask):
     """``steps`` generator updates on batches of ``batch`` (``z_dim`` noise dimensions, players
-    of ``hidden`` units), measured on ``samples`` generated points (:class:`metaloss.gan.train.
-    Budget`)."""
+    of ``hidden`` units), measured on ``samples`` generated points of ``data`` (``ring`` or
+    ``mnist1d``: :data:`metaloss.gan.train.DATA`; :class:`metaloss.gan.train.Budget`)."""
 
     kind = "gan"
-    name = "gan_ring"
     primary_metric = "test/frechet"
     search_fn = search  # CMA-ES on the validation Fréchet distance
 
@@ -31,16 +31,21 @@ class RingGAN(OwnLoopTask):
         z_dim: int = 16,
         hidden: int = 64,
         samples: int = 2500,
+        data: str = "ring",
     ) -> None:
-        self.budget = Budget(steps=steps, batch=batch, z_dim=z_dim, hidden=hidden, samples=samples)
+        self.budget = Budget(
+            steps=steps, batch=batch, z_dim=z_dim, hidden=hidden, samples=samples, data=data
+        )
+        self.name = f"gan_{data}"
 
-    def debug_sized(self) -> RingGAN:
+    def debug_sized(self) -> GAN:
         """The same task in seconds (``debug=default``): a few steps of tiny players."""
-        return RingGAN(steps=5, batch=16, z_dim=self.budget.z_dim, hidden=8, samples=64)
+        b = self.budget
+        return GAN(steps=5, batch=16, z_dim=b.z_dim, hidden=8, samples=64, data=b.data)
 
     def describe(self) -> str:
         b = self.budget
-        return f"gan_ring (8 Gaussians; {b.steps} generator steps of batch {b.batch})"
+        return f"{self.name} ({b.steps} generator steps of batch {b.batch}, {b.hidden} units)"
 
     def train(self, loss: Any, *, lr: float, seed: int) -> dict[str, float]:
         """One training run: its test measures and their validation twins (other noise)."""

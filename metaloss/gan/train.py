@@ -4,7 +4,9 @@ Data: the ring of 8 Gaussians of Metz et al. ("Unrolled Generative Adversarial N
 2017): means on a circle of radius 2, standard deviation 0.02. A sample is *high quality* when it
 lies within 3σ of a mode; a mode is *covered* when at least 1% of the samples are high-quality
 samples of it. The Fréchet distance (Heusel et al. 2017) compares the means and covariances of
-real and generated samples; on 2-D data the samples themselves are the features.
+real and generated samples; on 2-D data the samples themselves are the features. MNIST-1D
+signals (``Budget(data="mnist1d")``, :mod:`metaloss.gan.mnist1d`) are measured on a
+classifier's features instead.
 
 Two players, two optimizers: :func:`train_gan` builds one Adam per player and runs, per
 generator step, ``loss.d_steps`` discriminator steps (plus ``loss.gp_weight`` × the gradient
@@ -19,10 +21,11 @@ its real samples and noise from generator ``s``; its measures use noise seeds ``
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -50,30 +53,33 @@ def sample_ring(n: int, generator: torch.Generator) -> Tensor:
 class Budget:
     """One GAN training run: ``steps`` generator updates on batches of ``batch``; ``z_dim``
     noise dimensions; players of ``hidden`` units (two ReLU layers); measured on ``samples``
-    generated points."""
+    generated points of ``data`` (:data:`DATA`: ``ring``, ``mnist1d``)."""
 
     steps: int = 1500
     batch: int = 128
     z_dim: int = 16
     hidden: int = 64
     samples: int = 2500
+    data: str = "ring"
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch", "z_dim", "hidden", "samples"):
             v = getattr(self, key)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"gan.{key} = {v!r}: must be an integer >= 1")
+        if self.data not in DATA:
+            raise ValueError(f"gan.data = {self.data!r}: one of {', '.join(DATA)}")
 
 
 def players(budget: Budget, seed: int) -> tuple[nn.Module, nn.Module]:
-    h = budget.hidden
+    h, d = budget.hidden, real_data(budget.data).dim
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         gen = nn.Sequential(
-            nn.Linear(budget.z_dim, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 2)
+            nn.Linear(budget.z_dim, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, d)
         )
         disc = nn.Sequential(
-            nn.Linear(2, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1)
+            nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1)
         )
     return gen, disc
 
@@ -106,6 +112,53 @@ def measures(points: Tensor, real: Tensor) -> dict[str, float]:
     }
 
 
+class Ring:
+    """The ring of 8 Gaussians: real samples drawn fresh from the mixture for training and for
+    each split's measures (:func:`measures`)."""
+
+    name, dim = "ring", 2
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        return sample_ring(n, generator)
+
+    def reference(self, n: int, generator: torch.Generator, split: str) -> Tensor:
+        return sample_ring(n, generator)
+
+    def measures(self, points: Tensor, real: Tensor) -> dict[str, float]:
+        return measures(points, real)
+
+
+class RealData(Protocol):
+    """What a GAN learns to generate: ``dim`` numbers per point, real points to train on
+    (``sample``), real points of a split (``test`` / ``val``) to measure against
+    (``reference``), and the measures ``modes``, ``high_quality`` and ``frechet``."""
+
+    name: str
+    dim: int
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor: ...
+
+    def reference(self, n: int, generator: torch.Generator, split: str) -> Tensor: ...
+
+    def measures(self, points: Tensor, real: Tensor) -> dict[str, float]: ...
+
+
+DATA = ("ring", "mnist1d")
+
+
+@functools.cache
+def real_data(name: str) -> RealData:
+    """The :class:`RealData` called ``name`` (one of :data:`DATA`), built once per process
+    (MNIST-1D's data set and feature classifier take a few seconds)."""
+    if name == "ring":
+        return Ring()
+    if name == "mnist1d":
+        from metaloss.gan.mnist1d import Mnist1dData
+
+        return Mnist1dData()
+    raise ValueError(f"gan.data = {name!r}: one of {', '.join(DATA)}")
+
+
 def train_gan(
     loss: Any, budget: Budget, *, lr: float, seed: int, points: list | None = None
 ) -> dict[str, float]:
@@ -117,6 +170,7 @@ def train_gan(
     if not (isinstance(lr, float | int) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"gan lr = {lr!r}: must be a finite number > 0")
     gen, disc = players(budget, seed)
+    data = real_data(budget.data)
     opt_g = torch.optim.Adam(gen.parameters(), lr=float(lr), betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=float(lr), betas=(0.5, 0.999))
     g = torch.Generator().manual_seed(seed)
@@ -126,7 +180,7 @@ def train_gan(
 
     for _ in range(budget.steps):
         for _ in range(int(loss.d_steps)):
-            real, fake = sample_ring(budget.batch, g), gen(noise(budget.batch)).detach()
+            real, fake = data.sample(budget.batch, g), gen(noise(budget.batch)).detach()
             d_obj = loss.discriminator(disc(real).squeeze(-1), disc(fake).squeeze(-1))
             if loss.gp_weight:
                 d_obj = d_obj + loss.gp_weight * gradient_penalty(disc, real, fake, g)
@@ -147,10 +201,10 @@ def train_gan(
         for prefix, stream in (("", TEST_NOISE), ("val_", VAL_NOISE)):
             gz = torch.Generator().manual_seed(stream + seed)
             pts = gen(noise(budget.samples, gz))
-            real = sample_ring(budget.samples, gz)
+            real = data.reference(budget.samples, gz, "val" if prefix else "test")
             if points is not None and not prefix:
                 points.append(pts)
-            out.update({prefix + k: v for k, v in measures(pts, real).items()})
+            out.update({prefix + k: v for k, v in data.measures(pts, real).items()})
     return out
 
 

@@ -19,7 +19,7 @@ class OwnLoopTask:
     ``debug_sized`` and ``describe``."""
 
     kind: ClassVar[str]
-    name: ClassVar[str]
+    name: str
     primary_metric: ClassVar[str]
     search_fn: ClassVar[Callable[..., Any]]
     budget: Any
