@@ -195,8 +195,12 @@ class LossDoesNotFitTask(ValueError):
 
 
 def check_loss_fits(loss: Any, task_kind: str, task_name: str, loss_name: str | None) -> None:
-    """Fail early, naming the valid choices, when a loss does not fit the task kind."""
-    kinds = loss_kinds(loss)
+    """Fail early, naming the valid choices, when a loss does not fit the task kind (or does
+    not say which kinds it fits)."""
+    try:
+        kinds = loss_kinds(loss)
+    except TypeError as e:  # a user's function without @fits(...): a setting to fix, not a bug
+        raise LossDoesNotFitTask(f"loss {loss_name or loss!r}: {e}") from None
     if task_kind not in kinds:
         raise LossDoesNotFitTask(
             f"loss {loss_name or loss!r} fits {sorted(kinds)} tasks, but task {task_name!r} is "

@@ -123,7 +123,7 @@ def test_two_players_two_optimizers_and_d_steps_per_generator_step():
     assert again == out  # a seed fixes players, data and noise
     with pytest.raises(ValueError, match="gan lr"):
         train_gan(FIXED["hinge"], TINY, lr=0.0, seed=0)
-    with pytest.raises(ValueError, match="gan.steps"):
+    with pytest.raises(ValueError, match="task.steps"):
         Budget(steps=0)
 
 

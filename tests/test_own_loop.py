@@ -155,7 +155,7 @@ def test_train_refuses_what_the_task_cannot_do(app_cfg, tmp_path, overrides, err
         (["loss=learned_policy", "meta_optim=cmaes"], "optim=adam"),  # meta's default: sgd
         (
             ["loss=learned_policy", "optim=adam", "meta_optim=cmaes", "meta_optim.objective=error"],
-            "leave it null",
+            "does not read meta_optim.objective=error",
         ),
         (
             ["loss=learned_policy", "optim=adam", "meta_optim=cmaes", "hypergrad=es"],
@@ -266,3 +266,116 @@ def test_gan_mnist1d_from_config(app_cfg, tmp_path):
         seed=0,
     )
     assert rec["metrics"]["test/frechet"] == pytest.approx(direct["frechet"], rel=1e-9)
+
+
+META_RL = (
+    QUIET
+    + TINY_RL
+    + [
+        "loss=learned_policy",
+        "optim=adam",
+        "optim.lr=0.02",
+        "meta_optim=cmaes",
+        "meta_optim.popsize=4",
+        "meta.steps=2",
+        "meta.tasks_per_step=1",
+        "meta_test.seeds=2",
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    "app,extra,match",
+    [
+        ("meta", ["meta.checkpoint_every=1"], "does not read meta.checkpoint_every=1"),
+        ("meta", ["meta_test.fresh_draws=false"], "does not read meta_test.fresh_draws"),
+        ("meta", ["meta_optim.chunk=2"], "does not read meta_optim.chunk"),
+        ("meta", ["meta_test.metric=test/frechet"], "meta_test.metric = 'test/frechet': one of"),
+        ("train", ["optim.betas=[0.1,0.2]"], "does not read optim.betas"),
+        ("train", ["task.updates=true"], "task.updates = True: must be an integer >= 1"),
+        ("train", ["task.episodes=1"], "task.episodes = 1: must be an integer >= 2"),
+    ],
+)
+def test_what_the_loop_would_not_read_or_cannot_use_is_refused(
+    app_cfg, tmp_path, app, extra, match
+):
+    base = META_RL if app == "meta" else QUIET + TINY_RL
+    cfg = app_cfg(app, base + extra)
+    # a task's own check reaches here inside Hydra's InstantiationException (the console
+    # prints its message and exits 2, as for every task)
+    with pytest.raises(Exception, match=re.escape(match)):
+        (meta_app if app == "meta" else train_app).run(cfg, tmp_path, None)
+    assert not list(tmp_path.glob("*.json")) or not (tmp_path / "search.json").exists()
+
+
+def test_a_search_that_diverges_everywhere_fails_and_saves_no_loss(app_cfg, tmp_path):
+    """At optim.lr = 1e20 every candidate diverges: the run stops with an error (exit 1 at the
+    console) instead of saving the unchanged start as a finished learned loss."""
+    from metaloss.train import NonFiniteLoss
+
+    rl_only = ("task", "loss=", "optim.lr")
+    cfg = app_cfg(
+        "meta",
+        [o for o in META_RL if not o.startswith(rl_only)]
+        + TINY_GAN
+        + ["loss=learned_gan", "optim.lr=1e20"],
+    )
+    with pytest.raises(NonFiniteLoss, match="every candidate of every generation diverged"):
+        meta_app.run(cfg, tmp_path, "learned_gan")
+    history = json.loads((tmp_path / "search.json").read_text())["history"]
+    assert len(history) == 2 and all(r["best_frechet"] is None for r in history)  # NaN: null
+    assert not (tmp_path / "learned_loss.pt").exists()
+
+
+def test_a_finished_search_is_not_silently_redone(app_cfg, tmp_path):
+    cfg = app_cfg("meta", META_RL + ["meta_test.enabled=false"])
+    meta_app.run(cfg, tmp_path, "learned_policy")
+    again = app_cfg("meta", META_RL + ["meta_test.enabled=false", "meta.steps=3"])
+    with pytest.raises(ConfigError, match="holds a finished search"):
+        meta_app.run(again, tmp_path, "learned_policy")
+
+
+def test_a_policy_loss_must_give_one_value_per_step():
+    from metaloss.losses.base import LossContractError
+
+    budget = RLBudget(updates=1, episodes=2, max_steps=10, eval_episodes=2, hidden=4)
+    with pytest.raises(LossContractError, match="one value per step"):
+        train_policy(lambda logp, adv, t: (-logp * adv).mean(), budget, lr=0.01, seed=0)
+
+
+def test_tune_and_eval_refuse_these_tasks(app_cfg, tmp_path):
+    from metaloss.cli import eval as eval_app
+    from metaloss.cli import tune as tune_app
+
+    with pytest.raises(ConfigError, match="metaloss-tune runs the engine's training loop"):
+        tune_app.run(app_cfg("tune", QUIET + TINY_RL), tmp_path / "tune")
+    cfg = app_cfg("meta", META_RL + ["meta_test.enabled=false"])
+    meta_app.run(cfg, tmp_path / "meta", "learned_policy")
+    cfg = app_cfg("eval", QUIET + [f"loss_path={tmp_path / 'meta' / 'learned_loss.pt'}"])
+    with pytest.raises(ConfigError, match="loss=learned loss.path="):
+        eval_app.run(cfg, tmp_path / "eval", set())
+
+
+def test_debug_keeps_the_task_settings_given(app_cfg, tmp_path):
+    """debug=default shrinks the task, but a task.<key> on the command line stays (as it beats
+    the debug config for any other task)."""
+    cfg = app_cfg("train", QUIET + ["task=cartpole", "debug=default", "task.updates=3"])
+    train_app.run(cfg, tmp_path, "reinforce")
+    got = json.loads((tmp_path / "metrics.json").read_text())["metrics"]["test/return"]
+    small = RLBudget(updates=3, episodes=2, max_steps=20, eval_episodes=2, hidden=4)
+    assert got == train_policy(reinforce, small, lr=1e-3, seed=0)["return"]
+
+
+def test_a_loss_that_declares_no_kind_is_a_setting_error(app_cfg, tmp_path, monkeypatch):
+    """A user's policy loss without @fits is refused with the fix named (exit 2 at the
+    console), not a traceback."""
+    (tmp_path / "undeclared.py").write_text("def pg(logp, adv, t, **_):\n    return -logp * adv\n")
+    (tmp_path / "conf" / "loss").mkdir(parents=True)
+    (tmp_path / "conf" / "loss" / "pg.yaml").write_text(
+        "_target_: undeclared.pg\n_partial_: true\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    search = f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+    cfg = app_cfg("train", QUIET + TINY_RL + [search, "loss=pg"])
+    with pytest.raises(LossDoesNotFitTask, match="decorate a function with"):
+        train_app.run(cfg, tmp_path / "run", "pg")

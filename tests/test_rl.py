@@ -72,9 +72,9 @@ def test_the_learned_policy_loss_starts_exactly_at_reinforce():
 
 
 def test_bad_settings_are_refused_before_training():
-    with pytest.raises(ValueError, match="rl.updates"):
+    with pytest.raises(ValueError, match="task.updates"):
         Budget(updates=0)
-    with pytest.raises(ValueError, match="rl.gamma"):
+    with pytest.raises(ValueError, match="task.gamma"):
         Budget(gamma=1.5)
     with pytest.raises(ValueError, match="rl lr"):
         train_policy(reinforce, TINY, lr=-1.0, seed=0)
@@ -165,7 +165,7 @@ def test_the_baseline_leaves_the_episode_out_and_a_lone_survivor_keeps_its_signa
     torch.testing.assert_close(a, raw / scale)
     assert a[0, 2] > 0  # the lone survivor's last step is signal, not zero
     assert torch.equal(g, torch.tensor([[3.0, 2, 1], [1, 0, 0], [2, 1, 0]]))
-    with pytest.raises(ValueError, match="rl.episodes"):
+    with pytest.raises(ValueError, match="task.episodes"):
         Budget(episodes=1)
 
 

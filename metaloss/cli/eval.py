@@ -19,6 +19,7 @@ from hydra.conf import HydraConf
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from metaloss.cli import own_loop
 from metaloss.cli.app import hydra_command, output_dir, run_command
 from metaloss.cli.comparison import check_tuned, run_meta_test
 from metaloss.cli.logger import open_logger
@@ -40,6 +41,7 @@ def run(cfg: DictConfig, out_dir: Path, given: set[str] | None = None) -> dict:
         trusted_modules=list(cfg.trusted_modules),
         allow_other_task=bool(cfg.allow_other_task),
     )
+    own_loop.refuse_in("eval", cfg.task, learned)
     if given is not None:  # the file's values pass the same rules as the command line's
         cfg = setup_from_file(cfg, getattr(learned, "meta", {}), given, str(cfg.loss_path))
     return run_command(cfg, out_dir, "eval", functools.partial(_work, learned=learned))

@@ -29,7 +29,14 @@ from omegaconf import DictConfig
 from metaloss import kinds
 from metaloss.cli.comparison import write_comparison
 from metaloss.cli.logger import open_logger, write_json
-from metaloss.config import DEFAULT_LOSS, baselines_for, check_loss, instantiate_loss, loss_option
+from metaloss.config import (
+    DEFAULT_LOSS,
+    baselines_for,
+    check_loss,
+    instantiate_loss,
+    loss_option,
+    training_setup,
+)
 from metaloss.errors import ConfigError
 from metaloss.losses.base import ParametricLoss
 from metaloss.losses.io import save_learned_loss
@@ -39,38 +46,45 @@ from metaloss.train import NonFiniteLoss
 
 log = logging.getLogger("metaloss")
 
-# command-line settings a task with a loop of its own never reads, per app (prefixes)
-UNREAD = {
-    "train": ("model", "train.", "budget", "budget_lr", "device", "dtype"),
+# The command-line settings a task with a loop of its own reads, per app: any other (model,
+# train.*, device, the gradient meta-learner's, checkpoints, ...) is refused, not ignored.
+# An entry ending in "." stands for its keys; one without, for the setting itself.
+READ = {
+    "train": ("task", "task.", "loss", "loss.", "optim", "optim.lr", "seed", "seeds", "metric"),
     "meta": (
-        "model",
-        "device",
-        "dtype",
-        "hypergrad",
-        "meta.inner_steps",
-        "meta.inner_batch",
-        "meta.val_batch",
-        "meta.objective",
-        "meta.mode",
-        "meta.resume_from",
-        "meta.learn_inner_lr",
-        "meta.selection",
-        "meta_test.steps",
-        "meta_test.batch_size",
-        "meta_test.lr",
-        "meta_test.tuned",
-        "meta_test.tune_learned_lr",
-        "meta_test.tasks_per_seed",
-        "meta_test.task_overrides",
-        "meta_test.vectorise",
+        "task",
+        "task.",
+        "loss",
+        "loss.",
+        "optim",
+        "optim.lr",
+        "seed",
+        "meta_optim",
+        "meta_optim.sigma0",
+        "meta_optim.popsize",
+        "meta.steps",
+        "meta.tasks_per_step",
+        "compare",
+        "meta_test.enabled",
+        "meta_test.seeds",
+        "meta_test.metric",
+        "meta_test.alpha",
     ),
 }
+EVERY_APP = ("logger", "logger.", "progress", "threads", "trusted_modules", "debug", "experiment")
+
+
+def _read(override: str, app: str) -> bool:
+    key = override.lstrip("+~").split("=", 1)[0]
+    return any(key.startswith(r) if r.endswith(".") else key == r for r in (*READ[app], *EVERY_APP))
 
 
 def is_own_loop(task_cfg: Any) -> bool:
     """Whether a task config's ``_target_`` builds a task that trains with a loop of its own."""
     from hydra.utils import get_object
 
+    if not hasattr(task_cfg, "get"):
+        return False
     try:
         target = get_object(str(task_cfg.get("_target_")))
     except Exception:  # noqa: BLE001 - not ours to diagnose: the usual path reports it
@@ -79,24 +93,52 @@ def is_own_loop(task_cfg: Any) -> bool:
     return isinstance(kind, str) and kind in kinds.KINDS and kinds.get(kind).own_loop
 
 
-def _sized(task: Any) -> Any:
+def _given() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def refuse_in(app: str, task_cfg: Any, loss: Any = None) -> None:
+    """metaloss-tune and metaloss-eval run the engine's loop: refuse a task with a loop of its
+    own (or a learned loss made for one) before anything is computed, saying what does it."""
+    kinds_of = getattr(loss, "kinds", ()) if loss is not None else ()
+    if not (
+        is_own_loop(task_cfg) or any(k in kinds.KINDS and kinds.get(k).own_loop for k in kinds_of)
+    ):
+        return
+    what = {
+        "tune": "its losses' learning rates are tuned by scripts/gan_record.py and "
+        "scripts/rl_record.py (Optuna, the same budget for every loss)",
+        "eval": "test a learned loss with metaloss-train task=<its task> loss=learned "
+        "loss.path=<learned_loss.pt> seeds=<n>",
+    }[app]
+    raise ConfigError(
+        f"metaloss-{app} runs the engine's training loop; GAN and policy-gradient tasks train "
+        f"with loops of their own: {what}"
+    )
+
+
+def _sized(cfg: DictConfig, task: Any) -> Any:
     """The task, or under ``debug=...`` its version that runs in seconds (the debug configs
-    shorten the engine's settings, which such a task does not read)."""
+    shorten the engine's settings, which such a task does not read); a ``task.<key>`` given on
+    the command line still wins, as it does over the debug config for any other task."""
     if HydraConfig.initialized() and HydraConfig.get().runtime.choices.get("debug"):
-        task = task.debug_sized()
+        keys = [o.lstrip("+").split("=", 1)[0] for o in _given()]
+        keep = {k[5:]: cfg.task[k[5:]] for k in keys if k.startswith("task.") and "." not in k[5:]}
+        task = task.debug_sized(**keep)
         log.info("debug: %s", task.describe())
     return task
 
 
 def _check_settings(cfg: DictConfig, task: Any, app: str) -> float:
     """The settings the task does not read, refused; the learning rate it does."""
-    given = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-    unread = [o for o in given if o.lstrip("+~").startswith(UNREAD[app])]
+    unread = [o for o in _given() if not _read(o, app)]
     if unread:
+        read = ", ".join(r + ("*" if r.endswith(".") else "") for r in READ[app])
         raise ConfigError(
             f"task {task.name} ({task.kind}) trains with a loop of its own and does not read "
             f"{', '.join(unread)}; its budget is task.* ({task.describe()}), its optimizer "
-            "Adam at optim.lr (metaloss.cli.own_loop)"
+            f"Adam at optim.lr. metaloss-{app} reads, of the run's settings: {read} "
+            "(and logger, progress, threads; metaloss.cli.own_loop)"
         )
     target = str(cfg.optim.get("_target_", ""))
     if not target.endswith(".adam"):
@@ -114,7 +156,7 @@ def train(cfg: DictConfig, run_dir: RunDir, task: Any, loss_name: str | None) ->
     """metaloss-train: seeds ``seed .. seed+seeds-1``, one metrics.json (one entry per seed
     when ``seeds`` > 1); a diverged seed is written as NaN, then the run stops with an error."""
     lr = _check_settings(cfg, task, "train")
-    task = _sized(task)
+    task = _sized(cfg, task)
     if cfg.get("loss") is None:
         loss_name = DEFAULT_LOSS[task.kind]
         loss = loss_option(loss_name, task, cfg)
@@ -155,10 +197,21 @@ def _metric_names(task: Any) -> list[str]:
 
 def meta(cfg: DictConfig, run_dir: RunDir, task: Any, loss_name: str | None) -> dict:
     """metaloss-meta: CMA-ES over the learned loss (``learned_loss.pt``, ``search.json``), then
-    the meta-test against ``compare`` (``comparison.json`` / ``.md`` / ``.png``). A stopped run
-    keeps nothing of its search (no checkpoint: rerun it)."""
+    the meta-test against ``compare`` (``comparison.json`` / ``.md`` / ``.png``). search.json
+    grows a row per generation, so a stopped run keeps its history; there is no checkpoint to
+    resume from, and a directory that holds a finished search is refused. A search in which
+    every candidate diverged, or a learned loss that diverges in the meta-test, stops the run
+    with an error (exit 1) after its files are written."""
     lr = _check_settings(cfg, task, "meta")
-    task = _sized(task)
+    task = _sized(cfg, task)
+    metric = cfg.meta_test.metric or task.primary_metric
+    if metric not in _metric_names(task):
+        raise ConfigError(f"meta_test.metric = {metric!r}: one of {', '.join(_metric_names(task))}")
+    if (run_dir.path / "learned_loss.pt").exists():
+        raise ConfigError(
+            f"{run_dir.path} holds a finished search already; a task with a loop of its own has "
+            "no checkpoint to continue it from: choose another hydra.run.dir"
+        )
     if not str(cfg.meta_optim.get("_target_", "")).endswith("cmaes.CMAES"):
         raise ConfigError(
             f"meta_optim = {cfg.meta_optim.get('_target_')}: task {task.name} trains with a loop "
@@ -192,8 +245,11 @@ def meta(cfg: DictConfig, run_dir: RunDir, task: Any, loss_name: str | None) -> 
         lr,
     )
     with open_logger(cfg, run_dir.path, job_type="meta", name=f"{loss_name}-s{cfg.seed}") as lg:
+        rows: list[dict] = []
 
         def progress(row: dict) -> None:
+            rows.append(row)
+            write_json(run_dir.path / "search.json", {"task": task.name, "history": rows})
             lg.log(
                 {f"meta/{k}": v for k, v in row.items() if k != "generation"},
                 step=row["generation"],
@@ -211,6 +267,12 @@ def meta(cfg: DictConfig, run_dir: RunDir, task: Any, loss_name: str | None) -> 
             progress=progress,
         )
         write_json(run_dir.path / "search.json", {"task": task.name, "history": history})
+        if all(math.isnan(v) for r in history for k, v in r.items() if k.startswith("best_")):
+            raise NonFiniteLoss(
+                f"every candidate of every generation diverged (NaN/inf) at optim.lr = {lr:g}; "
+                f"nothing was learned (history: {run_dir.path / 'search.json'}). Lower optim.lr "
+                "or meta_optim.sigma0"
+            )
         path = save_learned_loss(
             loss,
             run_dir.path / "learned_loss.pt",
@@ -218,6 +280,7 @@ def meta(cfg: DictConfig, run_dir: RunDir, task: Any, loss_name: str | None) -> 
             loss_name=loss_name,
             steps=generations,
             complete=True,
+            setup=training_setup(cfg),
         )
         log.info("learned loss: %s", path)
         out: dict = {"learned_loss": str(path), "history": history}
@@ -225,7 +288,6 @@ def meta(cfg: DictConfig, run_dir: RunDir, task: Any, loss_name: str | None) -> 
             return out
         losses = {"learned": loss, **baselines}
         seeds = list(range(int(cfg.meta_test.seeds)))
-        metric = cfg.meta_test.metric or task.primary_metric
         results: dict[str, dict[str, list[float]]] = {}
         for name, candidate in losses.items():
             runs = [task.train(candidate, lr=lr, seed=s) for s in seeds]
@@ -247,6 +309,12 @@ def meta(cfg: DictConfig, run_dir: RunDir, task: Any, loss_name: str | None) -> 
             "significance": sig,
         }
         write_comparison(record, losses, task, run_dir.path, lg)
+    diverged = [s for s, v in zip(seeds, results["learned"][metric]) if not math.isfinite(v)]
+    if diverged:
+        raise NonFiniteLoss(
+            f"the learned loss diverged (NaN/inf) in the meta-test on seed(s) {diverged}: no "
+            f"verdict ({run_dir.path / 'comparison.json'})"
+        )
     return {**out, "significance": sig}
 
 

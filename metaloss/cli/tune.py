@@ -21,6 +21,7 @@ from hydra.conf import HydraConf
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from metaloss.cli import own_loop
 from metaloss.cli.app import hydra_command, output_dir, run_command
 from metaloss.cli.logger import open_logger, write_json
 from metaloss.config import (
@@ -57,6 +58,7 @@ log = logging.getLogger("metaloss")
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     """The app body, callable without Hydra's launcher. Settings are checked and the run
     directory claimed before any data is made."""
+    own_loop.refuse_in("tune", cfg.task)
     return run_command(cfg, out_dir, "tune", _work)
 
 

@@ -33,9 +33,10 @@ class GANLoss:
     kinds: ClassVar[frozenset[str]] = frozenset({"gan"})
 
     def __post_init__(self) -> None:
-        if not isinstance(self.d_steps, int) or self.d_steps < 1:
+        if isinstance(self.d_steps, bool) or not isinstance(self.d_steps, int) or self.d_steps < 1:
             raise ValueError(f"loss.d_steps = {self.d_steps!r}: must be an integer >= 1")
-        if not (isinstance(self.gp_weight, float | int) and 0 <= self.gp_weight < float("inf")):
+        gp = self.gp_weight
+        if isinstance(gp, bool) or not (isinstance(gp, float | int) and 0 <= gp < float("inf")):
             raise ValueError(f"loss.gp_weight = {self.gp_weight!r}: must be a finite number >= 0")
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from metaloss.gan.train import frechet_distance
+from metaloss.gan.frechet import frechet_distance
 from metaloss.runtime import one_thread
 
 CLASSES = 10

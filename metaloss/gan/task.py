@@ -1,9 +1,9 @@
 """GANs as tasks of kind ``gan``, on the ring of 8 Gaussians (``task=gan_ring``) or MNIST-1D
 (``task=gan_mnist1d``): ``metaloss-train task=gan_ring loss=gan_hinge`` trains a generator and a
-discriminator with a GAN loss, ``metaloss-meta task=gan_ring loss=learned_gan meta_optim=cmaes``
-searches a learned one (docs/gan.md). The
-task holds the training budget (its config's values); the two players' Adam optimizers are its
-own (:func:`metaloss.gan.train.train_gan`), at the run's ``optim.lr``."""
+discriminator with a GAN loss; ``metaloss-meta task=gan_ring loss=learned_gan optim=adam
+meta_optim=cmaes`` searches a learned one (docs/gan.md). The task holds the training budget (its
+config's values); the two players' Adam optimizers are its own
+(:func:`metaloss.gan.train.train_gan`), at the run's ``optim.lr``."""
 
 from __future__ import annotations
 
@@ -38,10 +38,12 @@ class GAN(OwnLoopTask):
         )
         self.name = f"gan_{data}"
 
-    def debug_sized(self) -> GAN:
-        """The same task in seconds (``debug=default``): a few steps of tiny players."""
+    def debug_sized(self, **keep: Any) -> GAN:
+        """The same task in seconds (``debug=default``): a few steps of tiny players; ``keep``:
+        settings that stay as given."""
         b = self.budget
-        return GAN(steps=5, batch=16, z_dim=b.z_dim, hidden=8, samples=64, data=b.data)
+        small = dict(steps=5, batch=16, z_dim=b.z_dim, hidden=8, samples=64, data=b.data)
+        return GAN(**{**small, **keep})
 
     def describe(self) -> str:
         b = self.budget

@@ -32,7 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from metaloss.cmaes import CMAES
+from metaloss.gan.frechet import frechet_distance
 from metaloss.gan.losses import gradient_penalty
+from metaloss.losses.base import LossContractError
 
 MODES, RADIUS, STD = 8, 2.0, 0.02
 TEST_NOISE, VAL_NOISE = 1_000_000, 2_000_000
@@ -63,12 +65,12 @@ class Budget:
     data: str = "ring"
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch", "z_dim", "hidden", "samples"):
+        for key, low in (("steps", 1), ("batch", 1), ("z_dim", 1), ("hidden", 1), ("samples", 2)):
             v = getattr(self, key)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"gan.{key} = {v!r}: must be an integer >= 1")
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"task.{key} = {v!r}: must be an integer >= {low}")
         if self.data not in DATA:
-            raise ValueError(f"gan.data = {self.data!r}: one of {', '.join(DATA)}")
+            raise ValueError(f"task.data = {self.data!r}: one of {', '.join(DATA)}")
 
 
 def players(budget: Budget, seed: int) -> tuple[nn.Module, nn.Module]:
@@ -82,18 +84,6 @@ def players(budget: Budget, seed: int) -> tuple[nn.Module, nn.Module]:
             nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 1)
         )
     return gen, disc
-
-
-def frechet_distance(a: Tensor, b: Tensor) -> float:
-    """``||μ_a - μ_b||² + Tr(C_a + C_b - 2 (C_a C_b)^{1/2})`` of two samples ``[n, d]``."""
-    from scipy import linalg
-
-    x, y = a.double().numpy(), b.double().numpy()
-    mu, nu = x.mean(0), y.mean(0)
-    ca, cb = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
-    root = linalg.sqrtm(ca @ cb)
-    root = root.real if np.iscomplexobj(root) else root
-    return float(((mu - nu) ** 2).sum() + np.trace(ca + cb - 2 * root))
 
 
 def measures(points: Tensor, real: Tensor) -> dict[str, float]:
@@ -181,7 +171,9 @@ def train_gan(
     for _ in range(budget.steps):
         for _ in range(int(loss.d_steps)):
             real, fake = data.sample(budget.batch, g), gen(noise(budget.batch)).detach()
-            d_obj = loss.discriminator(disc(real).squeeze(-1), disc(fake).squeeze(-1))
+            d_obj = _per_example(
+                loss.discriminator(disc(real).squeeze(-1), disc(fake).squeeze(-1)), "discriminator"
+            )
             if loss.gp_weight:
                 d_obj = d_obj + loss.gp_weight * gradient_penalty(disc, real, fake, g)
             d_obj = d_obj.mean()
@@ -190,7 +182,9 @@ def train_gan(
             opt_d.zero_grad(set_to_none=True)
             d_obj.backward()
             opt_d.step()
-        g_obj = loss.generator(disc(gen(noise(budget.batch))).squeeze(-1)).mean()
+        g_obj = _per_example(
+            loss.generator(disc(gen(noise(budget.batch))).squeeze(-1)), "generator"
+        ).mean()
         if not torch.isfinite(g_obj):
             return _diverged()
         opt_g.zero_grad(set_to_none=True)
@@ -206,6 +200,17 @@ def train_gan(
                 points.append(pts)
             out.update({prefix + k: v for k, v in data.measures(pts, real).items()})
     return out
+
+
+def _per_example(value: Any, player: str) -> Tensor:
+    """A player's objective: one value per example of the batch (the loss contract)."""
+    if not isinstance(value, Tensor) or value.dim() != 1:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise LossContractError(
+            f"a GAN loss's {player} objective must give one value per example (shape [batch]), "
+            f"got {shape}"
+        )
+    return value
 
 
 def _diverged() -> dict[str, float]:

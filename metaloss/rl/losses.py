@@ -39,8 +39,8 @@ class LearnedPolicyLoss(ParametricLoss):
 
     def __init__(self, hidden: int = 8, seed: int = 0) -> None:
         super().__init__(hidden=hidden, seed=seed)
-        if not isinstance(hidden, int) or hidden < 1:
-            raise ValueError(f"rl.loss_hidden = {hidden!r}: must be an integer >= 1")
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"loss.hidden = {hidden!r}: must be an integer >= 1")
         with torch.random.fork_rng():  # φ₀ is a function of ``seed``, not of the global RNG
             torch.manual_seed(seed)
             first = nn.Linear(3, hidden)

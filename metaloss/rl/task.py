@@ -1,8 +1,8 @@
 """CartPole as a task of kind ``policy``: ``metaloss-train task=cartpole loss=reinforce`` trains a
-policy with a policy loss, ``metaloss-meta task=cartpole loss=learned_policy meta_optim=cmaes``
-searches a learned one (docs/rl.md). The task holds the training budget (its config's values);
-the policy's Adam optimizer is its own (:func:`metaloss.rl.train.train_policy`), at the run's
-``optim.lr``."""
+policy with a policy loss; ``metaloss-meta task=cartpole loss=learned_policy optim=adam
+meta_optim=cmaes`` searches a learned one (docs/rl.md). The task holds the training budget (its
+config's values); the policy's Adam optimizer is its own (:func:`metaloss.rl.train.train_policy`),
+at the run's ``optim.lr``."""
 
 from __future__ import annotations
 
@@ -40,12 +40,11 @@ class CartPole(OwnLoopTask):
             hidden=hidden,
         )
 
-    def debug_sized(self) -> CartPole:
-        """The same task in seconds (``debug=default``): two updates of two short episodes."""
-        b = self.budget
-        return CartPole(
-            updates=2, episodes=2, max_steps=20, eval_episodes=2, gamma=b.gamma, hidden=4
-        )
+    def debug_sized(self, **keep: Any) -> CartPole:
+        """The same task in seconds (``debug=default``): two updates of two short episodes;
+        ``keep``: settings that stay as given."""
+        small = dict(updates=2, episodes=2, max_steps=20, eval_episodes=2, hidden=4)
+        return CartPole(**{**small, "gamma": self.budget.gamma, **keep})
 
     def describe(self) -> str:
         b = self.budget

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from metaloss.cmaes import CMAES
+from metaloss.losses.base import LossContractError
 from metaloss.rl.env import Episodes, collect
 
 log = logging.getLogger("metaloss")
@@ -46,17 +47,18 @@ class Budget:
     hidden: int = 32
 
     def __post_init__(self) -> None:
-        for key in ("updates", "episodes", "max_steps", "eval_episodes", "hidden"):
+        for key, low in (
+            ("updates", 1),
+            ("episodes", 2),  # the baseline of an episode is the mean of the others
+            ("max_steps", 1),
+            ("eval_episodes", 1),
+            ("hidden", 1),
+        ):
             v = getattr(self, key)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"rl.{key} = {v!r}: must be an integer >= 1")
-        if self.episodes < 2:
-            raise ValueError(
-                f"rl.episodes = {self.episodes}: must be >= 2 (the baseline of an episode is the "
-                "mean of the others)"
-            )
-        if not 0 < self.gamma <= 1:
-            raise ValueError(f"rl.gamma = {self.gamma!r}: must be in (0, 1]")
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"task.{key} = {v!r}: must be an integer >= {low}")
+        if isinstance(self.gamma, bool) or not 0 < self.gamma <= 1:
+            raise ValueError(f"task.gamma = {self.gamma!r}: must be in (0, 1]")
 
     @property
     def steps_per_run(self) -> int:
@@ -115,6 +117,12 @@ def train_policy(
         logp = torch.log_softmax(logits, -1).gather(-1, ep.actions[..., None]).squeeze(-1)
         t = torch.arange(ep.obs.shape[1], dtype=torch.float32) / budget.max_steps
         per_step = loss(logp, advantages(ep, budget.gamma), t.expand_as(logp))
+        if not isinstance(per_step, Tensor) or per_step.shape != logp.shape:
+            shape = tuple(per_step.shape) if isinstance(per_step, Tensor) else type(per_step)
+            raise LossContractError(
+                f"a policy loss must give one value per step, shaped like log π {tuple(logp.shape)}"
+                f" (episodes x steps), got {shape}"
+            )
         objective = (per_step * ep.mask).sum(-1).mean()
         if not torch.isfinite(objective):
             return {"return": float("nan"), "val_return": float("nan"), "curve": curve}

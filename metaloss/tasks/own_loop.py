@@ -27,7 +27,7 @@ class OwnLoopTask:
     def train(self, loss: Any, *, lr: float, seed: int) -> dict[str, float]:
         raise NotImplementedError
 
-    def debug_sized(self) -> OwnLoopTask:
+    def debug_sized(self, **keep: Any) -> OwnLoopTask:
         raise NotImplementedError
 
     def describe(self) -> str:
