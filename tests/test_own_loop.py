@@ -43,6 +43,21 @@ TINY_RL = [
     "task.hidden=8",
 ]
 
+META_RL = (
+    QUIET
+    + TINY_RL
+    + [
+        "loss=learned_policy",
+        "optim=adam",
+        "optim.lr=0.02",
+        "meta_optim=cmaes",
+        "meta_optim.popsize=4",
+        "meta.steps=2",
+        "meta.tasks_per_step=1",
+        "meta_test.seeds=2",
+    ]
+)
+
 
 @pytest.fixture
 def app_cfg():
@@ -98,22 +113,7 @@ def test_train_seeds_and_the_default_loss(app_cfg, tmp_path):
 def test_meta_searches_saves_and_meta_tests(app_cfg, tmp_path):
     """metaloss-meta on cartpole: CMA-ES moves the learned loss away from REINFORCE, the saved
     file is that loss, and the meta-test's learned row is what training with the file gives."""
-    cfg = app_cfg(
-        "meta",
-        QUIET
-        + TINY_RL
-        + [
-            "loss=learned_policy",
-            "optim=adam",
-            "optim.lr=0.02",
-            "meta_optim=cmaes",
-            "meta_optim.popsize=4",
-            "meta_optim.sigma0=0.5",
-            "meta.steps=2",
-            "meta.tasks_per_step=1",
-            "meta_test.seeds=2",
-        ],
-    )
+    cfg = app_cfg("meta", META_RL + ["meta_optim.sigma0=0.5"])
     out = meta_app.run(cfg, tmp_path, "learned_policy")
     history = json.loads((tmp_path / "search.json").read_text())["history"]
     assert [row["generation"] for row in history] == [1, 2] and out["history"] == history
@@ -266,22 +266,6 @@ def test_gan_mnist1d_from_config(app_cfg, tmp_path):
         seed=0,
     )
     assert rec["metrics"]["test/frechet"] == pytest.approx(direct["frechet"], rel=1e-9)
-
-
-META_RL = (
-    QUIET
-    + TINY_RL
-    + [
-        "loss=learned_policy",
-        "optim=adam",
-        "optim.lr=0.02",
-        "meta_optim=cmaes",
-        "meta_optim.popsize=4",
-        "meta.steps=2",
-        "meta.tasks_per_step=1",
-        "meta_test.seeds=2",
-    ]
-)
 
 
 @pytest.mark.parametrize(
