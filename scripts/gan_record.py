@@ -72,10 +72,13 @@ def tune_lr(loss, budget, runs: int, seeds: int, default: float, label: str) -> 
 
 def table(record: dict) -> list[str]:
     """results.md: every loss's tuned lr and test measures, then the paired comparison."""
-    lines = [
-        "| loss | lr (tuned) | test Fréchet distance | modes covered (of 8) | high-quality |",
-        "|---|---|---|---|---|",
-    ]
+    head = {
+        "ring": "| loss | lr (tuned) | test Fréchet distance | modes covered (of 8) "
+        "| high-quality |",
+        "mnist1d": "| loss | lr (tuned) | test Fréchet distance (classifier features) | classes "
+        "covered (of 10) | precision |",
+    }[record["budget"].get("data", "ring")]
+    lines = [head, "|---|---|---|---|---|"]
     for name, res in record["results"].items():
         cells = [
             f"{np.mean(res['test/' + k]):.4g} ± {np.std(res['test/' + k], ddof=1):.2g}"
@@ -185,7 +188,8 @@ def main() -> None:
     ap.add_argument(
         "--readme",
         action="store_true",
-        help="only rewrite README.md's gan block from --out's results.json (no training)",
+        help="only rewrite the record's generated table from --out's results.json (no training): "
+        "README.md's gan block (ring), docs/results.md's gan_<data> block (others)",
     )
     args = ap.parse_args()
     if args.out is None:
@@ -199,7 +203,11 @@ def main() -> None:
         record = json.loads((args.out / "results.json").read_text())
         if record.get("quick"):
             raise SystemExit("gan_record --readme: a --quick run is not a record")
-        replace_block("gan", table(record), "gan_record --readme")
+        if record["budget"].get("data", "ring") == "ring":
+            replace_block("gan", table(record), "gan_record --readme")
+        else:  # the README keeps one GAN table; the others are in docs/results.md
+            block, results = f"gan_{record['budget']['data']}", ROOT / "docs" / "results.md"
+            replace_block(block, table(record), "gan_record --readme", readme=results)
         return
     torch.set_num_threads(1)
     budget = _budgets()[args.data]
