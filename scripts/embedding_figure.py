@@ -51,7 +51,8 @@ def main() -> None:
         load_option("model", setup["model"]["option"]), setup["model"]["config"]
     )
     optim_name = setup["optim"]["option"]
-    exp_cfg = load_option("experiment", args.name)
+    # the experiment file's own meta-test settings (it is an override file: not composed alone)
+    exp_cfg = OmegaConf.load(ROOT / "conf" / "experiment" / f"{args.name}.yaml")
     steps, batch = int(exp_cfg.meta_test.steps), exp_cfg.meta_test.batch_size
     panels = []
     for name, hp in rec["hyperparameters"].items():

@@ -126,7 +126,13 @@ def section(d: Path) -> str:
     tune = record.get("tune") or {}
     seconds = ", ".join(f"{e['seconds']:.0f}" for e in record["meta"])
     table_md, _, verdict = (d / "nested_comparison.md").read_text().partition("\n\n")
-    learned_lr = (rec["hyperparameters"][0] or {}).get("learned", {}).get("lr", float("nan"))
+    per_run = [(h or {}).get("learned", {}) for h in rec["hyperparameters"]]
+    lrs = ", ".join(f"{r.get('lr', float('nan')):.3g}" for r in per_run)
+    learned_lr = (
+        f"the learned loss's lr tuned the same way, per run: {lrs}"
+        if any("tuned" in str(r.get("source", "")) for r in per_run)
+        else f"the learned loss trains at its config's inner lr, {lrs}"
+    )
     history = sorted(p.name for p in (d / "history").iterdir()) if (d / "history").is_dir() else []
     lines = [
         f"## Record under the protocol of docs/protocol.md (started {record['started']})",
@@ -150,7 +156,7 @@ def section(d: Path) -> str:
         f"{'/'.join(map(str, trials))} trials "
         f"per baseline x {len(tuned.get('seeds', []))} seeds x {tuned.get('steps')} steps"
         + (f", {budget.get('steps_used')} inner steps each" if budget.get("steps_used") else "")
-        + f"; the learned loss trains at its config's inner lr, {learned_lr:g}). Tuning took "
+        + f"; {learned_lr}). Tuning took "
         f"{tune.get('seconds', 'NaN')} s"
         + (" (an earlier run's, kept: same tuned.json)" if tune.get("reused") else "")
         + f"; each meta-training run with its meta-test {seconds} s.",
