@@ -176,7 +176,8 @@ def test_the_gan_record_script_runs_end_to_end(tmp_path):
 
 def test_readme_gan_block_is_generated_from_the_record():
     """README's GAN table is gan_record.py's table of experiments/gan_ring (not typed), and the
-    record is a full one (5 test seeds per loss, every lr tuned with the search's runs)."""
+    record is a full one (5 test seeds per loss, every lr tuned with the search's runs); so is
+    docs/results.md's table of experiments/gan_mnist1d."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gan_record", ROOT / "scripts" / "gan_record.py")
@@ -190,6 +191,13 @@ def test_readme_gan_block_is_generated_from_the_record():
     assert all(t["runs"] == runs for t in rec["tuning"].values())
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- gan:start -->\n")[1].split("<!-- gan:end -->")[0]
+    assert block == "\n".join(gan_record.table(rec)) + "\n"
+    # the MNIST-1D record's table lives in docs/results.md, generated the same way
+    rec = json.loads((ROOT / "experiments" / "gan_mnist1d" / "results.json").read_text())
+    assert rec["quick"] is False and rec["budget"]["data"] == "mnist1d"
+    assert all(len(v["test/frechet"]) == 5 for v in rec["results"].values())
+    results = (ROOT / "docs" / "results.md").read_text()
+    block = results.split("<!-- gan_mnist1d:start -->\n")[1].split("<!-- gan_mnist1d:end -->")[0]
     assert block == "\n".join(gan_record.table(rec)) + "\n"
 
 
