@@ -228,6 +228,7 @@ def test_mnist1d_measures_rank_real_signals_above_noise_and_a_collapse():
     assert precision(f, r, 1) == pytest.approx(2 / 3)
 
 
+@pytest.mark.slow  # 300 GAN steps on MNIST-1D
 def test_a_gan_learns_mnist1d_signals():
     """A short non-saturating GAN on MNIST-1D gets nearer the real signals (Fréchet distance
     on the classifier's features) and covers more classes than its untrained generator

@@ -214,6 +214,7 @@ def test_a_user_loss_is_one_function_and_one_yaml(
     assert name in config.losses_for(kind, cfg)
 
 
+@pytest.mark.slow  # two console scripts in subprocesses
 def test_the_console_scripts_with_debug_run_in_seconds(tmp_path):
     """debug=default shrinks a task with a loop of its own (whose budget the debug config's
     engine settings do not reach), and a refused setting exits 2 naming it."""
