@@ -480,7 +480,17 @@ def test_record_script_stopped_in_the_meta_stage_keeps_the_previous_tuned_json(t
 # values moved by up to SPREAD below — the size of the 0.006 another machine showed. 2000
 # Adam steps amplify a last-bit difference in a reduction into a different trajectory, so the
 # tolerance is twice the largest measured spread.
+#
+# A second real machine (2026-12-04, Intel Xeon with AVX-512, the code of 8de0a13 and after)
+# reproduced binary99 to within that tolerance in 28 of 30 (loss, seed) cells, most of them
+# bit for bit, while two cells took another trajectory: CE seed 2 (+0.087) and focal seed 3
+# (-0.025). Plain CE on 99:1 data sits at the edge of predicting the minority class at all,
+# and its balanced accuracy moves in steps of a few minority test examples. The verdict, the
+# reference baseline and every learned-loss value reproduced. So the cross-machine check is:
+# at most BIFURCATED of the cells beyond the tolerance, the learned loss's mean within it, and
+# the record's reference baseline and verdict unchanged.
 SPREAD = {"outliers_robust": 0.0064, "binary99": 0.0060}
+BIFURCATED = 0.1  # the largest fraction of (loss, seed) cells allowed on another trajectory
 
 
 def _eval(name, d, out_dir):
@@ -507,7 +517,9 @@ def _eval(name, d, out_dir):
 def test_the_recorded_meta_test_reproduces(tmp_path, name):
     """`metaloss-eval` with the recorded learned loss and tuned.json, run from the repository
     root as a user would: run twice on this machine, bit-identical; against the record (made
-    on another machine), every per-seed value within twice the measured cross-kernel spread."""
+    on another machine): per-seed values within twice the measured cross-kernel spread, but
+    for at most a tenth of them that took another trajectory (measured: see SPREAD), the
+    learned loss's mean within that tolerance, and the same verdict and reference baseline."""
     from metaloss.report import per_seed_differences
 
     d, comp = _recorded(name)
@@ -515,8 +527,14 @@ def test_the_recorded_meta_test_reproduces(tmp_path, name):
     assert first["results"] == second["results"]  # same machine, same code: exact
     assert set(first["results"]) == set(comp["results"])
     tolerance = 2 * SPREAD[name]
-    for loss, diffs in per_seed_differences(comp, first).items():
-        assert max(diffs) <= tolerance, (loss, diffs, tolerance)
+    diffs = per_seed_differences(comp, first)
+    cells = [(loss, i, d) for loss, ds in diffs.items() for i, d in enumerate(ds)]
+    away = [c for c in cells if not c[2] <= tolerance]  # inf (NaN on one side) counts too
+    assert len(away) <= BIFURCATED * len(cells), (away, tolerance)
+    learned = comp["results"]["learned"][comp["metric"]]
+    again = first["results"]["learned"][comp["metric"]]
+    assert abs(sum(learned) / len(learned) - sum(again) / len(again)) <= tolerance
+    assert first["significance"]["verdict"] == comp["significance"]["verdict"]
     # the reference baseline (chosen on validation) is the same unless the recorded top two on
     # validation are closer than the tolerance (they may swap on another machine)
     sig = comp["significance"]
