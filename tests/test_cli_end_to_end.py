@@ -139,6 +139,7 @@ def _learned_file(compose_cfg, path, overrides, **meta):
 EVAL = ["logger=none", "progress=false", "compare=[ce]", "meta_test.seeds=2", "meta_test.steps=5"]
 
 
+@pytest.mark.slow  # an end-to-end run (the fast suite stays under 10 min)
 def test_eval_takes_task_model_and_optimizer_from_the_file(compose_cfg, tmp_path):
     """`metaloss-eval loss_path=...` alone evaluates where the loss was trained (digits, its
     model and inner lr), not on the default sine task (before: silently sine)."""
@@ -162,6 +163,7 @@ def test_eval_takes_task_model_and_optimizer_from_the_file(compose_cfg, tmp_path
     assert "task from" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # an end-to-end run (the fast suite stays under 10 min)
 def test_eval_refuses_another_task_unless_told_and_old_files_without_a_task(compose_cfg, tmp_path):
     f = _learned_file(compose_cfg, tmp_path / "l.pt", ["task=digits"])
     cmd = [BIN / "metaloss-eval", f"loss_path={f}", *EVAL]

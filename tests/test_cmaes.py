@@ -348,6 +348,7 @@ def test_cmaes_objective_for_another_task_kind_is_refused_naming_key_value_and_v
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow  # an end-to-end run (the fast suite stays under 10 min)
 def test_the_console_script_exits_nonzero_when_every_candidate_diverged(tmp_path):
     """As a user runs it: non-zero exit, the diagnosis on stderr, no complete learned_loss.pt."""
     import subprocess

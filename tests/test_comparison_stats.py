@@ -386,6 +386,7 @@ def _null_draws(reps: int, n: int = 5, k: int = 4, seed: int = 0):
         yield out
 
 
+@pytest.mark.slow  # an end-to-end run (the fast suite stays under 10 min)
 def test_under_the_null_each_verdict_direction_stays_at_its_nominal_rate():
     """All losses equal, 4 baselines, 5 seeds, 3000 draws: with the reference chosen on
     validation and the paired p Holm-adjusted over the baselines, "significantly worse" and

@@ -296,6 +296,7 @@ def _cli(args, tmp_path):
     )
 
 
+@pytest.mark.slow  # an end-to-end run (the fast suite stays under 10 min)
 def test_cli_refuses_bad_settings_before_compute_and_fails_on_divergence(tmp_path):
     bad = _cli([*TINY, "maml.steps=0", "fewshot.meta_batch=-1"], tmp_path)
     assert bad.returncode == 2
@@ -484,6 +485,7 @@ def test_settings_an_episode_cannot_use_are_refused_before_training(
     assert not (tmp_path / "result.json").exists()
 
 
+@pytest.mark.slow  # an end-to-end run (the fast suite stays under 10 min)
 def test_fewshot_record_refuses_runs_it_cannot_pair_and_tampered_files(compose_cfg, tmp_path):
     script = Path(__file__).resolve().parent.parent / "scripts" / "fewshot_record.py"
 

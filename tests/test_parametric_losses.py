@@ -156,6 +156,7 @@ def test_corrupt_or_foreign_loss_files_are_refused(tmp_path):
         load_learned_loss(tmp_path / "missing.pt")
 
 
+@pytest.mark.slow  # an end-to-end run (the fast suite stays under 10 min)
 def test_ml3_can_start_from_a_known_loss_and_reloads_without_refitting(tmp_path):
     """fit_to regresses the random network onto CE / MSE: approximate, not exact."""
     torch.manual_seed(0)  # the network's starting weights

@@ -391,6 +391,7 @@ def _skip_tune_run_that_fails(rec, work):
     )
 
 
+@pytest.mark.slow  # an end-to-end run (the fast suite stays under 10 min)
 def test_a_record_killed_in_its_meta_stage_gets_its_previous_tuned_json_back(tmp_path):
     """SIGKILL leaves no handler to put the previous tuned.json back: the next run does it first
     (it is kept as .tuned.previous.json), instead of deleting that only copy."""
@@ -404,6 +405,7 @@ def test_a_record_killed_in_its_meta_stage_gets_its_previous_tuned_json_back(tmp
     assert not (rec / ".tuned.previous.json").exists()
 
 
+@pytest.mark.slow  # an end-to-end run (the fast suite stays under 10 min)
 def test_a_record_killed_after_it_landed_keeps_its_new_tuned_json(tmp_path):
     """Killed between its results landing and removing the kept copy: the record names the new
     tuned.json (sha256), so the next run drops the stale copy instead of putting it back over

@@ -141,6 +141,7 @@ def test_bad_settings_are_refused_before_anything_runs(compose_cfg, overrides, m
         check_config(compose_cfg("train", ["task=tabular", *overrides]))
 
 
+@pytest.mark.slow  # an end-to-end run (the fast suite stays under 10 min)
 def test_metaloss_train_on_a_csv_file_from_config_alone(tmp_path):
     x, y = _binary_rows(300)
     rows = [[*r, int(label)] for r, label in zip(x, y, strict=True)]

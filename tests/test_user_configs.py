@@ -440,6 +440,7 @@ class _NotAnOuter:
         return object()
 
 
+@pytest.mark.slow  # an end-to-end run (the fast suite stays under 10 min)
 @pytest.mark.parametrize(
     "app,extra", [("tune", []), ("eval", ["loss_path=x"]), ("meta", ["debug=default"])]
 )

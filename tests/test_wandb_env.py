@@ -100,6 +100,7 @@ def test_a_logger_config_without_the_keys_follows_the_environment(tmp_path, clea
     assert run["run"]["project"] == "from-env"
 
 
+@pytest.mark.slow  # an end-to-end run (the fast suite stays under 10 min)
 def test_console_script_honours_the_environment(tmp_path):
     """A real `metaloss-train` run: WANDB_PROJECT / WANDB_DIR from its environment."""
     env = {k: v for k, v in os.environ.items() if k not in ENV}
