@@ -74,6 +74,7 @@ def test_search_bench_agrees_with_one_at_a_time_and_prints_its_speedup_last():
 FEWSHOT = Path(__file__).resolve().parents[1] / "scripts" / "bench_fewshot.py"
 
 
+@pytest.mark.slow  # an end-to-end run (the fast suite stays under 10 min)
 @pytest.mark.parametrize("loss", ["metal", "ce"])
 def test_fewshot_bench_agrees_with_the_loop_and_prints_its_speedup_last(loss):
     out = subprocess.run(

@@ -286,6 +286,7 @@ def test_eval_applies_command_line_values_over_the_files_setup(compose_cfg, tmp_
     assert cfg.optim._target_.endswith(".sgd")
 
 
+@pytest.mark.slow  # an end-to-end run (the fast suite stays under 10 min)
 def test_a_command_ends_by_saying_where_its_outputs_are(tmp_path):
     """Every command's last line names its run directory; log lines are written around the
     progress bars (through tqdm), never inside a bar's line."""

@@ -235,6 +235,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow  # an end-to-end run (the fast suite stays under 10 min)
 @pytest.mark.parametrize("loss", ["ce", "ml3", "metal", "metal_noquery"])
 def test_fewshot_app_runs_each_ablation_row(compose_cfg, tmp_path, loss):
     cfg = compose_cfg("fewshot", [*TINY, f"fewshot_loss={loss}", "logger=none"])

@@ -68,6 +68,7 @@ def test_a_task_family_whose_training_tasks_reach_the_test_draws_is_refused(comp
         check_against_task(cfg, instantiate(cfg.task))
 
 
+@pytest.mark.slow  # an end-to-end run (the fast suite stays under 10 min)
 def test_the_long_tail_profile_keeps_class_identity_across_draws(compose_cfg):
     """profile=index (Cui et al. 2019): class 0 is the head and class 9 the tail on every draw.
     profile=rank (the default, what the recorded experiments used): head and tail are

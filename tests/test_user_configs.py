@@ -408,6 +408,7 @@ def test_a_hypergradient_method_defined_outside_the_package_meta_trains_and_resu
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical resume
 
 
+@pytest.mark.slow  # an end-to-end run (the fast suite stays under 10 min)
 def test_an_outer_optimizer_defined_outside_the_package_meta_trains_and_resumes_exactly(
     app_cfg, tmp_path, monkeypatch
 ):
