@@ -41,6 +41,7 @@ from metaloss.errors import ConfigError
 from metaloss.losses.base import ParametricLoss
 from metaloss.losses.io import save_learned_loss
 from metaloss.metatest import significance
+from metaloss.metrics import metric_names
 from metaloss.runs import RunDir, hydra_record
 from metaloss.train import NonFiniteLoss
 
@@ -192,7 +193,8 @@ def train(cfg: DictConfig, run_dir: RunDir, task: Any, loss_name: str | None) ->
 
 
 def _metric_names(task: Any) -> list[str]:
-    return [f"{split}/{m}" for split in ("test", "val") for m in kinds.get(task.kind).metrics]
+    """The keys a task's ``train`` returns: its kind's metrics, test and validation."""
+    return metric_names(task.kind, "test") + metric_names(task.kind, "val")
 
 
 def meta(cfg: DictConfig, run_dir: RunDir, task: Any, loss_name: str | None) -> dict:

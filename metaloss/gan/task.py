@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from metaloss import kinds
 from metaloss.gan.train import Budget, search, train_gan
 from metaloss.tasks.own_loop import OwnLoopTask
 
-MEASURES = ("frechet", "modes", "high_quality")
+MEASURES = kinds.GAN.metrics  # one list of the measures: the kind's
 
 
 class GAN(OwnLoopTask):
