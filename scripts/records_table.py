@@ -2,6 +2,7 @@
 
     python scripts/records_table.py            # print the full table
     python scripts/records_table.py --write    # the full table into docs/results.md, the short one
+                                               # and the cross-method table of cases (cases_table)
                                                # into README.md (between their markers), and each
                                                # record's section into experiments/<name>/README.md
     python scripts/records_table.py --check    # exit 1 if any of them is not what the records say
@@ -20,6 +21,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from metaloss.metatest import format_number
 
@@ -99,6 +102,121 @@ def table(root: Path = ROOT / "experiments") -> str:
     lines = [head, "|" + "---|" * 10]
     lines += [row(f.parent.name, json.loads(f.read_text())) for f in recs]
     return "\n".join(lines)
+
+
+CASES_BEGIN, CASES_END = (
+    "<!-- cases:begin (scripts/records_table.py --write) -->",
+    "<!-- cases:end -->",
+)
+# the cross-method table's columns: a record's column is its loss's class (a residual: its
+# family searched as a warm start on a tuned baseline, with the learned lr tuned)
+METHODS = {
+    "metaloss.losses.mlp.ML3Loss": "ML3",
+    "metaloss.losses.taylor.TaylorGLO": "TaylorGLO",
+    "metaloss.losses.symbolic.SymbolicLoss": "symbolic search",
+}
+WARM, OTHER = "warm-started family, tuned lr", "another family, cold start"
+COLUMNS = ["ML3", "TaylorGLO", "symbolic search", OTHER, WARM]
+
+
+def _loss_config(name: str):
+    """The ``loss`` node of experiment ``name`` as Hydra composes it (the record's own config)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from metaloss.config import conf_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name="meta", overrides=[f"experiment={name}"]).loss
+
+
+def method(name: str) -> tuple[str, str]:
+    """(column, family) of a record: which search made its learned loss."""
+    loss = _loss_config(name)
+    target = str(loss._target_)
+    if target == "metaloss.residual.Residual":
+        return WARM, f"{loss.family} on {loss.base}"
+    family = target.rsplit(".", 1)[-1]
+    return METHODS.get(target, OTHER), family
+
+
+def _case_of(d: Path) -> tuple[str, str]:
+    """(tuned.json's sha256, the experiment its tuning ran): records tuned with the same file
+    share a case (task, model, optimizer, budget and the baselines' draws and results)."""
+    import hashlib
+
+    record = json.loads((d / "record.json").read_text())
+    command = (record.get("tune") or {}).get("command") or []
+    tuned_by = [c.split("=", 1)[1] for c in command if c.startswith("experiment=")]
+    sha = hashlib.sha256((d / "tuned.json").read_bytes()).hexdigest()
+    return sha, (tuned_by[0] if tuned_by else d.name)
+
+
+def _steps(n: float) -> str:
+    return f"{n / 1e3:.0f}k" if n >= 1e3 else f"{n:.0f}"
+
+
+def _learned_cell(name: str, rec: dict) -> str:
+    sig = rec["significance"]
+    learned = [(h or {}).get("learned", {}) for h in rec["hyperparameters"]]
+    search = float(np.mean([r.get("meta_training_steps", float("nan")) for r in learned]))
+    tuning = [r.get("tuning_steps", 0) for r in learned if "tuned" in str(r.get("source", ""))]
+    compute = f"search {_steps(search)}" + (
+        f" + lr {_steps(float(np.mean(tuning)))}" if tuning else ""
+    )
+    return (
+        f"{format_number(sig['learned_mean'])} "
+        f"({'+' if sig['difference'] >= 0 else ''}{format_number(sig['difference'])} "
+        f"[{format_number(sig['ci_low'])}, {format_number(sig['ci_high'])}], "
+        f"p {format_number(sig['p_value_holm'], '.2g')}, {_short(sig['verdict'])}; "
+        f"{compute}) `{name}`"
+    )
+
+
+def _baseline_cell(rec: dict) -> str:
+    from scipy import stats
+
+    sig = rec["significance"]
+    ref = sig["best_baseline"]
+    values = np.asarray(rec["baselines"][ref][rec["metric"]], float)
+    n = len(values)
+    half = float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n))
+    steps = {(h or {}).get(ref, {}).get("tuning_steps") for h in rec["hyperparameters"]} - {None}
+    tuned = f"; tuning {'/'.join(_steps(s) for s in sorted(steps))}" if steps else ""
+    return f"{ref}: {format_number(float(values.mean()))} ± {format_number(half)}{tuned}"
+
+
+def cases_table(root: Path = ROOT / "experiments") -> str:
+    """README's cross-method table: one row per case (the records tuned with one tuned.json:
+    the same task, model, optimizer, budget, baselines and test draws), one column per kind of
+    search; each cell the learned loss's mean over its runs and draws, its difference from the
+    case's reference tuned baseline (chosen on validation) with the 95% CI, the Holm-adjusted
+    p and the verdict, and its compute in inner steps (search, then the lr tuning the baselines
+    also got). An empty cell: no such record."""
+    cases: dict[str, list[tuple[str, dict]]] = {}
+    tuned_by: dict[str, set[str]] = {}
+    for f in sorted(root.glob("*/nested_comparison.json")):
+        sha, by = _case_of(f.parent)
+        cases.setdefault(sha, []).append((f.parent.name, json.loads(f.read_text())))
+        tuned_by.setdefault(sha, set()).add(by)
+    rows = []
+    for sha, recs in cases.items():
+        refs = {(r["significance"]["best_baseline"], r["metric"]) for _, r in recs}
+        if len(refs) != 1:  # same tuned.json and draws, so the same reference: else not one case
+            raise ValueError(f"records {[n for n, _ in recs]} share a tuned.json but not {refs}")
+        cells: dict[str, list[str]] = {c: [] for c in COLUMNS}
+        for name, rec in recs:
+            column, family = method(name)
+            cells[column].append(f"{family}: {_learned_cell(name, rec)}")
+        label = ", ".join(f"`{n}`" for n in sorted(tuned_by[sha]))
+        rows.append(
+            f"| {label} | {recs[0][1]['metric']} | {_baseline_cell(recs[0][1])} | "
+            + " | ".join("<br>".join(cells[c]) for c in COLUMNS)
+            + " |"
+        )
+    head = "| case | metric | reference tuned baseline (mean ± 95% CI) | " + " | ".join(COLUMNS)
+    return "\n".join([head + " |", "|" + "---|" * (3 + len(COLUMNS)), *sorted(rows)])
 
 
 SECTION_BEGIN, SECTION_END = (
@@ -203,10 +321,14 @@ def main() -> None:
         ROOT / "docs" / "results.md": (BEGIN, END, text),
         ROOT / "README.md": (SHORT_BEGIN, SHORT_END, short_table()),
     }.items():
-        content = page_path.read_text()
+        content = wanted.get(page_path, page_path.read_text())
         if begin not in content or end not in content:
             sys.exit(f"{page_path.relative_to(ROOT)} has no {begin} ... {end} markers")
         wanted[page_path] = _replace_between(content, begin, end, body, page_path.name)
+    readme = ROOT / "README.md"
+    if CASES_BEGIN not in wanted[readme] or CASES_END not in wanted[readme]:
+        sys.exit(f"README.md has no {CASES_BEGIN} ... {CASES_END} markers")
+    wanted[readme] = _replace_between(wanted[readme], CASES_BEGIN, CASES_END, cases_table(), "")
     for f in sorted((ROOT / "experiments").glob("*/nested_comparison.json")):
         page = f.parent / "README.md"
         if not page.is_file():

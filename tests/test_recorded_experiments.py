@@ -770,3 +770,53 @@ def test_the_readme_tables_are_what_the_records_say():
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "`outliers_robust`" in (ROOT / "README.md").read_text()
+
+
+def _records_table():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "records_table", ROOT / "scripts" / "records_table.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_cases_table_puts_each_record_in_its_case_row_and_search_column(tmp_path):
+    """README's cross-method table: records tuned with one tuned.json share a row (named by the
+    experiment that ran the tuning), each in the column of its loss's search, with its record's
+    own numbers; a record tuned with another file starts another row."""
+    mod = _records_table()
+    rows = {r.split(" | ")[0]: r for r in mod.cases_table().splitlines()[2:]}
+    binary = rows["| `binary99`"].split(" | ")
+    columns = ["case", "metric", "baseline", *mod.COLUMNS]
+    cell = dict(zip(columns, binary))
+    warm = json.loads((ROOT / "experiments/binary99_warm/nested_comparison.json").read_text())
+    sig = warm["significance"]
+    assert "`binary99_warm`" in cell[mod.WARM] and "`binary99_warm`" not in cell[mod.OTHER]
+    assert cell[mod.WARM].startswith("logit_adjusted on logit_adjusted_ce: ")
+    assert f"{sig['learned_mean']:.4f}" in cell[mod.WARM]
+    assert f"{sig['best_baseline']}: {sig['best_baseline_mean']:.4f} ± " in cell["baseline"]
+    assert "`binary99`" in cell[mod.OTHER] and cell["TaylorGLO"] == ""
+    assert mod.method("noise_sym40") == ("TaylorGLO", "TaylorGLO")
+    assert mod.method("gp_quickstart")[0] == "symbolic search"
+    # a copy of binary99_warm's record with another tuned.json: a row of its own
+    root = tmp_path / "experiments"
+    for name in ("binary99", "binary99_warm"):
+        src = ROOT / "experiments" / name
+        (root / name).mkdir(parents=True)
+        for f in ("nested_comparison.json", "record.json", "tuned.json"):
+            (root / name / f).write_bytes((src / f).read_bytes())
+    assert len(mod.cases_table(root).splitlines()) == 3  # head, rule, one row
+    (root / "binary99_warm" / "tuned.json").write_text("{}")
+    assert len(mod.cases_table(root).splitlines()) == 4
+    # one tuned.json, two reference baselines: not one case
+    rec = json.loads((root / "binary99_warm" / "nested_comparison.json").read_text())
+    rec["significance"]["best_baseline"] = "ce"
+    (root / "binary99_warm" / "nested_comparison.json").write_text(json.dumps(rec))
+    (root / "binary99_warm" / "tuned.json").write_bytes(
+        (ROOT / "experiments/binary99/tuned.json").read_bytes()
+    )
+    with pytest.raises(ValueError, match="share a tuned.json"):
+        mod.cases_table(root)
