@@ -26,7 +26,9 @@ experiments/<name>/ keeps one consistent record. The copy itself is all or nothi
 staged beside its destination before any is renamed into place, so a full disk mid-copy leaves
 the previous record whole. One run at a time per destination (a lock;
 a second is refused). record.json's ``tune.tuned_sha256`` ties the tuning entry to its file:
-``--skip-tune`` carries the entry over (marked ``reused``) only for that same tuned.json.
+``--skip-tune`` carries the entry over (marked ``reused``) only for that same tuned.json: the
+previous record's, or, for a new variant of a case recorded with the case's tuned.json (e.g.
+``binary99_warm``), the sibling record's that made it (named in ``from``).
 
 ``--verify`` reruns ``metaloss-meta experiment=<name> seed=<--meta-seed, default 0>`` (meta-training
 and meta-test, with the destination's tuned.json, ``--dest`` included) into the work directory,
@@ -73,14 +75,29 @@ def _sha256(path: Path) -> str:
 
 
 def _kept_tune_record(dest: Path) -> dict | None:
-    """--skip-tune: the previous record's tuning entry (command, wall time), only if it was made
-    for the very tuned.json kept there (same sha256); a hand-placed tuned.json gets none."""
-    if not (dest / "record.json").is_file():
-        return None
-    kept = json.loads((dest / "record.json").read_text()).get("tune")
-    if not kept or kept.get("tuned_sha256") != _sha256(dest / "tuned.json"):
-        return None
-    return {**kept, "reused": True}
+    """--skip-tune: the tuning entry (command, wall time) of the run that made the very
+    tuned.json kept in ``dest`` (same sha256): dest's previous record's, else that of a sibling
+    record (``dest/../*/record.json``: a variant of a case, e.g. ``binary99_warm``, recorded
+    with its case's tuned.json), named in ``from``. A hand-placed tuned.json gets none."""
+    sha = _sha256(dest / "tuned.json")
+    own = dest / "record.json"
+    others = sorted(p for p in dest.parent.glob("*/record.json") if p.parent != dest)
+    for path in ([own] if own.is_file() else []) + others:
+        try:
+            kept = json.loads(path.read_text()).get("tune")
+        except (OSError, ValueError):
+            continue
+        if not kept or kept.get("tuned_sha256") != sha:
+            continue
+        if path == own:
+            return {**kept, "reused": True}
+        return {
+            **{k: v for k, v in kept.items() if k != "from"},
+            "reused": True,
+            "from": f"experiments/{path.parent.name} (the same tuned.json: same task, model, "
+            "optimizer and budget)",
+        }
+    return None
 
 
 def _landed_with(dest: Path, tuned: Path) -> bool:

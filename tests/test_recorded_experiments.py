@@ -264,6 +264,24 @@ def test_skip_tune_carries_the_tuning_entry_only_for_the_same_tuned_json(tmp_pat
     (tmp_path / "tuned.json").write_text('{"a": 2}')  # another file put there by hand
     assert mod._kept_tune_record(tmp_path) is None
 
+    # a new variant of a case (no record.json of its own) with its case's tuned.json: the case's
+    # tuning entry, saying where it came from; a sibling with another tuned.json gives none
+    root = tmp_path / "experiments"
+    for name, tuned in (("case", '{"a": 1}'), ("other", '{"a": 3}'), ("case_warm", '{"a": 1}')):
+        (root / name).mkdir(parents=True)
+        (root / name / "tuned.json").write_text(tuned)
+    sha3 = hashlib.sha256(b'{"a": 3}').hexdigest()
+    (root / "other" / "record.json").write_text(
+        json.dumps({"tune": {**entry, "tuned_sha256": sha3}})
+    )
+    assert mod._kept_tune_record(root / "case_warm") is None
+    (root / "case" / "record.json").write_text(json.dumps({"tune": entry}))
+    kept = mod._kept_tune_record(root / "case_warm")
+    assert kept["reused"] and kept["command"] == entry["command"] and kept["seconds"] == 12.0
+    assert kept["from"].startswith("experiments/case (the same tuned.json")
+    (root / "case_warm" / "tuned.json").write_text('{"a": 4}')
+    assert mod._kept_tune_record(root / "case_warm") is None
+
 
 def _script_module():
     import importlib.util
