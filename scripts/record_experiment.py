@@ -70,6 +70,29 @@ def _app(name: str) -> str:
     return str(path)
 
 
+def machine() -> dict:
+    """What the record ran on: a 2000-step run on another CPU can take another trajectory
+    (docs/protocol.md), so a record says which CPU made its numbers."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux names the model here; platform.processor() is often empty or just the arch
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "os": platform.platform(),
+    }
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -290,6 +313,7 @@ def main() -> None:
         "experiment": args.name,
         "overrides": args.overrides,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine(),
     }
     common = [f"experiment={args.name}", "progress=false", *args.overrides]
     if not args.skip_tune:
