@@ -354,6 +354,21 @@ VERDICT_RULE = (
 )
 
 
+TIE_DIGITS = 9  # selection means equal to this many decimals are a tie
+
+
+def choose_reference(selection: dict[str, float], higher: bool) -> str | None:
+    """The baseline with the best selection mean; a tie goes to the first in ``selection``'s
+    order (the experiment's ``compare`` list). Means are compared rounded to ``TIE_DIGITS``
+    decimals: two baselines with the same validation scores must not be told apart by the
+    last bit of a float sum (which can differ across machines). None if ``selection`` is
+    empty."""
+    if not selection:
+        return None
+    key = {b: round(v, TIE_DIGITS) for b, v in selection.items()}
+    return (max if higher else min)(selection, key=key.__getitem__)
+
+
 def significance(
     results: Results,
     metric: str,
@@ -411,7 +426,7 @@ def significance(
     selection = {
         name: _finite_mean(results[name][select_on]) for name in family if name not in unselectable
     }
-    best = (max if higher else min)(selection, key=selection.__getitem__) if selection else None
+    best = choose_reference(selection, higher)
     theirs = baselines[best] if best else []
     level = 1 - alpha  # the interval excludes 0 exactly when the two-sided p < alpha
     stats_ = paired(ours, theirs, confidence=level) if best else paired([], [])

@@ -28,7 +28,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from metaloss.metatest import Results, direction, format_number, holm, significance
+from metaloss.metatest import (
+    Results,
+    choose_reference,
+    direction,
+    format_number,
+    holm,
+    significance,
+)
 from metaloss.metrics import HIGHER_IS_BETTER
 
 CROSSED_TEST = (
@@ -199,8 +206,7 @@ def nested_significance(
     family = [b for b in baseline_names if b not in diverged]
     unselectable = [b for b in family if not np.isfinite(per_draw(b, select_on)).all()]
     selection = {b: _mean(per_draw(b, select_on)) for b in family if b not in unselectable}
-    ranked = sorted(selection, key=lambda b: selection[b], reverse=higher)
-    best = ranked[0] if ranked else None
+    best = choose_reference(selection, higher)
     level = 1 - alpha
     tests = {b: crossed(ours - baselines[b][None, :], confidence=level) for b in family}
     learned_bad = int((~np.isfinite(ours)).sum())

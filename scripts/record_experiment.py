@@ -87,6 +87,8 @@ def machine() -> dict:
         pass
     return {
         "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels ATen runs
+        "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "os": platform.platform(),
@@ -112,13 +114,13 @@ def _kept_tune_record(dest: Path) -> dict | None:
             continue
         if not kept or kept.get("tuned_sha256") != sha:
             continue
-        if path == own:
+        if path == own or kept.get("from"):  # a reused entry already names where it came from
             return {**kept, "reused": True}
+        where = path.parent.relative_to(ROOT) if path.is_relative_to(ROOT) else path.parent
         return {
-            **{k: v for k, v in kept.items() if k != "from"},
+            **kept,
             "reused": True,
-            "from": f"experiments/{path.parent.name} (the same tuned.json: same task, model, "
-            "optimizer and budget)",
+            "from": f"{where} (the same tuned.json: same task, model, optimizer and budget)",
         }
     return None
 

@@ -115,12 +115,12 @@ METHODS = {
     "metaloss.losses.taylor.TaylorGLO": "TaylorGLO",
     "metaloss.losses.symbolic.SymbolicLoss": "symbolic search",
 }
-WARM, OTHER = "warm-started family, tuned lr", "another family, cold start"
+WARM, OTHER = "warm-started family", "another family, cold start"
 COLUMNS = ["ML3", "TaylorGLO", "symbolic search", OTHER, WARM]
 
 
-def _loss_config(name: str):
-    """The ``loss`` node of experiment ``name`` as Hydra composes it (the record's own config)."""
+def _config(name: str, overrides: list[str]):
+    """Experiment ``name`` as Hydra composes it with the record's own overrides."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -128,12 +128,12 @@ def _loss_config(name: str):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="meta", overrides=[f"experiment={name}"]).loss
+        return compose(config_name="meta", overrides=[f"experiment={name}", *overrides])
 
 
-def method(name: str) -> tuple[str, str]:
+def method(name: str, overrides: list[str] | None = None) -> tuple[str, str]:
     """(column, family) of a record: which search made its learned loss."""
-    loss = _loss_config(name)
+    loss = _config(name, list(overrides or [])).loss
     target = str(loss._target_)
     if target == "metaloss.residual.Residual":
         return WARM, f"{loss.family} on {loss.base}"
@@ -141,36 +141,49 @@ def method(name: str) -> tuple[str, str]:
     return METHODS.get(target, OTHER), family
 
 
-def _case_of(d: Path) -> tuple[str, str]:
-    """(tuned.json's sha256, the experiment its tuning ran): records tuned with the same file
-    share a case (task, model, optimizer, budget and the baselines' draws and results)."""
+def _case_of(d: Path, rec: dict) -> tuple[tuple, str | None]:
+    """(the case's key, the experiment whose tuning made its tuned.json, if recorded): records
+    with the same tuned.json (sha256), test seeds and metric share a case (task, model,
+    optimizer, budget, the baselines' settings and the test draws)."""
     import hashlib
 
     record = json.loads((d / "record.json").read_text())
     command = (record.get("tune") or {}).get("command") or []
     tuned_by = [c.split("=", 1)[1] for c in command if c.startswith("experiment=")]
     sha = hashlib.sha256((d / "tuned.json").read_bytes()).hexdigest()
-    return sha, (tuned_by[0] if tuned_by else d.name)
+    return (sha, tuple(rec["seeds"]), rec["metric"]), (tuned_by[0] if tuned_by else None)
 
 
 def _steps(n: float) -> str:
     return f"{n / 1e3:.0f}k" if n >= 1e3 else f"{n:.0f}"
 
 
-def _learned_cell(name: str, rec: dict) -> str:
+def _selection_steps(d: Path, inner_steps: int) -> float:
+    """The held-out selection's inner steps per run (candidates × seeds × K), 0 without one."""
+    per_run = []
+    for f in sorted(d.glob("meta_seed_*/selection.json")):
+        sel = json.loads(f.read_text())
+        per_run.append(len(sel["candidates"]) * int(sel["seeds"]) * inner_steps)
+    return float(np.mean(per_run)) if per_run else 0.0
+
+
+def _learned_cell(d: Path, rec: dict, inner_steps: int) -> str:
     sig = rec["significance"]
-    learned = [(h or {}).get("learned", {}) for h in rec["hyperparameters"]]
+    learned = [(h or {}).get("learned") or {} for h in rec["hyperparameters"]]
     search = float(np.mean([r.get("meta_training_steps", float("nan")) for r in learned]))
-    tuning = [r.get("tuning_steps", 0) for r in learned if "tuned" in str(r.get("source", ""))]
-    compute = f"search {_steps(search)}" + (
-        f" + lr {_steps(float(np.mean(tuning)))}" if tuning else ""
+    tuning = [r["tuning_steps"] for r in learned if r.get("tuning_steps") is not None]
+    selection = _selection_steps(d, inner_steps)
+    compute = (
+        f"search {_steps(search)}"
+        + (f" + selection {_steps(selection)}" if selection else "")
+        + (f" + lr {_steps(float(np.mean(tuning)))}" if tuning else "")
     )
     return (
         f"{format_number(sig['learned_mean'])} "
         f"({'+' if sig['difference'] >= 0 else ''}{format_number(sig['difference'])} "
         f"[{format_number(sig['ci_low'])}, {format_number(sig['ci_high'])}], "
         f"p {format_number(sig['p_value_holm'], '.2g')}, {_short(sig['verdict'])}; "
-        f"{compute}) `{name}`"
+        f"{len(sig['learned_run_means'])} × {sig['n_seeds']}; {compute}) `{d.name}`"
     )
 
 
@@ -179,41 +192,55 @@ def _baseline_cell(rec: dict) -> str:
 
     sig = rec["significance"]
     ref = sig["best_baseline"]
+    if ref is None:
+        return "none (every baseline diverged)"
     values = np.asarray(rec["baselines"][ref][rec["metric"]], float)
     n = len(values)
     half = float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n))
-    steps = {(h or {}).get(ref, {}).get("tuning_steps") for h in rec["hyperparameters"]} - {None}
+    steps = {((h or {}).get(ref) or {}).get("tuning_steps") for h in rec["hyperparameters"]}
+    steps -= {None}
     tuned = f"; tuning {'/'.join(_steps(s) for s in sorted(steps))}" if steps else ""
     return f"{ref}: {format_number(float(values.mean()))} ± {format_number(half)}{tuned}"
 
 
 def cases_table(root: Path = ROOT / "experiments") -> str:
-    """README's cross-method table: one row per case (the records tuned with one tuned.json:
-    the same task, model, optimizer, budget, baselines and test draws), one column per kind of
-    search; each cell the learned loss's mean over its runs and draws, its difference from the
-    record's reference tuned baseline (chosen on validation) with the 95% CI, the Holm-adjusted
-    p and the verdict, and its compute in inner steps (search, then the lr tuning the baselines
-    also got). An empty cell: no such record. Records of one case made on different machines
-    can hold different baseline results (and so another reference): the baseline cell then
-    lists each, with the records it belongs to."""
-    cases: dict[str, list[tuple[str, dict]]] = {}
-    tuned_by: dict[str, set[str]] = {}
+    """README's cross-method table: one row per case (the records with one tuned.json, test
+    seeds and metric: the same task, model, optimizer, budget, baselines and test draws), one
+    column per kind of search, read from each record's composed config (with its recorded
+    overrides); each cell the learned loss's mean over its runs and draws, its difference from
+    the record's reference tuned baseline (chosen on validation) with the 95% CI, the
+    Holm-adjusted p and the verdict, runs × draws, and its compute in inner steps (the search,
+    the held-out selection if any, and the lr tuning the baselines also got, if the lr was
+    tuned). An empty cell: no such record. Records of one case made on different machines can
+    hold different baseline results (and so another reference): the baseline cell then lists
+    each, with the records it belongs to. A row is named by the experiment whose tuning made
+    its tuned.json (else by its records), with the file's sha256 prefix if two rows would
+    share a name."""
+    cases: dict[tuple, list[tuple[Path, dict]]] = {}
+    tuned_by: dict[tuple, set[str]] = {}
     for f in sorted(root.glob("*/nested_comparison.json")):
-        sha, by = _case_of(f.parent)
-        cases.setdefault(sha, []).append((f.parent.name, json.loads(f.read_text())))
-        tuned_by.setdefault(sha, set()).add(by)
+        rec = json.loads(f.read_text())
+        key, by = _case_of(f.parent, rec)
+        cases.setdefault(key, []).append((f.parent, rec))
+        tuned_by.setdefault(key, set()).update([by] if by else [])
+    labels = {
+        key: ", ".join(f"`{n}`" for n in sorted(tuned_by[key] or {d.name for d, _ in recs}))
+        for key, recs in cases.items()
+    }
     rows = []
-    for sha, recs in cases.items():
+    for key, recs in cases.items():
         cells: dict[str, list[str]] = {c: [] for c in COLUMNS}
-        for name, rec in recs:
-            column, family = method(name)
-            cells[column].append(f"{family}: {_learned_cell(name, rec)}")
+        for d, rec in recs:
+            overrides = json.loads((d / "record.json").read_text()).get("overrides") or []
+            cfg = _config(d.name, overrides)
+            column, family = method(d.name, overrides)
+            cells[column].append(f"{family}: {_learned_cell(d, rec, int(cfg.meta.inner_steps))}")
         # the same tuned.json and test seeds give the same baseline results on one machine; on
         # another CPU a 2000-step run can take another trajectory (docs/protocol.md), and so
         # the reference chosen on validation can differ: each record's own is listed with it
         refs: dict[str, list[str]] = {}
-        for name, rec in recs:
-            refs.setdefault(_baseline_cell(rec), []).append(name)
+        for d, rec in recs:
+            refs.setdefault(_baseline_cell(rec), []).append(d.name)
         baseline = (
             next(iter(refs))
             if len(refs) == 1
@@ -221,13 +248,18 @@ def cases_table(root: Path = ROOT / "experiments") -> str:
                 f"{cell} ({', '.join(f'`{n}`' for n in names)})" for cell, names in refs.items()
             )
         )
-        label = ", ".join(f"`{n}`" for n in sorted(tuned_by[sha]))
+        label = labels[key]
+        if list(labels.values()).count(label) > 1:
+            label += f" (tuned.json {key[0][:8]})"
         rows.append(
-            f"| {label} | {recs[0][1]['metric']} | {baseline} | "
+            f"| {label} | {key[2]} | {baseline} | "
             + " | ".join("<br>".join(cells[c]) for c in COLUMNS)
             + " |"
         )
-    head = "| case | metric | reference tuned baseline (mean ± 95% CI) | " + " | ".join(COLUMNS)
+    head = (
+        "| case | metric | reference tuned baseline (mean ± 95% CI over its test draws) | "
+        + " | ".join(COLUMNS)
+    )
     return "\n".join([head + " |", "|" + "---|" * (3 + len(COLUMNS)), *sorted(rows)])
 
 
@@ -291,7 +323,9 @@ def section(d: Path) -> str:
         + (" (an earlier run's, kept: same tuned.json)" if tune.get("reused") else "")
         + f"; each meta-training run with its meta-test {seconds} s"
         + (
-            f" (on {record['machine']['cpu']}, torch {record['machine']['torch']})."
+            f" (on {record['machine']['cpu']}, "
+            f"{record['machine'].get('cpu_capability', '?')} kernels, "
+            f"torch {record['machine']['torch']})."
             if record.get("machine")
             else "."
         ),
@@ -338,7 +372,7 @@ def main() -> None:
         ROOT / "docs" / "results.md": (BEGIN, END, text),
         ROOT / "README.md": (SHORT_BEGIN, SHORT_END, short_table()),
     }.items():
-        content = wanted.get(page_path, page_path.read_text())
+        content = page_path.read_text()
         if begin not in content or end not in content:
             sys.exit(f"{page_path.relative_to(ROOT)} has no {begin} ... {end} markers")
         wanted[page_path] = _replace_between(content, begin, end, body, page_path.name)

@@ -188,3 +188,25 @@ def test_one_draw_gives_no_verdict_and_one_run_says_what_it_is_about():
             "verdict_rule"
         ]
     )
+
+
+def test_a_tie_on_validation_goes_to_the_first_baseline_listed_not_to_the_last_float_bit():
+    """mnist1d_clean's CE and focal have the same validation scores on one draw set; their float
+    means differed by 1e-8 of summation order, which decided the reference. Equal to
+    TIE_DIGITS decimals is a tie, and a tie goes to the first baseline in the compare list, in
+    the one-run test and the nested one alike."""
+    from metaloss.metatest import TIE_DIGITS, choose_reference
+
+    tiny = 10.0 ** -(TIE_DIGITS + 2)
+    assert choose_reference({"ce": 0.6556, "focal": 0.6556 + tiny}, higher=True) == "ce"
+    assert choose_reference({"focal": 0.6556 + tiny, "ce": 0.6556}, higher=True) == "focal"
+    assert choose_reference({"ce": 0.6556, "focal": 0.6557}, higher=True) == "focal"
+    assert choose_reference({"mse": 0.2, "mae": 0.2 - tiny}, higher=False) == "mse"
+    assert choose_reference({}, higher=True) is None
+    rng = np.random.default_rng(0)
+    learned = rng.normal(0.5, 0.01, size=(2, 5))
+    tests = {"ce": np.full(5, 0.45), "focal": np.full(5, 0.47)}
+    val = {"ce": np.full(5, 0.6556), "focal": np.full(5, 0.6556) + tiny}
+    sig = nested_significance(_runs(learned, tests, val), METRIC)
+    assert sig["best_baseline"] == "ce"
+    assert all(r["best_baseline"] == "ce" for r in sig["per_run"])

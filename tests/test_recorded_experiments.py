@@ -278,7 +278,17 @@ def test_skip_tune_carries_the_tuning_entry_only_for_the_same_tuned_json(tmp_pat
     (root / "case" / "record.json").write_text(json.dumps({"tune": entry}))
     kept = mod._kept_tune_record(root / "case_warm")
     assert kept["reused"] and kept["command"] == entry["command"] and kept["seconds"] == 12.0
-    assert kept["from"].startswith("experiments/case (the same tuned.json")
+    assert kept["from"].startswith(f"{root / 'case'} (the same tuned.json")
+    # a sibling's entry that was itself reused keeps naming the record that tuned
+    (root / "case_warm" / "record.json").write_text(json.dumps({"tune": kept}))
+    (root / "case_gp").mkdir()
+    (root / "case_gp" / "tuned.json").write_text('{"a": 1}')
+    (root / "case" / "record.json").unlink()
+    assert mod._kept_tune_record(root / "case_gp")["from"] == kept["from"]
+    # a record's own entry comes first
+    own = {**entry, "seconds": 99.0}
+    (root / "case_gp" / "record.json").write_text(json.dumps({"tune": own}))
+    assert mod._kept_tune_record(root / "case_gp") == {**own, "reused": True}
     (root / "case_warm" / "tuned.json").write_text('{"a": 4}')
     assert mod._kept_tune_record(root / "case_warm") is None
 
@@ -615,6 +625,7 @@ def test_record_script_runs_tune_then_meta_and_copies_the_results(tmp_path):
     import torch
 
     assert record["machine"]["torch"] == torch.__version__ and record["machine"]["cpu"]
+    assert record["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert (
         "experiment=quickstart" in record["meta"][0]["command"]
         and "seed=1" in record["meta"][1]["command"]
@@ -831,7 +842,11 @@ def test_the_cases_table_puts_each_record_in_its_case_row_and_search_column(tmp_
             (root / name / f).write_bytes((src / f).read_bytes())
     assert len(mod.cases_table(root).splitlines()) == 3  # head, rule, one row
     (root / "binary99_warm" / "tuned.json").write_text("{}")
-    assert len(mod.cases_table(root).splitlines()) == 4
+    lines = mod.cases_table(root).splitlines()
+    assert len(lines) == 4  # two rows, both tuned by experiment=binary99: told apart by the file
+    assert all(line.startswith("| `binary99` (tuned.json ") for line in lines[2:])
+    # the column comes from the config composed with the record's own overrides
+    assert mod.method("binary99", ["loss=taylorglo"]) == ("TaylorGLO", "TaylorGLO")
     # one tuned.json, another reference in one record (another machine's baseline results):
     # still one row, whose baseline cell names each reference with its records
     rec = json.loads((root / "binary99_warm" / "nested_comparison.json").read_text())
