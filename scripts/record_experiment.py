@@ -88,7 +88,6 @@ def machine() -> dict:
     return {
         "cpu": cpu,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels ATen runs
-        "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "os": platform.platform(),
