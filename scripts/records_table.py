@@ -133,7 +133,11 @@ def _config(name: str, overrides: list[str]):
 
 def method(name: str, overrides: list[str] | None = None) -> tuple[str, str]:
     """(column, family) of a record: which search made its learned loss."""
-    loss = _config(name, list(overrides or [])).loss
+    return _method_of(_config(name, list(overrides or [])).loss)
+
+
+def _method_of(loss) -> tuple[str, str]:
+    """(column, family) from a composed ``loss`` node."""
     target = str(loss._target_)
     if target == "metaloss.residual.Residual":
         return WARM, f"{loss.family} on {loss.base}"
@@ -233,7 +237,7 @@ def cases_table(root: Path = ROOT / "experiments") -> str:
         for d, rec in recs:
             overrides = json.loads((d / "record.json").read_text()).get("overrides") or []
             cfg = _config(d.name, overrides)
-            column, family = method(d.name, overrides)
+            column, family = _method_of(cfg.loss)  # one composition per record
             cells[column].append(f"{family}: {_learned_cell(d, rec, int(cfg.meta.inner_steps))}")
         # the same tuned.json and test seeds give the same baseline results on one machine; on
         # another CPU a 2000-step run can take another trajectory (docs/protocol.md), and so
