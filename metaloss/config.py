@@ -42,8 +42,36 @@ def tuned_params(path: Any, name: Any) -> dict[str, Any]:
     return dict(entry["params"]) if entry else {}
 
 
+def tuned_lr(path: Any, name: Any, without_file: Any = None) -> float:
+    """``${metaloss.tuned_lr:<tuned.json or null>,<loss name>[,<lr without a file>]}``: the
+    learning rate that file tuned for that loss — a warm start searched where its base is at
+    its best (``optim.lr`` of ``conf/experiment/*_warm_lr.yaml``). ``without_file`` is used only
+    when there is no file at all (``debug=default`` drops ``meta_test.tuned``); a file that
+    lacks the loss, or tuned it without its lr, is an error naming the file, never a silent
+    default."""
+    if path is None or str(path) in ("", "None", "null"):
+        if without_file is None:
+            raise ValueError(
+                f"metaloss.tuned_lr: no tuned.json to read {name!r}'s tuned lr from "
+                "(set meta_test.tuned=<path to tuned.json>)"
+            )
+        return float(without_file)
+    losses = load_tuned(path)["losses"]
+    entry = losses.get(str(name))
+    if entry is None:
+        raise ValueError(
+            f"metaloss.tuned_lr: {path} has no tuned entry for {name!r} (it has "
+            f"{', '.join(losses)})"
+        )
+    if entry.get("lr") is None:
+        raise ValueError(f"metaloss.tuned_lr: {path} tuned {name!r} without its lr (tune.lr=false)")
+    return float(entry["lr"])
+
+
 if not OmegaConf.has_resolver("metaloss.tuned_params"):
     OmegaConf.register_new_resolver("metaloss.tuned_params", tuned_params)
+if not OmegaConf.has_resolver("metaloss.tuned_lr"):
+    OmegaConf.register_new_resolver("metaloss.tuned_lr", tuned_lr)
 
 
 def conf_dir() -> Path:
