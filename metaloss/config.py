@@ -23,9 +23,10 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from metaloss import kinds
+from metaloss.errors import ConfigError
 from metaloss.losses.base import ParametricLoss, check_loss_output, loss_kinds
 from metaloss.runs import register_resolvers
-from metaloss.tune import load_tuned
+from metaloss.tune import TunedFileError, load_tuned
 
 log = logging.getLogger("metaloss")
 
@@ -51,7 +52,7 @@ def tuned_lr(path: Any, name: Any, without_file: Any = None) -> float:
     default."""
     if path is None or str(path) in ("", "None", "null"):
         if without_file is None:
-            raise ValueError(
+            raise ConfigError(
                 f"metaloss.tuned_lr: no tuned.json to read {name!r}'s tuned lr from "
                 "(set meta_test.tuned=<path to tuned.json>)"
             )
@@ -59,12 +60,14 @@ def tuned_lr(path: Any, name: Any, without_file: Any = None) -> float:
     losses = load_tuned(path)["losses"]
     entry = losses.get(str(name))
     if entry is None:
-        raise ValueError(
+        raise TunedFileError(
             f"metaloss.tuned_lr: {path} has no tuned entry for {name!r} (it has "
             f"{', '.join(losses)})"
         )
     if entry.get("lr") is None:
-        raise ValueError(f"metaloss.tuned_lr: {path} tuned {name!r} without its lr (tune.lr=false)")
+        raise TunedFileError(
+            f"metaloss.tuned_lr: {path} tuned {name!r} without its lr (tune.lr=false)"
+        )
     return float(entry["lr"])
 
 

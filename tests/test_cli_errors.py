@@ -132,3 +132,22 @@ def test_a_refused_setting_in_a_launched_sweep_is_one_message(tmp_path, launcher
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr + out.stdout, out.stderr[-3000:]
     assert "meta.clip_grad_norm = -1: must be a number > 0 or null" in out.stderr
+
+
+def test_a_bad_tuned_json_read_by_an_interpolation_is_one_message(tmp_path):
+    # a warm start reads its base's tuned values and lr through ${metaloss.tuned_params:...} /
+    # ${metaloss.tuned_lr:...}: OmegaConf wraps the file's error, which is still refused as one
+    # message naming the file and the key that read it (exit 2), not a bug's traceback
+    missing = tmp_path / "nowhere" / "tuned.json"
+    out = _run(
+        [
+            str(BIN / "metaloss-meta"),
+            "experiment=noise_sym40_warm_lr",
+            f"meta_test.tuned={missing}",
+            "logger=none",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+    )
+    _assert_one_message(out, "cannot read tuned baselines from", str(missing), "(reading ")
+    assert not (tmp_path / "run" / "learned_loss.pt").exists()

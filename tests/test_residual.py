@@ -11,12 +11,13 @@ import torch
 
 from metaloss.cli import meta as meta_app
 from metaloss.cli import tune as tune_app
-from metaloss.config import instantiate_loss
+from metaloss.config import instantiate_loss, tuned_lr
 from metaloss.losses.base import loss_context
 from metaloss.losses.fixed import logit_adjusted_ce
 from metaloss.losses.io import CorruptLossFile, load_learned_loss
 from metaloss.residual import Residual
 from metaloss.runtime import task_pool
+from metaloss.tune import TunedFileError
 
 TINY = ["logger=none", "progress=false", "task=digits", "model.hidden=[16]", "optim=sgd"]
 META = ["meta.steps=3", "meta.tasks_per_step=2", "meta.inner_steps=3", "meta_test.seeds=2"]
@@ -98,3 +99,28 @@ def test_a_base_and_family_with_no_kind_in_common_are_refused():
         Residual(base="dice", family="taylorglo")
     with pytest.raises(ValueError, match="must be a parametric loss"):
         Residual(base="ce", family="focal")
+
+
+def test_a_warm_start_at_its_base_s_tuned_lr_reads_that_lr_from_its_tuned_json(
+    compose_cfg, tmp_path
+):
+    # conf/experiment/*_warm_lr.yaml: meta-training and the held-out selection train at the lr
+    # the base was tuned to; the meta-test's default lr stays the case's (the file's default_lr)
+    cfg = compose_cfg("meta", ["experiment=noise_sym40_warm_lr"])
+    tuned = json.loads(open(cfg.meta_test.tuned).read())
+    assert cfg.loss.base == "gce"
+    assert cfg.optim.lr == tuned["losses"]["gce"]["lr"] != tuned["default_lr"]
+    assert cfg.meta_test.lr == tuned["default_lr"]
+    assert cfg.loss.base_params == tuned["losses"]["gce"]["params"]
+    # debug drops meta_test.tuned: the config's stated lr, the only case without a file
+    assert compose_cfg("meta", ["experiment=noise_sym40_warm_lr", "debug=default"]).optim.lr == 0.01
+    # never a silent default otherwise: a base the file did not tune, a base tuned without its
+    # lr, no file at all
+    with pytest.raises(TunedFileError, match="has no tuned entry for 'focal'"):
+        tuned_lr(cfg.meta_test.tuned, "focal")
+    tuned["losses"]["gce"]["lr"] = None
+    (tmp_path / "tuned.json").write_text(json.dumps(tuned))
+    with pytest.raises(TunedFileError, match="tuned 'gce' without its lr"):
+        tuned_lr(tmp_path / "tuned.json", "gce")
+    with pytest.raises(ValueError, match="no tuned.json to read 'gce'"):
+        tuned_lr(None, "gce")

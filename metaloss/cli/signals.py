@@ -506,9 +506,27 @@ def _types(names: tuple[str, ...]) -> tuple[type, ...]:
     return tuple(out)
 
 
+def _resolver_error(exc: BaseException) -> BaseException | None:
+    """The refused setting or file behind an interpolation that failed to resolve (a
+    ``${metaloss.tuned_params:...}`` reading a bad tuned.json): OmegaConf re-raises it as an
+    InterpolationResolutionError whose context chain holds the original."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    if not isinstance(exc, InterpolationResolutionError):
+        return None
+    seen: set[int] = set()
+    inner: BaseException | None = exc
+    while inner is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        if isinstance(inner, (UserError, *_types(_USER_ERRORS))):
+            return inner
+        inner = inner.__cause__ or inner.__context__
+    return None
+
+
 def error_status(exc: BaseException) -> int | None:
     """The exit status for an error reported without a traceback, None for a bug."""
-    if isinstance(exc, (UserError, *_types(_USER_ERRORS))):
+    if isinstance(exc, (UserError, *_types(_USER_ERRORS))) or _resolver_error(exc):
         return USER_ERROR_STATUS
     if isinstance(exc, _types(_DIAGNOSED)):
         return FAILURE_STATUS
@@ -517,6 +535,10 @@ def error_status(exc: BaseException) -> int | None:
 
 def error_message(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
+    inner = _resolver_error(exc)
+    if inner is not None:  # the file or setting at fault, then where it was read
+        full_key = getattr(exc, "full_key", None)
+        return f"{str(inner).strip()}{f' (reading {full_key})' if full_key else ''}"
     cause = exc.__cause__
     from omegaconf.errors import OmegaConfBaseException
 
