@@ -56,7 +56,21 @@ def tuned_lr(path: Any, name: Any, without_file: Any = None) -> float:
                 f"metaloss.tuned_lr: no tuned.json to read {name!r}'s tuned lr from "
                 "(set meta_test.tuned=<path to tuned.json>)"
             )
-        return float(without_file)
+        try:
+            lr = float(without_file)
+        except (TypeError, ValueError):
+            lr = float("nan")
+        if not (math.isfinite(lr) and lr > 0):
+            raise ConfigError(
+                f"metaloss.tuned_lr: the lr without a file = {without_file!r}: must be a number > 0"
+            )
+        log.warning(
+            "metaloss.tuned_lr: no tuned.json (meta_test.tuned = null): %r searched at the "
+            "config's fallback lr %g, not at its tuned lr",
+            str(name),
+            lr,
+        )
+        return lr
     losses = load_tuned(path)["losses"]
     entry = losses.get(str(name))
     if entry is None:

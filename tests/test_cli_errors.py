@@ -4,6 +4,7 @@ traceback; a bug (any other exception) still shows its traceback, exit status 1.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
@@ -139,15 +141,48 @@ def test_a_bad_tuned_json_read_by_an_interpolation_is_one_message(tmp_path):
     # ${metaloss.tuned_lr:...}: OmegaConf wraps the file's error, which is still refused as one
     # message naming the file and the key that read it (exit 2), not a bug's traceback
     missing = tmp_path / "nowhere" / "tuned.json"
-    out = _run(
-        [
-            str(BIN / "metaloss-meta"),
-            "experiment=noise_sym40_warm_lr",
-            f"meta_test.tuned={missing}",
-            "logger=none",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        tmp_path,
-    )
-    _assert_one_message(out, "cannot read tuned baselines from", str(missing), "(reading ")
-    assert not (tmp_path / "run" / "learned_loss.pt").exists()
+    no_lr = json.loads((ROOT / "experiments" / "noise_sym40" / "tuned.json").read_text())
+    no_lr["losses"]["gce"]["lr"] = None  # gce's params still read: only optim.lr fails
+    (tmp_path / "no_lr.json").write_text(json.dumps(no_lr))
+    for tuned, expected in [
+        (missing, ["cannot read tuned baselines from", str(missing), "(reading loss.base_params)"]),
+        (tmp_path / "no_lr.json", ["tuned 'gce' without its lr", "(reading optim.lr)"]),
+    ]:
+        out = _run(
+            [
+                str(BIN / "metaloss-meta"),
+                "experiment=noise_sym40_warm_lr",
+                f"meta_test.tuned={tuned}",
+                "logger=none",
+                f"hydra.run.dir={tmp_path / 'run'}",
+            ],
+            tmp_path,
+        )
+        _assert_one_message(out, *expected)
+        assert not (tmp_path / "run" / "learned_loss.pt").exists()
+
+
+def test_a_bug_inside_a_resolver_keeps_its_traceback_even_while_handling_a_user_error():
+    from omegaconf import OmegaConf
+
+    from metaloss.cli.signals import USER_ERROR_STATUS, error_status
+    from metaloss.tune import TunedFileError
+
+    def refused(_):
+        raise TunedFileError("a refused file")
+
+    def buggy(_):
+        try:
+            refused(None)
+        except TunedFileError:
+            return None.attribute  # a bug in the handler: not the user's file
+
+    OmegaConf.register_new_resolver("test_errors.refused", refused, replace=True)
+    OmegaConf.register_new_resolver("test_errors.buggy", buggy, replace=True)
+    statuses = {}
+    for name in ("refused", "buggy"):
+        cfg = OmegaConf.create({"x": "${test_errors." + name + ":1}"})
+        with pytest.raises(Exception) as e:
+            _ = cfg.x
+        statuses[name] = error_status(e.value)
+    assert statuses == {"refused": USER_ERROR_STATUS, "buggy": None}

@@ -124,3 +124,29 @@ def test_a_warm_start_at_its_base_s_tuned_lr_reads_that_lr_from_its_tuned_json(
         tuned_lr(tmp_path / "tuned.json", "gce")
     with pytest.raises(ValueError, match="no tuned.json to read 'gce'"):
         tuned_lr(None, "gce")
+    for bad in ("abc", -1, "nan"):  # a fallback lr that is no lr
+        with pytest.raises(ValueError, match="the lr without a file"):
+            tuned_lr(None, "gce", bad)
+
+
+@pytest.mark.parametrize("name", ["noise_sym40_warm_lr", "noise_pair40_warm_lr"])
+def test_a_warm_start_at_its_base_s_lr_keeps_the_setup_its_baselines_were_tuned_with(
+    compose_cfg, name
+):
+    # only meta-training's lr moves: the meta-test's setup (default lr included) is the one
+    # its tuned.json records, so the tuned baselines are accepted as they are
+    from metaloss.tune import load_tuned, setup_record, tuned_for
+
+    cfg = compose_cfg("meta", [f"experiment={name}"])
+    tuned = load_tuned(cfg.meta_test.tuned)
+    assert cfg.optim.lr == tuned["losses"][cfg.loss.base]["lr"]
+    entries = tuned_for(
+        tuned,
+        list(cfg.compare),
+        task=tuned["task"],
+        optim=tuned["optim"],
+        targets={n: tuned["losses"][n]["target"] for n in cfg.compare},
+        setup=setup_record(cfg),
+        test_seeds=int(cfg.meta_test.seeds),
+    )
+    assert set(entries) == set(cfg.compare)

@@ -264,6 +264,14 @@ def run_meta_test(
     seeds, metric = _check_test_settings(cfg, task)
     origin = "learned" if learned_lr is None else "meta-learned (meta.learn_inner_lr)"
     lr0 = lr if learned_lr is None else learned_lr
+    if learned_lr is None and lr != inner_opt.hparams["lr"] and not cfg.meta_test.tune_learned_lr:
+        log.warning(
+            "meta-test: the learned loss was searched at optim.lr = %.4g and is tested at "
+            "meta_test.lr = %.4g, untuned (meta_test.tune_learned_lr=true tunes it as the "
+            "baselines' lrs were)",
+            inner_opt.hparams["lr"],
+            lr,
+        )
     own = learned_setting(cfg, pool, learned, inner_opt, lr0, origin)
     if meta_training_steps is not None:  # the learned loss's compute: its search, its lr tuning
         _warn_short_tuning(settings, meta_training_steps + int(own.get("tuning_steps") or 0))

@@ -508,19 +508,22 @@ def _types(names: tuple[str, ...]) -> tuple[type, ...]:
 
 def _resolver_error(exc: BaseException) -> BaseException | None:
     """The refused setting or file behind an interpolation that failed to resolve (a
-    ``${metaloss.tuned_params:...}`` reading a bad tuned.json): OmegaConf re-raises it as an
-    InterpolationResolutionError whose context chain holds the original."""
-    from omegaconf.errors import InterpolationResolutionError
+    ``${metaloss.tuned_params:...}`` reading a bad tuned.json): OmegaConf re-raises the
+    resolver's exception wrapped in its own errors. Only the first exception past those
+    wrappers — the resolver's own — is classified: a bug raised while handling a user error is
+    still a bug (None)."""
+    from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
     if not isinstance(exc, InterpolationResolutionError):
         return None
     seen: set[int] = set()
     inner: BaseException | None = exc
-    while inner is not None and id(inner) not in seen:
+    while isinstance(inner, OmegaConfBaseException) and id(inner) not in seen:
         seen.add(id(inner))
-        if isinstance(inner, (UserError, *_types(_USER_ERRORS))):
-            return inner
+        # OmegaConf re-raises its wrappers `from None`: the chain is in __context__ regardless
         inner = inner.__cause__ or inner.__context__
+    if inner is not None and isinstance(inner, (UserError, *_types(_USER_ERRORS))):
+        return inner
     return None
 
 
