@@ -129,7 +129,9 @@ def test_a_warm_start_at_its_base_s_tuned_lr_reads_that_lr_from_its_tuned_json(
             tuned_lr(None, "gce", bad)
 
 
-@pytest.mark.parametrize("name", ["noise_sym40_warm_lr", "noise_pair40_warm_lr"])
+@pytest.mark.parametrize(
+    "name", ["noise_sym40_warm_lr", "noise_pair40_warm_lr", "longtail100_warm_lr"]
+)
 def test_a_warm_start_at_its_base_s_lr_keeps_the_setup_its_baselines_were_tuned_with(
     compose_cfg, name
 ):
