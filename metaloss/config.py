@@ -33,11 +33,16 @@ log = logging.getLogger("metaloss")
 register_resolvers()  # ${metaloss.uid:} / ${metaloss.slug:} in the run directories of conf/*.yaml
 
 
+def _no_file(path: Any) -> bool:
+    """A resolver's tuned.json argument that names no file (``null`` in YAML, or as text)."""
+    return path is None or str(path) in ("", "None", "null")
+
+
 def tuned_params(path: Any, name: Any) -> dict[str, Any]:
     """``${metaloss.tuned_params:<tuned.json or null>,<loss name>}``: that loss's tuned
     hyper-parameters in the file, checked as every tuned.json is (a warm start's base,
     ``conf/loss/residual.yaml``); ``{}`` without a file, or for a loss the file did not tune."""
-    if path is None or str(path) in ("", "None", "null"):
+    if _no_file(path):
         return {}
     entry = load_tuned(path)["losses"].get(str(name))
     return dict(entry["params"]) if entry else {}
@@ -50,7 +55,7 @@ def tuned_lr(path: Any, name: Any, without_file: Any = None) -> float:
     when there is no file at all (``debug=default`` drops ``meta_test.tuned``); a file that
     lacks the loss, or tuned it without its lr, is an error naming the file, never a silent
     default."""
-    if path is None or str(path) in ("", "None", "null"):
+    if _no_file(path):
         if without_file is None:
             raise ConfigError(
                 f"metaloss.tuned_lr: no tuned.json to read {name!r}'s tuned lr from "

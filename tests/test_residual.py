@@ -112,8 +112,9 @@ def test_a_warm_start_at_its_base_s_tuned_lr_reads_that_lr_from_its_tuned_json(
     assert cfg.optim.lr == tuned["losses"]["gce"]["lr"] != tuned["default_lr"]
     assert cfg.meta_test.lr == tuned["default_lr"]
     assert cfg.loss.base_params == tuned["losses"]["gce"]["params"]
-    # debug drops meta_test.tuned: the config's stated lr, the only case without a file
-    assert compose_cfg("meta", ["experiment=noise_sym40_warm_lr", "debug=default"]).optim.lr == 0.01
+    # debug drops meta_test.tuned: the meta-test's lr, the only case without a file
+    debug = compose_cfg("meta", ["experiment=noise_sym40_warm_lr", "debug=default"])
+    assert debug.optim.lr == debug.meta_test.lr == 0.01
     # never a silent default otherwise: a base the file did not tune, a base tuned without its
     # lr, no file at all
     with pytest.raises(TunedFileError, match="has no tuned entry for 'focal'"):
