@@ -171,16 +171,24 @@ def _selection_steps(d: Path, inner_steps: int) -> float:
     return float(np.mean(per_run)) if per_run else 0.0
 
 
-def _learned_cell(d: Path, rec: dict, inner_steps: int) -> str:
+def _learned_cell(d: Path, rec: dict, inner_steps: int, base: str | None = None) -> str:
+    """``base``: a warm start's base loss, whose tuning (its values and, in ``_warm_lr``
+    records, the search's lr) the learned loss starts from: its compute is counted too."""
     sig = rec["significance"]
     learned = [(h or {}).get("learned") or {} for h in rec["hyperparameters"]]
     search = float(np.mean([r.get("meta_training_steps", float("nan")) for r in learned]))
     tuning = [r["tuning_steps"] for r in learned if r.get("tuning_steps") is not None]
+    base_tuning = [
+        h[base]["tuning_steps"]
+        for h in rec["hyperparameters"]
+        if base and (h or {}).get(base, {}).get("tuning_steps") is not None
+    ]
     selection = _selection_steps(d, inner_steps)
     compute = (
         f"search {_steps(search)}"
         + (f" + selection {_steps(selection)}" if selection else "")
         + (f" + lr {_steps(float(np.mean(tuning)))}" if tuning else "")
+        + (f" + {base}'s tuning {_steps(float(np.mean(base_tuning)))}" if base_tuning else "")
     )
     return (
         f"{format_number(sig['learned_mean'])} "
@@ -238,7 +246,9 @@ def cases_table(root: Path = ROOT / "experiments") -> str:
             overrides = json.loads((d / "record.json").read_text()).get("overrides") or []
             cfg = _config(d.name, overrides)
             column, family = _method_of(cfg.loss)  # one composition per record
-            cells[column].append(f"{family}: {_learned_cell(d, rec, int(cfg.meta.inner_steps))}")
+            base = str(cfg.loss.base) if column == WARM else None
+            cell = _learned_cell(d, rec, int(cfg.meta.inner_steps), base)
+            cells[column].append(f"{family}: {cell}")
         # the same tuned.json and test seeds give the same baseline results on one machine; on
         # another CPU a 2000-step run can take another trajectory (docs/protocol.md), and so
         # the reference chosen on validation can differ: each record's own is listed with it

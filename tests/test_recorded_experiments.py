@@ -829,6 +829,9 @@ def test_the_cases_table_puts_each_record_in_its_case_row_and_search_column(tmp_
     assert "`binary99_warm`" in cell[mod.WARM] and "`binary99_warm`" not in cell[mod.OTHER]
     assert cell[mod.WARM].startswith("logit_adjusted on logit_adjusted_ce: ")
     assert f"{sig['learned_mean']:.4f}" in cell[mod.WARM]
+    # a warm start's compute counts the tuning of the base it starts from
+    base_steps = warm["hyperparameters"][0]["logit_adjusted_ce"]["tuning_steps"]
+    assert f"+ logit_adjusted_ce's tuning {base_steps / 1e3:.0f}k)" in cell[mod.WARM]
     assert f"{sig['best_baseline']}: {sig['best_baseline_mean']:.4f} ± " in cell["baseline"]
     assert "`binary99`" in cell[mod.OTHER] and cell["TaylorGLO"] == ""
     assert mod.method("noise_sym40") == ("TaylorGLO", "TaylorGLO")
