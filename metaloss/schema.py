@@ -279,7 +279,7 @@ LOSS_RULES: dict[str, dict[str, Check]] = {
         "max_constants": integer(0, 256),
     },
     "PolyN": {"degree": integer(1, 64), "init_epsilon": reals(optional=True)},
-    "LogitAdjusted": {"num_classes": integer(2, 100_000, optional=True)},
+    "LogitAdjusted": {"num_classes": integer(2, 100_000, optional=True), "tau": real(0)},
     "AdaptiveRobust": {
         "init_alpha": real(0, 2, lo_open=True, hi_open=True),
         "init_scale": positive(),

@@ -40,6 +40,23 @@ def test_logit_adjusted_at_init_is_ce():
     torch.testing.assert_close(la(LOGITS, LABELS), ref)
 
 
+def test_logit_adjusted_with_tau_is_the_logit_adjusted_loss_at_that_tau():
+    counts = torch.tensor([50.0, 20.0, 5.0, 1.0])
+    for tau in (0.0, 0.37, 1.5):
+        torch.testing.assert_close(
+            LogitAdjusted(num_classes=C, tau=tau)(LOGITS, LABELS, class_counts=counts),
+            L.logit_adjusted_ce(LOGITS, LABELS, tau=tau, class_counts=counts),
+        )
+    torch.testing.assert_close(
+        LogitAdjusted(num_classes=2, tau=0.6)(BIN_Z, BIN_Y, class_counts=[99, 1]),
+        L.logit_adjusted_ce(BIN_Z, BIN_Y, tau=0.6, class_counts=[99, 1]),
+    )
+    with pytest.raises(ValueError, match="class counts"):  # τ ≠ 0 needs the prior
+        LogitAdjusted(num_classes=C, tau=1.0)(LOGITS, LABELS)
+    la = LogitAdjusted(num_classes=C, tau=0.5)  # τ is a setting, saved with the loss
+    assert la.init_kwargs["tau"] == 0.5
+
+
 def test_learned_smoothing_at_init_is_label_smoothing():
     for per_class in (False, True):
         ls = LearnedSmoothing(init_epsilon=0.1, per_class=per_class, num_classes=C)

@@ -456,9 +456,15 @@ def logit_adjusted_ce(
     is added to the two-class logits (0, z).
     """
     _check_classification("logit_adjusted_ce", pred, target)
-    log_n = _log_class_counts("logit_adjusted_ce", pred, class_counts)
-    log_prior = log_n - torch.logsumexp(log_n, dim=-1, keepdim=True)
-    return _soft_ce(F.log_softmax(binary_as_two_class(pred) + tau * log_prior, dim=-1), target)
+    adjust = tau * log_prior("logit_adjusted_ce", pred, class_counts)
+    return _soft_ce(F.log_softmax(binary_as_two_class(pred) + adjust, dim=-1), target)
+
+
+def log_prior(name: str, pred: Tensor, class_counts: ClassCounts) -> Tensor:
+    """log π_c, the training split's class prior, one per class of ``pred`` (2 for one binary
+    logit); ``name`` is the loss that needs it, for the error when ``class_counts`` is absent."""
+    log_n = _log_class_counts(name, pred, class_counts)
+    return log_n - torch.logsumexp(log_n, dim=-1, keepdim=True)
 
 
 @fits(*CLASSIFICATION)

@@ -10,22 +10,29 @@ import torch
 from torch import nn
 
 from metaloss.losses.base import ParametricLoss, binary_as_two_class, one_hot
+from metaloss.losses.fixed import log_prior
 
 
 class LogitAdjusted(ParametricLoss):
-    """w_y · CE(s ⊙ z + b, y): per-class scales ``scale`` [C], shifts ``shift`` [C] and
-    weights ``exp(log_weight)`` [C]. At the initial φ (s = 1, b = 0, w = 1) it is exactly
-    cross-entropy. ``num_classes`` is filled in from the task (2 for binary tasks)."""
+    """w_y · CE(s ⊙ z + b + τ log π, y): per-class scales ``scale`` [C], shifts ``shift`` [C]
+    and weights ``exp(log_weight)`` [C]; π the training split's class prior (``class_counts``
+    in the loss context) and ``tau`` a fixed constant, 0 by default. At the initial φ (s = 1,
+    b = 0, w = 1) it is exactly cross-entropy (``tau`` = 0) or exactly the logit-adjusted loss
+    :func:`~metaloss.losses.fixed.logit_adjusted_ce` at that τ (Menon et al. 2021): a warm
+    start *inside* the family (``loss.family_params: ${loss.base_params}`` in a residual on
+    ``logit_adjusted_ce``, docs/meta.md). ``num_classes`` is filled in from the task (2 for
+    binary tasks)."""
 
     kinds = ("classification", "binary")
 
-    def __init__(self, num_classes: int = 2) -> None:
-        super().__init__(num_classes=num_classes)
+    def __init__(self, num_classes: int = 2, tau: float = 0.0) -> None:
+        super().__init__(num_classes=num_classes, tau=tau)
+        self.tau = float(tau)
         self.scale = nn.Parameter(torch.ones(num_classes))
         self.shift = nn.Parameter(torch.zeros(num_classes))
         self.log_weight = nn.Parameter(torch.zeros(num_classes))
 
-    def forward(self, pred, target, **_):
+    def forward(self, pred, target, class_counts=None, **_):
         logits = binary_as_two_class(pred)
         if logits.shape[-1] != self.scale.shape[0]:
             raise ValueError(
@@ -33,5 +40,8 @@ class LogitAdjusted(ParametricLoss):
                 f"{logits.shape[-1]} logits"
             )
         y = one_hot(target, logits.shape[-1], logits.dtype)
-        logp = torch.log_softmax(logits * self.scale + self.shift, dim=-1)
+        adjusted = logits * self.scale + self.shift
+        if self.tau != 0.0:  # the prior, as logit_adjusted_ce adds it: exact at the start φ
+            adjusted = adjusted + self.tau * log_prior("LogitAdjusted", pred, class_counts)
+        logp = torch.log_softmax(adjusted, dim=-1)
         return -(y * logp).sum(-1) * (y * self.log_weight.exp()).sum(-1)
