@@ -102,6 +102,7 @@ NEW_KEY_DEFAULTS: dict[str, Any] = {
     "meta.selection.frac": 0.0,
     "meta.selection.every": 10,
     "meta.selection.seeds": 5,
+    "meta.selection.margin": 0.0,
 }
 
 

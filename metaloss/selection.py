@@ -100,11 +100,17 @@ def score(
     return out
 
 
-def choose(scores: dict[int, float]) -> int | None:
+def choose(scores: dict[int, float], margin: float = 0.0) -> int | None:
     """The step whose φ scored lowest on the selection split (the latest of ties); None when
-    every kept φ diverged."""
+    every kept φ diverged. With ``margin`` > 0 the start φ₀ (step 0), when it is a candidate
+    and finite, is left only for a φ that scores lower by more than ``margin``
+    (``meta.selection.margin``, in the objective's units): a warm start moves on evidence
+    larger than the selection split's own resolution, not on one or two of its rows."""
     finite = {s: v for s, v in scores.items() if math.isfinite(v)}
     if not finite:
         return None
     best = min(finite.values())
-    return max(s for s, v in finite.items() if v == best)
+    step = max(s for s, v in finite.items() if v == best)
+    if margin > 0 and 0 in finite and step != 0 and not best < finite[0] - margin:
+        return 0
+    return step

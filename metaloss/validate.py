@@ -213,6 +213,7 @@ RULES: dict[str, Check] = {
     "meta.selection.frac": real(0, 1, hi_open=True),
     "meta.selection.every": integer(1),
     "meta.selection.seeds": integer(1, 10_000),
+    "meta.selection.margin": real(0),
     "meta.train_tasks": integer(1, 100_000),
     "meta.objective": loss_name(optional=True),
     "meta.clip_grad_norm": positive(optional=True),

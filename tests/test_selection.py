@@ -53,6 +53,19 @@ def test_the_lowest_selection_score_wins_and_a_diverged_phi_never_does():
     assert selection.choose({2: math.nan}) is None
 
 
+def test_with_a_margin_the_start_is_left_only_for_a_phi_better_by_more_than_it():
+    # noise_sym40_warm_lr, run 2: φ₀ 0.5825, a φ 0.5724 (3 of 297 row-seed predictions better)
+    scores = {0: 0.5825, 5: 0.5926, 15: 0.5724, 40: 0.5859}
+    assert selection.choose(scores) == 15
+    assert selection.choose(scores, margin=0.005) == 15
+    assert selection.choose(scores, margin=0.02) == 0
+    assert selection.choose({0: 0.58, 15: 0.50}, margin=0.02) == 15
+    assert selection.choose({0: 0.5, 15: 0.5}, margin=0.0) == 15  # ties: the later φ, as before
+    # a diverged start is no anchor; with no start among the candidates the margin is moot
+    assert selection.choose({0: math.nan, 15: 0.57}, margin=0.02) == 15
+    assert selection.choose({5: 0.59, 15: 0.57}, margin=0.5) == 15
+
+
 def test_the_learned_loss_is_the_chosen_phi_and_a_resumed_run_chooses_the_same(
     compose_cfg, tmp_path, monkeypatch
 ):
@@ -91,12 +104,29 @@ def test_the_learned_loss_is_the_chosen_phi_and_a_resumed_run_chooses_the_same(
     assert all(torch.equal(again[k], saved[k]) for k in saved)
 
 
+def test_a_margin_no_candidate_clears_keeps_the_start_and_says_so(compose_cfg, tmp_path):
+    out = tmp_path / "m"
+    meta_app.run(
+        compose_cfg("meta", BASE + ["meta.steps=4", "meta.selection.margin=5"]), out, "taylorglo"
+    )
+    record = json.loads((out / "selection.json").read_text())
+    assert record["margin"] == 5.0 and record["chosen_step"] == 0
+    assert (
+        min(c["selection"] for c in record["candidates"]) > record["candidates"][0]["selection"] - 5
+    )
+    start = torch.load(out / "checkpoint.pt", weights_only=True)["snapshots"][0]
+    saved = load_learned_loss(out / "learned_loss.pt").state_dict()
+    assert all(torch.equal(saved[k.removeprefix("loss.")], v) for k, v in start.items())
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["meta.mode=online"], "meta.mode = 'online'"),
         (["meta.val_from_train=true"], "meta.val_from_train = true"),
         (["meta.selection.frac=1.0"], "meta.selection.frac"),
+        (["meta.selection.margin=-0.01"], "meta.selection.margin"),
+        (["meta.selection.margin=inf"], "meta.selection.margin"),
     ],
 )
 def test_selection_settings_that_cannot_work_are_refused(compose_cfg, extra, message):

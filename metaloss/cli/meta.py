@@ -484,7 +484,7 @@ def _select(run: MetaRun, state: RunState, last: dict, out_dir: Path, logger: An
         inner_steps=int(run.cfg.meta.inner_steps),
         inner_batch=run.cfg.meta.inner_batch,
     )
-    best = selection.choose(scores)
+    best = selection.choose(scores, float(sel.margin))
     if best is not None:
         with torch.no_grad():
             for k, p in run.learner.params.items():
@@ -493,6 +493,7 @@ def _select(run: MetaRun, state: RunState, last: dict, out_dir: Path, logger: An
     record = {
         "frac": float(sel.frac),
         "seeds": int(sel.seeds),
+        "margin": float(sel.margin),
         "chosen_step": best,
         "candidates": [
             {"step": s, "logged_objective": seen.get(s), "selection": v} for s, v in scores.items()
