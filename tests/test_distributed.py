@@ -59,6 +59,8 @@ def test_two_gloo_processes_equal_one(tmp_path, method):
     two = _torchrun(2, [*ARGS, *method, f"hydra.run.dir={tmp_path / 'two'}"], tmp_path)
     assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
     assert "rank 1 of 2 (gloo)" in two.stdout + two.stderr
+    for rank in (0, 1):  # every rank tore the group down together, before rank 0's meta-test
+        assert f"rank {rank} of 2: process group closed with the others" in two.stdout + two.stderr
     a = torch.load(tmp_path / "one" / "learned_loss.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "two" / "learned_loss.pt", weights_only=True)["state_dict"]
     for k in a:

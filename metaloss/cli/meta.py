@@ -361,6 +361,7 @@ def _train_and_test(
                 _report_stop(e, run, last["state"]["step"], out_dir, meta_info, logger)
             raise
         save(last["state"])
+        distributed.leave(world)  # the collective work is done: every rank tears down together
         elapsed = time.perf_counter() - t0
         log.info(
             "meta-training: %d outer steps in %.2f s (%.4f s/step)",
