@@ -12,6 +12,7 @@ The result equals a single process's up to floating-point summation order.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -100,15 +101,30 @@ class Sharded:
             self.method.load_state_dict(state)
 
 
+LEAVE_TIMEOUT = datetime.timedelta(minutes=5)  # ranks arrive within one outer step of each other
+
+
 def leave(world: World) -> None:
-    """Every rank, when the collective work is done: wait for the others, then tear the process
-    group down together. Rank 0 goes on alone (selection and the meta-test need no peers);
-    without this the other ranks tore their side down while rank 0 was still connected, and
-    one of those teardowns in about ten aborted in gloo (SIGABRT, a CI run)."""
-    if world.size > 1 and dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-        log.info("rank %d of %d: process group closed with the others", world.rank, world.size)
+    """Every rank, when the collective work is done (meta-training ended, or stopped on a
+    non-finite streak every rank sees at once): wait for the others, then tear the process
+    group down together. Rank 0 goes on alone (saving, selection and the meta-test need no
+    peers); without this the other ranks tore their side down while rank 0 was still
+    connected, and one of those teardowns in about ten aborted in gloo (SIGABRT, a CI run).
+    A peer that never arrives (it died) is named in a warning after :data:`LEAVE_TIMEOUT`, and
+    the group is torn down anyway: rank 0's finished work is not lost to a lost peer."""
+    if not (world.size > 1 and dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=LEAVE_TIMEOUT)  # names a rank that never came
+        else:
+            dist.barrier()
+    except RuntimeError as e:
+        log.warning(
+            "rank %d of %d: not every rank reached the end together (%s)", world.rank, world.size, e
+        )
+    dist.destroy_process_group()
+    log.info("rank %d of %d: process group closed with the others", world.rank, world.size)
 
 
 def finish() -> None:

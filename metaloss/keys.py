@@ -19,9 +19,16 @@ BOOKKEEPING: tuple[str, ...] = ("meta.resume_from", "meta.checkpoint_every", "me
 # sees progress t = step / steps, so there it defines the result: see :func:`continuation`).
 BUDGET: tuple[str, ...] = ("meta.steps",)
 
-# What is done with φ once it is learned: the meta-test and its baselines. They define the
-# comparison, not φ.
-AFTER_TRAINING: tuple[str, ...] = ("meta_test", "compare", "metric", "loss_path")
+# What is done with φ once it is learned: which kept φ held-out selection may prefer to the
+# start (its margin), the meta-test and its baselines. They define the result, not the
+# trajectory of φ, so a finished run resumed with other values chooses and tests again.
+AFTER_TRAINING: tuple[str, ...] = (
+    "meta.selection.margin",
+    "meta_test",
+    "compare",
+    "metric",
+    "loss_path",
+)
 
 # Keys that may differ between a meta-training run and its continuation from a checkpoint.
 VOLATILE: tuple[str, ...] = BUDGET + BOOKKEEPING + LOCAL + AFTER_TRAINING

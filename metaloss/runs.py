@@ -103,6 +103,8 @@ NEW_KEY_DEFAULTS: dict[str, Any] = {
     "meta.selection.every": 10,
     "meta.selection.seeds": 5,
     "meta.selection.margin": 0.0,
+    "loss.start_at_base": False,
+    "loss.tau": 0.0,
 }
 
 

@@ -7,7 +7,8 @@ search keeps φ every ``meta.selection.every`` outer steps; at the end each kept
 ``meta.selection.seeds`` models from the same fresh initialisations and inner batches (common
 random numbers) and is scored on the whole selection split by the search's own objective. The
 best becomes the learned loss. The start φ₀ (step 0) is a candidate too, so a warm start
-(metaloss.residual) can end exactly where it began if nothing the search found holds up.
+(metaloss.residual) can end exactly where it began if nothing the search found holds up; with
+``meta.selection.margin`` > 0 it is left only for a φ better by more than the margin.
 ``selection.json`` records, for every kept φ, its selection score beside the search's logged
 validation objective of that step (``logged_objective``: for a gradient learner the value
 before that step's update, for CMA-ES the population's mean — a trace of the search, not the

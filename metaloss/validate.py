@@ -559,6 +559,16 @@ def _cross_checks(c: dict, app: str | None = None) -> list[str]:
     out += cmaes_problems(c)
     out += gp_problems(c)
     sel = meta.get("selection") or {}
+    if (
+        is_real(sel.get("margin"))
+        and sel["margin"] > 0
+        and not (is_real(sel.get("frac")) and sel["frac"] > 0)
+    ):
+        out.append(
+            f"meta.selection.margin = {sel['margin']} with meta.selection.frac = "
+            f"{sel.get('frac')}: the margin applies to held-out selection, which is off; set "
+            "meta.selection.frac > 0 (e.g. 0.2) or the margin to 0"
+        )
     if is_real(sel.get("frac")) and sel["frac"] > 0:
         if meta.get("mode") == "online":
             out.append(

@@ -47,7 +47,14 @@ def _torchrun(n, args, cwd):
     ids=["unrolled", "es"],
 )
 def test_two_gloo_processes_equal_one(tmp_path, method):
-    """T=5 over 2 ranks: uneven shares (3 + 2), weighted all-reduce."""
+    """T=5 over 2 ranks: uneven shares (3 + 2), weighted all-reduce; held-out selection after
+    meta-training runs on rank 0 alone, once every rank has closed the process group."""
+    method = [
+        *method,
+        "meta.selection.frac=0.3",
+        "meta.selection.every=1",
+        "meta.selection.seeds=2",
+    ]
     one = subprocess.run(
         [BIN / "metaloss-meta", *ARGS, *method, f"hydra.run.dir={tmp_path / 'one'}"],
         cwd=tmp_path,
@@ -59,8 +66,10 @@ def test_two_gloo_processes_equal_one(tmp_path, method):
     two = _torchrun(2, [*ARGS, *method, f"hydra.run.dir={tmp_path / 'two'}"], tmp_path)
     assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
     assert "rank 1 of 2 (gloo)" in two.stdout + two.stderr
-    for rank in (0, 1):  # every rank tore the group down together, before rank 0's meta-test
-        assert f"rank {rank} of 2: process group closed with the others" in two.stdout + two.stderr
+    out = two.stdout + two.stderr
+    closed = [out.find(f"rank {r} of 2: process group closed with the others") for r in (0, 1)]
+    assert min(closed) >= 0  # every rank tore the group down together...
+    assert closed[0] < out.index("selection: φ of outer step")  # ...before rank 0 went on alone
     a = torch.load(tmp_path / "one" / "learned_loss.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "two" / "learned_loss.pt", weights_only=True)["state_dict"]
     for k in a:
@@ -68,6 +77,27 @@ def test_two_gloo_processes_equal_one(tmp_path, method):
     # only rank 0 claimed a directory: one run.json, and no stray per-rank directories
     assert sorted(p.parent.name for p in tmp_path.rglob("run.json")) == ["one", "two"]
     assert json.loads((tmp_path / "two" / "run.json").read_text())["app"] == "meta"
+
+
+@pytest.mark.slow
+def test_a_non_finite_streak_stops_every_rank_together_with_a_clear_error(tmp_path):
+    # optim.lr=1e300: every inner run overflows, every rank sees the same all-reduced NaN
+    two = _torchrun(
+        2,
+        [
+            *ARGS,
+            "meta.steps=4",
+            "meta.max_bad_steps=2",
+            "optim.lr=1e300",
+            f"hydra.run.dir={tmp_path / 'x'}",
+        ],
+        tmp_path,
+    )
+    out = two.stdout + two.stderr
+    assert two.returncode != 0 and "consecutive outer steps gave NaN/inf" in out
+    for rank in (0, 1):
+        assert f"rank {rank} of 2: process group closed with the others" in out
+    assert "terminate called" not in out and "SIGABRT" not in out
 
 
 @pytest.mark.slow

@@ -53,8 +53,21 @@ def test_logit_adjusted_with_tau_is_the_logit_adjusted_loss_at_that_tau():
     )
     with pytest.raises(ValueError, match="class counts"):  # τ ≠ 0 needs the prior
         LogitAdjusted(num_classes=C, tau=1.0)(LOGITS, LABELS)
-    la = LogitAdjusted(num_classes=C, tau=0.5)  # τ is a setting, saved with the loss
-    assert la.init_kwargs["tau"] == 0.5
+    for bad in (-1.0, float("nan"), float("inf"), True, "0.5"):
+        with pytest.raises(ValueError, match="tau = .*must be a finite number >= 0"):
+            LogitAdjusted(num_classes=C, tau=bad)
+
+
+def test_logit_adjusted_tau_is_saved_with_the_loss(tmp_path):
+    counts = torch.tensor([50.0, 20.0, 5.0, 1.0])
+    la = LogitAdjusted(num_classes=C, tau=0.5)
+    with torch.no_grad():
+        la.shift.add_(0.1)
+    back = load_learned_loss(save_learned_loss(la, tmp_path / "la.pt"))
+    assert back.init_kwargs["tau"] == 0.5
+    torch.testing.assert_close(
+        back(LOGITS, LABELS, class_counts=counts), la(LOGITS, LABELS, class_counts=counts)
+    )
 
 
 def test_learned_smoothing_at_init_is_label_smoothing():

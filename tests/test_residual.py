@@ -14,7 +14,7 @@ from metaloss.cli import tune as tune_app
 from metaloss.config import instantiate_loss, tuned_lr
 from metaloss.losses.base import loss_context
 from metaloss.losses.fixed import logit_adjusted_ce
-from metaloss.losses.io import CorruptLossFile, load_learned_loss
+from metaloss.losses.io import CorruptLossFile, load_learned_loss, save_learned_loss
 from metaloss.residual import Residual
 from metaloss.runtime import task_pool
 from metaloss.tune import TunedFileError
@@ -164,7 +164,7 @@ def test_a_family_started_at_its_base_never_rewards_lowering_the_true_class(comp
     # longtail100_warm_lr measures the damage: held-out balanced error 0.63 → 0.79)
     at_base = compose_cfg("meta", ["experiment=longtail100_warm_at_base"])
     at_ce = compose_cfg("meta", ["experiment=longtail100_warm_lr"])
-    assert at_base.loss.family_params == at_base.loss.base_params != {}
+    assert at_base.loss.start_at_base and at_base.loss.base_params != {}
     task = task_pool(at_base)[0]
     pred, target, ctx = _batch(task)
     tau = at_base.loss.base_params["tau"]
@@ -185,3 +185,45 @@ def test_a_family_started_at_its_base_never_rewards_lowering_the_true_class(comp
         loss(zz, y, **ctx).sum().backward()
         assert zz.grad is not None
         assert bool((zz.grad[:, head] < 0).all()) is never  # raising the true logit lowers it
+
+
+def test_start_at_base_takes_the_base_s_effective_settings_or_refuses(compose_cfg, tmp_path):
+    task = task_pool(compose_cfg("meta", ["experiment=longtail100_warm_at_base"]))[0]
+    pred, target, ctx = _batch(task)
+
+    def build(**kw):
+        return Residual(num_classes=task.num_classes, start_at_base=True, **kw)
+
+    # the tuned τ, or with no tuned.json (debug) the base's own default τ = 1: the start is
+    # the base either way (with family_params: ${loss.base_params} it was plain CE then)
+    for base_params, tau in (({"tau": 0.37}, 0.37), ({}, 1.0)):
+        loss = build(base="logit_adjusted_ce", family="logit_adjusted", base_params=base_params)
+        assert loss.family_loss.tau == tau
+        expected = logit_adjusted_ce(pred, target, tau=tau, **ctx)
+        assert torch.allclose(loss.family_loss(pred, target, **ctx), expected, atol=1e-6)
+        back = load_learned_loss(save_learned_loss(loss, tmp_path / "r.pt"))
+        assert torch.equal(back(pred, target, **ctx), loss(pred, target, **ctx))
+    debug = compose_cfg("meta", ["experiment=longtail100_warm_at_base", "debug=default"])
+    assert instantiate_loss(debug.loss, task).family_loss.tau == 1.0
+    with pytest.raises(ValueError, match="takes none of loss.base = 'logit_adjusted_ce'"):
+        build(base="logit_adjusted_ce", family="taylorglo")
+    with pytest.raises(ValueError, match="loss.family_params gives 0.2"):
+        build(
+            base="logit_adjusted_ce",
+            family="logit_adjusted",
+            base_params={"tau": 0.37},
+            family_params={"tau": 0.2},
+        )
+    with pytest.raises(ValueError, match="must be true or false"):
+        Residual(base="ce", family="taylorglo", start_at_base="yes")  # type: ignore[arg-type]
+
+
+def test_start_at_base_refuses_a_family_that_is_not_the_base_at_those_settings(monkeypatch):
+    from metaloss.losses.logit_adjusted import LogitAdjusted
+
+    real = LogitAdjusted.forward
+    monkeypatch.setattr(LogitAdjusted, "forward", lambda self, *a, **k: real(self, *a, **k) * 1.01)
+    with pytest.raises(ValueError, match="is not 'logit_adjusted_ce' at its start"):
+        Residual(
+            base="logit_adjusted_ce", family="logit_adjusted", num_classes=4, start_at_base=True
+        )

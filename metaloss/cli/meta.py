@@ -356,12 +356,14 @@ def _train_and_test(
             _meta_loop(run, state, last, logger, out_dir, save, writer, start, online)
             notes = [run.learner.finish()]  # no step ever finite: NonFiniteMetaGradient
         except BaseException as e:  # a NaN streak, Ctrl-C, SIGTERM, ...: keep the work done
+            if isinstance(e, NonFiniteMetaGradient):  # every rank stops here at the same step
+                distributed.leave(world)
             save(last["state"])
             if writer:
                 _report_stop(e, run, last["state"]["step"], out_dir, meta_info, logger)
             raise
-        save(last["state"])
         distributed.leave(world)  # the collective work is done: every rank tears down together
+        save(last["state"])
         elapsed = time.perf_counter() - t0
         log.info(
             "meta-training: %d outer steps in %.2f s (%.4f s/step)",
@@ -507,6 +509,13 @@ def _select(run: MetaRun, state: RunState, last: dict, out_dir: Path, logger: An
         ", ".join(f"step {s}: {v:.4g}" for s, v in scores.items()),
         ", ".join(f"step {s}: {seen[s]:.4g}" for s in scores if s in seen),
     )
+    if best == 0 and any(math.isfinite(v) and v < scores[0] for v in scores.values()):
+        log.info(
+            "selection: φ₀ kept: no φ scored lower than its %.4g by more than meta.selection.margin"
+            " = %g",
+            scores[0],
+            float(sel.margin),
+        )
     logger.summary({"selection/chosen_step": best})
     return {"selection": record}
 

@@ -6,6 +6,8 @@ NeurIPS 2021 (the parametric family; cf. logit adjustment, Menon et al. ICLR 202
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -26,7 +28,9 @@ class LogitAdjusted(ParametricLoss):
     kinds = ("classification", "binary")
 
     def __init__(self, num_classes: int = 2, tau: float = 0.0) -> None:
-        super().__init__(num_classes=num_classes, tau=tau)
+        if isinstance(tau, bool) or not isinstance(tau, int | float) or not 0 <= tau < math.inf:
+            raise ValueError(f"LogitAdjusted: tau = {tau!r}: must be a finite number >= 0")
+        super().__init__(num_classes=num_classes, tau=float(tau))
         self.tau = float(tau)
         self.scale = nn.Parameter(torch.ones(num_classes))
         self.shift = nn.Parameter(torch.zeros(num_classes))
