@@ -54,7 +54,7 @@ def test_logit_adjusted_with_tau_is_the_logit_adjusted_loss_at_that_tau():
     with pytest.raises(ValueError, match="class counts"):  # τ ≠ 0 needs the prior
         LogitAdjusted(num_classes=C, tau=1.0)(LOGITS, LABELS)
     for bad in (-1.0, float("nan"), float("inf"), True, "0.5"):
-        with pytest.raises(ValueError, match="tau = .*must be a finite number >= 0"):
+        with pytest.raises(ValueError, match="tau = .*must be a number >= 0"):
             LogitAdjusted(num_classes=C, tau=bad)
 
 

@@ -6,13 +6,12 @@ NeurIPS 2021 (the parametric family; cf. logit adjustment, Menon et al. ICLR 202
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from metaloss.losses.base import ParametricLoss, binary_as_two_class, one_hot
 from metaloss.losses.fixed import log_prior
+from metaloss.schema import LOSS_RULES
 
 
 class LogitAdjusted(ParametricLoss):
@@ -21,15 +20,15 @@ class LogitAdjusted(ParametricLoss):
     in the loss context) and ``tau`` a fixed constant, 0 by default. At the initial φ (s = 1,
     b = 0, w = 1) it is exactly cross-entropy (``tau`` = 0) or exactly the logit-adjusted loss
     :func:`~metaloss.losses.fixed.logit_adjusted_ce` at that τ (Menon et al. 2021): a warm
-    start *inside* the family (``loss.family_params: ${loss.base_params}`` in a residual on
-    ``logit_adjusted_ce``, docs/meta.md). ``num_classes`` is filled in from the task (2 for
-    binary tasks)."""
+    start *inside* the family (``loss=residual loss.base=logit_adjusted_ce
+    loss.family=logit_adjusted loss.start_at_base=true``, docs/meta.md). ``num_classes`` is
+    filled in from the task (2 for binary tasks)."""
 
     kinds = ("classification", "binary")
 
     def __init__(self, num_classes: int = 2, tau: float = 0.0) -> None:
-        if isinstance(tau, bool) or not isinstance(tau, int | float) or not 0 <= tau < math.inf:
-            raise ValueError(f"LogitAdjusted: tau = {tau!r}: must be a finite number >= 0")
+        if problem := LOSS_RULES["LogitAdjusted"]["tau"](tau):  # the config's rule, one source
+            raise ValueError(f"LogitAdjusted: tau = {tau!r}: must be {problem}")
         super().__init__(num_classes=num_classes, tau=float(tau))
         self.tau = float(tau)
         self.scale = nn.Parameter(torch.ones(num_classes))
